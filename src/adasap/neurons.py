@@ -1,0 +1,360 @@
+"""Neurons, their parameter slices, and their importance scores.
+
+A neuron is one channel index of a Torch-Pruning dependency group: an output channel of a
+prunable layer together with every coupled slice (its BatchNorm entries, its bias, the input
+columns of the layers it feeds, and the channels tied to it by residual additions). The layout
+built here is the single source of truth for scoring, for the per-neuron perturbation radii and
+for physical removal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch_pruning as tp
+from torch_pruning._helpers import to_plain_idxs
+from torch import Tensor, nn
+
+from adasap.errors import UserError
+from adasap.optim import NeuronOwnership
+
+Criterion = Literal["magnitude", "l1", "taylor", "bn_scale"]
+CRITERIA: tuple[str, ...] = ("magnitude", "l1", "taylor", "bn_scale")
+ScoreNormalization = Literal["mean", "max", "none"]
+
+_NORM_TYPES = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.PReLU,
+)
+
+
+@dataclass
+class ParamSlice:
+    """Channels ``idxs`` along ``dim`` of ``module.<attr>`` belong to root channels ``roots``."""
+
+    module: nn.Module
+    attr: str
+    dim: int
+    idxs: Tensor
+    roots: Tensor
+    is_output: bool
+
+    @property
+    def param(self) -> Tensor:
+        return getattr(self.module, self.attr)
+
+
+@dataclass
+class NeuronGroup:
+    """One dependency group: ``size`` neurons whose global ids start at ``offset``."""
+
+    name: str
+    root: nn.Module
+    size: int
+    offset: int
+    slices: list[ParamSlice] = field(default_factory=list)
+    has_bn: bool = False
+
+
+def _param_dims(module: nn.Module, is_output: bool) -> list[tuple[str, int]]:
+    """Which (parameter, dimension) pairs a channel pruning of ``module`` slices."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        depthwise = module.groups == module.in_channels == module.out_channels and module.groups > 1
+        if is_output or depthwise:
+            dims = [("weight", 1 if module.transposed else 0)]
+            return dims + ([("bias", 0)] if module.bias is not None else [])
+        if module.groups != 1:
+            return []  # grouped (not depthwise) inputs: Torch-Pruning slices them per group
+        return [("weight", 0 if module.transposed else 1)]
+    if isinstance(module, nn.Linear):
+        if is_output:
+            return [("weight", 0)] + ([("bias", 0)] if module.bias is not None else [])
+        return [("weight", 1)]
+    if isinstance(module, _NORM_TYPES):
+        return [(name, 0) for name in ("weight", "bias") if getattr(module, name, None) is not None]
+    return []
+
+
+class NeuronLayout:
+    """The neurons of a model, from Torch-Pruning's dependency graph.
+
+    Args:
+        model: any module Torch-Pruning can trace.
+        example_inputs: a batch the model accepts (used for tracing and to record the spatial
+            size of each layer's output, which MACs accounting needs).
+        ignored_layers: modules whose output channels are never pruned (their inputs still are
+            when the layer they read from is pruned). The classifier belongs here.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: Tensor,
+        ignored_layers: Sequence[nn.Module] = (),
+    ) -> None:
+        self.model = model
+        self.ignored_layers = list(ignored_layers)
+        self.output_pixels = _output_pixels(model, example_inputs)
+        try:
+            self.graph = tp.DependencyGraph().build_dependency(
+                model, example_inputs=example_inputs
+            )
+        except Exception as exc:  # Torch-Pruning raises anything from its tracer
+            raise UserError(
+                f"Torch-Pruning cannot trace this model ({type(exc).__name__}: {exc}); "
+                "use a model built from standard layers, or list unsupported ones in "
+                "ignored_layers"
+            ) from exc
+        names = {m: n for n, m in model.named_modules()}
+        ignored = set(map(id, self.ignored_layers))
+        self.groups: list[NeuronGroup] = []
+        offset = 0
+        for tp_group in self.graph.get_all_groups(ignored_layers=self.ignored_layers):
+            root = tp_group[0].dep.target.module
+            slices = []
+            touches_ignored_output = False
+            for item in tp_group:
+                module = item.dep.target.module
+                is_output = self.graph.is_out_channel_pruning_fn(item.dep.handler)
+                if is_output and id(module) in ignored and not isinstance(module, _NORM_TYPES):
+                    touches_ignored_output = True
+                if not isinstance(module, nn.Module) or item.root_idxs is None:
+                    continue
+                idxs = torch.as_tensor(to_plain_idxs(item.idxs))
+                roots = torch.as_tensor(item.root_idxs)
+                for attr, dim in _param_dims(module, is_output):
+                    slices.append(ParamSlice(module, attr, dim, idxs, roots, is_output))
+            if touches_ignored_output or not slices:
+                continue
+            size = self.graph.get_pruner_of_module(root).get_out_channels(root)
+            group = NeuronGroup(names.get(root, type(root).__name__), root, size, offset)
+            group.slices = _deduplicate(slices)
+            group.has_bn = any(
+                isinstance(s.module, nn.modules.batchnorm._BatchNorm) for s in group.slices
+            )
+            self.groups.append(group)
+            offset += size
+        self.num_neurons = offset
+
+    def ownership(self) -> NeuronOwnership:
+        """Which neuron owns each output channel: the map AdaSAP's radii are applied through."""
+        owners: dict[Tensor, tuple[int, Tensor]] = {}
+        for group in self.groups:
+            for s in group.slices:
+                if not s.is_output:
+                    continue
+                p = s.param
+                if p not in owners:
+                    # -1 marks channels owned by no group (cannot happen for a traced layer).
+                    owners[p] = (s.dim, torch.full((p.shape[s.dim],), -1, dtype=torch.long))
+                owners[p][1][s.idxs] = s.roots + group.offset
+        return NeuronOwnership(
+            self.num_neurons,
+            {p: (dim, ids) for p, (dim, ids) in owners.items() if (ids >= 0).all()},
+        )
+
+    def group_index(self) -> Tensor:
+        """For each neuron, the index of its group."""
+        return torch.cat(
+            [torch.full((g.size,), i, dtype=torch.long) for i, g in enumerate(self.groups)]
+        )
+
+    def scatter(self, per_slice: Callable[[ParamSlice], Tensor | None]) -> Tensor:
+        """Sum ``per_slice(slice)`` (a value per channel of the slice's dim) into neurons."""
+        total = torch.zeros(self.num_neurons)
+        for group in self.groups:
+            for s in group.slices:
+                values = per_slice(s)
+                if values is None:
+                    continue
+                picked = values.detach().float().cpu()[s.idxs]
+                total.index_add_(0, s.roots + group.offset, picked)
+        return total
+
+    def neuron_costs(self, kind: Literal["params", "macs"]) -> Tensor:
+        """How many parameters (or MACs) each neuron's slices hold, counted per slice."""
+
+        def cost(s: ParamSlice) -> Tensor:
+            p = s.param
+            per_channel = p.numel() / p.shape[s.dim]
+            if kind == "macs" and s.attr == "weight" and not isinstance(s.module, _NORM_TYPES):
+                per_channel *= self.output_pixels.get(s.module, 1)
+            elif kind == "macs":
+                per_channel = 0.0
+            return torch.full((p.shape[s.dim],), float(per_channel))
+
+        return self.scatter(cost)
+
+
+def _deduplicate(slices: list[ParamSlice]) -> list[ParamSlice]:
+    """A BatchNorm reached as both input and output of a group is one slice, not two."""
+    seen: set[tuple[int, str, int]] = set()
+    unique = []
+    for s in slices:
+        key = (id(s.module), s.attr, s.dim)
+        if key not in seen:
+            seen.add(key)
+            unique.append(s)
+    return unique
+
+
+def _output_pixels(model: nn.Module, example_inputs: Tensor) -> dict[nn.Module, int]:
+    """Spatial positions per sample of each conv's output (1 for linear layers)."""
+    pixels: dict[nn.Module, int] = {}
+
+    def record(module: nn.Module, _inputs: object, output: Tensor) -> None:
+        pixels[module] = int(output[0, 0].numel()) if output.dim() > 2 else 1
+
+    hooks = [
+        m.register_forward_hook(record)
+        for m in model.modules()
+        if isinstance(m, nn.modules.conv._ConvNd | nn.Linear)
+    ]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example_inputs)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return pixels
+
+
+def _reduce_except(t: Tensor, dim: int) -> Tensor:
+    dims = [d for d in range(t.dim()) if d != dim]
+    return t.sum(dim=dims) if dims else t
+
+
+def magnitude_scores(layout: NeuronLayout, p: int = 2) -> Tensor:
+    """The L_p norm of all weights of each neuron's group slices (L2: the paper's default)."""
+    if p not in (1, 2):
+        raise ValueError(f"p must be 1 or 2, got {p}")
+    total = layout.scatter(lambda s: _reduce_except(s.param.detach().abs().pow(p), s.dim))
+    return total.sqrt() if p == 2 else total
+
+
+def bn_scale_scores(layout: NeuronLayout) -> Tensor:
+    """|gamma| of each neuron's BatchNorm entries; groups without BatchNorm fall back to L2."""
+
+    def gamma(s: ParamSlice) -> Tensor | None:
+        if isinstance(s.module, nn.modules.batchnorm._BatchNorm) and s.attr == "weight":
+            return s.param.detach().abs()
+        return None
+
+    scores = layout.scatter(gamma)
+    fallback = magnitude_scores(layout)
+    for group in layout.groups:
+        if not group.has_bn:
+            span = slice(group.offset, group.offset + group.size)
+            scores[span] = fallback[span]
+    return scores
+
+
+class TaylorScores:
+    """First-order Taylor importance ``|sum over the group of w * dL/dw|``, summed over batches.
+
+    Call :meth:`accumulate` after each backward pass at the unperturbed weights. ``form="bn"``
+    is HALP's BatchNorm form ``|gamma dL/dgamma + beta dL/dbeta|``; groups without BatchNorm use
+    the full group form.
+    """
+
+    def __init__(self, layout: NeuronLayout, form: Literal["group", "bn"] = "group") -> None:
+        if form not in ("group", "bn"):
+            raise ValueError(f"form must be 'group' or 'bn', got {form!r}")
+        self.layout = layout
+        self.form = form
+        self.total = torch.zeros(layout.num_neurons)
+        self.batches = 0
+        self._bn_only = torch.zeros(layout.num_neurons, dtype=torch.bool)
+        if form == "bn":
+            for g in layout.groups:
+                self._bn_only[g.offset : g.offset + g.size] = g.has_bn
+
+    def _contribution(self, s: ParamSlice, bn_only: bool) -> Tensor | None:
+        p = s.param
+        if p.grad is None:
+            return None
+        if bn_only != isinstance(s.module, nn.modules.batchnorm._BatchNorm):
+            return None
+        return _reduce_except(p.detach() * p.grad.detach(), s.dim)
+
+    @torch.no_grad()
+    def accumulate(self) -> None:
+        full = self.layout.scatter(lambda s: self._contribution(s, bn_only=False))
+        if self.form == "bn":
+            bn = self.layout.scatter(lambda s: self._contribution(s, bn_only=True))
+            full = torch.where(self._bn_only, bn, full)
+        self.total += full.abs()
+        self.batches += 1
+
+    def scores(self) -> Tensor:
+        return self.total / max(self.batches, 1)
+
+
+def normalize_scores(
+    scores: Tensor, layout: NeuronLayout, how: ScoreNormalization = "mean"
+) -> Tensor:
+    """Make scores comparable across groups before they are ranked globally.
+
+    ``"mean"`` divides each group's scores by their mean (Torch-Pruning's default normaliser),
+    ``"max"`` by their maximum, ``"none"`` leaves them as they are.
+    """
+    if how == "none":
+        return scores.clone()
+    if how not in ("mean", "max"):
+        raise ValueError(f"normalization must be 'mean', 'max' or 'none', got {how!r}")
+    index = layout.group_index()
+    count = len(layout.groups)
+    if how == "mean":
+        sums = torch.zeros(count).index_add_(0, index, scores)
+        scale = sums / torch.bincount(index, minlength=count).clamp(min=1)
+    else:
+        scale = torch.full((count,), -torch.inf).scatter_reduce(0, index, scores, "amax")
+    return scores / (scale[index] + 1e-12)
+
+
+def radii_from_scores(
+    scores: Tensor,
+    rho_min: float,
+    rho_max: float,
+    group_index: Tensor | None = None,
+) -> Tensor:
+    """``rho_i = rho_max - (s_i - s_min) / (s_max - s_min) * (rho_max - rho_min)``.
+
+    The least important neuron gets ``rho_max``, the most important ``rho_min``. With
+    ``group_index`` the min and max are taken per group instead of over the whole network.
+    Where all scores are equal, every neuron gets the midpoint.
+    """
+    if group_index is None:
+        group_index = torch.zeros(scores.numel(), dtype=torch.long)
+    count = int(group_index.max()) + 1 if scores.numel() else 0
+    lows = torch.full((count,), torch.inf).scatter_reduce(0, group_index, scores, "amin")
+    highs = torch.full((count,), -torch.inf).scatter_reduce(0, group_index, scores, "amax")
+    low, span = lows[group_index], (highs - lows)[group_index]
+    fraction = torch.where(span > 0, (scores - low) / span.clamp(min=1e-30), 0.5)
+    return rho_max - fraction * (rho_max - rho_min)
+
+
+def compute_scores(
+    layout: NeuronLayout, criterion: str, taylor: TaylorScores | None = None
+) -> Tensor:
+    """Raw (unnormalised) scores of every neuron under ``criterion``."""
+    if criterion == "magnitude":
+        return magnitude_scores(layout, p=2)
+    if criterion == "l1":
+        return magnitude_scores(layout, p=1)
+    if criterion == "bn_scale":
+        return bn_scale_scores(layout)
+    if criterion == "taylor":
+        if taylor is None or taylor.batches == 0:
+            raise ValueError("taylor scores need gradients: accumulate at least one batch first")
+        return taylor.scores()
+    raise UserError(f"unknown criterion {criterion!r}: choose one of {', '.join(CRITERIA)}")

@@ -1,0 +1,195 @@
+"""Physical structured pruning to a size target, and carrying optimizer state across it."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch_pruning as tp
+from torch import Tensor, nn
+
+from adasap.errors import UserError
+from adasap.neurons import NeuronLayout
+
+SizeKind = Literal["params", "macs"]
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    params: int
+    macs: int
+
+    def of(self, kind: SizeKind) -> int:
+        return self.params if kind == "params" else self.macs
+
+
+def measure_size(model: nn.Module, example_inputs: Tensor) -> ModelSize:
+    """Parameters and multiply-accumulates per sample, counted by Torch-Pruning."""
+    was_training = model.training
+    model.eval()
+    try:
+        macs, params = tp.utils.count_ops_and_params(model, example_inputs[:1])
+    finally:
+        model.train(was_training)
+    return ModelSize(params=int(params), macs=int(macs))
+
+
+@dataclass
+class _SlicedAxis:
+    """Every slice that cuts ``param`` along ``dim``: how many channels its neurons hold."""
+
+    size: int
+    neuron_of_channel: list[Tensor]
+
+
+def _axes(layout: NeuronLayout) -> dict[tuple[int, int], tuple[Tensor, int, _SlicedAxis]]:
+    axes: dict[tuple[int, int], tuple[Tensor, int, _SlicedAxis]] = {}
+    for group in layout.groups:
+        for s in group.slices:
+            p = s.param
+            key = (id(p), s.dim)
+            if key not in axes:
+                axes[key] = (p, s.dim, _SlicedAxis(p.shape[s.dim], []))
+            axes[key][2].neuron_of_channel.append(s.roots + group.offset)
+    return axes
+
+
+def predict_size(
+    layout: NeuronLayout, removed: Tensor, current: ModelSize
+) -> tuple[ModelSize, dict[int, float]]:
+    """The size after removing the neurons where ``removed`` (a bool mask) is true.
+
+    Exact for dense convolutions, linear layers and norms: a parameter keeps
+    ``numel * prod_d(kept_d / size_d)`` elements, and a weight's MACs scale the same way.
+    """
+    fraction_kept: dict[int, float] = defaultdict(lambda: 1.0)
+    params: dict[int, Tensor] = {}
+    for p, _dim, axis in _axes(layout).values():
+        gone = sum(int(removed[ids].sum()) for ids in axis.neuron_of_channel)
+        fraction_kept[id(p)] *= (axis.size - gone) / axis.size
+        params[id(p)] = p
+    owners = {id(getattr(m, "weight", None)): m for m in layout.model.modules()}
+    param_drop = 0.0
+    mac_drop = 0.0
+    for key, p in params.items():
+        lost = p.numel() * (1.0 - fraction_kept[key])
+        param_drop += lost
+        module = owners.get(key)
+        if module is not None and module in layout.output_pixels:
+            mac_drop += lost * layout.output_pixels[module]
+    size = ModelSize(round(current.params - param_drop), round(current.macs - mac_drop))
+    return size, dict(fraction_kept)
+
+
+def select_neurons(
+    layout: NeuronLayout,
+    ranking_scores: Tensor,
+    target: int,
+    kind: SizeKind,
+    current: ModelSize,
+    min_channels: int = 1,
+) -> Tensor:
+    """The fewest lowest-ranked neurons whose removal brings the size to ``target`` or below.
+
+    Each group keeps at least ``min_channels`` of its highest-ranked neurons, so no layer is
+    ever emptied. Raises :class:`UserError` when the target cannot be met under that rule.
+    """
+    if current.of(kind) <= target:
+        return torch.zeros(0, dtype=torch.long)
+    protected = torch.zeros(layout.num_neurons, dtype=torch.bool)
+    for g in layout.groups:
+        keep = min(min_channels, g.size)
+        top = torch.topk(ranking_scores[g.offset : g.offset + g.size], keep).indices
+        protected[top + g.offset] = True
+    candidates = torch.nonzero(~protected).flatten()
+    order = candidates[torch.argsort(ranking_scores[candidates], stable=True)]
+
+    def size_after(count: int) -> int:
+        removed = torch.zeros(layout.num_neurons, dtype=torch.bool)
+        removed[order[:count]] = True
+        return predict_size(layout, removed, current)[0].of(kind)
+
+    smallest = size_after(len(order))
+    if smallest > target:
+        raise UserError(
+            f"cannot reach {target:,} {kind} without emptying a layer (smallest reachable is "
+            f"{smallest:,}); keep a larger fraction or prune fewer layers"
+        )
+    low, high = 0, len(order)
+    while low < high:
+        mid = (low + high) // 2
+        if size_after(mid) <= target:
+            high = mid
+        else:
+            low = mid + 1
+    return order[:low]
+
+
+def remove_neurons(layout: NeuronLayout, neuron_ids: Tensor) -> dict[str, dict[int, Tensor]]:
+    """Physically remove neurons; return, per parameter name, the kept indices per dimension.
+
+    The returned map is what :func:`transfer_optimizer_state` needs to carry momentum over to
+    the new, smaller parameter tensors.
+    """
+    removed = torch.zeros(layout.num_neurons, dtype=torch.bool)
+    removed[neuron_ids] = True
+    names = {id(p): n for n, p in layout.model.named_parameters()}
+    kept: dict[str, dict[int, Tensor]] = {}
+    for p, dim, axis in _axes(layout).values():
+        keep = torch.ones(axis.size, dtype=torch.bool)
+        for group in layout.groups:
+            for s in group.slices:
+                if s.param is p and s.dim == dim:
+                    keep[s.idxs[removed[s.roots + group.offset]]] = False
+        if not keep.all() and id(p) in names:
+            kept.setdefault(names[id(p)], {})[dim] = torch.nonzero(keep).flatten()
+    for group in layout.groups:
+        local = neuron_ids[(neuron_ids >= group.offset) & (neuron_ids < group.offset + group.size)]
+        if len(local) == 0:
+            continue
+        prune_out = layout.graph.get_pruner_of_module(group.root).prune_out_channels
+        pruning_group = layout.graph.get_pruning_group(
+            group.root, prune_out, (local - group.offset).tolist()
+        )
+        pruning_group.prune()
+    return kept
+
+
+def transfer_optimizer_state(
+    old_state: Mapping[str, dict[str, Any]],
+    kept: Mapping[str, dict[int, Tensor]],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+) -> None:
+    """Load the surviving channels' optimizer state (momentum, Adam moments) into ``optimizer``.
+
+    ``old_state`` maps parameter names to the old optimizer's per-parameter state. A state
+    tensor shaped like its old parameter is sliced with the kept indices; one that no longer
+    fits (a layer Torch-Pruning changed in a way we do not model) is dropped, which restarts
+    that parameter's momentum rather than corrupting it.
+    """
+    for name, p in model.named_parameters():
+        if name not in old_state:
+            continue
+        new_state: dict[str, Any] = {}
+        for key, value in old_state[name].items():
+            if isinstance(value, Tensor) and value.dim() > 0:
+                for dim, idxs in kept.get(name, {}).items():
+                    if dim < value.dim():
+                        value = value.index_select(dim, idxs.to(value.device))
+                if value.shape != p.shape:
+                    continue
+            new_state[key] = value
+        if new_state:
+            optimizer.state[p] = new_state
+
+
+def named_optimizer_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, dict[str, Any]]:
+    """The optimizer's per-parameter state keyed by parameter name (which survives pruning)."""
+    names = {p: n for n, p in model.named_parameters()}
+    return {names[p]: dict(s) for p, s in optimizer.state.items() if p in names}
