@@ -15,8 +15,8 @@ from typing import Literal
 
 import torch
 import torch_pruning as tp
-from torch_pruning._helpers import to_plain_idxs
 from torch import Tensor, nn
+from torch_pruning._helpers import to_plain_idxs
 
 from adasap.errors import UserError
 from adasap.optim import NeuronOwnership
@@ -100,21 +100,23 @@ class NeuronLayout:
     ) -> None:
         self.model = model
         self.ignored_layers = list(ignored_layers)
-        self.output_pixels = _output_pixels(model, example_inputs)
+        was_training = model.training
+        model.eval()  # tracing runs a forward pass: keep BatchNorm statistics untouched
         try:
-            self.graph = tp.DependencyGraph().build_dependency(
-                model, example_inputs=example_inputs
-            )
+            self.graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+            self.output_pixels = _output_pixels(model, example_inputs)
         except Exception as exc:  # Torch-Pruning raises anything from its tracer
             raise UserError(
                 f"Torch-Pruning cannot trace this model ({type(exc).__name__}: {exc}); "
                 "use a model built from standard layers, or list unsupported ones in "
                 "ignored_layers"
             ) from exc
+        finally:
+            model.train(was_training)
         names = {m: n for n, m in model.named_modules()}
+        order = {m: i for i, m in enumerate(names)}
         ignored = set(map(id, self.ignored_layers))
-        self.groups: list[NeuronGroup] = []
-        offset = 0
+        found: list[NeuronGroup] = []
         for tp_group in self.graph.get_all_groups(ignored_layers=self.ignored_layers):
             root = tp_group[0].dep.target.module
             slices = []
@@ -133,13 +135,18 @@ class NeuronLayout:
             if touches_ignored_output or not slices:
                 continue
             size = self.graph.get_pruner_of_module(root).get_out_channels(root)
-            group = NeuronGroup(names.get(root, type(root).__name__), root, size, offset)
+            group = NeuronGroup(names.get(root, type(root).__name__), root, size, 0)
             group.slices = _deduplicate(slices)
             group.has_bn = any(
                 isinstance(s.module, nn.modules.batchnorm._BatchNorm) for s in group.slices
             )
-            self.groups.append(group)
-            offset += size
+            found.append(group)
+        # Module order makes neuron ids stable and readable (first layer first).
+        self.groups = sorted(found, key=lambda g: order.get(g.root, len(order)))
+        offset = 0
+        for group in self.groups:
+            group.offset = offset
+            offset += group.size
         self.num_neurons = offset
 
     def ownership(self) -> NeuronOwnership:
@@ -282,7 +289,7 @@ class TaylorScores:
         p = s.param
         if p.grad is None:
             return None
-        if bn_only != isinstance(s.module, nn.modules.batchnorm._BatchNorm):
+        if bn_only and not isinstance(s.module, nn.modules.batchnorm._BatchNorm):
             return None
         return _reduce_except(p.detach() * p.grad.detach(), s.dim)
 

@@ -88,7 +88,7 @@ class SAM(torch.optim.Optimizer):
         pairs = self._params_with_grad()
         norm = self._global_norm(pairs)
         return {
-            p: self._scaled_gradient(g, p) * (g["rho"] / (norm.to(p.device) + 1e-12))
+            p: self._scaled_gradient(g, p) * g["rho"] / (norm.to(p.device) + 1e-12)
             for g, p in pairs
         }
 
@@ -293,17 +293,22 @@ def sharpness_aware_step(
     compute_loss: Callable[[], Tensor],
     scaler: torch.amp.GradScaler | None = None,
     max_grad_norm: float | None = None,
+    after_first_backward: Callable[[], None] | None = None,
 ) -> Tensor:
     """One training update with any optimizer; two passes for SAM/AdaSAP, one otherwise.
 
     ``compute_loss`` runs the forward pass on the current batch (inside autocast when AMP is
     wanted) and returns the loss. Returns the loss at the unperturbed weights, detached.
     With a grad scaler the perturbation direction uses the scaled gradient: its scale cancels
-    in ``g / ||g||``, so only the final update needs unscaling.
+    in ``g / ||g||``, so only the final update needs unscaling. ``after_first_backward`` is
+    called while the gradients at the unperturbed weights are present (e.g. to accumulate
+    Taylor scores).
     """
     optimizer.zero_grad(set_to_none=True)
     loss = compute_loss()
     _backward(loss, scaler)
+    if after_first_backward is not None:
+        after_first_backward()
     if isinstance(optimizer, SAM):
         optimizer.first_step(zero_grad=True)
         with frozen_bn_statistics(model):

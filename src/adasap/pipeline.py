@@ -1,0 +1,420 @@
+"""The three AdaSAP phases on a dense model: adaptive warm-up, neuron removal, robust fine-tuning.
+
+``prune()`` is the whole method as one function; the baselines (``sgd``, ``sam``) and the
+ablations run through the same code with other optimizers per phase, so they share the data
+order, the schedule, the budget and the pruning criterion.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from adasap.data import batches
+from adasap.errors import UserError
+from adasap.models import find_classifier
+from adasap.neurons import (
+    CRITERIA,
+    NeuronLayout,
+    TaylorScores,
+    compute_scores,
+    normalize_scores,
+    radii_from_scores,
+)
+from adasap.optim import AdaSAP
+from adasap.pruning import (
+    ModelSize,
+    measure_size,
+    named_optimizer_state,
+    remove_neurons,
+    select_neurons,
+    transfer_optimizer_state,
+)
+from adasap.training import (
+    CosineSchedule,
+    OptimizerKind,
+    OptimizerSettings,
+    evaluate,
+    make_optimizer,
+    prepare_model,
+    progress_bar,
+    resolve_device,
+    steps_per_epoch,
+    train_steps,
+)
+
+# Optimizer in phases 1-2 (warm-up and removal), then in phase 3 (fine-tuning).
+METHODS: dict[str, tuple[OptimizerKind, OptimizerKind]] = {
+    "adasap": ("adasap", "sam"),
+    "sam": ("sam", "sam"),
+    "sgd": ("sgd", "sgd"),
+    "adasap-sgd": ("adasap", "sgd"),
+    "sgd-sam": ("sgd", "sam"),
+}
+PHASES = ("warmup", "prune", "finetune")
+
+
+@dataclass(frozen=True)
+class PruneSettings:
+    """Everything that defines a pruning run; the defaults are the documented choices.
+
+    Epoch counts may be fractional (a reduced setting trains on part of an epoch).
+    """
+
+    method: str = "adasap"
+    criterion: str = "magnitude"
+    keep: float = 0.5
+    keep_kind: str = "params"
+    warmup_epochs: float = 1.0
+    prune_epochs: float = 2.0
+    finetune_epochs: float = 2.0
+    prune_steps: int = 4
+    batch_size: int = 128
+    label_smoothing: float = 0.1
+    lr_warmup_epochs: float = 0.2
+    optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
+    score_refresh: int = 10
+    score_normalization: str = "mean"
+    per_layer_radii: bool = False
+    taylor_form: str = "group"
+    min_channels: int = 1
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    channels_last: bool = True
+    progress: bool = True
+
+    def validate(self) -> PruneSettings:
+        """Raise :class:`UserError` naming the first bad value and what is allowed."""
+        if self.method not in METHODS:
+            raise UserError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if self.criterion not in CRITERIA:
+            raise UserError(
+                f"unknown criterion {self.criterion!r}: choose one of {', '.join(CRITERIA)}"
+            )
+        if not 0 < self.keep <= 1:
+            raise UserError(f"keep fraction must be in (0, 1], got {self.keep}: e.g. --keep 0.5")
+        if self.keep_kind not in ("params", "macs"):
+            raise UserError(f"keep kind must be 'params' or 'macs', got {self.keep_kind!r}")
+        for name in ("warmup_epochs", "prune_epochs", "finetune_epochs", "lr_warmup_epochs"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("prune_steps", "batch_size", "score_refresh", "min_channels"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.score_normalization not in ("mean", "max", "none"):
+            raise UserError(
+                f"score normalization must be mean, max or none, got {self.score_normalization!r}"
+            )
+        if self.taylor_form not in ("group", "bn"):
+            raise UserError(f"taylor form must be 'group' or 'bn', got {self.taylor_form!r}")
+        o = self.optimizer
+        if o.lr <= 0 or o.rho < 0 or not 0 <= o.rho_min <= o.rho_max:
+            raise UserError(
+                f"need lr > 0, rho >= 0 and 0 <= rho_min <= rho_max; got lr={o.lr}, rho={o.rho}, "
+                f"rho_min={o.rho_min}, rho_max={o.rho_max}"
+            )
+        if o.normalization not in ("global", "neuron"):
+            raise UserError(
+                f"perturbation normalization must be global or neuron, got {o.normalization!r}"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> PruneSettings:
+        values = dict(values)
+        optimizer = OptimizerSettings(**values.pop("optimizer", {}))
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UserError(f"unknown setting(s) {', '.join(unknown)}: allowed are {sorted(known)}")
+        return cls(optimizer=optimizer, **values)
+
+
+@dataclass
+class PruneResult:
+    """A pruned model and how it was obtained."""
+
+    model: nn.Module
+    dense_size: ModelSize
+    size: ModelSize
+    target: int
+    history: list[dict[str, Any]]
+    pruning_history: list[list[Any]]
+    seconds: float
+    val_accuracy: float
+
+    def keep_fraction(self, kind: str) -> float:
+        return self.size.of(kind) / max(self.dense_size.of(kind), 1)
+
+
+class _Run:
+    """The mutable state of one pruning run; ``prune()`` is its only user."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data,
+        settings: PruneSettings,
+        ignored_layers: Sequence[nn.Module] | None,
+        log: Callable[[dict[str, Any]], None],
+    ) -> None:
+        self.s = settings
+        self.data = data
+        self.log = log
+        self.device = resolve_device(settings.device)
+        self.model = prepare_model(copy.deepcopy(model), self.device, self.channels_last)
+        first = next(iter(_example_batches(data.train, self.device)))
+        self.example = first
+        if ignored_layers is None:
+            classifier = find_classifier(self.model, data.spec.num_classes)
+            ignored_layers = [classifier] if classifier is not None else []
+        else:
+            by_id = dict(zip(map(id, model.modules()), self.model.modules(), strict=True))
+            ignored_layers = [by_id[id(m)] for m in ignored_layers]
+        self.ignored = list(ignored_layers)
+        self.layout = NeuronLayout(self.model, self.example, self.ignored)
+        if not self.layout.groups:
+            raise UserError(
+                "the model has no prunable layers (no conv or linear outputs outside the "
+                "ignored layers): pass a model with convolutions or fewer ignored layers"
+            )
+        self.dense = measure_size(self.model, self.example)
+        self.target = int(settings.keep * self.dense.of(settings.keep_kind))
+        self.size = self.dense
+        self.pruning_history: list[list[Any]] = []
+        self.spe = steps_per_epoch(data.train, settings.batch_size)
+        self.phase_steps = [
+            round(e * self.spe)
+            for e in (settings.warmup_epochs, settings.prune_epochs, settings.finetune_epochs)
+        ]
+        total = sum(self.phase_steps)
+        if total == 0:
+            raise UserError("all phases have 0 epochs: give at least one phase some epochs")
+        self.schedule = CosineSchedule(
+            settings.optimizer.lr, total, round(settings.lr_warmup_epochs * self.spe)
+        )
+        start, length = self.phase_steps[0], self.phase_steps[1]
+        count = settings.prune_steps if length >= settings.prune_steps else 1
+        self.prune_at = {start + (j * length) // count: j + 1 for j in range(count)}
+        self.prune_count = count
+        self.finetune_start = start + length
+        self.kinds = METHODS[settings.method]
+        self.kind = self.kinds[0]
+        self.optimizer = make_optimizer(self.model, self.kind, settings.optimizer)
+        self.scaler = (
+            torch.amp.GradScaler("cuda") if settings.amp and self.device.type == "cuda" else None
+        )
+        self.taylor = self._new_taylor()
+
+    @property
+    def channels_last(self) -> bool:
+        return self.s.channels_last and self.device.type == "cpu"
+
+    def _new_taylor(self) -> TaylorScores | None:
+        if self.s.criterion != "taylor":
+            return None
+        return TaylorScores(self.layout, form=self.s.taylor_form)
+
+    def _scores(self) -> torch.Tensor:
+        if self.taylor is not None and self.taylor.batches == 0:
+            self._collect_taylor_gradients(count=4)
+        raw = compute_scores(self.layout, self.s.criterion, self.taylor)
+        return normalize_scores(raw, self.layout, self.s.score_normalization)
+
+    def _collect_taylor_gradients(self, count: int) -> None:
+        """Taylor scores need gradients; before any training step, take a few without updating."""
+        criterion = nn.CrossEntropyLoss()
+        generator = torch.Generator().manual_seed(self.s.seed)
+        for index, (x, y) in enumerate(
+            batches(
+                self.data.train,
+                self.s.batch_size,
+                shuffle=True,
+                generator=generator,
+                augment=False,
+                device=self.device,
+            )
+        ):
+            if index >= count:
+                break
+            self.model.zero_grad(set_to_none=True)
+            criterion(self.model(x), y).backward()
+            self.taylor.accumulate()
+        self.model.zero_grad(set_to_none=True)
+
+    def _refresh_radii(self) -> None:
+        if not isinstance(self.optimizer, AdaSAP):
+            return
+        scores = self._scores()
+        group_index = self.layout.group_index() if self.s.per_layer_radii else None
+        radii = radii_from_scores(
+            scores, self.s.optimizer.rho_min, self.s.optimizer.rho_max, group_index
+        )
+        self.optimizer.set_radii(self.layout.ownership(), radii)
+
+    def _rebuild_optimizer(self, kind: OptimizerKind, kept: dict | None = None) -> None:
+        state = named_optimizer_state(self.model, self.optimizer)
+        self.kind = kind
+        self.optimizer = make_optimizer(self.model, kind, self.s.optimizer)
+        transfer_optimizer_state(state, kept or {}, self.model, self.optimizer)
+
+    def _prune(self, step_number: int) -> None:
+        kind = self.s.keep_kind
+        dense = self.dense.of(kind)
+        target = round(dense - (dense - self.target) * step_number / self.prune_count)
+        chosen = select_neurons(
+            self.layout, self._scores(), target, kind, self.size, self.s.min_channels
+        )
+        state = named_optimizer_state(self.model, self.optimizer)
+        kept = remove_neurons(self.layout, chosen)
+        self.pruning_history.extend(self.layout.graph.pruning_history())
+        prepare_model(self.model, self.device, self.channels_last)
+        self.layout = NeuronLayout(self.model, self.example, self.ignored)
+        self.size = measure_size(self.model, self.example)
+        self.optimizer = make_optimizer(self.model, self.kind, self.s.optimizer)
+        transfer_optimizer_state(state, kept, self.model, self.optimizer)
+        self.taylor = self._new_taylor()
+        self._refresh_radii()
+
+    def before_step(self, step: int) -> None:
+        if step == self.finetune_start and self.kind != self.kinds[1]:
+            self._rebuild_optimizer(self.kinds[1])
+        if step in self.prune_at:
+            self._prune(self.prune_at[step])
+        elif isinstance(self.optimizer, AdaSAP) and step % self.s.score_refresh == 0:
+            self._refresh_radii()
+
+    def size_label(self) -> str:
+        fraction = self.size.of(self.s.keep_kind) / max(self.dense.of(self.s.keep_kind), 1)
+        return f"size {fraction:.2f}"
+
+    def execute(self) -> PruneResult:
+        started = time.perf_counter()
+        self._refresh_radii()
+        history: list[dict[str, Any]] = []
+        step = 0
+        epoch = 0
+        phase_ends = [sum(self.phase_steps[: i + 1]) for i in range(3)]
+        with progress_bar(disable=not self.s.progress) as progress:
+            for phase, end in zip(PHASES, phase_ends, strict=True):
+                while step < end:
+                    count = min(self.spe, end - step)
+                    stats = train_steps(
+                        self.model,
+                        lambda: self.optimizer,
+                        self.data.train,
+                        steps=count,
+                        batch_size=self.s.batch_size,
+                        generator=torch.Generator().manual_seed(self.s.seed * 100_003 + epoch),
+                        device=self.device,
+                        schedule=self.schedule,
+                        first_step=step,
+                        label_smoothing=self.s.label_smoothing,
+                        amp=self.s.amp,
+                        channels_last=self.channels_last,
+                        scaler=self.scaler,
+                        before_step=self.before_step,
+                        after_first_backward=self.taylor_hook,
+                        progress=progress,
+                        description=f"{self.s.method} {phase} ep{epoch + 1}",
+                        size_label=self.size_label,
+                    )
+                    step += count
+                    epoch += 1
+                    record = {
+                        "phase": phase,
+                        "epoch": epoch,
+                        "step": step,
+                        "optimizer": self.kind,
+                        "lr": self.schedule.lr_at(step - 1),
+                        "train_loss": stats.loss,
+                        "train_accuracy": stats.accuracy,
+                        "images_per_second": stats.images_per_second,
+                        "val_accuracy": evaluate(
+                            self.model,
+                            self.data.val,
+                            device=self.device,
+                            channels_last=self.channels_last,
+                        ),
+                        "params": self.size.params,
+                        "macs": self.size.macs,
+                        "seconds": time.perf_counter() - started,
+                    }
+                    history.append(record)
+                    self.log(record)
+        self.model.eval()
+        return PruneResult(
+            model=self.model,
+            dense_size=self.dense,
+            size=self.size,
+            target=self.target,
+            history=history,
+            pruning_history=self.pruning_history,
+            seconds=time.perf_counter() - started,
+            val_accuracy=history[-1]["val_accuracy"] if history else float("nan"),
+        )
+
+    def taylor_hook(self) -> None:
+        if self.taylor is not None:
+            self.taylor.accumulate()
+
+
+def _example_batches(images_set, device: torch.device):
+    for x, _ in batches(images_set, 2, shuffle=False, generator=None, augment=False, device=device):
+        yield x
+
+
+def with_overrides(settings: PruneSettings, overrides: dict[str, Any]) -> PruneSettings:
+    """Replace fields of ``settings`` or of its ``optimizer`` (lr, rho, ...) by name."""
+    optimizer_fields = {f.name for f in fields(OptimizerSettings)}
+    own_fields = {f.name for f in fields(PruneSettings)}
+    unknown = sorted(set(overrides) - optimizer_fields - own_fields)
+    if unknown:
+        allowed = sorted(optimizer_fields | own_fields)
+        raise UserError(
+            f"unknown setting(s) {', '.join(unknown)}: allowed are {', '.join(allowed)}"
+        )
+    optimizer = replace(
+        settings.optimizer, **{k: v for k, v in overrides.items() if k in optimizer_fields}
+    )
+    own = {k: v for k, v in overrides.items() if k in own_fields and k != "optimizer"}
+    return replace(settings, optimizer=optimizer, **own)
+
+
+def prune(
+    model: nn.Module,
+    data,
+    settings: PruneSettings | None = None,
+    *,
+    ignored_layers: Sequence[nn.Module] | None = None,
+    log: Callable[[dict[str, Any]], None] | None = None,
+    **overrides: Any,
+) -> PruneResult:
+    """Prune a dense model with AdaSAP (or a baseline) and return the smaller model.
+
+    Args:
+        model: a trained dense model taking images in [0, 1] (not modified; a copy is pruned).
+            Any ``nn.Module`` that Torch-Pruning can trace works.
+        data: a :class:`adasap.data.DataBundle` (its ``train`` split trains, ``val`` monitors).
+        settings: a :class:`PruneSettings`; keyword ``overrides`` replace single fields,
+            e.g. ``prune(model, data, method="sgd", keep=0.3)``.
+        ignored_layers: modules whose outputs are never pruned; by default the classifier.
+        log: called with one dict per epoch (phase, losses, accuracies, size, speed).
+
+    Returns:
+        A :class:`PruneResult` with the pruned model, its measured size, per-epoch history and
+        the pruning history (to replay the pruning on a fresh copy of the base model).
+    """
+    settings = with_overrides(settings or PruneSettings(), overrides).validate()
+    run = _Run(model, data, settings, ignored_layers, log or (lambda record: None))
+    return run.execute()

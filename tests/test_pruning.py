@@ -1,0 +1,293 @@
+import pytest
+import torch
+from torch import nn
+
+from adasap.errors import UserError
+from adasap.models import build_model
+from adasap.neurons import (
+    NeuronLayout,
+    TaylorScores,
+    magnitude_scores,
+    normalize_scores,
+)
+from adasap.pruning import (
+    measure_size,
+    named_optimizer_state,
+    remove_neurons,
+    select_neurons,
+    transfer_optimizer_state,
+)
+
+
+class Chain(nn.Module):
+    """conv(3->8) -> BN -> conv(8->16) -> BN -> pool -> linear(16->4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+class Depthwise(nn.Module):
+    """conv(3->8) -> depthwise(8) -> pointwise(8->16) -> linear(16->5)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.dw_bn = nn.BatchNorm2d(8)
+        self.pw = nn.Conv2d(8, 16, 1)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x)))
+        x = torch.relu(self.dw_bn(self.dw(x)))
+        return self.fc(self.pw(x).mean((2, 3)))
+
+
+class Residual(nn.Module):
+    """Two convs writing into the same residual stream: their outputs are one group."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.body = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.bn(self.body(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def group_of(layout, module):
+    return next(
+        g for g in layout.groups if any(s.module is module and s.is_output for s in g.slices)
+    )
+
+
+def prune_group(layout, module, local_idxs):
+    group = group_of(layout, module)
+    return remove_neurons(layout, torch.tensor(local_idxs) + group.offset)
+
+
+X = torch.randn(2, 3, 8, 8)
+
+
+def test_chain_exact_shapes():
+    model = Chain()
+    layout = NeuronLayout(model, X, [model.fc])
+    assert [g.size for g in layout.groups] == [8, 16]
+    prune_group(layout, model.conv1, [1, 5])
+    layout = NeuronLayout(model, X, [model.fc])
+    prune_group(layout, model.conv2, [0, 2, 4])
+    assert model.conv1.weight.shape == (6, 3, 3, 3)
+    assert model.conv1.bias.shape == (6,)
+    assert model.bn1.weight.shape == model.bn1.running_mean.shape == (6,)
+    assert model.conv2.weight.shape == (13, 6, 3, 3)
+    assert model.bn2.running_var.shape == (13,)
+    assert model.fc.weight.shape == (4, 13)
+    out = model(torch.randn(2, 3, 8, 8))
+    out.sum().backward()
+    assert out.shape == (2, 4)
+
+
+def test_depthwise_exact_shapes():
+    model = Depthwise()
+    layout = NeuronLayout(model, X, [model.fc])
+    prune_group(layout, model.conv, [0, 7, 3])
+    assert model.conv.weight.shape == (5, 3, 3, 3)
+    assert model.dw.weight.shape == (5, 1, 3, 3)
+    assert model.dw.groups == model.dw.in_channels == model.dw.out_channels == 5
+    assert model.dw_bn.weight.shape == (5,)
+    assert model.pw.weight.shape == (16, 5, 1, 1)
+    model(X).sum().backward()
+
+
+def test_residual_coupling_prunes_both_branches_together():
+    model = Residual()
+    layout = NeuronLayout(model, X, [model.fc])
+    assert len(layout.groups) == 1
+    owners = layout.ownership().owners
+    # channel c of the stem and of the body is the same neuron c
+    assert torch.equal(owners[model.stem.weight][1], owners[model.body.weight][1])
+    prune_group(layout, model.stem, [2, 3])
+    assert model.stem.weight.shape == (6, 3, 3, 3)
+    assert model.body.weight.shape == (6, 6, 3, 3)
+    assert model.bn.weight.shape == (6,)
+    assert model.fc.weight.shape == (3, 6)
+
+
+def test_linear_head_never_pruned_and_hidden_linear_is():
+    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 5))
+    x = torch.randn(2, 10)
+    layout = NeuronLayout(model, x, [model[2]])
+    assert len(layout.groups) == 1
+    remove_neurons(layout, torch.arange(4))
+    assert model[0].weight.shape == (28, 10)
+    assert model[2].weight.shape == (5, 28)
+
+
+def test_removing_all_zero_channels_leaves_output_unchanged():
+    torch.manual_seed(0)
+    model = Chain().eval()
+    dead = [2, 6]
+    with torch.no_grad():
+        model.conv1.weight[dead] = 0
+        model.conv1.bias[dead] = 0
+        model.bn1.weight[dead] = 0
+        model.bn1.bias[dead] = 0
+    x = torch.randn(4, 3, 8, 8)
+    before = model(x)
+    layout = NeuronLayout(model, X, [model.fc])
+    prune_group(layout, model.conv1, dead)
+    assert model.conv1.out_channels == 6
+    torch.testing.assert_close(model(x), before, rtol=0, atol=1e-6)
+
+
+def test_ignored_layer_in_residual_stream_blocks_its_group():
+    model = Residual()
+    layout = NeuronLayout(model, X, [model.fc, model.body])
+    assert layout.groups == []
+
+
+def test_magnitude_scores_are_group_l2_norms():
+    model = Chain()
+    layout = NeuronLayout(model, X, [model.fc])
+    scores = magnitude_scores(layout)
+    group = group_of(layout, model.conv1)
+    c = 3
+    expected = torch.cat(
+        [
+            model.conv1.weight[c].flatten(),
+            model.conv1.bias[c : c + 1],
+            model.bn1.weight[c : c + 1],
+            model.bn1.bias[c : c + 1],
+            model.conv2.weight[:, c].flatten(),
+        ]
+    ).norm()
+    torch.testing.assert_close(scores[group.offset + c], expected.detach())
+
+
+def test_taylor_scores_are_abs_group_sums_of_weight_times_gradient():
+    torch.manual_seed(0)
+    model = Chain()
+    layout = NeuronLayout(model, X, [model.fc])
+    taylor = TaylorScores(layout)
+    batches = [torch.randn(4, 3, 8, 8) for _ in range(2)]
+    expected = torch.zeros(())
+    c = 5
+    for x in batches:
+        model.zero_grad()
+        model(x).pow(2).sum().backward()
+        taylor.accumulate()
+        terms = [
+            (model.conv1.weight[c] * model.conv1.weight.grad[c]).sum(),
+            model.conv1.bias[c] * model.conv1.bias.grad[c],
+            model.bn1.weight[c] * model.bn1.weight.grad[c],
+            model.bn1.bias[c] * model.bn1.bias.grad[c],
+            (model.conv2.weight[:, c] * model.conv2.weight.grad[:, c]).sum(),
+        ]
+        expected = expected + torch.stack(terms).sum().abs().detach()
+    offset = group_of(layout, model.conv1).offset
+    torch.testing.assert_close(taylor.scores()[offset + c], expected / 2)
+
+
+def test_bn_form_taylor_uses_only_batchnorm():
+    torch.manual_seed(0)
+    model = Chain()
+    layout = NeuronLayout(model, X, [model.fc])
+    taylor = TaylorScores(layout, form="bn")
+    model(torch.randn(4, 3, 8, 8)).pow(2).sum().backward()
+    taylor.accumulate()
+    c = 1
+    expected = (
+        model.bn1.weight[c] * model.bn1.weight.grad[c] + model.bn1.bias[c] * model.bn1.bias.grad[c]
+    ).abs()
+    offset = group_of(layout, model.conv1).offset
+    torch.testing.assert_close(taylor.scores()[offset + c], expected.detach())
+
+
+def test_normalize_scores_per_group_mean():
+    model = Chain()
+    layout = NeuronLayout(model, X, [model.fc])
+    scores = torch.rand(layout.num_neurons) + 0.1
+    normalized = normalize_scores(scores, layout, "mean")
+    for g in layout.groups:
+        span = slice(g.offset, g.offset + g.size)
+        torch.testing.assert_close(normalized[span].mean(), torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("kind", ["params", "macs"])
+@pytest.mark.parametrize("keep", [0.8, 0.5, 0.3])
+def test_resnet20_reaches_target_within_two_points(kind, keep):
+    model = build_model(
+        "resnet20", num_classes=10, in_channels=1, image_size=28, mean=(0.5,), std=(0.5,)
+    )
+    x = torch.rand(2, 1, 28, 28)
+    classifier = model.net.fc
+    layout = NeuronLayout(model, x, [classifier])
+    dense = measure_size(model, x)
+    scores = normalize_scores(magnitude_scores(layout), layout)
+    chosen = select_neurons(layout, scores, int(keep * dense.of(kind)), kind, dense)
+    remove_neurons(layout, chosen)
+    achieved = measure_size(model, x).of(kind) / dense.of(kind)
+    assert keep - 0.02 <= achieved <= keep + 0.005
+    assert classifier.out_features == 10
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            assert m.out_channels >= 1
+    model(x).sum().backward()
+
+
+def test_unreachable_target_is_a_user_error():
+    model = Chain()
+    layout = NeuronLayout(model, X, [model.fc])
+    dense = measure_size(model, X)
+    scores = magnitude_scores(layout)
+    with pytest.raises(UserError, match="without emptying a layer"):
+        select_neurons(layout, scores, 10, "params", dense)
+
+
+def test_momentum_of_surviving_channels_is_kept():
+    torch.manual_seed(0)
+    model = Chain()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(X).pow(2).sum().backward()
+    opt.step()
+    old_conv2 = opt.state[model.conv2.weight]["momentum_buffer"].clone()
+    old_bn1 = opt.state[model.bn1.weight]["momentum_buffer"].clone()
+    state = named_optimizer_state(model, opt)
+    layout = NeuronLayout(model, X, [model.fc])
+    kept = prune_group(layout, model.conv1, [0, 4])
+    new_opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    transfer_optimizer_state(state, kept, model, new_opt)
+    survivors = torch.tensor([1, 2, 3, 5, 6, 7])
+    assert torch.equal(
+        new_opt.state[model.conv2.weight]["momentum_buffer"], old_conv2[:, survivors]
+    )
+    assert torch.equal(new_opt.state[model.bn1.weight]["momentum_buffer"], old_bn1[survivors])
+    assert len(new_opt.state) == len(list(model.parameters()))
+
+
+def test_untraceable_model_is_a_user_error():
+    class ReturnsPythonFloat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return self.conv(x).sum().item()
+
+    with pytest.raises(UserError, match="Torch-Pruning cannot trace"):
+        NeuronLayout(ReturnsPythonFloat(), X)
