@@ -621,7 +621,7 @@ def augment_batch(
     shift = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator).to(x.device)
     rows = shift[:, :1] + torch.arange(h, device=x.device)
     cols = torch.arange(w, device=x.device).expand(n, w)
-    if True:
+    if hflip:
         flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
         cols = torch.where(flip[:, None], cols.flip(1), cols)
     cols = shift[:, 1:] + cols
