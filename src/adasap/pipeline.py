@@ -418,3 +418,82 @@ def prune(
     settings = with_overrides(settings or PruneSettings(), overrides).validate()
     run = _Run(model, data, settings, ignored_layers, log or (lambda record: None))
     return run.execute()
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    history: list[dict[str, Any]]
+    seconds: float
+    val_accuracy: float
+
+
+def train(
+    model: nn.Module,
+    data,
+    *,
+    epochs: float = 10.0,
+    settings: PruneSettings | None = None,
+    log: Callable[[dict[str, Any]], None] | None = None,
+    **overrides: Any,
+) -> TrainResult:
+    """Train a dense model with SGD: the starting point that :func:`prune` takes.
+
+    It uses the same loop, schedule and settings as pruning (lr, batch size, label smoothing,
+    seed, device ...), so a dense model and its pruned versions are trained alike.
+    """
+    s = with_overrides(settings or PruneSettings(), overrides).validate()
+    if epochs <= 0:
+        raise UserError(f"epochs must be > 0, got {epochs}")
+    device = resolve_device(s.device)
+    channels_last = s.channels_last and device.type == "cpu"
+    torch.manual_seed(s.seed)
+    model = prepare_model(model, device, channels_last)
+    optimizer = make_optimizer(model, "sgd", s.optimizer)
+    spe = steps_per_epoch(data.train, s.batch_size)
+    total = round(epochs * spe)
+    schedule = CosineSchedule(s.optimizer.lr, total, round(s.lr_warmup_epochs * spe))
+    scaler = torch.amp.GradScaler("cuda") if s.amp and device.type == "cuda" else None
+    started = time.perf_counter()
+    history: list[dict[str, Any]] = []
+    step = 0
+    epoch = 0
+    with progress_bar(disable=not s.progress) as progress:
+        while step < total:
+            count = min(spe, total - step)
+            stats = train_steps(
+                model,
+                lambda: optimizer,
+                data.train,
+                steps=count,
+                batch_size=s.batch_size,
+                generator=torch.Generator().manual_seed(s.seed * 100_003 + epoch),
+                device=device,
+                schedule=schedule,
+                first_step=step,
+                label_smoothing=s.label_smoothing,
+                amp=s.amp,
+                channels_last=channels_last,
+                scaler=scaler,
+                progress=progress,
+                description=f"dense ep{epoch + 1}",
+            )
+            step += count
+            epoch += 1
+            record = {
+                "phase": "dense",
+                "epoch": epoch,
+                "step": step,
+                "lr": schedule.lr_at(step - 1),
+                "train_loss": stats.loss,
+                "train_accuracy": stats.accuracy,
+                "images_per_second": stats.images_per_second,
+                "val_accuracy": evaluate(
+                    model, data.val, device=device, channels_last=channels_last
+                ),
+                "seconds": time.perf_counter() - started,
+            }
+            history.append(record)
+            (log or (lambda r: None))(record)
+    model.eval()
+    return TrainResult(model, history, time.perf_counter() - started, history[-1]["val_accuracy"])

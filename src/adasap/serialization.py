@@ -1,0 +1,125 @@
+"""Pruned-model files without pickle: safetensors weights plus a JSON description.
+
+The JSON names the base architecture (as :func:`adasap.models.build_model` arguments) and the
+pruning history; loading rebuilds the base model, replays the pruning with Torch-Pruning and
+loads the weights. A checksum of the weights file guards against truncation and tampering.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from adasap.errors import UserError
+from adasap.io import atomic_write, atomic_write_json
+from adasap.models import build_model
+
+WEIGHTS_FILE = "model.safetensors"
+DESCRIPTION_FILE = "model.json"
+FORMAT_VERSION = 1
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_model(
+    directory: str | Path,
+    model: nn.Module,
+    architecture: dict[str, Any],
+    pruning_history: list[list[Any]] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model.safetensors`` and ``model.json`` into ``directory`` (atomically each).
+
+    ``architecture`` holds the :func:`build_model` keyword arguments of the base model
+    (``name``, ``num_classes``, ``in_channels``, ``image_size``, ``mean``, ``std``).
+    """
+    directory = Path(directory)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    weights = atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp)))
+    history = [
+        [name, bool(is_out), [int(i) for i in idxs]]
+        for name, is_out, idxs in (pruning_history or [])
+    ]
+    description = {
+        "format": "adasap-model",
+        "version": FORMAT_VERSION,
+        "architecture": architecture,
+        "pruning_history": history,
+        "weights_sha256": _sha256(weights),
+        **(extra or {}),
+    }
+    atomic_write_json(directory / DESCRIPTION_FILE, description)
+    return directory
+
+
+def read_description(directory: str | Path) -> dict[str, Any]:
+    """The JSON description of a saved model, validated."""
+    path = Path(directory) / DESCRIPTION_FILE
+    if not path.is_file():
+        raise UserError(f"{path} does not exist: point at a run directory that holds a model")
+    try:
+        description = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not valid JSON ({exc}): the file is damaged, re-run") from exc
+    if not isinstance(description, dict) or description.get("format") != "adasap-model":
+        raise UserError(f"{path} is not an adasap model description: use a file adasap wrote")
+    if description.get("version") != FORMAT_VERSION:
+        raise UserError(
+            f"{path} has format version {description.get('version')}, this adasap reads "
+            f"{FORMAT_VERSION}: load it with the adasap version that wrote it"
+        )
+    return description
+
+
+def load_model(directory: str | Path, base_model: nn.Module | None = None) -> nn.Module:
+    """Rebuild a saved (pruned) model; no pickle is involved.
+
+    ``base_model`` replaces the architecture in the description, for models that
+    :func:`build_model` cannot build (a user's own module): pass a fresh, unpruned instance.
+    """
+    directory = Path(directory)
+    description = read_description(directory)
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise UserError(f"{weights} does not exist: the model directory is incomplete")
+    if _sha256(weights) != description.get("weights_sha256"):
+        raise UserError(
+            f"{weights} does not match the checksum in {DESCRIPTION_FILE}: the file was "
+            "truncated or modified; restore it or re-run"
+        )
+    architecture = description["architecture"]
+    model = base_model if base_model is not None else build_model(**architecture)
+    history = description.get("pruning_history") or []
+    if history:
+        size = architecture["image_size"]
+        example = torch.rand(1, architecture["in_channels"], size, size)
+        model.eval()
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+        graph.load_pruning_history(history)
+    try:
+        state = load_file(str(weights))
+    except SafetensorError as exc:
+        raise UserError(f"{weights} is not a valid safetensors file ({exc}): re-run") from exc
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise UserError(
+            f"{weights} does not fit the described architecture ({first}): the files do not "
+            "belong together"
+        ) from exc
+    return model.eval()
