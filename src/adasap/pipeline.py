@@ -157,6 +157,78 @@ class PruneResult:
         return self.size.of(kind) / max(self.dense_size.of(kind), 1)
 
 
+@dataclass
+class _Loop:
+    """Epoch-by-epoch training shared by dense training and the pruning phases."""
+
+    model: nn.Module
+    data: Any
+    s: PruneSettings
+    device: torch.device
+    channels_last: bool
+    schedule: CosineSchedule
+    scaler: torch.amp.GradScaler | None
+    step: int = 0
+    epoch: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def run(
+        self,
+        progress,
+        phase: str,
+        end: int,
+        optimizer_ref: Callable[[], torch.optim.Optimizer],
+        log: Callable[[dict[str, Any]], Any],
+        extra: Callable[[], dict[str, Any]],
+        label: str,
+        **hooks: Any,
+    ) -> None:
+        """Train until global step ``end``, logging one record per (possibly partial) epoch."""
+        spe = steps_per_epoch(self.data.train, self.s.batch_size)
+        while self.step < end:
+            count = min(spe, end - self.step)
+            stats = train_steps(
+                self.model,
+                optimizer_ref,
+                self.data.train,
+                steps=count,
+                batch_size=self.s.batch_size,
+                generator=torch.Generator().manual_seed(self.s.seed * 100_003 + self.epoch),
+                device=self.device,
+                schedule=self.schedule,
+                first_step=self.step,
+                label_smoothing=self.s.label_smoothing,
+                amp=self.s.amp,
+                channels_last=self.channels_last,
+                scaler=self.scaler,
+                progress=progress,
+                description=f"{label} ep{self.epoch + 1}",
+                **hooks,
+            )
+            self.step += count
+            self.epoch += 1
+            val = evaluate(
+                self.model, self.data.val, device=self.device, channels_last=self.channels_last
+            )
+            log(
+                {
+                    "phase": phase,
+                    "epoch": self.epoch,
+                    "step": self.step,
+                    "lr": self.schedule.lr_at(self.step - 1),
+                    "train_loss": stats.loss,
+                    "train_accuracy": stats.accuracy,
+                    "images_per_second": stats.images_per_second,
+                    "val_accuracy": val,
+                    **extra(),
+                    "seconds": self.elapsed(),
+                }
+            )
+
+
 class _Run:
     """The mutable state of one pruning run; ``prune()`` is its only user."""
 
@@ -299,59 +371,36 @@ class _Run:
         return f"size {fraction:.2f}"
 
     def execute(self) -> PruneResult:
-        started = time.perf_counter()
+        loop = _Loop(
+            self.model,
+            self.data,
+            self.s,
+            self.device,
+            self.channels_last,
+            self.schedule,
+            self.scaler,
+        )
         self._refresh_radii()
         history: list[dict[str, Any]] = []
-        step = 0
-        epoch = 0
         phase_ends = [sum(self.phase_steps[: i + 1]) for i in range(3)]
         with progress_bar(disable=not self.s.progress) as progress:
             for phase, end in zip(PHASES, phase_ends, strict=True):
-                while step < end:
-                    count = min(self.spe, end - step)
-                    stats = train_steps(
-                        self.model,
-                        lambda: self.optimizer,
-                        self.data.train,
-                        steps=count,
-                        batch_size=self.s.batch_size,
-                        generator=torch.Generator().manual_seed(self.s.seed * 100_003 + epoch),
-                        device=self.device,
-                        schedule=self.schedule,
-                        first_step=step,
-                        label_smoothing=self.s.label_smoothing,
-                        amp=self.s.amp,
-                        channels_last=self.channels_last,
-                        scaler=self.scaler,
-                        before_step=self.before_step,
-                        after_first_backward=self.taylor_hook,
-                        progress=progress,
-                        description=f"{self.s.method} {phase} ep{epoch + 1}",
-                        size_label=self.size_label,
-                    )
-                    step += count
-                    epoch += 1
-                    record = {
-                        "phase": phase,
-                        "epoch": epoch,
-                        "step": step,
+                loop.run(
+                    progress,
+                    phase,
+                    end,
+                    lambda: self.optimizer,
+                    lambda record: (history.append(record), self.log(record)),
+                    lambda: {
                         "optimizer": self.kind,
-                        "lr": self.schedule.lr_at(step - 1),
-                        "train_loss": stats.loss,
-                        "train_accuracy": stats.accuracy,
-                        "images_per_second": stats.images_per_second,
-                        "val_accuracy": evaluate(
-                            self.model,
-                            self.data.val,
-                            device=self.device,
-                            channels_last=self.channels_last,
-                        ),
                         "params": self.size.params,
                         "macs": self.size.macs,
-                        "seconds": time.perf_counter() - started,
-                    }
-                    history.append(record)
-                    self.log(record)
+                    },
+                    label=f"{self.s.method} {phase}",
+                    before_step=self.before_step,
+                    after_first_backward=self.taylor_hook,
+                    size_label=self.size_label,
+                )
         self.model.eval()
         return PruneResult(
             model=self.model,
@@ -360,7 +409,7 @@ class _Run:
             target=self.target,
             history=history,
             pruning_history=self.pruning_history,
-            seconds=time.perf_counter() - started,
+            seconds=loop.elapsed(),
             val_accuracy=history[-1]["val_accuracy"] if history else float("nan"),
         )
 
@@ -454,46 +503,17 @@ def train(
     total = round(epochs * spe)
     schedule = CosineSchedule(s.optimizer.lr, total, round(s.lr_warmup_epochs * spe))
     scaler = torch.amp.GradScaler("cuda") if s.amp and device.type == "cuda" else None
-    started = time.perf_counter()
+    loop = _Loop(model, data, s, device, channels_last, schedule, scaler)
     history: list[dict[str, Any]] = []
-    step = 0
-    epoch = 0
     with progress_bar(disable=not s.progress) as progress:
-        while step < total:
-            count = min(spe, total - step)
-            stats = train_steps(
-                model,
-                lambda: optimizer,
-                data.train,
-                steps=count,
-                batch_size=s.batch_size,
-                generator=torch.Generator().manual_seed(s.seed * 100_003 + epoch),
-                device=device,
-                schedule=schedule,
-                first_step=step,
-                label_smoothing=s.label_smoothing,
-                amp=s.amp,
-                channels_last=channels_last,
-                scaler=scaler,
-                progress=progress,
-                description=f"dense ep{epoch + 1}",
-            )
-            step += count
-            epoch += 1
-            record = {
-                "phase": "dense",
-                "epoch": epoch,
-                "step": step,
-                "lr": schedule.lr_at(step - 1),
-                "train_loss": stats.loss,
-                "train_accuracy": stats.accuracy,
-                "images_per_second": stats.images_per_second,
-                "val_accuracy": evaluate(
-                    model, data.val, device=device, channels_last=channels_last
-                ),
-                "seconds": time.perf_counter() - started,
-            }
-            history.append(record)
-            (log or (lambda r: None))(record)
+        loop.run(
+            progress,
+            "dense",
+            total,
+            lambda: optimizer,
+            lambda record: (history.append(record), (log or (lambda r: None))(record)),
+            dict,
+            label="dense",
+        )
     model.eval()
-    return TrainResult(model, history, time.perf_counter() - started, history[-1]["val_accuracy"])
+    return TrainResult(model, history, loop.elapsed(), history[-1]["val_accuracy"])
