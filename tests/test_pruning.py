@@ -15,6 +15,7 @@ from adasap.pruning import (
     named_optimizer_state,
     remove_neurons,
     select_neurons,
+    size_predictor,
     transfer_optimizer_state,
 )
 
@@ -239,7 +240,8 @@ def test_resnet20_reaches_target_within_two_points(kind, keep):
     layout = NeuronLayout(model, x, [classifier])
     dense = measure_size(model, x)
     scores = normalize_scores(magnitude_scores(layout), layout)
-    chosen = select_neurons(layout, scores, int(keep * dense.of(kind)), kind, dense)
+    predict = size_predictor(layout, dense, kind)
+    chosen = select_neurons(layout, scores, int(keep * dense.of(kind)), predict, kind)
     remove_neurons(layout, chosen)
     achieved = measure_size(model, x).of(kind) / dense.of(kind)
     assert keep - 0.02 <= achieved <= keep + 0.005
@@ -256,7 +258,7 @@ def test_unreachable_target_is_a_user_error():
     dense = measure_size(model, X)
     scores = magnitude_scores(layout)
     with pytest.raises(UserError, match="without emptying a layer"):
-        select_neurons(layout, scores, 10, "params", dense)
+        select_neurons(layout, scores, 10, size_predictor(layout, dense, "params"))
 
 
 def test_momentum_of_surviving_channels_is_kept():

@@ -34,6 +34,7 @@ from adasap.pruning import (
     named_optimizer_state,
     remove_neurons,
     select_neurons,
+    size_predictor,
     transfer_optimizer_state,
 )
 from adasap.training import (
@@ -345,7 +346,12 @@ class _Run:
         dense = self.dense.of(kind)
         target = round(dense - (dense - self.target) * step_number / self.prune_count)
         chosen = select_neurons(
-            self.layout, self._scores(), target, kind, self.size, self.s.min_channels
+            self.layout,
+            self._scores(),
+            target,
+            size_predictor(self.layout, self.size, kind),
+            kind,
+            self.s.min_channels,
         )
         state = named_optimizer_state(self.model, self.optimizer)
         kept = remove_neurons(self.layout, chosen)

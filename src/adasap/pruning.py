@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -84,22 +84,32 @@ def predict_size(
     return size, dict(fraction_kept)
 
 
+def size_predictor(
+    layout: NeuronLayout, current: ModelSize, kind: SizeKind
+) -> Callable[[Tensor], float]:
+    """``removed mask -> predicted parameters (or MACs)`` for :func:`select_neurons`."""
+    return lambda removed: predict_size(layout, removed, current)[0].of(kind)
+
+
 def select_neurons(
     layout: NeuronLayout,
     ranking_scores: Tensor,
-    target: int,
-    kind: SizeKind,
-    current: ModelSize,
+    target: float,
+    predict: Callable[[Tensor], float],
+    unit: str = "params",
     min_channels: int = 1,
 ) -> Tensor:
-    """The fewest lowest-ranked neurons whose removal brings the size to ``target`` or below.
+    """The fewest lowest-ranked neurons whose removal brings the predicted cost to ``target``.
 
+    ``predict`` maps a bool mask of removed neurons to the cost after removal (parameters,
+    MACs, latency, ...; see :func:`size_predictor`) and must not grow as more are removed.
     Each group keeps at least ``min_channels`` of its highest-ranked neurons, so no layer is
     ever emptied. Raises :class:`UserError` when the target cannot be met under that rule.
     """
-    if current.of(kind) <= target:
+    nothing = torch.zeros(layout.num_neurons, dtype=torch.bool)
+    if predict(nothing) <= target:
         return torch.zeros(0, dtype=torch.long)
-    protected = torch.zeros(layout.num_neurons, dtype=torch.bool)
+    protected = nothing.clone()
     for g in layout.groups:
         keep = min(min_channels, g.size)
         top = torch.topk(ranking_scores[g.offset : g.offset + g.size], keep).indices
@@ -107,21 +117,21 @@ def select_neurons(
     candidates = torch.nonzero(~protected).flatten()
     order = candidates[torch.argsort(ranking_scores[candidates], stable=True)]
 
-    def size_after(count: int) -> int:
-        removed = torch.zeros(layout.num_neurons, dtype=torch.bool)
+    def cost_after(count: int) -> float:
+        removed = nothing.clone()
         removed[order[:count]] = True
-        return predict_size(layout, removed, current)[0].of(kind)
+        return predict(removed)
 
-    smallest = size_after(len(order))
+    smallest = cost_after(len(order))
     if smallest > target:
         raise UserError(
-            f"cannot reach {target:,} {kind} without emptying a layer (smallest reachable is "
-            f"{smallest:,}); keep a larger fraction or prune fewer layers"
+            f"cannot reach {target:,.0f} {unit} without emptying a layer (smallest reachable "
+            f"is {smallest:,.0f}); keep a larger fraction or prune fewer layers"
         )
     low, high = 0, len(order)
     while low < high:
         mid = (low + high) // 2
-        if size_after(mid) <= target:
+        if cost_after(mid) <= target:
             high = mid
         else:
             low = mid + 1
