@@ -11,11 +11,21 @@ import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch_pruning as tp
 from torch import nn
 
+from adasap.checkpoint import (
+    CHECKPOINT_FILE,
+    RunInterrupted,
+    TrainingDiverged,
+    load_checkpoint,
+    save_checkpoint,
+    stop_requests,
+)
 from adasap.data import batches
 from adasap.errors import UserError
 from adasap.models import find_classifier
@@ -39,6 +49,7 @@ from adasap.pruning import (
 )
 from adasap.training import (
     CosineSchedule,
+    EpochStats,
     OptimizerKind,
     OptimizerSettings,
     evaluate,
@@ -160,7 +171,12 @@ class PruneResult:
 
 @dataclass
 class _Loop:
-    """Epoch-by-epoch training shared by dense training and the pruning phases."""
+    """Epoch-by-epoch training shared by dense training and the pruning phases.
+
+    With a checkpoint path it saves its owner's state after every epoch and when a stop is
+    requested (SIGINT/SIGTERM) between two steps, so a run continues where it stopped and,
+    on the CPU, ends with the same weights as an uninterrupted run.
+    """
 
     model: nn.Module
     data: Any
@@ -169,12 +185,37 @@ class _Loop:
     channels_last: bool
     schedule: CosineSchedule
     scaler: torch.amp.GradScaler | None
+    checkpoint: Path | None = None
+    owner_state: Callable[[], dict[str, Any]] = dict
+    should_stop: Callable[[], bool] = lambda: False
     step: int = 0
     epoch: int = 0
+    partial: EpochStats | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
+    seconds_before: float = 0.0
 
     def elapsed(self) -> float:
-        return time.perf_counter() - self.started
+        return self.seconds_before + time.perf_counter() - self.started
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "partial": asdict(self.partial) if self.partial else None,
+            "history": self.history,
+            "seconds": self.elapsed(),
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.partial = EpochStats(**state["partial"]) if state["partial"] else None
+        self.history = list(state["history"])
+        self.seconds_before = state["seconds"]
+
+    def save(self) -> None:
+        if self.checkpoint is not None:
+            save_checkpoint(self.checkpoint, {"loop": self.state(), **self.owner_state()})
 
     def run(
         self,
@@ -191,43 +232,72 @@ class _Loop:
         spe = steps_per_epoch(self.data.train, self.s.batch_size)
         while self.step < end:
             count = min(spe, end - self.step)
-            stats = train_steps(
-                self.model,
-                optimizer_ref,
-                self.data.train,
-                steps=count,
-                batch_size=self.s.batch_size,
-                generator=torch.Generator().manual_seed(self.s.seed * 100_003 + self.epoch),
-                device=self.device,
-                schedule=self.schedule,
-                first_step=self.step,
-                label_smoothing=self.s.label_smoothing,
-                amp=self.s.amp,
-                channels_last=self.channels_last,
-                scaler=self.scaler,
-                progress=progress,
-                description=f"{label} ep{self.epoch + 1}",
-                **hooks,
-            )
+            try:
+                stats = train_steps(
+                    self.model,
+                    optimizer_ref,
+                    self.data.train,
+                    steps=count,
+                    batch_size=self.s.batch_size,
+                    generator=torch.Generator().manual_seed(self.s.seed * 100_003 + self.epoch),
+                    device=self.device,
+                    schedule=self.schedule,
+                    first_step=self.step,
+                    label_smoothing=self.s.label_smoothing,
+                    amp=self.s.amp,
+                    channels_last=self.channels_last,
+                    scaler=self.scaler,
+                    resume=self.partial,
+                    should_stop=self.should_stop,
+                    progress=progress,
+                    description=f"{label} ep{self.epoch + 1}",
+                    **hooks,
+                )
+            except FloatingPointError as exc:
+                kept = (
+                    f"; the last good checkpoint is {self.checkpoint}"
+                    if self.checkpoint is not None and self.checkpoint.is_file()
+                    else ""
+                )
+                raise TrainingDiverged(
+                    f"training diverged in phase {phase} ({exc}): the perturbation radius "
+                    f"(--rho/--rho-max) or the learning rate (--lr) is probably too large{kept}"
+                ) from exc
+            if stats.steps < count:
+                self.partial = stats
+                self.save()
+                raise RunInterrupted(self.checkpoint)
+            self.partial = None
             self.step += count
             self.epoch += 1
             val = evaluate(
                 self.model, self.data.val, device=self.device, channels_last=self.channels_last
             )
-            log(
-                {
-                    "phase": phase,
-                    "epoch": self.epoch,
-                    "step": self.step,
-                    "lr": self.schedule.lr_at(self.step - 1),
-                    "train_loss": stats.loss,
-                    "train_accuracy": stats.accuracy,
-                    "images_per_second": stats.images_per_second,
-                    "val_accuracy": val,
-                    **extra(),
-                    "seconds": self.elapsed(),
-                }
-            )
+            record = {
+                "phase": phase,
+                "epoch": self.epoch,
+                "step": self.step,
+                "lr": self.schedule.lr_at(self.step - 1),
+                "train_loss": stats.loss,
+                "train_accuracy": stats.accuracy,
+                "images_per_second": stats.images_per_second,
+                "val_accuracy": val,
+                **extra(),
+                "seconds": self.elapsed(),
+            }
+            self.history.append(record)
+            self.save()
+            log(record)
+
+
+def _replay_pruning(model: nn.Module, history: list[list[Any]], example: torch.Tensor) -> None:
+    """Apply a recorded pruning history to an unpruned copy of the same model."""
+    if history:
+        was_training = model.training
+        model.eval()
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+        graph.load_pruning_history(history)
+        model.train(was_training)
 
 
 class _Run:
@@ -240,8 +310,10 @@ class _Run:
         settings: PruneSettings,
         ignored_layers: Sequence[nn.Module] | None,
         log: Callable[[dict[str, Any]], None],
+        checkpoint: Path | None = None,
     ) -> None:
         self.s = settings
+        self.checkpoint = checkpoint
         self.data = data
         self.log = log
         self.device = resolve_device(settings.device)
@@ -288,6 +360,52 @@ class _Run:
             torch.amp.GradScaler("cuda") if settings.amp and self.device.type == "cuda" else None
         )
         self.taylor = self._new_taylor()
+        self.loop = _Loop(
+            self.model,
+            data,
+            settings,
+            self.device,
+            self.channels_last,
+            self.schedule,
+            self.scaler,
+            checkpoint=checkpoint,
+            owner_state=self.state,
+        )
+        if checkpoint is not None and checkpoint.is_file():
+            self.restore(load_checkpoint(checkpoint))
+
+    def state(self) -> dict[str, Any]:
+        """Everything besides the loop's counters that a resumed run needs."""
+        radii = getattr(self.optimizer, "neuron_radii", None)
+        return {
+            "settings": _comparable(self.s),
+            "model": self.model.state_dict(),
+            "optimizer": named_optimizer_state(self.model, self.optimizer),
+            "kind": self.kind,
+            "pruning_history": self.pruning_history,
+            "radii": radii,
+            "taylor": None if self.taylor is None else [self.taylor.total, self.taylor.batches],
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        if state["settings"] != _comparable(self.s):
+            raise UserError(
+                f"{self.checkpoint} was written with other settings: resume with the run's "
+                "own config, or delete the checkpoint to start afresh"
+            )
+        self.pruning_history = state["pruning_history"]
+        _replay_pruning(self.model, self.pruning_history, self.example)
+        self.model.load_state_dict(state["model"])
+        prepare_model(self.model, self.device, self.channels_last)
+        self.layout = NeuronLayout(self.model, self.example, self.ignored)
+        self.size = measure_size(self.model, self.example)
+        self._replace_optimizer(state["kind"], state["optimizer"])
+        self.taylor = self._new_taylor()
+        if self.taylor is not None and state["taylor"] is not None:
+            self.taylor.total, self.taylor.batches = state["taylor"]
+        if isinstance(self.optimizer, AdaSAP) and state["radii"] is not None:
+            self.optimizer.set_radii(self.layout.ownership(), state["radii"])
+        self.loop.restore(state["loop"])
 
     @property
     def channels_last(self) -> bool:
@@ -335,8 +453,10 @@ class _Run:
         )
         self.optimizer.set_radii(self.layout.ownership(), radii)
 
-    def _rebuild_optimizer(self, kind: OptimizerKind, kept: dict | None = None) -> None:
-        state = named_optimizer_state(self.model, self.optimizer)
+    def _replace_optimizer(
+        self, kind: OptimizerKind, state: dict[str, Any], kept: dict | None = None
+    ) -> None:
+        """A new optimizer of ``kind`` for the current parameters, with the old momentum."""
         self.kind = kind
         self.optimizer = make_optimizer(self.model, kind, self.s.optimizer)
         transfer_optimizer_state(state, kept or {}, self.model, self.optimizer)
@@ -359,14 +479,15 @@ class _Run:
         prepare_model(self.model, self.device, self.channels_last)
         self.layout = NeuronLayout(self.model, self.example, self.ignored)
         self.size = measure_size(self.model, self.example)
-        self.optimizer = make_optimizer(self.model, self.kind, self.s.optimizer)
-        transfer_optimizer_state(state, kept, self.model, self.optimizer)
+        self._replace_optimizer(self.kind, state, kept)
         self.taylor = self._new_taylor()
         self._refresh_radii()
 
     def before_step(self, step: int) -> None:
         if step == self.finetune_start and self.kind != self.kinds[1]:
-            self._rebuild_optimizer(self.kinds[1])
+            self._replace_optimizer(
+                self.kinds[1], named_optimizer_state(self.model, self.optimizer)
+            )
         if step in self.prune_at:
             self._prune(self.prune_at[step])
         elif isinstance(self.optimizer, AdaSAP) and step % self.s.score_refresh == 0:
@@ -377,26 +498,21 @@ class _Run:
         return f"size {fraction:.2f}"
 
     def execute(self) -> PruneResult:
-        loop = _Loop(
-            self.model,
-            self.data,
-            self.s,
-            self.device,
-            self.channels_last,
-            self.schedule,
-            self.scaler,
-        )
-        self._refresh_radii()
-        history: list[dict[str, Any]] = []
+        loop = self.loop
+        if loop.step == 0 and loop.partial is None:
+            self._refresh_radii()
+        for record in loop.history:  # a resumed run reports its earlier epochs too
+            self.log(record)
         phase_ends = [sum(self.phase_steps[: i + 1]) for i in range(3)]
-        with progress_bar(disable=not self.s.progress) as progress:
+        with stop_requests() as should_stop, progress_bar(disable=not self.s.progress) as bar:
+            loop.should_stop = should_stop
             for phase, end in zip(PHASES, phase_ends, strict=True):
                 loop.run(
-                    progress,
+                    bar,
                     phase,
                     end,
                     lambda: self.optimizer,
-                    lambda record: (history.append(record), self.log(record)),
+                    self.log,
                     lambda: {
                         "optimizer": self.kind,
                         "params": self.size.params,
@@ -408,6 +524,7 @@ class _Run:
                     size_label=self.size_label,
                 )
         self.model.eval()
+        history = loop.history
         return PruneResult(
             model=self.model,
             dense_size=self.dense,
@@ -422,6 +539,13 @@ class _Run:
     def taylor_hook(self) -> None:
         if self.taylor is not None:
             self.taylor.accumulate()
+
+
+def _comparable(settings: PruneSettings) -> dict[str, Any]:
+    """The settings that must match for a checkpoint to be resumed (display ones excluded)."""
+    values = settings.to_dict()
+    values.pop("progress")
+    return values
 
 
 def _example_batches(images_set, device: torch.device):
@@ -453,6 +577,7 @@ def prune(
     *,
     ignored_layers: Sequence[nn.Module] | None = None,
     log: Callable[[dict[str, Any]], None] | None = None,
+    checkpoint_dir: str | Path | None = None,
     **overrides: Any,
 ) -> PruneResult:
     """Prune a dense model with AdaSAP (or a baseline) and return the smaller model.
@@ -465,13 +590,16 @@ def prune(
             e.g. ``prune(model, data, method="sgd", keep=0.3)``.
         ignored_layers: modules whose outputs are never pruned; by default the classifier.
         log: called with one dict per epoch (phase, losses, accuracies, size, speed).
+        checkpoint_dir: save a checkpoint there after every epoch and on SIGINT/SIGTERM; a
+            checkpoint found there is resumed (with the same settings and dense model).
 
     Returns:
         A :class:`PruneResult` with the pruned model, its measured size, per-epoch history and
         the pruning history (to replay the pruning on a fresh copy of the base model).
     """
     settings = with_overrides(settings or PruneSettings(), overrides).validate()
-    run = _Run(model, data, settings, ignored_layers, log or (lambda record: None))
+    checkpoint = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
+    run = _Run(model, data, settings, ignored_layers, log or (lambda record: None), checkpoint)
     return run.execute()
 
 
@@ -490,16 +618,19 @@ def train(
     epochs: float = 10.0,
     settings: PruneSettings | None = None,
     log: Callable[[dict[str, Any]], None] | None = None,
+    checkpoint_dir: str | Path | None = None,
     **overrides: Any,
 ) -> TrainResult:
     """Train a dense model with SGD: the starting point that :func:`prune` takes.
 
     It uses the same loop, schedule and settings as pruning (lr, batch size, label smoothing,
     seed, device ...), so a dense model and its pruned versions are trained alike.
+    ``checkpoint_dir`` works as for :func:`prune`.
     """
     s = with_overrides(settings or PruneSettings(), overrides).validate()
     if epochs <= 0:
         raise UserError(f"epochs must be > 0, got {epochs}")
+    log = log or (lambda record: None)
     device = resolve_device(s.device)
     channels_last = s.channels_last and device.type == "cpu"
     torch.manual_seed(s.seed)
@@ -509,17 +640,37 @@ def train(
     total = round(epochs * spe)
     schedule = CosineSchedule(s.optimizer.lr, total, round(s.lr_warmup_epochs * spe))
     scaler = torch.amp.GradScaler("cuda") if s.amp and device.type == "cuda" else None
-    loop = _Loop(model, data, s, device, channels_last, schedule, scaler)
-    history: list[dict[str, Any]] = []
-    with progress_bar(disable=not s.progress) as progress:
-        loop.run(
-            progress,
-            "dense",
-            total,
-            lambda: optimizer,
-            lambda record: (history.append(record), (log or (lambda r: None))(record)),
-            dict,
-            label="dense",
-        )
+    identity = {"settings": _comparable(s), "epochs": epochs}
+    checkpoint = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
+    loop = _Loop(
+        model,
+        data,
+        s,
+        device,
+        channels_last,
+        schedule,
+        scaler,
+        checkpoint=checkpoint,
+        owner_state=lambda: {
+            **identity,
+            "model": model.state_dict(),
+            "optimizer": named_optimizer_state(model, optimizer),
+        },
+    )
+    if checkpoint is not None and checkpoint.is_file():
+        state = load_checkpoint(checkpoint)
+        if {k: state.get(k) for k in identity} != identity:
+            raise UserError(
+                f"{checkpoint} was written with other settings: delete it to train afresh"
+            )
+        model.load_state_dict(state["model"])
+        transfer_optimizer_state(state["optimizer"], {}, model, optimizer)
+        loop.restore(state["loop"])
+        for record in loop.history:
+            log(record)
+    with stop_requests() as should_stop, progress_bar(disable=not s.progress) as bar:
+        loop.should_stop = should_stop
+        loop.run(bar, "dense", total, lambda: optimizer, log, dict, label="dense")
     model.eval()
+    history = loop.history
     return TrainResult(model, history, loop.elapsed(), history[-1]["val_accuracy"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable
@@ -117,10 +118,21 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 @dataclass
 class EpochStats:
-    loss: float
-    accuracy: float
-    images: int
-    seconds: float
+    """Running sums over the steps of one epoch (so a partial epoch can be resumed)."""
+
+    steps: int = 0
+    images: int = 0
+    loss_sum: float = 0.0
+    correct: int = 0
+    seconds: float = 0.0
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.images, 1)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(self.images, 1)
 
     @property
     def images_per_second(self) -> float:
@@ -150,23 +162,28 @@ def train_steps(
     amp: bool = True,
     channels_last: bool = True,
     scaler: torch.amp.GradScaler | None = None,
+    resume: EpochStats | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
     before_step: Callable[[int], None] | None = None,
     after_first_backward: Callable[[], None] | None = None,
     progress: Progress | None = None,
     description: str = "train",
     size_label: Callable[[], str] = lambda: "",
 ) -> EpochStats:
-    """Run ``steps`` optimisation steps (at most one pass over ``images_set``).
+    """Run the first ``steps`` batches of one epoch (the epoch's order comes from ``generator``).
 
-    ``optimizer_ref`` is called at every step because pruning (done in ``before_step``)
-    replaces the optimizer. ``after_first_backward`` sees the gradients at the unperturbed
-    weights, which is where Taylor scores are accumulated.
+    ``first_step`` is the global step of the epoch's first batch. With ``resume`` (the stats
+    of an interrupted epoch) the batches already done are drawn again, keeping the generator
+    in step, but not trained on. Returns early, with ``stats.steps < steps``, when
+    ``should_stop()`` turns true. ``optimizer_ref`` is called at every step because pruning
+    (done in ``before_step``) replaces the optimizer; ``after_first_backward`` sees the
+    gradients at the unperturbed weights, where Taylor scores are accumulated.
     """
     criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     model.train()
-    total_loss = torch.zeros((), device=device)
+    stats = copy.copy(resume) if resume is not None else EpochStats()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = 0
     start = time.perf_counter()
     task = progress.add_task(description, total=steps, stats="") if progress else None
     iterator = batches(
@@ -179,8 +196,11 @@ def train_steps(
         drop_last=True,
         memory_format=torch.channels_last if channels_last else torch.contiguous_format,
     )
+    done_before = stats.steps
     for index, (x, y) in enumerate(iterator):
-        if index >= steps:
+        if index < done_before:
+            continue
+        if index >= steps or should_stop():
             break
         step = first_step + index
         if before_step is not None:
@@ -205,25 +225,27 @@ def train_steps(
         )
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}")
-        total_loss += loss * len(y)
+        loss_sum += loss.double() * len(y)
         correct += (outputs[0].argmax(1) == y).sum()
-        seen += len(y)
+        stats.steps += 1
+        stats.images += len(y)
         if progress is not None and (index % 10 == 0 or index == steps - 1):
-            elapsed = time.perf_counter() - start
+            elapsed = stats.seconds + time.perf_counter() - start
             progress.update(
                 task,
                 completed=index + 1,
                 stats=(
-                    f"loss {total_loss.item() / seen:.3f} acc {correct.item() / seen:.3f} "
-                    f"{seen / elapsed:.0f} img/s {size_label()}"
+                    f"loss {(stats.loss_sum + loss_sum.item()) / stats.images:.3f} "
+                    f"acc {(stats.correct + correct.item()) / stats.images:.3f} "
+                    f"{stats.images / elapsed:.0f} img/s {size_label()}"
                 ),
             )
     if progress is not None:
-        progress.update(task, completed=steps)
-    seconds = time.perf_counter() - start
-    return EpochStats(
-        total_loss.item() / max(seen, 1), correct.item() / max(seen, 1), seen, seconds
-    )
+        progress.update(task, completed=stats.steps)
+    stats.loss_sum += loss_sum.item()
+    stats.correct += int(correct.item())
+    stats.seconds += time.perf_counter() - start
+    return stats
 
 
 def steps_per_epoch(images_set, batch_size: int) -> int:

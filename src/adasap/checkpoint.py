@@ -1,0 +1,64 @@
+"""Checkpoints that survive ``kill -9``, and the ways a run stops early."""
+
+from __future__ import annotations
+
+import contextlib
+import pickle
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adasap.errors import UserError
+from adasap.io import atomic_write
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+class RunInterrupted(Exception):
+    """SIGINT or SIGTERM arrived; the state at the last finished step is saved."""
+
+    def __init__(self, checkpoint: Path | None) -> None:
+        where = f"; the checkpoint is {checkpoint}" if checkpoint else ""
+        super().__init__(f"interrupted{where}")
+        self.checkpoint = checkpoint
+
+
+class TrainingDiverged(UserError):
+    """A non-finite loss: the run stops, and the last good checkpoint is kept."""
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` atomically (temp file, fsync, rename): a kill leaves the old one."""
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True``: tensors and plain data, never code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, OSError) as exc:
+        reason = " ".join(str(exc).split())[:160]
+        raise UserError(
+            f"checkpoint {path} cannot be read ({reason}): delete it to start that part afresh"
+        ) from exc
+
+
+@contextlib.contextmanager
+def stop_requests() -> Iterator[Callable[[], bool]]:
+    """While active, SIGINT/SIGTERM only raise a flag that the training loop polls."""
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield requested.is_set
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, lambda _signum, _frame: requested.set())
+    try:
+        yield requested.is_set
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,123 @@
+import contextlib
+
+import pytest
+import torch
+
+import adasap.pipeline as pipeline
+from adasap.checkpoint import CHECKPOINT_FILE, RunInterrupted, TrainingDiverged
+from adasap.data import load_dataset
+from adasap.errors import UserError
+from adasap.models import build_model
+from adasap.pipeline import prune, train
+
+FAST = dict(
+    warmup_epochs=1,
+    prune_epochs=1,
+    finetune_epochs=1,
+    prune_steps=2,
+    batch_size=20,
+    progress=False,
+)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_dataset(
+        "synthetic", num_train=100, num_test=20, image_size=10, channels=1, num_classes=3
+    )
+
+
+@pytest.fixture(scope="module")
+def dense(data):
+    torch.manual_seed(0)
+    s = data.spec
+    return build_model(
+        "resnet20",
+        num_classes=s.num_classes,
+        in_channels=s.channels,
+        image_size=s.image_size,
+        mean=s.mean,
+        std=s.std,
+    )
+
+
+def stop_after(monkeypatch, steps):
+    """Make the training loop see a stop request (as from SIGTERM) after ``steps`` steps."""
+    calls = {"n": 0}
+
+    def should_stop():
+        calls["n"] += 1
+        return calls["n"] > steps
+
+    @contextlib.contextmanager
+    def fake_stop_requests():
+        yield should_stop
+
+    monkeypatch.setattr(pipeline, "stop_requests", fake_stop_requests)
+
+
+def comparable(history):
+    return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_second")}
+            for r in history]  # fmt: skip
+
+
+def assert_same_weights(a, b):
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name
+
+
+# 4 steps per epoch: stops in the warm-up, in the removal phase (after the first pruning
+# step), and in the fine-tuning phase.
+@pytest.mark.parametrize("stop_at", [2, 5, 10])
+@pytest.mark.parametrize("method,criterion", [("adasap", "taylor"), ("sgd", "magnitude")])
+def test_resumed_prune_equals_uninterrupted(
+    tmp_path, monkeypatch, data, dense, stop_at, method, criterion
+):
+    reference = prune(dense, data, method=method, criterion=criterion, **FAST)
+    with monkeypatch.context() as patch:
+        stop_after(patch, stop_at)
+        with pytest.raises(RunInterrupted):
+            prune(dense, data, method=method, criterion=criterion, checkpoint_dir=tmp_path,
+                  **FAST)  # fmt: skip
+    assert (tmp_path / CHECKPOINT_FILE).is_file()
+    logged = []
+    resumed = prune(dense, data, method=method, criterion=criterion, checkpoint_dir=tmp_path,
+                    log=logged.append, **FAST)  # fmt: skip
+    assert_same_weights(resumed.model, reference.model)
+    assert comparable(resumed.history) == comparable(reference.history)
+    assert comparable(logged) == comparable(reference.history)
+    assert resumed.pruning_history == reference.pruning_history
+
+
+def test_resumed_dense_training_equals_uninterrupted(tmp_path, monkeypatch, data, dense):
+    reference = train(pipeline.copy.deepcopy(dense), data, epochs=2, **FAST)
+    with monkeypatch.context() as patch:
+        stop_after(patch, 6)
+        with pytest.raises(RunInterrupted):
+            train(pipeline.copy.deepcopy(dense), data, epochs=2, checkpoint_dir=tmp_path, **FAST)
+    resumed = train(pipeline.copy.deepcopy(dense), data, epochs=2, checkpoint_dir=tmp_path,
+                    **FAST)  # fmt: skip
+    assert_same_weights(resumed.model, reference.model)
+
+
+def test_checkpoint_with_other_settings_is_refused(tmp_path, monkeypatch, data, dense):
+    with monkeypatch.context() as patch:
+        stop_after(patch, 3)
+        with pytest.raises(RunInterrupted):
+            prune(dense, data, checkpoint_dir=tmp_path, **FAST)
+    with pytest.raises(UserError, match="other settings"):
+        prune(dense, data, checkpoint_dir=tmp_path, **{**FAST, "prune_steps": 3})
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path, data, dense):
+    (tmp_path / CHECKPOINT_FILE).write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="cannot be read"):
+        prune(dense, data, checkpoint_dir=tmp_path, **FAST)
+
+
+def test_divergence_stops_with_step_phase_and_cause(tmp_path, data, dense):
+    with pytest.raises(TrainingDiverged) as info:
+        prune(dense, data, method="sgd", lr=1e6, checkpoint_dir=tmp_path, **FAST)
+    message = str(info.value)
+    assert "diverged in phase warmup" in message and "at step" in message
+    assert "learning rate (--lr) is probably too large" in message
