@@ -1,4 +1,8 @@
 import contextlib
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -121,3 +125,48 @@ def test_divergence_stops_with_step_phase_and_cause(tmp_path, data, dense):
     message = str(info.value)
     assert "diverged in phase warmup" in message and "at step" in message
     assert "learning rate (--lr) is probably too large" in message
+
+
+CLI_RUN = [
+    sys.executable, "-m", "adasap.cli", "run",
+    "--dataset", "synthetic", "--dense-epochs", "1", "--methods", "adasap",
+    "--criterion", "taylor", "--warmup-epochs", "2", "--prune-epochs", "2",
+    "--finetune-epochs", "2", "--prune-steps", "2", "--batch-size", "50",
+    "--corruptions", "none", "--no-progress",
+]  # fmt: skip
+
+
+def wait_for_records(path, count, process, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.is_file() and path.read_text().count("\n") >= count:
+            return
+        assert process.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    raise AssertionError(f"no {count} records in {path}")
+
+
+@pytest.mark.slow
+def test_kill_9_in_each_phase_then_resume_gives_identical_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADASAP_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "runs"
+    subprocess.run([*CLI_RUN, "--out", str(out), "--name", "straight"], check=True,
+                   capture_output=True, timeout=600)  # fmt: skip
+    expected = (out / "straight" / "adasap" / "model.safetensors").read_bytes()
+    # records written before the kill: 1 -> killed in warm-up epoch 2, 3 -> in removal
+    # epoch 2, 5 -> in fine-tuning epoch 2
+    for records in (1, 3, 5):
+        name = f"killed-after-{records}"
+        process = subprocess.Popen(
+            [*CLI_RUN, "--out", str(out), "--name", name],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for_records(out / name / "adasap" / "metrics.jsonl", records, process)
+        time.sleep(0.3)  # into the next epoch
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        subprocess.run([sys.executable, "-m", "adasap.cli", "run", "--resume", str(out / name)],
+                       check=True, capture_output=True, timeout=600)  # fmt: skip
+        resumed = (out / name / "adasap" / "model.safetensors").read_bytes()
+        assert resumed == expected, name

@@ -25,6 +25,7 @@ class RunInterrupted(Exception):
         where = f"; the checkpoint is {checkpoint}" if checkpoint else ""
         super().__init__(f"interrupted{where}")
         self.checkpoint = checkpoint
+        self.run_dir: Path | None = None  # set by the experiment that can be resumed
 
 
 class TrainingDiverged(UserError):

@@ -1,0 +1,168 @@
+"""``adasap`` command line: a thin layer over :mod:`adasap.experiment` and :mod:`adasap.config`.
+
+Flags, YAML files and run directories share one flat key space (``--rho-max`` is ``rho_max``).
+User errors print one line (``error: ...``) and exit with code 2, no traceback; a diverged run
+exits with 3 and an interrupted one with 130, both keeping their checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from adasap.checkpoint import RunInterrupted, TrainingDiverged
+from adasap.config import SCHEMA, from_flat, load_yaml
+from adasap.errors import UserError
+from adasap.experiment import ExperimentConfig, run_experiment
+from adasap.neurons import CRITERIA
+from adasap.pipeline import METHODS
+
+DEFAULTS = ExperimentConfig().to_flat()
+
+# (flag, config key, help); the type comes from the config schema
+RUN_OPTIONS: tuple[tuple[str, str, str], ...] = (
+    ("--dataset", "dataset", "fashion-mnist, mnist, cifar10, cifar100, digits, synthetic or "
+                             "imagefolder:<path>"),
+    ("--data-dir", "data_dir", "where the dataset's files are"),
+    ("--model", "model", "resnet20/32/56 or a torchvision classifier name"),
+    ("--methods", "methods", f"pruning methods to compare: {', '.join(METHODS)}"),
+    ("--criterion", "criterion", f"neuron importance: {', '.join(CRITERIA)}"),
+    ("--keep", "keep", "fraction of the dense size to keep, in (0, 1]"),
+    ("--keep-kind", "keep_kind", "what --keep counts: params or macs"),
+    ("--train-limit", "train_limit", "training images to use ('none' for all)"),
+    ("--test-limit", "test_limit", "test images to use ('none' for all)"),
+    ("--corruption-limit", "corruption_limit", "test images to corrupt ('none' for all)"),
+    ("--corruptions", "corruptions", "all (19 x 5), quick (2 x 5) or none"),
+    ("--dense-epochs", "dense_epochs", "epochs to train the dense model"),
+    ("--dense-lr", "dense_lr", "learning rate of dense training"),
+    ("--warmup-epochs", "warmup_epochs", "phase 1: adaptive warm-up"),
+    ("--prune-epochs", "prune_epochs", "phase 2: neuron removal"),
+    ("--finetune-epochs", "finetune_epochs", "phase 3: uniform sharpness-aware fine-tuning"),
+    ("--prune-steps", "prune_steps", "removal steps spread over phase 2"),
+    ("--batch-size", "batch_size", "training batch size"),
+    ("--lr", "lr", "peak learning rate of the pruning phases"),
+    ("--rho", "rho", "uniform SAM radius (phase 3 and the sam method)"),
+    ("--rho-min", "rho_min", "AdaSAP radius of the most important neurons"),
+    ("--rho-max", "rho_max", "AdaSAP radius of the least important neurons"),
+    ("--normalization", "normalization", "AdaSAP perturbation normalisation: global or neuron"),
+    ("--score-refresh", "score_refresh", "steps between AdaSAP radius updates"),
+    ("--seed", "seed", "random seed"),
+    ("--device", "device", "auto, cpu or cuda[:N]"),
+    ("--out", "out_dir", "parent folder of run directories"),
+    ("--name", "name", "run directory name (default: date-dataset-model)"),
+    ("--cache-dir", "cache_dir", "dense models and corrupted test sets (default ~/.cache/adasap)"),
+)  # fmt: skip
+RUN_SWITCHES: tuple[tuple[str, str, bool, str], ...] = (
+    ("--asam", "asam", True, "scale-invariant (ASAM) perturbations"),
+    ("--overwrite", "overwrite", True, "replace an existing run directory of the same name"),
+    ("--no-progress", "progress", False, "no progress bars"),
+)
+
+
+def _parse_value(key: str):
+    types = SCHEMA[key]
+
+    def parse(text: str) -> Any:
+        if type(None) in types and text.lower() in ("none", "null", "all"):
+            return None
+        for t in (int, float):
+            if t in types:
+                try:
+                    return t(text)
+                except ValueError:
+                    raise argparse.ArgumentTypeError(
+                        f"{text!r} is not {'an integer' if t is int else 'a number'}"
+                    ) from None
+        return text
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="adasap",
+        description="Adaptive Sharpness-Aware Pruning: make vision models small and robust.",
+    )
+    commands = parser.add_subparsers(dest="command")
+    run = commands.add_parser(
+        "run",
+        help="train (or reuse) a dense model, prune it with each method, compare (default job)",
+        description="Options come from the defaults, then CONFIG (YAML), then flags.",
+    )
+    run.add_argument("config", nargs="?", help="YAML file with any of the options below")
+    run.add_argument("--resume", metavar="RUN_DIR",
+                     help="continue an interrupted run from its directory")  # fmt: skip
+    for flag, key, text in RUN_OPTIONS:
+        default = DEFAULTS[key]
+        shown = " ".join(default) if isinstance(default, list) else default
+        run.add_argument(
+            flag,
+            dest=key,
+            default=argparse.SUPPRESS,
+            nargs="+" if key == "methods" else None,
+            type=None if key == "methods" else _parse_value(key),
+            help=f"{text} (default: {shown})",
+        )
+    for flag, key, value, text in RUN_SWITCHES:
+        action = "store_true" if value else "store_false"
+        run.add_argument(flag, dest=key, action=action, default=argparse.SUPPRESS, help=text)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[ExperimentConfig, bool]:
+    """Defaults, then the YAML file or the resumed run's own config, then the flags."""
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume")}
+    values: dict[str, Any] = {}
+    if args.resume:
+        run_dir = Path(args.resume)
+        saved = run_dir / "config.json"
+        if not saved.is_file():
+            raise UserError(f"{run_dir} holds no config.json: pass the directory of an adasap run")
+        values = json.loads(saved.read_text())
+        values.update(out_dir=str(run_dir.parent), name=run_dir.name)
+        changed = sorted(k for k in flags if k != "progress" and flags[k] != values.get(k))
+        if changed:
+            raise UserError(
+                f"--resume continues the run as configured; drop {', '.join(changed)} "
+                "(or start a new run)"
+            )
+    elif args.config:
+        values = load_yaml(args.config)
+    values.update(flags)
+    return from_flat(values), bool(args.resume)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        argv = ["run"]  # the built-in default job
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command != "run":
+        parser.print_help()
+        return 2
+    try:
+        config, resume = config_from_args(args)
+        run_experiment(config, Console(), resume=resume)
+    except TrainingDiverged as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except RunInterrupted as exc:
+        print(f"{exc}; continue with: adasap run --resume {exc.run_dir}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

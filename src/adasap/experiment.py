@@ -1,0 +1,329 @@
+"""The main job: dense model -> pruned by each method -> clean and corruption accuracy -> table.
+
+``run_experiment`` is what ``adasap run`` (and so ``make demo``) does. Everything it needs is
+validated before the run directory is created, so bad input leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from rich.console import Console
+
+from adasap.checkpoint import CHECKPOINT_FILE, RunInterrupted
+from adasap.corruptions import CORRUPTIONS
+from adasap.data import DataBundle, get_spec, load_dataset
+from adasap.errors import UserError
+from adasap.io import atomic_write_json, atomic_write_text
+from adasap.models import build_model
+from adasap.pipeline import PruneSettings, prune, train
+from adasap.pruning import measure_size
+from adasap.reporting import results_markdown, results_table
+from adasap.robustness import evaluate_corruptions
+from adasap.serialization import load_model, save_model
+from adasap.training import evaluate, resolve_device
+
+QUICK_CORRUPTIONS = ("gaussian_noise", "gaussian_blur")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """One comparison of pruning methods on one dataset and model.
+
+    The defaults are the built-in demo: Fashion-MNIST, ResNet-20, keep 50% of the parameters,
+    ``sgd`` (plain prune and fine-tune) against ``adasap``, in a reduced setting that fits
+    15 minutes on a 2-core CPU.
+    """
+
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    model: str = "resnet20"
+    methods: tuple[str, ...] = ("sgd", "adasap")
+    train_limit: int | None = 12000
+    test_limit: int | None = 2000
+    corruption_limit: int | None = 500
+    corruptions: str = "all"
+    dense_epochs: float = 6.0
+    dense_lr: float = 0.1
+    prune: PruneSettings = field(
+        default_factory=lambda: PruneSettings(
+            warmup_epochs=1.0, prune_epochs=1.0, finetune_epochs=2.0, prune_steps=3
+        )
+    )
+    out_dir: str = "runs"
+    name: str | None = None
+    overwrite: bool = False
+    cache_dir: str | None = None
+
+    @property
+    def reduced(self) -> bool:
+        return any(v is not None for v in (self.train_limit, self.test_limit))
+
+    def to_flat(self) -> dict[str, Any]:
+        """One flat mapping, as YAML config files and run directories hold it."""
+        flat = {k: v for k, v in asdict(self).items() if k != "prune"}
+        prune = asdict(self.prune)
+        flat.update({k: v for k, v in prune.items() if k not in ("optimizer", "method")})
+        flat.update(prune["optimizer"])
+        flat["methods"] = list(self.methods)
+        return flat
+
+    def validate(self) -> ExperimentConfig:
+        spec = get_spec(self.dataset)
+        build_model(
+            self.model,
+            num_classes=spec.num_classes,
+            in_channels=spec.channels,
+            image_size=spec.image_size,
+            mean=spec.mean,
+            std=spec.std,
+        )
+        if not self.methods:
+            raise UserError("no methods given: pass e.g. --methods sgd adasap")
+        for method in self.methods:
+            replace(self.prune, method=method).validate()
+        if self.corruptions not in ("all", "quick", "none"):
+            raise UserError(f"corruptions must be all, quick or none, got {self.corruptions!r}")
+        if self.dense_epochs <= 0:
+            raise UserError(f"dense epochs must be > 0, got {self.dense_epochs}")
+        return self
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    if cache_dir:
+        return Path(cache_dir)
+    return Path(os.environ.get("ADASAP_CACHE", Path.home() / ".cache" / "adasap"))
+
+
+def prepare_run_dir(out_dir: str, name: str, overwrite: bool) -> Path:
+    """Create an empty run directory, or fail with a clear message before any work starts."""
+    run_dir = Path(out_dir) / name
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise UserError(
+                f"{run_dir} already exists and is not empty: pass --overwrite or another --name"
+            )
+        shutil.rmtree(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(
+            f"cannot write to {run_dir} ({exc.strerror}): choose a writable --out directory"
+        ) from exc
+    return run_dir
+
+
+def _architecture(config: ExperimentConfig, data: DataBundle) -> dict[str, Any]:
+    spec = data.spec
+    return dict(
+        name=config.model,
+        num_classes=spec.num_classes,
+        in_channels=spec.channels,
+        image_size=spec.image_size,
+        mean=list(spec.mean),
+        std=list(spec.std),
+    )
+
+
+def dense_model(config: ExperimentConfig, data: DataBundle, console: Console):
+    """Train the dense starting model, or reuse the cached one trained with the same recipe."""
+    architecture = _architecture(config, data)
+    s = config.prune
+    recipe = dict(
+        architecture=architecture,
+        dataset=config.dataset,
+        train_limit=config.train_limit,
+        epochs=config.dense_epochs,
+        lr=config.dense_lr,
+        batch_size=s.batch_size,
+        label_smoothing=s.label_smoothing,
+        seed=s.seed,
+    )
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+    directory = cache_root(config.cache_dir) / "dense" / f"{config.dataset}-{config.model}-{key}"
+    if (directory / "model.json").is_file():
+        try:
+            model = load_model(directory)
+            console.print(f"dense model: reusing {directory}")
+            return model, json.loads((directory / "model.json").read_text()).get("train", {})
+        except UserError as exc:
+            console.print(f"[yellow]dense cache unusable ({exc}); training again[/yellow]")
+    console.print(f"dense model: training {config.model} for {config.dense_epochs} epochs")
+    torch.manual_seed(s.seed)
+    model = build_model(**architecture)
+    result = train(
+        model,
+        data,
+        epochs=config.dense_epochs,
+        settings=s,
+        lr=config.dense_lr,
+        checkpoint_dir=directory,
+    )
+    info = {"seconds": result.seconds, "val_accuracy": result.val_accuracy, "recipe": recipe}
+    save_model(directory, result.model.cpu(), architecture, extra={"train": info})
+    (directory / CHECKPOINT_FILE).unlink(missing_ok=True)
+    return result.model, info
+
+
+def _corruption_names(config: ExperimentConfig) -> tuple[str, ...] | None:
+    return {"all": tuple(CORRUPTIONS), "quick": QUICK_CORRUPTIONS, "none": None}[config.corruptions]
+
+
+def evaluate_model(
+    model, data: DataBundle, config: ExperimentConfig, out_dir: Path, label: str
+) -> dict[str, Any]:
+    """Clean test accuracy, and accuracy on the corrupted test images (rendered once, cached)."""
+    device = resolve_device(config.prune.device)
+    model.to(device).eval()
+    row: dict[str, Any] = {"clean_accuracy": evaluate(model, data.test, device=device)}
+    names = _corruption_names(config)
+    if names is None:
+        return row
+    subset = data.test
+    if config.corruption_limit is not None and config.corruption_limit < len(subset):
+        subset = subset.subset(torch.arange(config.corruption_limit))
+    report = evaluate_corruptions(
+        model,
+        subset.float_images(),
+        subset.labels,
+        corruptions=names,
+        dataset_key=f"{config.dataset}-test{len(data.test)}-n{len(subset)}",
+        device=device,
+        seed=config.prune.seed,
+        cache_dir=cache_root(config.cache_dir) / "corruptions",
+        progress=config.prune.progress,
+    )
+    report.save(out_dir / label)
+    row.update(
+        corruption_accuracy=report.corruption_accuracy,
+        extra_accuracy=report.extra_accuracy,
+        relative_robustness=report.relative_robustness,
+        corruption_source=report.source,
+    )
+    return row
+
+
+def run_experiment(
+    config: ExperimentConfig, console: Console | None = None, resume: bool = False
+) -> Path:
+    """Run the comparison and write ``results.md``/``results.json`` in the run directory.
+
+    With ``resume`` the run directory ``out_dir/name`` must exist: finished methods are kept,
+    an interrupted one continues from its checkpoint, and the dense model comes from the cache
+    (or its own checkpoint).
+    """
+    console = console or Console()
+    config = config.validate()
+    resolve_device(config.prune.device)
+    data = load_dataset(
+        config.dataset,
+        data_dir=config.data_dir,
+        seed=config.prune.seed,
+        train_limit=config.train_limit,
+        test_limit=config.test_limit,
+    )
+    if resume:
+        run_dir = Path(config.out_dir) / str(config.name)
+        if not run_dir.is_dir():
+            raise UserError(f"{run_dir} does not exist: there is nothing to resume")
+    else:
+        name = config.name or time.strftime("%Y%m%d-%H%M%S") + f"-{config.dataset}-{config.model}"
+        config = replace(config, name=name)
+        run_dir = prepare_run_dir(config.out_dir, name, config.overwrite)
+        atomic_write_json(run_dir / "config.json", config.to_flat())
+        atomic_write_text(
+            run_dir / "config.yaml", yaml.safe_dump(config.to_flat(), sort_keys=False)
+        )
+    if config.reduced:
+        console.print(
+            f"[bold yellow]Reduced setting[/bold yellow]: {len(data.train)} training images, "
+            f"{len(data.test)} test images"
+            + (f" ({config.corruption_limit} for corruptions)" if config.corruption_limit else "")
+            + "; numbers are for a quick comparison, not for publication."
+        )
+    try:
+        rows = _rows(config, data, run_dir, console)
+    except RunInterrupted as exc:
+        exc.run_dir = run_dir
+        raise
+    results = {"config": config.to_flat(), "machine": _machine(), "rows": rows}
+    atomic_write_json(run_dir / "results.json", results)
+    atomic_write_text(run_dir / "results.md", results_markdown(rows, config.reduced))
+    console.print(results_table(rows))
+    console.print(f"results: {run_dir / 'results.md'}")
+    return run_dir
+
+
+def _rows(config: ExperimentConfig, data: DataBundle, run_dir: Path, console) -> list[dict]:
+    dense, dense_info = dense_model(config, data, console)
+    example = data.test.float_images()[:2]
+    dense_size = measure_size(dense.cpu(), example)
+    rows = [
+        {
+            "method": "dense",
+            **evaluate_model(dense, data, config, run_dir, "dense"),
+            "params": dense_size.params,
+            "macs": dense_size.macs,
+            "seconds": dense_info.get("seconds"),
+        }
+    ]
+    for method in config.methods:
+        rows.append(_pruned_row(method, dense, data, config, run_dir, console))
+    return rows
+
+
+def _pruned_row(
+    method: str, dense, data: DataBundle, config: ExperimentConfig, run_dir: Path, console
+) -> dict[str, Any]:
+    """Prune with ``method`` and evaluate, or reuse the summary of an earlier finished run."""
+    method_dir = run_dir / method
+    summary = method_dir / "summary.json"
+    if summary.is_file():
+        console.print(f"[bold]{method}[/bold]: finished earlier, reusing {summary}")
+        row = json.loads(summary.read_text())
+        row.pop("history", None)
+        return row
+    console.print(
+        f"[bold]{method}[/bold]: pruning to keep {config.prune.keep:.0%} of the "
+        f"{config.prune.keep_kind}"
+    )
+    method_dir.mkdir(parents=True, exist_ok=True)
+    with open(method_dir / "metrics.jsonl", "w") as metrics:
+
+        def log(record: dict[str, Any]) -> None:
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+
+        result = prune(
+            dense, data, replace(config.prune, method=method), log=log, checkpoint_dir=method_dir
+        )
+    model = result.model.cpu()
+    save_model(method_dir, model, _architecture(config, data), result.pruning_history)
+    row = {"method": method, **evaluate_model(model, data, config, run_dir, method)}
+    row.update(params=result.size.params, macs=result.size.macs, seconds=result.seconds)
+    atomic_write_json(summary, {**row, "history": result.history})
+    (method_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+    return row
+
+
+def _machine() -> dict[str, Any]:
+    import platform
+
+    return {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }

@@ -1,0 +1,182 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from adasap.cli import main
+
+TINY = [
+    "--dataset", "synthetic",
+    "--model", "resnet20",
+    "--dense-epochs", "1",
+    "--warmup-epochs", "0.5",
+    "--prune-epochs", "1",
+    "--finetune-epochs", "0.5",
+    "--prune-steps", "2",
+    "--batch-size", "50",
+    "--corruption-limit", "20",
+    "--corruptions", "quick",
+    "--no-progress",
+]  # fmt: skip
+
+
+@pytest.fixture
+def isolated(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADASAP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("ADASAP_DATA", raising=False)
+    return tmp_path
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--dataset", "fmnist"], "unknown dataset 'fmnist'"),
+        (["--model", "resnet7"], "unknown model 'resnet7'"),
+        (["--methods", "sgd", "magic"], "unknown method 'magic'"),
+        (["--criterion", "hessian"], "unknown criterion 'hessian'"),
+        (["--keep", "0"], "keep fraction must be in (0, 1]"),
+        (["--keep", "1.5"], "keep fraction must be in (0, 1]"),
+        (["--keep-kind", "flops"], "keep kind"),
+        (["--corruptions", "some"], "corruptions must be"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_no_run_dir(isolated, capsys, args, message):
+    out = isolated / "runs"
+    code, _, err = run_cli(["run", *TINY, *args, "--out", str(out)], capsys)
+    assert code == 2
+    assert err.startswith("error: ") and message in err
+    assert len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_data_dir_without_files_names_them(isolated, capsys):
+    empty = isolated / "empty"
+    empty.mkdir()
+    args = ["run", "--dataset", "fashion-mnist", "--data-dir", str(empty),
+            "--out", str(isolated / "runs")]  # fmt: skip
+    code, _, err = run_cli(args, capsys)
+    assert code == 2
+    assert "train-images-idx3-ubyte" in err and str(empty) in err
+    assert not (isolated / "runs").exists()
+
+
+def test_unwritable_output_directory(isolated, capsys):
+    blocker = isolated / "file"
+    blocker.write_text("not a directory")
+    code, _, err = run_cli(["run", *TINY, "--out", str(blocker / "runs")], capsys)
+    assert code == 2
+    assert "cannot write to" in err and "--out" in err
+
+
+def test_existing_run_directory_needs_overwrite(isolated, capsys):
+    existing = isolated / "runs" / "mine"
+    existing.mkdir(parents=True)
+    (existing / "results.md").write_text("earlier results")
+    code, _, err = run_cli(
+        ["run", *TINY, "--out", str(isolated / "runs"), "--name", "mine"], capsys
+    )
+    assert code == 2 and "--overwrite" in err
+    assert (existing / "results.md").read_text() == "earlier results"
+
+
+def test_bad_input_has_no_traceback_in_a_real_process(isolated):
+    result = subprocess.run(
+        [sys.executable, "-m", "adasap.cli", "run", "--keep", "2"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert (
+        result.stderr.strip() == "error: keep fraction must be in (0, 1], got 2.0: e.g. --keep 0.5"
+    )
+
+
+def test_run_end_to_end_writes_table_and_models(isolated, capsys):
+    out = isolated / "runs"
+    code, stdout, err = run_cli(["run", *TINY, "--out", str(out), "--name", "demo"], capsys)
+    assert code == 0, err
+    run_dir = out / "demo"
+    results = json.loads((run_dir / "results.json").read_text())
+    methods = [row["method"] for row in results["rows"]]
+    assert methods == ["dense", "sgd", "adasap"]
+    dense, *pruned = results["rows"]
+    for row in pruned:
+        assert 0.48 <= row["params"] / dense["params"] <= 0.505
+        assert 0.0 <= row["clean_accuracy"] <= 1.0
+        assert 0.0 <= row["corruption_accuracy"] <= 1.0
+        assert (run_dir / row["method"] / "model.safetensors").is_file()
+        assert (run_dir / row["method"] / "metrics.jsonl").read_text().count("\n") == 3
+    table = (run_dir / "results.md").read_text()
+    assert "| method | params | MACs | clean acc | corrupted acc | extra corr. acc |" in table
+    assert "adasap results" in stdout and "results.md" in stdout.replace("\n", "")
+    # the dense model is cached: a second run reuses it
+    code, stdout, _ = run_cli(["run", *TINY, "--out", str(out), "--name", "again",
+                               "--methods", "sgd"], capsys)  # fmt: skip
+    assert code == 0 and "reusing" in stdout
+
+
+def test_yaml_config_with_flag_override(isolated, capsys):
+    config = isolated / "exp.yaml"
+    config.write_text("methods: [sgd]\nkeep: 0.7\ndense_epochs: 1\ncorruptions: none\n")
+    out = isolated / "runs"
+    args = ["run", str(config), *TINY, "--corruptions", "none", "--keep", "0.6",
+            "--out", str(out), "--name", "yaml"]  # fmt: skip
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    saved = json.loads((out / "yaml" / "config.json").read_text())
+    assert saved["keep"] == 0.6 and saved["methods"] == ["sgd"]
+    # the saved config reproduces the run
+    assert "keep: 0.6" in (out / "yaml" / "config.yaml").read_text()
+
+
+def test_yaml_config_with_unknown_key(isolated, capsys):
+    config = isolated / "exp.yaml"
+    config.write_text("kep: 0.5\n")
+    code, _, err = run_cli(["run", str(config), "--out", str(isolated / "runs")], capsys)
+    assert code == 2 and "unknown config key(s) 'kep'" in err
+    assert not (isolated / "runs").exists()
+
+
+def test_interrupted_run_resumes_to_identical_models(isolated, capsys, monkeypatch):
+    import contextlib
+
+    import adasap.pipeline as pipeline
+
+    out = isolated / "runs"
+    base = ["run", *TINY, "--corruptions", "none", "--out", str(out)]
+    assert run_cli([*base, "--name", "straight"], capsys)[0] == 0
+
+    calls = {"n": 0}
+
+    def should_stop():
+        calls["n"] += 1
+        return calls["n"] > 40  # the dense model is cached: this stops inside `adasap`
+
+    @contextlib.contextmanager
+    def fake_stop_requests():
+        yield should_stop
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "stop_requests", fake_stop_requests)
+        code, _, err = run_cli([*base, "--name", "split"], capsys)
+    assert code == 130 and f"adasap run --resume {out / 'split'}" in err
+    assert (out / "split" / "sgd" / "summary.json").is_file()
+    assert (out / "split" / "adasap" / "checkpoint.pt").is_file()
+
+    code, _, err = run_cli(["run", "--resume", str(out / "split"), "--keep", "0.3"], capsys)
+    assert code == 2 and "drop keep" in err
+    code, stdout, err = run_cli(["run", "--resume", str(out / "split")], capsys)
+    assert code == 0, err
+    assert "finished earlier" in stdout
+    for method in ("sgd", "adasap"):
+        a = (out / "straight" / method / "model.safetensors").read_bytes()
+        b = (out / "split" / method / "model.safetensors").read_bytes()
+        assert a == b, method
+    assert not (out / "split" / "adasap" / "checkpoint.pt").exists()
