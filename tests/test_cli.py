@@ -180,3 +180,15 @@ def test_interrupted_run_resumes_to_identical_models(isolated, capsys, monkeypat
         b = (out / "split" / method / "model.safetensors").read_bytes()
         assert a == b, method
     assert not (out / "split" / "adasap" / "checkpoint.pt").exists()
+
+
+def test_train_writes_a_loadable_dense_model(isolated, capsys):
+    from adasap.serialization import load_model
+
+    args = ["train", "--dataset", "synthetic", "--dense-epochs", "1", "--batch-size", "50",
+            "--no-progress", "--out", str(isolated / "runs"), "--name", "dense"]  # fmt: skip
+    code, stdout, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert "test accuracy" in stdout
+    model = load_model(isolated / "runs" / "dense" / "dense")
+    assert sum(p.numel() for p in model.parameters()) > 200_000

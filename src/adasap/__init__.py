@@ -1,7 +1,25 @@
 """adasap: Adaptive Sharpness-Aware Pruning for small, robust vision models."""
 
 from adasap.errors import UserError
+from adasap.optim import SAM, AdaSAP, sharpness_aware_step
+from adasap.pipeline import PruneResult, PruneSettings, prune, train
+from adasap.robustness import CorruptionReport, evaluate_corruptions
+from adasap.serialization import load_model, save_model
 
 __version__ = "0.1.0"
 
-__all__ = ["UserError", "__version__"]
+__all__ = [
+    "SAM",
+    "AdaSAP",
+    "CorruptionReport",
+    "PruneResult",
+    "PruneSettings",
+    "UserError",
+    "__version__",
+    "evaluate_corruptions",
+    "load_model",
+    "prune",
+    "save_model",
+    "sharpness_aware_step",
+    "train",
+]

@@ -18,7 +18,7 @@ from rich.console import Console
 from adasap.checkpoint import RunInterrupted, TrainingDiverged
 from adasap.config import SCHEMA, from_flat, load_yaml
 from adasap.errors import UserError
-from adasap.experiment import ExperimentConfig, run_experiment
+from adasap.experiment import ExperimentConfig, run_experiment, train_dense_model
 from adasap.neurons import CRITERIA
 from adasap.pipeline import METHODS
 
@@ -64,6 +64,12 @@ RUN_SWITCHES: tuple[tuple[str, str, bool, str], ...] = (
 )
 
 
+TRAIN_KEYS = {
+    "dataset", "data_dir", "model", "train_limit", "test_limit", "dense_epochs", "dense_lr",
+    "batch_size", "seed", "device", "out_dir", "name", "cache_dir", "overwrite", "progress",
+}  # fmt: skip
+
+
 def _parse_value(key: str):
     types = SCHEMA[key]
 
@@ -97,10 +103,24 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", nargs="?", help="YAML file with any of the options below")
     run.add_argument("--resume", metavar="RUN_DIR",
                      help="continue an interrupted run from its directory")  # fmt: skip
-    for flag, key, text in RUN_OPTIONS:
+    _add_options(run, RUN_OPTIONS, RUN_SWITCHES)
+    train = commands.add_parser(
+        "train", help="train (or reuse the cached) dense model and save it in a run directory"
+    )
+    train.add_argument("config", nargs="?", help="YAML file with any of the options below")
+    _add_options(
+        train,
+        [o for o in RUN_OPTIONS if o[1] in TRAIN_KEYS],
+        [o for o in RUN_SWITCHES if o[1] in TRAIN_KEYS],
+    )
+    return parser
+
+
+def _add_options(parser: argparse.ArgumentParser, options, switches) -> None:
+    for flag, key, text in options:
         default = DEFAULTS[key]
         shown = " ".join(default) if isinstance(default, list) else default
-        run.add_argument(
+        parser.add_argument(
             flag,
             dest=key,
             default=argparse.SUPPRESS,
@@ -108,17 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
             type=None if key == "methods" else _parse_value(key),
             help=f"{text} (default: {shown})",
         )
-    for flag, key, value, text in RUN_SWITCHES:
+    for flag, key, value, text in switches:
         action = "store_true" if value else "store_false"
-        run.add_argument(flag, dest=key, action=action, default=argparse.SUPPRESS, help=text)
-    return parser
+        parser.add_argument(flag, dest=key, action=action, default=argparse.SUPPRESS, help=text)
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[ExperimentConfig, bool]:
     """Defaults, then the YAML file or the resumed run's own config, then the flags."""
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume")}
     values: dict[str, Any] = {}
-    if args.resume:
+    if getattr(args, "resume", None):
         run_dir = Path(args.resume)
         saved = run_dir / "config.json"
         if not saved.is_file():
@@ -134,7 +153,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[ExperimentConfig, bool]:
     elif args.config:
         values = load_yaml(args.config)
     values.update(flags)
-    return from_flat(values), bool(args.resume)
+    return from_flat(values), bool(getattr(args, "resume", None))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,12 +162,15 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["run"]  # the built-in default job
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command != "run":
+    if args.command not in ("run", "train"):
         parser.print_help()
         return 2
     try:
         config, resume = config_from_args(args)
-        run_experiment(config, Console(), resume=resume)
+        if args.command == "train":
+            train_dense_model(config, Console())
+        else:
+            run_experiment(config, Console(), resume=resume)
     except TrainingDiverged as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3

@@ -318,6 +318,29 @@ def _pruned_row(
     return row
 
 
+def train_dense_model(config: ExperimentConfig, console: Console | None = None) -> Path:
+    """``adasap train``: the dense model (trained, or reused from the cache) in a run directory."""
+    console = console or Console()
+    config = config.validate()
+    data = load_dataset(
+        config.dataset,
+        data_dir=config.data_dir,
+        seed=config.prune.seed,
+        train_limit=config.train_limit,
+        test_limit=config.test_limit,
+    )
+    name = config.name or time.strftime("%Y%m%d-%H%M%S") + f"-{config.dataset}-{config.model}-dense"
+    run_dir = prepare_run_dir(config.out_dir, name, config.overwrite)
+    model, info = dense_model(config, data, console)
+    device = resolve_device(config.prune.device)
+    accuracy = evaluate(model.to(device), data.test, device=device)
+    save_model(run_dir / "dense", model.cpu(), _architecture(config, data), extra={"train": info})
+    console.print(
+        f"dense {config.model}: test accuracy {accuracy:.2%}; model in {run_dir / 'dense'}"
+    )
+    return run_dir
+
+
 def _machine() -> dict[str, Any]:
     import platform
 
