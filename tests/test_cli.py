@@ -116,6 +116,17 @@ def test_run_end_to_end_writes_table_and_models(isolated, capsys):
     table = (run_dir / "results.md").read_text()
     assert "| method | params | MACs | clean acc | corrupted acc | extra corr. acc |" in table
     assert "adasap results" in stdout and "results.md" in stdout.replace("\n", "")
+    # adasap eval re-evaluates every model of the run, here with the official-set path off
+    (run_dir / "sgd" / "corruptions.json").unlink()
+    code, stdout, err = run_cli(["eval", str(run_dir), "--no-progress"],
+                                capsys)  # fmt: skip
+    assert code == 0, err
+    assert (run_dir / "sgd" / "corruptions.json").is_file()
+    assert "adasap eval" in stdout
+    code, _, err = run_cli(["eval", str(isolated)], capsys)
+    assert code == 2 and "holds no saved model" in err
+    code, _, err = run_cli(["eval", str(run_dir), "--official", "cifar10-c"], capsys)
+    assert code == 2 and "go together" in err
     # the dense model is cached: a second run reuses it
     code, stdout, _ = run_cli(["run", *TINY, "--out", str(out), "--name", "again",
                                "--methods", "sgd"], capsys)  # fmt: skip

@@ -18,7 +18,12 @@ from rich.console import Console
 from adasap.checkpoint import RunInterrupted, TrainingDiverged
 from adasap.config import SCHEMA, from_flat, load_yaml
 from adasap.errors import UserError
-from adasap.experiment import ExperimentConfig, run_experiment, train_dense_model
+from adasap.experiment import (
+    ExperimentConfig,
+    evaluate_path,
+    run_experiment,
+    train_dense_model,
+)
 from adasap.neurons import CRITERIA
 from adasap.pipeline import METHODS
 
@@ -70,6 +75,12 @@ TRAIN_KEYS = {
 }  # fmt: skip
 
 
+EVAL_KEYS = {
+    "dataset", "data_dir", "test_limit", "corruptions", "corruption_limit", "seed", "device",
+    "cache_dir", "progress",
+}  # fmt: skip
+
+
 def _parse_value(key: str):
     types = SCHEMA[key]
 
@@ -113,6 +124,26 @@ def build_parser() -> argparse.ArgumentParser:
         [o for o in RUN_OPTIONS if o[1] in TRAIN_KEYS],
         [o for o in RUN_SWITCHES if o[1] in TRAIN_KEYS],
     )
+    evaluate = commands.add_parser(
+        "eval",
+        help="clean and corruption accuracy of a saved model or of every model in a run",
+    )
+    evaluate.add_argument("path", help="a run directory or a model directory")
+    evaluate.add_argument(
+        "--official-dir",
+        help="root of official pre-rendered files (CIFAR-10-C, ImageNet-C, ...) to use instead "
+        "of rendering",
+    )
+    evaluate.add_argument(
+        "--official",
+        choices=("cifar10-c", "cifar100-c", "tinyimagenet-c", "imagenet-c"),
+        help="which official set --official-dir holds",
+    )
+    _add_options(
+        evaluate,
+        [o for o in RUN_OPTIONS if o[1] in EVAL_KEYS],
+        [o for o in RUN_SWITCHES if o[1] in EVAL_KEYS],
+    )
     return parser
 
 
@@ -135,8 +166,12 @@ def _add_options(parser: argparse.ArgumentParser, options, switches) -> None:
 
 def config_from_args(args: argparse.Namespace) -> tuple[ExperimentConfig, bool]:
     """Defaults, then the YAML file or the resumed run's own config, then the flags."""
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume")}
+    own = ("command", "config", "resume", "path", "official", "official_dir")
+    flags = {k: v for k, v in vars(args).items() if k not in own}
     values: dict[str, Any] = {}
+    run_config = Path(getattr(args, "path", "") or "") / "config.json"
+    if args.command == "eval" and run_config.is_file():
+        values = json.loads(run_config.read_text())
     if getattr(args, "resume", None):
         run_dir = Path(args.resume)
         saved = run_dir / "config.json"
@@ -150,7 +185,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[ExperimentConfig, bool]:
                 f"--resume continues the run as configured; drop {', '.join(changed)} "
                 "(or start a new run)"
             )
-    elif args.config:
+    elif getattr(args, "config", None):
         values = load_yaml(args.config)
     values.update(flags)
     return from_flat(values), bool(getattr(args, "resume", None))
@@ -162,13 +197,18 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["run"]  # the built-in default job
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command not in ("run", "train"):
+    if args.command not in ("run", "train", "eval"):
         parser.print_help()
         return 2
     try:
         config, resume = config_from_args(args)
         if args.command == "train":
             train_dense_model(config, Console())
+        elif args.command == "eval":
+            if bool(args.official) != bool(args.official_dir):
+                raise UserError("--official and --official-dir go together: give both or neither")
+            official = (args.official_dir, args.official) if args.official else None
+            evaluate_path(args.path, config, official, Console())
         else:
             run_experiment(config, Console(), resume=resume)
     except TrainingDiverged as exc:

@@ -21,14 +21,14 @@ from rich.console import Console
 
 from adasap.checkpoint import CHECKPOINT_FILE, RunInterrupted
 from adasap.corruptions import CORRUPTIONS
-from adasap.data import DataBundle, get_spec, load_dataset
+from adasap.data import DataBundle, batches, get_spec, load_dataset
 from adasap.errors import UserError
 from adasap.io import atomic_write_json, atomic_write_text
 from adasap.models import build_model
 from adasap.pipeline import PruneSettings, prune, train
 from adasap.pruning import measure_size
 from adasap.reporting import results_markdown, results_table
-from adasap.robustness import evaluate_corruptions
+from adasap.robustness import evaluate_corruptions, official_sets
 from adasap.serialization import load_model, save_model
 from adasap.training import evaluate, resolve_device
 
@@ -125,6 +125,17 @@ def prepare_run_dir(out_dir: str, name: str, overwrite: bool) -> Path:
     return run_dir
 
 
+def load_data(config: ExperimentConfig) -> DataBundle:
+    """The config's dataset, split and limited as the config says."""
+    return load_dataset(
+        config.dataset,
+        data_dir=config.data_dir,
+        seed=config.prune.seed,
+        train_limit=config.train_limit,
+        test_limit=config.test_limit,
+    )
+
+
 def _architecture(config: ExperimentConfig, data: DataBundle) -> dict[str, Any]:
     spec = data.spec
     return dict(
@@ -181,10 +192,32 @@ def _corruption_names(config: ExperimentConfig) -> tuple[str, ...] | None:
     return {"all": tuple(CORRUPTIONS), "quick": QUICK_CORRUPTIONS, "none": None}[config.corruptions]
 
 
+def _as_tensor(images_set) -> torch.Tensor:
+    """All images of a set as one float tensor (lazy folder sets are read batch by batch)."""
+    if hasattr(images_set, "float_images"):
+        return images_set.float_images()
+    return torch.cat([x for x, _ in batches(images_set, 256, shuffle=False)])
+
+
+def _example(data: DataBundle) -> torch.Tensor:
+    return _as_tensor(data.test.subset(torch.arange(2)))
+
+
 def evaluate_model(
-    model, data: DataBundle, config: ExperimentConfig, out_dir: Path, label: str
+    model,
+    data: DataBundle,
+    config: ExperimentConfig,
+    out_dir: Path,
+    label: str,
+    official: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Clean test accuracy, and accuracy on the corrupted test images (rendered once, cached)."""
+    """Clean test accuracy, and accuracy on corrupted test images; the report goes to
+    ``out_dir/label/corruptions.{json,md,png}``.
+
+    Corrupted images are rendered from the first ``corruption_limit`` test images (once,
+    cached), or read from official pre-rendered files with ``official=(root, name)``, e.g.
+    ``("data/CIFAR-10-C", "cifar10-c")``, the only numbers comparable with published ones.
+    """
     device = resolve_device(config.prune.device)
     model.to(device).eval()
     row: dict[str, Any] = {"clean_accuracy": evaluate(model, data.test, device=device)}
@@ -192,17 +225,18 @@ def evaluate_model(
     if names is None:
         return row
     subset = data.test
-    if config.corruption_limit is not None and config.corruption_limit < len(subset):
-        subset = subset.subset(torch.arange(config.corruption_limit))
+    if official is None and config.corruption_limit is not None:
+        subset = subset.subset(torch.arange(min(config.corruption_limit, len(subset))))
     report = evaluate_corruptions(
         model,
-        subset.float_images(),
+        _as_tensor(subset),
         subset.labels,
         corruptions=names,
         dataset_key=f"{config.dataset}-test{len(data.test)}-n{len(subset)}",
         device=device,
         seed=config.prune.seed,
         cache_dir=cache_root(config.cache_dir) / "corruptions",
+        corrupted=official_sets(*official) if official is not None else None,
         progress=config.prune.progress,
     )
     report.save(out_dir / label)
@@ -227,13 +261,7 @@ def run_experiment(
     console = console or Console()
     config = config.validate()
     resolve_device(config.prune.device)
-    data = load_dataset(
-        config.dataset,
-        data_dir=config.data_dir,
-        seed=config.prune.seed,
-        train_limit=config.train_limit,
-        test_limit=config.test_limit,
-    )
+    data = load_data(config)
     if resume:
         run_dir = Path(config.out_dir) / str(config.name)
         if not run_dir.is_dir():
@@ -268,8 +296,7 @@ def run_experiment(
 
 def _rows(config: ExperimentConfig, data: DataBundle, run_dir: Path, console) -> list[dict]:
     dense, dense_info = dense_model(config, data, console)
-    example = data.test.float_images()[:2]
-    dense_size = measure_size(dense.cpu(), example)
+    dense_size = measure_size(dense.cpu(), _example(data))
     rows = [
         {
             "method": "dense",
@@ -318,17 +345,44 @@ def _pruned_row(
     return row
 
 
+def evaluate_path(
+    path: str | Path,
+    config: ExperimentConfig,
+    official: tuple[str, str] | None = None,
+    console: Console | None = None,
+) -> list[dict[str, Any]]:
+    """``adasap eval``: evaluate one saved model directory, or every model of a run directory.
+
+    Reports are written next to each model (``corruptions.{json,md,png}``) and a table of
+    all of them is printed.
+    """
+    console = console or Console()
+    path = Path(path)
+    if (path / "model.json").is_file():
+        models = {path.name: path}
+    elif path.is_dir():
+        models = {d.name: d for d in sorted(path.iterdir()) if (d / "model.json").is_file()}
+    else:
+        models = {}
+    if not models:
+        raise UserError(f"{path} holds no saved model: pass a run directory or a model directory")
+    config = config.validate()
+    data = load_data(config)
+    rows = []
+    for label, directory in models.items():
+        model = load_model(directory)
+        row = evaluate_model(model, data, config, directory.parent, label, official)
+        size = measure_size(model, _example(data))
+        rows.append({"method": label, **row, "params": size.params, "macs": size.macs})
+    console.print(results_table(rows, title=f"adasap eval: {path}"))
+    return rows
+
+
 def train_dense_model(config: ExperimentConfig, console: Console | None = None) -> Path:
     """``adasap train``: the dense model (trained, or reused from the cache) in a run directory."""
     console = console or Console()
     config = config.validate()
-    data = load_dataset(
-        config.dataset,
-        data_dir=config.data_dir,
-        seed=config.prune.seed,
-        train_limit=config.train_limit,
-        test_limit=config.test_limit,
-    )
+    data = load_data(config)
     name = config.name or time.strftime("%Y%m%d-%H%M%S") + f"-{config.dataset}-{config.model}-dense"
     run_dir = prepare_run_dir(config.out_dir, name, config.overwrite)
     model, info = dense_model(config, data, console)
