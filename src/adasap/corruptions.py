@@ -12,6 +12,7 @@ shuffle, torch motion blur instead of ImageMagick, ...) is listed in ``docs/corr
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -385,7 +386,7 @@ def _depthwise(x: Tensor, kernel: Tensor) -> Tensor:
     weight = kernel.to(x.dtype).expand(c, 1, *kernel.shape).contiguous()
     # channels_last makes oneDNN's depthwise convolution about 10x faster on CPU.
     x = x.contiguous(memory_format=torch.channels_last)
-    return F.conv2d(x, weight, groups=c)
+    return F.conv2d(x, weight, groups=c).contiguous()
 
 
 def _separable(x: Tensor, kernel_h: Tensor, kernel_w: Tensor, mode: str) -> Tensor:
@@ -650,17 +651,17 @@ def _frost_needles(
     h: int, w: int, y: Tensor, x: Tensor, angle: Tensor, length: Tensor, weight: Tensor
 ) -> Tensor:
     """Splat tapered line segments onto an (h, w) canvas, summing where they overlap."""
-    steps = torch.linspace(0, 1, int(length.max().item() * 2) + 2)
-    py = y[:, None] + steps * (length * torch.sin(angle))[:, None]
-    px = x[:, None] + steps * (length * torch.cos(angle))[:, None]
-    mass = weight[:, None] * (1 - steps) ** 0.7
+    steps = torch.linspace(0, 1, int(length.max().item() * 1.5) + 2)
+    py = (y[:, None] + steps * (length * torch.sin(angle))[:, None]).floor_()
+    px = (x[:, None] + steps * (length * torch.cos(angle))[:, None]).floor_()
     inside = (py >= 0) & (py < h) & (px >= 0) & (px < w)
-    flat = py[inside].long() * w + px[inside].long()
+    mass = weight[:, None] * (1 - steps) ** 0.7 * inside
+    flat = py.clamp_(0, h - 1).long() * w + px.clamp_(0, w - 1).long()
     canvas = torch.zeros(h * w)
-    canvas.index_put_((flat,), mass.expand_as(py)[inside], accumulate=True)
-    return canvas.view(h, w)
+    return canvas.index_add_(0, flat.flatten(), mass.flatten()).view(h, w)
 
 
+@lru_cache(maxsize=len(_FROST_SIZES))
 def _frost_pattern(h: int, w: int, seed: int) -> Tensor:
     """A zero-mean, unit-std ice-crystal texture: feathered needles over cloudy value noise."""
     g = torch.Generator().manual_seed(seed)
@@ -956,12 +957,20 @@ def _pixelate(x: Tensor, c: float, ctx: _Context) -> Tensor:
 
 
 def _jpeg_compression(x: Tensor, c: int, ctx: _Context) -> Tensor:
-    from torchvision.io import decode_jpeg, encode_jpeg
+    from PIL import Image
 
-    # Always on the CPU (libjpeg, as Pillow uses), so every device gets the same bytes.
-    images = to_uint8(x).cpu()
-    decoded = decode_jpeg(encode_jpeg(list(images), quality=int(c)))
-    return torch.stack(decoded).to(x.device, x.dtype) / 255
+    # Pillow on the CPU, as the reference, so every device gets the same bytes. numpy does the
+    # layout changes: it transposes uint8 several times faster than torch here.
+    images = to_uint8(x).cpu().numpy()
+    out = np.empty_like(images)
+    for i, chw in enumerate(images):
+        hwc = np.ascontiguousarray(chw.transpose(1, 2, 0))
+        buffer = io.BytesIO()
+        Image.fromarray(hwc[..., 0] if hwc.shape[-1] == 1 else hwc).save(
+            buffer, "JPEG", quality=int(c)
+        )
+        out[i] = np.asarray(Image.open(buffer)).reshape(hwc.shape).transpose(2, 0, 1)
+    return torch.from_numpy(out).to(x.device, x.dtype).div_(255)
 
 
 @_rgb_only
@@ -1062,9 +1071,12 @@ _KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def default_cache_dir() -> Path:
-    """``$ADASAP_CACHE`` if set, else ``~/.cache/adasap/corruptions``."""
-    env = os.environ.get(CACHE_ENV_VAR)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "adasap" / "corruptions"
+    """``$ADASAP_CACHE/corruptions``, by default ``~/.cache/adasap/corruptions``.
+
+    ``$ADASAP_CACHE`` is adasap's cache root, shared with the other caches.
+    """
+    root = os.environ.get(CACHE_ENV_VAR)
+    return (Path(root).expanduser() if root else Path.home() / ".cache" / "adasap") / "corruptions"
 
 
 def image_fingerprint(images: Tensor) -> str:
@@ -1143,6 +1155,8 @@ def render_cached(
             f"dataset key {dataset_key!r} is not a safe folder name: "
             "use letters, digits, '.', '_' and '-', e.g. 'cifar10-test'"
         )
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise UserError(f"seed must be a non-negative integer, got {seed!r}")
     table = resolve_param_table(params, images.shape[-2], images.shape[-1])
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     stem = folder / dataset_key / f"{name}-s{severity}-seed{seed}-{table}"

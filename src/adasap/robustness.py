@@ -11,7 +11,7 @@ import io
 import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +101,7 @@ class FolderImages(torch.utils.data.Dataset):
     Labels follow the sorted class folder names (ImageNet order for WordNet ids). Folders named
     only by digits ("0".."999", ImageNet-V2) are read as the class index itself. ``resize``
     scales the shorter side, then ``crop`` takes the centre square; images of different sizes
-    need at least ``crop`` to be batched.
+    need at least ``crop`` to be batched. ``num_workers`` processes decode for :meth:`batches`.
     """
 
     def __init__(
@@ -112,12 +112,14 @@ class FolderImages(torch.utils.data.Dataset):
         resize: int | None = None,
         crop: int | None = None,
         channels: int = 3,
+        num_workers: int = 0,
     ) -> None:
         self.root = Path(root)
         self.source = source
         self.resize = resize
         self.crop = crop
         self.channels = channels
+        self.num_workers = num_workers
         if not self.root.is_dir():
             raise UserError(f"missing image folder {self.root}: check the dataset path")
         classes = sorted(p.name for p in self.root.iterdir() if p.is_dir())
@@ -143,25 +145,26 @@ class FolderImages(torch.utils.data.Dataset):
         return torch.tensor([label for _, label in self.samples], dtype=torch.int64)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        from torchvision.io import ImageReadMode, decode_image, read_file
+        from PIL import Image, UnidentifiedImageError
         from torchvision.transforms.v2 import functional as TF
 
         path, label = self.samples[index]
-        mode = ImageReadMode.RGB if self.channels == 3 else ImageReadMode.GRAY
         try:
-            image = decode_image(read_file(str(path)), mode=mode)
-        except RuntimeError as exc:
+            with Image.open(path) as img:
+                array = np.asarray(img.convert("RGB" if self.channels == 3 else "L"))
+        except (OSError, UnidentifiedImageError) as exc:
             raise UserError(f"cannot decode {path}: {exc}") from exc
+        image = torch.from_numpy(array.reshape(*array.shape[:2], -1).copy()).permute(2, 0, 1)
         if self.resize is not None:
             image = TF.resize(image, [self.resize], antialias=True)
         if self.crop is not None:
             image = TF.center_crop(image, [self.crop, self.crop])
         return image, label
 
-    def batches(self, batch_size: int, num_workers: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-        """Yield ``(uint8 NCHW images, int64 labels)`` in order, decoded by ``num_workers``."""
+    def batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yield ``(uint8 NCHW images, int64 labels)`` in order."""
         loader = torch.utils.data.DataLoader(
-            self, batch_size=batch_size, shuffle=False, num_workers=num_workers
+            self, batch_size=batch_size, shuffle=False, num_workers=self.num_workers
         )
         try:
             yield from loader
@@ -213,7 +216,7 @@ def load_cifar_c(
             f"is it a {name} file?"
         )
     n = data.shape[0] // 5
-    block = np.ascontiguousarray(data[(severity - 1) * n : severity * n])
+    block = np.array(data[(severity - 1) * n : severity * n])  # a writable copy of one block
     labels = np.load(labels_path, allow_pickle=False)
     if labels.shape == (5 * n,):
         labels = labels[(severity - 1) * n : severity * n]
@@ -235,6 +238,7 @@ def load_folder_c(
     *,
     name: str,
     crop: int | None = None,
+    num_workers: int = 0,
 ) -> FolderImages:
     """One severity of an ImageNet-C tree: ``<root>/<corruption>/<severity>/<class>/<image>``."""
     _check_corruption(corruption)
@@ -244,42 +248,59 @@ def load_folder_c(
         raise UserError(
             f"missing {folder}: download {name} and pass the folder holding {corruption}/"
         )
-    return FolderImages(folder, source=f"{name} official files", crop=crop)
+    return FolderImages(folder, source=f"{name} official files", crop=crop, num_workers=num_workers)
 
 
 def load_imagenet_c(
-    root: str | Path, corruption: str, severity: int, *, crop: int = 224
+    root: str | Path, corruption: str, severity: int, *, crop: int = 224, num_workers: int = 0
 ) -> FolderImages:
     """ImageNet-C; the official evaluation centre-crops 224 px, as ``crop`` does here."""
-    return load_folder_c(root, corruption, severity, name="ImageNet-C", crop=crop)
+    return load_folder_c(
+        root, corruption, severity, name="ImageNet-C", crop=crop, num_workers=num_workers
+    )
 
 
-def load_tiny_imagenet_c(root: str | Path, corruption: str, severity: int) -> FolderImages:
+def load_tiny_imagenet_c(
+    root: str | Path, corruption: str, severity: int, *, num_workers: int = 0
+) -> FolderImages:
     """Tiny-ImageNet-C (64 px, 200 classes)."""
-    return load_folder_c(root, corruption, severity, name="Tiny-ImageNet-C")
+    return load_folder_c(
+        root, corruption, severity, name="Tiny-ImageNet-C", num_workers=num_workers
+    )
 
 
 def load_imagenet_v2(
-    root: str | Path, *, resize: int = 256, crop: int = 224, name: str = "ImageNet-V2"
+    root: str | Path,
+    *,
+    resize: int = 256,
+    crop: int = 224,
+    name: str = "ImageNet-V2",
+    num_workers: int = 0,
 ) -> FolderImages:
     """An ImageNet-V2 style test folder ``<root>/<class index>/<image>``, resized and cropped."""
-    return FolderImages(root, source=f"{name} official files", resize=resize, crop=crop)
+    source = f"{name} official files"
+    return FolderImages(root, source=source, resize=resize, crop=crop, num_workers=num_workers)
 
 
-def official_sets(root: str | Path, dataset: str) -> Callable[[str, int], ImageSource]:
+def official_sets(
+    root: str | Path, dataset: str, *, num_workers: int = 0
+) -> Callable[[str, int], ImageSource]:
     """A loader ``(corruption, severity) -> images`` for an official -C dataset at ``root``.
 
     ``dataset`` is one of "cifar10-c", "cifar100-c", "tinyimagenet-c", "imagenet-c"; pass the
-    result as ``corrupted=`` to :func:`evaluate_corruptions`.
+    result as ``corrupted=`` to :func:`evaluate_corruptions`. ``num_workers`` processes decode
+    the JPEG folders.
     """
     loaders: dict[str, Callable[[str, int], ImageSource]] = {
         "cifar10-c": lambda c, s: load_cifar_c(root, c, s, name="CIFAR-10-C"),
         "cifar100-c": lambda c, s: load_cifar_c(root, c, s, name="CIFAR-100-C"),
-        "tinyimagenet-c": lambda c, s: load_tiny_imagenet_c(root, c, s),
-        "imagenet-c": lambda c, s: load_imagenet_c(root, c, s),
+        "tinyimagenet-c": lambda c, s: load_tiny_imagenet_c(root, c, s, num_workers=num_workers),
+        "imagenet-c": lambda c, s: load_imagenet_c(root, c, s, num_workers=num_workers),
     }
-    if dataset not in loaders:
-        raise UserError(f"unknown official dataset {dataset!r}: choose one of {', '.join(loaders)}")
+    if dataset not in OFFICIAL_DATASETS:
+        raise UserError(
+            f"unknown official dataset {dataset!r}: choose one of {', '.join(OFFICIAL_DATASETS)}"
+        )
     return loaders[dataset]
 
 
@@ -313,7 +334,11 @@ class CorruptionReport:
     params_table: str | None = None
     seed: int | None = None
     imagenet: bool = False
-    notes: list[str] = field(default_factory=list)
+
+    def _names(self) -> list[str]:
+        """Evaluated corruptions in the standard order, any others after them."""
+        known = [n for n in CORRUPTIONS if n in self.accuracy]
+        return known + [n for n in self.accuracy if n not in CORRUPTIONS]
 
     def _entries(self, names: Sequence[str]) -> list[float]:
         return [a for n in names for a in self.accuracy.get(n, {}).values()]
@@ -409,7 +434,6 @@ class CorruptionReport:
             params_table=data.get("params_table"),
             seed=data.get("seed"),
             imagenet=bool(data.get("imagenet", False)),
-            notes=list(data.get("notes", [])),
         )
 
     def _summary_rows(self) -> list[tuple[str, str]]:
@@ -429,9 +453,7 @@ class CorruptionReport:
     def _corruption_rows(self) -> list[list[str]]:
         errors = self.corruption_errors or {}
         rows = []
-        for name in [n for n in CORRUPTIONS if n in self.accuracy] + [
-            n for n in self.accuracy if n not in CORRUPTIONS
-        ]:
+        for name in self._names():
             sev = self.accuracy[name]
             cells = [_pct(sev.get(s)) if s in sev else "-" for s in SEVERITIES]
             extra = "" if name in BENCHMARK_CORRUPTIONS else " (extra)"
@@ -458,12 +480,12 @@ class CorruptionReport:
             lines.append(f"Severity parameters: {self.params_table} table, seed {self.seed}.")
         if not self.is_complete:
             lines.append("Not all 15 benchmark corruptions x 5 severities were evaluated.")
-        return lines + list(self.notes)
+        return lines
 
     def to_markdown(self) -> str:
         """A Markdown report: summary, accuracy per corruption x severity, per category."""
         out = [f"# Corruption robustness: {self.dataset_key}", ""]
-        out += [line for line in self._header_lines()]
+        out += self._header_lines()
         out += ["", "| metric | value |", "|---|---|"]
         out += [f"| {k} | {v} |" for k, v in self._summary_rows()]
         header = ["corruption", "category", *(f"s{s}" for s in SEVERITIES), "mean", "CE"]
@@ -479,9 +501,7 @@ class CorruptionReport:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
-        names = [n for n in CORRUPTIONS if n in self.accuracy] + [
-            n for n in self.accuracy if n not in CORRUPTIONS
-        ]
+        names = self._names()
         grid = np.full((max(len(names), 1), len(SEVERITIES)), np.nan)
         for i, name in enumerate(names):
             for j, s in enumerate(SEVERITIES):
