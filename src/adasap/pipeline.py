@@ -141,16 +141,6 @@ class PruneSettings:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> PruneSettings:
-        values = dict(values)
-        optimizer = OptimizerSettings(**values.pop("optimizer", {}))
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise UserError(f"unknown setting(s) {', '.join(unknown)}: allowed are {sorted(known)}")
-        return cls(optimizer=optimizer, **values)
-
 
 @dataclass
 class PruneResult:
