@@ -15,6 +15,7 @@ from typing import Any
 
 from rich.console import Console
 
+from adasap.bench import PRESETS, SWEEP_PRESETS, run_bench, run_sweep, sweep_report, write_report
 from adasap.checkpoint import RunInterrupted, TrainingDiverged
 from adasap.config import SCHEMA, from_flat, load_yaml
 from adasap.errors import UserError
@@ -144,6 +145,16 @@ def build_parser() -> argparse.ArgumentParser:
         [o for o in RUN_OPTIONS if o[1] in EVAL_KEYS],
         [o for o in RUN_SWITCHES if o[1] in EVAL_KEYS],
     )
+    for name, what, presets in (
+        ("bench", "the benchmark grid (methods x criteria x keeps x seeds)", PRESETS),
+        ("sweep", "the tuning sweep (scored on validation data and the 4 extra corruptions)",
+         SWEEP_PRESETS),
+    ):  # fmt: skip
+        command = commands.add_parser(name, help=f"run {what}; resumable: rerun to continue")
+        command.add_argument("--preset", default=next(iter(presets)), choices=list(presets))
+        command.add_argument("--out", help=f"output folder (default: runs/{name}-<preset>)")
+        command.add_argument("--report-only", action="store_true",
+                             help="rewrite the report from the results so far")  # fmt: skip
     return parser
 
 
@@ -197,9 +208,11 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["run"]  # the built-in default job
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command not in ("run", "train", "eval"):
+    if args.command is None:
         parser.print_help()
         return 2
+    if args.command in ("bench", "sweep"):
+        return _bench_or_sweep(args)
     try:
         config, resume = config_from_args(args)
         if args.command == "train":
@@ -222,6 +235,28 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _bench_or_sweep(args: argparse.Namespace) -> int:
+    out = args.out or f"runs/{args.command}-{args.preset}"
+    console = Console()
+    try:
+        if args.command == "bench":
+            if not args.report_only:
+                run_bench(args.preset, out, console=console)
+            console.print(f"report: {write_report(out) / 'report.md'}")
+        else:
+            if not args.report_only:
+                preset = SWEEP_PRESETS[args.preset]
+                run_sweep(preset.base, preset.grid, out, console=console)
+            console.print(f"sweep results: {sweep_report(out)}")
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (RunInterrupted, KeyboardInterrupt):
+        print(f"interrupted; rerun the same command to continue ({out})", file=sys.stderr)
         return 130
     return 0
 

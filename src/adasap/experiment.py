@@ -192,7 +192,7 @@ def _corruption_names(config: ExperimentConfig) -> tuple[str, ...] | None:
     return {"all": tuple(CORRUPTIONS), "quick": QUICK_CORRUPTIONS, "none": None}[config.corruptions]
 
 
-def _as_tensor(images_set) -> torch.Tensor:
+def as_tensor(images_set) -> torch.Tensor:
     """All images of a set as one float tensor (lazy folder sets are read batch by batch)."""
     if hasattr(images_set, "float_images"):
         return images_set.float_images()
@@ -200,7 +200,7 @@ def _as_tensor(images_set) -> torch.Tensor:
 
 
 def _example(data: DataBundle) -> torch.Tensor:
-    return _as_tensor(data.test.subset(torch.arange(2)))
+    return as_tensor(data.test.subset(torch.arange(2)))
 
 
 def evaluate_model(
@@ -229,7 +229,7 @@ def evaluate_model(
         subset = subset.subset(torch.arange(min(config.corruption_limit, len(subset))))
     report = evaluate_corruptions(
         model,
-        _as_tensor(subset),
+        as_tensor(subset),
         subset.labels,
         corruptions=names,
         dataset_key=f"{config.dataset}-test{len(data.test)}-n{len(subset)}",
@@ -307,12 +307,18 @@ def _rows(config: ExperimentConfig, data: DataBundle, run_dir: Path, console) ->
         }
     ]
     for method in config.methods:
-        rows.append(_pruned_row(method, dense, data, config, run_dir, console))
+        rows.append(pruned_row(method, dense, data, config, run_dir, console))
     return rows
 
 
-def _pruned_row(
-    method: str, dense, data: DataBundle, config: ExperimentConfig, run_dir: Path, console
+def pruned_row(
+    method: str,
+    dense,
+    data: DataBundle,
+    config: ExperimentConfig,
+    run_dir: Path,
+    console,
+    official: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
     """Prune with ``method`` and evaluate, or reuse the summary of an earlier finished run."""
     method_dir = run_dir / method
@@ -338,7 +344,7 @@ def _pruned_row(
         )
     model = result.model.cpu()
     save_model(method_dir, model, _architecture(config, data), result.pruning_history)
-    row = {"method": method, **evaluate_model(model, data, config, run_dir, method)}
+    row = {"method": method, **evaluate_model(model, data, config, run_dir, method, official)}
     row.update(params=result.size.params, macs=result.size.macs, seconds=result.seconds)
     atomic_write_json(summary, {**row, "history": result.history})
     (method_dir / CHECKPOINT_FILE).unlink(missing_ok=True)

@@ -1,0 +1,375 @@
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from rich.console import Console
+
+import adasap.bench as bench
+import adasap.experiment as experiment
+from adasap.bench import (
+    PRESETS,
+    RESULTS_FILE,
+    SWEEP_PRESETS,
+    append_jsonl,
+    differences,
+    estimate_seconds,
+    read_jsonl,
+    run_bench,
+    run_sweep,
+    summarize,
+    sweep_report,
+    write_report,
+)
+from adasap.checkpoint import RunInterrupted
+from adasap.config import SCHEMA
+from adasap.corruptions import EXTRA_CORRUPTIONS
+from adasap.errors import UserError
+from adasap.neurons import CRITERIA
+from adasap.pipeline import METHODS
+
+TINY = dict(
+    train_limit=300,
+    corruption_limit=20,
+    dense_epochs=1.0,
+    batch_size=32,
+    progress=False,
+)
+
+
+def tiny_smoke():
+    """The smoke preset, reduced further: a few seconds end to end."""
+    smoke = PRESETS["smoke"].with_base(**TINY)
+    return replace(smoke, sharpness_batches=1, hessian_iterations=2, latency_repeats=3)
+
+
+def quiet():
+    return Console(quiet=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Two intra-op threads competing with another busy process for 2 cores run 10-100x
+    # slower (threads wait on each other); one thread keeps these tests fast everywhere.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        path = tmp_path_factory.mktemp("cache")
+        mp.setenv("ADASAP_CACHE", str(path))
+        yield path
+
+
+@pytest.fixture(scope="module")
+def smoke_run(cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    run_bench(tiny_smoke(), out, console=quiet())
+    return out
+
+
+# --------------------------------------------------------------------------- presets
+
+
+@pytest.mark.parametrize("name", ["smoke", "small"])
+def test_presets_validate(name):
+    preset = PRESETS[name]
+    for cell in preset.cells():
+        config = preset.config(cell)
+        assert config.methods == (cell.method,) and config.prune.keep == cell.keep
+
+
+def test_preset_shapes():
+    for preset in PRESETS.values():
+        assert set(preset.base) <= set(SCHEMA)
+        for method, criterion in preset.pairs:
+            assert method in METHODS and criterion in CRITERIA
+            if criterion == "taylor":
+                assert method in ("sgd", "adasap")
+    small = PRESETS["small"]
+    assert small.keeps == (0.8, 0.5, 0.3) and len(small.seeds) == 2
+    assert len(small.cells()) == 5 * 3 * 2
+    assert estimate_seconds(small) <= 3 * 3600
+    assert estimate_seconds(PRESETS["smoke"]) <= 90
+    assert set(SWEEP_PRESETS["small"].base) <= set(SCHEMA)
+
+
+def test_bad_presets_fail_before_any_work(tmp_path):
+    with pytest.raises(UserError, match="smoke, small, paper"):
+        run_bench("huge", tmp_path / "out", console=quiet())
+    # without ImageNet on disk the paper preset stops at validation
+    with pytest.raises(UserError, match="data/imagenet"):
+        run_bench("paper", tmp_path / "out", console=quiet())
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_results_structure(smoke_run):
+    rows = read_jsonl(smoke_run / RESULTS_FILE)
+    assert [r["cell"] for r in rows] == [
+        "dense-seed0",
+        "sgd-magnitude-keep0.5-seed0",
+        "adasap-magnitude-keep0.5-seed0",
+    ]
+    dense = rows[0]
+    for row in rows:
+        for key in ("clean_accuracy", "corruption_accuracy", "extra_accuracy"):
+            assert 0 <= row[key] <= 1, key
+        assert set(row["per_corruption"]) == {"gaussian_noise", "gaussian_blur"}
+        for key in ("loss_increase", "hessian_eigenvalue", "latency_ms", "macs", "seconds"):
+            assert row[key] is not None, key
+        assert row["dense_loss_increase"] == dense["loss_increase"]
+    for row in rows[1:]:
+        assert row["params"] < dense["params"] and row["macs"] < dense["macs"]
+        assert abs(row["keep_achieved"] - 0.5) <= 0.02
+        assert abs(row["params"] / dense["params"] - row["keep_achieved"]) < 1e-9
+        assert (smoke_run / "runs" / row["cell"] / row["method"] / "model.json").is_file()
+
+
+def test_report_files(smoke_run):
+    report = smoke_run / "report"
+    for name in ("corruption_vs_size.png", "clean_vs_corrupted.png", "per_corruption.png"):
+        assert (report / name).read_bytes().startswith(b"\x89PNG")
+    text = (report / "report.md").read_text()
+    for column in (
+        "clean acc (%)",
+        "corruption acc (%)",
+        "extra corruption acc (%)",
+        "relative robustness",
+        "params",
+        "MACs",
+        "CPU latency b1 (ms)",
+        "loss increase before",
+        "loss increase after",
+        "top eigenvalue before",
+        "top eigenvalue after",
+        "train time (min)",
+        "corruption acc delta (pts)",
+        "clean acc delta (pts)",
+    ):
+        assert f"| {column} |" in text, column
+    assert "| adasap | magnitude | 0.5 | 1 |" in text
+
+
+def count_calls(monkeypatch, module, name):
+    calls = []
+    original = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls.append(name)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+def test_resume_skips_finished_cells(smoke_run, monkeypatch):
+    prunes = count_calls(monkeypatch, experiment, "prune")
+    dense = count_calls(monkeypatch, bench, "dense_model")
+    before = (smoke_run / RESULTS_FILE).read_text()
+    # progress bars do not change results, so they may differ from the first run
+    run_bench(tiny_smoke().with_base(progress=True), smoke_run, console=quiet())
+    assert prunes == [] and dense == []
+    assert (smoke_run / RESULTS_FILE).read_text() == before
+
+    # a line lost in a crash: the cell is evaluated again from its saved model, not retrained
+    lines = before.splitlines(keepends=True)
+    (smoke_run / RESULTS_FILE).write_text("".join(lines[:-1]) + lines[-1][:20])
+    run_bench(tiny_smoke(), smoke_run, console=quiet())
+    assert prunes == []
+    rows = read_jsonl(smoke_run / RESULTS_FILE)
+    assert [r["cell"] for r in rows][-1] == "adasap-magnitude-keep0.5-seed0"
+    assert len(rows) == 3
+
+
+def test_other_preset_in_same_dir_refused(smoke_run):
+    with pytest.raises(UserError, match="another preset"):
+        run_bench(tiny_smoke().with_base(lr=0.01), smoke_run, console=quiet())
+
+
+def test_failed_cell_is_reported_and_bench_continues(cache, tmp_path, monkeypatch):
+    original = bench._pruned_row
+
+    def failing(method, *args, **kwargs):
+        if method == "sgd":
+            raise UserError("training diverged in phase warmup")
+        return original(method, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "_pruned_row", failing)
+    run_bench(tiny_smoke(), tmp_path, console=quiet())
+    cells = [r["cell"] for r in read_jsonl(tmp_path / RESULTS_FILE)]
+    assert cells == ["dense-seed0", "adasap-magnitude-keep0.5-seed0"]
+    failures = read_jsonl(tmp_path / "failures.jsonl")
+    assert [f["run"] for f in failures] == ["sgd-magnitude-keep0.5-seed0"]
+    assert (
+        "sgd-magnitude-keep0.5-seed0: training diverged"
+        in (tmp_path / "report" / "report.md").read_text()
+    )
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(bench, "_pruned_row", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_bench(tiny_smoke(), tmp_path, console=quiet())
+
+    def interrupted(*args, **kwargs):
+        raise RunInterrupted(None)
+
+    monkeypatch.setattr(bench, "_pruned_row", interrupted)
+    with pytest.raises(RunInterrupted) as info:
+        run_bench(tiny_smoke(), tmp_path, console=quiet())
+    assert info.value.run_dir == tmp_path
+
+
+# --------------------------------------------------------------------------- report
+
+
+def row(method, criterion, keep, seed, clean, corrupted, **extra):
+    return {
+        "cell": f"{method}-{criterion}-keep{keep}-seed{seed}",
+        "method": method,
+        "criterion": criterion,
+        "keep": keep,
+        "seed": seed,
+        "clean_accuracy": clean,
+        "corruption_accuracy": corrupted,
+        "extra_accuracy": corrupted - 0.1,
+        "relative_robustness": corrupted / clean,
+        "keep_achieved": keep,
+        "params": 1e6 * keep,
+        "macs": 4e7 * keep,
+        "latency_ms": 2.0 * keep,
+        "loss_increase": 0.2,
+        "dense_loss_increase": 0.1,
+        "hessian_eigenvalue": 30.0,
+        "dense_hessian_eigenvalue": 10.0,
+        "seconds": 600.0,
+        "per_corruption": {"gaussian_noise": corrupted, "speckle_noise": corrupted - 0.1},
+        **extra,
+    }
+
+
+HAND_MADE = [
+    row("dense", None, 1.0, 0, 0.90, 0.60),
+    row("dense", None, 1.0, 1, 0.92, 0.62),
+    row("sgd", "magnitude", 0.5, 0, 0.85, 0.50),
+    row("sgd", "magnitude", 0.5, 1, 0.87, 0.52),
+    row("adasap", "magnitude", 0.5, 0, 0.86, 0.55),
+    row("adasap", "magnitude", 0.5, 1, 0.86, 0.59),
+]
+
+
+def test_mean_std_over_seeds():
+    summary = {(e["method"], e["criterion"], e["keep"]): e for e in summarize(HAND_MADE)}
+    assert list(summary)[0] == ("dense", None, 1.0)
+    sgd = summary[("sgd", "magnitude", 0.5)]
+    assert sgd["seeds"] == 2
+    assert sgd["clean_accuracy"] == pytest.approx((0.86, 0.0141421356))
+    adasap = summary[("adasap", "magnitude", 0.5)]
+    assert adasap["corruption_accuracy"] == pytest.approx((0.57, 0.0282842712))
+    assert adasap["clean_accuracy"] == pytest.approx((0.86, 0.0))
+    (delta,) = differences(HAND_MADE)
+    assert delta["method"] == "adasap" and delta["seeds"] == 2
+    # per seed: +0.05 and +0.07 corrupted, +0.01 and -0.01 clean
+    assert delta["corruption_accuracy"] == pytest.approx((0.06, 0.0141421356))
+    assert delta["clean_accuracy"] == pytest.approx((0.0, 0.0141421356))
+
+
+def test_report_from_hand_made_results(tmp_path):
+    for record in HAND_MADE:
+        append_jsonl(tmp_path / RESULTS_FILE, record)
+    text = (write_report(tmp_path) / "report.md").read_text()
+    assert "| sgd | magnitude | 0.5 | 2 | 0.500 ± 0.000 | 86.00 ± 1.41 | 51.00 ± 1.41 |" in text
+    assert "| adasap | magnitude | 0.5 | 2 | 6.00 ± 1.41 | 0.00 ± 1.41 |" in text
+    assert "| dense | - | 1 | 2 | 1.000M ± 0.000M |" in text
+    assert (tmp_path / "report" / "per_corruption.png").is_file()
+
+
+def test_report_needs_results(tmp_path):
+    with pytest.raises(UserError, match="run the benchmark first"):
+        write_report(tmp_path)
+
+
+def test_jsonl_survives_a_cut_line(tmp_path):
+    path = tmp_path / "x.jsonl"
+    append_jsonl(path, {"a": 1})
+    with open(path, "a") as handle:
+        handle.write('{"a": ')
+    assert read_jsonl(path) == [{"a": 1}]
+    append_jsonl(path, {"a": 2})
+    assert read_jsonl(path) == [{"a": 1}, {"a": 2}]
+
+
+# --------------------------------------------------------------------------- sweep
+
+
+class Forbidden:
+    """Stands in for the test set: any use fails the test."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the sweep used the test set ({name})")
+
+    def __len__(self):
+        raise AssertionError("the sweep used the test set (len)")
+
+
+def test_sweep_scores_on_validation_extras_only(cache, tmp_path, monkeypatch):
+    original_load = bench.load_data
+    monkeypatch.setattr(
+        bench, "load_data", lambda config: replace(original_load(config), test=Forbidden())
+    )
+    scored = []
+    original_eval = bench.evaluate_corruptions
+
+    def recording(model, images, labels, **kwargs):
+        scored.append((tuple(kwargs["corruptions"]), len(images)))
+        return original_eval(model, images, labels, **kwargs)
+
+    monkeypatch.setattr(bench, "evaluate_corruptions", recording)
+    base = {**tiny_smoke().base, "corruption_limit": None, "seed": 0}
+    grid = {"methods": [["adasap"]], "rho_max": [0.1, 0.5]}
+    run_sweep(base, grid, tmp_path, console=quiet())
+
+    val_images = round(TINY["train_limit"] * 0.1)
+    assert scored == [(EXTRA_CORRUPTIONS, val_images)] * 2
+    rows = read_jsonl(tmp_path / "sweep.jsonl")
+    assert sorted(r["settings"]["rho_max"] for r in rows) == [0.1, 0.5]
+    for r in rows:
+        assert set(r["per_corruption"]) == set(EXTRA_CORRUPTIONS)
+        assert 0 <= r["val_accuracy"] <= 1 and 0 <= r["val_extra_accuracy"] <= 1
+    table = (tmp_path / "sweep.md").read_text()
+    ranked = [line for line in table.splitlines() if line.startswith("| 1 ")]
+    best = max(rows, key=lambda r: r["val_extra_accuracy"])
+    assert ranked and f"| {best['settings']['rho_max']} |" in ranked[0]
+    assert "never used" in table
+
+    prunes = count_calls(monkeypatch, bench, "prune")
+    run_sweep(base, grid, tmp_path, console=quiet())
+    assert prunes == []
+    assert sweep_report(tmp_path).name == "sweep.md"
+
+
+def test_sweep_preset_grid():
+    preset = SWEEP_PRESETS["small"]
+    runs = bench.sweep_settings(preset.grid)
+    assert len(runs) == 4 * 2 + 3
+    for settings in runs:
+        config = bench.from_flat(settings, bench.from_flat(preset.base))
+        assert config.methods in (("adasap",), ("sam",))
+
+
+@pytest.mark.slow
+def test_full_smoke_preset(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADASAP_CACHE", str(tmp_path / "cache"))
+    out = run_bench(PRESETS["smoke"], tmp_path / "bench", console=quiet())
+    rows = read_jsonl(out / RESULTS_FILE)
+    assert len(rows) == 3
+    assert (out / "report" / "report.md").is_file()
+    assert json.loads((out / "bench.json").read_text())["preset"]["name"] == "smoke"
