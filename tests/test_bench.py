@@ -194,14 +194,14 @@ def test_other_preset_in_same_dir_refused(smoke_run):
 
 
 def test_failed_cell_is_reported_and_bench_continues(cache, tmp_path, monkeypatch):
-    original = bench._pruned_row
+    original = bench.pruned_row
 
     def failing(method, *args, **kwargs):
         if method == "sgd":
             raise UserError("training diverged in phase warmup")
         return original(method, *args, **kwargs)
 
-    monkeypatch.setattr(bench, "_pruned_row", failing)
+    monkeypatch.setattr(bench, "pruned_row", failing)
     run_bench(tiny_smoke(), tmp_path, console=quiet())
     cells = [r["cell"] for r in read_jsonl(tmp_path / RESULTS_FILE)]
     assert cells == ["dense-seed0", "adasap-magnitude-keep0.5-seed0"]
@@ -215,14 +215,14 @@ def test_failed_cell_is_reported_and_bench_continues(cache, tmp_path, monkeypatc
     def broken(*args, **kwargs):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(bench, "_pruned_row", broken)
+    monkeypatch.setattr(bench, "pruned_row", broken)
     with pytest.raises(RuntimeError, match="a bug"):
         run_bench(tiny_smoke(), tmp_path, console=quiet())
 
     def interrupted(*args, **kwargs):
         raise RunInterrupted(None)
 
-    monkeypatch.setattr(bench, "_pruned_row", interrupted)
+    monkeypatch.setattr(bench, "pruned_row", interrupted)
     with pytest.raises(RunInterrupted) as info:
         run_bench(tiny_smoke(), tmp_path, console=quiet())
     assert info.value.run_dir == tmp_path
