@@ -127,6 +127,22 @@ def test_run_end_to_end_writes_table_and_models(isolated, capsys):
     assert code == 2 and "holds no saved model" in err
     code, _, err = run_cli(["eval", str(run_dir), "--official", "cifar10-c"], capsys)
     assert code == 2 and "go together" in err
+    # deployment commands on the run
+    onnx = isolated / "sgd.onnx"
+    code, stdout, err = run_cli(["export", str(run_dir), "--method", "sgd", "--onnx", str(onnx)],
+                                capsys)  # fmt: skip
+    assert code == 0 and onnx.is_file() and "passed" in stdout, err
+    blocked = isolated / "file" / "x.onnx"
+    (isolated / "file").write_text("not a folder")
+    code, _, err = run_cli(["export", str(run_dir), "--method", "sgd", "--onnx", str(blocked)],
+                           capsys)  # fmt: skip
+    assert code == 2 and err.startswith("error: ")
+    code, _, err = run_cli(["export", str(run_dir), "--onnx", str(onnx)], capsys)
+    assert code == 2 and "--method" in err
+    code, _, err = run_cli(["latency", str(run_dir), "--batch-sizes", "1", "--repeats", "2"],
+                           capsys)  # fmt: skip
+    assert code == 0, err
+    assert json.loads((run_dir / "latency.json").read_text())["rows"]
     # the dense model is cached: a second run reuses it
     code, stdout, _ = run_cli(["run", *TINY, "--out", str(out), "--name", "again",
                                "--methods", "sgd"], capsys)  # fmt: skip

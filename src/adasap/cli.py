@@ -18,6 +18,7 @@ from rich.console import Console
 from adasap.bench import PRESETS, SWEEP_PRESETS, run_bench, run_sweep, sweep_report, write_report
 from adasap.checkpoint import RunInterrupted, TrainingDiverged
 from adasap.config import SCHEMA, from_flat, load_yaml
+from adasap.deploy import export_onnx, select_model
 from adasap.errors import UserError
 from adasap.experiment import (
     ExperimentConfig,
@@ -25,6 +26,8 @@ from adasap.experiment import (
     run_experiment,
     train_dense_model,
 )
+from adasap.io import atomic_write_json
+from adasap.latency import run_latency
 from adasap.neurons import CRITERIA
 from adasap.pipeline import METHODS
 
@@ -145,6 +148,18 @@ def build_parser() -> argparse.ArgumentParser:
         [o for o in RUN_OPTIONS if o[1] in EVAL_KEYS],
         [o for o in RUN_SWITCHES if o[1] in EVAL_KEYS],
     )
+    export = commands.add_parser("export", help="export a saved model to ONNX, checked")
+    export.add_argument("path", help="a run directory or a model directory")
+    export.add_argument("--onnx", required=True, help="the .onnx file to write")
+    export.add_argument("--method", help="which model of the run (when it holds several)")
+    export.add_argument("--opset", type=int, default=17, help="ONNX opset, >= 17")
+    latency = commands.add_parser(
+        "latency", help="latency and throughput of a run's models beside the dense one"
+    )
+    latency.add_argument("path", help="a run directory (or a model directory)")
+    latency.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
+    latency.add_argument("--device", default="cpu", help="cpu or cuda (PyTorch eager)")
+    latency.add_argument("--repeats", type=int, default=20)
     for name, what, presets in (
         ("bench", "the benchmark grid (methods x criteria x keeps x seeds)", PRESETS),
         ("sweep", "the tuning sweep (scored on validation data and the 4 extra corruptions)",
@@ -213,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command in ("bench", "sweep"):
         return _bench_or_sweep(args)
+    if args.command in ("export", "latency"):
+        return _deploy(args)
     try:
         config, resume = config_from_args(args)
         if args.command == "train":
@@ -236,6 +253,25 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    return 0
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    console = Console()
+    try:
+        if args.command == "export":
+            report = export_onnx(select_model(args.path, args.method), args.onnx, opset=args.opset)
+            console.print(str(report))
+            return 0 if report.passed else 1
+        comparison = run_latency(
+            args.path, batch_sizes=args.batch_sizes, device=args.device, repeats=args.repeats
+        )
+        console.print(comparison.table())
+        written = atomic_write_json(Path(args.path) / "latency.json", comparison.to_dict())
+        console.print(f"latency: {written}")
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
