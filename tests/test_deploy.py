@@ -1,0 +1,105 @@
+import pytest
+import torch
+
+from adasap.deploy import (
+    export_onnx,
+    find_models,
+    onnx_session,
+    select_model,
+)
+from adasap.errors import UserError
+from adasap.models import build_model, find_classifier
+from adasap.neurons import NeuronLayout, magnitude_scores
+from adasap.pruning import measure_size, remove_neurons, select_neurons, size_predictor
+from adasap.serialization import load_model, save_model
+
+ARCHITECTURE = dict(
+    name="resnet20", num_classes=10, in_channels=3, image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3
+)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run directory holding one ResNet-20 pruned to half its parameters."""
+    torch.manual_seed(0)
+    model = build_model(**ARCHITECTURE).eval()
+    example = torch.rand(2, 3, 32, 32)
+    layout = NeuronLayout(model, example, [find_classifier(model, 10)])
+    dense = measure_size(model, example)
+    chosen = select_neurons(
+        layout, magnitude_scores(layout), dense.params // 2, size_predictor(layout, dense, "params")
+    )
+    remove_neurons(layout, chosen)
+    run = tmp_path_factory.mktemp("run")
+    save_model(run / "adasap", model, ARCHITECTURE, layout.graph.pruning_history())
+    return run
+
+
+def test_export_round_trip_matches_pytorch_with_dynamic_batch(run_dir, tmp_path):
+    path = tmp_path / "out" / "model.onnx"
+    report = export_onnx(run_dir, path)  # a run with one model: that one
+    assert report.passed and report.max_abs_diff < 1e-4
+    assert report.opset >= 17 and report.batch_sizes == (1, 5)
+    assert report.file_bytes == path.stat().st_size > 0
+    assert "passed" in str(report) and report.to_dict()["passed"] is True
+    assert [p.name for p in path.parent.iterdir()] == ["model.onnx"]
+
+    model = load_model(run_dir / "adasap")
+    session = onnx_session(path)
+    x = torch.rand(7, 3, 32, 32)
+    (got,) = session.run(None, {"images": x.numpy()})
+    with torch.no_grad():
+        expected = model(x).numpy()
+    assert got.shape == (7, 10)
+    assert abs(got - expected).max() < 1e-4
+
+
+def test_export_of_a_module_needs_the_image_size(run_dir, tmp_path):
+    model = load_model(run_dir / "adasap")
+    with pytest.raises(UserError, match="image_size"):
+        export_onnx(model, tmp_path / "m.onnx")
+    report = export_onnx(model, tmp_path / "m.onnx", image_size=32, check=False)
+    assert report.input_shape == (3, 32, 32) and not report.checked and not report.passed
+    assert "not checked" in str(report)
+
+
+def test_unwritable_onnx_path_is_a_user_error_and_leaves_nothing(run_dir, tmp_path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a directory")
+    with pytest.raises(UserError, match="cannot write"):
+        export_onnx(run_dir / "adasap", blocker / "model.onnx", check=False)
+    folder = tmp_path / "taken"
+    folder.mkdir()
+    with pytest.raises(UserError, match="cannot write"):
+        export_onnx(run_dir / "adasap", folder, check=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "taken"]
+    assert list(folder.iterdir()) == []
+
+
+def test_unsupported_opset_is_a_user_error(run_dir, tmp_path):
+    with pytest.raises(UserError, match="opset 13"):
+        export_onnx(run_dir / "adasap", tmp_path / "m.onnx", opset=13)
+
+
+def test_directory_without_a_model_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="no models"):
+        export_onnx(tmp_path, tmp_path / "m.onnx")
+    with pytest.raises(UserError, match="no models"):
+        find_models(tmp_path)
+    with pytest.raises(UserError, match="not a directory"):
+        find_models(tmp_path / "missing")
+
+
+def test_find_and_select_models(run_dir, tmp_path):
+    assert find_models(run_dir) == {"adasap": run_dir / "adasap"}
+    assert find_models(run_dir / "adasap") == {"adasap": run_dir / "adasap"}
+    assert select_model(run_dir) == run_dir / "adasap"
+    with pytest.raises(UserError, match="choose one of adasap"):
+        select_model(run_dir, "sgd")
+    for method in ("sgd", "adasap"):
+        (tmp_path / method).mkdir()
+        (tmp_path / method / "model.json").write_text("{}")
+    assert list(find_models(tmp_path)) == ["adasap", "sgd"]
+    with pytest.raises(UserError, match=r"several models \(adasap, sgd\).*--method"):
+        select_model(tmp_path)
+    assert select_model(tmp_path, "sgd") == tmp_path / "sgd"

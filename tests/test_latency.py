@@ -1,0 +1,300 @@
+import json
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+from rich.console import Console
+from torch import nn
+
+from adasap import latency
+from adasap.errors import UserError
+from adasap.latency import (
+    LatencyTable,
+    LayerGrid,
+    compare_latency,
+    latency_budget,
+    latency_predictor,
+    latency_ranking,
+    layer_specs,
+    measure_latency,
+    prune_to_latency,
+    run_latency,
+)
+from adasap.models import build_model, find_classifier
+from adasap.neurons import NeuronLayout, magnitude_scores, normalize_scores
+from adasap.pruning import measure_size, remove_neurons, select_neurons, size_predictor
+from adasap.serialization import save_model
+
+ARCHITECTURE = dict(
+    name="resnet20", num_classes=10, in_channels=3, image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3
+)
+FAST = dict(warmup=0, repeats=2)
+# Two repeats on a shared machine may well be noisy: test_noisy_timing_warns checks the warning.
+pytestmark = pytest.mark.filterwarnings("ignore:latency on this machine is noisy")
+TABLE = dict(points=3, warmup=0, repeats=1)
+
+
+def resnet20() -> nn.Module:
+    torch.manual_seed(0)
+    return build_model(**ARCHITECTURE).eval()
+
+
+def layout_of(model: nn.Module) -> NeuronLayout:
+    return NeuronLayout(model, torch.rand(2, 3, 32, 32), [find_classifier(model, 10)])
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory) -> LatencyTable:
+    model = resnet20()
+    return LatencyTable.measure(
+        layout_of(model),
+        torch.rand(1, 3, 32, 32),
+        cache_dir=tmp_path_factory.mktemp("latency"),
+        **TABLE,
+    )
+
+
+@pytest.fixture(scope="module")
+def pruned_pair() -> tuple[nn.Module, nn.Module, NeuronLayout]:
+    dense, pruned = resnet20(), resnet20()
+    layout = layout_of(pruned)
+    example = torch.rand(2, 3, 32, 32)
+    size = measure_size(pruned, example)
+    predict = size_predictor(layout, size, "macs")
+    remove_neurons(
+        layout, select_neurons(layout, magnitude_scores(layout), size.macs // 2, predict)
+    )
+    return dense, pruned, layout
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_measure_latency_results(backend):
+    results = measure_latency(
+        resnet20(), (3, 32, 32), batch_sizes=(1, 3), backend=backend, warmup=1, repeats=3
+    )
+    assert [r.batch_size for r in results] == [1, 3]
+    for r in results:
+        assert r.backend == backend and r.device == "cpu" and r.repeats == 3
+        assert 0 < r.p10_ms <= r.median_ms <= r.p90_ms
+        assert math.isclose(r.images_per_second, r.batch_size * 1e3 / r.median_ms)
+        assert json.dumps(r.to_dict())
+
+
+def test_measure_latency_leaves_the_model_alone():
+    model = resnet20().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    measure_latency(model, (3, 32, 32), batch_sizes=(2,), **FAST)
+    assert model.training
+    assert model.net.conv1.weight.is_contiguous()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_bad_timing_input_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="unknown backend"):
+        measure_latency(resnet20(), (3, 32, 32), backend="tensorrt")
+    with pytest.raises(UserError, match="repeats"):
+        measure_latency(resnet20(), (3, 32, 32), repeats=0)
+    with pytest.raises(UserError, match="batch sizes"):
+        measure_latency(resnet20(), (3, 32, 32), batch_sizes=(0,))
+    with pytest.raises(UserError, match="no models"):
+        measure_latency(tmp_path)
+    with pytest.raises(UserError, match="no models"):
+        run_latency(tmp_path)
+
+
+def test_compare_latency_and_run_directory(pruned_pair, tmp_path):
+    dense, pruned, layout = pruned_pair
+    comparison = compare_latency(
+        dense, pruned, (3, 32, 32), batch_sizes=(1, 2), backends=("torch", "onnxruntime"), **FAST
+    )
+    assert [(r["backend"], r["batch_size"]) for r in comparison.rows] == [
+        ("torch", 1),
+        ("torch", 2),
+        ("onnxruntime", 1),
+        ("onnxruntime", 2),
+    ]
+    for r in comparison.rows:
+        assert math.isclose(r["speedup"], r["dense_ms"] / r["pruned_ms"])
+    assert json.loads(json.dumps(comparison.to_dict()))["machine"]["torch"] == torch.__version__
+    console = Console(record=True, width=150)
+    console.print(comparison.table())
+    assert "speedup" in console.export_text()
+
+    save_model(tmp_path / "adasap", pruned, ARCHITECTURE, layout.graph.pruning_history())
+    rows = run_latency(tmp_path, batch_sizes=(1,), backends=("torch",), **FAST).rows
+    assert [(r["model"], r["batch_size"]) for r in rows] == [("adasap", 1)]
+    (result,) = measure_latency(tmp_path / "adasap", batch_sizes=(1,), **FAST)
+    assert result.median_ms > 0
+
+
+def test_table_is_cached_per_machine(table, monkeypatch):
+    assert table.measured > 0 and table.path.is_file()
+    assert len(table.layers) > len(table.grids)  # identical layers share one measurement
+    calls = []
+
+    def count(runs, *args, **kwargs):
+        calls.append(runs)
+        return [[1.0]] * len(runs)
+
+    monkeypatch.setattr(latency, "_interleaved", count)
+    again = LatencyTable.measure(
+        layout_of(resnet20()), torch.rand(1, 3, 32, 32), cache_dir=table.path.parent, **TABLE
+    )
+    assert calls == [] and again.measured == 0
+    assert again.grids == table.grids and again.layers == table.layers
+    other_grid = LatencyTable.measure(
+        layout_of(resnet20()),
+        torch.rand(1, 3, 32, 32),
+        cache_dir=table.path.parent,
+        points=2,
+        warmup=0,
+        repeats=1,
+    )
+    assert other_grid.measured > 0 and calls
+
+
+def test_damaged_cache_is_measured_again(tmp_path):
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)
+    )
+    layout = NeuronLayout(model, torch.rand(1, 3, 8, 8), [model[3]])
+    first = LatencyTable.measure(layout, torch.rand(1, 3, 8, 8), cache_dir=tmp_path, **TABLE)
+    first.path.write_text("{not json")
+    with pytest.warns(UserWarning, match="unusable"):
+        again = LatencyTable.measure(layout, torch.rand(1, 3, 8, 8), cache_dir=tmp_path, **TABLE)
+    assert again.measured == first.measured == 2  # the conv and the linear layer
+    assert json.loads(first.path.read_text())["format"] == "adasap-latency-table"
+
+
+def test_layer_grid_interpolates_bilinearly_and_clamps():
+    grid = LayerGrid(
+        ins=[1, 3], outs=[2, 4, 8], ms=[[i + 10 * o for o in (2, 4, 8)] for i in (1, 3)]
+    )
+    assert grid.at(2, 6) == pytest.approx(2 + 60)
+    assert grid.at(1, 2) == pytest.approx(21) and grid.at(3, 8) == pytest.approx(83)
+    assert grid.at(10, 100) == pytest.approx(83)
+    single = LayerGrid(ins=[5], outs=[1, 5], ms=[[1.0, 3.0]])
+    assert single.at(5, 3) == pytest.approx(2.0)
+
+
+def test_layer_specs_follow_the_model():
+    specs = layer_specs(layout_of(resnet20()), (3, 32, 32))
+    stem = specs["net.conv1"]
+    assert (stem.prune_in, stem.prune_out, stem.batchnorm) == (False, True, True)
+    down = specs["net.layer2.0.conv1"]
+    assert down.stride == (2, 2) and down.input_size == (32, 32) and down.in_channels == 16
+    assert specs["net.layer3.1.conv2"].input_size == (8, 8)
+    fc = specs["net.fc"]
+    assert (fc.kind, fc.prune_in, fc.prune_out) == ("linear", True, False)
+
+    class Depthwise(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.dw = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8)
+            self.pw = nn.Conv2d(8, 16, 1)
+            self.fc = nn.Linear(16, 5)
+
+        def forward(self, x):
+            return self.fc(self.pw(torch.relu(self.dw(self.conv(x)))).mean((2, 3)))
+
+    model = Depthwise()
+    specs = layer_specs(NeuronLayout(model, torch.rand(1, 3, 16, 24), [model.fc]), (3, 16, 24))
+    dw = specs["dw"]
+    assert dw.depthwise and not dw.prune_in and dw.input_size == (16, 24)
+    assert dw.build(5, 5)(torch.rand(1, *dw.input_shape(8, 5))).shape == (1, 5, 8, 12)
+
+
+def test_predictor_is_anchored_and_monotone(table):
+    layout = layout_of(resnet20())
+    predict = latency_predictor(layout, table, current_latency=2.5)
+    nothing = torch.zeros(layout.num_neurons, dtype=torch.bool)
+    assert predict(nothing) == pytest.approx(2.5)
+    order = torch.randperm(layout.num_neurons, generator=torch.Generator().manual_seed(0))
+    values = []
+    for count in range(0, layout.num_neurons + 1, 16):
+        removed = nothing.clone()
+        removed[order[:count]] = True
+        values.append(predict(removed))
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+    assert values[-1] < values[0]
+
+    # A table that adds up to more than the model is scaled to fit: still anchored, never < 0.
+    layers_ms = sum(table.layer_ms(name, 1e9, 1e9) for name in table.layers)
+    small = latency_predictor(layout, table, current_latency=layers_ms / 10)
+    assert small(nothing) == pytest.approx(layers_ms / 10)
+    assert 0 <= small(removed) < small(nothing)
+
+
+def test_ranking_divides_scores_by_latency_saved(table):
+    layout = layout_of(resnet20())
+    scores = torch.ones(layout.num_neurons)
+    ranking = latency_ranking(layout, scores, table)
+    assert ranking.shape == scores.shape and (ranking > 0).all()
+    index = layout.group_index()
+    for g in range(len(layout.groups)):
+        assert ranking[index == g].unique().numel() == 1  # one cost per group
+
+
+def compute_bound(table: LatencyTable) -> LatencyTable:
+    """The table's layers costing ``in x out`` ms: far above any measured model latency, so
+    predictions scale the model's latency by the layers' share (deterministic on a busy box)."""
+    grids = {
+        key: LayerGrid(g.ins, g.outs, [[float(i * o) for o in g.outs] for i in g.ins])
+        for key, g in table.grids.items()
+    }
+    return replace(table, grids=grids)
+
+
+def test_latency_budget_pruning_meets_the_predicted_budget(table):
+    model = resnet20()
+    report = prune_to_latency(
+        model, torch.rand(2, 3, 32, 32), 0.6, table=compute_bound(table), **FAST
+    )
+    assert report.predicted_ms <= report.budget_ms + 1e-9
+    assert report.budget_ms == pytest.approx(0.6 * report.dense_ms)
+    assert report.removed > 0 and report.pruning_history
+    assert report.measured_ms > 0 and "vs budget" in str(report)
+    assert model(torch.rand(3, 3, 32, 32)).shape == (3, 10)
+
+
+def test_budget_steps_follow_the_prediction(table):
+    model = resnet20()
+    example = torch.rand(2, 3, 32, 32)
+    layout = layout_of(model)
+    budget = latency_budget(layout, example, 0.7, table=compute_bound(table), **FAST)
+    first_target = (budget.dense_ms + budget.target_ms) / 2
+    scores = normalize_scores(magnitude_scores(layout), layout)
+    remove_neurons(layout, budget.select(layout, scores, first_target))
+    assert budget.current_ms <= first_target
+    layout = layout_of(model)
+    remove_neurons(
+        layout, budget.select(layout, normalize_scores(magnitude_scores(layout), layout))
+    )
+    assert budget.current_ms <= budget.target_ms
+
+
+def test_noisy_timing_warns(table, monkeypatch):
+    monkeypatch.setattr(latency, "_interleaved", lambda *a, **k: [[1.0] * 5 + [10.0] * 5])
+    layout = layout_of(resnet20())
+    with pytest.warns(UserWarning, match="noisy"):
+        budget = latency_budget(layout, torch.rand(1, 3, 32, 32), 0.5, table=table)
+    assert budget.dense_ms == 5.5 and budget.target_ms == 2.75
+
+
+@pytest.mark.parametrize("keep", [0.0, -0.5, 1.5, float("nan")])
+def test_budget_outside_zero_one_is_a_user_error(keep):
+    with pytest.raises(UserError, match=r"\(0, 1\]"):
+        prune_to_latency(resnet20(), torch.rand(2, 3, 32, 32), keep)
+
+
+def test_unreachable_budget_is_a_user_error(table):
+    # Flat grids: removing channels saves nothing, so no budget below the dense latency is met.
+    flat = {
+        k: LayerGrid(g.ins, g.outs, [[1.0] * len(g.outs)] * len(g.ins))
+        for k, g in table.grids.items()
+    }
+    flat_table = replace(table, grids=flat)
+    with pytest.raises(UserError, match="without emptying a layer"):
+        prune_to_latency(resnet20(), torch.rand(2, 3, 32, 32), 0.5, table=flat_table, **FAST)
