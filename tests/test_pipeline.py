@@ -127,3 +127,13 @@ def test_model_without_prunable_layers_is_a_user_error(data):
 def test_bad_settings_are_user_errors(overrides, message):
     with pytest.raises(UserError, match=message):
         with_overrides(PruneSettings(), overrides).validate()
+
+
+def test_prune_to_a_latency_budget(tmp_path, monkeypatch, data, dense):
+    monkeypatch.setenv("ADASAP_CACHE", str(tmp_path))
+    result = prune(dense, data, keep=0.9, keep_kind="latency", **FAST)
+    latency = result.latency
+    assert latency["budget_ms"] == pytest.approx(0.9 * latency["dense_ms"])
+    assert latency["predicted_ms"] <= latency["budget_ms"] * 1.0001
+    assert latency["measured_ms"] > 0
+    assert result.size.params < result.dense_size.params

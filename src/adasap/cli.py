@@ -42,7 +42,7 @@ RUN_OPTIONS: tuple[tuple[str, str, str], ...] = (
     ("--methods", "methods", f"pruning methods to compare: {', '.join(METHODS)}"),
     ("--criterion", "criterion", f"neuron importance: {', '.join(CRITERIA)}"),
     ("--keep", "keep", "fraction of the dense size to keep, in (0, 1]"),
-    ("--keep-kind", "keep_kind", "what --keep counts: params or macs"),
+    ("--keep-kind", "keep_kind", "what --keep counts: params, macs or latency (measured here)"),
     ("--train-limit", "train_limit", "training images to use ('none' for all)"),
     ("--test-limit", "test_limit", "test images to use ('none' for all)"),
     ("--corruption-limit", "corruption_limit", "test images to corrupt ('none' for all)"),

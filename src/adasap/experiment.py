@@ -346,6 +346,8 @@ def pruned_row(
     save_model(method_dir, model, _architecture(config, data), result.pruning_history)
     row = {"method": method, **evaluate_model(model, data, config, run_dir, method, official)}
     row.update(params=result.size.params, macs=result.size.macs, seconds=result.seconds)
+    if result.latency is not None:
+        row["latency"] = result.latency
     atomic_write_json(summary, {**row, "history": result.history})
     (method_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
     return row

@@ -28,6 +28,7 @@ from adasap.checkpoint import (
 )
 from adasap.data import batches
 from adasap.errors import UserError
+from adasap.latency import latency_budget, measure_latency
 from adasap.models import find_classifier
 from adasap.neurons import (
     CRITERIA,
@@ -112,8 +113,8 @@ class PruneSettings:
             )
         if not 0 < self.keep <= 1:
             raise UserError(f"keep fraction must be in (0, 1], got {self.keep}: e.g. --keep 0.5")
-        if self.keep_kind not in ("params", "macs"):
-            raise UserError(f"keep kind must be 'params' or 'macs', got {self.keep_kind!r}")
+        if self.keep_kind not in ("params", "macs", "latency"):
+            raise UserError(f"keep kind must be params, macs or latency, got {self.keep_kind!r}")
         for name in ("warmup_epochs", "prune_epochs", "finetune_epochs", "lr_warmup_epochs"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -149,11 +150,13 @@ class PruneResult:
     model: nn.Module
     dense_size: ModelSize
     size: ModelSize
-    target: int
+    target: float
     history: list[dict[str, Any]]
     pruning_history: list[list[Any]]
     seconds: float
     val_accuracy: float
+
+    latency: dict[str, float] | None = None
 
     def keep_fraction(self, kind: str) -> float:
         return self.size.of(kind) / max(self.dense_size.of(kind), 1)
@@ -324,7 +327,17 @@ class _Run:
                 "ignored layers): pass a model with convolutions or fewer ignored layers"
             )
         self.dense = measure_size(self.model, self.example)
-        self.target = int(settings.keep * self.dense.of(settings.keep_kind))
+        # A latency budget is measured on this machine, on the device the model trains on.
+        self.budget = (
+            latency_budget(self.layout, self.example[:1], settings.keep, device=self.device.type)
+            if settings.keep_kind == "latency"
+            else None
+        )
+        self.target = (
+            self.budget.target_ms
+            if self.budget is not None
+            else int(settings.keep * self.dense.of(settings.keep_kind))
+        )
         self.size = self.dense
         self.pruning_history: list[list[Any]] = []
         self.spe = steps_per_epoch(data.train, settings.batch_size)
@@ -375,6 +388,9 @@ class _Run:
             "pruning_history": self.pruning_history,
             "radii": radii,
             "taylor": None if self.taylor is None else [self.taylor.total, self.taylor.batches],
+            "latency_ms": None
+            if self.budget is None
+            else [self.budget.dense_ms, self.budget.current_ms],
         }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -383,6 +399,10 @@ class _Run:
                 f"{self.checkpoint} was written with other settings: resume with the run's "
                 "own config, or delete the checkpoint to start afresh"
             )
+        if self.budget is not None:
+            # the resumed run keeps the budget it started with, not a new noisy measurement
+            self.budget.dense_ms, self.budget.current_ms = state["latency_ms"]
+            self.target = self.budget.target_ms
         self.pruning_history = state["pruning_history"]
         _replay_pruning(self.model, self.pruning_history, self.example)
         self.model.load_state_dict(state["model"])
@@ -453,16 +473,21 @@ class _Run:
 
     def _prune(self, step_number: int) -> None:
         kind = self.s.keep_kind
-        dense = self.dense.of(kind)
-        target = round(dense - (dense - self.target) * step_number / self.prune_count)
-        chosen = select_neurons(
-            self.layout,
-            self._scores(),
-            target,
-            size_predictor(self.layout, self.size, kind),
-            kind,
-            self.s.min_channels,
-        )
+        if self.budget is not None:
+            dense = self.budget.dense_ms
+            target = dense - (dense - self.target) * step_number / self.prune_count
+            chosen = self.budget.select(self.layout, self._scores(), target, self.s.min_channels)
+        else:
+            dense = self.dense.of(kind)
+            target = round(dense - (dense - self.target) * step_number / self.prune_count)
+            chosen = select_neurons(
+                self.layout,
+                self._scores(),
+                target,
+                size_predictor(self.layout, self.size, kind),
+                kind,
+                self.s.min_channels,
+            )
         state = named_optimizer_state(self.model, self.optimizer)
         kept = remove_neurons(self.layout, chosen)
         self.pruning_history.extend(self.layout.graph.pruning_history())
@@ -484,6 +509,8 @@ class _Run:
             self._refresh_radii()
 
     def size_label(self) -> str:
+        if self.budget is not None:
+            return f"latency {self.budget.current_ms / self.budget.dense_ms:.2f} (predicted)"
         fraction = self.size.of(self.s.keep_kind) / max(self.dense.of(self.s.keep_kind), 1)
         return f"size {fraction:.2f}"
 
@@ -515,6 +542,18 @@ class _Run:
                 )
         self.model.eval()
         history = loop.history
+        latency = None
+        if self.budget is not None:
+            (measured,) = measure_latency(
+                self.model, tuple(self.example.shape[1:]), batch_sizes=(1,),
+                device=self.device.type,
+            )  # fmt: skip
+            latency = {
+                "dense_ms": self.budget.dense_ms,
+                "budget_ms": self.budget.target_ms,
+                "predicted_ms": self.budget.current_ms,
+                "measured_ms": measured.median_ms,
+            }
         return PruneResult(
             model=self.model,
             dense_size=self.dense,
@@ -524,6 +563,7 @@ class _Run:
             pruning_history=self.pruning_history,
             seconds=loop.elapsed(),
             val_accuracy=history[-1]["val_accuracy"] if history else float("nan"),
+            latency=latency,
         )
 
     def taylor_hook(self) -> None:
