@@ -48,15 +48,15 @@ class ExperimentConfig:
     data_dir: str | None = None
     model: str = "resnet20"
     methods: tuple[str, ...] = ("sgd", "adasap")
-    train_limit: int | None = 12000
-    test_limit: int | None = 2000
-    corruption_limit: int | None = 500
+    train_limit: int | None = 24000
+    test_limit: int | None = None
+    corruption_limit: int | None = 1000
     corruptions: str = "all"
-    dense_epochs: float = 6.0
+    dense_epochs: float = 8.0
     dense_lr: float = 0.1
     prune: PruneSettings = field(
         default_factory=lambda: PruneSettings(
-            warmup_epochs=1.0, prune_epochs=1.0, finetune_epochs=2.0, prune_steps=3
+            warmup_epochs=1.0, prune_epochs=2.0, finetune_epochs=3.0, prune_steps=4
         )
     )
     out_dir: str = "runs"
@@ -66,7 +66,9 @@ class ExperimentConfig:
 
     @property
     def reduced(self) -> bool:
-        return any(v is not None for v in (self.train_limit, self.test_limit))
+        return any(
+            v is not None for v in (self.train_limit, self.test_limit, self.corruption_limit)
+        )
 
     def to_flat(self) -> dict[str, Any]:
         """One flat mapping, as YAML config files and run directories hold it."""
