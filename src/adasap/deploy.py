@@ -173,17 +173,20 @@ class ExportReport:
         )
 
 
+def onnx_runs_on(device: str) -> bool:
+    """Whether onnxruntime can run on ``device`` ("cpu", "cuda", ...) here."""
+    cuda = device.startswith("cuda")
+    return not cuda or "CUDAExecutionProvider" in ort.get_available_providers()
+
+
 def onnx_session(path: str | Path, device: str = "cpu") -> ort.InferenceSession:
     """An onnxruntime session on the CPU, or on CUDA when ``device`` says so."""
-    if device.startswith("cuda"):
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise UserError(
-                "onnxruntime has no CUDA provider here: install onnxruntime-gpu or use the CPU"
-            )
-        providers = ["CUDAExecutionProvider"]
-    else:
-        providers = ["CPUExecutionProvider"]
-    return ort.InferenceSession(str(path), providers=providers)
+    if not onnx_runs_on(device):
+        raise UserError(
+            "onnxruntime has no CUDA provider here: install onnxruntime-gpu or use the CPU"
+        )
+    provider = "CUDAExecutionProvider" if device.startswith("cuda") else "CPUExecutionProvider"
+    return ort.InferenceSession(str(path), providers=[provider])
 
 
 def max_onnx_difference(

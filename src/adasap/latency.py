@@ -41,7 +41,14 @@ import torch
 from rich.table import Table
 from torch import Tensor, nn
 
-from adasap.deploy import INPUT_NAME, find_models, onnx_session, resolve_model, write_onnx
+from adasap.deploy import (
+    INPUT_NAME,
+    find_models,
+    onnx_runs_on,
+    onnx_session,
+    resolve_model,
+    write_onnx,
+)
 from adasap.errors import UserError
 from adasap.io import atomic_write_json
 from adasap.models import build_model
@@ -188,7 +195,7 @@ def _time_models(
     warmup: int,
     repeats: int,
 ) -> list[list[LatencyResult]]:
-    """Per model, a result per batch size; the models take turns at each batch size."""
+    """Per model, a result per batch size; PyTorch models take turns at each batch size."""
     _check_timing(backend, batch_sizes, warmup, repeats)
     dev = resolve_device(device)
     results: list[list[LatencyResult]] = [[] for _ in models]
@@ -199,7 +206,12 @@ def _time_models(
         ]
         for batch in batch_sizes:
             runs = [at(batch) for at in forwards]
-            times = _interleaved(runs, warmup, repeats, _sync(backend, dev))
+            if backend == "onnxruntime":
+                # Each session spins its own threads for a while after a run: taking turns,
+                # they would steal the cores from each other. One session at a time instead.
+                times = [_interleaved([run], warmup, repeats)[0] for run in runs]
+            else:
+                times = _interleaved(runs, warmup, repeats, _sync(backend, dev))
             for out, t in zip(results, times, strict=True):
                 out.append(LatencyResult.from_times(t, backend, str(dev), batch))
     return results
@@ -300,7 +312,11 @@ def compare_latency(
     warmup: int = 5,
     repeats: int = 20,
 ) -> LatencyComparison:
-    """Time the dense model and each pruned one, taking turns; speedup = dense / pruned."""
+    """Time the dense model and each pruned one; speedup = dense / pruned.
+
+    With PyTorch the models take turns at each repeat, so that a change in machine load hits
+    them alike; onnxruntime sessions are timed one after the other (see :func:`_time_models`).
+    """
     models = dict(pruned) if isinstance(pruned, Mapping) else {"pruned": pruned}
     rows = []
     for backend in backends:
@@ -339,17 +355,20 @@ def run_latency(
     run_dir: str | Path,
     *,
     batch_sizes: Sequence[int] = (1, 64),
-    backends: Sequence[str] = BACKENDS,
+    backends: Sequence[str] | None = None,
     device: str = "cpu",
     warmup: int = 5,
     repeats: int = 20,
 ) -> LatencyComparison:
     """Every pruned model of a run directory beside its dense architecture.
 
-    The dense model is rebuilt with fresh weights from the saved architecture: latency does not
-    depend on the weight values, and the trained dense model lives in a cache the run does not
-    point to.
+    ``backends`` defaults to PyTorch, and onnxruntime where it runs on ``device``. The dense
+    model is rebuilt with fresh weights from the saved architecture: latency does not depend
+    on the weight values, and the trained dense model lives in a cache the run does not point
+    to.
     """
+    if backends is None:
+        backends = BACKENDS if onnx_runs_on(device) else ("torch",)
     models = find_models(run_dir)
     architecture = read_description(next(iter(models.values())))["architecture"]
     pruned = {name: load_model(path) for name, path in models.items()}
