@@ -6,6 +6,8 @@ from adasap.pipeline import PruneResult, PruneSettings, prune, train
 from adasap.robustness import CorruptionReport, evaluate_corruptions
 from adasap.serialization import load_model, save_model
 
+load = load_model  # ``adasap.load(path)``: the short name for a saved pruned model
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -17,6 +19,7 @@ __all__ = [
     "UserError",
     "__version__",
     "evaluate_corruptions",
+    "load",
     "load_model",
     "prune",
     "save_model",
