@@ -24,6 +24,7 @@ from adasap.corruptions import CORRUPTIONS
 from adasap.data import DataBundle, batches, get_spec, load_dataset
 from adasap.errors import UserError
 from adasap.io import atomic_write_json, atomic_write_text
+from adasap.latency import measure_latency
 from adasap.models import build_model
 from adasap.pipeline import PruneSettings, prune, train
 from adasap.pruning import measure_size
@@ -205,6 +206,12 @@ def _example(data: DataBundle) -> torch.Tensor:
     return as_tensor(data.test.subset(torch.arange(2)))
 
 
+def _latency_ms(model, data: DataBundle) -> float:
+    """Median CPU latency of one image (batch 1): what an edge deployment sees."""
+    (result,) = measure_latency(model.cpu(), tuple(_example(data).shape[1:]), batch_sizes=(1,))
+    return result.median_ms
+
+
 def evaluate_model(
     model,
     data: DataBundle,
@@ -305,6 +312,7 @@ def _rows(config: ExperimentConfig, data: DataBundle, run_dir: Path, console) ->
             **evaluate_model(dense, data, config, run_dir, "dense"),
             "params": dense_size.params,
             "macs": dense_size.macs,
+            "latency_ms": _latency_ms(dense, data),
             "seconds": dense_info.get("seconds"),
         }
     ]
@@ -347,7 +355,12 @@ def pruned_row(
     model = result.model.cpu()
     save_model(method_dir, model, _architecture(config, data), result.pruning_history)
     row = {"method": method, **evaluate_model(model, data, config, run_dir, method, official)}
-    row.update(params=result.size.params, macs=result.size.macs, seconds=result.seconds)
+    row.update(
+        params=result.size.params,
+        macs=result.size.macs,
+        latency_ms=_latency_ms(model, data),
+        seconds=result.seconds,
+    )
     if result.latency is not None:
         row["latency"] = result.latency
     atomic_write_json(summary, {**row, "history": result.history})

@@ -14,6 +14,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("clean_accuracy", "clean acc"),
     ("corruption_accuracy", "corrupted acc"),
     ("extra_accuracy", "extra corr. acc"),
+    ("latency_ms", "CPU latency (b1)"),
     ("seconds", "wall time"),
 )
 
@@ -25,6 +26,8 @@ def _format(key: str, value: Any) -> str:
         return f"{value / 1e6:.3f}M" if value >= 1e5 else f"{value / 1e3:.1f}K"
     if key.endswith("accuracy"):
         return f"{100 * value:.2f}%"
+    if key == "latency_ms":
+        return f"{value:.2f} ms"
     if key == "seconds":
         return f"{value / 60:.1f} min" if value >= 60 else f"{value:.0f} s"
     return str(value)
