@@ -114,10 +114,8 @@ def test_run_end_to_end_writes_table_and_models(isolated, capsys):
         assert (run_dir / row["method"] / "model.safetensors").is_file()
         assert (run_dir / row["method"] / "metrics.jsonl").read_text().count("\n") == 3
     table = (run_dir / "results.md").read_text()
-    assert (
-        "| method | params | MACs | clean acc | corrupted acc | extra corr. acc | CPU latency (b1) |"
-        in table
-    )
+    header = "| method | params | MACs | clean acc | corrupted acc | extra corr. acc |"
+    assert header + " CPU latency (b1) |" in table
     assert "adasap results" in stdout and "results.md" in stdout.replace("\n", "")
     # adasap eval re-evaluates every model of the run, here with the official-set path off
     (run_dir / "sgd" / "corruptions.json").unlink()
