@@ -32,11 +32,13 @@ def images_per_second(kind: str, channels_last: bool, steps: int, batch_size: in
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, kind, OptimizerSettings())
+    settings = OptimizerSettings()
+    optimizer = make_optimizer(model, kind, settings)
     if isinstance(optimizer, AdaSAP):
         layout = NeuronLayout(model, x[:2], [model.net.fc])
         scores = normalize_scores(magnitude_scores(layout), layout)
-        optimizer.set_radii(layout.ownership(), radii_from_scores(scores, 0.02, 0.2))
+        radii = radii_from_scores(scores, settings.rho_min, settings.rho_max)
+        optimizer.set_radii(layout.ownership(), radii)
     loss = lambda: torch.nn.functional.cross_entropy(model(x), y)  # noqa: E731
     for _ in range(3):  # warm-up
         sharpness_aware_step(model, optimizer, loss)

@@ -56,9 +56,10 @@ class OptimizerSettings:
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    # chosen by `adasap sweep --preset small` (docs/tuning.md): validation data, extra corruptions
     rho: float = 0.05
-    rho_min: float = 0.02
-    rho_max: float = 0.2
+    rho_min: float = 0.05
+    rho_max: float = 0.1
     normalization: Literal["global", "neuron"] = "global"
     asam: bool = False
     max_grad_norm: float | None = None
