@@ -2,7 +2,6 @@ import json
 from dataclasses import replace
 
 import pytest
-import torch
 from rich.console import Console
 
 import adasap.bench as bench
@@ -45,16 +44,6 @@ def tiny_smoke():
 
 def quiet():
     return Console(quiet=True)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two intra-op threads competing with another busy process for 2 cores run 10-100x
-    # slower (threads wait on each other); one thread keeps these tests fast everywhere.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

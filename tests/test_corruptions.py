@@ -32,15 +32,6 @@ SIZES = (8, 28, 32, 64, 224)
 RANDOM_CORRUPTIONS = tuple(n for n in CORRUPTIONS if n not in DETERMINISTIC_CORRUPTIONS)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: with small tensors on a busy runner, thread hand-offs cost the most."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @cache
 def _natural_images(n: int, channels: int, size: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)

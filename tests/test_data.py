@@ -22,15 +22,6 @@ from adasap.data import (
 from adasap.errors import UserError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors gain nothing from a thread pool, which spins badly on a shared 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def write_idx(path: Path, array: np.ndarray, *, gz: bool = False) -> Path:
     header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(
         f">{array.ndim}I", *array.shape

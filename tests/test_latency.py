@@ -35,16 +35,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:latency on this machine is noisy
 TABLE = dict(points=3, warmup=0, repeats=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Timing loops with two threads crawl when other processes hold the cores (each op waits
-    for the descheduled thread); these tests check structure, not speed."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def resnet20() -> nn.Module:
     torch.manual_seed(0)
     return build_model(**ARCHITECTURE).eval()

@@ -7,15 +7,6 @@ from adasap.errors import UserError
 from adasap.models import Normalize, build_model, find_classifier, list_models
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors gain nothing from a thread pool, which spins badly on a shared 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make(name, channels=3, size=32, classes=10, **kwargs):
     return build_model(
         name,

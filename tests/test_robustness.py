@@ -32,15 +32,6 @@ from adasap.robustness import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: with small tensors on a busy runner, thread hand-offs cost the most."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class LevelClassifier(nn.Module):
     """Predicts class (mean pixel level in 0..255) mod ``classes``: accuracy is easy to script."""
 
