@@ -33,6 +33,7 @@ from adasap.pruning import measure_size, remove_neurons, select_neurons, size_pr
 # name -> (image size, classes): CIFAR ResNet-20 at 32 px, ImageNet networks at 224 px.
 MODELS = {"resnet20": (32, 10), "resnet50": (224, 1000), "mobilenet_v2": (224, 1000)}
 GOAL_FACTOR = 0.8
+LATENCY_CHECKS = ("resnet20@1:0.5", "resnet20@1:0.7", "resnet20@64:0.5", "resnet50@1:0.5")
 
 
 def build(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
@@ -161,9 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         "--latency-checks",
         nargs="*",
         type=latency_check,
-        default=[latency_check(c) for c in ("resnet20@1:0.5", "resnet20@1:0.7", "resnet50@1:0.5")],
+        default=[latency_check(c) for c in LATENCY_CHECKS],
         metavar="MODEL@BATCH:KEEP",
-        help="latency-budget runs (default: resnet20@1:0.5 resnet20@1:0.7 resnet50@1:0.5)",
+        help=f"latency-budget runs (default: {' '.join(LATENCY_CHECKS)})",
     )
     parser.add_argument("--cache-dir", default=None, help="latency tables (default: ~/.cache)")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
