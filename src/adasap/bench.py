@@ -37,13 +37,12 @@ from adasap.errors import UserError
 from adasap.experiment import (
     ExperimentConfig,
     as_tensor,
-    cache_root,
     dense_model,
     evaluate_model,
     load_data,
     pruned_row,
 )
-from adasap.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from adasap.io import atomic_write_bytes, atomic_write_json, atomic_write_text, cache_root
 from adasap.latency import machine_info, measure_latency
 from adasap.pipeline import METHODS, prune
 from adasap.pruning import measure_size

@@ -15,7 +15,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import re
 import warnings
 from collections.abc import Callable, Sequence
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from adasap.errors import UserError
-from adasap.io import atomic_write, atomic_write_json
+from adasap.io import atomic_write, atomic_write_json, cache_root
 
 # --------------------------------------------------------------------------- names
 
@@ -1063,7 +1062,6 @@ def to_uint8(images: Tensor) -> Tensor:
 
 # --------------------------------------------------------------------------- render cache
 
-CACHE_ENV_VAR = "ADASAP_CACHE"
 # Bump whenever a corruption's output changes, so older caches are re-rendered.
 RENDER_VERSION = 1
 _RENDER_CHUNK = 64
@@ -1075,8 +1073,7 @@ def default_cache_dir() -> Path:
 
     ``$ADASAP_CACHE`` is adasap's cache root, shared with the other caches.
     """
-    root = os.environ.get(CACHE_ENV_VAR)
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "adasap") / "corruptions"
+    return cache_root() / "corruptions"
 
 
 def image_fingerprint(images: Tensor) -> str:

@@ -23,7 +23,7 @@ from adasap.checkpoint import CHECKPOINT_FILE, RunInterrupted
 from adasap.corruptions import CORRUPTIONS
 from adasap.data import DataBundle, batches, get_spec, load_dataset
 from adasap.errors import UserError
-from adasap.io import atomic_write_json, atomic_write_text
+from adasap.io import atomic_write_json, atomic_write_text, cache_root
 from adasap.latency import measure_latency
 from adasap.models import build_model
 from adasap.pipeline import PruneSettings, prune, train
@@ -99,12 +99,6 @@ class ExperimentConfig:
         if self.dense_epochs <= 0:
             raise UserError(f"dense epochs must be > 0, got {self.dense_epochs}")
         return self
-
-
-def cache_root(cache_dir: str | None = None) -> Path:
-    if cache_dir:
-        return Path(cache_dir)
-    return Path(os.environ.get("ADASAP_CACHE", Path.home() / ".cache" / "adasap"))
 
 
 def prepare_run_dir(out_dir: str, name: str, overwrite: bool) -> Path:

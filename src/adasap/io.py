@@ -10,6 +10,14 @@ from pathlib import Path
 from typing import Any
 
 
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """adasap's cache root: ``cache_dir``, else ``$ADASAP_CACHE``, else ``~/.cache/adasap``."""
+    if cache_dir:
+        return Path(cache_dir)
+    root = os.environ.get("ADASAP_CACHE")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "adasap"
+
+
 def _file_mode() -> int:
     """The mode a plain ``open(path, "w")`` would give (mkstemp's temp files are 0600)."""
     umask = os.umask(0)

@@ -51,10 +51,10 @@ from adasap.deploy import (
     write_onnx,
 )
 from adasap.errors import UserError
-from adasap.io import atomic_write_json
+from adasap.io import atomic_write_json, cache_root
 from adasap.models import build_model
 from adasap.neurons import NeuronLayout, magnitude_scores, normalize_scores
-from adasap.pruning import _axes, remove_neurons, select_neurons
+from adasap.pruning import remove_neurons, select_neurons, sliced_axes
 from adasap.serialization import load_model, read_description
 from adasap.training import resolve_device
 
@@ -492,7 +492,7 @@ def layer_specs(layout: NeuronLayout, input_shape: Sequence[int]) -> dict[str, L
     A conv's input size is its output size (``layout.output_pixels``) times its stride. Grouped
     (not depthwise) and transposed convs are left to the constant part of the prediction.
     """
-    pruned = {(id(p), dim) for p, dim, _ in _axes(layout).values()}
+    pruned = {(id(p), dim) for p, dim, _ in sliced_axes(layout).values()}
     _, height, width = input_shape
     specs = {}
     for name, module in layout.model.named_modules():
@@ -535,8 +535,7 @@ def layer_specs(layout: NeuronLayout, input_shape: Sequence[int]) -> dict[str, L
 
 def default_cache_dir() -> Path:
     """``$ADASAP_CACHE/latency``, by default ``~/.cache/adasap/latency``."""
-    root = os.environ.get("ADASAP_CACHE")
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "adasap") / "latency"
+    return cache_root() / "latency"
 
 
 def _cache_file(
@@ -673,7 +672,8 @@ class _TabledLayer:
 
 def _tabled_layers(layout: NeuronLayout, table: LatencyTable) -> list[_TabledLayer]:
     owners = {
-        (id(p), dim): torch.cat(axis.neuron_of_channel) for p, dim, axis in _axes(layout).values()
+        (id(p), dim): torch.cat(axis.neuron_of_channel)
+        for p, dim, axis in sliced_axes(layout).values()
     }
     modules = dict(layout.model.named_modules())
     layers = []

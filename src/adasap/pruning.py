@@ -45,7 +45,7 @@ class _SlicedAxis:
     neuron_of_channel: list[Tensor]
 
 
-def _axes(layout: NeuronLayout) -> dict[tuple[int, int], tuple[Tensor, int, _SlicedAxis]]:
+def sliced_axes(layout: NeuronLayout) -> dict[tuple[int, int], tuple[Tensor, int, _SlicedAxis]]:
     axes: dict[tuple[int, int], tuple[Tensor, int, _SlicedAxis]] = {}
     for group in layout.groups:
         for s in group.slices:
@@ -67,7 +67,7 @@ def predict_size(
     """
     fraction_kept: dict[int, float] = defaultdict(lambda: 1.0)
     params: dict[int, Tensor] = {}
-    for p, _dim, axis in _axes(layout).values():
+    for p, _dim, axis in sliced_axes(layout).values():
         gone = sum(int(removed[ids].sum()) for ids in axis.neuron_of_channel)
         fraction_kept[id(p)] *= (axis.size - gone) / axis.size
         params[id(p)] = p
@@ -148,7 +148,7 @@ def remove_neurons(layout: NeuronLayout, neuron_ids: Tensor) -> dict[str, dict[i
     removed[neuron_ids] = True
     names = {id(p): n for n, p in layout.model.named_parameters()}
     kept: dict[str, dict[int, Tensor]] = {}
-    for p, dim, axis in _axes(layout).values():
+    for p, dim, axis in sliced_axes(layout).values():
         keep = torch.ones(axis.size, dtype=torch.bool)
         for group in layout.groups:
             for s in group.slices:
