@@ -1,9 +1,10 @@
 """Measured speedup of pruned over dense models on this machine, side by side in one run.
 
-Part 1 prunes each model once to keep 50% of its MACs (L2 magnitude scores, normalised per
-group; no training: latency does not depend on the weights) and times dense beside pruned at
-batch 1 and 64 with PyTorch eager and onnxruntime on the CPU. Each speedup is printed next to
-the goal 0.8 x (dense MACs / pruned MACs).
+Part 1 prunes each model to keep 50% of its MACs (L2 magnitude scores, normalised per group;
+no training: latency does not depend on the weights), once with any channel counts and once
+with counts rounded to multiples of 16 (``--round-to``), and times dense beside both pruned
+models at batch 1 and 64 with PyTorch eager and onnxruntime on the CPU. Each speedup is
+printed next to the goal 0.8 x (dense MACs / pruned MACs).
 
 Part 2 prunes to a latency budget (AdaSAP_L's HALP-style predictor) and compares the measured
 latency of the pruned model with the budget (goal: within 10%).
@@ -45,32 +46,35 @@ def build(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
     return model.eval(), torch.rand(1, 3, size, size)
 
 
-def prune_macs(model: torch.nn.Module, example: torch.Tensor, keep: float) -> None:
+def prune_macs(model: torch.nn.Module, example: torch.Tensor, keep: float, round_to: int) -> None:
     """Remove the lowest-magnitude neurons until ``keep`` x the MACs remain (in place)."""
     classes = model(example).shape[1]
     layout = NeuronLayout(model, example, [find_classifier(model, classes)])
     dense = measure_size(model, example)
     scores = normalize_scores(magnitude_scores(layout), layout)
     predict = size_predictor(layout, dense, "macs")
-    remove_neurons(layout, select_neurons(layout, scores, keep * dense.macs, predict, "macs"))
+    chosen = select_neurons(layout, scores, keep * dense.macs, predict, "macs", round_to=round_to)
+    remove_neurons(layout, chosen)
 
 
 def speedups(args: argparse.Namespace, console: Console) -> list[dict]:
     table = Table(title=f"Pruned to keep {args.keep:.0%} of MACs: measured speedup vs goal")
-    for column in ("model", "px", "MACs kept", "backend", "batch", "dense ms", "pruned ms"):
+    columns = ("model", "px", "round to", "MACs kept", "backend", "batch", "dense ms", "pruned ms")
+    for column in columns:
         table.add_column(column, justify="left" if column in ("model", "backend") else "right")
     for column in ("speedup", "goal", "met"):
         table.add_column(column, justify="right")
     rows = []
     for name in args.models:
         dense, example = build(name)
-        pruned, _ = build(name)
-        prune_macs(pruned, example, args.keep)
-        macs_ratio = measure_size(dense, example).macs / measure_size(pruned, example).macs
-        goal = GOAL_FACTOR * macs_ratio
+        pruned = {}
+        for round_to in args.round_to:
+            pruned[round_to], _ = build(name)
+            prune_macs(pruned[round_to], example, args.keep, round_to)
+        dense_macs = measure_size(dense, example).macs
         comparison = compare_latency(
             dense,
-            {name: pruned},
+            {str(r): model for r, model in pruned.items()},
             tuple(example.shape[1:]),
             batch_sizes=args.batch_sizes,
             backends=args.backends,
@@ -78,11 +82,21 @@ def speedups(args: argparse.Namespace, console: Console) -> list[dict]:
             repeats=args.repeats,
         )
         for r in comparison.rows:
-            row = {**r, "image_size": example.shape[-1], "macs_ratio": macs_ratio, "goal": goal}
+            macs_ratio = dense_macs / measure_size(pruned[int(r["model"])], example).macs
+            goal = GOAL_FACTOR * macs_ratio
+            row = {
+                **r,
+                "model": name,
+                "round_to": int(r["model"]),
+                "image_size": example.shape[-1],
+                "macs_ratio": macs_ratio,
+                "goal": goal,
+            }
             rows.append(row)
             table.add_row(
                 name,
                 str(example.shape[-1]),
+                r["model"],
                 f"{1 / macs_ratio:.1%}",
                 r["backend"],
                 str(r["batch_size"]),
@@ -155,6 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--keep", type=float, default=0.5, help="fraction of MACs to keep")
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 64])
+    parser.add_argument(
+        "--round-to",
+        nargs="+",
+        type=int,
+        default=[1, 16],
+        help="channel-count multiples to prune with, each a model of its own (default: 1 16)",
+    )
     parser.add_argument("--backends", nargs="+", default=["torch", "onnxruntime"])
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)

@@ -121,6 +121,7 @@ def test_model_without_prunable_layers_is_a_user_error(data):
         (dict(keep_kind="flops"), "keep kind"),
         (dict(rho_min=0.5, rho_max=0.1), "rho_min <= rho_max"),
         (dict(prune_steps=0), "prune_steps"),
+        (dict(round_to=0), "round_to must be >= 1"),
         (dict(colour="red"), "unknown setting"),
     ],
 )
@@ -137,3 +138,12 @@ def test_prune_to_a_latency_budget(tmp_path, monkeypatch, data, dense):
     assert latency["predicted_ms"] <= latency["budget_ms"] * 1.0001
     assert latency["measured_ms"] > 0
     assert result.size.params < result.dense_size.params
+
+
+def test_round_to_keeps_channel_multiples_through_every_pruning_step(data, dense):
+    result = prune(dense, data, method="sgd", keep=0.5, round_to=8, **FAST)
+    assert result.size.params <= result.target
+    widths = [m.out_channels for m in result.model.modules() if isinstance(m, nn.Conv2d)]
+    assert all(w % 8 == 0 for w in widths), widths
+    dense_widths = [m.out_channels for m in dense.modules() if isinstance(m, nn.Conv2d)]
+    assert sum(widths) < sum(dense_widths)

@@ -11,6 +11,7 @@ from adasap.neurons import (
     normalize_scores,
 )
 from adasap.pruning import (
+    UnreachableTarget,
     measure_size,
     named_optimizer_state,
     remove_neurons,
@@ -259,6 +260,59 @@ def test_unreachable_target_is_a_user_error():
     scores = magnitude_scores(layout)
     with pytest.raises(UserError, match="without emptying a layer"):
         select_neurons(layout, scores, 10, size_predictor(layout, dense, "params"))
+
+
+def test_unreachable_target_in_ms_shows_the_milliseconds():
+    model = Chain()
+    layout = NeuronLayout(model, X, [model.fc])
+    with pytest.raises(UnreachableTarget, match=r"cannot reach 0\.25 ms .*reachable is 0\.5 ms"):
+        select_neurons(layout, magnitude_scores(layout), 0.25, lambda removed: 0.5, "ms")
+
+
+@pytest.mark.parametrize("round_to", [4, 8, 16])
+@pytest.mark.parametrize("keep", [0.8, 0.5, 0.3])
+def test_round_to_keeps_multiples_and_still_meets_the_target(round_to, keep):
+    model = build_model(
+        "resnet20", num_classes=10, in_channels=1, image_size=8, mean=(0.5,), std=(0.5,)
+    )
+    x = torch.rand(2, 1, 8, 8)
+    layout = NeuronLayout(model, x, [model.net.fc])
+    dense = measure_size(model, x)
+    scores = normalize_scores(magnitude_scores(layout), layout)
+    target = int(keep * dense.params)
+    chosen = select_neurons(
+        layout, scores, target, size_predictor(layout, dense, "params"), round_to=round_to
+    )
+    removed = torch.zeros(layout.num_neurons, dtype=torch.bool)
+    removed[chosen] = True
+    for g in layout.groups:
+        lost = removed[g.offset : g.offset + g.size]
+        kept = g.size - int(lost.sum())
+        assert kept == g.size or kept % round_to == 0
+        if lost.any():  # the removed are the group's lowest-ranked
+            group_scores = scores[g.offset : g.offset + g.size]
+            assert group_scores[lost].max() <= group_scores[~lost].min()
+    remove_neurons(layout, chosen)
+    params = measure_size(model, x).params
+    assert params <= target
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            assert m.out_channels % round_to == 0
+
+
+def test_round_to_larger_than_a_group_leaves_it_whole():
+    model = Chain()  # conv1 has 8 channels, conv2 16
+    layout = NeuronLayout(model, X, [model.fc])
+    dense = measure_size(model, X)
+    predict = size_predictor(layout, dense, "params")
+    with pytest.raises(UnreachableTarget, match="multiples of 16") as caught:
+        select_neurons(layout, magnitude_scores(layout), 0.9 * dense.params, predict, round_to=16)
+    assert caught.value.smallest == dense.params
+    chosen = select_neurons(
+        layout, magnitude_scores(layout), 0.9 * dense.params, predict, round_to=8
+    )
+    remove_neurons(layout, chosen)
+    assert (model.conv1.out_channels, model.conv2.out_channels) == (8, 8)
 
 
 def test_momentum_of_surviving_channels_is_kept():

@@ -60,6 +60,8 @@ RUN_OPTIONS: tuple[tuple[str, str, str], ...] = (
     ("--rho-max", "rho_max", "AdaSAP radius of the least important neurons"),
     ("--normalization", "normalization", "AdaSAP perturbation normalisation: global or neuron"),
     ("--score-refresh", "score_refresh", "steps between AdaSAP radius updates"),
+    ("--round-to", "round_to", "keep channel counts that are multiples of this (16 suits "
+                               "onnxruntime)"),
     ("--seed", "seed", "random seed"),
     ("--device", "device", "auto, cpu or cuda[:N]"),
     ("--out", "out_dir", "parent folder of run directories"),

@@ -52,6 +52,7 @@ SCHEMA: dict[str, tuple[type, ...]] = {
     "per_layer_radii": (bool,),
     "taylor_form": (str,),
     "min_channels": (int,),
+    "round_to": (int,),
     "seed": (int,),
     "device": (str,),
     "amp": (bool,),

@@ -54,7 +54,7 @@ from adasap.errors import UserError
 from adasap.io import atomic_write_json, cache_root
 from adasap.models import build_model
 from adasap.neurons import NeuronLayout, magnitude_scores, normalize_scores
-from adasap.pruning import remove_neurons, select_neurons, sliced_axes
+from adasap.pruning import UnreachableTarget, remove_neurons, select_neurons, sliced_axes
 from adasap.serialization import load_model, read_description
 from adasap.training import resolve_device
 
@@ -779,27 +779,24 @@ class LatencyBudget:
         scores: Tensor,
         target_ms: float | None = None,
         min_channels: int = 1,
+        round_to: int = 1,
     ) -> Tensor:
         """The neurons to remove to reach ``target_ms`` (default: the final budget).
 
-        Updates :attr:`current_ms` to the predicted latency once they are removed.
+        ``min_channels`` and ``round_to`` are as in :func:`select_neurons`. Updates
+        :attr:`current_ms` to the predicted latency once they are removed.
         """
         target = self.target_ms if target_ms is None else target_ms
         predict = latency_predictor(layout, self.table, self.current_ms)
         ranking = latency_ranking(layout, scores, self.table)
         try:
-            chosen = select_neurons(layout, ranking, target, predict, "ms", min_channels)
-        except UserError as exc:
-            # The prediction depends on channel counts only: any min_channels per group will do.
-            thinnest = torch.ones(layout.num_neurons, dtype=torch.bool)
-            for group in layout.groups:
-                thinnest[group.offset : group.offset + min(min_channels, group.size)] = False
-            floor = predict(thinnest)
+            chosen = select_neurons(layout, ranking, target, predict, "ms", min_channels, round_to)
+        except UnreachableTarget as exc:
             raise UserError(
                 f"a latency of {target:.3g} ms ({target / self.dense_ms:.0%} of the dense "
                 f"{self.dense_ms:.3g} ms) cannot be reached without emptying a layer (the "
-                f"floor is {floor:.3g} ms, {floor / self.dense_ms:.0%}): keep a larger fraction "
-                "of the latency"
+                f"floor is {exc.smallest:.3g} ms, {exc.smallest / self.dense_ms:.0%}): keep a "
+                "larger fraction of the latency"
             ) from exc
         removed = torch.zeros(layout.num_neurons, dtype=torch.bool)
         removed[chosen] = True
@@ -913,6 +910,7 @@ def prune_to_latency(
     batch_size: int = 1,
     device: str = "cpu",
     min_channels: int = 1,
+    round_to: int = 1,
     table: LatencyTable | None = None,
     points: int = 6,
     warmup: int = 3,
@@ -944,7 +942,7 @@ def prune_to_latency(
         repeats=repeats,
         cache_dir=cache_dir,
     )
-    chosen = budget.select(layout, scores_fn(layout), min_channels=min_channels)
+    chosen = budget.select(layout, scores_fn(layout), min_channels=min_channels, round_to=round_to)
     remove_neurons(layout, chosen)
     (dense_now,), (pruned,) = _time_models(
         [dense, model],

@@ -28,7 +28,7 @@ from adasap.checkpoint import (
 )
 from adasap.data import batches
 from adasap.errors import UserError
-from adasap.latency import latency_budget, measure_latency
+from adasap.latency import compare_latency, latency_budget
 from adasap.models import find_classifier
 from adasap.neurons import (
     CRITERIA,
@@ -97,6 +97,7 @@ class PruneSettings:
     per_layer_radii: bool = False
     taylor_form: str = "group"
     min_channels: int = 1
+    round_to: int = 1
     seed: int = 0
     device: str = "auto"
     amp: bool = True
@@ -118,7 +119,7 @@ class PruneSettings:
         for name in ("warmup_epochs", "prune_epochs", "finetune_epochs", "lr_warmup_epochs"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("prune_steps", "batch_size", "score_refresh", "min_channels"):
+        for name in ("prune_steps", "batch_size", "score_refresh", "min_channels", "round_to"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.score_normalization not in ("mean", "max", "none"):
@@ -310,6 +311,7 @@ class _Run:
         self.data = data
         self.log = log
         self.device = resolve_device(settings.device)
+        self.reference = model
         self.model = prepare_model(copy.deepcopy(model), self.device, self.channels_last)
         first = next(iter(_example_batches(data.train, self.device)))
         self.example = first
@@ -476,7 +478,9 @@ class _Run:
         if self.budget is not None:
             dense = self.budget.dense_ms
             target = dense - (dense - self.target) * step_number / self.prune_count
-            chosen = self.budget.select(self.layout, self._scores(), target, self.s.min_channels)
+            chosen = self.budget.select(
+                self.layout, self._scores(), target, self.s.min_channels, self.s.round_to
+            )
         else:
             dense = self.dense.of(kind)
             target = round(dense - (dense - self.target) * step_number / self.prune_count)
@@ -487,6 +491,7 @@ class _Run:
                 size_predictor(self.layout, self.size, kind),
                 kind,
                 self.s.min_channels,
+                self.s.round_to,
             )
         state = named_optimizer_state(self.model, self.optimizer)
         kept = remove_neurons(self.layout, chosen)
@@ -544,16 +549,7 @@ class _Run:
         history = loop.history
         latency = None
         if self.budget is not None:
-            (measured,) = measure_latency(
-                self.model, tuple(self.example.shape[1:]), batch_sizes=(1,),
-                device=self.device.type,
-            )  # fmt: skip
-            latency = {
-                "dense_ms": self.budget.dense_ms,
-                "budget_ms": self.budget.target_ms,
-                "predicted_ms": self.budget.current_ms,
-                "measured_ms": measured.median_ms,
-            }
+            latency = self._final_latency()
         return PruneResult(
             model=self.model,
             dense_size=self.dense,
@@ -565,6 +561,28 @@ class _Run:
             val_accuracy=history[-1]["val_accuracy"] if history else float("nan"),
             latency=latency,
         )
+
+    def _final_latency(self) -> dict[str, float]:
+        """The pruned model's latency against the budget, dense and pruned timed side by side.
+
+        The dense latency measured at the start may have drifted with the machine's load over
+        a long run; timing both again now keeps that drift out of the error. The prediction is
+        rescaled to the new dense time.
+        """
+        (row,) = compare_latency(
+            self.reference,
+            self.model,
+            tuple(self.example.shape[1:]),
+            batch_sizes=(self.budget.table.batch_size,),
+            device=self.device.type,
+        ).rows
+        dense_ms = row["dense_ms"]
+        return {
+            "dense_ms": dense_ms,
+            "budget_ms": self.s.keep * dense_ms,
+            "predicted_ms": self.budget.current_ms / self.budget.dense_ms * dense_ms,
+            "measured_ms": row["pruned_ms"],
+        }
 
     def taylor_hook(self) -> None:
         if self.taylor is not None:
