@@ -26,6 +26,7 @@ from adasap.corruptions import EXTRA_CORRUPTIONS
 from adasap.errors import UserError
 from adasap.neurons import CRITERIA
 from adasap.pipeline import METHODS
+from adasap.training import OptimizerSettings
 
 TINY = dict(
     train_limit=300,
@@ -85,6 +86,22 @@ def test_preset_shapes():
     assert estimate_seconds(small) <= 3 * 3600
     assert estimate_seconds(PRESETS["smoke"]) <= 90
     assert set(SWEEP_PRESETS["small"].base) <= set(SCHEMA)
+
+
+def test_small_preset_uses_the_tuned_radii():
+    optimizer = PRESETS["small"].config(PRESETS["small"].cells()[0]).prune.optimizer
+    tuned = OptimizerSettings()
+    assert (optimizer.rho, optimizer.rho_min, optimizer.rho_max) == (
+        tuned.rho,
+        tuned.rho_min,
+        tuned.rho_max,
+    )
+
+
+def test_identity_records_every_resolved_setting():
+    resolved = PRESETS["small"].identity()["resolved"]
+    assert set(resolved) == set(SCHEMA) - {"progress"}
+    assert resolved["rho_max"] == OptimizerSettings().rho_max
 
 
 def test_bad_presets_fail_before_any_work(tmp_path):
@@ -352,6 +369,19 @@ def test_sweep_preset_grid():
     for settings in runs:
         config = bench.from_flat(settings, bench.from_flat(preset.base))
         assert config.methods in (("adasap",), ("sam",))
+
+
+def test_schedule_sweep_varies_one_choice_at_a_time():
+    preset = SWEEP_PRESETS["small-schedule"]
+    base = bench.from_flat(preset.base).to_flat()
+    runs = bench.sweep_settings(preset.grid)
+    assert len(runs) == 9
+    changed = []
+    for settings in runs:
+        flat = bench.from_flat(settings, bench.from_flat(preset.base)).to_flat()
+        changed.append(sorted(k for k in flat if flat[k] != base[k] and k != "methods"))
+    assert changed[0] == [] and all(changed[1:])
+    assert ["finetune_epochs", "prune_epochs", "warmup_epochs"] in changed
 
 
 @pytest.mark.slow
