@@ -42,7 +42,13 @@ from adasap.experiment import (
     load_data,
     pruned_row,
 )
-from adasap.io import atomic_write_bytes, atomic_write_json, atomic_write_text, cache_root
+from adasap.io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    cache_root,
+    writing,
+)
 from adasap.latency import machine_info, measure_latency
 from adasap.pipeline import METHODS, prune
 from adasap.pruning import measure_size
@@ -324,35 +330,47 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> dict[str, Any]:
     """Append one record as a line, flushed and fsynced before returning it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "ab") as handle:
-        # a crash may have left a partial last line: start on a fresh one
-        if handle.tell() > 0:
-            with open(path, "rb") as tail:
-                tail.seek(-1, os.SEEK_END)
-                if tail.read(1) != b"\n":
-                    handle.write(b"\n")
-        handle.write(json.dumps(record, default=str).encode() + b"\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "ab") as handle:
+            # a crash may have left a partial last line: start on a fresh one
+            if handle.tell() > 0:
+                with open(path, "rb") as tail:
+                    tail.seek(-1, os.SEEK_END)
+                    if tail.read(1) != b"\n":
+                        handle.write(b"\n")
+            handle.write(json.dumps(record, default=str).encode() + b"\n")
+            handle.flush()
+            os.fsync(handle.fileno())
     return record
 
 
 def _prepare_out(out_dir: str | Path, definition: dict[str, Any], what: str) -> Path:
     """Create ``out_dir``, or check that it holds results of the same definition."""
     out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create {out} ({exc.strerror}): choose a writable --out") from exc
     path = out / PRESET_FILE
+    with writing(out, "choose a writable --out"):
+        if out.is_dir() and any(out.iterdir()) and not path.is_file():
+            raise UserError(
+                f"{out} already holds files that are not adasap {what} results: choose an "
+                "empty or new --out (a rerun with the same --out continues a run)"
+            )
+        out.mkdir(parents=True, exist_ok=True)
     if path.is_file():
-        if json.loads(path.read_text()).get(what) != definition:
+        try:
+            saved = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(
+                f"{path} is damaged ({exc}): restore it, or choose another --out"
+            ) from exc
+        if not isinstance(saved, dict) or saved.get(what) != definition:
             raise UserError(
                 f"{out} holds results of another {what}: choose another --out to keep both"
             )
     else:
-        atomic_write_json(path, {what: definition, "machine": machine_info("cpu")})
+        atomic_write_json(
+            path, {what: definition, "machine": machine_info("cpu")}, fix="choose a writable --out"
+        )
     return out
 
 

@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from rich.console import Console
 
@@ -106,8 +106,15 @@ def _parse_value(key: str):
     return parse
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad flags print one line, like every other user error (argparse prints the usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message}: see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="adasap",
         description="Adaptive Sharpness-Aware Pruning: make vision models small and robust.",
     )
@@ -199,13 +206,13 @@ def config_from_args(args: argparse.Namespace) -> tuple[ExperimentConfig, bool]:
     values: dict[str, Any] = {}
     run_config = Path(getattr(args, "path", "") or "") / "config.json"
     if args.command == "eval" and run_config.is_file():
-        values = json.loads(run_config.read_text())
+        values = _read_run_config(run_config)
     if getattr(args, "resume", None):
         run_dir = Path(args.resume)
         saved = run_dir / "config.json"
         if not saved.is_file():
             raise UserError(f"{run_dir} holds no config.json: pass the directory of an adasap run")
-        values = json.loads(saved.read_text())
+        values = _read_run_config(saved)
         values.update(out_dir=str(run_dir.parent), name=run_dir.name)
         changed = sorted(k for k in flags if k != "progress" and flags[k] != values.get(k))
         if changed:
@@ -215,8 +222,26 @@ def config_from_args(args: argparse.Namespace) -> tuple[ExperimentConfig, bool]:
             )
     elif getattr(args, "config", None):
         values = load_yaml(args.config)
+        if not values:
+            raise UserError(
+                f"config file {args.config} sets no options (it is empty): add some, e.g. "
+                "'keep: 0.5', or leave the file out to use the defaults"
+            )
     values.update(flags)
     return from_flat(values), bool(getattr(args, "resume", None))
+
+
+def _read_run_config(path: Path) -> dict[str, Any]:
+    """A run directory's ``config.json``."""
+    try:
+        values = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(
+            f"{path} is damaged ({exc}): restore it, or start a new run with the same options"
+        ) from exc
+    if not isinstance(values, dict):
+        raise UserError(f"{path} is damaged (not a mapping): restore it, or start a new run")
+    return values
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,7 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:
         argv = ["run"]  # the built-in default job
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a bad flag (2, one line printed by _Parser)
+        return exc.code if isinstance(exc.code, int) else 2
     if args.command is None:
         parser.print_help()
         return 2

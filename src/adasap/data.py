@@ -512,7 +512,14 @@ def _load_folder(
     root = _folder_root(spec.name)
     sets = []
     for split in ("train", "val"):
-        folder = ImageFolder(str(root / split))
+        try:
+            folder = ImageFolder(str(root / split))
+        except FileNotFoundError as exc:  # a class folder without images (or no classes)
+            reason = " ".join(str(exc).split()).split(". ")[0]
+            raise UserError(
+                f"{root / split} lacks images ({reason}): put .jpg/.png files in every class "
+                "folder of train/ and val/"
+            ) from exc
         if folder.classes != list(spec.class_names or ()):
             raise UserError(
                 f"{root / split} has classes {folder.classes[:5]}... unlike train's: "

@@ -131,12 +131,7 @@ def write_onnx(
                 dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
             )
 
-    try:
-        return atomic_write(path, export)
-    except OSError as exc:
-        raise UserError(
-            f"cannot write {path} ({exc.strerror or exc}): choose a writable file path"
-        ) from exc
+    return atomic_write(path, export, fix="choose a writable file path for --onnx")
 
 
 @dataclass(frozen=True)

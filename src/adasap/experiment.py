@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -23,15 +24,16 @@ from adasap.checkpoint import CHECKPOINT_FILE, RunInterrupted
 from adasap.corruptions import CORRUPTIONS
 from adasap.data import DataBundle, batches, get_spec, load_dataset
 from adasap.errors import UserError
-from adasap.io import atomic_write_json, atomic_write_text, cache_root
-from adasap.latency import measure_latency
-from adasap.models import build_model
-from adasap.pipeline import PruneSettings, prune, train
+from adasap.io import atomic_write_json, atomic_write_text, cache_root, writing
+from adasap.latency import latency_budget, measure_latency
+from adasap.models import build_model, find_classifier
+from adasap.neurons import NeuronLayout
+from adasap.pipeline import PruneSettings, check_target_reachable, prune, train
 from adasap.pruning import measure_size
 from adasap.reporting import results_markdown, results_table
 from adasap.robustness import evaluate_corruptions, official_sets
-from adasap.serialization import load_model, save_model
-from adasap.training import evaluate, resolve_device
+from adasap.serialization import load_model, read_description, save_model
+from adasap.training import evaluate, resolve_device, steps_per_epoch
 
 QUICK_CORRUPTIONS = ("gaussian_noise", "gaussian_blur")
 
@@ -97,29 +99,62 @@ class ExperimentConfig:
         if self.corruptions not in ("all", "quick", "none"):
             raise UserError(f"corruptions must be all, quick or none, got {self.corruptions!r}")
         if self.dense_epochs <= 0:
-            raise UserError(f"dense epochs must be > 0, got {self.dense_epochs}")
+            raise UserError(
+                f"dense epochs must be > 0, got {self.dense_epochs}: e.g. --dense-epochs 8"
+            )
+        limit = self.corruption_limit  # train_limit and test_limit: checked by load_dataset
+        if limit is not None and (
+            not isinstance(limit, int) or isinstance(limit, bool) or limit < 1
+        ):
+            raise UserError(
+                f"corruption_limit={limit!r} is invalid: use a positive number of test images "
+                "(e.g. --corruption-limit 1000) or none for all"
+            )
         return self
 
 
 def prepare_run_dir(out_dir: str, name: str, overwrite: bool) -> Path:
     """Create an empty run directory, or fail with a clear message before any work starts."""
     run_dir = Path(out_dir) / name
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise UserError(
-                f"{run_dir} already exists and is not empty: pass --overwrite or another --name"
-            )
-        shutil.rmtree(run_dir)
-    try:
+    with writing(run_dir, "choose a writable --out directory"):
+        if run_dir.is_dir() and any(run_dir.iterdir()):
+            if not overwrite:
+                resume = (
+                    f", --resume {run_dir} to continue it"
+                    if (run_dir / "config.json").is_file()
+                    else ""
+                )
+                raise UserError(
+                    f"{run_dir} already exists and is not empty: pass --overwrite to replace "
+                    f"it{resume}, or another --name"
+                )
+            shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
         probe.write_text("ok")
         probe.unlink()
-    except OSError as exc:
-        raise UserError(
-            f"cannot write to {run_dir} ({exc.strerror}): choose a writable --out directory"
-        ) from exc
     return run_dir
+
+
+def check_keep_reachable(config: ExperimentConfig, data: DataBundle) -> None:
+    """Fail before any work (and before the run directory exists) when ``keep`` would empty
+    a layer: :func:`adasap.pipeline.check_target_reachable` on the untrained dense architecture.
+
+    A latency budget is measured here as the run would measure it, on the training device;
+    the run then reuses the cached latency table.
+    """
+    s = config.prune
+    device = resolve_device(s.device) if s.keep_kind == "latency" else torch.device("cpu")
+    model = build_model(**_architecture(config, data)).to(device).eval()
+    example = _example(data).to(device)
+    classifier = find_classifier(model, data.spec.num_classes)
+    layout = NeuronLayout(model, example, [classifier] if classifier is not None else [])
+    budget = None
+    if s.keep_kind == "latency":
+        with warnings.catch_warnings():  # a noisy machine: the run measures again and says so
+            warnings.simplefilter("ignore")
+            budget = latency_budget(layout, example[:1], s.keep, device=device.type)
+    check_target_reachable(layout, s, measure_size(model, example), budget)
 
 
 def load_data(config: ExperimentConfig) -> DataBundle:
@@ -265,18 +300,24 @@ def run_experiment(
     config = config.validate()
     resolve_device(config.prune.device)
     data = load_data(config)
+    steps_per_epoch(data.train, config.prune.batch_size)  # enough images for one batch?
     if resume:
         run_dir = Path(config.out_dir) / str(config.name)
         if not run_dir.is_dir():
             raise UserError(f"{run_dir} does not exist: there is nothing to resume")
     else:
+        check_keep_reachable(config, data)
         name = config.name or time.strftime("%Y%m%d-%H%M%S") + f"-{config.dataset}-{config.model}"
         config = replace(config, name=name)
         run_dir = prepare_run_dir(config.out_dir, name, config.overwrite)
-        atomic_write_json(run_dir / "config.json", config.to_flat())
-        atomic_write_text(
-            run_dir / "config.yaml", yaml.safe_dump(config.to_flat(), sort_keys=False)
-        )
+        try:
+            atomic_write_json(run_dir / "config.json", config.to_flat())
+            atomic_write_text(
+                run_dir / "config.yaml", yaml.safe_dump(config.to_flat(), sort_keys=False)
+            )
+        except BaseException:
+            shutil.rmtree(run_dir, ignore_errors=True)  # just created: leave nothing behind
+            raise
     if config.reduced:
         console.print(
             f"[bold yellow]Reduced setting[/bold yellow]: {len(data.train)} training images, "
@@ -383,11 +424,14 @@ def evaluate_path(
         models = {}
     if not models:
         raise UserError(f"{path} holds no saved model: pass a run directory or a model directory")
+    loaded = {label: load_model(directory) for label, directory in models.items()}  # fail fast
     config = config.validate()
     data = load_data(config)
+    for directory in models.values():
+        _check_fits(read_description(directory)["architecture"], data, directory)
     rows = []
     for label, directory in models.items():
-        model = load_model(directory)
+        model = loaded[label]
         row = evaluate_model(model, data, config, directory.parent, label, official)
         size = measure_size(model, _example(data))
         rows.append({"method": label, **row, "params": size.params, "macs": size.macs})
@@ -395,11 +439,33 @@ def evaluate_path(
     return rows
 
 
+def _check_fits(architecture: dict[str, Any], data: DataBundle, directory: Path) -> None:
+    """The model in ``directory`` was built for the data's image shape and classes."""
+    spec = data.spec
+    model_side = (
+        int(architecture["in_channels"]),
+        int(architecture["image_size"]),
+        architecture.get("num_classes"),
+    )
+    data_side = (spec.channels, spec.image_size, spec.num_classes)
+    if model_side != data_side:
+
+        def describe(c: int, s: int, k: Any) -> str:
+            return f"{c}x{s}x{s} images (channels x height x width) and {k} classes"
+
+        raise UserError(
+            f"the model in {directory} takes {describe(*model_side)}, but dataset "
+            f"{spec.name} has {describe(*data_side)}: pass the --dataset the model was "
+            "trained on"
+        )
+
+
 def train_dense_model(config: ExperimentConfig, console: Console | None = None) -> Path:
     """``adasap train``: the dense model (trained, or reused from the cache) in a run directory."""
     console = console or Console()
     config = config.validate()
     data = load_data(config)
+    steps_per_epoch(data.train, config.prune.batch_size)  # enough images for one batch?
     name = config.name or time.strftime("%Y%m%d-%H%M%S") + f"-{config.dataset}-{config.model}-dense"
     run_dir = prepare_run_dir(config.out_dir, name, config.overwrite)
     model, info = dense_model(config, data, console)

@@ -18,6 +18,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 from torch_pruning._helpers import to_plain_idxs
 
+from adasap.checks import check_input
 from adasap.errors import UserError
 from adasap.optim import NeuronOwnership
 
@@ -106,6 +107,7 @@ class NeuronLayout:
             self.graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
             self.output_pixels = _output_pixels(model, example_inputs)
         except Exception as exc:  # Torch-Pruning raises anything from its tracer
+            check_input(model, example_inputs, "the example inputs")  # the data do not fit?
             raise UserError(
                 f"Torch-Pruning cannot trace this model ({type(exc).__name__}: {exc}); "
                 "use a model built from standard layers, or list unsupported ones in "

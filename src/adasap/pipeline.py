@@ -28,7 +28,7 @@ from adasap.checkpoint import (
 )
 from adasap.data import batches
 from adasap.errors import UserError
-from adasap.latency import compare_latency, latency_budget
+from adasap.latency import LatencyBudget, compare_latency, latency_budget
 from adasap.models import find_classifier
 from adasap.neurons import (
     CRITERIA,
@@ -106,6 +106,8 @@ class PruneSettings:
 
     def validate(self) -> PruneSettings:
         """Raise :class:`UserError` naming the first bad value and what is allowed."""
+        _check_types(self)
+        _check_types(self.optimizer)
         if self.method not in METHODS:
             raise UserError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
         if self.criterion not in CRITERIA:
@@ -118,10 +120,12 @@ class PruneSettings:
             raise UserError(f"keep kind must be params, macs or latency, got {self.keep_kind!r}")
         for name in ("warmup_epochs", "prune_epochs", "finetune_epochs", "lr_warmup_epochs"):
             if getattr(self, name) < 0:
-                raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise UserError(
+                    f"{name} must be >= 0, got {getattr(self, name)}: e.g. {name}=1 (epochs)"
+                )
         for name in ("prune_steps", "batch_size", "score_refresh", "min_channels", "round_to"):
             if getattr(self, name) < 1:
-                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}: e.g. {name}=1")
         if self.score_normalization not in ("mean", "max", "none"):
             raise UserError(
                 f"score normalization must be mean, max or none, got {self.score_normalization!r}"
@@ -312,12 +316,18 @@ class _Run:
         self.log = log
         self.device = resolve_device(settings.device)
         self.reference = model
+        self.spe = steps_per_epoch(data.train, settings.batch_size)  # enough training images?
         self.model = prepare_model(copy.deepcopy(model), self.device, self.channels_last)
-        first = next(iter(_example_batches(data.train, self.device)))
-        self.example = first
+        self.example = next(iter(_example_batches(data.train, self.device)))
         if ignored_layers is None:
             classifier = find_classifier(self.model, data.spec.num_classes)
-            ignored_layers = [classifier] if classifier is not None else []
+            if classifier is None:
+                raise UserError(
+                    f"found no classifier with {data.spec.num_classes} outputs (the dataset's "
+                    "classes) to protect from pruning: pass ignored_layers=[the output layer], "
+                    "or a model with one output per class"
+                )
+            ignored_layers = [classifier]
         else:
             by_id = dict(zip(map(id, model.modules()), self.model.modules(), strict=True))
             ignored_layers = [by_id[id(m)] for m in ignored_layers]
@@ -341,8 +351,8 @@ class _Run:
             else int(settings.keep * self.dense.of(settings.keep_kind))
         )
         self.size = self.dense
+        check_target_reachable(self.layout, settings, self.dense, self.budget)
         self.pruning_history: list[list[Any]] = []
-        self.spe = steps_per_epoch(data.train, settings.batch_size)
         self.phase_steps = [
             round(e * self.spe)
             for e in (settings.warmup_epochs, settings.prune_epochs, settings.finetune_epochs)
@@ -587,6 +597,52 @@ class _Run:
     def taylor_hook(self) -> None:
         if self.taylor is not None:
             self.taylor.accumulate()
+
+
+# field annotation (a string, with postponed annotations) -> the types a value may have
+def check_target_reachable(
+    layout: NeuronLayout,
+    settings: PruneSettings,
+    dense: ModelSize,
+    budget: LatencyBudget | None = None,
+) -> None:
+    """Raise :class:`UserError` when ``settings.keep`` would empty a layer of ``layout``.
+
+    The last removal step would find out after hours of training; this asks the same question
+    of the dense layout (the floor depends on channel counts, not on weights or scores) before
+    any. ``budget`` is the latency budget when ``keep_kind`` is ``latency``.
+    """
+    equal = torch.ones(layout.num_neurons)
+    s = settings
+    if budget is not None:
+        copy.copy(budget).select(layout, equal, None, s.min_channels, s.round_to)
+        return
+    predict = size_predictor(layout, dense, s.keep_kind)
+    target = int(s.keep * dense.of(s.keep_kind))
+    select_neurons(layout, equal, target, predict, s.keep_kind, s.min_channels, s.round_to)
+
+
+_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "float": ((int, float), "a number"),
+    "int": ((int,), "an integer"),
+    "str": ((str,), "a string"),
+    "bool": ((bool,), "True or False"),
+    "float | None": ((int, float, type(None)), "a number or None"),
+}
+
+
+def _check_types(settings: PruneSettings | OptimizerSettings) -> None:
+    """Numbers where numbers belong (``True`` is not a number here), strings where strings."""
+    for f in fields(settings):
+        if f.type not in _TYPES:
+            continue
+        allowed, described = _TYPES[f.type]
+        value = getattr(settings, f.name)
+        if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
+            raise UserError(
+                f"{f.name} must be {described}, got {value!r} ({type(value).__name__}): pass "
+                f"e.g. {f.name}={f.default!r}"
+            )
 
 
 def _comparable(settings: PruneSettings) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor, nn
 
+from adasap.checks import check_input, check_labels
 from adasap.corruptions import (
     BENCHMARK_CORRUPTIONS,
     CATEGORIES,
@@ -575,7 +576,12 @@ def _count_correct(model: nn.Module, images: Tensor, labels: Tensor, device: tor
     x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
     if device.type == "cpu":
         x = x.contiguous(memory_format=torch.channels_last)
-    logits = model(x)
+    try:
+        logits = model(x)
+    except (RuntimeError, ValueError):
+        check_input(model, x)  # a clear error when the images do not fit the model
+        raise
+    check_labels(labels, logits.shape[-1])
     return int((logits.argmax(dim=1) == labels.to(device)).sum())
 
 

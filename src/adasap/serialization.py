@@ -25,6 +25,8 @@ from adasap.models import build_model
 WEIGHTS_FILE = "model.safetensors"
 DESCRIPTION_FILE = "model.json"
 FORMAT_VERSION = 1
+# what every reader needs (the input shape); build_model's other arguments are checked on load
+_ARCHITECTURE_KEYS = ("in_channels", "image_size")
 
 
 def _sha256(path: Path) -> str:
@@ -82,6 +84,17 @@ def read_description(directory: str | Path) -> dict[str, Any]:
             f"{path} has format version {description.get('version')}, this adasap reads "
             f"{FORMAT_VERSION}: load it with the adasap version that wrote it"
         )
+    architecture = description.get("architecture")
+    missing = [
+        k for k in _ARCHITECTURE_KEYS if not isinstance(architecture, dict) or k not in architecture
+    ]
+    if missing or not isinstance(description.get("pruning_history", []), list):
+        what = (
+            f"no {', '.join(missing)} in its architecture"
+            if missing
+            else "a pruning_history that is not a list"
+        )
+        raise UserError(f"{path} is damaged ({what}): restore it or re-run")
     return description
 
 
@@ -95,21 +108,37 @@ def load_model(directory: str | Path, base_model: nn.Module | None = None) -> nn
     description = read_description(directory)
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
-        raise UserError(f"{weights} does not exist: the model directory is incomplete")
+        raise UserError(
+            f"{weights} does not exist: the model directory is incomplete; restore the file "
+            "or re-run"
+        )
     if _sha256(weights) != description.get("weights_sha256"):
         raise UserError(
             f"{weights} does not match the checksum in {DESCRIPTION_FILE}: the file was "
             "truncated or modified; restore it or re-run"
         )
     architecture = description["architecture"]
-    model = base_model if base_model is not None else build_model(**architecture)
     history = description.get("pruning_history") or []
-    if history:
-        size = architecture["image_size"]
-        example = torch.rand(1, architecture["in_channels"], size, size)
-        model.eval()
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
-        graph.load_pruning_history(history)
+    try:
+        model = base_model if base_model is not None else build_model(**architecture)
+        if history:
+            size = architecture["image_size"]
+            example = torch.rand(1, architecture["in_channels"], size, size)
+            model.eval()
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+            graph.load_pruning_history(history)
+    except UserError as exc:
+        raise UserError(
+            f"{directory / DESCRIPTION_FILE} describes a model adasap cannot build ({exc}); "
+            "restore the file or re-run"
+        ) from exc
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, RuntimeError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(
+            f"{directory / DESCRIPTION_FILE} does not describe a model adasap can rebuild "
+            f"({type(exc).__name__}: {reason}): the file is damaged or was edited; restore it "
+            "or re-run"
+        ) from exc
     try:
         state = load_file(str(weights))
     except SafetensorError as exc:

@@ -14,6 +14,7 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import Tensor, nn
 
+from adasap.checks import check_input, check_labels
 from adasap.data import batches, num_batches
 from adasap.errors import UserError
 from adasap.optim import SAM, AdaSAP, sharpness_aware_step
@@ -198,6 +199,7 @@ def train_steps(
         memory_format=torch.channels_last if channels_last else torch.contiguous_format,
     )
     done_before = stats.steps
+    labels_unchecked = [getattr(images_set, "labels", None)]  # checked at the first forward
     for index, (x, y) in enumerate(iterator):
         if index < done_before:
             continue
@@ -215,15 +217,21 @@ def train_steps(
                 logits = model(x)
                 if not outputs:
                     outputs.append(logits.detach())
+                if labels_unchecked:
+                    check_labels(labels_unchecked.pop(), logits.shape[-1], "the training labels")
                 return criterion(logits.float(), y)
 
-        loss = sharpness_aware_step(
-            model,
-            optimizer,
-            compute_loss,
-            scaler=scaler,
-            after_first_backward=after_first_backward,
-        )
+        try:
+            loss = sharpness_aware_step(
+                model,
+                optimizer,
+                compute_loss,
+                scaler=scaler,
+                after_first_backward=after_first_backward,
+            )
+        except (RuntimeError, ValueError):
+            check_input(model, x, "the training images")  # a clear error when they do not fit
+            raise
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}")
         loss_sum += loss.double() * len(y)
@@ -275,10 +283,18 @@ def evaluate(
     correct = 0
     seen = 0
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    labels_unchecked = [getattr(images_set, "labels", None)]
     for x, y in batches(
         images_set, batch_size, shuffle=False, device=device, memory_format=memory_format
     ):
-        correct += int((model(x).argmax(1) == y).sum())
+        try:
+            logits = model(x)
+        except (RuntimeError, ValueError):
+            check_input(model, x)  # a clear error when the images do not fit the model
+            raise
+        if labels_unchecked:
+            check_labels(labels_unchecked.pop(), logits.shape[-1])
+        correct += int((logits.argmax(1) == y).sum())
         seen += len(y)
     model.train(was_training)
     return correct / max(seen, 1)
