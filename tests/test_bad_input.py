@@ -21,6 +21,7 @@ from torch import nn
 
 import adasap
 import adasap.pipeline as pipeline
+from adasap.checkpoint import save_checkpoint
 from adasap.cli import main
 from adasap.data import DataBundle, TensorImageSet, load_dataset
 from adasap.errors import UserError
@@ -174,10 +175,10 @@ YAML_CASES = [
     ("truncated", b"keep: 0.5\nmethods: [sgd, ada", [FILE, "not valid YAML", "fix the syntax"]),
     ("binary", b"\xff\xfe\x00\x13garbage", [FILE, "is not valid YAML", "fix the syntax"]),
     ("not-a-mapping", b"- keep\n- 0.5\n", [FILE, "must hold a mapping of keys to values"]),
-    ("keep-a-word", b"keep: half\n", ["config key 'keep' must be a number", "'half'"]),
-    ("epochs-a-bool", b"dense_epochs: yes\n", ["'dense_epochs' must be a number", "True"]),
-    ("methods-a-string", b"methods: sgd\n", ["'methods' must be a list", "'sgd'"]),
-    ("limit-a-float", b"train_limit: 0.5\n", ["'train_limit' must be an integer or null"]),
+    ("keep-a-word", b"keep: half\n", [FILE, "config key 'keep' must be a number", "'half'"]),
+    ("epochs-a-bool", b"dense_epochs: yes\n", [FILE, "'dense_epochs' must be a number", "True"]),
+    ("methods-a-string", b"methods: sgd\n", [FILE, "'methods' must be a list", "'sgd'"]),
+    ("limit-a-float", b"train_limit: 0.5\n", [FILE, "'train_limit' must be an integer or null"]),
     ("prune-steps-0", b"prune_steps: 0\n", ["prune_steps must be >= 1", "got 0"]),
     ("rho-negative", b"rho: -0.1\n", ["rho >= 0", "rho=-0.1"]),
 ]
@@ -431,6 +432,20 @@ def test_latency_on_a_full_disk_keeps_the_old_report(run_dir, capsys, monkeypatc
               "no space left on the device", "latency.json", "free some space")  # fmt: skip
     monkeypatch.undo()
     assert snapshot(run_dir) == before
+
+
+def test_checkpoint_and_model_on_a_full_disk_keep_the_old_files(tmp_path, monkeypatch):
+    model = nn.Linear(3, 2)
+    save_checkpoint(tmp_path / "checkpoint.pt", {"step": 1})
+    save_model(tmp_path, model, {"name": "linear"})
+    before = snapshot(tmp_path)
+    fill_disk_after(monkeypatch)
+    with pytest.raises(UserError, match=r"no space left .*checkpoint\.pt.*choose another --out"):
+        save_checkpoint(tmp_path / "checkpoint.pt", {"step": 2, "weights": torch.ones(1000)})
+    with pytest.raises(UserError, match=r"no space left .*model\.safetensors"):
+        save_model(tmp_path, nn.Linear(3, 2), {"name": "linear"})
+    monkeypatch.undo()
+    assert snapshot(tmp_path) == before
 
 
 # --------------------------------------------------------------------------- damaged model files

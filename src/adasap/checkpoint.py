@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import pickle
 import signal
 import threading
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 
 from adasap.errors import UserError
-from adasap.io import atomic_write
+from adasap.io import atomic_write_bytes
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -33,8 +34,14 @@ class TrainingDiverged(UserError):
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write ``state`` atomically (temp file, fsync, rename): a kill leaves the old one."""
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    """Write ``state`` atomically (temp file, fsync, rename): a kill leaves the old one.
+
+    Serialised in memory first, so that a full disk is an ``OSError`` from our own write
+    (a one-line error) rather than a ``RuntimeError`` from inside ``torch.save``.
+    """
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue(), fix="choose another --out")
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

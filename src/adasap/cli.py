@@ -17,7 +17,7 @@ from rich.console import Console
 
 from adasap.bench import PRESETS, SWEEP_PRESETS, run_bench, run_sweep, sweep_report, write_report
 from adasap.checkpoint import RunInterrupted, TrainingDiverged
-from adasap.config import SCHEMA, from_flat, load_yaml
+from adasap.config import SCHEMA, check_keys_and_types, from_flat, load_yaml
 from adasap.deploy import export_onnx, select_model
 from adasap.errors import UserError
 from adasap.experiment import (
@@ -227,6 +227,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[ExperimentConfig, bool]:
                 f"config file {args.config} sets no options (it is empty): add some, e.g. "
                 "'keep: 0.5', or leave the file out to use the defaults"
             )
+        check_keys_and_types(values, f"config file {args.config}")
     values.update(flags)
     return from_flat(values), bool(getattr(args, "resume", None))
 

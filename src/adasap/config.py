@@ -98,15 +98,26 @@ def _check_type(key: str, value: Any) -> Any:
     return tuple(value) if list in types else value
 
 
+def check_keys_and_types(values: dict[str, Any], source: str | None = None) -> dict[str, Any]:
+    """``values`` with their types checked (ints accepted as floats); :class:`UserError`
+    for an unknown key or a wrong type, prefixed with ``source`` (say, the file) when given."""
+    try:
+        unknown = sorted(set(values) - set(SCHEMA))
+        if unknown:
+            raise UserError(
+                f"unknown config key(s) {', '.join(map(repr, unknown))}: allowed keys are "
+                f"{', '.join(sorted(SCHEMA))}"
+            )
+        return {k: _check_type(k, v) for k, v in values.items()}
+    except UserError as exc:
+        if source is None:
+            raise
+        raise UserError(f"{source}: {exc}") from None
+
+
 def from_flat(values: dict[str, Any], base: ExperimentConfig | None = None) -> ExperimentConfig:
     """Apply a flat mapping onto ``base`` (the defaults), checking keys, types and ranges."""
-    unknown = sorted(set(values) - set(SCHEMA))
-    if unknown:
-        raise UserError(
-            f"unknown config key(s) {', '.join(map(repr, unknown))}: allowed keys are "
-            f"{', '.join(sorted(SCHEMA))}"
-        )
-    checked = {k: _check_type(k, v) for k, v in values.items()}
+    checked = check_keys_and_types(values)
     base = base or ExperimentConfig()
     optimizer = replace(
         base.prune.optimizer, **{k: v for k, v in checked.items() if k in _OPTIMIZER_KEYS}

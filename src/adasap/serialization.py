@@ -15,11 +15,12 @@ from typing import Any
 import torch
 import torch_pruning as tp
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from adasap.errors import UserError
-from adasap.io import atomic_write, atomic_write_json
+from adasap.io import atomic_write_bytes, atomic_write_json
 from adasap.models import build_model
 
 WEIGHTS_FILE = "model.safetensors"
@@ -51,7 +52,8 @@ def save_model(
     """
     directory = Path(directory)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    weights = atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp)))
+    # bytes first: a full disk is then our OSError (one line), not a SafetensorError
+    weights = atomic_write_bytes(directory / WEIGHTS_FILE, safetensors_bytes(tensors))
     history = [
         [name, bool(is_out), [int(i) for i in idxs]]
         for name, is_out, idxs in (pruning_history or [])
