@@ -67,14 +67,16 @@ def speedups(args: argparse.Namespace, console: Console) -> list[dict]:
     rows = []
     for name in args.models:
         dense, example = build(name)
-        pruned = {}
-        for round_to in args.round_to:
-            pruned[round_to], _ = build(name)
-            prune_macs(pruned[round_to], example, args.keep, round_to)
+        pruned, macs_ratio = {}, {}
         dense_macs = measure_size(dense, example).macs
+        for round_to in args.round_to:
+            model, _ = build(name)
+            prune_macs(model, example, args.keep, round_to)
+            pruned[str(round_to)] = model
+            macs_ratio[str(round_to)] = dense_macs / measure_size(model, example).macs
         comparison = compare_latency(
             dense,
-            {str(r): model for r, model in pruned.items()},
+            pruned,
             tuple(example.shape[1:]),
             batch_sizes=args.batch_sizes,
             backends=args.backends,
@@ -82,14 +84,14 @@ def speedups(args: argparse.Namespace, console: Console) -> list[dict]:
             repeats=args.repeats,
         )
         for r in comparison.rows:
-            macs_ratio = dense_macs / measure_size(pruned[int(r["model"])], example).macs
-            goal = GOAL_FACTOR * macs_ratio
+            ratio = macs_ratio[r["model"]]
+            goal = GOAL_FACTOR * ratio
             row = {
                 **r,
                 "model": name,
                 "round_to": int(r["model"]),
                 "image_size": example.shape[-1],
-                "macs_ratio": macs_ratio,
+                "macs_ratio": ratio,
                 "goal": goal,
             }
             rows.append(row)
@@ -97,7 +99,7 @@ def speedups(args: argparse.Namespace, console: Console) -> list[dict]:
                 name,
                 str(example.shape[-1]),
                 r["model"],
-                f"{1 / macs_ratio:.1%}",
+                f"{1 / ratio:.1%}",
                 r["backend"],
                 str(r["batch_size"]),
                 f"{r['dense_ms']:.2f}",

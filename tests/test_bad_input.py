@@ -718,22 +718,6 @@ def test_prune_a_model_whose_classifier_is_not_found(gray):
         prune(model, data, **FAST)
 
 
-@pytest.mark.parametrize(
-    "overrides,message",
-    [
-        (dict(keep="0.5"), r"keep must be a number, got '0.5' \(str\)"),
-        (dict(prune_steps=2.0), r"prune_steps must be an integer, got 2.0"),
-        (dict(lr=True), r"lr must be a number, got True \(bool\)"),
-        (dict(amp="yes"), r"amp must be True or False"),
-        (dict(method=None), r"method must be a string"),
-    ],
-    ids=["keep-string", "steps-float", "lr-bool", "amp-string", "method-none"],
-)
-def test_prune_settings_of_the_wrong_type(overrides, message):
-    with pytest.raises(UserError, match=message):
-        with_overrides(PruneSettings(), overrides).validate()
-
-
 def test_select_neurons_below_the_floor(gray):
     data, model = gray
     example = data.train.float_images()[:2]
@@ -756,6 +740,11 @@ def test_select_neurons_below_the_floor(gray):
         (dict(rho_min=0.3, rho_max=0.1), r"0 <= rho_min <= rho_max.*rho_min=0.3"),
         (dict(batch_size=0), r"batch_size must be >= 1, got 0"),
         (dict(kepp=0.5), r"unknown setting\(s\) kepp: allowed are"),
+        (dict(keep="0.5"), r"keep must be a number, got '0.5' \(str\)"),
+        (dict(prune_steps=2.0), r"prune_steps must be an integer, got 2.0"),
+        (dict(lr=True), r"lr must be a number, got True \(bool\)"),
+        (dict(amp="yes"), r"amp must be True or False"),
+        (dict(method=None), r"method must be a string"),
     ],
     ids=[
         "keep-0",
@@ -765,9 +754,14 @@ def test_select_neurons_below_the_floor(gray):
         "rho-min-above-max",
         "batch-size-0",
         "misspelt-setting",
+        "keep-string",
+        "steps-float",
+        "lr-bool",
+        "amp-string",
+        "method-none",
     ],  # fmt: skip
 )
-def test_prune_settings_out_of_range(overrides, message):
+def test_bad_prune_settings(overrides, message):
     with pytest.raises(UserError, match=message):
         with_overrides(PruneSettings(), overrides).validate()
 

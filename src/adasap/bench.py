@@ -47,6 +47,7 @@ from adasap.io import (
     atomic_write_json,
     atomic_write_text,
     cache_root,
+    read_json_mapping,
     writing,
 )
 from adasap.latency import machine_info, measure_latency
@@ -357,13 +358,8 @@ def _prepare_out(out_dir: str | Path, definition: dict[str, Any], what: str) -> 
             )
         out.mkdir(parents=True, exist_ok=True)
     if path.is_file():
-        try:
-            saved = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UserError(
-                f"{path} is damaged ({exc}): restore it, or choose another --out"
-            ) from exc
-        if not isinstance(saved, dict) or saved.get(what) != definition:
+        saved = read_json_mapping(path, "restore it, or choose another --out")
+        if saved.get(what) != definition:
             raise UserError(
                 f"{out} holds results of another {what}: choose another --out to keep both"
             )

@@ -8,7 +8,6 @@ exits with 3 and an interrupted one with 130, both keeping their checkpoint.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -26,7 +25,7 @@ from adasap.experiment import (
     run_experiment,
     train_dense_model,
 )
-from adasap.io import atomic_write_json
+from adasap.io import atomic_write_json, read_json_mapping
 from adasap.latency import run_latency
 from adasap.neurons import CRITERIA
 from adasap.pipeline import METHODS
@@ -234,15 +233,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[ExperimentConfig, bool]:
 
 def _read_run_config(path: Path) -> dict[str, Any]:
     """A run directory's ``config.json``."""
-    try:
-        values = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(
-            f"{path} is damaged ({exc}): restore it, or start a new run with the same options"
-        ) from exc
-    if not isinstance(values, dict):
-        raise UserError(f"{path} is damaged (not a mapping): restore it, or start a new run")
-    return values
+    return read_json_mapping(path, "restore it, or start a new run with the same options")
 
 
 def main(argv: list[str] | None = None) -> int:

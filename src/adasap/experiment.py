@@ -449,15 +449,15 @@ def _check_fits(architecture: dict[str, Any], data: DataBundle, directory: Path)
     )
     data_side = (spec.channels, spec.image_size, spec.num_classes)
     if model_side != data_side:
-
-        def describe(c: int, s: int, k: Any) -> str:
-            return f"{c}x{s}x{s} images (channels x height x width) and {k} classes"
-
         raise UserError(
-            f"the model in {directory} takes {describe(*model_side)}, but dataset "
-            f"{spec.name} has {describe(*data_side)}: pass the --dataset the model was "
-            "trained on"
+            f"the model in {directory} takes {_images_and_classes(*model_side)}, but dataset "
+            f"{spec.name} has {_images_and_classes(*data_side)}: pass the --dataset the model "
+            "was trained on"
         )
+
+
+def _images_and_classes(channels: int, size: int, classes: Any) -> str:
+    return f"{channels}x{size}x{size} images (channels x height x width) and {classes} classes"
 
 
 def train_dense_model(config: ExperimentConfig, console: Console | None = None) -> Path:

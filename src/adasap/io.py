@@ -32,6 +32,18 @@ def _file_mode() -> int:
     return 0o666 & ~umask
 
 
+def read_json_mapping(path: str | Path, fix: str) -> dict[str, Any]:
+    """The JSON object in ``path``; a :class:`UserError` ``"<path> is damaged (why): <fix>"``
+    when the file is not valid JSON or holds something other than an object."""
+    try:
+        values = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is damaged ({exc}): {fix}") from exc
+    if not isinstance(values, dict):
+        raise UserError(f"{path} is damaged (not a mapping): {fix}")
+    return values
+
+
 def write_error(path: str | Path, exc: OSError, fix: str = WRITABLE_FIX) -> UserError:
     """The one message for an output that cannot be written: a full disk, no permission,
     a read-only file system, a file where a folder should be, ..."""
