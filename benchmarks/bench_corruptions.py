@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from adasap.corruptions import (
+from adasap.robustness.corruptions import (
     BENCHMARK_CORRUPTIONS,
     DETERMINISTIC_CORRUPTIONS,
     SEVERITIES,

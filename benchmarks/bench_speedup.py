@@ -24,12 +24,12 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from adasap.deploy.latency import compare_latency, machine_info, prune_to_latency
 from adasap.errors import UserError
 from adasap.io import atomic_write_json
-from adasap.latency import compare_latency, machine_info, prune_to_latency
-from adasap.models import build_model, find_classifier
-from adasap.neurons import NeuronLayout, magnitude_scores, normalize_scores
-from adasap.pruning import measure_size, remove_neurons, select_neurons, size_predictor
+from adasap.method.neurons import NeuronLayout, magnitude_scores, normalize_scores
+from adasap.method.pruning import measure_size, remove_neurons, select_neurons, size_predictor
+from adasap.models.builders import build_model, find_classifier
 
 # name -> (image size, classes): CIFAR ResNet-20 at 32 px, ImageNet networks at 224 px.
 MODELS = {"resnet20": (32, 10), "resnet50": (224, 1000), "mobilenet_v2": (224, 1000)}

@@ -16,10 +16,15 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from adasap.models import build_model
-from adasap.neurons import NeuronLayout, magnitude_scores, normalize_scores, radii_from_scores
-from adasap.optim import AdaSAP, sharpness_aware_step
-from adasap.training import OptimizerSettings, make_optimizer
+from adasap.method.neurons import (
+    NeuronLayout,
+    magnitude_scores,
+    normalize_scores,
+    radii_from_scores,
+)
+from adasap.method.optim import AdaSAP, sharpness_aware_step
+from adasap.models.builders import build_model
+from adasap.training.loop import OptimizerSettings, make_optimizer
 
 
 def images_per_second(kind: str, channels_last: bool, steps: int, batch_size: int) -> float:

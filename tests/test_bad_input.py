@@ -20,18 +20,18 @@ import torch
 from torch import nn
 
 import adasap
-import adasap.pipeline as pipeline
-from adasap.checkpoint import save_checkpoint
+import adasap.training.pipeline as pipeline
 from adasap.cli import main
-from adasap.data import DataBundle, TensorImageSet, load_dataset
+from adasap.data.datasets import DataBundle, TensorImageSet, load_dataset
+from adasap.deploy.serialization import DESCRIPTION_FILE, WEIGHTS_FILE, save_model
 from adasap.errors import UserError
-from adasap.experiment import ExperimentConfig, run_experiment
+from adasap.experiments.run import ExperimentConfig, run_experiment
 from adasap.io import atomic_write_text
-from adasap.models import build_model, find_classifier
-from adasap.neurons import NeuronLayout, magnitude_scores
-from adasap.pipeline import PruneSettings, prune, with_overrides
-from adasap.pruning import measure_size, select_neurons, size_predictor
-from adasap.serialization import DESCRIPTION_FILE, WEIGHTS_FILE, save_model
+from adasap.method.neurons import NeuronLayout, magnitude_scores
+from adasap.method.pruning import measure_size, select_neurons, size_predictor
+from adasap.models.builders import build_model, find_classifier
+from adasap.training.checkpoint import save_checkpoint
+from adasap.training.pipeline import PruneSettings, prune, with_overrides
 
 # the synthetic dataset's defaults: 10 classes of 3x16x16 images
 SYNTHETIC = dict(name="resnet20", num_classes=10, in_channels=3, image_size=16,

@@ -4,9 +4,10 @@ from dataclasses import replace
 import pytest
 from rich.console import Console
 
-import adasap.bench as bench
-import adasap.experiment as experiment
-from adasap.bench import (
+import adasap.experiments.bench as bench
+import adasap.experiments.run as experiment
+from adasap.errors import UserError
+from adasap.experiments.bench import (
     PRESETS,
     RESULTS_FILE,
     SWEEP_PRESETS,
@@ -20,13 +21,12 @@ from adasap.bench import (
     sweep_report,
     write_report,
 )
-from adasap.checkpoint import RunInterrupted
-from adasap.config import SCHEMA
-from adasap.corruptions import EXTRA_CORRUPTIONS
-from adasap.errors import UserError
-from adasap.neurons import CRITERIA
-from adasap.pipeline import METHODS
-from adasap.training import OptimizerSettings
+from adasap.experiments.config import SCHEMA
+from adasap.method.neurons import CRITERIA
+from adasap.robustness.corruptions import EXTRA_CORRUPTIONS
+from adasap.training.checkpoint import RunInterrupted
+from adasap.training.loop import OptimizerSettings
+from adasap.training.pipeline import METHODS
 
 TINY = dict(
     train_limit=300,

@@ -175,7 +175,7 @@ def test_yaml_config_with_unknown_key(isolated, capsys):
 def test_interrupted_run_resumes_to_identical_models(isolated, capsys, monkeypatch):
     import contextlib
 
-    import adasap.pipeline as pipeline
+    import adasap.training.pipeline as pipeline
 
     out = isolated / "runs"
     base = ["run", *TINY, "--corruptions", "none", "--out", str(out)]
@@ -211,7 +211,7 @@ def test_interrupted_run_resumes_to_identical_models(isolated, capsys, monkeypat
 
 
 def test_train_writes_a_loadable_dense_model(isolated, capsys):
-    from adasap.serialization import load_model
+    from adasap.deploy.serialization import load_model
 
     args = ["train", "--dataset", "synthetic", "--dense-epochs", "1", "--batch-size", "50",
             "--no-progress", "--out", str(isolated / "runs"), "--name", "dense"]  # fmt: skip

@@ -1,8 +1,8 @@
 import pytest
 
-from adasap.config import SCHEMA, dump_yaml, from_flat, load_yaml
 from adasap.errors import UserError
-from adasap.experiment import ExperimentConfig
+from adasap.experiments.config import SCHEMA, dump_yaml, from_flat, load_yaml
+from adasap.experiments.run import ExperimentConfig
 
 
 def test_schema_covers_every_flat_key():

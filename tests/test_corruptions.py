@@ -1,4 +1,4 @@
-"""Tests for adasap.corruptions: the contract of every corruption, fidelity checks, the cache."""
+"""Tests for the corruption suite: every corruption's contract, fidelity checks, the cache."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adasap import corruptions as C
-from adasap.corruptions import (
+from adasap.errors import UserError
+from adasap.robustness import corruptions as C
+from adasap.robustness.corruptions import (
     BENCHMARK_CORRUPTIONS,
     CATEGORIES,
     CORRUPTIONS,
@@ -26,7 +27,6 @@ from adasap.corruptions import (
     render_cached,
     select_param_table,
 )
-from adasap.errors import UserError
 
 SIZES = (8, 28, 32, 64, 224)
 RANDOM_CORRUPTIONS = tuple(n for n in CORRUPTIONS if n not in DETERMINISTIC_CORRUPTIONS)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from adasap import data
-from adasap.data import (
+from adasap.data import datasets as data
+from adasap.data.datasets import (
     IDX_FILES,
     TensorImageSet,
     augment_batch,

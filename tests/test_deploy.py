@@ -1,17 +1,17 @@
 import pytest
 import torch
 
-from adasap.deploy import (
+from adasap.deploy.onnx import (
     export_onnx,
     find_models,
     onnx_session,
     select_model,
 )
+from adasap.deploy.serialization import load_model, save_model
 from adasap.errors import UserError
-from adasap.models import build_model, find_classifier
-from adasap.neurons import NeuronLayout, magnitude_scores
-from adasap.pruning import measure_size, remove_neurons, select_neurons, size_predictor
-from adasap.serialization import load_model, save_model
+from adasap.method.neurons import NeuronLayout, magnitude_scores
+from adasap.method.pruning import measure_size, remove_neurons, select_neurons, size_predictor
+from adasap.models.builders import build_model, find_classifier
 
 ARCHITECTURE = dict(
     name="resnet20", num_classes=10, in_channels=3, image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3

@@ -7,9 +7,8 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from adasap import latency
-from adasap.errors import UserError
-from adasap.latency import (
+from adasap.deploy import latency
+from adasap.deploy.latency import (
     LatencyTable,
     LayerGrid,
     compare_latency,
@@ -21,10 +20,11 @@ from adasap.latency import (
     prune_to_latency,
     run_latency,
 )
-from adasap.models import build_model, find_classifier
-from adasap.neurons import NeuronLayout, magnitude_scores, normalize_scores
-from adasap.pruning import measure_size, remove_neurons, select_neurons, size_predictor
-from adasap.serialization import save_model
+from adasap.deploy.serialization import save_model
+from adasap.errors import UserError
+from adasap.method.neurons import NeuronLayout, magnitude_scores, normalize_scores
+from adasap.method.pruning import measure_size, remove_neurons, select_neurons, size_predictor
+from adasap.models.builders import build_model, find_classifier
 
 ARCHITECTURE = dict(
     name="resnet20", num_classes=10, in_channels=3, image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3

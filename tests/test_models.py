@@ -4,7 +4,7 @@ import torch_pruning as tp
 from torch import nn
 
 from adasap.errors import UserError
-from adasap.models import Normalize, build_model, find_classifier, list_models
+from adasap.models.builders import Normalize, build_model, find_classifier, list_models
 
 
 def make(name, channels=3, size=32, classes=10, **kwargs):
@@ -41,7 +41,7 @@ def test_cifar_resnet_structure():
     assert isinstance(projection[0], nn.Conv2d) and projection[0].kernel_size == (1, 1)
     assert projection[0].stride == (2, 2) and isinstance(projection[1], nn.BatchNorm2d)
     with pytest.raises(UserError, match="6n\\+2"):
-        from adasap.models import CifarResNet
+        from adasap.models.builders import CifarResNet
 
         CifarResNet(21, 10)
 

@@ -4,8 +4,14 @@ import pytest
 import torch
 from torch import nn
 
-from adasap.neurons import radii_from_scores
-from adasap.optim import SAM, AdaSAP, NeuronOwnership, frozen_bn_statistics, sharpness_aware_step
+from adasap.method.neurons import radii_from_scores
+from adasap.method.optim import (
+    SAM,
+    AdaSAP,
+    NeuronOwnership,
+    frozen_bn_statistics,
+    sharpness_aware_step,
+)
 
 
 def quadratic_setup():

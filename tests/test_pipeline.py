@@ -2,11 +2,11 @@ import pytest
 import torch
 from torch import nn
 
-from adasap.data import load_dataset
+from adasap.data.datasets import load_dataset
+from adasap.deploy.serialization import WEIGHTS_FILE, load_model, save_model
 from adasap.errors import UserError
-from adasap.models import build_model
-from adasap.pipeline import PruneSettings, prune, train, with_overrides
-from adasap.serialization import WEIGHTS_FILE, load_model, save_model
+from adasap.models.builders import build_model
+from adasap.training.pipeline import PruneSettings, prune, train, with_overrides
 
 FAST = dict(
     warmup_epochs=1,

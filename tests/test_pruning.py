@@ -3,14 +3,13 @@ import torch
 from torch import nn
 
 from adasap.errors import UserError
-from adasap.models import build_model
-from adasap.neurons import (
+from adasap.method.neurons import (
     NeuronLayout,
     TaylorScores,
     magnitude_scores,
     normalize_scores,
 )
-from adasap.pruning import (
+from adasap.method.pruning import (
     UnreachableTarget,
     measure_size,
     named_optimizer_state,
@@ -19,6 +18,7 @@ from adasap.pruning import (
     size_predictor,
     transfer_optimizer_state,
 )
+from adasap.models.builders import build_model
 
 
 class Chain(nn.Module):

@@ -7,12 +7,12 @@ import time
 import pytest
 import torch
 
-import adasap.pipeline as pipeline
-from adasap.checkpoint import CHECKPOINT_FILE, RunInterrupted, TrainingDiverged
-from adasap.data import load_dataset
+import adasap.training.pipeline as pipeline
+from adasap.data.datasets import load_dataset
 from adasap.errors import UserError
-from adasap.models import build_model
-from adasap.pipeline import prune, train
+from adasap.models.builders import build_model
+from adasap.training.checkpoint import CHECKPOINT_FILE, RunInterrupted, TrainingDiverged
+from adasap.training.pipeline import prune, train
 
 FAST = dict(
     warmup_epochs=1,

@@ -1,4 +1,4 @@
-"""Tests for adasap.robustness: loaders for the official layouts, evaluation and the report."""
+"""Tests for robustness evaluation: official-layout loaders, evaluation and the report."""
 
 from __future__ import annotations
 
@@ -13,10 +13,15 @@ from PIL import Image
 from rich.console import Console
 from torch import nn
 
-from adasap import corruptions as C
-from adasap.corruptions import BENCHMARK_CORRUPTIONS, CORRUPTIONS, EXTRA_CORRUPTIONS, SEVERITIES
 from adasap.errors import UserError
-from adasap.robustness import (
+from adasap.robustness import corruptions as C
+from adasap.robustness.corruptions import (
+    BENCHMARK_CORRUPTIONS,
+    CORRUPTIONS,
+    EXTRA_CORRUPTIONS,
+    SEVERITIES,
+)
+from adasap.robustness.evaluation import (
     ALEXNET_ERRORS,
     SOURCE_RENDERED,
     CorruptionReport,

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 import adasap
+from adasap.deploy.serialization import DESCRIPTION_FILE, WEIGHTS_FILE, load_model, save_model
 from adasap.errors import UserError
-from adasap.models import build_model, find_classifier
-from adasap.neurons import NeuronLayout, magnitude_scores, normalize_scores
-from adasap.pruning import measure_size, remove_neurons, select_neurons, size_predictor
-from adasap.serialization import DESCRIPTION_FILE, WEIGHTS_FILE, load_model, save_model
+from adasap.method.neurons import NeuronLayout, magnitude_scores, normalize_scores
+from adasap.method.pruning import measure_size, remove_neurons, select_neurons, size_predictor
+from adasap.models.builders import build_model, find_classifier
 
 
 def pruned(name, channels, size):

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adasap.sharpness import top_hessian_eigenvalue, worst_case_loss_increase
+from adasap.robustness.sharpness import top_hessian_eigenvalue, worst_case_loss_increase
 
 
 def mse(out, y):

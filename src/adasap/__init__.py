@@ -1,10 +1,10 @@
 """adasap: Adaptive Sharpness-Aware Pruning for small, robust vision models."""
 
+from adasap.deploy.serialization import load_model, save_model
 from adasap.errors import UserError
-from adasap.optim import SAM, AdaSAP, sharpness_aware_step
-from adasap.pipeline import PruneResult, PruneSettings, prune, train
-from adasap.robustness import CorruptionReport, evaluate_corruptions
-from adasap.serialization import load_model, save_model
+from adasap.method.optim import SAM, AdaSAP, sharpness_aware_step
+from adasap.robustness.evaluation import CorruptionReport, evaluate_corruptions
+from adasap.training.pipeline import PruneResult, PruneSettings, prune, train
 
 load = load_model  # ``adasap.load(path)``: the short name for a saved pruned model
 

@@ -1,4 +1,4 @@
-"""``adasap`` command line: a thin layer over :mod:`adasap.experiment` and :mod:`adasap.config`.
+"""``adasap`` command line: a thin layer over :mod:`adasap.experiments`.
 
 Flags, YAML files and run directories share one flat key space (``--rho-max`` is ``rho_max``).
 User errors print one line (``error: ...``) and exit with code 2, no traceback; a diverged run
@@ -14,21 +14,28 @@ from typing import Any, NoReturn
 
 from rich.console import Console
 
-from adasap.bench import PRESETS, SWEEP_PRESETS, run_bench, run_sweep, sweep_report, write_report
-from adasap.checkpoint import RunInterrupted, TrainingDiverged
-from adasap.config import SCHEMA, check_keys_and_types, from_flat, load_yaml
-from adasap.deploy import export_onnx, select_model
+from adasap.deploy.latency import run_latency
+from adasap.deploy.onnx import export_onnx, select_model
 from adasap.errors import UserError
-from adasap.experiment import (
+from adasap.experiments.bench import (
+    PRESETS,
+    SWEEP_PRESETS,
+    run_bench,
+    run_sweep,
+    sweep_report,
+    write_report,
+)
+from adasap.experiments.config import SCHEMA, check_keys_and_types, from_flat, load_yaml
+from adasap.experiments.run import (
     ExperimentConfig,
     evaluate_path,
     run_experiment,
     train_dense_model,
 )
 from adasap.io import atomic_write_json, read_json_mapping
-from adasap.latency import run_latency
-from adasap.neurons import CRITERIA
-from adasap.pipeline import METHODS
+from adasap.method.neurons import CRITERIA
+from adasap.training.checkpoint import RunInterrupted, TrainingDiverged
+from adasap.training.pipeline import METHODS
 
 DEFAULTS = ExperimentConfig().to_flat()
 

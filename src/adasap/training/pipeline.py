@@ -18,19 +18,10 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from adasap.checkpoint import (
-    CHECKPOINT_FILE,
-    RunInterrupted,
-    TrainingDiverged,
-    load_checkpoint,
-    save_checkpoint,
-    stop_requests,
-)
-from adasap.data import batches
+from adasap.data.datasets import batches
+from adasap.deploy.latency import LatencyBudget, compare_latency, latency_budget
 from adasap.errors import UserError
-from adasap.latency import LatencyBudget, compare_latency, latency_budget
-from adasap.models import find_classifier
-from adasap.neurons import (
+from adasap.method.neurons import (
     CRITERIA,
     NeuronLayout,
     TaylorScores,
@@ -38,8 +29,8 @@ from adasap.neurons import (
     normalize_scores,
     radii_from_scores,
 )
-from adasap.optim import AdaSAP
-from adasap.pruning import (
+from adasap.method.optim import AdaSAP
+from adasap.method.pruning import (
     ModelSize,
     measure_size,
     named_optimizer_state,
@@ -48,7 +39,16 @@ from adasap.pruning import (
     size_predictor,
     transfer_optimizer_state,
 )
-from adasap.training import (
+from adasap.models.builders import find_classifier
+from adasap.training.checkpoint import (
+    CHECKPOINT_FILE,
+    RunInterrupted,
+    TrainingDiverged,
+    load_checkpoint,
+    save_checkpoint,
+    stop_requests,
+)
+from adasap.training.loop import (
     CosineSchedule,
     EpochStats,
     OptimizerKind,

@@ -21,7 +21,7 @@ from torch import nn
 
 from adasap.errors import UserError
 from adasap.io import atomic_write_bytes, atomic_write_json
-from adasap.models import build_model
+from adasap.models.builders import build_model
 
 WEIGHTS_FILE = "model.safetensors"
 DESCRIPTION_FILE = "model.json"

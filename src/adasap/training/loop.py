@@ -15,9 +15,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from torch import Tensor, nn
 
 from adasap.checks import check_input, check_labels
-from adasap.data import batches, num_batches
+from adasap.data.datasets import batches, num_batches
 from adasap.errors import UserError
-from adasap.optim import SAM, AdaSAP, sharpness_aware_step
+from adasap.method.optim import SAM, AdaSAP, sharpness_aware_step
 
 OptimizerKind = Literal["sgd", "sam", "adasap"]
 

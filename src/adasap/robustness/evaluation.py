@@ -2,7 +2,7 @@
 
 Published ImageNet-C / CIFAR-10-C numbers are only comparable on the official pre-rendered files
 (hendrycks/robustness#16); every result therefore carries a ``source`` string saying whether it
-came from those files or from corruptions rendered on the fly by :mod:`adasap.corruptions`.
+came from those files or from corruptions rendered on the fly by :mod:`.corruptions`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import Tensor, nn
 
 from adasap.checks import check_input, check_labels
-from adasap.corruptions import (
+from adasap.errors import UserError
+from adasap.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from adasap.robustness.corruptions import (
     BENCHMARK_CORRUPTIONS,
     CATEGORIES,
     CATEGORY_OF,
@@ -32,8 +34,6 @@ from adasap.corruptions import (
     render_cached,
     resolve_param_table,
 )
-from adasap.errors import UserError
-from adasap.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 SOURCE_RENDERED = "rendered on the fly by adasap"
 

@@ -12,7 +12,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from adasap.errors import UserError
-from adasap.neurons import NeuronLayout
+from adasap.method.neurons import NeuronLayout
 
 SizeKind = Literal["params", "macs"]
 

@@ -29,12 +29,12 @@ import torch
 from rich.console import Console
 from torch import Tensor, nn
 
-from adasap.checkpoint import CHECKPOINT_FILE, RunInterrupted
-from adasap.config import from_flat
-from adasap.corruptions import CORRUPTIONS, EXTRA_CORRUPTIONS
-from adasap.data import DataBundle, batches
+from adasap.data.datasets import DataBundle, batches
+from adasap.deploy.latency import machine_info, measure_latency
+from adasap.deploy.serialization import load_model
 from adasap.errors import UserError
-from adasap.experiment import (
+from adasap.experiments.config import from_flat
+from adasap.experiments.run import (
     ExperimentConfig,
     as_tensor,
     dense_model,
@@ -50,13 +50,13 @@ from adasap.io import (
     read_json_mapping,
     writing,
 )
-from adasap.latency import machine_info, measure_latency
-from adasap.pipeline import METHODS, prune
-from adasap.pruning import measure_size
-from adasap.robustness import evaluate_corruptions
-from adasap.serialization import load_model
-from adasap.sharpness import top_hessian_eigenvalue, worst_case_loss_increase
-from adasap.training import resolve_device
+from adasap.method.pruning import measure_size
+from adasap.robustness.corruptions import CORRUPTIONS, EXTRA_CORRUPTIONS
+from adasap.robustness.evaluation import evaluate_corruptions
+from adasap.robustness.sharpness import top_hessian_eigenvalue, worst_case_loss_increase
+from adasap.training.checkpoint import CHECKPOINT_FILE, RunInterrupted
+from adasap.training.loop import resolve_device
+from adasap.training.pipeline import METHODS, prune
 
 RESULTS_FILE = "results.jsonl"
 FAILURES_FILE = "failures.jsonl"

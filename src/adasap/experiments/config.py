@@ -15,9 +15,9 @@ from typing import Any
 import yaml
 
 from adasap.errors import UserError
-from adasap.experiment import ExperimentConfig
-from adasap.pipeline import PruneSettings
-from adasap.training import OptimizerSettings
+from adasap.experiments.run import ExperimentConfig
+from adasap.training.loop import OptimizerSettings
+from adasap.training.pipeline import PruneSettings
 
 OPTIONAL = type(None)
 

@@ -20,7 +20,7 @@ from torch_pruning._helpers import to_plain_idxs
 
 from adasap.checks import check_input
 from adasap.errors import UserError
-from adasap.optim import NeuronOwnership
+from adasap.method.optim import NeuronOwnership
 
 Criterion = Literal["magnitude", "l1", "taylor", "bn_scale"]
 CRITERIA: tuple[str, ...] = ("magnitude", "l1", "taylor", "bn_scale")

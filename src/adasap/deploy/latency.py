@@ -42,7 +42,7 @@ import torch
 from rich.table import Table
 from torch import Tensor, nn
 
-from adasap.deploy import (
+from adasap.deploy.onnx import (
     INPUT_NAME,
     find_models,
     onnx_runs_on,
@@ -50,13 +50,13 @@ from adasap.deploy import (
     resolve_model,
     write_onnx,
 )
+from adasap.deploy.serialization import load_model, read_description
 from adasap.errors import UserError
 from adasap.io import atomic_write_json, cache_root
-from adasap.models import build_model
-from adasap.neurons import NeuronLayout, magnitude_scores, normalize_scores
-from adasap.pruning import UnreachableTarget, remove_neurons, select_neurons, sliced_axes
-from adasap.serialization import load_model, read_description
-from adasap.training import resolve_device
+from adasap.method.neurons import NeuronLayout, magnitude_scores, normalize_scores
+from adasap.method.pruning import UnreachableTarget, remove_neurons, select_neurons, sliced_axes
+from adasap.models.builders import build_model
+from adasap.training.loop import resolve_device
 
 BACKENDS = ("torch", "onnxruntime")
 TABLE_FORMAT = "adasap-latency-table"

@@ -19,9 +19,9 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from adasap.deploy.serialization import DESCRIPTION_FILE, load_model, read_description
 from adasap.errors import UserError
 from adasap.io import atomic_write
-from adasap.serialization import DESCRIPTION_FILE, load_model, read_description
 
 MIN_OPSET = 17
 MAX_OPSET = 20  # the newest the TorchScript-based exporter writes

@@ -20,20 +20,20 @@ import torch
 import yaml
 from rich.console import Console
 
-from adasap.checkpoint import CHECKPOINT_FILE, RunInterrupted
-from adasap.corruptions import CORRUPTIONS
-from adasap.data import DataBundle, batches, get_spec, load_dataset
+from adasap.data.datasets import DataBundle, batches, get_spec, load_dataset
+from adasap.deploy.latency import latency_budget, measure_latency
+from adasap.deploy.serialization import load_model, read_description, save_model
 from adasap.errors import UserError
+from adasap.experiments.reporting import results_markdown, results_table
 from adasap.io import atomic_write_json, atomic_write_text, cache_root, writing
-from adasap.latency import latency_budget, measure_latency
-from adasap.models import build_model, find_classifier
-from adasap.neurons import NeuronLayout
-from adasap.pipeline import PruneSettings, check_target_reachable, prune, train
-from adasap.pruning import measure_size
-from adasap.reporting import results_markdown, results_table
-from adasap.robustness import evaluate_corruptions, official_sets
-from adasap.serialization import load_model, read_description, save_model
-from adasap.training import evaluate, resolve_device, steps_per_epoch
+from adasap.method.neurons import NeuronLayout
+from adasap.method.pruning import measure_size
+from adasap.models.builders import build_model, find_classifier
+from adasap.robustness.corruptions import CORRUPTIONS
+from adasap.robustness.evaluation import evaluate_corruptions, official_sets
+from adasap.training.checkpoint import CHECKPOINT_FILE, RunInterrupted
+from adasap.training.loop import evaluate, resolve_device, steps_per_epoch
+from adasap.training.pipeline import PruneSettings, check_target_reachable, prune, train
 
 QUICK_CORRUPTIONS = ("gaussian_noise", "gaussian_blur")
 

@@ -1,0 +1,1 @@
+"""Deployment: model files, ONNX export, latency measurement and latency budgets."""

@@ -1,0 +1,1 @@
+"""The method: sharpness-aware optimizers, neurons and their scores, physical removal."""
