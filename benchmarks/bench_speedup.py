@@ -27,7 +27,8 @@ from rich.table import Table
 from adasap.deploy.latency import compare_latency, machine_info, prune_to_latency
 from adasap.errors import UserError
 from adasap.io import atomic_write_json
-from adasap.method.neurons import NeuronLayout, magnitude_scores, normalize_scores
+from adasap.method.importance import magnitude_scores, normalize_scores
+from adasap.method.neurons import NeuronLayout
 from adasap.method.pruning import measure_size, remove_neurons, select_neurons, size_predictor
 from adasap.models.builders import build_model, find_classifier
 

@@ -16,12 +16,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from adasap.method.neurons import (
-    NeuronLayout,
-    magnitude_scores,
-    normalize_scores,
-    radii_from_scores,
-)
+from adasap.method.importance import magnitude_scores, normalize_scores, radii_from_scores
+from adasap.method.neurons import NeuronLayout
 from adasap.method.optim import AdaSAP, sharpness_aware_step
 from adasap.models.builders import build_model
 from adasap.training.loop import OptimizerSettings, make_optimizer

@@ -27,7 +27,8 @@ from adasap.deploy.serialization import DESCRIPTION_FILE, WEIGHTS_FILE, save_mod
 from adasap.errors import UserError
 from adasap.experiments.run import ExperimentConfig, run_experiment
 from adasap.io import atomic_write_text
-from adasap.method.neurons import NeuronLayout, magnitude_scores
+from adasap.method.importance import magnitude_scores
+from adasap.method.neurons import NeuronLayout
 from adasap.method.pruning import measure_size, select_neurons, size_predictor
 from adasap.models.builders import build_model, find_classifier
 from adasap.training.checkpoint import save_checkpoint

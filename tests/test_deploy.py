@@ -9,7 +9,8 @@ from adasap.deploy.onnx import (
 )
 from adasap.deploy.serialization import load_model, save_model
 from adasap.errors import UserError
-from adasap.method.neurons import NeuronLayout, magnitude_scores
+from adasap.method.importance import magnitude_scores
+from adasap.method.neurons import NeuronLayout
 from adasap.method.pruning import measure_size, remove_neurons, select_neurons, size_predictor
 from adasap.models.builders import build_model, find_classifier
 

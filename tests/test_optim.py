@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from adasap.method.neurons import radii_from_scores
+from adasap.method.importance import radii_from_scores
 from adasap.method.optim import (
     SAM,
     AdaSAP,

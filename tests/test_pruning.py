@@ -3,12 +3,8 @@ import torch
 from torch import nn
 
 from adasap.errors import UserError
-from adasap.method.neurons import (
-    NeuronLayout,
-    TaylorScores,
-    magnitude_scores,
-    normalize_scores,
-)
+from adasap.method.importance import TaylorImportance, magnitude_scores, normalize_scores
+from adasap.method.neurons import NeuronLayout
 from adasap.method.pruning import (
     UnreachableTarget,
     measure_size,
@@ -185,14 +181,14 @@ def test_taylor_scores_are_abs_group_sums_of_weight_times_gradient():
     torch.manual_seed(0)
     model = Chain()
     layout = NeuronLayout(model, X, [model.fc])
-    taylor = TaylorScores(layout)
+    taylor = TaylorImportance()
     batches = [torch.randn(4, 3, 8, 8) for _ in range(2)]
     expected = torch.zeros(())
     c = 5
     for x in batches:
         model.zero_grad()
         model(x).pow(2).sum().backward()
-        taylor.accumulate()
+        taylor.accumulate(layout)
         terms = [
             (model.conv1.weight[c] * model.conv1.weight.grad[c]).sum(),
             model.conv1.bias[c] * model.conv1.bias.grad[c],
@@ -202,22 +198,22 @@ def test_taylor_scores_are_abs_group_sums_of_weight_times_gradient():
         ]
         expected = expected + torch.stack(terms).sum().abs().detach()
     offset = group_of(layout, model.conv1).offset
-    torch.testing.assert_close(taylor.scores()[offset + c], expected / 2)
+    torch.testing.assert_close(taylor(layout)[offset + c], expected / 2)
 
 
 def test_bn_form_taylor_uses_only_batchnorm():
     torch.manual_seed(0)
     model = Chain()
     layout = NeuronLayout(model, X, [model.fc])
-    taylor = TaylorScores(layout, form="bn")
+    taylor = TaylorImportance(taylor_form="bn")
     model(torch.randn(4, 3, 8, 8)).pow(2).sum().backward()
-    taylor.accumulate()
+    taylor.accumulate(layout)
     c = 1
     expected = (
         model.bn1.weight[c] * model.bn1.weight.grad[c] + model.bn1.bias[c] * model.bn1.bias.grad[c]
     ).abs()
     offset = group_of(layout, model.conv1).offset
-    torch.testing.assert_close(taylor.scores()[offset + c], expected.detach())
+    torch.testing.assert_close(taylor(layout)[offset + c], expected.detach())
 
 
 def test_normalize_scores_per_group_mean():

@@ -6,7 +6,8 @@ import torch
 import adasap
 from adasap.deploy.serialization import DESCRIPTION_FILE, WEIGHTS_FILE, load_model, save_model
 from adasap.errors import UserError
-from adasap.method.neurons import NeuronLayout, magnitude_scores, normalize_scores
+from adasap.method.importance import magnitude_scores, normalize_scores
+from adasap.method.neurons import NeuronLayout
 from adasap.method.pruning import measure_size, remove_neurons, select_neurons, size_predictor
 from adasap.models.builders import build_model, find_classifier
 

@@ -33,7 +33,7 @@ from adasap.experiments.run import (
     train_dense_model,
 )
 from adasap.io import atomic_write_json, read_json_mapping
-from adasap.method.neurons import CRITERIA
+from adasap.method.importance import criteria
 from adasap.training.checkpoint import RunInterrupted, TrainingDiverged
 from adasap.training.pipeline import METHODS
 
@@ -46,7 +46,7 @@ RUN_OPTIONS: tuple[tuple[str, str, str], ...] = (
     ("--data-dir", "data_dir", "where the dataset's files are"),
     ("--model", "model", "resnet20/32/56 or a torchvision classifier name"),
     ("--methods", "methods", f"pruning methods to compare: {', '.join(METHODS)}"),
-    ("--criterion", "criterion", f"neuron importance: {', '.join(CRITERIA)}"),
+    ("--criterion", "criterion", f"neuron importance: {', '.join(criteria())}"),
     ("--keep", "keep", "fraction of the dense size to keep, in (0, 1]"),
     ("--keep-kind", "keep_kind", "what --keep counts: params, macs or latency (measured here)"),
     ("--train-limit", "train_limit", "training images to use ('none' for all)"),

@@ -53,7 +53,8 @@ from adasap.deploy.onnx import (
 from adasap.deploy.serialization import load_model, read_description
 from adasap.errors import UserError
 from adasap.io import atomic_write_json, cache_root
-from adasap.method.neurons import NeuronLayout, magnitude_scores, normalize_scores
+from adasap.method.importance import magnitude_scores, normalize_scores
+from adasap.method.neurons import NeuronLayout
 from adasap.method.pruning import UnreachableTarget, remove_neurons, select_neurons, sliced_axes
 from adasap.models.builders import build_model
 from adasap.training.loop import resolve_device

@@ -22,11 +22,7 @@ from adasap.checks import check_input
 from adasap.errors import UserError
 from adasap.method.optim import NeuronOwnership
 
-Criterion = Literal["magnitude", "l1", "taylor", "bn_scale"]
-CRITERIA: tuple[str, ...] = ("magnitude", "l1", "taylor", "bn_scale")
-ScoreNormalization = Literal["mean", "max", "none"]
-
-_NORM_TYPES = (
+NORM_TYPES = (
     nn.modules.batchnorm._BatchNorm,
     nn.GroupNorm,
     nn.LayerNorm,
@@ -77,7 +73,7 @@ def _param_dims(module: nn.Module, is_output: bool) -> list[tuple[str, int]]:
         if is_output:
             return [("weight", 0)] + ([("bias", 0)] if module.bias is not None else [])
         return [("weight", 1)]
-    if isinstance(module, _NORM_TYPES):
+    if isinstance(module, NORM_TYPES):
         return [(name, 0) for name in ("weight", "bias") if getattr(module, name, None) is not None]
     return []
 
@@ -126,7 +122,7 @@ class NeuronLayout:
             for item in tp_group:
                 module = item.dep.target.module
                 is_output = self.graph.is_out_channel_pruning_fn(item.dep.handler)
-                if is_output and id(module) in ignored and not isinstance(module, _NORM_TYPES):
+                if is_output and id(module) in ignored and not isinstance(module, NORM_TYPES):
                     touches_ignored_output = True
                 if not isinstance(module, nn.Module) or item.root_idxs is None:
                     continue
@@ -192,7 +188,7 @@ class NeuronLayout:
         def cost(s: ParamSlice) -> Tensor:
             p = s.param
             per_channel = p.numel() / p.shape[s.dim]
-            if kind == "macs" and s.attr == "weight" and not isinstance(s.module, _NORM_TYPES):
+            if kind == "macs" and s.attr == "weight" and not isinstance(s.module, NORM_TYPES):
                 per_channel *= self.output_pixels.get(s.module, 1)
             elif kind == "macs":
                 per_channel = 0.0
@@ -235,135 +231,3 @@ def _output_pixels(model: nn.Module, example_inputs: Tensor) -> dict[nn.Module, 
         for h in hooks:
             h.remove()
     return pixels
-
-
-def _reduce_except(t: Tensor, dim: int) -> Tensor:
-    dims = [d for d in range(t.dim()) if d != dim]
-    return t.sum(dim=dims) if dims else t
-
-
-def magnitude_scores(layout: NeuronLayout, p: int = 2) -> Tensor:
-    """The L_p norm of all weights of each neuron's group slices (L2: the paper's default)."""
-    if p not in (1, 2):
-        raise ValueError(f"p must be 1 or 2, got {p}")
-    total = layout.scatter(lambda s: _reduce_except(s.param.detach().abs().pow(p), s.dim))
-    return total.sqrt() if p == 2 else total
-
-
-def bn_scale_scores(layout: NeuronLayout) -> Tensor:
-    """|gamma| of each neuron's BatchNorm entries; groups without BatchNorm fall back to L2."""
-
-    def gamma(s: ParamSlice) -> Tensor | None:
-        if isinstance(s.module, nn.modules.batchnorm._BatchNorm) and s.attr == "weight":
-            return s.param.detach().abs()
-        return None
-
-    scores = layout.scatter(gamma)
-    fallback = magnitude_scores(layout)
-    for group in layout.groups:
-        if not group.has_bn:
-            span = slice(group.offset, group.offset + group.size)
-            scores[span] = fallback[span]
-    return scores
-
-
-class TaylorScores:
-    """First-order Taylor importance ``|sum over the group of w * dL/dw|``, summed over batches.
-
-    Call :meth:`accumulate` after each backward pass at the unperturbed weights. ``form="bn"``
-    is HALP's BatchNorm form ``|gamma dL/dgamma + beta dL/dbeta|``; groups without BatchNorm use
-    the full group form.
-    """
-
-    def __init__(self, layout: NeuronLayout, form: Literal["group", "bn"] = "group") -> None:
-        if form not in ("group", "bn"):
-            raise ValueError(f"form must be 'group' or 'bn', got {form!r}")
-        self.layout = layout
-        self.form = form
-        self.total = torch.zeros(layout.num_neurons)
-        self.batches = 0
-        self._bn_only = torch.zeros(layout.num_neurons, dtype=torch.bool)
-        if form == "bn":
-            for g in layout.groups:
-                self._bn_only[g.offset : g.offset + g.size] = g.has_bn
-
-    def _contribution(self, s: ParamSlice, bn_only: bool) -> Tensor | None:
-        p = s.param
-        if p.grad is None:
-            return None
-        if bn_only and not isinstance(s.module, nn.modules.batchnorm._BatchNorm):
-            return None
-        return _reduce_except(p.detach() * p.grad.detach(), s.dim)
-
-    @torch.no_grad()
-    def accumulate(self) -> None:
-        full = self.layout.scatter(lambda s: self._contribution(s, bn_only=False))
-        if self.form == "bn":
-            bn = self.layout.scatter(lambda s: self._contribution(s, bn_only=True))
-            full = torch.where(self._bn_only, bn, full)
-        self.total += full.abs()
-        self.batches += 1
-
-    def scores(self) -> Tensor:
-        return self.total / max(self.batches, 1)
-
-
-def normalize_scores(
-    scores: Tensor, layout: NeuronLayout, how: ScoreNormalization = "mean"
-) -> Tensor:
-    """Make scores comparable across groups before they are ranked globally.
-
-    ``"mean"`` divides each group's scores by their mean (Torch-Pruning's default normaliser),
-    ``"max"`` by their maximum, ``"none"`` leaves them as they are.
-    """
-    if how == "none":
-        return scores.clone()
-    if how not in ("mean", "max"):
-        raise ValueError(f"normalization must be 'mean', 'max' or 'none', got {how!r}")
-    index = layout.group_index()
-    count = len(layout.groups)
-    if how == "mean":
-        sums = torch.zeros(count).index_add_(0, index, scores)
-        scale = sums / torch.bincount(index, minlength=count).clamp(min=1)
-    else:
-        scale = torch.full((count,), -torch.inf).scatter_reduce(0, index, scores, "amax")
-    return scores / (scale[index] + 1e-12)
-
-
-def radii_from_scores(
-    scores: Tensor,
-    rho_min: float,
-    rho_max: float,
-    group_index: Tensor | None = None,
-) -> Tensor:
-    """``rho_i = rho_max - (s_i - s_min) / (s_max - s_min) * (rho_max - rho_min)``.
-
-    The least important neuron gets ``rho_max``, the most important ``rho_min``. With
-    ``group_index`` the min and max are taken per group instead of over the whole network.
-    Where all scores are equal, every neuron gets the midpoint.
-    """
-    if group_index is None:
-        group_index = torch.zeros(scores.numel(), dtype=torch.long)
-    count = int(group_index.max()) + 1 if scores.numel() else 0
-    lows = torch.full((count,), torch.inf).scatter_reduce(0, group_index, scores, "amin")
-    highs = torch.full((count,), -torch.inf).scatter_reduce(0, group_index, scores, "amax")
-    low, span = lows[group_index], (highs - lows)[group_index]
-    fraction = torch.where(span > 0, (scores - low) / span.clamp(min=1e-30), 0.5)
-    return rho_max - fraction * (rho_max - rho_min)
-
-
-def compute_scores(
-    layout: NeuronLayout, criterion: str, taylor: TaylorScores | None = None
-) -> Tensor:
-    """Raw (unnormalised) scores of every neuron under ``criterion``."""
-    if criterion == "magnitude":
-        return magnitude_scores(layout, p=2)
-    if criterion == "l1":
-        return magnitude_scores(layout, p=1)
-    if criterion == "bn_scale":
-        return bn_scale_scores(layout)
-    if criterion == "taylor":
-        if taylor is None or taylor.batches == 0:
-            raise ValueError("taylor scores need gradients: accumulate at least one batch first")
-        return taylor.scores()
-    raise UserError(f"unknown criterion {criterion!r}: choose one of {', '.join(CRITERIA)}")

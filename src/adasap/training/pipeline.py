@@ -21,14 +21,14 @@ from torch import nn
 from adasap.data.datasets import batches
 from adasap.deploy.latency import LatencyBudget, compare_latency, latency_budget
 from adasap.errors import UserError
-from adasap.method.neurons import (
-    CRITERIA,
-    NeuronLayout,
-    TaylorScores,
-    compute_scores,
+from adasap.method.importance import (
+    TaylorImportance,
+    criteria,
+    make_importance,
     normalize_scores,
     radii_from_scores,
 )
+from adasap.method.neurons import NeuronLayout
 from adasap.method.optim import AdaSAP
 from adasap.method.pruning import (
     ModelSize,
@@ -110,9 +110,9 @@ class PruneSettings:
         _check_types(self.optimizer)
         if self.method not in METHODS:
             raise UserError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
-        if self.criterion not in CRITERIA:
+        if self.criterion not in criteria():
             raise UserError(
-                f"unknown criterion {self.criterion!r}: choose one of {', '.join(CRITERIA)}"
+                f"unknown criterion {self.criterion!r}: choose one of {', '.join(criteria())}"
             )
         if not 0 < self.keep <= 1:
             raise UserError(f"keep fraction must be in (0, 1], got {self.keep}: e.g. --keep 0.5")
@@ -399,7 +399,7 @@ class _Run:
             "kind": self.kind,
             "pruning_history": self.pruning_history,
             "radii": radii,
-            "taylor": None if self.taylor is None else [self.taylor.total, self.taylor.batches],
+            "taylor": None if self.taylor is None else self.taylor.state_dict(),
             "latency_ms": None
             if self.budget is None
             else [self.budget.dense_ms, self.budget.current_ms],
@@ -424,7 +424,7 @@ class _Run:
         self._replace_optimizer(state["kind"], state["optimizer"])
         self.taylor = self._new_taylor()
         if self.taylor is not None and state["taylor"] is not None:
-            self.taylor.total, self.taylor.batches = state["taylor"]
+            self.taylor.load_state_dict(state["taylor"])
         if isinstance(self.optimizer, AdaSAP) and state["radii"] is not None:
             self.optimizer.set_radii(self.layout.ownership(), state["radii"])
         self.loop.restore(state["loop"])
@@ -433,15 +433,17 @@ class _Run:
     def channels_last(self) -> bool:
         return self.s.channels_last and self.device.type == "cpu"
 
-    def _new_taylor(self) -> TaylorScores | None:
+    def _new_taylor(self) -> TaylorImportance | None:
         if self.s.criterion != "taylor":
             return None
-        return TaylorScores(self.layout, form=self.s.taylor_form)
+        taylor = TaylorImportance(taylor_form=self.s.taylor_form)
+        taylor.reset(self.layout)
+        return taylor
 
     def _scores(self) -> torch.Tensor:
         if self.taylor is not None and self.taylor.batches == 0:
             self._collect_taylor_gradients(count=4)
-        raw = compute_scores(self.layout, self.s.criterion, self.taylor)
+        raw = (self.taylor or make_importance(self.s.criterion))(self.layout)
         return normalize_scores(raw, self.layout, self.s.score_normalization)
 
     def _collect_taylor_gradients(self, count: int) -> None:
@@ -462,7 +464,7 @@ class _Run:
                 break
             self.model.zero_grad(set_to_none=True)
             criterion(self.model(x), y).backward()
-            self.taylor.accumulate()
+            self.taylor.accumulate(self.layout)
         self.model.zero_grad(set_to_none=True)
 
     def _refresh_radii(self) -> None:
@@ -596,7 +598,7 @@ class _Run:
 
     def taylor_hook(self) -> None:
         if self.taylor is not None:
-            self.taylor.accumulate()
+            self.taylor.accumulate(self.layout)
 
 
 # field annotation (a string, with postponed annotations) -> the types a value may have
