@@ -16,14 +16,13 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from adasap.method.importance import magnitude_scores, normalize_scores, radii_from_scores
-from adasap.method.neurons import NeuronLayout
-from adasap.method.optim import AdaSAP, sharpness_aware_step
+from adasap.method.pruner import Pruner
+from adasap.method.schedule import PhaseSchedule
 from adasap.models.builders import build_model
-from adasap.training.loop import OptimizerSettings, make_optimizer
 
 
-def images_per_second(kind: str, channels_last: bool, steps: int, batch_size: int) -> float:
+def images_per_second(method: str, channels_last: bool, steps: int, batch_size: int) -> float:
+    """Training steps of ``method`` (sgd, sam or adasap in its warm-up) through the Pruner."""
     torch.manual_seed(0)
     model = build_model(
         "resnet20", num_classes=10, in_channels=1, image_size=28, mean=(0.5,), std=(0.25,)
@@ -33,19 +32,15 @@ def images_per_second(kind: str, channels_last: bool, steps: int, batch_size: in
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    settings = OptimizerSettings()
-    optimizer = make_optimizer(model, kind, settings)
-    if isinstance(optimizer, AdaSAP):
-        layout = NeuronLayout(model, x[:2], [model.net.fc])
-        scores = normalize_scores(magnitude_scores(layout), layout)
-        radii = radii_from_scores(scores, settings.rho_min, settings.rho_max)
-        optimizer.set_radii(layout.ownership(), radii)
+    schedule = PhaseSchedule(steps + 3, 0, 0, removals=0)
+    pruner = Pruner(model, x[:2], schedule, method=method, keep=1.0,
+                    optimizer_kwargs={"lr": 0.05, "momentum": 0.9})  # fmt: skip
     loss = lambda: torch.nn.functional.cross_entropy(model(x), y)  # noqa: E731
     for _ in range(3):  # warm-up
-        sharpness_aware_step(model, optimizer, loss)
+        pruner.step(loss)
     start = time.perf_counter()
     for _ in range(steps):
-        sharpness_aware_step(model, optimizer, loss)
+        pruner.step(loss)
     return steps * batch_size / (time.perf_counter() - start)
 
 

@@ -32,7 +32,8 @@ from adasap.method.neurons import NeuronLayout
 from adasap.method.pruning import measure_size, select_neurons, size_predictor
 from adasap.models.builders import build_model, find_classifier
 from adasap.training.checkpoint import save_checkpoint
-from adasap.training.pipeline import PruneSettings, prune, with_overrides
+from adasap.training.pipeline import prune
+from adasap.training.settings import PruneSettings, with_overrides
 
 # the synthetic dataset's defaults: 10 classes of 3x16x16 images
 SYNTHETIC = dict(name="resnet20", num_classes=10, in_channels=3, image_size=16,
@@ -698,7 +699,7 @@ def test_prune_fails_on_an_unreachable_size_before_training(gray, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("trained before finding that the target is unreachable")
 
-    monkeypatch.setattr(pipeline._Loop, "run", no_training)
+    monkeypatch.setattr(pipeline.EpochLoop, "run", no_training)
     with pytest.raises(UserError, match=r"without emptying a layer"):
         prune(model, data, **{**FAST, "warmup_epochs": 3, "keep": 0.0005})
 

@@ -23,10 +23,10 @@ from adasap.experiments.bench import (
 )
 from adasap.experiments.config import SCHEMA
 from adasap.method.importance import criteria
+from adasap.method.pruner import METHODS
 from adasap.robustness.corruptions import EXTRA_CORRUPTIONS
 from adasap.training.checkpoint import RunInterrupted
 from adasap.training.loop import OptimizerSettings
-from adasap.training.pipeline import METHODS
 
 TINY = dict(
     train_limit=300,

@@ -6,7 +6,8 @@ from adasap.data.datasets import load_dataset
 from adasap.deploy.serialization import WEIGHTS_FILE, load_model, save_model
 from adasap.errors import UserError
 from adasap.models.builders import build_model
-from adasap.training.pipeline import PruneSettings, prune, train, with_overrides
+from adasap.training.pipeline import prune, train
+from adasap.training.settings import PruneSettings, with_overrides
 
 FAST = dict(
     warmup_epochs=1,

@@ -1,4 +1,5 @@
 import contextlib
+import copy
 import signal
 import subprocess
 import sys
@@ -94,12 +95,12 @@ def test_resumed_prune_equals_uninterrupted(
 
 
 def test_resumed_dense_training_equals_uninterrupted(tmp_path, monkeypatch, data, dense):
-    reference = train(pipeline.copy.deepcopy(dense), data, epochs=2, **FAST)
+    reference = train(copy.deepcopy(dense), data, epochs=2, **FAST)
     with monkeypatch.context() as patch:
         stop_after(patch, 6)
         with pytest.raises(RunInterrupted):
-            train(pipeline.copy.deepcopy(dense), data, epochs=2, checkpoint_dir=tmp_path, **FAST)
-    resumed = train(pipeline.copy.deepcopy(dense), data, epochs=2, checkpoint_dir=tmp_path,
+            train(copy.deepcopy(dense), data, epochs=2, checkpoint_dir=tmp_path, **FAST)
+    resumed = train(copy.deepcopy(dense), data, epochs=2, checkpoint_dir=tmp_path,
                     **FAST)  # fmt: skip
     assert_same_weights(resumed.model, reference.model)
 

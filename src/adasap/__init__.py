@@ -3,8 +3,11 @@
 from adasap.deploy.serialization import load_model, save_model
 from adasap.errors import UserError
 from adasap.method.optim import SAM, AdaSAP, sharpness_aware_step
+from adasap.method.pruner import Pruner, PrunerSettings
+from adasap.method.schedule import PhaseSchedule
 from adasap.robustness.evaluation import CorruptionReport, evaluate_corruptions
-from adasap.training.pipeline import PruneResult, PruneSettings, prune, train
+from adasap.training.pipeline import PruneResult, prune, train
+from adasap.training.settings import PruneSettings
 
 load = load_model  # ``adasap.load(path)``: the short name for a saved pruned model
 
@@ -14,8 +17,11 @@ __all__ = [
     "SAM",
     "AdaSAP",
     "CorruptionReport",
+    "PhaseSchedule",
     "PruneResult",
     "PruneSettings",
+    "Pruner",
+    "PrunerSettings",
     "UserError",
     "__version__",
     "evaluate_corruptions",

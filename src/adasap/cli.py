@@ -34,8 +34,8 @@ from adasap.experiments.run import (
 )
 from adasap.io import atomic_write_json, read_json_mapping
 from adasap.method.importance import criteria
+from adasap.method.pruner import METHODS
 from adasap.training.checkpoint import RunInterrupted, TrainingDiverged
-from adasap.training.pipeline import METHODS
 
 DEFAULTS = ExperimentConfig().to_flat()
 

@@ -50,13 +50,14 @@ from adasap.io import (
     read_json_mapping,
     writing,
 )
+from adasap.method.pruner import METHODS
 from adasap.method.pruning import measure_size
 from adasap.robustness.corruptions import CORRUPTIONS, EXTRA_CORRUPTIONS
 from adasap.robustness.evaluation import evaluate_corruptions
 from adasap.robustness.sharpness import top_hessian_eigenvalue, worst_case_loss_increase
 from adasap.training.checkpoint import CHECKPOINT_FILE, RunInterrupted
 from adasap.training.loop import resolve_device
-from adasap.training.pipeline import METHODS, prune
+from adasap.training.pipeline import prune
 
 RESULTS_FILE = "results.jsonl"
 FAILURES_FILE = "failures.jsonl"

@@ -17,7 +17,7 @@ import yaml
 from adasap.errors import UserError
 from adasap.experiments.run import ExperimentConfig
 from adasap.training.loop import OptimizerSettings
-from adasap.training.pipeline import PruneSettings
+from adasap.training.settings import PruneSettings
 
 OPTIONAL = type(None)
 
@@ -58,6 +58,7 @@ SCHEMA: dict[str, tuple[type, ...]] = {
     "amp": (bool,),
     "channels_last": (bool,),
     "progress": (bool,),
+    "base_optimizer": (str,),
     "lr": (float,),
     "momentum": (float,),
     "weight_decay": (float,),

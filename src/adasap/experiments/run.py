@@ -33,7 +33,8 @@ from adasap.robustness.corruptions import CORRUPTIONS
 from adasap.robustness.evaluation import evaluate_corruptions, official_sets
 from adasap.training.checkpoint import CHECKPOINT_FILE, RunInterrupted
 from adasap.training.loop import evaluate, resolve_device, steps_per_epoch
-from adasap.training.pipeline import PruneSettings, check_target_reachable, prune, train
+from adasap.training.pipeline import check_target_reachable, prune, train
+from adasap.training.settings import PruneSettings
 
 QUICK_CORRUPTIONS = ("gaussian_noise", "gaussian_blur")
 

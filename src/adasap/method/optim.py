@@ -220,6 +220,41 @@ class AdaSAP(SAM):
         self.ownership = ownership
         self.neuron_radii = radii.detach().float()
 
+    def _indexed_params(self) -> list[Tensor]:
+        """Parameters in the order ``state_dict`` numbers them."""
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state plus the per-neuron radii and which neuron owns what.
+
+        Ownership is stored by parameter index, as the optimizer state is, so a checkpoint
+        restores AdaSAP's perturbation exactly (davda54/sam keeps rho in ``param_groups``).
+        """
+        state = super().state_dict()
+        if self.ownership is not None:
+            index = {p: i for i, p in enumerate(self._indexed_params())}
+            state["neurons"] = {
+                "count": self.ownership.num_neurons,
+                "radii": self.neuron_radii.clone(),
+                "owners": {
+                    index[p]: (dim, ids.clone())
+                    for p, (dim, ids) in self.ownership.owners.items()
+                    if p in index
+                },
+            }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        neurons = state_dict.pop("neurons", None)
+        super().load_state_dict(state_dict)
+        if neurons is None:
+            self.ownership, self.neuron_radii = None, None
+            return
+        params = self._indexed_params()
+        owners = {params[i]: (dim, ids) for i, (dim, ids) in neurons["owners"].items()}
+        self.set_radii(NeuronOwnership(neurons["count"], owners), neurons["radii"])
+
     def _radius_of(self, p: Tensor) -> Tensor | float:
         if self.ownership is None or p not in self.ownership.owners:
             return self.rho_min

@@ -7,19 +7,18 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import Tensor, nn
 
 from adasap.checks import check_input, check_labels
 from adasap.data.datasets import batches, num_batches
 from adasap.errors import UserError
-from adasap.method.optim import SAM, AdaSAP, sharpness_aware_step
-
-OptimizerKind = Literal["sgd", "sam", "adasap"]
+from adasap.training.checkpoint import RunInterrupted, TrainingDiverged, save_checkpoint
+from adasap.training.progress import ProgressLog
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -42,18 +41,11 @@ def prepare_model(model: nn.Module, device: torch.device, channels_last: bool) -
     return model
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on weights only: BatchNorm parameters and biases (1-D tensors) get none."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() <= 1]
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-
-
 @dataclass(frozen=True)
 class OptimizerSettings:
+    """The base optimizer (any ``torch.optim`` class by name) and the sharpness radii."""
+
+    base_optimizer: str = "sgd"
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -64,37 +56,6 @@ class OptimizerSettings:
     normalization: Literal["global", "neuron"] = "global"
     asam: bool = False
     max_grad_norm: float | None = None
-
-
-def make_optimizer(
-    model: nn.Module, kind: OptimizerKind, settings: OptimizerSettings
-) -> torch.optim.Optimizer:
-    """SGD with momentum, wrapped in SAM (uniform radius) or AdaSAP (per-neuron radius)."""
-    groups = parameter_groups(model, settings.weight_decay)
-    sgd_kwargs = dict(lr=settings.lr, momentum=settings.momentum)
-    if kind == "sgd":
-        return torch.optim.SGD(groups, **sgd_kwargs)
-    if kind == "sam":
-        return SAM(
-            groups,
-            torch.optim.SGD,
-            rho=settings.rho,
-            adaptive=settings.asam,
-            max_grad_norm=settings.max_grad_norm,
-            **sgd_kwargs,
-        )
-    if kind == "adasap":
-        return AdaSAP(
-            groups,
-            torch.optim.SGD,
-            rho_min=settings.rho_min,
-            rho_max=settings.rho_max,
-            normalization=settings.normalization,
-            adaptive=settings.asam,
-            max_grad_norm=settings.max_grad_norm,
-            **sgd_kwargs,
-        )
-    raise UserError(f"unknown optimizer kind {kind!r}: choose sgd, sam or adasap")
 
 
 @dataclass(frozen=True)
@@ -111,11 +72,6 @@ class CosineSchedule:
         span = max(self.total_steps - self.warmup_steps, 1)
         progress = min((step - self.warmup_steps) / span, 1.0)
         return 0.5 * self.base_lr * (1.0 + math.cos(math.pi * progress))
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
 
 
 @dataclass
@@ -146,115 +102,6 @@ def autocast_for(device: torch.device, amp: bool):
     if amp and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.float16)
     return nullcontext()
-
-
-def train_steps(
-    model: nn.Module,
-    optimizer_ref: Callable[[], torch.optim.Optimizer],
-    images_set,
-    *,
-    steps: int,
-    batch_size: int,
-    generator: torch.Generator,
-    device: torch.device,
-    schedule: CosineSchedule,
-    first_step: int,
-    label_smoothing: float = 0.0,
-    augment: bool = True,
-    amp: bool = True,
-    channels_last: bool = True,
-    scaler: torch.amp.GradScaler | None = None,
-    resume: EpochStats | None = None,
-    should_stop: Callable[[], bool] = lambda: False,
-    before_step: Callable[[int], None] | None = None,
-    after_first_backward: Callable[[], None] | None = None,
-    progress: Progress | None = None,
-    description: str = "train",
-    size_label: Callable[[], str] = lambda: "",
-) -> EpochStats:
-    """Run the first ``steps`` batches of one epoch (the epoch's order comes from ``generator``).
-
-    ``first_step`` is the global step of the epoch's first batch. With ``resume`` (the stats
-    of an interrupted epoch) the batches already done are drawn again, keeping the generator
-    in step, but not trained on. Returns early, with ``stats.steps < steps``, when
-    ``should_stop()`` turns true. ``optimizer_ref`` is called at every step because pruning
-    (done in ``before_step``) replaces the optimizer; ``after_first_backward`` sees the
-    gradients at the unperturbed weights, where Taylor scores are accumulated.
-    """
-    criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-    model.train()
-    stats = copy.copy(resume) if resume is not None else EpochStats()
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    start = time.perf_counter()
-    task = progress.add_task(description, total=steps, stats="") if progress else None
-    iterator = batches(
-        images_set,
-        batch_size,
-        shuffle=True,
-        generator=generator,
-        augment=augment,
-        device=device,
-        drop_last=True,
-        memory_format=torch.channels_last if channels_last else torch.contiguous_format,
-    )
-    done_before = stats.steps
-    labels_unchecked = [getattr(images_set, "labels", None)]  # checked at the first forward
-    for index, (x, y) in enumerate(iterator):
-        if index < done_before:
-            continue
-        if index >= steps or should_stop():
-            break
-        step = first_step + index
-        if before_step is not None:
-            before_step(step)
-        optimizer = optimizer_ref()
-        set_lr(optimizer, schedule.lr_at(step))
-        outputs: list[Tensor] = []
-
-        def compute_loss(x: Tensor = x, y: Tensor = y, outputs: list[Tensor] = outputs) -> Tensor:
-            with autocast_for(device, amp):
-                logits = model(x)
-                if not outputs:
-                    outputs.append(logits.detach())
-                if labels_unchecked:
-                    check_labels(labels_unchecked.pop(), logits.shape[-1], "the training labels")
-                return criterion(logits.float(), y)
-
-        try:
-            loss = sharpness_aware_step(
-                model,
-                optimizer,
-                compute_loss,
-                scaler=scaler,
-                after_first_backward=after_first_backward,
-            )
-        except (RuntimeError, ValueError):
-            check_input(model, x, "the training images")  # a clear error when they do not fit
-            raise
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}")
-        loss_sum += loss.double() * len(y)
-        correct += (outputs[0].argmax(1) == y).sum()
-        stats.steps += 1
-        stats.images += len(y)
-        if progress is not None and (index % 10 == 0 or index == steps - 1):
-            elapsed = stats.seconds + time.perf_counter() - start
-            progress.update(
-                task,
-                completed=index + 1,
-                stats=(
-                    f"loss {(stats.loss_sum + loss_sum.item()) / stats.images:.3f} "
-                    f"acc {(stats.correct + correct.item()) / stats.images:.3f} "
-                    f"{stats.images / elapsed:.0f} img/s {size_label()}"
-                ),
-            )
-    if progress is not None:
-        progress.update(task, completed=stats.steps)
-    stats.loss_sum += loss_sum.item()
-    stats.correct += int(correct.item())
-    stats.seconds += time.perf_counter() - start
-    return stats
 
 
 def steps_per_epoch(images_set, batch_size: int) -> int:
@@ -300,14 +147,200 @@ def evaluate(
     return correct / max(seen, 1)
 
 
-def progress_bar(disable: bool = False) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[stats]}"),
-        disable=disable,
-        transient=False,
-    )
+LABELS = "the training labels"
+
+
+class TrainingSource:
+    """Seeded, augmented batches of one of adasap's image sets, epoch by epoch."""
+
+    def __init__(self, images_set, batch_size: int, seed: int, augment: bool = True) -> None:
+        if batch_size < 1:
+            raise UserError(f"batch size {batch_size} is invalid: use a positive integer")
+        self.images_set, self.batch_size, self.seed = images_set, batch_size, seed
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return steps_per_epoch(self.images_set, self.batch_size)
+
+    def epoch(self, index: int, device: torch.device | None = None):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + index)
+        return batches(
+            self.images_set,
+            self.batch_size,
+            shuffle=True,
+            generator=generator,
+            augment=self.augment,
+            device=device or "cpu",
+            drop_last=True,
+        )
+
+    def example(self, count: int = 2) -> Tensor:
+        x, _ = next(batches(self.images_set, count, shuffle=False, augment=False))
+        return x
+
+
+@dataclass
+class EpochLoop:
+    """Epoch-by-epoch training through a :class:`~adasap.method.pruner.Pruner`.
+
+    Dense training and every pruning phase run here. With a checkpoint path it saves its
+    owner's state after every epoch and when a stop is requested (SIGINT/SIGTERM) between
+    two steps, so a run continues where it stopped and, on the CPU, ends with the same
+    weights as an uninterrupted run.
+    """
+
+    pruner: Any
+    source: Any
+    val: Any
+    device: torch.device
+    channels_last: bool
+    amp: bool
+    label_smoothing: float
+    checkpoint: Path | None = None
+    owner_state: Callable[[], dict[str, Any]] = dict
+    should_stop: Callable[[], bool] = lambda: False
+    step: int = 0
+    epoch: int = 0
+    partial: EpochStats | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+    seconds_before: float = 0.0
+
+    def elapsed(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.started
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "partial": asdict(self.partial) if self.partial else None,
+            "history": self.history,
+            "seconds": self.elapsed(),
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.partial = EpochStats(**state["partial"]) if state["partial"] else None
+        self.history = list(state["history"])
+        self.seconds_before = state["seconds"]
+
+    def save(self) -> None:
+        if self.checkpoint is not None:
+            save_checkpoint(self.checkpoint, {"loop": self.state(), **self.owner_state()})
+
+    def run(
+        self,
+        progress: ProgressLog,
+        phase: str,
+        end: int,
+        log: Callable[[dict[str, Any]], Any],
+        label: str,
+    ) -> None:
+        """Train until global step ``end``, logging one record per (possibly partial) epoch."""
+        spe = len(self.source)
+        while self.step < end:
+            count = min(spe, end - self.step)
+            try:
+                stats = self._train_steps(count, progress, f"{label} ep{self.epoch + 1}")
+            except FloatingPointError as exc:
+                kept = (
+                    f"; the last good checkpoint is {self.checkpoint}"
+                    if self.checkpoint is not None and self.checkpoint.is_file()
+                    else ""
+                )
+                raise TrainingDiverged(
+                    f"training diverged in phase {phase} ({exc}): the perturbation radius "
+                    f"(--rho/--rho-max) or the learning rate (--lr) is probably too large{kept}"
+                ) from exc
+            if stats.steps < count:
+                self.partial = stats
+                self.save()
+                raise RunInterrupted(self.checkpoint)
+            self.partial = None
+            self.step += count
+            self.epoch += 1
+            model = self.pruner.model
+            val = (
+                evaluate(model, self.val, device=self.device, channels_last=self.channels_last)
+                if self.val is not None
+                else None
+            )
+            size = self.pruner.size
+            record = {
+                "phase": phase,
+                "epoch": self.epoch,
+                "step": self.step,
+                "lr": self.pruner.optimizer.param_groups[0]["lr"],
+                "train_loss": stats.loss,
+                "train_accuracy": stats.accuracy,
+                "images_per_second": stats.images_per_second,
+                "val_accuracy": val,
+                "optimizer": self.pruner.kind,
+                "params": size.params,
+                "macs": size.macs,
+                "seconds": self.elapsed(),
+            }
+            self.history.append(record)
+            self.save()
+            progress.epoch_done(record)
+            log(record)
+
+    def _train_steps(self, steps: int, progress: ProgressLog, description: str) -> EpochStats:
+        """The first ``steps`` batches of the current epoch (resuming a partial one)."""
+        criterion = nn.CrossEntropyLoss(label_smoothing=self.label_smoothing)
+        model = self.pruner.model
+        model.train()
+        stats = copy.copy(self.partial) if self.partial is not None else EpochStats()
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        start = time.perf_counter()
+        task = progress.start(description, steps)
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        done_before = stats.steps
+        # checked at the first forward, before the loss (on CUDA a bad label is a bare assert)
+        labels_unchecked = [getattr(getattr(self.source, "images_set", None), "labels", None)]
+        for index, (x, y) in enumerate(self.source.epoch(self.epoch, self.device)):
+            if index < done_before:
+                continue  # drawn again to keep the epoch's random stream in step
+            if index >= steps or self.should_stop():
+                break
+            x = x.contiguous(memory_format=memory_format)
+            outputs: list[Tensor] = []
+
+            def compute_loss(x: Tensor = x, y: Tensor = y, outputs: list = outputs) -> Tensor:
+                with autocast_for(self.device, self.amp):
+                    logits = model(x)
+                if not outputs:
+                    outputs.append(logits.detach())
+                if labels_unchecked:
+                    labels = labels_unchecked.pop()
+                    check_labels(y if labels is None else labels, logits.shape[-1], LABELS)
+                return criterion(logits.float(), y)
+
+            try:
+                loss = self.pruner.step(compute_loss)
+            except (RuntimeError, ValueError):
+                check_input(self.pruner.model, x, "the training images")
+                raise
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"non-finite loss {loss.item()} at step {self.step + index}"
+                )
+            loss_sum += loss.double() * len(y)
+            correct += (outputs[0].argmax(1) == y).sum()
+            stats.steps += 1
+            stats.images += len(y)
+            if index % 10 == 0 or index == steps - 1:
+                elapsed = stats.seconds + time.perf_counter() - start
+                progress.update(
+                    task,
+                    index + 1,
+                    f"loss {(stats.loss_sum + loss_sum.item()) / stats.images:.3f} "
+                    f"acc {(stats.correct + correct.item()) / stats.images:.3f} "
+                    f"{stats.images / elapsed:.0f} img/s {self.pruner.describe()}",
+                )
+        progress.finish(task, stats.steps)
+        stats.loss_sum += loss_sum.item()
+        stats.correct += int(correct.item())
+        stats.seconds += time.perf_counter() - start
+        return stats

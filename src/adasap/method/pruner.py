@@ -1,0 +1,465 @@
+"""AdaSAP as one object that runs inside any training loop.
+
+The :class:`Pruner` owns everything the method adds to training: the sharpness-aware
+optimizer around the user's base optimizer, the per-neuron radii and their refresh, gradient
+scores (Taylor), the removal schedule, the physical removal, and the rebuild of the optimizer
+(and LR scheduler) after each removal with the surviving channels' momentum. A loop calls
+``pruner.step(closure)`` once per batch, where the closure returns the batch's loss::
+
+    pruner = adasap.Pruner(model, example_images, adasap.PhaseSchedule(100, 200, 300),
+                           optimizer=torch.optim.SGD, optimizer_kwargs={"lr": 0.05,
+                           "momentum": 0.9}, keep=0.5)
+    for images, labels in loader:
+        pruner.step(lambda: F.cross_entropy(model(images), labels))
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any, Literal
+
+import torch
+import torch_pruning as tp
+from torch import Tensor, nn
+
+from adasap.errors import UserError
+from adasap.method.importance import (
+    Importance,
+    check_scores,
+    make_importance,
+    needs_gradients,
+    normalize_scores,
+    radii_from_scores,
+)
+from adasap.method.neurons import NeuronLayout
+from adasap.method.optim import SAM, AdaSAP, sharpness_aware_step
+from adasap.method.pruning import (
+    ModelSize,
+    measure_size,
+    named_optimizer_state,
+    remove_neurons,
+    transfer_optimizer_state,
+)
+from adasap.method.schedule import PhaseSchedule
+from adasap.method.target import PruningTarget, SizeTarget
+
+OptimizerKind = Literal["sgd", "sam", "adasap"]
+# The optimizer in phases 1-2 (warm-up and removal), then in phase 3 (fine-tuning); "sgd"
+# means the base optimizer alone, whatever its class.
+METHODS: dict[str, tuple[OptimizerKind, OptimizerKind]] = {
+    "adasap": ("adasap", "sam"),
+    "sam": ("sam", "sam"),
+    "sgd": ("sgd", "sgd"),
+    "adasap-sgd": ("adasap", "sgd"),
+    "sgd-sam": ("sgd", "sam"),
+}
+Loss = Tensor | Mapping[str, Tensor]
+# parameter-group keys that belong to the optimizer kind, not carried over when it changes
+_OWN_KEYS = ("params", "rho", "adaptive", "eta")
+
+
+@dataclass(frozen=True)
+class PrunerSettings:
+    """The method's scalar knobs; the defaults are the documented choices (docs/method.md)."""
+
+    keep_kind: Literal["params", "macs"] = "params"
+    rho: float = 0.05
+    rho_min: float = 0.05
+    rho_max: float = 0.1
+    normalization: Literal["global", "neuron"] = "global"
+    asam: bool = False
+    max_grad_norm: float | None = None
+    score_refresh: int = 10
+    score_normalization: Literal["mean", "max", "none"] = "mean"
+    per_layer_radii: bool = False
+    taylor_form: Literal["group", "bn"] = "group"
+    min_channels: int = 1
+    round_to: int = 1
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on weights only: BatchNorm parameters and biases (1-D tensors) get none."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() <= 1]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def base_optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    """A ``torch.optim`` class by case-insensitive name (``sgd``, ``adamw``, ``rmsprop`` ...)."""
+    classes = {
+        n.lower(): c
+        for n, c in vars(torch.optim).items()
+        if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and n != "Optimizer"
+    }
+    if name.lower() not in classes:
+        raise UserError(f"unknown optimizer {name!r}: choose one of {', '.join(sorted(classes))}")
+    return classes[name.lower()]
+
+
+def loss_total(loss: Loss) -> Tensor:
+    """A scalar loss, or the sum of a dict of losses (as torchvision detectors return)."""
+    if isinstance(loss, Mapping):
+        loss = sum(loss.values())
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        raise UserError(
+            f"the closure returned {type(loss).__name__}, not a scalar loss: return "
+            "loss_fn(model(images), labels) (a dict of losses is summed)"
+        )
+    return loss.reshape(())
+
+
+def default_ignored_layers(model: nn.Module, example_inputs: Tensor) -> list[nn.Module]:
+    """The output layer: the last Linear or 1x1 conv whose width is the model's output width."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        outputs = model(example_inputs)
+    model.train(was_training)
+    width = outputs.shape[-1] if isinstance(outputs, Tensor) else None
+    found = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.Linear)
+        and m.out_features == width
+        or isinstance(m, nn.Conv2d)
+        and m.kernel_size == (1, 1)
+        and m.out_channels == width
+    ]
+    if not found:
+        raise UserError(
+            f"found no output layer with the model's {width} outputs to protect from pruning: "
+            "pass ignored_layers=[the output layer]"
+        )
+    return found[-1:]
+
+
+class Pruner:
+    """AdaSAP (or a baseline, by ``method``) inside any loop; see the module docstring.
+
+    Args:
+        model: the dense model, pruned in place (any module Torch-Pruning can trace).
+        example_inputs: a batch the model accepts, on its device (for tracing and sizes).
+        schedule: the phases in steps (:meth:`PhaseSchedule.from_epochs` converts epochs).
+        method: ``adasap``, ``sam``, ``sgd`` (the base optimizer only) or an ablation.
+        keep: the fraction of ``settings.keep_kind`` to keep, or a :class:`PruningTarget`.
+        criterion: a registered criterion name or a callable ``layout -> scores``.
+        optimizer: the base optimizer class, or a built optimizer whose class, defaults and
+            parameter groups are reused.
+        optimizer_kwargs: keyword arguments of the base optimizer class (lr, momentum ...).
+        lr_scheduler: ``base optimizer -> scheduler``, stepped once per :meth:`step` and
+            rebuilt with its state after each removal or phase change.
+        ignored_layers: modules whose outputs are never pruned (default: the output layer).
+        scaler: a ``torch.amp.GradScaler`` for float16 autocast on CUDA.
+        settings: :class:`PrunerSettings`; keyword ``overrides`` replace single fields.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: Tensor,
+        schedule: PhaseSchedule,
+        *,
+        method: str = "adasap",
+        keep: float | PruningTarget = 0.5,
+        criterion: str | Importance = "magnitude",
+        optimizer: type[torch.optim.Optimizer] | torch.optim.Optimizer = torch.optim.SGD,
+        optimizer_kwargs: Mapping[str, Any] | None = None,
+        lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+        ignored_layers: Sequence[nn.Module] | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        settings: PrunerSettings | None = None,
+        **overrides: Any,
+    ) -> None:
+        unknown = sorted(set(overrides) - {f.name for f in fields(PrunerSettings)})
+        if unknown:
+            raise UserError(f"unknown pruner setting(s) {', '.join(unknown)}")
+        self.settings = s = replace(settings or PrunerSettings(), **overrides)
+        if method not in METHODS:
+            raise UserError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+        self.model, self.example, self.schedule = model, example_inputs, schedule
+        self.method, self.kinds, self.kind = method, METHODS[method], METHODS[method][0]
+        self.scaler, self.make_scheduler = scaler, lr_scheduler
+        self.ignored = list(ignored_layers or default_ignored_layers(model, example_inputs))
+        self.layout = self._trace()
+        self.importance = make_importance(criterion, taylor_form=s.taylor_form)
+        self._reset_importance()
+        self.target = SizeTarget(keep, s.keep_kind) if isinstance(keep, int | float) else keep
+        if isinstance(self.target, SizeTarget):
+            self.target.bind(self.layout, example_inputs)
+        if schedule.removal_count:
+            self.target.check(self.layout, s.min_channels, s.round_to)
+        self._base, self._base_kwargs, self._templates = _base_optimizer(
+            model, optimizer, optimizer_kwargs
+        )
+        self.optimizer = self._build_optimizer(self.kind)
+        self.lr_scheduler = lr_scheduler(_base_of(self.optimizer)) if lr_scheduler else None
+        self.steps_done = 0
+        self.pruning_history: list[list[Any]] = []
+        self._radii_due = True
+        self._size: ModelSize | None = None
+        self._removal_hooks: list[Callable[[Pruner], None]] = []
+
+    def _trace(self) -> NeuronLayout:
+        layout = NeuronLayout(self.model, self.example, self.ignored)
+        if not layout.groups:
+            raise UserError(
+                "the model has no prunable layers (no conv or linear outputs outside the "
+                "ignored layers): pass a model with convolutions or fewer ignored layers"
+            )
+        return layout
+
+    def _reset_importance(self) -> None:
+        if needs_gradients(self.importance):
+            self.importance.reset(self.layout)
+
+    def _build_optimizer(self, kind: OptimizerKind) -> torch.optim.Optimizer:
+        names = dict(self.model.named_parameters())
+        groups = [
+            {**hyper, "params": [names[n] for n in members if n in names]}
+            for hyper, members in self._templates
+        ]
+        s, base, kwargs = self.settings, self._base, self._base_kwargs
+        if kind == "sgd":
+            return base(groups, **kwargs)
+        common = dict(adaptive=s.asam, max_grad_norm=s.max_grad_norm, **kwargs)
+        if kind == "sam":
+            return SAM(groups, base, rho=s.rho, **common)
+        return AdaSAP(groups, base, s.rho_min, s.rho_max, s.normalization, **common)
+
+    def _replace_optimizer(
+        self,
+        kind: OptimizerKind,
+        old_state: Mapping[str, dict[str, Any]] | None = None,
+        kept: Mapping[str, dict[int, Tensor]] | None = None,
+    ) -> None:
+        """A new optimizer of ``kind`` for the current parameters, keeping momentum and lr.
+
+        ``old_state`` is the old optimizer's state by parameter name, taken before a removal
+        replaced the parameters; ``kept`` the surviving channels (see ``remove_neurons``).
+        """
+        old = self.optimizer
+        if old_state is None:
+            old_state = named_optimizer_state(self.model, old)
+        self.kind, self.optimizer = kind, self._build_optimizer(kind)
+        transfer_optimizer_state(old_state, kept or {}, self.model, self.optimizer)
+        if self.lr_scheduler is not None:
+            scheduler_state = self.lr_scheduler.state_dict()
+            self.lr_scheduler = self.make_scheduler(_base_of(self.optimizer))
+            self.lr_scheduler.load_state_dict(scheduler_state)
+        for new_group, old_group in zip(self.optimizer.param_groups, old.param_groups, strict=True):
+            new_group.update({k: v for k, v in old_group.items() if k not in _OWN_KEYS})
+
+    @property
+    def size(self) -> ModelSize:
+        """The model's current parameters and MACs, measured by Torch-Pruning."""
+        if self._size is None:
+            self._size = measure_size(self.model, self.example)
+        return self._size
+
+    @property
+    def phase(self) -> str:
+        return self.schedule.phase_at(self.steps_done)
+
+    def register_removal_hook(self, hook: Callable[[Pruner], None]) -> None:
+        """Call ``hook(pruner)`` after each removal (to rebuild a DDP wrapper, recompile ...)."""
+        self._removal_hooks.append(hook)
+
+    def scores(self) -> Tensor:
+        """The current normalised scores of every neuron (higher is more important)."""
+        raw = check_scores(self.importance(self.layout), self.layout)
+        return normalize_scores(raw, self.layout, self.settings.score_normalization)
+
+    def _refresh_radii(self) -> None:
+        s = self.settings
+        group_index = self.layout.group_index() if s.per_layer_radii else None
+        radii = radii_from_scores(self.scores(), s.rho_min, s.rho_max, group_index)
+        self.optimizer.set_radii(self.layout.ownership(), radii)
+        self._radii_due = False
+
+    def _after_first_backward(self) -> None:
+        """Gradients at the unperturbed weights are present: score and set the radii."""
+        if needs_gradients(self.importance) and self.steps_done < self.schedule.finetune_start:
+            self.importance.accumulate(self.layout)
+        if isinstance(self.optimizer, AdaSAP) and self._radii_due:
+            self._refresh_radii()
+
+    def _gradient_pass(self, closure: Callable[[], Loss]) -> None:
+        """Scores from gradients when none were accumulated yet (removal at the first step)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_total(closure()).backward()
+        self.importance.accumulate(self.layout)
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def remove(self, progress: float, closure: Callable[[], Loss] | None = None) -> Tensor:
+        """Remove the neurons that bring the size ``progress`` of the way to the target."""
+        if needs_gradients(self.importance) and not self.importance.ready:
+            if closure is None:
+                raise UserError("gradient scores need a closure before the first removal")
+            self._gradient_pass(closure)
+        s = self.settings
+        chosen = self.target.select(
+            self.layout, self.scores(), progress, s.min_channels, s.round_to
+        )
+        channels_last = _is_channels_last(self.model)
+        old_state = named_optimizer_state(self.model, self.optimizer)
+        kept = remove_neurons(self.layout, chosen)
+        self.pruning_history.extend(self.layout.graph.pruning_history())
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.layout = self._trace()
+        self._size = None
+        self.target.removed(self.layout, self.example)
+        self._replace_optimizer(self.kind, old_state, kept)
+        self._reset_importance()
+        self._radii_due = True
+        for hook in self._removal_hooks:
+            hook(self)
+        return chosen
+
+    def _before_step(self, step: int, closure: Callable[[], Loss]) -> None:
+        if step == self.schedule.finetune_start and self.kind != self.kinds[1]:
+            self._replace_optimizer(self.kinds[1])
+        removal = self.schedule.removal_steps().get(step)
+        if removal is not None:
+            self.remove(removal / self.schedule.removal_count, closure)
+        elif step % self.settings.score_refresh == 0:
+            self._radii_due = True
+
+    def step(self, closure: Callable[[], Loss]) -> Tensor:
+        """One training step on the current batch; returns the (unperturbed) loss, detached.
+
+        ``closure`` computes the loss of the current batch (forward only: the pruner runs
+        the backward passes, two for a sharpness-aware step, with BatchNorm statistics
+        frozen in the second). Removals and phase changes happen before the step they are
+        scheduled at; afterwards ``self.optimizer`` is a new object.
+        """
+        self._before_step(self.steps_done, closure)
+        loss = sharpness_aware_step(
+            self.model,
+            self.optimizer,
+            lambda: loss_total(closure()),
+            scaler=self.scaler,
+            max_grad_norm=self.settings.max_grad_norm,
+            after_first_backward=self._after_first_backward,
+        )
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+        self.steps_done += 1
+        return loss
+
+    def describe(self) -> str:
+        return self.target.describe()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything to resume exactly, except the model's weights (save those yourself)."""
+        importance = self.importance.state_dict() if needs_gradients(self.importance) else None
+        return {
+            "steps_done": self.steps_done,
+            "kind": self.kind,
+            "pruning_history": list(self.pruning_history),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler else None,
+            "importance": importance,
+            "target": self.target.state_dict(),
+            "radii_due": self._radii_due,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a pruner on a fresh copy of the dense model: the removals are re-applied.
+
+        Load this before the model's own ``state_dict``, whose shapes are the pruned ones.
+        """
+        history = state["pruning_history"]
+        if self.pruning_history and self.pruning_history != history[: len(self.pruning_history)]:
+            raise UserError(
+                "this pruner has removed other neurons than the saved one: load the state "
+                "into a pruner built on a fresh copy of the dense model"
+            )
+        if len(history) > len(self.pruning_history):
+            replay_pruning(self.model, history, self.example)
+            self.layout, self._size = self._trace(), None
+        self.pruning_history = list(history)
+        self.target.load_state_dict(state["target"])
+        self.target.removed(self.layout, self.example)
+        self.kind = state["kind"]
+        self.optimizer = self._build_optimizer(self.kind)
+        if self.make_scheduler is not None:
+            self.lr_scheduler = self.make_scheduler(_base_of(self.optimizer))
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self._reset_importance()
+        if state["importance"] is not None:
+            self.importance.load_state_dict(state["importance"])
+        self.steps_done, self._radii_due = state["steps_done"], state["radii_due"]
+
+
+def replay_pruning(model: nn.Module, history: list[list[Any]], example_inputs: Tensor) -> None:
+    """Apply a recorded Torch-Pruning history to an unpruned copy of the same model."""
+    if not history:
+        return
+    channels_last = _is_channels_last(model)
+    was_training = model.training
+    model.eval()
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+    graph.load_pruning_history(history)
+    model.train(was_training)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+
+
+def _base_of(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer that makes the update (schedulers watch its ``step``)."""
+    return optimizer.base_optimizer if isinstance(optimizer, SAM) else optimizer
+
+
+def _is_channels_last(model: nn.Module) -> bool:
+    weights = [p for p in model.parameters() if p.dim() == 4]
+    return bool(weights) and weights[0].is_contiguous(memory_format=torch.channels_last)
+
+
+def _base_optimizer(
+    model: nn.Module,
+    optimizer: type[torch.optim.Optimizer] | torch.optim.Optimizer,
+    kwargs: Mapping[str, Any] | None,
+) -> tuple[type[torch.optim.Optimizer], dict[str, Any], list[tuple[dict[str, Any], list[str]]]]:
+    """The base class, its keyword arguments and the parameter groups as names.
+
+    Groups are kept by parameter name because removal replaces the parameter tensors.
+    """
+    names = {p: n for n, p in model.named_parameters()}
+    if isinstance(optimizer, torch.optim.Optimizer):
+        if isinstance(optimizer, SAM) or kwargs:
+            raise UserError(
+                "pass a base optimizer (not SAM/AdaSAP) either built or as a class with "
+                "optimizer_kwargs, not both: the pruner adds the sharpness-aware part"
+            )
+        base, kwargs, groups = type(optimizer), dict(optimizer.defaults), optimizer.param_groups
+    elif isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
+        if issubclass(optimizer, SAM):
+            raise UserError("pass the base optimizer class (e.g. torch.optim.SGD), not SAM")
+        base, kwargs = optimizer, dict(kwargs or {})
+        accepted = inspect.signature(base).parameters
+        unknown = sorted(set(kwargs) - set(accepted))
+        if unknown:
+            raise UserError(
+                f"{base.__name__} does not take {', '.join(unknown)}: pass only its own "
+                f"arguments ({', '.join(n for n in accepted if n != 'params')})"
+            )
+        groups = parameter_groups(model, kwargs.get("weight_decay", 0.0))
+    else:
+        raise UserError(
+            f"optimizer must be a torch.optim class or optimizer, got {type(optimizer).__name__}"
+        )
+    templates = [
+        (
+            {k: v for k, v in g.items() if k not in ("params", "initial_lr")},
+            [names[p] for p in g["params"]],
+        )
+        for g in groups
+    ]
+    return base, kwargs, templates

@@ -1,0 +1,146 @@
+"""What pruning aims at: a fraction of the parameters or MACs, or a latency budget.
+
+A target chooses which neurons go at each removal step (moving from the dense size to the
+final one in equal steps), tracks the current size, and says up front when the final target
+cannot be reached without emptying a layer. :class:`SizeTarget` counts parameters or MACs;
+:class:`LatencyTarget` adapts a latency budget (``adasap.deploy.latency``) to the same
+interface, so the pruner needs no timing code.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Literal, Protocol
+
+import torch
+from torch import Tensor
+
+from adasap.errors import UserError
+from adasap.method.neurons import NeuronLayout
+from adasap.method.pruning import ModelSize, measure_size, select_neurons, size_predictor
+
+SizeKind = Literal["params", "macs"]
+
+
+class PruningTarget(Protocol):
+    def select(
+        self,
+        layout: NeuronLayout,
+        scores: Tensor,
+        progress: float,
+        min_channels: int,
+        round_to: int,
+    ) -> Tensor:
+        """Neurons to remove now so that the size is ``progress`` (0-1] of the way down."""
+
+    def removed(self, layout: NeuronLayout, example_inputs: Tensor) -> None:
+        """Called after a removal, with the new layout."""
+
+    def check(self, layout: NeuronLayout, min_channels: int, round_to: int) -> None:
+        """Raise :class:`UserError` if the final target would empty a layer."""
+
+    def fraction(self) -> float:
+        """The current size as a fraction of the dense size."""
+
+    def describe(self) -> str: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def check_keep(keep: float) -> None:
+    if isinstance(keep, bool) or not isinstance(keep, int | float) or not 0 < keep <= 1:
+        raise UserError(f"keep fraction must be in (0, 1], got {keep!r}: e.g. keep=0.5")
+
+
+class SizeTarget:
+    """Keep ``keep`` of the dense model's parameters (or MACs), measured by Torch-Pruning."""
+
+    def __init__(self, keep: float, kind: SizeKind = "params") -> None:
+        check_keep(keep)
+        if kind not in ("params", "macs"):
+            raise UserError(f"size kind must be params or macs, got {kind!r}")
+        self.keep, self.kind = keep, kind
+        self.dense: ModelSize | None = None
+        self.current: ModelSize | None = None
+
+    def bind(self, layout: NeuronLayout, example_inputs: Tensor) -> None:
+        """Measure the dense model (the model the layout was built on)."""
+        self.dense = self.current = measure_size(layout.model, example_inputs)
+
+    @property
+    def final(self) -> int:
+        return int(self.keep * self.dense.of(self.kind))
+
+    def select(
+        self,
+        layout: NeuronLayout,
+        scores: Tensor,
+        progress: float,
+        min_channels: int,
+        round_to: int,
+    ) -> Tensor:
+        dense = self.dense.of(self.kind)
+        target = round(dense - (dense - self.final) * progress)
+        predict = size_predictor(layout, self.current, self.kind)
+        return select_neurons(layout, scores, target, predict, self.kind, min_channels, round_to)
+
+    def removed(self, layout: NeuronLayout, example_inputs: Tensor) -> None:
+        self.current = measure_size(layout.model, example_inputs)
+
+    def check(self, layout: NeuronLayout, min_channels: int, round_to: int) -> None:
+        equal = torch.ones(layout.num_neurons)
+        predict = size_predictor(layout, self.dense, self.kind)
+        select_neurons(layout, equal, self.final, predict, self.kind, min_channels, round_to)
+
+    def fraction(self) -> float:
+        return self.current.of(self.kind) / max(self.dense.of(self.kind), 1)
+
+    def describe(self) -> str:
+        return f"size {self.fraction():.2f}"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"dense": [self.dense.params, self.dense.macs]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.dense = ModelSize(*state["dense"])
+
+
+class LatencyTarget:
+    """A latency budget (``adasap.deploy.latency.LatencyBudget``) as a pruning target."""
+
+    def __init__(self, budget: Any) -> None:
+        self.budget = budget
+
+    def select(
+        self,
+        layout: NeuronLayout,
+        scores: Tensor,
+        progress: float,
+        min_channels: int,
+        round_to: int,
+    ) -> Tensor:
+        dense = self.budget.dense_ms
+        target = dense - (dense - self.budget.target_ms) * progress
+        return self.budget.select(layout, scores, target, min_channels, round_to)
+
+    def removed(self, layout: NeuronLayout, example_inputs: Tensor) -> None:
+        """The budget updated its prediction when it selected."""
+
+    def check(self, layout: NeuronLayout, min_channels: int, round_to: int) -> None:
+        equal = torch.ones(layout.num_neurons)
+        copy.copy(self.budget).select(layout, equal, None, min_channels, round_to)
+
+    def fraction(self) -> float:
+        return self.budget.current_ms / self.budget.dense_ms
+
+    def describe(self) -> str:
+        return f"latency {self.fraction():.2f} (predicted)"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"latency_ms": [self.budget.dense_ms, self.budget.current_ms]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # a resumed run keeps the budget it started with, not a new noisy measurement
+        self.budget.dense_ms, self.budget.current_ms = state["latency_ms"]
