@@ -21,7 +21,6 @@ from adasap.deploy.budget import (
 from adasap.deploy.table import LatencyTable, LayerGrid, LayerSpec, default_cache_dir, layer_specs
 from adasap.deploy.timing import (
     BACKENDS,
-    DEFAULT_TIMING,
     LatencyComparison,
     LatencyResult,
     TimingSettings,
@@ -33,7 +32,6 @@ from adasap.deploy.timing import (
 
 __all__ = [
     "BACKENDS",
-    "DEFAULT_TIMING",
     "LatencyBudget",
     "LatencyComparison",
     "LatencyPruneReport",
