@@ -24,7 +24,12 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from adasap.deploy.latency import compare_latency, machine_info, prune_to_latency
+from adasap.deploy.latency import (
+    TimingSettings,
+    compare_latency,
+    machine_info,
+    prune_to_latency,
+)
 from adasap.errors import UserError
 from adasap.io import atomic_write_json
 from adasap.method.importance import magnitude_scores, normalize_scores
@@ -141,10 +146,12 @@ def latency_budgets(args: argparse.Namespace, console: Console) -> list[dict]:
                 example,
                 keep,
                 ignored_layers=[find_classifier(model, model(example).shape[1])],
-                batch_size=batch,
-                warmup=args.warmup,
-                repeats=max(args.repeats, 10),
-                cache_dir=args.cache_dir,
+                timing=TimingSettings(
+                    batch_size=batch,
+                    warmup=args.warmup,
+                    repeats=max(args.repeats, 10),
+                    cache_dir=args.cache_dir,
+                ),
             )
         except UserError as exc:  # a budget below the latency floor of the layers' overhead
             rows.append({"model": name, "batch_size": batch, "keep": keep, "unreachable": str(exc)})

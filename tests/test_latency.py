@@ -1,16 +1,23 @@
 import json
 import math
+import os
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 from rich.console import Console
 from torch import nn
 
-from adasap.deploy import latency
+import adasap
+from adasap.deploy import table as latency_table
+from adasap.deploy import timing
 from adasap.deploy.latency import (
     LatencyTable,
     LayerGrid,
+    TimingSettings,
     compare_latency,
     latency_budget,
     latency_predictor,
@@ -31,9 +38,10 @@ ARCHITECTURE = dict(
     name="resnet20", num_classes=10, in_channels=3, image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3
 )
 FAST = dict(warmup=0, repeats=2)
+FAST_TIMING = TimingSettings(warmup=0, repeats=2)
 # Two repeats on a shared machine may well be noisy: test_noisy_timing_warns checks the warning.
 pytestmark = pytest.mark.filterwarnings("ignore:latency on this machine is noisy")
-TABLE = dict(points=3, warmup=0, repeats=1)
+TABLE = TimingSettings(points=3, warmup=0, repeats=1)
 
 
 def resnet20() -> nn.Module:
@@ -51,8 +59,7 @@ def table(tmp_path_factory) -> LatencyTable:
     return LatencyTable.measure(
         layout_of(model),
         torch.rand(1, 3, 32, 32),
-        cache_dir=tmp_path_factory.mktemp("latency"),
-        **TABLE,
+        replace(TABLE, cache_dir=tmp_path_factory.mktemp("latency")),
     )
 
 
@@ -138,19 +145,13 @@ def test_table_is_cached_per_machine(table, monkeypatch):
         calls.append(runs)
         return [[1.0]] * len(runs)
 
-    monkeypatch.setattr(latency, "_interleaved", count)
-    again = LatencyTable.measure(
-        layout_of(resnet20()), torch.rand(1, 3, 32, 32), cache_dir=table.path.parent, **TABLE
-    )
+    monkeypatch.setattr(latency_table, "time_interleaved", count)
+    cached = replace(TABLE, cache_dir=table.path.parent)
+    again = LatencyTable.measure(layout_of(resnet20()), torch.rand(1, 3, 32, 32), cached)
     assert calls == [] and again.measured == 0
     assert again.grids == table.grids and again.layers == table.layers
     other_grid = LatencyTable.measure(
-        layout_of(resnet20()),
-        torch.rand(1, 3, 32, 32),
-        cache_dir=table.path.parent,
-        points=2,
-        warmup=0,
-        repeats=1,
+        layout_of(resnet20()), torch.rand(1, 3, 32, 32), replace(cached, points=2)
     )
     assert other_grid.measured > 0 and calls
 
@@ -160,10 +161,11 @@ def test_damaged_cache_is_measured_again(tmp_path):
         nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)
     )
     layout = NeuronLayout(model, torch.rand(1, 3, 8, 8), [model[3]])
-    first = LatencyTable.measure(layout, torch.rand(1, 3, 8, 8), cache_dir=tmp_path, **TABLE)
+    settings = replace(TABLE, cache_dir=tmp_path)
+    first = LatencyTable.measure(layout, torch.rand(1, 3, 8, 8), settings)
     first.path.write_text("{not json")
     with pytest.warns(UserWarning, match="unusable"):
-        again = LatencyTable.measure(layout, torch.rand(1, 3, 8, 8), cache_dir=tmp_path, **TABLE)
+        again = LatencyTable.measure(layout, torch.rand(1, 3, 8, 8), settings)
     assert again.measured == first.measured == 2  # the conv and the linear layer
     assert json.loads(first.path.read_text())["format"] == "adasap-latency-table"
 
@@ -251,7 +253,7 @@ def compute_bound(table: LatencyTable) -> LatencyTable:
 def test_latency_budget_pruning_meets_the_predicted_budget(table):
     model = resnet20()
     report = prune_to_latency(
-        model, torch.rand(2, 3, 32, 32), 0.6, table=compute_bound(table), **FAST
+        model, torch.rand(2, 3, 32, 32), 0.6, table=compute_bound(table), timing=FAST_TIMING
     )
     assert report.predicted_ms <= report.budget_ms + 1e-9
     assert report.budget_ms == pytest.approx(0.6 * report.dense_ms)
@@ -264,7 +266,7 @@ def test_budget_steps_follow_the_prediction(table):
     model = resnet20()
     example = torch.rand(2, 3, 32, 32)
     layout = layout_of(model)
-    budget = latency_budget(layout, example, 0.7, table=compute_bound(table), **FAST)
+    budget = latency_budget(layout, example, 0.7, table=compute_bound(table), timing=FAST_TIMING)
     first_target = (budget.dense_ms + budget.target_ms) / 2
     scores = normalize_scores(magnitude_scores(layout), layout)
     remove_neurons(layout, budget.select(layout, scores, first_target))
@@ -277,7 +279,7 @@ def test_budget_steps_follow_the_prediction(table):
 
 
 def test_noisy_timing_warns(table, monkeypatch):
-    monkeypatch.setattr(latency, "_interleaved", lambda *a, **k: [[1.0] * 5 + [10.0] * 5])
+    monkeypatch.setattr(timing, "time_interleaved", lambda *a, **k: [[1.0] * 5 + [10.0] * 5])
     layout = layout_of(resnet20())
     with pytest.warns(UserWarning, match="noisy"):
         budget = latency_budget(layout, torch.rand(1, 3, 32, 32), 0.5, table=table)
@@ -298,4 +300,33 @@ def test_unreachable_budget_is_a_user_error(table):
     }
     flat_table = replace(table, grids=flat)
     with pytest.raises(UserError, match="without emptying a layer"):
-        prune_to_latency(resnet20(), torch.rand(2, 3, 32, 32), 0.5, table=flat_table, **FAST)
+        prune_to_latency(
+            resnet20(), torch.rand(2, 3, 32, 32), 0.5, table=flat_table, timing=FAST_TIMING
+        )
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "words"),
+    [
+        ("batch_size", 0, "batch sizes must be >= 1"),
+        ("repeats", 0, "repeats >= 1"),
+        ("warmup", -1, "warmup >= 0"),
+        ("points", 1, ">= 2 points per axis"),
+    ],
+)
+def test_bad_timing_settings_are_a_user_error(field, value, words):
+    with pytest.raises(UserError, match=words):
+        TimingSettings(**{field: value})
+
+
+def test_timing_and_budgets_import_without_onnx():
+    # onnx and onnxruntime take seconds to import: only exporting and onnxruntime timing need them
+    code = (
+        "import adasap.deploy.latency, sys; "
+        "assert 'onnx' not in sys.modules and 'onnxruntime' not in sys.modules"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(adasap.__file__).parents[1])}  # this checkout
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr

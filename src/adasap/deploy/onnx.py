@@ -1,5 +1,8 @@
 """Deployment: find the models of a run, export them to ONNX and check the export.
 
+onnx and onnxruntime are imported by the functions that use them, so that importing this
+module (and the timing built on it) stays cheap.
+
 The export uses PyTorch's TorchScript-based exporter, which needs no extra package (the newer
 ``dynamo`` exporter needs ``onnxscript``), with a dynamic batch dimension. Every export can be
 checked with onnxruntime against PyTorch on random images at two batch sizes.
@@ -12,16 +15,18 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 import torch
 from torch import nn
 
 from adasap.deploy.serialization import DESCRIPTION_FILE, load_model, read_description
 from adasap.errors import UserError
 from adasap.io import atomic_write
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 MIN_OPSET = 17
 MAX_OPSET = 20  # the newest the TorchScript-based exporter writes
@@ -170,12 +175,16 @@ class ExportReport:
 
 def onnx_runs_on(device: str) -> bool:
     """Whether onnxruntime can run on ``device`` ("cpu", "cuda", ...) here."""
+    import onnxruntime as ort
+
     cuda = device.startswith("cuda")
     return not cuda or "CUDAExecutionProvider" in ort.get_available_providers()
 
 
 def onnx_session(path: str | Path, device: str = "cpu") -> ort.InferenceSession:
     """An onnxruntime session on the CPU, or on CUDA when ``device`` says so."""
+    import onnxruntime as ort
+
     if not onnx_runs_on(device):
         raise UserError(
             "onnxruntime has no CUDA provider here: install onnxruntime-gpu or use the CPU"
@@ -192,6 +201,8 @@ def max_onnx_difference(
     seed: int = 0,
 ) -> float:
     """The largest |onnxruntime - PyTorch| output difference on random images in [0, 1]."""
+    import onnx
+
     onnx.checker.check_model(str(path))
     session = onnx_session(path)
     reference = copy.deepcopy(model).cpu().eval()

@@ -1,0 +1,292 @@
+"""The latency table: each prunable layer timed over a grid of (input, output) channel counts.
+
+Layers are timed as standalone modules on their own input size, cached on disk per machine,
+input shape and batch size (see :class:`LatencyTable`); :mod:`adasap.deploy.budget` predicts
+a pruned model's latency from the table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import warnings
+from bisect import bisect_right
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import Tensor, nn
+
+from adasap.deploy.timing import (
+    DEFAULT_TIMING,
+    TimingSettings,
+    device_sync,
+    forward_runner,
+    machine_info,
+    time_interleaved,
+)
+from adasap.io import atomic_write_json, cache_root
+from adasap.method.neurons import NeuronLayout
+from adasap.method.pruning import sliced_axes
+from adasap.training.loop import resolve_device
+
+TABLE_FORMAT = "adasap-latency-table"
+TABLE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """A prunable layer as the table times it: a conv (with its BatchNorm) or a linear layer.
+
+    ``prune_in`` / ``prune_out`` say which channel counts the layout can change; a depthwise
+    conv has one count (its input follows its output).
+    """
+
+    kind: str
+    in_channels: int
+    out_channels: int
+    prune_in: bool
+    prune_out: bool
+    bias: bool
+    batchnorm: bool
+    kernel_size: tuple[int, ...] = (1, 1)
+    stride: tuple[int, ...] = (1, 1)
+    padding: tuple[int, ...] | str = (0, 0)
+    dilation: tuple[int, ...] = (1, 1)
+    depthwise: bool = False
+    input_size: tuple[int, int] = (1, 1)
+
+    def key(self, points: int) -> str:
+        return json.dumps({**asdict(self), "points": points}, sort_keys=True)
+
+    def build(self, cin: int, cout: int) -> nn.Module:
+        if self.kind == "linear":
+            layer: nn.Module = nn.Linear(cin, cout, bias=self.bias)
+            norm: nn.Module = nn.BatchNorm1d(cout)
+        else:
+            layer = nn.Conv2d(
+                cout if self.depthwise else cin,
+                cout,
+                self.kernel_size,
+                self.stride,
+                self.padding,
+                self.dilation,
+                groups=cout if self.depthwise else 1,
+                bias=self.bias,
+            )
+            norm = nn.BatchNorm2d(cout)
+        return nn.Sequential(layer, norm) if self.batchnorm else layer
+
+    def input_shape(self, cin: int, cout: int) -> tuple[int, ...]:
+        """The per-sample input of the layer with ``cin`` inputs and ``cout`` outputs."""
+        if self.kind == "linear":
+            return (cin,)
+        return (cout if self.depthwise else cin, *self.input_size)
+
+    def grid(self, points: int) -> tuple[list[int], list[int]]:
+        """Channel counts to time: ``points`` spread over 1..full on each prunable axis."""
+
+        def spread(size: int, pruned: bool) -> list[int]:
+            if not pruned:
+                return [size]
+            return sorted({max(1, round(size * k / (points - 1))) for k in range(points)})
+
+        return spread(self.in_channels, self.prune_in), spread(self.out_channels, self.prune_out)
+
+
+def _bracket(grid: Sequence[int], x: float) -> tuple[int, int, float]:
+    """Neighbouring grid indices around ``x`` and the weight of the upper one."""
+    if len(grid) == 1:
+        return 0, 0, 0.0
+    i = min(max(bisect_right(grid, x) - 1, 0), len(grid) - 2)
+    weight = (x - grid[i]) / (grid[i + 1] - grid[i])
+    return i, i + 1, min(max(weight, 0.0), 1.0)
+
+
+@dataclass(frozen=True)
+class LayerGrid:
+    """``ms[i][j]``: latency at ``ins[i]`` input and ``outs[j]`` output channels.
+
+    Made non-decreasing along both axes when measured (timing noise must not make a smaller
+    layer look slower), so interpolated predictions never grow when channels are removed.
+    """
+
+    ins: list[int]
+    outs: list[int]
+    ms: list[list[float]]
+
+    def at(self, cin: float, cout: float) -> float:
+        """Bilinear interpolation, clamped to the grid."""
+        i0, i1, s = _bracket(self.ins, cin)
+        j0, j1, t = _bracket(self.outs, cout)
+        m = self.ms
+        low = (1 - t) * m[i0][j0] + t * m[i0][j1]
+        high = (1 - t) * m[i1][j0] + t * m[i1][j1]
+        return (1 - s) * low + s * high
+
+
+def _map_size(pixels: int, height: int, width: int) -> tuple[int, int]:
+    """Height and width of a feature map with ``pixels`` positions and the input's aspect."""
+    h = max(1, round(math.sqrt(pixels * height / width)))
+    return h, max(1, round(pixels / h))
+
+
+def layer_specs(layout: NeuronLayout, input_shape: Sequence[int]) -> dict[str, LayerSpec]:
+    """The conv and linear layers whose channels the layout prunes, by module name.
+
+    A conv's input size is its output size (``layout.output_pixels``) times its stride. Grouped
+    (not depthwise) and transposed convs are left to the constant part of the prediction.
+    """
+    pruned = {(id(p), dim) for p, dim, _ in sliced_axes(layout).values()}
+    _, height, width = input_shape
+    specs = {}
+    for name, module in layout.model.named_modules():
+        if not isinstance(module, nn.Conv2d | nn.Linear):
+            continue
+        prune_out = (id(module.weight), 0) in pruned
+        prune_in = (id(module.weight), 1) in pruned
+        node = layout.graph.module2node.get(module)
+        common = dict(
+            bias=module.bias is not None,
+            batchnorm=node is not None
+            and any(isinstance(n.module, nn.modules.batchnorm._BatchNorm) for n in node.outputs),
+        )
+        if isinstance(module, nn.Linear):
+            if prune_in or prune_out:
+                specs[name] = LayerSpec(
+                    "linear", module.in_features, module.out_features, prune_in, prune_out, **common
+                )
+            continue
+        depthwise = module.groups == module.in_channels == module.out_channels > 1
+        if (module.groups > 1 and not depthwise) or not (prune_in or prune_out):
+            continue
+        out_h, out_w = _map_size(layout.output_pixels[module], height, width)
+        specs[name] = LayerSpec(
+            "conv",
+            module.in_channels,
+            module.out_channels,
+            prune_in and not depthwise,
+            prune_out,
+            kernel_size=tuple(module.kernel_size),
+            stride=tuple(module.stride),
+            padding=module.padding if isinstance(module.padding, str) else tuple(module.padding),
+            dilation=tuple(module.dilation),
+            depthwise=depthwise,
+            input_size=(out_h * module.stride[0], out_w * module.stride[1]),
+            **common,
+        )
+    return specs
+
+
+def default_cache_dir() -> Path:
+    """``$ADASAP_CACHE/latency``, by default ``~/.cache/adasap/latency``."""
+    return cache_root() / "latency"
+
+
+def _cache_file(
+    cache_dir: str | Path | None, machine: dict[str, Any], input_shape: Sequence[int], batch: int
+) -> Path:
+    digest = hashlib.sha256(json.dumps(machine, sort_keys=True).encode()).hexdigest()[:12]
+    shape = "x".join(map(str, input_shape))
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return folder / f"{digest}-{shape}-b{batch}.json"
+
+
+def _read_cache(path: Path, machine: dict[str, Any], batch: int) -> dict[str, LayerGrid]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        if (
+            data.get("format") != TABLE_FORMAT
+            or data.get("version") != TABLE_VERSION
+            or data.get("machine") != machine
+            or data.get("batch_size") != batch
+        ):
+            raise ValueError("written for another machine, batch size or format")
+        return {key: LayerGrid(**grid) for key, grid in data["grids"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        warnings.warn(f"latency cache {path} is unusable ({exc}); measuring again", stacklevel=3)
+        return {}
+
+
+def _measure_grid(spec: LayerSpec, timing: TimingSettings) -> LayerGrid:
+    ins, outs = spec.grid(timing.points)
+    device = resolve_device(timing.device)
+    shared: dict[tuple[int, ...], Tensor] = {}
+    runs = [
+        forward_runner(
+            spec.build(cin, cout), spec.input_shape(cin, cout), "torch", device, inputs=shared
+        )(timing.batch_size)
+        for cin in ins
+        for cout in outs
+    ]
+    # All grid points take turns, so that a burst of load spoils one repeat of each point
+    # (which the median ignores) rather than every repeat of one point.
+    times = time_interleaved(runs, timing.warmup, timing.repeats, device_sync("torch", device))
+    ms = np.median(np.array(times), axis=1).reshape(len(ins), len(outs))
+    # Load only ever adds time: a point slower than a larger layer is noise, so each point
+    # takes the minimum over the layers at least as large (suffix minimum on both axes).
+    ms = np.minimum.accumulate(np.minimum.accumulate(ms[::-1, ::-1], axis=0), axis=1)[::-1, ::-1]
+    return LayerGrid(ins, outs, ms.tolist())
+
+
+@dataclass
+class LatencyTable:
+    """Measured latency of each prunable layer of a model over a grid of channel counts.
+
+    ``grids`` is keyed by layer spec (shared by identical layers, and across models, through
+    the on-disk cache); ``layers`` maps module names to their spec's key. Names survive
+    pruning, so a table measured on the dense model serves every pruned version of it.
+    """
+
+    grids: dict[str, LayerGrid]
+    layers: dict[str, str]
+    machine: dict[str, Any]
+    batch_size: int
+    path: Path | None = None
+    measured: int = 0  # grids timed by this call; the others came from the cache
+
+    @classmethod
+    def measure(
+        cls,
+        layout: NeuronLayout,
+        example_inputs: Tensor,
+        timing: TimingSettings = DEFAULT_TIMING,
+    ) -> LatencyTable:
+        """Time every prunable layer of ``layout`` (cached per machine, input shape and batch).
+
+        Layers already in the cache file for this machine are not timed again.
+        """
+        input_shape = tuple(example_inputs.shape[1:])
+        specs = layer_specs(layout, input_shape)
+        machine = machine_info(timing.device)
+        path = _cache_file(timing.cache_dir, machine, input_shape, timing.batch_size)
+        cached = _read_cache(path, machine, timing.batch_size)
+        grids: dict[str, LayerGrid] = {}
+        for spec in dict.fromkeys(specs.values()):
+            key = spec.key(timing.points)
+            if key not in cached:
+                cached[key] = _measure_grid(spec, timing)
+                grids[key] = cached[key]
+        if grids:
+            atomic_write_json(
+                path,
+                {
+                    "format": TABLE_FORMAT,
+                    "version": TABLE_VERSION,
+                    "machine": machine,
+                    "batch_size": timing.batch_size,
+                    "input_shape": list(input_shape),
+                    "grids": {key: asdict(grid) for key, grid in cached.items()},
+                },
+            )
+        layers = {name: spec.key(timing.points) for name, spec in specs.items()}
+        used = {key: cached[key] for key in layers.values()}
+        return cls(used, layers, machine, timing.batch_size, path, measured=len(grids))
+
+    def layer_ms(self, name: str, cin: float, cout: float) -> float:
+        return self.grids[self.layers[name]].at(cin, cout)
