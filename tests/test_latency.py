@@ -319,10 +319,13 @@ def test_bad_timing_settings_are_a_user_error(field, value, words):
         TimingSettings(**{field: value})
 
 
-def test_timing_and_budgets_import_without_onnx():
-    # onnx and onnxruntime take seconds to import: only exporting and onnxruntime timing need them
+def test_training_imports_no_timing_and_timing_imports_no_onnx():
+    # onnx and onnxruntime take seconds to import: only exporting and onnxruntime timing need
+    # them; training needs timing only for a latency target, and imports it then
     code = (
-        "import adasap.deploy.latency, sys; "
+        "import sys, adasap; "
+        "assert 'adasap.deploy.timing' not in sys.modules, 'import adasap times things'; "
+        "import adasap.deploy.latency; "
         "assert 'onnx' not in sys.modules and 'onnxruntime' not in sys.modules"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(adasap.__file__).parents[1])}  # this checkout

@@ -21,7 +21,7 @@ import yaml
 from rich.console import Console
 
 from adasap.data.datasets import DataBundle, batches, get_spec, load_dataset
-from adasap.deploy.latency import latency_budget, measure_latency
+from adasap.deploy.latency import TimingSettings, latency_budget, measure_latency
 from adasap.deploy.serialization import load_model, read_description, save_model
 from adasap.errors import UserError
 from adasap.experiments.reporting import results_markdown, results_table
@@ -154,7 +154,9 @@ def check_keep_reachable(config: ExperimentConfig, data: DataBundle) -> None:
     if s.keep_kind == "latency":
         with warnings.catch_warnings():  # a noisy machine: the run measures again and says so
             warnings.simplefilter("ignore")
-            budget = latency_budget(layout, example[:1], s.keep, device=device.type)
+            budget = latency_budget(
+                layout, example[:1], s.keep, timing=TimingSettings(device=device.type)
+            )
     check_target_reachable(layout, s, measure_size(model, example), budget)
 
 

@@ -86,10 +86,11 @@ def _ignored_layers(model: nn.Module, example: torch.Tensor, num_classes: int | 
 
 
 def _latency_target(layout: NeuronLayout, example: torch.Tensor, s: PruneSettings) -> LatencyTarget:
-    from adasap.deploy.latency import latency_budget  # timing is needed only for this target
+    # timing code is needed only for this target
+    from adasap.deploy.latency import TimingSettings, latency_budget
 
-    device = resolve_device(s.device).type
-    return LatencyTarget(latency_budget(layout, example[:1], s.keep, device=device))
+    timing = TimingSettings(device=resolve_device(s.device).type)
+    return LatencyTarget(latency_budget(layout, example[:1], s.keep, timing=timing))
 
 
 def check_target_reachable(
