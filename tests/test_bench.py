@@ -6,22 +6,21 @@ from rich.console import Console
 
 import adasap.experiments.bench as bench
 import adasap.experiments.run as experiment
+import adasap.experiments.sweep as sweep
 from adasap.errors import UserError
-from adasap.experiments.bench import (
-    PRESETS,
+from adasap.experiments.bench import run_bench
+from adasap.experiments.bench_report import differences, summarize, write_report
+from adasap.experiments.config import SCHEMA, from_flat
+from adasap.experiments.presets import PRESETS, SWEEP_PRESETS, estimate_seconds
+from adasap.experiments.results import (
     RESULTS_FILE,
-    SWEEP_PRESETS,
+    BenchRow,
+    ResultRow,
     append_jsonl,
-    differences,
-    estimate_seconds,
+    read_bench_rows,
     read_jsonl,
-    run_bench,
-    run_sweep,
-    summarize,
-    sweep_report,
-    write_report,
 )
-from adasap.experiments.config import SCHEMA
+from adasap.experiments.sweep import run_sweep, sweep_report
 from adasap.method.importance import criteria
 from adasap.method.pruner import METHODS
 from adasap.robustness.corruptions import EXTRA_CORRUPTIONS
@@ -237,29 +236,28 @@ def test_failed_cell_is_reported_and_bench_continues(cache, tmp_path, monkeypatc
 # --------------------------------------------------------------------------- report
 
 
-def row(method, criterion, keep, seed, clean, corrupted, **extra):
-    return {
-        "cell": f"{method}-{criterion}-keep{keep}-seed{seed}",
-        "method": method,
-        "criterion": criterion,
-        "keep": keep,
-        "seed": seed,
-        "clean_accuracy": clean,
-        "corruption_accuracy": corrupted,
-        "extra_accuracy": corrupted - 0.1,
-        "relative_robustness": corrupted / clean,
-        "keep_achieved": keep,
-        "params": 1e6 * keep,
-        "macs": 4e7 * keep,
-        "latency_ms": 2.0 * keep,
-        "loss_increase": 0.2,
-        "dense_loss_increase": 0.1,
-        "hessian_eigenvalue": 30.0,
-        "dense_hessian_eigenvalue": 10.0,
-        "seconds": 600.0,
-        "per_corruption": {"gaussian_noise": corrupted, "speckle_noise": corrupted - 0.1},
-        **extra,
-    }
+def row(method, criterion, keep, seed, clean, corrupted):
+    return BenchRow(
+        cell=f"{method}-{criterion}-keep{keep}-seed{seed}",
+        method=method,
+        criterion=criterion,
+        keep=keep,
+        seed=seed,
+        clean_accuracy=clean,
+        corruption_accuracy=corrupted,
+        extra_accuracy=corrupted - 0.1,
+        relative_robustness=corrupted / clean,
+        keep_achieved=keep,
+        params=1e6 * keep,
+        macs=4e7 * keep,
+        latency_ms=2.0 * keep,
+        loss_increase=0.2,
+        dense_loss_increase=0.1,
+        hessian_eigenvalue=30.0,
+        dense_hessian_eigenvalue=10.0,
+        seconds=600.0,
+        per_corruption={"gaussian_noise": corrupted, "speckle_noise": corrupted - 0.1},
+    )
 
 
 HAND_MADE = [
@@ -290,12 +288,32 @@ def test_mean_std_over_seeds():
 
 def test_report_from_hand_made_results(tmp_path):
     for record in HAND_MADE:
-        append_jsonl(tmp_path / RESULTS_FILE, record)
+        append_jsonl(tmp_path / RESULTS_FILE, record.to_dict())
+    assert read_bench_rows(tmp_path) == HAND_MADE
     text = (write_report(tmp_path) / "report.md").read_text()
     assert "| sgd | magnitude | 0.5 | 2 | 0.500 ± 0.000 | 86.00 ± 1.41 | 51.00 ± 1.41 |" in text
     assert "| adasap | magnitude | 0.5 | 2 | 6.00 ± 1.41 | 0.00 ± 1.41 |" in text
     assert "| dense | - | 1 | 2 | 1.000M ± 0.000M |" in text
     assert (tmp_path / "report" / "per_corruption.png").is_file()
+
+
+def test_report_reads_results_of_earlier_versions(tmp_path):
+    """Lines written before the rows were dataclasses: fewer keys, and keys no longer used."""
+    old = {k: v for k, v in HAND_MADE[2].to_dict().items() if v is not None}
+    assert "latency_p10_ms" not in old
+    for record in (old, {**old, "seed": 1, "cell": "sgd-magnitude-keep0.5-seed1", "gone": 1}):
+        append_jsonl(tmp_path / RESULTS_FILE, record)
+    rows = read_bench_rows(tmp_path)
+    assert [r.seed for r in rows] == [0, 1] and rows[0].latency_p10_ms is None
+    text = (write_report(tmp_path) / "report.md").read_text()
+    assert "| sgd | magnitude | 0.5 | 2 | 0.500 ± 0.000 | 85.00 ± 0.00 | 50.00 ± 0.00 |" in text
+
+
+def test_result_row_json_round_trip():
+    row = ResultRow(method="sgd", clean_accuracy=0.9, params=1000, latency={"ms": 1.5})
+    data = row.to_dict()
+    assert data["method"] == "sgd" and data["corruption_accuracy"] is None
+    assert ResultRow.from_dict({**data, "history": [{"epoch": 1}]}) == row
 
 
 def test_report_needs_results(tmp_path):
@@ -327,18 +345,18 @@ class Forbidden:
 
 
 def test_sweep_scores_on_validation_extras_only(cache, tmp_path, monkeypatch):
-    original_load = bench.load_data
+    original_load = sweep.load_data
     monkeypatch.setattr(
-        bench, "load_data", lambda config: replace(original_load(config), test=Forbidden())
+        sweep, "load_data", lambda config: replace(original_load(config), test=Forbidden())
     )
     scored = []
-    original_eval = bench.evaluate_corruptions
+    original_eval = sweep.evaluate_corruptions
 
     def recording(model, images, labels, **kwargs):
         scored.append((tuple(kwargs["corruptions"]), len(images)))
         return original_eval(model, images, labels, **kwargs)
 
-    monkeypatch.setattr(bench, "evaluate_corruptions", recording)
+    monkeypatch.setattr(sweep, "evaluate_corruptions", recording)
     base = {**tiny_smoke().base, "corruption_limit": None, "seed": 0}
     grid = {"methods": [["adasap"]], "rho_max": [0.1, 0.5]}
     run_sweep(base, grid, tmp_path, console=quiet())
@@ -356,7 +374,7 @@ def test_sweep_scores_on_validation_extras_only(cache, tmp_path, monkeypatch):
     assert ranked and f"| {best['settings']['rho_max']} |" in ranked[0]
     assert "never used" in table
 
-    prunes = count_calls(monkeypatch, bench, "prune")
+    prunes = count_calls(monkeypatch, sweep, "prune")
     run_sweep(base, grid, tmp_path, console=quiet())
     assert prunes == []
     assert sweep_report(tmp_path).name == "sweep.md"
@@ -364,21 +382,21 @@ def test_sweep_scores_on_validation_extras_only(cache, tmp_path, monkeypatch):
 
 def test_sweep_preset_grid():
     preset = SWEEP_PRESETS["small"]
-    runs = bench.sweep_settings(preset.grid)
+    runs = sweep.sweep_settings(preset.grid)
     assert len(runs) == 4 * 2 + 3
     for settings in runs:
-        config = bench.from_flat(settings, bench.from_flat(preset.base))
+        config = from_flat(settings, from_flat(preset.base))
         assert config.methods in (("adasap",), ("sam",))
 
 
 def test_schedule_sweep_varies_one_choice_at_a_time():
     preset = SWEEP_PRESETS["small-schedule"]
-    base = bench.from_flat(preset.base).to_flat()
-    runs = bench.sweep_settings(preset.grid)
+    base = from_flat(preset.base).to_flat()
+    runs = sweep.sweep_settings(preset.grid)
     assert len(runs) == 9
     changed = []
     for settings in runs:
-        flat = bench.from_flat(settings, bench.from_flat(preset.base)).to_flat()
+        flat = from_flat(settings, from_flat(preset.base)).to_flat()
         changed.append(sorted(k for k in flat if flat[k] != base[k] and k != "methods"))
     assert changed[0] == [] and all(changed[1:])
     assert ["finetune_epochs", "prune_epochs", "warmup_epochs"] in changed

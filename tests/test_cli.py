@@ -220,3 +220,28 @@ def test_train_writes_a_loadable_dense_model(isolated, capsys):
     assert "test accuracy" in stdout
     model = load_model(isolated / "runs" / "dense" / "dense")
     assert sum(p.numel() for p in model.parameters()) > 200_000
+
+
+def test_config_is_validated_once_per_run(isolated, capsys, monkeypatch):
+    import adasap.experiments.run as run_module
+    from adasap.errors import UserError
+    from adasap.experiments.config import ExperimentConfig
+
+    calls = []
+    original = ExperimentConfig.validate
+
+    def counted(self):
+        calls.append(self.prune.keep)
+        return original(self)
+
+    def stop(config):
+        raise UserError("stopped after validation")
+
+    monkeypatch.setattr(ExperimentConfig, "validate", counted)
+    monkeypatch.setattr(run_module, "load_data", stop)
+    config = isolated / "exp.yaml"
+    config.write_text("keep: 0.7\n")
+    args = ["run", str(config), *TINY, "--keep", "0.6", "--out", str(isolated / "runs")]
+    code, _, err = run_cli(args, capsys)
+    assert code == 2 and "stopped after validation" in err
+    assert calls == [0.6]

@@ -1,12 +1,70 @@
+from dataclasses import dataclass, field, fields
+
 import pytest
 
+from adasap import settings
 from adasap.errors import UserError
-from adasap.experiments.config import SCHEMA, dump_yaml, from_flat, load_yaml
-from adasap.experiments.run import ExperimentConfig
+from adasap.experiments.config import SCHEMA, ExperimentConfig, dump_yaml, from_flat, load_yaml
+from adasap.training.loop import OptimizerSettings
+from adasap.training.settings import PruneSettings
 
 
 def test_schema_covers_every_flat_key():
     assert set(ExperimentConfig().to_flat()) == set(SCHEMA)
+
+
+def test_every_settings_field_is_a_config_key():
+    sections = {"prune", "optimizer"}
+    per_run = {"method"}  # an experiment's `methods` replaces it
+    for cls in (ExperimentConfig, PruneSettings, OptimizerSettings):
+        for f in fields(cls):
+            if f.name not in sections | per_run:
+                assert f.name in SCHEMA, f"{cls.__name__}.{f.name}"
+    assert SCHEMA["keep"] == (float,) and SCHEMA["train_limit"] == (int, type(None))
+    assert SCHEMA["methods"] == (tuple[str, ...],)
+
+
+@dataclass(frozen=True)
+class Inner:
+    rate: float = 0.1
+    mode: str = "a"
+
+
+@dataclass(frozen=True)
+class Outer:
+    steps: int = 3
+    names: tuple[str, ...] = ("x",)
+    limit: int | None = None
+    inner: Inner = field(default_factory=Inner)
+
+
+def test_schema_follows_the_dataclasses():
+    schema = settings.flat_schema(Outer)
+    assert list(schema) == ["steps", "names", "limit", "rate", "mode"]
+    assert list(settings.flat_schema(Outer, omit=("mode",))) == ["steps", "names", "limit", "rate"]
+    built = settings.from_flat(Outer(), {"rate": 1, "names": ["p", "q"], "limit": None})
+    assert built == Outer(names=("p", "q"), inner=Inner(rate=1.0))
+    assert isinstance(built.inner.rate, float)
+    assert settings.to_flat(built) == {
+        "steps": 3, "names": ["p", "q"], "limit": None, "rate": 1.0, "mode": "a"
+    }  # fmt: skip
+    with pytest.raises(UserError, match=r"^in.yaml: config key 'rate' must be a number, got 'x'$"):
+        settings.from_flat(Outer(), {"rate": "x"}, source="in.yaml")
+
+
+def test_instance_types_are_checked_with_python_spelling():
+    settings.check_field_types(Outer(steps=2, limit=5))
+    with pytest.raises(UserError) as info:
+        settings.check_field_types(Outer(limit=2.5))
+    assert str(info.value) == (
+        "limit must be an integer or None, got 2.5 (float): pass e.g. limit=None"
+    )
+    with pytest.raises(UserError, match=r"^names must be a list of strings, got \('x', 1\)"):
+        settings.check_field_types(Outer(names=("x", 1)))
+    with pytest.raises(UserError, match=r"^inner must be an Inner, got 3 \(int\)$"):
+        settings.check_field_types(Outer(inner=3))
+    with pytest.raises(UserError, match=r"^dense_epochs must be a number, got True"):
+        ExperimentConfig(dense_epochs=True).validate()
 
 
 def test_flat_round_trip_through_yaml(tmp_path):
@@ -41,8 +99,14 @@ def test_integers_are_accepted_for_float_keys():
 )
 def test_bad_values_name_the_key(values, message):
     with pytest.raises(UserError) as info:
-        from_flat(values)
+        from_flat(values).validate()
     assert message in str(info.value)
+
+
+def test_parsing_checks_types_and_validate_checks_ranges():
+    config = from_flat({"keep": 0})  # a number: parsed; its range is checked when a job starts
+    with pytest.raises(UserError, match="keep fraction"):
+        config.validate()
 
 
 def test_bad_yaml_files(tmp_path):

@@ -17,21 +17,13 @@ from rich.console import Console
 from adasap.deploy.latency import run_latency
 from adasap.deploy.onnx import export_onnx, select_model
 from adasap.errors import UserError
-from adasap.experiments.bench import (
-    PRESETS,
-    SWEEP_PRESETS,
-    run_bench,
-    run_sweep,
-    sweep_report,
-    write_report,
-)
-from adasap.experiments.config import SCHEMA, check_keys_and_types, from_flat, load_yaml
-from adasap.experiments.run import (
-    ExperimentConfig,
-    evaluate_path,
-    run_experiment,
-    train_dense_model,
-)
+from adasap.experiments.bench import run_bench
+from adasap.experiments.bench_report import write_report
+from adasap.experiments.commands import evaluate_path, train_dense_model
+from adasap.experiments.config import SCHEMA, ExperimentConfig, from_flat, load_yaml
+from adasap.experiments.presets import PRESETS, SWEEP_PRESETS
+from adasap.experiments.run import run_experiment
+from adasap.experiments.sweep import run_sweep, sweep_report
 from adasap.io import atomic_write_json, read_json_mapping
 from adasap.method.importance import criteria
 from adasap.method.pruner import METHODS
@@ -206,19 +198,24 @@ def _add_options(parser: argparse.ArgumentParser, options, switches) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[ExperimentConfig, bool]:
-    """Defaults, then the YAML file or the resumed run's own config, then the flags."""
+    """Defaults, then the YAML file or the resumed run's own config, then the flags.
+
+    Keys and types are checked here, naming the file (flags are typed by the parser); ranges
+    are checked once, when the job starts.
+    """
     own = ("command", "config", "resume", "path", "official", "official_dir")
     flags = {k: v for k, v in vars(args).items() if k not in own}
     values: dict[str, Any] = {}
+    source = None
     run_config = Path(getattr(args, "path", "") or "") / "config.json"
     if args.command == "eval" and run_config.is_file():
-        values = _read_run_config(run_config)
+        values, source = _read_run_config(run_config), str(run_config)
     if getattr(args, "resume", None):
         run_dir = Path(args.resume)
         saved = run_dir / "config.json"
         if not saved.is_file():
             raise UserError(f"{run_dir} holds no config.json: pass the directory of an adasap run")
-        values = _read_run_config(saved)
+        values, source = _read_run_config(saved), str(saved)
         values.update(out_dir=str(run_dir.parent), name=run_dir.name)
         changed = sorted(k for k in flags if k != "progress" and flags[k] != values.get(k))
         if changed:
@@ -227,15 +224,13 @@ def config_from_args(args: argparse.Namespace) -> tuple[ExperimentConfig, bool]:
                 "(or start a new run)"
             )
     elif getattr(args, "config", None):
-        values = load_yaml(args.config)
+        values, source = load_yaml(args.config), f"config file {args.config}"
         if not values:
             raise UserError(
                 f"config file {args.config} sets no options (it is empty): add some, e.g. "
                 "'keep: 0.5', or leave the file out to use the defaults"
             )
-        check_keys_and_types(values, f"config file {args.config}")
-    values.update(flags)
-    return from_flat(values), bool(getattr(args, "resume", None))
+    return from_flat({**values, **flags}, source=source), bool(getattr(args, "resume", None))
 
 
 def _read_run_config(path: Path) -> dict[str, Any]:

@@ -1,135 +1,110 @@
-"""Experiment configs as flat mappings: YAML files, CLI flags and run directories share them.
+"""The experiment config: one flat key space for YAML files, CLI flags and run directories.
 
-One flat key space (``keep``, ``rho_max``, ``dataset`` ...) covers the experiment, the pruning
-settings and the optimizer settings. Every mapping is checked against :data:`SCHEMA` before
-any work starts: unknown keys and wrong types are rejected with the key and what is allowed;
-ranges are checked by the dataclasses' ``validate()``.
+One flat key space (``keep``, ``rho_max``, ``dataset`` ...) covers :class:`ExperimentConfig`,
+its :class:`PruneSettings` and their :class:`OptimizerSettings`; :data:`SCHEMA` is derived from
+their fields (:mod:`adasap.settings`), so a new field is a new key. :func:`from_flat` checks keys
+and types; ranges are checked once, by :meth:`ExperimentConfig.validate`, when a job starts.
 """
 
 from __future__ import annotations
 
-from dataclasses import fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from adasap import settings
+from adasap.data.datasets import get_spec
 from adasap.errors import UserError
-from adasap.experiments.run import ExperimentConfig
-from adasap.training.loop import OptimizerSettings
+from adasap.models.builders import build_model
 from adasap.training.settings import PruneSettings
 
-OPTIONAL = type(None)
+# PruneSettings.method is one run's; an experiment compares several (``methods``).
+PER_RUN = ("method",)
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """One comparison of pruning methods on one dataset and model.
+
+    The defaults are the built-in demo: Fashion-MNIST, ResNet-20, keep 50% of the parameters,
+    ``sgd`` (plain prune and fine-tune) against ``adasap``, in a reduced setting that fits
+    15 minutes on a 2-core CPU.
+    """
+
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    model: str = "resnet20"
+    methods: tuple[str, ...] = ("sgd", "adasap")
+    train_limit: int | None = 24000
+    test_limit: int | None = None
+    corruption_limit: int | None = 1000
+    corruptions: str = "all"
+    dense_epochs: float = 8.0
+    dense_lr: float = 0.1
+    prune: PruneSettings = field(
+        default_factory=lambda: PruneSettings(
+            warmup_epochs=1.0, prune_epochs=2.0, finetune_epochs=3.0, prune_steps=4
+        )
+    )
+    out_dir: str = "runs"
+    name: str | None = None
+    overwrite: bool = False
+    cache_dir: str | None = None
+
+    @property
+    def reduced(self) -> bool:
+        return any(
+            v is not None for v in (self.train_limit, self.test_limit, self.corruption_limit)
+        )
+
+    def to_flat(self) -> dict[str, Any]:
+        """One flat mapping, as YAML config files and run directories hold it."""
+        return settings.to_flat(self, omit=PER_RUN)
+
+    def validate(self) -> ExperimentConfig:
+        """Raise :class:`UserError` for the first bad value, naming it and what is allowed."""
+        settings.check_field_types(self)
+        spec = get_spec(self.dataset)
+        build_model(
+            self.model,
+            num_classes=spec.num_classes,
+            in_channels=spec.channels,
+            image_size=spec.image_size,
+            mean=spec.mean,
+            std=spec.std,
+        )
+        if not self.methods:
+            raise UserError("no methods given: pass e.g. --methods sgd adasap")
+        for method in self.methods:
+            replace(self.prune, method=method).validate()
+        if self.corruptions not in ("all", "quick", "none"):
+            raise UserError(f"corruptions must be all, quick or none, got {self.corruptions!r}")
+        if self.dense_epochs <= 0:
+            raise UserError(
+                f"dense epochs must be > 0, got {self.dense_epochs}: e.g. --dense-epochs 8"
+            )
+        limit = self.corruption_limit  # train_limit and test_limit: checked by load_dataset
+        if limit is not None and limit < 1:
+            raise UserError(
+                f"corruption_limit={limit!r} is invalid: use a positive number of test images "
+                "(e.g. --corruption-limit 1000) or none for all"
+            )
+        return self
+
 
 # key -> accepted types (float keys take ints too; bool is never taken for a number)
-SCHEMA: dict[str, tuple[type, ...]] = {
-    "dataset": (str,),
-    "data_dir": (str, OPTIONAL),
-    "model": (str,),
-    "methods": (list,),
-    "train_limit": (int, OPTIONAL),
-    "test_limit": (int, OPTIONAL),
-    "corruption_limit": (int, OPTIONAL),
-    "corruptions": (str,),
-    "dense_epochs": (float,),
-    "dense_lr": (float,),
-    "out_dir": (str,),
-    "name": (str, OPTIONAL),
-    "overwrite": (bool,),
-    "cache_dir": (str, OPTIONAL),
-    "criterion": (str,),
-    "keep": (float,),
-    "keep_kind": (str,),
-    "warmup_epochs": (float,),
-    "prune_epochs": (float,),
-    "finetune_epochs": (float,),
-    "prune_steps": (int,),
-    "batch_size": (int,),
-    "label_smoothing": (float,),
-    "lr_warmup_epochs": (float,),
-    "score_refresh": (int,),
-    "score_normalization": (str,),
-    "per_layer_radii": (bool,),
-    "taylor_form": (str,),
-    "min_channels": (int,),
-    "round_to": (int,),
-    "seed": (int,),
-    "device": (str,),
-    "amp": (bool,),
-    "channels_last": (bool,),
-    "progress": (bool,),
-    "base_optimizer": (str,),
-    "lr": (float,),
-    "momentum": (float,),
-    "weight_decay": (float,),
-    "rho": (float,),
-    "rho_min": (float,),
-    "rho_max": (float,),
-    "normalization": (str,),
-    "asam": (bool,),
-    "max_grad_norm": (float, OPTIONAL),
-}
-_EXPERIMENT_KEYS = {f.name for f in fields(ExperimentConfig)} - {"prune"}
-_PRUNE_KEYS = {f.name for f in fields(PruneSettings)} - {"optimizer", "method"}
-_OPTIMIZER_KEYS = {f.name for f in fields(OptimizerSettings)}
+SCHEMA: dict[str, settings.Types] = settings.flat_schema(ExperimentConfig, omit=PER_RUN)
 
 
-def _type_name(types: tuple[type, ...]) -> str:
-    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
-             list: "a list", OPTIONAL: "null"}  # fmt: skip
-    return " or ".join(names[t] for t in types)
-
-
-def _check_type(key: str, value: Any) -> Any:
-    types = SCHEMA[key]
-    ok = any(
-        (t is OPTIONAL and value is None)
-        or (t is float and isinstance(value, int | float) and not isinstance(value, bool))
-        or (t is int and isinstance(value, int) and not isinstance(value, bool))
-        or (t in (str, bool) and isinstance(value, t))
-        or (
-            t is list and isinstance(value, list | tuple) and all(isinstance(v, str) for v in value)
-        )
-        for t in types
-    )
-    if not ok:
-        raise UserError(f"config key {key!r} must be {_type_name(types)}, got {value!r}")
-    if float in types and isinstance(value, int):
-        return float(value)
-    return tuple(value) if list in types else value
-
-
-def check_keys_and_types(values: dict[str, Any], source: str | None = None) -> dict[str, Any]:
-    """``values`` with their types checked (ints accepted as floats); :class:`UserError`
-    for an unknown key or a wrong type, prefixed with ``source`` (say, the file) when given."""
-    try:
-        unknown = sorted(set(values) - set(SCHEMA))
-        if unknown:
-            raise UserError(
-                f"unknown config key(s) {', '.join(map(repr, unknown))}: allowed keys are "
-                f"{', '.join(sorted(SCHEMA))}"
-            )
-        return {k: _check_type(k, v) for k, v in values.items()}
-    except UserError as exc:
-        if source is None:
-            raise
-        raise UserError(f"{source}: {exc}") from None
-
-
-def from_flat(values: dict[str, Any], base: ExperimentConfig | None = None) -> ExperimentConfig:
-    """Apply a flat mapping onto ``base`` (the defaults), checking keys, types and ranges."""
-    checked = check_keys_and_types(values)
-    base = base or ExperimentConfig()
-    optimizer = replace(
-        base.prune.optimizer, **{k: v for k, v in checked.items() if k in _OPTIMIZER_KEYS}
-    )
-    prune = replace(
-        base.prune, optimizer=optimizer, **{k: v for k, v in checked.items() if k in _PRUNE_KEYS}
-    )
-    config = replace(
-        base, prune=prune, **{k: v for k, v in checked.items() if k in _EXPERIMENT_KEYS}
-    )
-    return config.validate()
+def from_flat(
+    values: dict[str, Any], base: ExperimentConfig | None = None, source: str | None = None
+) -> ExperimentConfig:
+    """``base`` (the defaults) with a flat mapping applied; keys and types are checked, with
+    ``source`` (say, the file) named in the message. Ranges: :meth:`ExperimentConfig.validate`.
+    """
+    return settings.from_flat(base or ExperimentConfig(), values, omit=PER_RUN, source=source)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

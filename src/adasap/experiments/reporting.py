@@ -7,6 +7,8 @@ from typing import Any
 
 from rich.table import Table
 
+from adasap.experiments.results import ResultRow
+
 COLUMNS: tuple[tuple[str, str], ...] = (
     ("method", "method"),
     ("params", "params"),
@@ -33,33 +35,38 @@ def _format(key: str, value: Any) -> str:
     return str(value)
 
 
-def _present(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
-    return [(key, title) for key, title in COLUMNS if any(key in row for row in rows)]
+def _present(rows: Sequence[ResultRow]) -> list[tuple[str, str]]:
+    """The columns that some row has a value for."""
+    return [
+        (key, title) for key, title in COLUMNS if any(getattr(row, key) is not None for row in rows)
+    ]
 
 
-def results_table(rows: Sequence[dict[str, Any]], title: str = "adasap results") -> Table:
+def results_table(rows: Sequence[ResultRow], title: str = "adasap results") -> Table:
     """One row per method with size, clean and corrupted accuracy and wall time."""
     table = Table(title=title)
     columns = _present(rows)
     for key, name in columns:
         table.add_column(name, justify="left" if key == "method" else "right")
     for row in rows:
-        table.add_row(*(_format(key, row.get(key)) for key, _ in columns))
+        table.add_row(*(_format(key, getattr(row, key)) for key, _ in columns))
     return table
 
 
-def results_markdown(rows: Sequence[dict[str, Any]], reduced: bool = False) -> str:
+def results_markdown(rows: Sequence[ResultRow], reduced: bool = False) -> str:
     columns = _present(rows)
     lines = [
         "| " + " | ".join(name for _, name in columns) + " |",
         "|" + "|".join("---" for _ in columns) + "|",
     ]
     for row in rows:
-        lines.append("| " + " | ".join(_format(key, row.get(key)) for key, _ in columns) + " |")
+        lines.append(
+            "| " + " | ".join(_format(key, getattr(row, key)) for key, _ in columns) + " |"
+        )
     notes = []
     if reduced:
         notes.append("Reduced setting (subsets of the data, few epochs): a quick comparison.")
-    sources = {row.get("corruption_source") for row in rows} - {None}
+    sources = {row.corruption_source for row in rows} - {None}
     if sources:
         notes.append("Corrupted images: " + "; ".join(sorted(sources)) + ".")
     return "\n".join(lines + [""] + notes) + "\n"

@@ -12,19 +12,20 @@ import os
 import shutil
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from rich.console import Console
 
-from adasap.data.datasets import DataBundle, batches, get_spec, load_dataset
+from adasap.data.datasets import DataBundle, batches, load_dataset
 from adasap.deploy.latency import TimingSettings, latency_budget, measure_latency
-from adasap.deploy.serialization import load_model, read_description, save_model
+from adasap.deploy.serialization import load_model, save_model
 from adasap.errors import UserError
+from adasap.experiments.config import ExperimentConfig, dump_yaml
 from adasap.experiments.reporting import results_markdown, results_table
+from adasap.experiments.results import ResultRow
 from adasap.io import atomic_write_json, atomic_write_text, cache_root, writing
 from adasap.method.neurons import NeuronLayout
 from adasap.method.pruning import measure_size
@@ -34,84 +35,8 @@ from adasap.robustness.evaluation import evaluate_corruptions, official_sets
 from adasap.training.checkpoint import CHECKPOINT_FILE, RunInterrupted
 from adasap.training.loop import evaluate, resolve_device, steps_per_epoch
 from adasap.training.pipeline import check_target_reachable, prune, train
-from adasap.training.settings import PruneSettings
 
 QUICK_CORRUPTIONS = ("gaussian_noise", "gaussian_blur")
-
-
-@dataclass(frozen=True)
-class ExperimentConfig:
-    """One comparison of pruning methods on one dataset and model.
-
-    The defaults are the built-in demo: Fashion-MNIST, ResNet-20, keep 50% of the parameters,
-    ``sgd`` (plain prune and fine-tune) against ``adasap``, in a reduced setting that fits
-    15 minutes on a 2-core CPU.
-    """
-
-    dataset: str = "fashion-mnist"
-    data_dir: str | None = None
-    model: str = "resnet20"
-    methods: tuple[str, ...] = ("sgd", "adasap")
-    train_limit: int | None = 24000
-    test_limit: int | None = None
-    corruption_limit: int | None = 1000
-    corruptions: str = "all"
-    dense_epochs: float = 8.0
-    dense_lr: float = 0.1
-    prune: PruneSettings = field(
-        default_factory=lambda: PruneSettings(
-            warmup_epochs=1.0, prune_epochs=2.0, finetune_epochs=3.0, prune_steps=4
-        )
-    )
-    out_dir: str = "runs"
-    name: str | None = None
-    overwrite: bool = False
-    cache_dir: str | None = None
-
-    @property
-    def reduced(self) -> bool:
-        return any(
-            v is not None for v in (self.train_limit, self.test_limit, self.corruption_limit)
-        )
-
-    def to_flat(self) -> dict[str, Any]:
-        """One flat mapping, as YAML config files and run directories hold it."""
-        flat = {k: v for k, v in asdict(self).items() if k != "prune"}
-        prune = asdict(self.prune)
-        flat.update({k: v for k, v in prune.items() if k not in ("optimizer", "method")})
-        flat.update(prune["optimizer"])
-        flat["methods"] = list(self.methods)
-        return flat
-
-    def validate(self) -> ExperimentConfig:
-        spec = get_spec(self.dataset)
-        build_model(
-            self.model,
-            num_classes=spec.num_classes,
-            in_channels=spec.channels,
-            image_size=spec.image_size,
-            mean=spec.mean,
-            std=spec.std,
-        )
-        if not self.methods:
-            raise UserError("no methods given: pass e.g. --methods sgd adasap")
-        for method in self.methods:
-            replace(self.prune, method=method).validate()
-        if self.corruptions not in ("all", "quick", "none"):
-            raise UserError(f"corruptions must be all, quick or none, got {self.corruptions!r}")
-        if self.dense_epochs <= 0:
-            raise UserError(
-                f"dense epochs must be > 0, got {self.dense_epochs}: e.g. --dense-epochs 8"
-            )
-        limit = self.corruption_limit  # train_limit and test_limit: checked by load_dataset
-        if limit is not None and (
-            not isinstance(limit, int) or isinstance(limit, bool) or limit < 1
-        ):
-            raise UserError(
-                f"corruption_limit={limit!r} is invalid: use a positive number of test images "
-                "(e.g. --corruption-limit 1000) or none for all"
-            )
-        return self
 
 
 def prepare_run_dir(out_dir: str, name: str, overwrite: bool) -> Path:
@@ -139,15 +64,16 @@ def prepare_run_dir(out_dir: str, name: str, overwrite: bool) -> Path:
 
 def check_keep_reachable(config: ExperimentConfig, data: DataBundle) -> None:
     """Fail before any work (and before the run directory exists) when ``keep`` would empty
-    a layer: :func:`adasap.pipeline.check_target_reachable` on the untrained dense architecture.
+    a layer: :func:`adasap.training.pipeline.check_target_reachable` on the untrained dense
+    architecture.
 
     A latency budget is measured here as the run would measure it, on the training device;
     the run then reuses the cached latency table.
     """
     s = config.prune
     device = resolve_device(s.device) if s.keep_kind == "latency" else torch.device("cpu")
-    model = build_model(**_architecture(config, data)).to(device).eval()
-    example = _example(data).to(device)
+    model = build_model(**model_architecture(config, data)).to(device).eval()
+    example = example_images(data).to(device)
     classifier = find_classifier(model, data.spec.num_classes)
     layout = NeuronLayout(model, example, [classifier] if classifier is not None else [])
     budget = None
@@ -171,7 +97,8 @@ def load_data(config: ExperimentConfig) -> DataBundle:
     )
 
 
-def _architecture(config: ExperimentConfig, data: DataBundle) -> dict[str, Any]:
+def model_architecture(config: ExperimentConfig, data: DataBundle) -> dict[str, Any]:
+    """The model-building arguments of the config's model for the data's images and classes."""
     spec = data.spec
     return dict(
         name=config.model,
@@ -185,7 +112,7 @@ def _architecture(config: ExperimentConfig, data: DataBundle) -> dict[str, Any]:
 
 def dense_model(config: ExperimentConfig, data: DataBundle, console: Console):
     """Train the dense starting model, or reuse the cached one trained with the same recipe."""
-    architecture = _architecture(config, data)
+    architecture = model_architecture(config, data)
     s = config.prune
     recipe = dict(
         architecture=architecture,
@@ -234,13 +161,16 @@ def as_tensor(images_set) -> torch.Tensor:
     return torch.cat([x for x, _ in batches(images_set, 256, shuffle=False)])
 
 
-def _example(data: DataBundle) -> torch.Tensor:
+def example_images(data: DataBundle) -> torch.Tensor:
+    """Two test images: the example input that traces and measures a model."""
     return as_tensor(data.test.subset(torch.arange(2)))
 
 
 def _latency_ms(model, data: DataBundle) -> float:
     """Median CPU latency of one image (batch 1): what an edge deployment sees."""
-    (result,) = measure_latency(model.cpu(), tuple(_example(data).shape[1:]), batch_sizes=(1,))
+    (result,) = measure_latency(
+        model.cpu(), tuple(example_images(data).shape[1:]), batch_sizes=(1,)
+    )
     return result.median_ms
 
 
@@ -251,8 +181,9 @@ def evaluate_model(
     out_dir: Path,
     label: str,
     official: tuple[str, str] | None = None,
-) -> dict[str, Any]:
-    """Clean test accuracy, and accuracy on corrupted test images; the report goes to
+) -> ResultRow:
+    """The row of ``label``: clean test accuracy, and accuracy on corrupted test images; the
+    report goes to
     ``out_dir/label/corruptions.{json,md,png}``.
 
     Corrupted images are rendered from the first ``corruption_limit`` test images (once,
@@ -261,7 +192,7 @@ def evaluate_model(
     """
     device = resolve_device(config.prune.device)
     model.to(device).eval()
-    row: dict[str, Any] = {"clean_accuracy": evaluate(model, data.test, device=device)}
+    row = ResultRow(method=label, clean_accuracy=evaluate(model, data.test, device=device))
     names = _corruption_names(config)
     if names is None:
         return row
@@ -281,13 +212,13 @@ def evaluate_model(
         progress=config.prune.progress,
     )
     report.save(out_dir / label)
-    row.update(
+    return replace(
+        row,
         corruption_accuracy=report.corruption_accuracy,
         extra_accuracy=report.extra_accuracy,
         relative_robustness=report.relative_robustness,
         corruption_source=report.source,
     )
-    return row
 
 
 def run_experiment(
@@ -315,9 +246,7 @@ def run_experiment(
         run_dir = prepare_run_dir(config.out_dir, name, config.overwrite)
         try:
             atomic_write_json(run_dir / "config.json", config.to_flat())
-            atomic_write_text(
-                run_dir / "config.yaml", yaml.safe_dump(config.to_flat(), sort_keys=False)
-            )
+            atomic_write_text(run_dir / "config.yaml", dump_yaml(config))
         except BaseException:
             shutil.rmtree(run_dir, ignore_errors=True)  # just created: leave nothing behind
             raise
@@ -333,7 +262,11 @@ def run_experiment(
     except RunInterrupted as exc:
         exc.run_dir = run_dir
         raise
-    results = {"config": config.to_flat(), "machine": _machine(), "rows": rows}
+    results = {
+        "config": config.to_flat(),
+        "machine": _machine(),
+        "rows": [row.to_dict() for row in rows],
+    }
     atomic_write_json(run_dir / "results.json", results)
     atomic_write_text(run_dir / "results.md", results_markdown(rows, config.reduced))
     console.print(results_table(rows))
@@ -341,18 +274,17 @@ def run_experiment(
     return run_dir
 
 
-def _rows(config: ExperimentConfig, data: DataBundle, run_dir: Path, console) -> list[dict]:
+def _rows(config: ExperimentConfig, data: DataBundle, run_dir: Path, console) -> list[ResultRow]:
     dense, dense_info = dense_model(config, data, console)
-    dense_size = measure_size(dense.cpu(), _example(data))
+    dense_size = measure_size(dense.cpu(), example_images(data))
     rows = [
-        {
-            "method": "dense",
-            **evaluate_model(dense, data, config, run_dir, "dense"),
-            "params": dense_size.params,
-            "macs": dense_size.macs,
-            "latency_ms": _latency_ms(dense, data),
-            "seconds": dense_info.get("seconds"),
-        }
+        replace(
+            evaluate_model(dense, data, config, run_dir, "dense"),
+            params=dense_size.params,
+            macs=dense_size.macs,
+            latency_ms=_latency_ms(dense, data),
+            seconds=dense_info.get("seconds"),
+        )
     ]
     for method in config.methods:
         rows.append(pruned_row(method, dense, data, config, run_dir, console))
@@ -367,15 +299,13 @@ def pruned_row(
     run_dir: Path,
     console,
     official: tuple[str, str] | None = None,
-) -> dict[str, Any]:
+) -> ResultRow:
     """Prune with ``method`` and evaluate, or reuse the summary of an earlier finished run."""
     method_dir = run_dir / method
     summary = method_dir / "summary.json"
     if summary.is_file():
         console.print(f"[bold]{method}[/bold]: finished earlier, reusing {summary}")
-        row = json.loads(summary.read_text())
-        row.pop("history", None)
-        return row
+        return ResultRow.from_dict(json.loads(summary.read_text()))
     console.print(
         f"[bold]{method}[/bold]: pruning to keep {config.prune.keep:.0%} of the "
         f"{config.prune.keep_kind}"
@@ -391,94 +321,18 @@ def pruned_row(
             dense, data, replace(config.prune, method=method), log=log, checkpoint_dir=method_dir
         )
     model = result.model.cpu()
-    save_model(method_dir, model, _architecture(config, data), result.pruning_history)
-    row = {"method": method, **evaluate_model(model, data, config, run_dir, method, official)}
-    row.update(
+    save_model(method_dir, model, model_architecture(config, data), result.pruning_history)
+    row = replace(
+        evaluate_model(model, data, config, run_dir, method, official),
         params=result.size.params,
         macs=result.size.macs,
         latency_ms=_latency_ms(model, data),
         seconds=result.seconds,
+        latency=result.latency,
     )
-    if result.latency is not None:
-        row["latency"] = result.latency
-    atomic_write_json(summary, {**row, "history": result.history})
+    atomic_write_json(summary, {**row.to_dict(), "history": result.history})
     (method_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
     return row
-
-
-def evaluate_path(
-    path: str | Path,
-    config: ExperimentConfig,
-    official: tuple[str, str] | None = None,
-    console: Console | None = None,
-) -> list[dict[str, Any]]:
-    """``adasap eval``: evaluate one saved model directory, or every model of a run directory.
-
-    Reports are written next to each model (``corruptions.{json,md,png}``) and a table of
-    all of them is printed.
-    """
-    console = console or Console()
-    path = Path(path)
-    if (path / "model.json").is_file():
-        models = {path.name: path}
-    elif path.is_dir():
-        models = {d.name: d for d in sorted(path.iterdir()) if (d / "model.json").is_file()}
-    else:
-        models = {}
-    if not models:
-        raise UserError(f"{path} holds no saved model: pass a run directory or a model directory")
-    loaded = {label: load_model(directory) for label, directory in models.items()}  # fail fast
-    config = config.validate()
-    data = load_data(config)
-    for directory in models.values():
-        _check_fits(read_description(directory)["architecture"], data, directory)
-    rows = []
-    for label, directory in models.items():
-        model = loaded[label]
-        row = evaluate_model(model, data, config, directory.parent, label, official)
-        size = measure_size(model, _example(data))
-        rows.append({"method": label, **row, "params": size.params, "macs": size.macs})
-    console.print(results_table(rows, title=f"adasap eval: {path}"))
-    return rows
-
-
-def _check_fits(architecture: dict[str, Any], data: DataBundle, directory: Path) -> None:
-    """The model in ``directory`` was built for the data's image shape and classes."""
-    spec = data.spec
-    model_side = (
-        int(architecture["in_channels"]),
-        int(architecture["image_size"]),
-        architecture.get("num_classes"),
-    )
-    data_side = (spec.channels, spec.image_size, spec.num_classes)
-    if model_side != data_side:
-        raise UserError(
-            f"the model in {directory} takes {_images_and_classes(*model_side)}, but dataset "
-            f"{spec.name} has {_images_and_classes(*data_side)}: pass the --dataset the model "
-            "was trained on"
-        )
-
-
-def _images_and_classes(channels: int, size: int, classes: Any) -> str:
-    return f"{channels}x{size}x{size} images (channels x height x width) and {classes} classes"
-
-
-def train_dense_model(config: ExperimentConfig, console: Console | None = None) -> Path:
-    """``adasap train``: the dense model (trained, or reused from the cache) in a run directory."""
-    console = console or Console()
-    config = config.validate()
-    data = load_data(config)
-    steps_per_epoch(data.train, config.prune.batch_size)  # enough images for one batch?
-    name = config.name or time.strftime("%Y%m%d-%H%M%S") + f"-{config.dataset}-{config.model}-dense"
-    run_dir = prepare_run_dir(config.out_dir, name, config.overwrite)
-    model, info = dense_model(config, data, console)
-    device = resolve_device(config.prune.device)
-    accuracy = evaluate(model.to(device), data.test, device=device)
-    save_model(run_dir / "dense", model.cpu(), _architecture(config, data), extra={"train": info})
-    console.print(
-        f"dense {config.model}: test accuracy {accuracy:.2%}; model in {run_dir / 'dense'}"
-    )
-    return run_dir
 
 
 def _machine() -> dict[str, Any]:

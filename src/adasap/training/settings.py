@@ -9,6 +9,7 @@ from typing import Any
 from adasap.errors import UserError
 from adasap.method.importance import criteria
 from adasap.method.pruner import METHODS, PrunerSettings, base_optimizer_class
+from adasap.settings import check_field_types
 from adasap.training.loop import OptimizerSettings
 
 
@@ -45,8 +46,8 @@ class PruneSettings:
 
     def validate(self) -> PruneSettings:
         """Raise :class:`UserError` naming the first bad value and what is allowed."""
-        _check_types(self)
-        _check_types(self.optimizer)
+        check_field_types(self)
+        check_field_types(self.optimizer)
         if self.method not in METHODS:
             raise UserError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
         if self.criterion not in criteria():
@@ -86,29 +87,6 @@ class PruneSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
-    "float": ((int, float), "a number"),
-    "int": ((int,), "an integer"),
-    "str": ((str,), "a string"),
-    "bool": ((bool,), "True or False"),
-    "float | None": ((int, float, type(None)), "a number or None"),
-}
-
-
-def _check_types(settings: PruneSettings | OptimizerSettings) -> None:
-    """Numbers where numbers belong (``True`` is not a number here), strings where strings."""
-    for f in fields(settings):
-        if f.type not in _TYPES:
-            continue
-        allowed, described = _TYPES[f.type]
-        value = getattr(settings, f.name)
-        if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
-            raise UserError(
-                f"{f.name} must be {described}, got {value!r} ({type(value).__name__}): pass "
-                f"e.g. {f.name}={f.default!r}"
-            )
 
 
 def _comparable(settings: PruneSettings) -> dict[str, Any]:

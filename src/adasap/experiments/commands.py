@@ -1,0 +1,104 @@
+"""The smaller jobs: ``adasap train`` (the dense model alone) and ``adasap eval`` (saved models)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from adasap.data.datasets import DataBundle
+from adasap.deploy.serialization import load_model, read_description, save_model
+from adasap.errors import UserError
+from adasap.experiments.config import ExperimentConfig
+from adasap.experiments.reporting import results_table
+from adasap.experiments.results import ResultRow
+from adasap.experiments.run import (
+    dense_model,
+    evaluate_model,
+    example_images,
+    load_data,
+    model_architecture,
+    prepare_run_dir,
+)
+from adasap.method.pruning import measure_size
+from adasap.training.loop import evaluate, resolve_device, steps_per_epoch
+
+
+def evaluate_path(
+    path: str | Path,
+    config: ExperimentConfig,
+    official: tuple[str, str] | None = None,
+    console: Console | None = None,
+) -> list[ResultRow]:
+    """``adasap eval``: evaluate one saved model directory, or every model of a run directory.
+
+    Reports are written next to each model (``corruptions.{json,md,png}``) and a table of
+    all of them is printed.
+    """
+    console = console or Console()
+    path = Path(path)
+    if (path / "model.json").is_file():
+        models = {path.name: path}
+    elif path.is_dir():
+        models = {d.name: d for d in sorted(path.iterdir()) if (d / "model.json").is_file()}
+    else:
+        models = {}
+    if not models:
+        raise UserError(f"{path} holds no saved model: pass a run directory or a model directory")
+    loaded = {label: load_model(directory) for label, directory in models.items()}  # fail fast
+    config = config.validate()
+    data = load_data(config)
+    for directory in models.values():
+        _check_fits(read_description(directory)["architecture"], data, directory)
+    rows = []
+    for label, directory in models.items():
+        model = loaded[label]
+        row = evaluate_model(model, data, config, directory.parent, label, official)
+        size = measure_size(model, example_images(data))
+        rows.append(replace(row, params=size.params, macs=size.macs))
+    console.print(results_table(rows, title=f"adasap eval: {path}"))
+    return rows
+
+
+def _check_fits(architecture: dict[str, Any], data: DataBundle, directory: Path) -> None:
+    """The model in ``directory`` was built for the data's image shape and classes."""
+    spec = data.spec
+    model_side = (
+        int(architecture["in_channels"]),
+        int(architecture["image_size"]),
+        architecture.get("num_classes"),
+    )
+    data_side = (spec.channels, spec.image_size, spec.num_classes)
+    if model_side != data_side:
+        raise UserError(
+            f"the model in {directory} takes {_images_and_classes(*model_side)}, but dataset "
+            f"{spec.name} has {_images_and_classes(*data_side)}: pass the --dataset the model "
+            "was trained on"
+        )
+
+
+def _images_and_classes(channels: int, size: int, classes: Any) -> str:
+    return f"{channels}x{size}x{size} images (channels x height x width) and {classes} classes"
+
+
+def train_dense_model(config: ExperimentConfig, console: Console | None = None) -> Path:
+    """``adasap train``: the dense model (trained, or reused from the cache) in a run directory."""
+    console = console or Console()
+    config = config.validate()
+    data = load_data(config)
+    steps_per_epoch(data.train, config.prune.batch_size)  # enough images for one batch?
+    name = config.name or time.strftime("%Y%m%d-%H%M%S") + f"-{config.dataset}-{config.model}-dense"
+    run_dir = prepare_run_dir(config.out_dir, name, config.overwrite)
+    model, info = dense_model(config, data, console)
+    device = resolve_device(config.prune.device)
+    accuracy = evaluate(model.to(device), data.test, device=device)
+    save_model(
+        run_dir / "dense", model.cpu(), model_architecture(config, data), extra={"train": info}
+    )
+    console.print(
+        f"dense {config.model}: test accuracy {accuracy:.2%}; model in {run_dir / 'dense'}"
+    )
+    return run_dir

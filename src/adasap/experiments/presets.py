@@ -1,0 +1,320 @@
+"""Benchmark and sweep presets: a base flat config (the keys of
+:data:`adasap.experiments.config.SCHEMA`) and a grid, as data.
+
+:data:`PRESETS` are the benchmark grids (:func:`adasap.experiments.bench.run_bench`),
+:data:`SWEEP_PRESETS` the tuning sweeps (:func:`adasap.experiments.sweep.run_sweep`);
+:func:`estimate_seconds` plans a benchmark's wall time.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from adasap.errors import UserError
+from adasap.experiments.config import ExperimentConfig, from_flat
+from adasap.method.pruner import METHODS
+from adasap.robustness.corruptions import CORRUPTIONS
+
+# Throughputs of a 2-core CPU on ResNet-20 at 28 px (images/s), for estimate_seconds().
+SGD_RATE, SAM_RATE, EVAL_RATE = 700.0, 380.0, 2000.0
+HVP_COST = 3.0  # a Hessian-vector product costs about 3 forward/backward passes (measured)
+VAL_FRACTION = 0.1  # load_dataset's default validation split
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the grid; ``method == "dense"`` is the seed's unpruned reference."""
+
+    method: str
+    criterion: str | None
+    keep: float
+    seed: int
+
+    @property
+    def id(self) -> str:
+        if self.method == "dense":
+            return f"dense-seed{self.seed}"
+        return f"{self.method}-{self.criterion}-keep{self.keep:g}-seed{self.seed}"
+
+
+@dataclass(frozen=True)
+class BenchPreset:
+    """A benchmark: a base flat config and the grid (method, criterion) x keeps x seeds.
+
+    ``pairs`` lists (method, criterion) combinations, since not every method runs with every
+    criterion. Sharpness is measured on ``sharpness_batches`` fixed training batches of
+    ``sharpness_batch_size`` images at the base config's ``rho``.
+    """
+
+    name: str
+    description: str
+    base: Mapping[str, Any]
+    pairs: tuple[tuple[str, str], ...]
+    keeps: tuple[float, ...]
+    seeds: tuple[int, ...]
+    sharpness_batches: int = 4
+    sharpness_batch_size: int = 128
+    hessian_iterations: int = 20
+    latency_repeats: int = 50
+
+    def with_base(self, **values: Any) -> BenchPreset:
+        """The same grid with some base config keys replaced (e.g. fewer epochs)."""
+        return replace(self, base={**self.base, **values})
+
+    def cells(self) -> list[Cell]:
+        """The grid in run order: seed-major, so one dense model serves a block of cells."""
+        return [
+            Cell(method, criterion, keep, seed)
+            for seed in self.seeds
+            for keep in self.keeps
+            for method, criterion in self.pairs
+        ]
+
+    def config(self, cell: Cell) -> ExperimentConfig:
+        """The cell's config, validated."""
+        values = {**self.base, "seed": cell.seed}
+        if cell.method != "dense":
+            values.update(methods=[cell.method], criterion=cell.criterion, keep=cell.keep)
+        return from_flat(values).validate()
+
+    def identity(self) -> dict[str, Any]:
+        """The preset as JSON data, less what does not change results (progress bars).
+
+        ``resolved`` is the base with every default filled in, so that results made under
+        other defaults (say, radii before a sweep changed them) are never mixed in.
+        """
+        data = json.loads(json.dumps(asdict(self)))
+        data["base"].pop("progress", None)
+        data["resolved"] = from_flat(self.base).to_flat()
+        data["resolved"].pop("progress", None)
+        return data
+
+
+SMALL_BASE: dict[str, Any] = {
+    "dataset": "fashion-mnist",
+    "model": "resnet20",
+    "train_limit": 10000,  # 9000 to train, 1000 for validation
+    "test_limit": 2000,
+    "corruption_limit": 300,
+    "corruptions": "all",
+    "dense_epochs": 10.0,
+    "dense_lr": 0.1,
+    "keep_kind": "params",
+    "warmup_epochs": 2.0,
+    "prune_epochs": 3.0,
+    "finetune_epochs": 5.0,
+    "prune_steps": 4,
+    "batch_size": 128,
+    "lr": 0.05,
+    # rho, rho_min and rho_max are OptimizerSettings' defaults: the `small` sweep chose them.
+}
+
+PRESETS: dict[str, BenchPreset] = {
+    "smoke": BenchPreset(
+        name="smoke",
+        description="Checks that the whole benchmark runs (about a minute on 2 CPU cores): "
+        "sklearn digits (8 px), ResNet-20, keep 50%, sgd vs adasap, one seed, 2 corruptions "
+        "(gaussian_noise, gaussian_blur) on 100 test images. The numbers mean nothing.",
+        base={
+            "dataset": "digits",
+            "model": "resnet20",
+            "train_limit": 1200,
+            "test_limit": None,
+            "corruption_limit": 100,
+            "corruptions": "quick",
+            "dense_epochs": 4.0,
+            "dense_lr": 0.1,
+            "keep_kind": "params",
+            "warmup_epochs": 1.0,
+            "prune_epochs": 1.0,
+            "finetune_epochs": 1.0,
+            "prune_steps": 2,
+            "batch_size": 64,
+            "lr": 0.05,
+            "rho": 0.05,
+            "rho_min": 0.02,
+            "rho_max": 0.2,
+        },
+        pairs=(("sgd", "magnitude"), ("adasap", "magnitude")),
+        keeps=(0.5,),
+        seeds=(0,),
+        sharpness_batches=2,
+        sharpness_batch_size=64,
+        hessian_iterations=5,
+        latency_repeats=20,
+    ),
+    "small": BenchPreset(
+        name="small",
+        description="A CPU-sized comparison (at most 3 hours on 2 cores): Fashion-MNIST "
+        "(9000 training images), ResNet-20, keep 80/50/30% of the parameters; sgd, sam and "
+        "adasap with magnitude scores, sgd and adasap with Taylor scores; 2 seeds; all "
+        "19 corruptions x 5 severities on 300 test images.",
+        base=SMALL_BASE,
+        pairs=(
+            ("sgd", "magnitude"),
+            ("sam", "magnitude"),
+            ("adasap", "magnitude"),
+            ("sgd", "taylor"),
+            ("adasap", "taylor"),
+        ),
+        keeps=(0.8, 0.5, 0.3),
+        seeds=(0, 1),
+        sharpness_batches=4,
+        sharpness_batch_size=64,
+    ),
+    "paper": BenchPreset(
+        name="paper",
+        description="The paper's ImageNet setting as far as it is known, for a GPU machine "
+        "(days of GPU time; not run on a CPU). ResNet-50 on an ImageFolder tree "
+        "(train/ and val/ under data/imagenet: pass another path with with_base(dataset=...)); "
+        "keep ~40% and ~20% of the parameters (the paper's 0.40x and 0.20x sizes); magnitude "
+        "and Taylor (HALP's BatchNorm form); 90 epochs in all with HALP's recipe (NVlabs/HALP "
+        "rn50_imagenet_prune.yaml: lr 1.024 at batch 1024, here scaled to 0.256 at 256, "
+        "momentum 0.875, weight decay 3.05e-5, cosine with 8 warm-up epochs, label smoothing "
+        "0.1, 30 removal steps). The phase split (5 adaptive warm-up, 5 removal, 80 uniform "
+        "SAM fine-tuning) and the radii (SAM's usual ImageNet rho 0.05; AdaSAP 0.02..0.2, the "
+        "project defaults) are our choices: the paper's exact values are not confirmed. "
+        "Corruptions are rendered on the fly from 5000 validation images, so the numbers are "
+        "not comparable with published ImageNet-C ones (use adasap eval with the official "
+        "files for those). The dense model is trained for 90 epochs unless a pretrained one "
+        "is in the dense cache.",
+        base={
+            "dataset": "imagefolder:data/imagenet",
+            "model": "resnet50",
+            "train_limit": None,
+            "test_limit": None,
+            "corruption_limit": 5000,
+            "corruptions": "all",
+            "dense_epochs": 90.0,
+            "dense_lr": 0.256,
+            "keep_kind": "params",
+            "warmup_epochs": 5.0,
+            "prune_epochs": 5.0,
+            "finetune_epochs": 80.0,
+            "prune_steps": 30,
+            "batch_size": 256,
+            "lr": 0.256,
+            "momentum": 0.875,
+            "weight_decay": 3.0517578125e-05,
+            "label_smoothing": 0.1,
+            "lr_warmup_epochs": 8.0,
+            "taylor_form": "bn",
+            "rho": 0.05,
+            "rho_min": 0.02,
+            "rho_max": 0.2,
+            "amp": True,
+        },
+        pairs=(
+            ("sgd", "magnitude"),
+            ("sam", "magnitude"),
+            ("adasap", "magnitude"),
+            ("sgd", "taylor"),
+            ("adasap", "taylor"),
+        ),
+        keeps=(0.4, 0.2),
+        seeds=(0,),
+        sharpness_batches=4,
+        sharpness_batch_size=64,
+    ),
+}
+
+
+def estimate_seconds(
+    preset: BenchPreset,
+    train_images: int | None = None,
+    *,
+    sgd_rate: float = SGD_RATE,
+    sam_rate: float = SAM_RATE,
+    eval_rate: float = EVAL_RATE,
+) -> float:
+    """A planning estimate of the whole preset's wall time from images/s throughputs.
+
+    Counts dense training, every pruning run (a sharpness-aware phase at ``sam_rate``),
+    validation every epoch, clean and corrupted test images, and the sharpness probes. It
+    ignores that pruned models train faster and the one-off rendering of corruptions.
+    ``train_images`` defaults to the training part of ``train_limit``.
+    """
+    config = preset.config(preset.cells()[0])
+    limit = config.train_limit
+    if train_images is None:
+        if limit is None:
+            raise UserError(f"preset {preset.name} has no train_limit: pass train_images")
+        train_images = round(limit * (1 - VAL_FRACTION))
+    val_images = train_images * VAL_FRACTION / (1 - VAL_FRACTION)
+    per_corruption = {"all": len(CORRUPTIONS), "quick": 2, "none": 0}[config.corruptions]
+    eval_images = (config.test_limit or 10000) + (
+        (config.corruption_limit or config.test_limit or 10000) * per_corruption * 5
+    )
+    probe = preset.sharpness_batches * preset.sharpness_batch_size
+    sharpness = probe * (3 + HVP_COST * preset.hessian_iterations) / sgd_rate
+    per_model = eval_images / eval_rate + sharpness
+    s = config.prune
+    phases = (s.warmup_epochs + s.prune_epochs, s.finetune_epochs)
+    total = 0.0
+    for seed in preset.seeds:
+        total += config.dense_epochs * (train_images / sgd_rate + val_images / eval_rate)
+        total += per_model
+        for cell in (c for c in preset.cells() if c.seed == seed):
+            for kind, epochs in zip(METHODS[cell.method], phases, strict=True):
+                rate = sgd_rate if kind == "sgd" else sam_rate
+                total += epochs * (train_images / rate + val_images / eval_rate)
+            total += per_model
+    return total
+
+
+@dataclass(frozen=True)
+class SweepPreset:
+    """A tuning sweep: a base flat config and grids whose cartesian products are run."""
+
+    name: str
+    description: str
+    base: Mapping[str, Any]
+    grid: tuple[Mapping[str, Sequence[Any]], ...]
+
+
+SWEEP_PRESETS: dict[str, SweepPreset] = {
+    "small": SweepPreset(
+        name="small",
+        description="Defaults for small images (about 50 minutes on 2 CPU cores): the small "
+        "benchmark's setting at keep 50% with magnitude scores and seed 0; AdaSAP's radii "
+        "rho_max x rho_min (8 runs), then the uniform radius rho of SAM, which is also "
+        "AdaSAP's phase 3 (3 runs). Scored on the 1000 validation images with the 4 extra "
+        "corruptions.",
+        base={**SMALL_BASE, "keep": 0.5, "criterion": "magnitude", "seed": 0},
+        grid=(
+            {"methods": [["adasap"]], "rho_max": [0.1, 0.2, 0.5, 1.0], "rho_min": [0.01, 0.05]},
+            {"methods": [["sam"]], "rho": [0.02, 0.05, 0.1]},
+        ),
+    ),
+    "small-schedule": SweepPreset(
+        name="small-schedule",
+        description="AdaSAP's other choices at the radii the `small` sweep chose (about 40 "
+        "minutes on 2 CPU cores): the defaults and sgd for reference; per-neuron instead of "
+        "global perturbation normalisation; per-layer radii; max or no score normalisation; "
+        "radii refreshed every step or every 50; the 10 epochs split 1/2/7 or 4/3/3 instead "
+        "of 2/3/5. Same base and scoring as `small`.",
+        base={**SMALL_BASE, "keep": 0.5, "criterion": "magnitude", "seed": 0},
+        grid=(
+            {"methods": [["adasap", "sgd"]]},
+            {"methods": [["adasap"]], "normalization": ["neuron"]},
+            {"methods": [["adasap"]], "per_layer_radii": [True]},
+            {"methods": [["adasap"]], "score_normalization": ["max", "none"]},
+            {"methods": [["adasap"]], "score_refresh": [1, 50]},
+            {
+                "methods": [["adasap"]],
+                "warmup_epochs": [1.0],
+                "prune_epochs": [2.0],
+                "finetune_epochs": [7.0],
+            },
+            {
+                "methods": [["adasap"]],
+                "warmup_epochs": [4.0],
+                "prune_epochs": [3.0],
+                "finetune_epochs": [3.0],
+            },
+        ),
+    ),
+}

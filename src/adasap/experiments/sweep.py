@@ -1,0 +1,199 @@
+"""The tuning sweep that picks defaults (:data:`adasap.experiments.presets.SWEEP_PRESETS`).
+
+It scores each setting on the validation split carved from the training data, corrupted with
+the 4 extra corruptions only, never on the test set or the 15 benchmark corruptions.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from adasap.data.datasets import DataBundle
+from adasap.errors import UserError
+from adasap.experiments.bench_report import format_number
+from adasap.experiments.config import ExperimentConfig, from_flat
+from adasap.experiments.results import (
+    append_jsonl,
+    prepare_out,
+    read_jsonl,
+    report_failure,
+    unfinished_failures,
+)
+from adasap.experiments.run import as_tensor, dense_model, load_data
+from adasap.io import atomic_write_text, cache_root
+from adasap.robustness.corruptions import EXTRA_CORRUPTIONS
+from adasap.robustness.evaluation import evaluate_corruptions
+from adasap.training.checkpoint import CHECKPOINT_FILE, RunInterrupted
+from adasap.training.loop import resolve_device
+from adasap.training.pipeline import prune
+
+SWEEP_FILE = "sweep.jsonl"
+
+
+@dataclass
+class SweepRow:
+    """One finished sweep run, scored on validation data (a line of ``sweep.jsonl``)."""
+
+    run: str
+    method: str
+    settings: dict[str, Any]
+    val_accuracy: float
+    val_extra_accuracy: float | None
+    val_images: int
+    per_corruption: dict[str, float]
+    params: int
+    keep_achieved: float
+    seconds: float
+
+
+def sweep_settings(
+    grid: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Sequence[Any]]],
+) -> list[dict[str, Any]]:
+    """Every combination of one grid, or of each grid in a list, in order."""
+    grids = [grid] if isinstance(grid, Mapping) else list(grid)
+    combos = []
+    for g in grids:
+        keys = list(g)
+        combos += [
+            dict(zip(keys, values, strict=True)) for values in itertools.product(*g.values())
+        ]
+    return combos
+
+
+def _sweep_id(method: str, settings: Mapping[str, Any]) -> str:
+    return "-".join([method, *(f"{k}={v}" for k, v in settings.items() if k != "methods")])
+
+
+def _sweep_row(
+    run_id: str,
+    method: str,
+    settings: dict[str, Any],
+    config: ExperimentConfig,
+    data: DataBundle,
+    out: Path,
+    console: Console,
+) -> SweepRow:
+    """Prune, then score on the validation split with the extra corruptions only."""
+    run_dir = out / "sweep_runs" / run_id
+    dense, _ = dense_model(config, data, console)
+    console.print(f"[bold]{run_id}[/bold]: pruning")
+    result = prune(dense, data, replace(config.prune, method=method), checkpoint_dir=run_dir)
+    device = resolve_device(config.prune.device)
+    report = evaluate_corruptions(
+        result.model.to(device),
+        as_tensor(data.val),
+        data.val.labels,
+        dataset_key=f"{config.dataset}-val{len(data.val)}",
+        corruptions=EXTRA_CORRUPTIONS,
+        device=device,
+        seed=config.prune.seed,
+        cache_dir=cache_root(config.cache_dir) / "corruptions",
+        progress=config.prune.progress,
+    )
+    report.save(run_dir)
+    kind = config.prune.keep_kind
+    return SweepRow(
+        run=run_id,
+        method=method,
+        settings={k: v for k, v in settings.items() if k != "methods"},
+        val_accuracy=report.clean_accuracy,
+        val_extra_accuracy=report.extra_accuracy,
+        val_images=len(data.val),
+        per_corruption=report.per_corruption,
+        params=result.size.params,
+        keep_achieved=result.keep_fraction(kind),
+        seconds=result.seconds,
+    )
+
+
+def run_sweep(
+    base_config: ExperimentConfig | Mapping[str, Any],
+    grid: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Sequence[Any]]],
+    out_dir: str | Path,
+    *,
+    console: Console | None = None,
+) -> Path:
+    """Prune with every combination of ``grid`` (flat config keys -> values) over the base.
+
+    Each combination runs every method of its config's ``methods``. Scores come from the
+    validation split only (clean and the 4 extra corruptions); the test set is never read.
+    Finished runs are lines of ``<out>/sweep.jsonl`` and are skipped; an interrupted one
+    resumes from ``<out>/sweep_runs/<run>/``. Writes ``sweep.md`` and returns ``out_dir``.
+    """
+    console = console or Console()
+    base = base_config if isinstance(base_config, ExperimentConfig) else from_flat(base_config)
+    runs = [
+        (_sweep_id(method, settings), method, settings, config)
+        for settings in sweep_settings(grid)
+        for config in [from_flat(settings, base).validate()]
+        for method in config.methods
+    ]
+    if not runs:
+        raise UserError("the sweep grid is empty: give each key at least one value")
+    flat = {k: v for k, v in base.to_flat().items() if k != "progress"}
+    definition = {"base": flat, "runs": [r[0] for r in runs]}
+    out = prepare_out(out_dir, json.loads(json.dumps(definition, default=str)), "sweep")
+    path = out / SWEEP_FILE
+    done = {row["run"] for row in read_jsonl(path)}
+    datasets: dict[tuple, DataBundle] = {}
+    for run_id, method, settings, config in runs:
+        if run_id in done:
+            continue
+        key = (config.dataset, config.data_dir, config.prune.seed, config.train_limit)
+        if key not in datasets:
+            datasets[key] = load_data(config)
+        try:
+            row = _sweep_row(run_id, method, settings, config, datasets[key], out, console)
+        except UserError as exc:
+            report_failure(out, run_id, exc, console)
+            continue
+        except RunInterrupted as exc:
+            exc.run_dir = out
+            raise
+        append_jsonl(path, asdict(row))
+        (out / "sweep_runs" / run_id / CHECKPOINT_FILE).unlink(missing_ok=True)
+    report = sweep_report(out)
+    console.print(f"sweep report: {report}")
+    return out
+
+
+def sweep_report(out_dir: str | Path) -> Path:
+    """``<out>/sweep.md``: the sweep's runs, best validation extra-corruption accuracy first."""
+    out = Path(out_dir)
+    rows = [SweepRow(**record) for record in read_jsonl(out / SWEEP_FILE)]
+    if not rows:
+        raise UserError(f"{out / SWEEP_FILE} holds no results: run the sweep first")
+    rows.sort(key=lambda r: (-(r.val_extra_accuracy or 0), -r.val_accuracy))
+    keys = list(dict.fromkeys(k for r in rows for k in r.settings))
+    header = ["rank", "method", *keys, "val extra corruption acc (%)", "val clean acc (%)",
+              "size kept", "train time (min)"]  # fmt: skip
+    lines = [
+        "# Tuning sweep",
+        "",
+        f"Scored on the validation split ({rows[0].val_images} images carved from the "
+        f"training data), corrupted with the 4 extra corruptions ({', '.join(EXTRA_CORRUPTIONS)}) "
+        "x 5 severities; the test set and the 15 benchmark corruptions are never used.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for rank, r in enumerate(rows, 1):
+        cells = [str(rank), r.method, *(str(r.settings.get(k, "-")) for k in keys)]
+        cells += [
+            format_number("pct", r.val_extra_accuracy or 0),
+            format_number("pct", r.val_accuracy),
+            f"{r.keep_achieved:.3f}",
+            format_number("min", r.seconds),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    failed = unfinished_failures(out, {r.run for r in rows})
+    if failed:
+        lines += ["", "Failed runs:", ""] + [f"- {f['run']}: {f['error']}" for f in failed]
+    return atomic_write_text(out / "sweep.md", "\n".join(lines) + "\n")
