@@ -45,6 +45,7 @@ def _pad_index(n: int, before: int, after: int, mode: str, device: torch.device)
 
 
 def pad(x: Tensor, top: int, bottom: int, left: int, right: int, mode: str) -> Tensor:
+    """Pad the two spatial axes with a border ``mode`` of :func:`_pad_index`."""
     h, w = x.shape[-2:]
     rows = _pad_index(h, top, bottom, mode, x.device)
     cols = _pad_index(w, left, right, mode, x.device)

@@ -116,14 +116,16 @@ def _check_params(name: str, params: Mapping[str, Sequence[Any]]) -> dict[str, t
             f"corruption {name!r}: params must map each table ({', '.join(PARAM_TABLE_SOURCES)}) "
             f"to its {len(SEVERITIES)} severity rows, got {got}"
         )
-    rows = {table: tuple(params[table]) for table in PARAM_TABLE_SOURCES}
-    for table, table_rows in rows.items():
+    for table in PARAM_TABLE_SOURCES:
+        table_rows = params[table]
+        if isinstance(table_rows, str | bytes) or not isinstance(table_rows, Sequence):
+            table_rows = (table_rows,)
         if len(table_rows) != len(SEVERITIES):
             raise UserError(
                 f"corruption {name!r}: params[{table!r}] must have one row per severity "
                 f"{SEVERITIES}, got {len(table_rows)} rows"
             )
-    return rows
+    return {table: tuple(params[table]) for table in PARAM_TABLE_SOURCES}
 
 
 def register_corruption(
@@ -140,7 +142,8 @@ def register_corruption(
         name: lower-case identifier, unique among the corruptions.
         family: its category ("noise", "blur", "weather", "digital", or a new one).
         params: one tuple of 5 severity rows per size class: "imagenet", "tinyimagenet",
-            "cifar". A row is whatever the function takes as its parameter.
+            "cifar" (the built-in rows are copied from ``PARAM_TABLE_SOURCES``). A row is
+            whatever the function takes as its parameter.
         deterministic: True when the function draws no random numbers.
         benchmark: True only for the 15 ImageNet-C corruptions that make up the headline mean;
             everything else is reported as an extra.
@@ -154,6 +157,8 @@ def register_corruption(
     rows = _check_params(name, params)
 
     def register(function: CorruptionFunction) -> CorruptionFunction:
+        if not callable(function):
+            raise UserError(f"corruption {name!r}: register a function, got {function!r}")
         if name in _REGISTRY:
             raise UserError(f"corruption {name!r} is already registered: choose another name")
         _REGISTRY[name] = Corruption(
