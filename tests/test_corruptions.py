@@ -22,10 +22,16 @@ from adasap.robustness.corruptions import (
     EXTRA_CORRUPTIONS,
     PARAM_TABLES,
     SEVERITIES,
+    blur,
     corrupt,
     get_corruption_names,
+    image_ops,
+    register_corruption,
+    registry,
+    render_cache,
     render_cached,
     select_param_table,
+    weather,
 )
 
 SIZES = (8, 28, 32, 64, 224)
@@ -53,7 +59,7 @@ def _natural_images(n: int, channels: int, size: int, seed: int) -> torch.Tensor
         stripes = torch.sin(2 * math.pi * freq * (xs + 0.5 * ys))
         out.append(img + 0.12 * (texture - 0.5) + 0.05 * stripes)
     x = torch.stack(out).clamp(0, 1)
-    return C._luma(x) if channels == 1 else x
+    return image_ops.luma(x) if channels == 1 else x
 
 
 def natural_images(n: int, channels: int, size: int, seed: int = 0) -> torch.Tensor:
@@ -94,6 +100,113 @@ def test_names_and_categories() -> None:
     for table in PARAM_TABLES.values():
         assert set(table) == set(CORRUPTIONS)
         assert all(len(rows) == 5 for rows in table.values())
+
+
+def test_lists_keep_their_order() -> None:
+    # Reports and render caches list corruptions in this order.
+    assert CATEGORIES == {
+        "noise": ("gaussian_noise", "shot_noise", "impulse_noise"),
+        "blur": ("defocus_blur", "glass_blur", "motion_blur", "zoom_blur"),
+        "weather": ("snow", "frost", "fog", "brightness"),
+        "digital": ("contrast", "elastic_transform", "pixelate", "jpeg_compression"),
+    }
+    assert BENCHMARK_CORRUPTIONS == sum(CATEGORIES.values(), ())
+    assert EXTRA_CORRUPTIONS == ("speckle_noise", "gaussian_blur", "spatter", "saturate")
+    assert CORRUPTIONS == BENCHMARK_CORRUPTIONS + EXTRA_CORRUPTIONS
+    assert tuple(C.CATEGORY_OF) == CORRUPTIONS
+    assert [C.CATEGORY_OF[n] for n in EXTRA_CORRUPTIONS] == ["noise", "blur", "weather", "digital"]
+    assert DETERMINISTIC_CORRUPTIONS == (
+        "defocus_blur",
+        "zoom_blur",
+        "brightness",
+        "contrast",
+        "pixelate",
+        "jpeg_compression",
+        "gaussian_blur",
+        "saturate",
+    )
+    assert list(PARAM_TABLES) == ["imagenet", "tinyimagenet", "cifar"]
+    assert all(tuple(table) == CORRUPTIONS for table in PARAM_TABLES.values())
+
+
+TOY_ROWS = {
+    "imagenet": (0.3, 0.4, 0.5, 0.6, 0.7),
+    "tinyimagenet": (0.2, 0.3, 0.4, 0.5, 0.6),
+    "cifar": (0.1, 0.2, 0.25, 0.3, 0.4),
+}
+
+
+@pytest.fixture
+def scratch_registry(monkeypatch: pytest.MonkeyPatch):
+    """Corruptions registered in the test are gone afterwards."""
+    before = (C.CORRUPTIONS, C.CATEGORIES, C.PARAM_TABLES)
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    yield
+    monkeypatch.undo()
+    assert (C.CORRUPTIONS, C.CATEGORIES, C.PARAM_TABLES) == before
+
+
+def test_one_registration_adds_a_corruption_everywhere(scratch_registry, tmp_path) -> None:
+    @register_corruption("toy_haze", family="weather", deterministic=True, params=TOY_ROWS)
+    def toy_haze(x: torch.Tensor, c: float, ctx: C.CorruptionContext) -> torch.Tensor:
+        return x * (1 - c) + c
+
+    # An extra joins the extras of its family, a benchmark corruption of a new family a new
+    # category after the four; nothing registered before moves.
+    assert C.EXTRA_CORRUPTIONS == (
+        "speckle_noise",
+        "gaussian_blur",
+        "spatter",
+        "toy_haze",
+        "saturate",
+    )
+    assert C.CORRUPTIONS == BENCHMARK_CORRUPTIONS + C.EXTRA_CORRUPTIONS
+    assert C.BENCHMARK_CORRUPTIONS == BENCHMARK_CORRUPTIONS and C.CATEGORIES == CATEGORIES
+    assert C.CATEGORY_OF["toy_haze"] == "weather"
+    assert C.DETERMINISTIC_CORRUPTIONS[-2:] == ("toy_haze", "saturate")
+    assert C.PARAM_TABLES["cifar"]["toy_haze"] == TOY_ROWS["cifar"]
+    assert get_corruption_names("extra") == C.EXTRA_CORRUPTIONS
+
+    x = torch.full((2, 3, 32, 32), 0.5)
+    # Severity 3 of the cifar row (picked for 32 px): 0.5 * (1 - 0.25) + 0.25.
+    assert torch.equal(corrupt(x, "toy_haze", 3), torch.full_like(x, 0.625))
+    assert torch.equal(corrupt(x, "toy_haze", 3, params="imagenet"), torch.full_like(x, 0.75))
+    cached = render_cached(x, "toy-set", "toy_haze", 3, cache_dir=tmp_path)
+    assert torch.equal(cached, C.to_uint8(torch.full_like(x, 0.625)))
+
+    @register_corruption(
+        "toy_occlusion", family="occlusion", benchmark=True, deterministic=False, params=TOY_ROWS
+    )
+    def toy_occlusion(x: torch.Tensor, c: float, ctx: C.CorruptionContext) -> torch.Tensor:
+        return torch.where(ctx.rng.uniform(x.shape) < c, 0.0, x)
+
+    assert list(C.CATEGORIES) == ["noise", "blur", "weather", "digital", "occlusion"]
+    assert C.BENCHMARK_CORRUPTIONS == BENCHMARK_CORRUPTIONS + ("toy_occlusion",)
+    assert get_corruption_names("occlusion") == ("toy_occlusion",)
+    y = corrupt(x, "toy_occlusion", 5, seed=1)
+    assert float((y == 0).float().mean()) == pytest.approx(0.4, abs=0.05)
+    assert not torch.equal(y, corrupt(x, "toy_occlusion", 5, seed=2))
+
+
+def test_bad_registrations_are_refused(scratch_registry) -> None:
+    def identity(x: torch.Tensor, c: float, ctx: C.CorruptionContext) -> torch.Tensor:
+        return x
+
+    fog = registry.get_corruption("fog")
+    with pytest.raises(UserError, match="corruption 'fog' is already registered"):
+        register_corruption("fog", family="weather", deterministic=True, params=TOY_ROWS)(identity)
+    assert registry.get_corruption("fog") is fog
+    with pytest.raises(UserError, match="must be a lower-case identifier"):
+        register_corruption("Toy Haze", family="weather", deterministic=True, params=TOY_ROWS)
+    with pytest.raises(UserError, match=r"params must map each table .* got \['cifar'\]"):
+        register_corruption(
+            "toy", family="weather", deterministic=True, params={"cifar": TOY_ROWS["cifar"]}
+        )
+    with pytest.raises(UserError, match=r"params\['cifar'\] must have one row per severity"):
+        register_corruption(
+            "toy", family="weather", deterministic=True, params={**TOY_ROWS, "cifar": (0.1,)}
+        )
+    assert "toy" not in C.CORRUPTIONS
 
 
 def test_param_table_follows_image_size() -> None:
@@ -323,7 +436,7 @@ def test_defocus_kernel_matches_opencv() -> None:
         disk = ((xx**2 + yy**2) <= radius**2).astype(np.float32)
         ksize = (3, 3) if radius <= 8 else (5, 5)
         expected = cv2.GaussianBlur(disk / disk.sum(), ksize=ksize, sigmaX=alias)
-        got = C._disk_kernel(radius, alias).numpy()
+        got = blur._disk_kernel(radius, alias).numpy()
         trim = (expected.shape[0] - got.shape[0]) // 2
         assert np.abs(expected).sum() == pytest.approx(np.abs(got).sum(), abs=1e-6)
         assert np.allclose(
@@ -335,8 +448,8 @@ def test_motion_blur_uses_imagemagick_taps() -> None:
     x = torch.zeros(1, 1, 48, 48)
     x[0, 0, 24, 30] = 1.0
     radius, sigma = 6, 2.0
-    out = C._motion_blur_batch(x, radius, sigma, [0.0])[0, 0]
-    weights = torch.tensor(C._motion_kernel(radius, sigma))
+    out = image_ops.motion_blur_batch(x, radius, sigma, [0.0])[0, 0]
+    weights = torch.tensor(image_ops.motion_kernel(radius, sigma))
     # Pixel (y, x) reads x + i, so the impulse streaks to the left along the row.
     assert torch.allclose(out[24, 30 - len(weights) + 1 : 31].flip(0), weights)
     assert out.sum() == pytest.approx(1.0, abs=1e-6) and out[24].sum() == pytest.approx(1.0)
@@ -346,16 +459,16 @@ def test_spatter_helpers_match_opencv() -> None:
     cv2 = pytest.importorskip("cv2")
     rng = np.random.default_rng(0)
     liquid = torch.from_numpy(rng.normal(0.65, 0.3, (1, 1, 96, 96))).float()
-    liquid = C._gaussian(liquid, 2.0)
+    liquid = image_ops.gaussian(liquid, 2.0)
     u8 = torch.floor(torch.where(liquid < 0.68, 0.0, liquid).clamp(0, 1) * 255)
-    edges = C._canny(u8, 50, 150)[0, 0].numpy()
+    edges = weather._canny(u8, 50, 150)[0, 0].numpy()
     expected = cv2.Canny(u8[0, 0].numpy().astype(np.uint8), 50, 150) > 0
     assert expected.sum() > 50 and (edges == expected).all()
     dist = cv2.distanceTransform((~expected).astype(np.uint8) * 255, cv2.DIST_L2, 5)
-    got = C._chamfer_distance(torch.from_numpy(expected)[None, None], 20.0)[0, 0].numpy()
+    got = weather._chamfer_distance(torch.from_numpy(expected)[None, None], 20.0)[0, 0].numpy()
     assert np.allclose(got, np.minimum(dist, 20), atol=1e-4)
     img = np.clip(got * 10, 0, 255).astype(np.uint8)
-    eq = C._equalize_hist(torch.from_numpy(img).float()[None, None])[0, 0].numpy()
+    eq = weather._equalize_hist(torch.from_numpy(img).float()[None, None])[0, 0].numpy()
     assert (eq == cv2.equalizeHist(img)).all()
 
 
@@ -381,8 +494,8 @@ def test_glass_shuffle_displaces_like_the_reference_loop(delta: int) -> None:
     coords = torch.stack(
         torch.meshgrid(torch.arange(float(size)), torch.arange(float(size)), indexing="ij")
     )
-    rng = C._Random(torch.Generator().manual_seed(0), torch.device("cpu"))
-    moved = C._local_shuffle(coords[None].repeat(8, 1, 1, 1), C._GLASS_STEP_STD[delta], rng)
+    rng = C.RandomSource(torch.Generator().manual_seed(0), torch.device("cpu"))
+    moved = blur._local_shuffle(coords[None].repeat(8, 1, 1, 1), blur._GLASS_STEP_STD[delta], rng)
     ours = float((moved - coords)[:, :, 8:-8, 8:-8].std(dim=(0, 2, 3)).mean())
     assert ours == pytest.approx(reference, rel=0.15)
     # It is a permutation: every pixel is still there exactly once.
@@ -440,7 +553,7 @@ def counted(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         calls.append(args[0].shape[0])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(C, "corrupt", counting)
+    monkeypatch.setattr(render_cache, "corrupt", counting)
     return calls
 
 
@@ -484,7 +597,7 @@ def test_tampered_cache_is_rendered_again(tmp_path, counted) -> None:
     assert len(counted) == 5
     cached = render_cached(x.flip(-1), "k", "fog", 3, cache_dir=tmp_path)
     assert len(counted) == 5
-    generator = torch.Generator().manual_seed(C._chunk_seed(0, 0))
+    generator = torch.Generator().manual_seed(render_cache._chunk_seed(0, 0))
     assert torch.equal(cached, C.to_uint8(corrupt(x.flip(-1), "fog", 3, generator=generator)))
 
 

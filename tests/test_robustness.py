@@ -215,7 +215,7 @@ def test_evaluate_corruptions_renders_caches_and_reports(tmp_path, monkeypatch) 
     # A second evaluation reuses every rendered set.
     calls = []
     real = C.corrupt
-    monkeypatch.setattr(C, "corrupt", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(C.render_cache, "corrupt", lambda *a, **k: calls.append(1) or real(*a, **k))
     again = evaluate_corruptions(
         model, images, labels, dataset_key="tiny-set", cache_dir=tmp_path, progress=False
     )

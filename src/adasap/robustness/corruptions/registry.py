@@ -1,0 +1,268 @@
+"""The corruption registry: one ``Corruption`` record per name, and the name lists derived from it.
+
+A corruption is registered once, next to its function, with :func:`register_corruption`; the
+lists the rest of adasap uses (``CORRUPTIONS``, ``CATEGORIES``, ``PARAM_TABLES``, ...) are
+computed from the registry, ordered by family (:data:`FAMILIES`) and then by registration, so
+they never disagree with each other and a new corruption never reorders the existing ones.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from adasap.errors import UserError
+
+SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
+
+_REPO = "https://github.com/hendrycks/robustness/blob"
+_CREATE_C = "ImageNet-C/create_c"
+# The parameter tables, one per image-size class, are copied from these scripts.
+PARAM_TABLE_SOURCES: dict[str, str] = {
+    "imagenet": f"{_REPO}/e0377d46411fa30c01a9559017bdb6a5f78d4abf/{_CREATE_C}/make_imagenet_c.py",
+    "tinyimagenet": (
+        f"{_REPO}/7a64e6a188082e666f200dc1b9762cfb5cdf8fe8/{_CREATE_C}/make_tinyimagenet_c.py"
+    ),
+    "cifar": f"{_REPO}/ca360085d57889288c4143fddd8a707bbcae01bd/{_CREATE_C}/make_cifar_c.py",
+}
+# Image side each table was made for; elastic_transform's pixel lengths scale from it.
+PARAM_TABLE_SIZES: dict[str, int] = {"imagenet": 224, "tinyimagenet": 64, "cifar": 32}
+PARAM_CHOICES: tuple[str, ...] = ("auto", *PARAM_TABLE_SOURCES)
+# The order of categories in every list and report; a new family goes after these.
+FAMILIES: tuple[str, ...] = ("noise", "blur", "weather", "digital")
+
+_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+# --------------------------------------------------------------------------- what a function gets
+
+
+class RandomSource:
+    """Draws from one generator, then moves the numbers to the images' device.
+
+    With a CPU generator (what ``seed=`` makes) CPU and CUDA runs draw identical numbers.
+    """
+
+    def __init__(self, generator: torch.Generator, device: torch.device) -> None:
+        self.generator = generator
+        self.device = device
+        self.source = generator.device
+
+    def normal(self, shape: Sequence[int], mean: float = 0.0, std: float = 1.0) -> Tensor:
+        z = torch.empty(*shape, device=self.source)
+        return z.normal_(mean, std, generator=self.generator).to(self.device)
+
+    def uniform(self, shape: Sequence[int], low: float = 0.0, high: float = 1.0) -> Tensor:
+        u = torch.rand(*shape, generator=self.generator, device=self.source)
+        return u.to(self.device).mul_(high - low).add_(low)
+
+    def integers(self, low: int, high: int, shape: Sequence[int]) -> Tensor:
+        """Integers in [low, high)."""
+        r = torch.randint(low, high, tuple(shape), generator=self.generator, device=self.source)
+        return r.to(self.device)
+
+    def poisson(self, rates: Tensor) -> Tensor:
+        return torch.poisson(rates.to(self.source), generator=self.generator).to(self.device)
+
+
+@dataclass(frozen=True)
+class CorruptionContext:
+    """What a corruption function gets besides the images and its parameter row."""
+
+    rng: RandomSource
+    table: str
+
+    def length_scale(self, height: int, width: int) -> float:
+        """How much longer a pixel length is here than at the table's reference size."""
+        return min(height, width) / PARAM_TABLE_SIZES[self.table]
+
+
+CorruptionFunction = Callable[[Tensor, Any, CorruptionContext], Tensor]
+
+
+# --------------------------------------------------------------------------- the registry
+
+
+@dataclass(frozen=True)
+class Corruption:
+    """One registered corruption.
+
+    ``function(x, row, ctx)`` gets a float32 NCHW batch in [0, 1] (never empty), the parameter
+    row for the severity (``params[table][severity - 1]``) and a :class:`CorruptionContext`; it
+    returns a batch of the same shape (``corrupt`` clamps it to [0, 1]).
+    """
+
+    name: str
+    family: str
+    benchmark: bool
+    deterministic: bool
+    params: Mapping[str, tuple[Any, ...]]
+    function: CorruptionFunction
+
+
+_REGISTRY: dict[str, Corruption] = {}
+
+
+def _check_params(name: str, params: Mapping[str, Sequence[Any]]) -> dict[str, tuple[Any, ...]]:
+    if not isinstance(params, Mapping) or set(params) != set(PARAM_TABLE_SOURCES):
+        got = sorted(params) if isinstance(params, Mapping) else type(params).__name__
+        raise UserError(
+            f"corruption {name!r}: params must map each table ({', '.join(PARAM_TABLE_SOURCES)}) "
+            f"to its {len(SEVERITIES)} severity rows, got {got}"
+        )
+    for table in PARAM_TABLE_SOURCES:
+        table_rows = params[table]
+        if isinstance(table_rows, str | bytes) or not isinstance(table_rows, Sequence):
+            table_rows = (table_rows,)
+        if len(table_rows) != len(SEVERITIES):
+            raise UserError(
+                f"corruption {name!r}: params[{table!r}] must have one row per severity "
+                f"{SEVERITIES}, got {len(table_rows)} rows"
+            )
+    return {table: tuple(params[table]) for table in PARAM_TABLE_SOURCES}
+
+
+def register_corruption(
+    name: str,
+    *,
+    family: str,
+    params: Mapping[str, Sequence[Any]],
+    deterministic: bool,
+    benchmark: bool = False,
+) -> Callable[[CorruptionFunction], CorruptionFunction]:
+    """Register the decorated function as corruption ``name``; returns it unchanged.
+
+    Args:
+        name: lower-case identifier, unique among the corruptions.
+        family: its category ("noise", "blur", "weather", "digital", or a new one).
+        params: one tuple of 5 severity rows per size class: "imagenet", "tinyimagenet",
+            "cifar" (the built-in rows are copied from ``PARAM_TABLE_SOURCES``). A row is
+            whatever the function takes as its parameter.
+        deterministic: True when the function draws no random numbers.
+        benchmark: True only for the 15 ImageNet-C corruptions that make up the headline mean;
+            everything else is reported as an extra.
+    """
+    if not isinstance(name, str) or not _NAME_PATTERN.match(name):
+        raise UserError(f"corruption name {name!r} must be a lower-case identifier, e.g. 'haze'")
+    if not isinstance(family, str) or not _NAME_PATTERN.match(family):
+        raise UserError(
+            f"corruption {name!r}: family {family!r} must be a lower-case identifier, e.g. 'noise'"
+        )
+    rows = _check_params(name, params)
+
+    def register(function: CorruptionFunction) -> CorruptionFunction:
+        if not callable(function):
+            raise UserError(f"corruption {name!r}: register a function, got {function!r}")
+        if name in _REGISTRY:
+            raise UserError(f"corruption {name!r} is already registered: choose another name")
+        _REGISTRY[name] = Corruption(
+            name=name,
+            family=family,
+            benchmark=bool(benchmark),
+            deterministic=bool(deterministic),
+            params=MappingProxyType(rows),
+            function=function,
+        )
+        return function
+
+    return register
+
+
+def get_corruption(name: str) -> Corruption:
+    """The registered corruption ``name``; an unknown name is a :class:`UserError`."""
+    corruption = _REGISTRY.get(name) if isinstance(name, str) else None
+    if corruption is None:
+        raise UserError(f"unknown corruption {name!r}: choose one of {', '.join(corruptions())}")
+    return corruption
+
+
+# --------------------------------------------------------------------------- derived lists
+
+
+def _in_report_order() -> list[Corruption]:
+    """By family (FAMILIES, then new families as first registered), then registration order."""
+    registered = dict.fromkeys(c.family for c in _REGISTRY.values())
+    families = [*FAMILIES, *(family for family in registered if family not in FAMILIES)]
+    return sorted(_REGISTRY.values(), key=lambda c: families.index(c.family))
+
+
+def categories() -> dict[str, tuple[str, ...]]:
+    """Benchmark corruptions by family."""
+    grouped: dict[str, list[str]] = {}
+    for corruption in _in_report_order():
+        if corruption.benchmark:
+            grouped.setdefault(corruption.family, []).append(corruption.name)
+    return {family: tuple(names) for family, names in grouped.items()}
+
+
+def benchmark_corruptions() -> tuple[str, ...]:
+    return tuple(c.name for c in _in_report_order() if c.benchmark)
+
+
+def extra_corruptions() -> tuple[str, ...]:
+    return tuple(c.name for c in _in_report_order() if not c.benchmark)
+
+
+def corruptions() -> tuple[str, ...]:
+    """Every registered corruption: the benchmark ones first, then the extras."""
+    return benchmark_corruptions() + extra_corruptions()
+
+
+def category_of() -> dict[str, str]:
+    return {name: _REGISTRY[name].family for name in corruptions()}
+
+
+def deterministic_corruptions() -> tuple[str, ...]:
+    return tuple(name for name in corruptions() if _REGISTRY[name].deterministic)
+
+
+def param_tables() -> dict[str, dict[str, tuple[Any, ...]]]:
+    """Severity rows by table, then corruption."""
+    return {
+        table: {name: _REGISTRY[name].params[table] for name in corruptions()}
+        for table in PARAM_TABLE_SOURCES
+    }
+
+
+def get_corruption_names(subset: str = "benchmark") -> tuple[str, ...]:
+    """Names in ``subset``: "benchmark" (the 15), "extra" (the 4), "all", or a category name."""
+    subsets = {
+        "benchmark": benchmark_corruptions(),
+        "extra": extra_corruptions(),
+        "all": corruptions(),
+        **categories(),
+    }
+    if subset not in subsets:
+        raise UserError(f"unknown corruption subset {subset!r}: choose one of {', '.join(subsets)}")
+    return subsets[subset]
+
+
+# --------------------------------------------------------------------------- tables by size
+
+
+def select_param_table(height: int, width: int) -> str:
+    """The table "auto" picks: "cifar" up to 48 px, "tinyimagenet" up to 128, else "imagenet".
+
+    The shorter side decides, so a 32x400 strip still gets the small-image parameters.
+    """
+    side = min(height, width)
+    if side <= 48:
+        return "cifar"
+    if side <= 128:
+        return "tinyimagenet"
+    return "imagenet"
+
+
+def resolve_param_table(params: str, height: int, width: int) -> str:
+    """Check ``params`` ("auto" or a table name) and return the table it means for this size."""
+    if params not in PARAM_CHOICES:
+        raise UserError(
+            f"unknown parameter table {params!r}: choose one of {', '.join(PARAM_CHOICES)}"
+        )
+    return select_param_table(height, width) if params == "auto" else params
