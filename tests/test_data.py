@@ -7,18 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from adasap.data import datasets as data
-from adasap.data.datasets import (
-    IDX_FILES,
+from adasap.data import (
     TensorImageSet,
     augment_batch,
     batches,
     get_spec,
     load_dataset,
-    locate_idx_files,
     num_batches,
-    read_idx,
 )
+from adasap.data import files as data
+from adasap.data.files import IDX_FILES, locate_idx_files, read_idx
 from adasap.errors import UserError
 
 
@@ -56,7 +54,7 @@ def no_default_sources(tmp_path, monkeypatch):
         calls.append(name)
         raise UserError(f"{name} not found and its download failed (offline)")
 
-    monkeypatch.setattr(data, "_torchvision_download", fake_download)
+    monkeypatch.setattr(data, "torchvision_download", fake_download)
     return calls
 
 
