@@ -303,7 +303,7 @@ class _DatasetSource(BatchSource):
 
 
 class _IterableSource(BatchSource):
-    what = "the batches"
+    what = "the loader or list of batches"
 
     def __init__(self, data: Iterable[Any]) -> None:
         if iter(data) is data:
