@@ -396,3 +396,31 @@ def test_channels_last_and_set_to_device():
     assert x.is_contiguous(memory_format=torch.channels_last)
     sub = images.subset([3, 1])
     assert sub.labels.tolist() == [3, 1] and torch.equal(sub.float_images()[0], x[3])
+
+
+def test_a_registered_dataset_loads_like_the_built_ins():
+    from adasap.data import DatasetSpec, register_dataset
+    from adasap.data.datasets import _REGISTRY
+
+    spec = DatasetSpec("tiny-test", 2, 1, 4, (0.5,), (0.5,))
+
+    @register_dataset("tiny-test", spec, options={"count": 10})
+    def load_tiny(spec, options, data_dir):
+        n = options["count"]
+        images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 1, 4, 4)
+        return (
+            spec,
+            TensorImageSet(images, torch.arange(n) % 2),
+            TensorImageSet(images, torch.arange(n) % 2),
+        )
+
+    try:
+        bundle = load_dataset("tiny-test", count=20, val_fraction=0.5)
+        assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (10, 10, 20)
+        assert bundle.spec is spec and bundle.train.num_classes == 2
+        with pytest.raises(UserError, match="takes only count, not size"):
+            get_spec("tiny-test", size=3)
+        with pytest.raises(UserError, match="tiny-test"):
+            get_spec("nope")
+    finally:
+        del _REGISTRY["tiny-test"]

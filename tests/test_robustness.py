@@ -296,3 +296,40 @@ def test_evaluate_corruptions_bad_input(tmp_path) -> None:
         evaluate_corruptions(
             nn.Flatten(), images[:, :1], labels, normalize=((0.5,) * 3, (0.2,) * 3), **kwargs
         )
+
+
+def test_evaluate_corruptions_takes_any_test_data_and_normalizes(tmp_path) -> None:
+    from torch.utils.data import DataLoader
+
+    images = _images(6)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    model = _tiny_cnn()
+    kwargs = {
+        "dataset_key": "any-data",
+        "corruptions": ("fog", "contrast"),
+        "severities": (1, 3),
+        "cache_dir": tmp_path,
+        "progress": False,
+    }
+    u8 = C.to_uint8(images)
+    reference = evaluate_corruptions(model, u8, labels, **kwargs).to_dict()
+    as_set = evaluate_corruptions(model, TensorImageSet(u8, labels), **kwargs).to_dict()
+    floats = list(zip(u8.float() / 255, labels, strict=True))
+    as_loader = evaluate_corruptions(model, DataLoader(floats, batch_size=4), **kwargs).to_dict()
+    assert as_set == reference and as_loader == reference and reference["num_images"] == 6
+
+    # normalize=(mean, std) is applied after corrupting: equal to a model that normalises.
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+
+    class Normalizing(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            m, s = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
+            return self.inner((x - m) / s)
+
+    inside = evaluate_corruptions(Normalizing(model), images, labels, **kwargs).to_dict()
+    outside = evaluate_corruptions(model, images, labels, normalize=(mean, std), **kwargs)
+    assert outside.to_dict() == inside
