@@ -7,18 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from adasap.data import datasets as data
-from adasap.data.datasets import (
-    IDX_FILES,
+from adasap.data import (
     TensorImageSet,
     augment_batch,
     batches,
     get_spec,
     load_dataset,
-    locate_idx_files,
     num_batches,
-    read_idx,
 )
+from adasap.data import files as data
+from adasap.data.files import IDX_FILES, locate_idx_files, read_idx
 from adasap.errors import UserError
 
 
@@ -56,7 +54,7 @@ def no_default_sources(tmp_path, monkeypatch):
         calls.append(name)
         raise UserError(f"{name} not found and its download failed (offline)")
 
-    monkeypatch.setattr(data, "_torchvision_download", fake_download)
+    monkeypatch.setattr(data, "torchvision_download", fake_download)
     return calls
 
 
@@ -398,3 +396,31 @@ def test_channels_last_and_set_to_device():
     assert x.is_contiguous(memory_format=torch.channels_last)
     sub = images.subset([3, 1])
     assert sub.labels.tolist() == [3, 1] and torch.equal(sub.float_images()[0], x[3])
+
+
+def test_a_registered_dataset_loads_like_the_built_ins():
+    from adasap.data import DatasetSpec, register_dataset
+    from adasap.data.datasets import _REGISTRY
+
+    spec = DatasetSpec("tiny-test", 2, 1, 4, (0.5,), (0.5,))
+
+    @register_dataset("tiny-test", spec, options={"count": 10})
+    def load_tiny(spec, options, data_dir):
+        n = options["count"]
+        images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 1, 4, 4)
+        return (
+            spec,
+            TensorImageSet(images, torch.arange(n) % 2),
+            TensorImageSet(images, torch.arange(n) % 2),
+        )
+
+    try:
+        bundle = load_dataset("tiny-test", count=20, val_fraction=0.5)
+        assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (10, 10, 20)
+        assert bundle.spec is spec and bundle.train.num_classes == 2
+        with pytest.raises(UserError, match="takes only count, not size"):
+            get_spec("tiny-test", size=3)
+        with pytest.raises(UserError, match="tiny-test"):
+            get_spec("nope")
+    finally:
+        del _REGISTRY["tiny-test"]

@@ -13,6 +13,7 @@ from PIL import Image
 from rich.console import Console
 from torch import nn
 
+from adasap.data import FolderImageSet, TensorImageSet, batches
 from adasap.errors import UserError
 from adasap.robustness import corruptions as C
 from adasap.robustness.corruptions import (
@@ -21,20 +22,17 @@ from adasap.robustness.corruptions import (
     EXTRA_CORRUPTIONS,
     SEVERITIES,
 )
-from adasap.robustness.evaluation import (
-    ALEXNET_ERRORS,
-    SOURCE_RENDERED,
-    CorruptionReport,
-    FolderImages,
-    LabeledImages,
-    evaluate_accuracy,
-    evaluate_corruptions,
+from adasap.robustness.evaluation import evaluate_corruptions
+from adasap.robustness.official import (
+    folder_set,
     load_cifar_c,
     load_imagenet_c,
     load_imagenet_v2,
     load_tiny_imagenet_c,
     official_sets,
 )
+from adasap.robustness.report import ALEXNET_ERRORS, SOURCE_RENDERED, CorruptionReport
+from adasap.training.evaluate import evaluate_accuracy
 
 
 class LevelClassifier(nn.Module):
@@ -91,8 +89,8 @@ def test_load_cifar_c_reads_one_severity_block(tmp_path, repeat_labels) -> None:
     assert data.images[:, :, 0, 0].tolist() == [[130 + i] * 3 for i in range(4)]
     assert data.labels.tolist() == [0, 1, 2, 0] and data.labels.dtype == torch.int64
     assert data.source == "CIFAR-100-C official files"
-    batches = list(data.batches(3))
-    assert [len(y) for _, y in batches] == [3, 1]
+    assert isinstance(data, TensorImageSet)
+    assert [len(y) for _, y in batches(data, 3, shuffle=False)] == [3, 1]
 
 
 def test_load_cifar_c_errors(tmp_path) -> None:
@@ -132,16 +130,16 @@ def _write_folder_c(root, classes=("n02", "n01"), per_class=2, size=8) -> None:
 def test_imagenet_c_tree(tmp_path) -> None:
     _write_folder_c(tmp_path, size=12)
     data = load_imagenet_c(tmp_path, "fog", 2, crop=8)
-    assert isinstance(data, FolderImages) and len(data) == 4
+    assert isinstance(data, FolderImageSet) and len(data) == 4
     assert data.classes == ["n01", "n02"] and data.source == "ImageNet-C official files"
-    images, labels = next(iter(data.batches(8)))
-    assert images.shape == (4, 3, 8, 8) and images.dtype == torch.uint8
+    images, labels = next(batches(data, 8, shuffle=False))
+    assert images.shape == (4, 3, 8, 8) and images.dtype == torch.float32
     # n01 (label 0) holds levels 110, 111; n02 (label 1) holds 100, 101.
     assert labels.tolist() == [0, 0, 1, 1]
-    assert images[:, 0, 0, 0].tolist() == [110, 111, 100, 101]
+    assert (images[:, 0, 0, 0] * 255).round().tolist() == [110, 111, 100, 101]
     tiny = load_tiny_imagenet_c(tmp_path, "fog", 1)
     assert tiny.source == "Tiny-ImageNet-C official files"
-    assert next(iter(tiny.batches(8)))[0].shape == (4, 3, 12, 12)
+    assert next(batches(tiny, 8, shuffle=False))[0].shape == (4, 3, 12, 12)
     with pytest.raises(UserError, match=r"missing .*fog[/\\]3"):
         load_imagenet_c(tmp_path, "fog", 3)
     with pytest.raises(UserError, match=r"missing .*snow"):
@@ -155,16 +153,19 @@ def test_imagenet_v2_numeric_classes_and_sizes(tmp_path) -> None:
     data = load_imagenet_v2(tmp_path, resize=16, crop=16)
     assert data.classes == ["0", "2", "10"]
     assert data.labels.tolist() == [0, 2, 10]
-    images, labels = next(iter(data.batches(4)))
+    images, labels = next(batches(data, 4, shuffle=False))
     assert images.shape == (3, 3, 16, 16) and labels.tolist() == [0, 2, 10]
-    uncropped = FolderImages(tmp_path, source="x")
-    with pytest.raises(UserError, match="differ in size: pass crop="):
-        list(uncropped.batches(4))
+    uncropped = folder_set(tmp_path, source="x")
+    with pytest.raises(UserError, match="differ in size: give the set an image_size"):
+        list(batches(uncropped, 4, shuffle=False))
     with pytest.raises(UserError, match="missing image folder"):
         load_imagenet_v2(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no class folders"):
-        FolderImages(tmp_path / "empty", source="x")
+        folder_set(tmp_path / "empty", source="x")
+    (tmp_path / "empty" / "cls").mkdir()
+    with pytest.raises(UserError, match=r"lacks images \(none in cls\)"):
+        folder_set(tmp_path / "empty", source="x")
 
 
 def test_official_sets(tmp_path) -> None:
@@ -289,8 +290,46 @@ def test_evaluate_corruptions_bad_input(tmp_path) -> None:
         evaluate_corruptions(model, images, labels, severities=(0,), **kwargs)
     with pytest.raises(UserError, match="batch size 0"):
         evaluate_corruptions(model, images, labels, batch_size=0, **kwargs)
-    folder = LabeledImages(C.to_uint8(images), labels, "some files")
-    with pytest.raises(UserError, match="needs the clean images as a tensor"):
-        evaluate_corruptions(model, folder, None, **kwargs)
     with pytest.raises(UserError, match="do not fit labels"):
-        LabeledImages(images, labels[:2], "x")
+        TensorImageSet(C.to_uint8(images), labels[:2])
+    with pytest.raises(UserError, match="normalize has 3 means but the images have 1 channels"):
+        evaluate_corruptions(
+            nn.Flatten(), images[:, :1], labels, normalize=((0.5,) * 3, (0.2,) * 3), **kwargs
+        )
+
+
+def test_evaluate_corruptions_takes_any_test_data_and_normalizes(tmp_path) -> None:
+    from torch.utils.data import DataLoader
+
+    images = _images(6)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    model = _tiny_cnn()
+    kwargs = {
+        "dataset_key": "any-data",
+        "corruptions": ("fog", "contrast"),
+        "severities": (1, 3),
+        "cache_dir": tmp_path,
+        "progress": False,
+    }
+    u8 = C.to_uint8(images)
+    reference = evaluate_corruptions(model, u8, labels, **kwargs).to_dict()
+    as_set = evaluate_corruptions(model, TensorImageSet(u8, labels), **kwargs).to_dict()
+    floats = list(zip(u8.float() / 255, labels, strict=True))
+    as_loader = evaluate_corruptions(model, DataLoader(floats, batch_size=4), **kwargs).to_dict()
+    assert as_set == reference and as_loader == reference and reference["num_images"] == 6
+
+    # normalize=(mean, std) is applied after corrupting: equal to a model that normalises.
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+
+    class Normalizing(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            m, s = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
+            return self.inner((x - m) / s)
+
+    inside = evaluate_corruptions(Normalizing(model), images, labels, **kwargs).to_dict()
+    outside = evaluate_corruptions(model, images, labels, normalize=(mean, std), **kwargs)
+    assert outside.to_dict() == inside

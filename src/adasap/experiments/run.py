@@ -201,8 +201,7 @@ def evaluate_model(
         subset = subset.subset(torch.arange(min(config.corruption_limit, len(subset))))
     report = evaluate_corruptions(
         model,
-        as_tensor(subset),
-        subset.labels,
+        subset,
         corruptions=names,
         dataset_key=f"{config.dataset}-test{len(data.test)}-n{len(subset)}",
         device=device,

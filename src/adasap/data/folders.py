@@ -1,0 +1,150 @@
+"""Image folders: ``<root>/<class>/<image>`` files, decoded lazily into an adasap image set.
+
+One reader serves training folders (``imagefolder:<path>``) and the official test folders of
+:mod:`adasap.robustness` (ImageNet-C, ImageNet-V2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from adasap.errors import UserError
+
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".ppm", ".pgm", ".webp", ".gif")
+
+
+class ImageFolderFiles:
+    """The image files of ``<root>/<class>/<image>``; sorted class folder names give the labels.
+
+    With ``digit_labels``, folders named only by digits ("0".."999", ImageNet-V2) are read as
+    the class index itself. Files without an image suffix are skipped.
+    """
+
+    def __init__(self, root: str | Path, *, digit_labels: bool = False) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise UserError(f"missing image folder {self.root}: check the dataset path")
+        classes = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        if not classes:
+            raise UserError(f"no class folders in {self.root}: expected <root>/<class>/<image>")
+        numeric = digit_labels and all(c.isdigit() for c in classes)
+        if numeric:
+            classes.sort(key=int)
+        self.classes = classes
+        self.samples: list[tuple[Path, int]] = []
+        empty = []
+        for index, name in enumerate(classes):
+            label = int(name) if numeric else index
+            files = [f for f in sorted((self.root / name).iterdir()) if _is_image(f)]
+            self.samples += [(f, label) for f in files]
+            if not files:
+                empty.append(name)
+        if empty:
+            raise UserError(
+                f"{self.root} lacks images (none in {', '.join(empty[:5])}): put .jpg/.png files "
+                "in every class folder"
+            )
+        self.targets = [label for _, label in self.samples]
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+
+
+def read_image(path: str | Path, channels: int = 3) -> Tensor:
+    """Decode one image file into a uint8 CHW tensor with 3 (RGB) or 1 (grey) channels."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            array = np.asarray(img.convert("RGB" if channels == 3 else "L"))
+    except (OSError, UnidentifiedImageError) as exc:
+        raise UserError(f"cannot decode {path}: {exc}: replace or delete the file") from exc
+    return torch.from_numpy(array.reshape(*array.shape[:2], -1).copy()).permute(2, 0, 1)
+
+
+class FolderImageSet:
+    """Lazily decoded images of an :class:`ImageFolderFiles`, restricted to ``indices``.
+
+    Batches are made by a ``DataLoader`` with ``num_workers`` processes. Training batches use
+    RandomResizedCrop(``image_size``) + flip; evaluation batches scale the shorter side to
+    ``resize`` (if given), then centre-crop ``image_size`` (if given). ``source`` says where
+    the images come from, for reports.
+    """
+
+    def __init__(
+        self,
+        files: ImageFolderFiles,
+        image_size: int | None,
+        indices: Tensor | None = None,
+        num_workers: int = 0,
+        *,
+        resize: int | None = None,
+        channels: int = 3,
+        source: str | None = None,
+        num_classes: int | None = None,
+    ) -> None:
+        self.files = files
+        self.image_size = image_size
+        self.indices = torch.arange(len(files.samples)) if indices is None else indices
+        self.num_workers = num_workers
+        self.resize = resize
+        self.channels = channels
+        self.source = source
+        self.num_classes = num_classes
+        self.labels = torch.as_tensor(files.targets, dtype=torch.int64)[self.indices]
+
+    @property
+    def classes(self) -> list[str]:
+        return self.files.classes
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def subset(self, indices: Tensor | Sequence[int]) -> FolderImageSet:
+        idx = torch.as_tensor(indices, dtype=torch.int64)
+        return FolderImageSet(
+            self.files,
+            self.image_size,
+            self.indices[idx],
+            self.num_workers,
+            resize=self.resize,
+            channels=self.channels,
+            source=self.source,
+            num_classes=self.num_classes,
+        )
+
+    def view(self, augment: bool) -> torch.utils.data.Dataset:
+        """A map-style dataset yielding ``(float image in [0, 1], label)``."""
+        from torchvision.transforms import v2
+
+        size = self.image_size
+        if augment:
+            if size is None:
+                raise UserError("training on a folder needs an image_size: give the set one")
+            steps = [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
+        else:
+            steps = [v2.Resize(self.resize, antialias=True)] if self.resize is not None else []
+            steps += [v2.CenterCrop(size)] if size is not None else []
+        samples = [self.files.samples[i] for i in self.indices.tolist()]
+        transform = v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True)])
+        return _FolderView(samples, transform, self.channels)
+
+
+class _FolderView(torch.utils.data.Dataset):
+    def __init__(self, samples: list[tuple[Path, int]], transform, channels: int) -> None:
+        self.samples = samples
+        self.transform = transform
+        self.channels = channels
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        path, label = self.samples[i]
+        return self.transform(read_image(path, self.channels)), label

@@ -1,0 +1,306 @@
+"""The corruption report: accuracy per corruption x severity, summary numbers, mCE, files."""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from adasap.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from adasap.robustness.corruptions import (
+    BENCHMARK_CORRUPTIONS,
+    CATEGORIES,
+    CATEGORY_OF,
+    CORRUPTIONS,
+    EXTRA_CORRUPTIONS,
+    SEVERITIES,
+)
+
+SOURCE_RENDERED = "rendered on the fly by adasap"
+
+# AlexNet's top-1 error on ImageNet-C, averaged over severities 1..5: the mCE denominators.
+# Per-severity errors: hendrycks/robustness issue #10 (their means are these values); the same
+# 15 numbers are ALEXNET_ERR in google-research/augmix imagenet.py ("taken from
+# hendrycks/robustness"). jpeg_compression's row was cut off in #10 and comes from augmix and
+# Table 2 of Hendrycks & Dietterich (ICLR 2019).
+ALEXNET_ERRORS: dict[str, float] = {
+    "gaussian_noise": 0.886428,
+    "shot_noise": 0.894468,
+    "impulse_noise": 0.922640,
+    "defocus_blur": 0.819880,
+    "glass_blur": 0.826268,
+    "motion_blur": 0.785948,
+    "zoom_blur": 0.798360,
+    "snow": 0.866816,
+    "frost": 0.826572,
+    "fog": 0.819324,
+    "brightness": 0.564592,
+    "contrast": 0.853204,
+    "elastic_transform": 0.646056,
+    "pixelate": 0.717840,
+    "jpeg_compression": 0.606500,
+}
+ALEXNET_SOURCE = (
+    "https://github.com/hendrycks/robustness/issues/10 and "
+    "https://github.com/google-research/augmix/blob/master/imagenet.py (ALEXNET_ERR)"
+)
+
+
+def _mean(values: Iterable[float]) -> float | None:
+    values = list(values)
+    return sum(values) / len(values) if values else None
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}"
+
+
+@dataclass
+class CorruptionReport:
+    """Accuracy on clean and corrupted test images, and the summary numbers derived from it.
+
+    ``accuracy[corruption][severity]`` is top-1 accuracy in [0, 1]. The headline
+    (:attr:`corruption_accuracy`) is the mean over the 15 benchmark corruptions x 5 severities;
+    the 4 extras are averaged separately. mCE (AlexNet-normalised, in [0, inf)) is only defined
+    for ImageNet data with all 15 x 5 entries.
+    """
+
+    dataset_key: str
+    source: str
+    clean_accuracy: float
+    accuracy: dict[str, dict[int, float]]
+    num_images: int
+    params_table: str | None = None
+    seed: int | None = None
+    imagenet: bool = False
+
+    def _names(self) -> list[str]:
+        """Evaluated corruptions in the standard order, any others after them."""
+        known = [n for n in CORRUPTIONS if n in self.accuracy]
+        return known + [n for n in self.accuracy if n not in CORRUPTIONS]
+
+    def _entries(self, names: Sequence[str]) -> list[float]:
+        return [a for n in names for a in self.accuracy.get(n, {}).values()]
+
+    @property
+    def is_complete(self) -> bool:
+        """All 15 benchmark corruptions at all 5 severities were evaluated."""
+        return all(set(self.accuracy.get(n, {})) == set(SEVERITIES) for n in BENCHMARK_CORRUPTIONS)
+
+    @property
+    def corruption_accuracy(self) -> float | None:
+        """The headline: mean accuracy over the benchmark corruptions and severities evaluated."""
+        return _mean(self._entries(BENCHMARK_CORRUPTIONS))
+
+    @property
+    def extra_accuracy(self) -> float | None:
+        return _mean(self._entries(EXTRA_CORRUPTIONS))
+
+    @property
+    def relative_robustness(self) -> float | None:
+        """Corruption accuracy / clean accuracy."""
+        if self.corruption_accuracy is None or self.clean_accuracy <= 0:
+            return None
+        return self.corruption_accuracy / self.clean_accuracy
+
+    @property
+    def per_corruption(self) -> dict[str, float]:
+        return {n: sum(s.values()) / len(s) for n, s in self.accuracy.items() if s}
+
+    @property
+    def per_category(self) -> dict[str, float]:
+        """Mean accuracy of each category's benchmark corruptions (extras excluded)."""
+        means = {c: _mean(self._entries(names)) for c, names in CATEGORIES.items()}
+        return {c: m for c, m in means.items() if m is not None}
+
+    @property
+    def per_severity(self) -> dict[int, float]:
+        """Mean accuracy over the benchmark corruptions at each severity."""
+        out = {}
+        for s in SEVERITIES:
+            values = [
+                self.accuracy[n][s] for n in BENCHMARK_CORRUPTIONS if s in self.accuracy.get(n, {})
+            ]
+            if values:
+                out[s] = sum(values) / len(values)
+        return out
+
+    @property
+    def corruption_errors(self) -> dict[str, float] | None:
+        """CE per corruption: mean error over severities / AlexNet's (ImageNet only)."""
+        if not (self.imagenet and self.is_complete):
+            return None
+        return {n: (1 - self.per_corruption[n]) / ALEXNET_ERRORS[n] for n in BENCHMARK_CORRUPTIONS}
+
+    @property
+    def mce(self) -> float | None:
+        """Mean corruption error over the 15 benchmark corruptions, AlexNet-normalised."""
+        errors = self.corruption_errors
+        return None if errors is None else sum(errors.values()) / len(errors)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything as JSON-ready data: the inputs plus every derived number."""
+        data = asdict(self)
+        data["accuracy"] = {
+            n: {str(s): a for s, a in sev.items()} for n, sev in self.accuracy.items()
+        }
+        data.update(
+            corruption_accuracy=self.corruption_accuracy,
+            extra_accuracy=self.extra_accuracy,
+            relative_robustness=self.relative_robustness,
+            per_corruption=self.per_corruption,
+            per_category=self.per_category,
+            per_severity={str(s): a for s, a in self.per_severity.items()},
+            is_complete=self.is_complete,
+            corruption_errors=self.corruption_errors,
+            mce=self.mce,
+            mce_reference=ALEXNET_SOURCE if self.mce is not None else None,
+        )
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CorruptionReport:
+        """Rebuild a report from :meth:`to_dict` output (derived numbers are recomputed)."""
+        accuracy = {
+            n: {int(s): float(a) for s, a in sev.items()} for n, sev in data["accuracy"].items()
+        }
+        return cls(
+            dataset_key=data["dataset_key"],
+            source=data["source"],
+            clean_accuracy=float(data["clean_accuracy"]),
+            accuracy=accuracy,
+            num_images=int(data["num_images"]),
+            params_table=data.get("params_table"),
+            seed=data.get("seed"),
+            imagenet=bool(data.get("imagenet", False)),
+        )
+
+    def _summary_rows(self) -> list[tuple[str, str]]:
+        n_bench = len(self._entries(BENCHMARK_CORRUPTIONS))
+        n_extra = len(self._entries(EXTRA_CORRUPTIONS))
+        rows = [
+            ("clean accuracy (%)", _pct(self.clean_accuracy)),
+            (f"corruption accuracy, mean of {n_bench} (%)", _pct(self.corruption_accuracy)),
+            (f"extra corruptions, mean of {n_extra} (%)", _pct(self.extra_accuracy)),
+            ("relative robustness (corruption / clean)", _ratio(self.relative_robustness)),
+        ]
+        if self.imagenet:
+            rows.append(("mCE vs AlexNet (%)", _pct(self.mce)))
+        rows += [(f"{c} (%)", _pct(a)) for c, a in self.per_category.items()]
+        return rows
+
+    def _corruption_rows(self) -> list[list[str]]:
+        errors = self.corruption_errors or {}
+        rows = []
+        for name in self._names():
+            sev = self.accuracy[name]
+            cells = [_pct(sev.get(s)) if s in sev else "-" for s in SEVERITIES]
+            extra = "" if name in BENCHMARK_CORRUPTIONS else " (extra)"
+            ce = _pct(errors[name]) if name in errors else "-"
+            rows.append(
+                [
+                    name + extra,
+                    CATEGORY_OF.get(name, "-"),
+                    *cells,
+                    _pct(self.per_corruption[name]),
+                    ce,
+                ]
+            )
+        return rows
+
+    def _header_lines(self) -> list[str]:
+        lines = [f"Dataset: {self.dataset_key}, {self.num_images} images. Source: {self.source}."]
+        if self.source == SOURCE_RENDERED:
+            lines.append(
+                "Rendered corruptions are not comparable with published numbers, which use the "
+                "official pre-rendered files."
+            )
+        if self.params_table:
+            lines.append(f"Severity parameters: {self.params_table} table, seed {self.seed}.")
+        if not self.is_complete:
+            lines.append("Not all 15 benchmark corruptions x 5 severities were evaluated.")
+        return lines
+
+    def to_markdown(self) -> str:
+        """A Markdown report: summary, accuracy per corruption x severity, per category."""
+        out = [f"# Corruption robustness: {self.dataset_key}", ""]
+        out += self._header_lines()
+        out += ["", "| metric | value |", "|---|---|"]
+        out += [f"| {k} | {v} |" for k, v in self._summary_rows()]
+        header = ["corruption", "category", *(f"s{s}" for s in SEVERITIES), "mean", "CE"]
+        out += ["", "## Accuracy (%) per corruption and severity", ""]
+        out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        out += ["| " + " | ".join(row) + " |" for row in self._corruption_rows()]
+        if self.mce is not None:
+            out += ["", f"CE and mCE are normalised by AlexNet's errors ({ALEXNET_SOURCE})."]
+        return "\n".join(out) + "\n"
+
+    def heatmap_png(self) -> bytes:
+        """A corruption x severity accuracy heatmap as PNG bytes (matplotlib, Agg canvas)."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        names = self._names()
+        grid = np.full((max(len(names), 1), len(SEVERITIES)), np.nan)
+        for i, name in enumerate(names):
+            for j, s in enumerate(SEVERITIES):
+                grid[i, j] = self.accuracy[name].get(s, np.nan)
+        fig = Figure(figsize=(6.5, 1.6 + 0.32 * len(grid)))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        image = ax.imshow(100 * grid, cmap="viridis", vmin=0, vmax=100, aspect="auto")
+        for (i, j), value in np.ndenumerate(grid):
+            if not math.isnan(value):
+                colour = "white" if value < 0.6 else "black"
+                ax.text(
+                    j, i, f"{100 * value:.1f}", ha="center", va="center", fontsize=7, color=colour
+                )
+        ax.set_xticks(range(len(SEVERITIES)), [f"severity {s}" for s in SEVERITIES], fontsize=8)
+        ax.set_yticks(range(len(names)), names, fontsize=8)
+        ax.set_title(
+            f"{self.dataset_key}: clean {_pct(self.clean_accuracy)}%, "
+            f"corrupted {_pct(self.corruption_accuracy)}%",
+            fontsize=9,
+        )
+        fig.colorbar(image, ax=ax, label="top-1 accuracy (%)")
+        fig.tight_layout()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=120)
+        return buffer.getvalue()
+
+    def save(self, directory: str | Path, stem: str = "corruptions") -> dict[str, Path]:
+        """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` atomically into ``directory``."""
+        directory = Path(directory)
+        return {
+            "json": atomic_write_json(directory / f"{stem}.json", self.to_dict()),
+            "markdown": atomic_write_text(directory / f"{stem}.md", self.to_markdown()),
+            "heatmap": atomic_write_bytes(directory / f"{stem}.png", self.heatmap_png()),
+        }
+
+    def print_table(self, console: Any = None) -> None:
+        """Print the summary and the corruption x severity table with rich."""
+        from rich.console import Console
+        from rich.table import Table
+
+        console = console or Console()
+        for line in self._header_lines():
+            console.print(line)
+        summary = Table(show_header=False, box=None)
+        for key, value in self._summary_rows():
+            summary.add_row(key, value)
+        console.print(summary)
+        table = Table(title=f"Accuracy (%) on {self.dataset_key}")
+        for col in ["corruption", "category", *(f"s{s}" for s in SEVERITIES), "mean", "CE"]:
+            table.add_column(col, justify="left" if col in ("corruption", "category") else "right")
+        for row in self._corruption_rows():
+            table.add_row(*row)
+        console.print(table)
+
+
+def _ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
