@@ -352,9 +352,9 @@ def test_sweep_scores_on_validation_extras_only(cache, tmp_path, monkeypatch):
     scored = []
     original_eval = sweep.evaluate_corruptions
 
-    def recording(model, images, labels, **kwargs):
-        scored.append((tuple(kwargs["corruptions"]), len(images)))
-        return original_eval(model, images, labels, **kwargs)
+    def recording(model, test_data, **kwargs):
+        scored.append((tuple(kwargs["corruptions"]), len(test_data)))
+        return original_eval(model, test_data, **kwargs)
 
     monkeypatch.setattr(sweep, "evaluate_corruptions", recording)
     base = {**tiny_smoke().base, "corruption_limit": None, "seed": 0}

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from adasap.data.datasets import load_dataset
+from adasap.data import load_dataset
 from adasap.deploy.serialization import WEIGHTS_FILE, load_model, save_model
 from adasap.errors import UserError
 from adasap.models.builders import build_model

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import adasap.training.pipeline as pipeline
-from adasap.data.datasets import load_dataset
+from adasap.data import load_dataset
 from adasap.errors import UserError
 from adasap.models.builders import build_model
 from adasap.training.checkpoint import CHECKPOINT_FILE, RunInterrupted, TrainingDiverged

@@ -17,10 +17,6 @@ import torch
 import torch.nn.functional as F
 
 from adasap.data import files, specs
-
-# Re-exported for the modules that still import them from here.
-from adasap.data.batching import batches as batches
-from adasap.data.batching import num_batches as num_batches
 from adasap.data.folders import FolderImageSet, ImageFolderFiles
 from adasap.data.image_sets import DataBundle, ImageSet, TensorImageSet
 from adasap.data.specs import DatasetSpec

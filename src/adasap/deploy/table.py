@@ -28,10 +28,10 @@ from adasap.deploy.timing import (
     machine_info,
     time_interleaved,
 )
+from adasap.devices import resolve_device
 from adasap.io import atomic_write_json, cache_root
 from adasap.method.neurons import NeuronLayout
 from adasap.method.pruning import sliced_axes
-from adasap.training.loop import resolve_device
 
 TABLE_FORMAT = "adasap-latency-table"
 TABLE_VERSION = 1

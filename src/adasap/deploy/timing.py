@@ -30,9 +30,9 @@ from adasap.deploy.onnx import (
     write_onnx,
 )
 from adasap.deploy.serialization import load_model, read_description
+from adasap.devices import resolve_device
 from adasap.errors import UserError
 from adasap.models.builders import build_model
-from adasap.training.loop import resolve_device
 
 BACKENDS = ("torch", "onnxruntime")
 

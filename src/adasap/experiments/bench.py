@@ -21,9 +21,10 @@ import torch
 from rich.console import Console
 from torch import Tensor, nn
 
-from adasap.data.datasets import DataBundle, batches
+from adasap.data import DataBundle, batches
 from adasap.deploy.latency import measure_latency
 from adasap.deploy.serialization import load_model
+from adasap.devices import resolve_device
 from adasap.errors import UserError
 from adasap.experiments.bench_report import write_report
 from adasap.experiments.config import ExperimentConfig
@@ -40,7 +41,6 @@ from adasap.experiments.run import dense_model, evaluate_model, load_data, prune
 from adasap.method.pruning import measure_size
 from adasap.robustness.sharpness import top_hessian_eigenvalue, worst_case_loss_increase
 from adasap.training.checkpoint import RunInterrupted
-from adasap.training.loop import resolve_device
 
 
 def probe_batches(

@@ -9,8 +9,9 @@ from typing import Any
 
 from rich.console import Console
 
-from adasap.data.datasets import DataBundle
+from adasap.data import DataBundle, training_source
 from adasap.deploy.serialization import load_model, read_description, save_model
+from adasap.devices import resolve_device
 from adasap.errors import UserError
 from adasap.experiments.config import ExperimentConfig
 from adasap.experiments.reporting import results_table
@@ -24,7 +25,8 @@ from adasap.experiments.run import (
     prepare_run_dir,
 )
 from adasap.method.pruning import measure_size
-from adasap.training.loop import evaluate, resolve_device, steps_per_epoch
+from adasap.training.evaluate import evaluate_accuracy
+from adasap.training.loop import steps_per_epoch
 
 
 def evaluate_path(
@@ -89,12 +91,12 @@ def train_dense_model(config: ExperimentConfig, console: Console | None = None) 
     console = console or Console()
     config = config.validate()
     data = load_data(config)
-    steps_per_epoch(data.train, config.prune.batch_size)  # enough images for one batch?
+    steps_per_epoch(training_source(data.train, batch_size=config.prune.batch_size))
     name = config.name or time.strftime("%Y%m%d-%H%M%S") + f"-{config.dataset}-{config.model}-dense"
     run_dir = prepare_run_dir(config.out_dir, name, config.overwrite)
     model, info = dense_model(config, data, console)
     device = resolve_device(config.prune.device)
-    accuracy = evaluate(model.to(device), data.test, device=device)
+    accuracy = evaluate_accuracy(model.to(device), data.test, device=device)
     save_model(
         run_dir / "dense", model.cpu(), model_architecture(config, data), extra={"train": info}
     )

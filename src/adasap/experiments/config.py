@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from adasap import settings
-from adasap.data.datasets import get_spec
+from adasap.data import get_spec
 from adasap.errors import UserError
 from adasap.models.builders import build_model
 from adasap.training.settings import PruneSettings

@@ -19,9 +19,10 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from adasap.data.datasets import DataBundle, batches, load_dataset
+from adasap.data import DataBundle, evaluation_source, load_dataset, training_source
 from adasap.deploy.latency import TimingSettings, latency_budget, measure_latency
 from adasap.deploy.serialization import load_model, save_model
+from adasap.devices import resolve_device
 from adasap.errors import UserError
 from adasap.experiments.config import ExperimentConfig, dump_yaml
 from adasap.experiments.reporting import results_markdown, results_table
@@ -31,9 +32,11 @@ from adasap.method.neurons import NeuronLayout
 from adasap.method.pruning import measure_size
 from adasap.models.builders import build_model, find_classifier
 from adasap.robustness.corruptions import CORRUPTIONS
-from adasap.robustness.evaluation import evaluate_corruptions, official_sets
+from adasap.robustness.evaluation import evaluate_corruptions
+from adasap.robustness.official import official_sets
 from adasap.training.checkpoint import CHECKPOINT_FILE, RunInterrupted
-from adasap.training.loop import evaluate, resolve_device, steps_per_epoch
+from adasap.training.evaluate import evaluate_accuracy
+from adasap.training.loop import steps_per_epoch
 from adasap.training.pipeline import check_target_reachable, prune, train
 
 QUICK_CORRUPTIONS = ("gaussian_noise", "gaussian_blur")
@@ -154,16 +157,9 @@ def _corruption_names(config: ExperimentConfig) -> tuple[str, ...] | None:
     return {"all": tuple(CORRUPTIONS), "quick": QUICK_CORRUPTIONS, "none": None}[config.corruptions]
 
 
-def as_tensor(images_set) -> torch.Tensor:
-    """All images of a set as one float tensor (lazy folder sets are read batch by batch)."""
-    if hasattr(images_set, "float_images"):
-        return images_set.float_images()
-    return torch.cat([x for x, _ in batches(images_set, 256, shuffle=False)])
-
-
 def example_images(data: DataBundle) -> torch.Tensor:
     """Two test images: the example input that traces and measures a model."""
-    return as_tensor(data.test.subset(torch.arange(2)))
+    return evaluation_source(data.test).example(2)
 
 
 def _latency_ms(model, data: DataBundle) -> float:
@@ -192,7 +188,7 @@ def evaluate_model(
     """
     device = resolve_device(config.prune.device)
     model.to(device).eval()
-    row = ResultRow(method=label, clean_accuracy=evaluate(model, data.test, device=device))
+    row = ResultRow(method=label, clean_accuracy=evaluate_accuracy(model, data.test, device=device))
     names = _corruption_names(config)
     if names is None:
         return row
@@ -233,7 +229,7 @@ def run_experiment(
     config = config.validate()
     resolve_device(config.prune.device)
     data = load_data(config)
-    steps_per_epoch(data.train, config.prune.batch_size)  # enough images for one batch?
+    steps_per_epoch(training_source(data.train, batch_size=config.prune.batch_size))
     if resume:
         run_dir = Path(config.out_dir) / str(config.name)
         if not run_dir.is_dir():
@@ -317,7 +313,11 @@ def pruned_row(
             metrics.flush()
 
         result = prune(
-            dense, data, replace(config.prune, method=method), log=log, checkpoint_dir=method_dir
+            dense,
+            data,
+            settings=replace(config.prune, method=method),
+            log=log,
+            checkpoint_dir=method_dir,
         )
     model = result.model.cpu()
     save_model(method_dir, model, model_architecture(config, data), result.pruning_history)

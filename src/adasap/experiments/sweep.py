@@ -15,7 +15,8 @@ from typing import Any
 
 from rich.console import Console
 
-from adasap.data.datasets import DataBundle
+from adasap.data import DataBundle
+from adasap.devices import resolve_device
 from adasap.errors import UserError
 from adasap.experiments.bench_report import format_number
 from adasap.experiments.config import ExperimentConfig, from_flat
@@ -26,12 +27,11 @@ from adasap.experiments.results import (
     report_failure,
     unfinished_failures,
 )
-from adasap.experiments.run import as_tensor, dense_model, load_data
+from adasap.experiments.run import dense_model, load_data
 from adasap.io import atomic_write_text, cache_root
 from adasap.robustness.corruptions import EXTRA_CORRUPTIONS
 from adasap.robustness.evaluation import evaluate_corruptions
 from adasap.training.checkpoint import CHECKPOINT_FILE, RunInterrupted
-from adasap.training.loop import resolve_device
 from adasap.training.pipeline import prune
 
 SWEEP_FILE = "sweep.jsonl"
@@ -84,12 +84,13 @@ def _sweep_row(
     run_dir = out / "sweep_runs" / run_id
     dense, _ = dense_model(config, data, console)
     console.print(f"[bold]{run_id}[/bold]: pruning")
-    result = prune(dense, data, replace(config.prune, method=method), checkpoint_dir=run_dir)
+    result = prune(
+        dense, data, settings=replace(config.prune, method=method), checkpoint_dir=run_dir
+    )
     device = resolve_device(config.prune.device)
     report = evaluate_corruptions(
         result.model.to(device),
-        as_tensor(data.val),
-        data.val.labels,
+        data.val,
         dataset_key=f"{config.dataset}-val{len(data.val)}",
         corruptions=EXTRA_CORRUPTIONS,
         device=device,

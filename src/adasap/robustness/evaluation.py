@@ -28,7 +28,6 @@ from adasap.robustness.corruptions import (
     resolve_param_table,
 )
 from adasap.robustness.official import check_corruption, check_severity
-from adasap.robustness.official import official_sets as official_sets  # for experiments.run
 from adasap.robustness.report import SOURCE_RENDERED, CorruptionReport
 from adasap.training.evaluate import Normalization, count_correct, model_device
 

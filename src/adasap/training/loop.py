@@ -15,30 +15,11 @@ import torch
 from torch import Tensor, nn
 
 from adasap.checks import check_input, check_labels
-from adasap.data.datasets import batches, num_batches
+from adasap.data import BatchSource
 from adasap.errors import UserError
 from adasap.training.checkpoint import RunInterrupted, TrainingDiverged, save_checkpoint
+from adasap.training.evaluate import evaluate_accuracy
 from adasap.training.progress import ProgressLog
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """``"auto"`` picks CUDA when present, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} requested but CUDA is not available: use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as exc:
-        raise UserError(f"unknown device {name!r}: use auto, cpu or cuda[:N]") from exc
-
-
-def prepare_model(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
-    """Move the model to ``device``; channels_last trains ~1.5x faster on CPU for convnets."""
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    return model
 
 
 @dataclass(frozen=True)
@@ -104,79 +85,18 @@ def autocast_for(device: torch.device, amp: bool):
     return nullcontext()
 
 
-def steps_per_epoch(images_set, batch_size: int) -> int:
+def steps_per_epoch(source: BatchSource) -> int:
     """Full batches per epoch (the last partial batch is dropped: BatchNorm needs > 1 image)."""
-    if len(images_set) < batch_size:
+    count = len(source)
+    batch_size = getattr(source, "batch_size", None)
+    if count < 1 and batch_size is None:
+        raise UserError("the training data yield no batch: pass a non-empty DataLoader")
+    if count < 1:
         raise UserError(
-            f"the training set has {len(images_set)} images, fewer than the batch size "
-            f"{batch_size}: lower --batch-size or use more data"
+            f"the training set has fewer images than the batch size {batch_size}: "
+            "lower --batch-size or use more data"
         )
-    return num_batches(images_set, batch_size, drop_last=True)
-
-
-@torch.inference_mode()
-def evaluate(
-    model: nn.Module,
-    images_set,
-    *,
-    batch_size: int = 512,
-    device: torch.device | None = None,
-    channels_last: bool = True,
-) -> float:
-    """Top-1 accuracy of ``model`` on ``images_set``."""
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    correct = 0
-    seen = 0
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    labels_unchecked = [getattr(images_set, "labels", None)]
-    for x, y in batches(
-        images_set, batch_size, shuffle=False, device=device, memory_format=memory_format
-    ):
-        try:
-            logits = model(x)
-        except (RuntimeError, ValueError):
-            check_input(model, x)  # a clear error when the images do not fit the model
-            raise
-        if labels_unchecked:
-            check_labels(labels_unchecked.pop(), logits.shape[-1])
-        correct += int((logits.argmax(1) == y).sum())
-        seen += len(y)
-    model.train(was_training)
-    return correct / max(seen, 1)
-
-
-LABELS = "the training labels"
-
-
-class TrainingSource:
-    """Seeded, augmented batches of one of adasap's image sets, epoch by epoch."""
-
-    def __init__(self, images_set, batch_size: int, seed: int, augment: bool = True) -> None:
-        if batch_size < 1:
-            raise UserError(f"batch size {batch_size} is invalid: use a positive integer")
-        self.images_set, self.batch_size, self.seed = images_set, batch_size, seed
-        self.augment = augment
-
-    def __len__(self) -> int:
-        return steps_per_epoch(self.images_set, self.batch_size)
-
-    def epoch(self, index: int, device: torch.device | None = None):
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + index)
-        return batches(
-            self.images_set,
-            self.batch_size,
-            shuffle=True,
-            generator=generator,
-            augment=self.augment,
-            device=device or "cpu",
-            drop_last=True,
-        )
-
-    def example(self, count: int = 2) -> Tensor:
-        x, _ = next(batches(self.images_set, count, shuffle=False, augment=False))
-        return x
+    return count
 
 
 @dataclass
@@ -237,7 +157,7 @@ class EpochLoop:
         label: str,
     ) -> None:
         """Train until global step ``end``, logging one record per (possibly partial) epoch."""
-        spe = len(self.source)
+        spe = steps_per_epoch(self.source)
         while self.step < end:
             count = min(spe, end - self.step)
             try:
@@ -261,7 +181,9 @@ class EpochLoop:
             self.epoch += 1
             model = self.pruner.model
             val = (
-                evaluate(model, self.val, device=self.device, channels_last=self.channels_last)
+                evaluate_accuracy(
+                    model, self.val, device=self.device, channels_last=self.channels_last
+                )
                 if self.val is not None
                 else None
             )
@@ -298,7 +220,7 @@ class EpochLoop:
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         done_before = stats.steps
         # checked at the first forward, before the loss (on CUDA a bad label is a bare assert)
-        labels_unchecked = [getattr(getattr(self.source, "images_set", None), "labels", None)]
+        labels_unchecked = [None]
         for index, (x, y) in enumerate(self.source.epoch(self.epoch, self.device)):
             if index < done_before:
                 continue  # drawn again to keep the epoch's random stream in step
@@ -313,8 +235,8 @@ class EpochLoop:
                 if not outputs:
                     outputs.append(logits.detach())
                 if labels_unchecked:
-                    labels = labels_unchecked.pop()
-                    check_labels(y if labels is None else labels, logits.shape[-1], LABELS)
+                    labels_unchecked.pop()
+                    check_labels(y, logits.shape[-1], "the training labels")
                 return criterion(logits.float(), y)
 
             try:

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from adasap.data import BatchSource, DataBundle, training_source
+from adasap.devices import prepare_model, resolve_device
 from adasap.errors import UserError
 from adasap.method.neurons import NeuronLayout
 from adasap.method.pruner import Pruner, default_ignored_layers
@@ -26,13 +28,7 @@ from adasap.method.schedule import PHASES, PhaseSchedule
 from adasap.method.target import LatencyTarget, PruningTarget, SizeTarget
 from adasap.models.builders import find_classifier
 from adasap.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, stop_requests
-from adasap.training.loop import (
-    CosineSchedule,
-    EpochLoop,
-    TrainingSource,
-    prepare_model,
-    resolve_device,
-)
+from adasap.training.loop import CosineSchedule, EpochLoop, steps_per_epoch
 from adasap.training.progress import ProgressLog
 from adasap.training.settings import (
     PruneSettings,
@@ -115,17 +111,18 @@ class _Setup:
     """What dense training and pruning build the same way: device, data, loop, schedule."""
 
     s: PruneSettings
-    source: TrainingSource
+    source: BatchSource
     device: torch.device
     channels_last: bool
     example: torch.Tensor
 
     @classmethod
-    def of(cls, model: nn.Module, data, s: PruneSettings) -> _Setup:
+    def of(cls, model: nn.Module, train_data: Any, s: PruneSettings) -> _Setup:
         device = resolve_device(s.device)
         channels_last = s.channels_last and device.type == "cpu"
-        source = TrainingSource(data.train, s.batch_size, s.seed)
-        len(source)  # enough training images for one batch?
+        source = training_source(train_data, batch_size=s.batch_size, seed=s.seed)
+        steps_per_epoch(source)  # enough training images for one batch?
+        source.check()
         prepare_model(model, device, channels_last)
         return cls(s, source, device, channels_last, source.example().to(device))
 
@@ -192,11 +189,19 @@ def _run_phases(
             loop.run(report, phase, end, log, label=f"{label} {phase}")
 
 
+def _split(data: Any, val: Any) -> tuple[Any, Any, int | None]:
+    """Training data, validation data and the number of classes, from what the user gave."""
+    if isinstance(data, DataBundle):
+        return data.train, data.val if val is None else val, data.spec.num_classes
+    return data, val, None
+
+
 def prune(
     model: nn.Module,
-    data,
-    settings: PruneSettings | None = None,
+    train_data: Any,
+    val_data: Any = None,
     *,
+    settings: PruneSettings | None = None,
     ignored_layers: Sequence[nn.Module] | None = None,
     log: Log | None = None,
     checkpoint_dir: str | Path | None = None,
@@ -205,12 +210,17 @@ def prune(
     """Prune a dense model with AdaSAP (or a baseline) and return the smaller model.
 
     Args:
-        model: a trained dense model taking images in [0, 1] (not modified; a copy is pruned).
-            Any ``nn.Module`` that Torch-Pruning can trace works.
-        data: a :class:`adasap.data.DataBundle` (its ``train`` split trains, ``val`` monitors).
+        model: a trained dense model (not modified; a copy is pruned). Any ``nn.Module``
+            that Torch-Pruning can trace works.
+        train_data: a :class:`adasap.data.DataBundle` (its ``train`` split trains, its ``val``
+            split monitors), or any data :func:`adasap.data.training_source` reads: a
+            ``Dataset`` of (image, label), a ``DataLoader`` or other re-iterable of batches
+            (used as it is, with its own sampler and augmentations), ``(images, labels)``.
+        val_data: accuracy after every epoch is measured on it (any such kind); optional.
         settings: a :class:`PruneSettings`; keyword ``overrides`` replace single fields,
             e.g. ``prune(model, data, method="sgd", keep=0.3)``.
-        ignored_layers: modules whose outputs are never pruned; by default the classifier.
+        ignored_layers: modules whose outputs are never pruned; by default the classifier
+            (the last layer with one output per class).
         log: called with one dict per epoch (phase, losses, accuracies, size, speed).
         checkpoint_dir: save a checkpoint there after every epoch and on SIGINT/SIGTERM; a
             checkpoint found there is resumed (with the same settings and dense model).
@@ -221,11 +231,12 @@ def prune(
     """
     s = with_overrides(settings or PruneSettings(), overrides).validate()
     log = log or (lambda record: None)
+    train_data, val_data, num_classes = _split(train_data, val_data)
     reference = model
     model = copy.deepcopy(model)
-    setup = _Setup.of(model, data, s)
+    setup = _Setup.of(model, train_data, s)
     if ignored_layers is None:
-        ignored = _ignored_layers(model, setup.example, data.spec.num_classes)
+        ignored = _ignored_layers(model, setup.example, num_classes)
     else:
         by_id = dict(zip(map(id, reference.modules()), model.modules(), strict=True))
         ignored = [by_id[id(m)] for m in ignored_layers]
@@ -243,7 +254,7 @@ def prune(
     checkpoint = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
     loop = setup.loop(
         pruner,
-        data.val,
+        val_data,
         checkpoint,
         lambda: {**identity, "model": model.state_dict(), "pruner": pruner.state_dict()},
     )
@@ -297,7 +308,8 @@ def _final_latency(reference: nn.Module, pruner: Pruner, setup: _Setup) -> dict[
 
 def train(
     model: nn.Module,
-    data,
+    train_data: Any,
+    val_data: Any = None,
     *,
     epochs: float = 10.0,
     settings: PruneSettings | None = None,
@@ -309,22 +321,23 @@ def train(
 
     It uses the same loop, schedule and settings as pruning (lr, batch size, label smoothing,
     seed, device ...), so a dense model and its pruned versions are trained alike.
-    ``checkpoint_dir`` works as for :func:`prune`.
+    ``train_data``, ``val_data`` and ``checkpoint_dir`` are as for :func:`prune`.
     """
     s = with_overrides(settings or PruneSettings(), overrides).validate()
     if epochs <= 0:
         raise UserError(f"epochs must be > 0, got {epochs}")
     log = log or (lambda record: None)
     torch.manual_seed(s.seed)
-    setup = _Setup.of(model, data, s)
+    train_data, val_data, num_classes = _split(train_data, val_data)
+    setup = _Setup.of(model, train_data, s)
     schedule = PhaseSchedule(0, 0, round(epochs * len(setup.source)), removals=0)
-    ignored = _ignored_layers(model, setup.example, data.spec.num_classes)
+    ignored = _ignored_layers(model, setup.example, num_classes)
     pruner = setup.pruner(model, schedule, method="sgd", keep=1.0, ignored_layers=ignored)
     identity = {"settings": _comparable(s), "epochs": epochs}
     checkpoint = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
     loop = setup.loop(
         pruner,
-        data.val,
+        val_data,
         checkpoint,
         lambda: {**identity, "model": model.state_dict(), "pruner": pruner.state_dict()},
     )
