@@ -15,7 +15,6 @@ scores (Taylor), the removal schedule, the physical removal, and the rebuild of 
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
@@ -25,6 +24,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from adasap.errors import UserError
+from adasap.method.base_optimizer import BaseOptimizer, OptimizerKind, base_of
 from adasap.method.importance import (
     Importance,
     check_scores,
@@ -34,7 +34,7 @@ from adasap.method.importance import (
     radii_from_scores,
 )
 from adasap.method.neurons import NeuronLayout
-from adasap.method.optim import SAM, AdaSAP, sharpness_aware_step
+from adasap.method.optim import AdaSAP, sharpness_aware_step
 from adasap.method.pruning import (
     ModelSize,
     measure_size,
@@ -45,7 +45,6 @@ from adasap.method.pruning import (
 from adasap.method.schedule import PhaseSchedule
 from adasap.method.target import PruningTarget, SizeTarget
 
-OptimizerKind = Literal["sgd", "sam", "adasap"]
 # The optimizer in phases 1-2 (warm-up and removal), then in phase 3 (fine-tuning); "sgd"
 # means the base optimizer alone, whatever its class.
 METHODS: dict[str, tuple[OptimizerKind, OptimizerKind]] = {
@@ -77,28 +76,6 @@ class PrunerSettings:
     taylor_form: Literal["group", "bn"] = "group"
     min_channels: int = 1
     round_to: int = 1
-
-
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on weights only: BatchNorm parameters and biases (1-D tensors) get none."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() <= 1]
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-
-
-def base_optimizer_class(name: str) -> type[torch.optim.Optimizer]:
-    """A ``torch.optim`` class by case-insensitive name (``sgd``, ``adamw``, ``rmsprop`` ...)."""
-    classes = {
-        n.lower(): c
-        for n, c in vars(torch.optim).items()
-        if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and n != "Optimizer"
-    }
-    if name.lower() not in classes:
-        raise UserError(f"unknown optimizer {name!r}: choose one of {', '.join(sorted(classes))}")
-    return classes[name.lower()]
 
 
 def loss_total(loss: Loss) -> Tensor:
@@ -193,11 +170,9 @@ class Pruner:
             self.target.bind(self.layout, example_inputs)
         if schedule.removal_count:
             self.target.check(self.layout, s.min_channels, s.round_to)
-        self._base, self._base_kwargs, self._templates = _base_optimizer(
-            model, optimizer, optimizer_kwargs
-        )
+        self._base = BaseOptimizer.of(model, optimizer, optimizer_kwargs)
         self.optimizer = self._build_optimizer(self.kind)
-        self.lr_scheduler = lr_scheduler(_base_of(self.optimizer)) if lr_scheduler else None
+        self.lr_scheduler = lr_scheduler(base_of(self.optimizer)) if lr_scheduler else None
         self.steps_done = 0
         self.pruning_history: list[list[Any]] = []
         self._radii_due = True
@@ -218,18 +193,7 @@ class Pruner:
             self.importance.reset(self.layout)
 
     def _build_optimizer(self, kind: OptimizerKind) -> torch.optim.Optimizer:
-        names = dict(self.model.named_parameters())
-        groups = [
-            {**hyper, "params": [names[n] for n in members if n in names]}
-            for hyper, members in self._templates
-        ]
-        s, base, kwargs = self.settings, self._base, self._base_kwargs
-        if kind == "sgd":
-            return base(groups, **kwargs)
-        common = dict(adaptive=s.asam, max_grad_norm=s.max_grad_norm, **kwargs)
-        if kind == "sam":
-            return SAM(groups, base, rho=s.rho, **common)
-        return AdaSAP(groups, base, s.rho_min, s.rho_max, s.normalization, **common)
+        return self._base.build(kind, self.model, self.settings)
 
     def _replace_optimizer(
         self,
@@ -249,7 +213,7 @@ class Pruner:
         transfer_optimizer_state(old_state, kept or {}, self.model, self.optimizer)
         if self.lr_scheduler is not None:
             scheduler_state = self.lr_scheduler.state_dict()
-            self.lr_scheduler = self.make_scheduler(_base_of(self.optimizer))
+            self.lr_scheduler = self.make_scheduler(base_of(self.optimizer))
             self.lr_scheduler.load_state_dict(scheduler_state)
         for new_group, old_group in zip(self.optimizer.param_groups, old.param_groups, strict=True):
             new_group.update({k: v for k, v in old_group.items() if k not in _OWN_KEYS})
@@ -389,7 +353,7 @@ class Pruner:
         self.kind = state["kind"]
         self.optimizer = self._build_optimizer(self.kind)
         if self.make_scheduler is not None:
-            self.lr_scheduler = self.make_scheduler(_base_of(self.optimizer))
+            self.lr_scheduler = self.make_scheduler(base_of(self.optimizer))
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.optimizer.load_state_dict(state["optimizer"])
         self._reset_importance()
@@ -412,54 +376,6 @@ def replay_pruning(model: nn.Module, history: list[list[Any]], example_inputs: T
         model.to(memory_format=torch.channels_last)
 
 
-def _base_of(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """The optimizer that makes the update (schedulers watch its ``step``)."""
-    return optimizer.base_optimizer if isinstance(optimizer, SAM) else optimizer
-
-
 def _is_channels_last(model: nn.Module) -> bool:
     weights = [p for p in model.parameters() if p.dim() == 4]
     return bool(weights) and weights[0].is_contiguous(memory_format=torch.channels_last)
-
-
-def _base_optimizer(
-    model: nn.Module,
-    optimizer: type[torch.optim.Optimizer] | torch.optim.Optimizer,
-    kwargs: Mapping[str, Any] | None,
-) -> tuple[type[torch.optim.Optimizer], dict[str, Any], list[tuple[dict[str, Any], list[str]]]]:
-    """The base class, its keyword arguments and the parameter groups as names.
-
-    Groups are kept by parameter name because removal replaces the parameter tensors.
-    """
-    names = {p: n for n, p in model.named_parameters()}
-    if isinstance(optimizer, torch.optim.Optimizer):
-        if isinstance(optimizer, SAM) or kwargs:
-            raise UserError(
-                "pass a base optimizer (not SAM/AdaSAP) either built or as a class with "
-                "optimizer_kwargs, not both: the pruner adds the sharpness-aware part"
-            )
-        base, kwargs, groups = type(optimizer), dict(optimizer.defaults), optimizer.param_groups
-    elif isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
-        if issubclass(optimizer, SAM):
-            raise UserError("pass the base optimizer class (e.g. torch.optim.SGD), not SAM")
-        base, kwargs = optimizer, dict(kwargs or {})
-        accepted = inspect.signature(base).parameters
-        unknown = sorted(set(kwargs) - set(accepted))
-        if unknown:
-            raise UserError(
-                f"{base.__name__} does not take {', '.join(unknown)}: pass only its own "
-                f"arguments ({', '.join(n for n in accepted if n != 'params')})"
-            )
-        groups = parameter_groups(model, kwargs.get("weight_decay", 0.0))
-    else:
-        raise UserError(
-            f"optimizer must be a torch.optim class or optimizer, got {type(optimizer).__name__}"
-        )
-    templates = [
-        (
-            {k: v for k, v in g.items() if k not in ("params", "initial_lr")},
-            [names[p] for p in g["params"]],
-        )
-        for g in groups
-    ]
-    return base, kwargs, templates

@@ -7,8 +7,9 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from adasap.errors import UserError
+from adasap.method.base_optimizer import base_optimizer_class
 from adasap.method.importance import criteria
-from adasap.method.pruner import METHODS, PrunerSettings, base_optimizer_class
+from adasap.method.pruner import METHODS, PrunerSettings
 from adasap.settings import check_field_types
 from adasap.training.loop import OptimizerSettings
 

@@ -1,0 +1,122 @@
+"""The user's base optimizer, kept by parameter name so it can be rebuilt after a removal.
+
+Removal replaces parameter tensors, so the pruner keeps the base optimizer as a class, its
+keyword arguments and its parameter groups by name, and builds it again (wrapped in SAM or
+AdaSAP as the phase needs) for the current parameters.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from adasap.errors import UserError
+from adasap.method.optim import SAM, AdaSAP
+
+OptimizerKind = Literal["sgd", "sam", "adasap"]
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on weights only: BatchNorm parameters and biases (1-D tensors) get none."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() <= 1]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def base_optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    """A ``torch.optim`` class by case-insensitive name (``sgd``, ``adamw``, ``rmsprop`` ...)."""
+    classes = {
+        n.lower(): c
+        for n, c in vars(torch.optim).items()
+        if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and n != "Optimizer"
+    }
+    if name.lower() not in classes:
+        raise UserError(f"unknown optimizer {name!r}: choose one of {', '.join(sorted(classes))}")
+    return classes[name.lower()]
+
+
+def base_of(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer that makes the update (schedulers watch its ``step``)."""
+    return optimizer.base_optimizer if isinstance(optimizer, SAM) else optimizer
+
+
+@dataclass(frozen=True)
+class BaseOptimizer:
+    """A base optimizer class, its arguments, and its parameter groups by parameter name."""
+
+    cls: type[torch.optim.Optimizer]
+    kwargs: dict[str, Any]
+    groups: tuple[tuple[dict[str, Any], tuple[str, ...]], ...]
+
+    @classmethod
+    def of(
+        cls,
+        model: nn.Module,
+        optimizer: type[torch.optim.Optimizer] | torch.optim.Optimizer,
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> BaseOptimizer:
+        """From a class and its arguments (no weight decay on 1-D parameters), or from a built
+        optimizer (its class, defaults and parameter groups)."""
+        if isinstance(optimizer, torch.optim.Optimizer):
+            if isinstance(optimizer, SAM) or kwargs:
+                raise UserError(
+                    "pass a base optimizer (not SAM/AdaSAP) either built or as a class with "
+                    "optimizer_kwargs, not both: the pruner adds the sharpness-aware part"
+                )
+            base, kwargs, groups = type(optimizer), dict(optimizer.defaults), optimizer.param_groups
+        elif isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
+            if issubclass(optimizer, SAM):
+                raise UserError("pass the base optimizer class (e.g. torch.optim.SGD), not SAM")
+            base, kwargs = optimizer, dict(kwargs or {})
+            accepted = inspect.signature(base).parameters
+            unknown = sorted(set(kwargs) - set(accepted))
+            if unknown:
+                raise UserError(
+                    f"{base.__name__} does not take {', '.join(unknown)}: pass only its own "
+                    f"arguments ({', '.join(n for n in accepted if n != 'params')})"
+                )
+            groups = parameter_groups(model, kwargs.get("weight_decay", 0.0))
+        else:
+            raise UserError(
+                "optimizer must be a torch.optim class or optimizer, got "
+                f"{type(optimizer).__name__}"
+            )
+        names = {p: n for n, p in model.named_parameters()}
+        return cls(
+            base,
+            kwargs,
+            tuple(
+                (
+                    {k: v for k, v in g.items() if k not in ("params", "initial_lr")},
+                    tuple(names[p] for p in g["params"]),
+                )
+                for g in groups
+            ),
+        )
+
+    def build(self, kind: OptimizerKind, model: nn.Module, sharpness: Any) -> torch.optim.Optimizer:
+        """The optimizer of ``kind`` for the model's current parameters.
+
+        ``sharpness`` holds rho, rho_min, rho_max, normalization, asam and max_grad_norm
+        (a :class:`~adasap.method.pruner.PrunerSettings`).
+        """
+        names = dict(model.named_parameters())
+        groups = [
+            {**hyper, "params": [names[n] for n in members if n in names]}
+            for hyper, members in self.groups
+        ]
+        if kind == "sgd":
+            return self.cls(groups, **self.kwargs)
+        s = sharpness
+        common = dict(adaptive=s.asam, max_grad_norm=s.max_grad_norm, **self.kwargs)
+        if kind == "sam":
+            return SAM(groups, self.cls, rho=s.rho, **common)
+        return AdaSAP(groups, self.cls, s.rho_min, s.rho_max, s.normalization, **common)

@@ -1,0 +1,257 @@
+"""The composable Pruner inside a plain loop: schedule, removal, optimizers, state, bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import adasap
+from adasap.errors import UserError
+from adasap.method.optim import SAM, AdaSAP
+from adasap.method.pruner import Pruner
+from adasap.method.schedule import PhaseSchedule
+
+
+class Net(nn.Module):
+    def __init__(self, classes: int = 4) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )  # fmt: skip
+        self.head = nn.Linear(32, classes)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def batches(count: int = 8, size: int = 8, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (torch.rand(size, 3, 8, 8, generator=g), torch.randint(0, 4, (size,), generator=g))
+        for _ in range(count)
+    ]
+
+
+DATA = batches()
+SGD = dict(optimizer=torch.optim.SGD, optimizer_kwargs=dict(lr=0.05, momentum=0.9))
+
+
+def make(schedule: PhaseSchedule, seed: int = 0, **kwargs) -> Pruner:
+    torch.manual_seed(seed)
+    model = Net()
+    return Pruner(model, DATA[0][0][:2], schedule, **{**SGD, **kwargs})
+
+
+def step(pruner: Pruner, index: int) -> torch.Tensor:
+    x, y = DATA[index % len(DATA)]
+    return pruner.step(lambda: F.cross_entropy(pruner.model(x), y))
+
+
+def params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_schedule_places_removals_evenly_in_the_pruning_phase():
+    assert PhaseSchedule(2, 8, 3, removals=4).removal_steps() == {2: 1, 4: 2, 6: 3, 8: 4}
+    assert PhaseSchedule(2, 3, 3, removals=4).removal_steps() == {2: 1}  # shorter: once
+    assert PhaseSchedule(0, 0, 5, removals=0).removal_steps() == {}
+    assert PhaseSchedule.from_epochs(1, 0.5, 1, steps_per_epoch=10) == PhaseSchedule(10, 5, 10)
+    schedule = PhaseSchedule(2, 4, 3)
+    assert [schedule.phase_at(s) for s in (0, 1, 2, 5, 6, 8)] == [
+        "warmup", "warmup", "prune", "prune", "finetune", "finetune",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(warmup=-1, prune=1, finetune=1), "warmup must be an integer >= 0"),
+        (dict(warmup=0, prune=0, finetune=0), "all phases have 0 steps"),
+        (dict(warmup=1.5, prune=1, finetune=1), "warmup must be an integer"),
+    ],
+)
+def test_bad_schedules_are_user_errors(kwargs, message):
+    with pytest.raises(UserError, match=message):
+        PhaseSchedule(**kwargs)
+
+
+def test_adasap_phases_optimizers_and_exact_removal_steps():
+    pruner = make(PhaseSchedule(2, 4, 2, removals=2), keep=0.5)
+    dense = params(pruner.model)
+    kinds, sizes = [], []
+    for i in range(8):
+        step(pruner, i)
+        kinds.append(type(pruner.optimizer))
+        sizes.append(params(pruner.model))
+    assert kinds == [AdaSAP] * 6 + [SAM] * 2
+    # removals happen before steps 2 and 4; the size changes exactly there
+    assert sizes[0] == sizes[1] == dense
+    assert sizes[1] > sizes[2] == sizes[3] > sizes[4] == sizes[7]
+    assert 0.48 <= sizes[-1] / dense <= 0.505
+    assert pruner.model(DATA[0][0]).shape == (8, 4)  # the classifier keeps its 4 outputs
+
+
+@pytest.mark.parametrize("method, passes", [("adasap", [2, 2, 2]), ("sgd", [1, 1, 1]),
+                                            ("adasap-sgd", [2, 2, 1])])  # fmt: skip
+def test_forward_passes_per_step_follow_the_method(method, passes):
+    pruner = make(PhaseSchedule(1, 1, 1, removals=1), method=method, keep=0.7)
+    counted = []
+    for i in range(3):
+        calls = []
+        x, y = DATA[i]
+        pruner.step(lambda x=x, y=y, calls=calls: calls.append(1) or F.cross_entropy(
+            pruner.model(x), y))  # fmt: skip
+        counted.append(len(calls))
+    assert counted == passes
+
+
+def test_state_dict_resumes_exactly_on_a_fresh_dense_model():
+    schedule = PhaseSchedule(2, 4, 3, removals=2)
+    reference = make(schedule, criterion="taylor", keep=0.5)
+    for i in range(9):
+        step(reference, i)
+
+    first = make(schedule, criterion="taylor", keep=0.5)
+    for i in range(5):  # past the first removal, inside the pruning phase
+        step(first, i)
+    saved = copy.deepcopy({"pruner": first.state_dict(), "model": first.model.state_dict()})
+
+    resumed = make(schedule, criterion="taylor", keep=0.5)  # a fresh dense model
+    resumed.load_state_dict(saved["pruner"])
+    resumed.model.load_state_dict(saved["model"])
+    for i in range(5, 9):
+        step(resumed, i)
+    assert resumed.pruning_history == reference.pruning_history
+    for (name, a), (_, b) in zip(
+        resumed.model.state_dict().items(), reference.model.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+def test_lr_scheduler_is_rebuilt_with_its_state_after_removals():
+    total = 8
+    pruner = make(
+        PhaseSchedule(2, 4, 2, removals=2),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / total),
+    )
+    seen = []
+    for i in range(total):
+        step(pruner, i)
+        seen.append(pruner.optimizer.param_groups[0]["lr"])
+    torch.testing.assert_close(torch.tensor(seen), 0.05 * (1 - torch.arange(1, 9) / total))
+
+
+def test_adamw_moments_of_surviving_channels_are_carried_over():
+    pruner = make(
+        PhaseSchedule(2, 1, 1, removals=1),
+        method="sgd",
+        keep=0.6,
+        optimizer=torch.optim.AdamW,
+        optimizer_kwargs=dict(lr=1e-3, weight_decay=0.01),
+    )
+    for i in range(2):
+        step(pruner, i)
+    conv = pruner.model.features[0]  # its inputs are the image channels: rows stay whole
+    old_weight = conv.weight.detach().flatten(1).clone()
+    state = pruner.optimizer.state[conv.weight]
+    old_moments = {k: state[k].clone() for k in ("exp_avg", "exp_avg_sq")}
+    pruner.remove(1.0)
+    assert isinstance(pruner.optimizer, torch.optim.AdamW)
+    new_weight = conv.weight.detach().flatten(1)
+    kept = [int((old_weight == row).all(1).nonzero()[0]) for row in new_weight]
+    assert 0 < len(kept) < len(old_weight)
+    for key, old in old_moments.items():
+        assert torch.equal(pruner.optimizer.state[conv.weight][key], old[kept]), key
+
+
+def test_a_built_optimizer_keeps_its_groups_through_removals():
+    torch.manual_seed(0)
+    model = Net()
+    head = list(model.head.parameters())
+    rest = [p for n, p in model.named_parameters() if not n.startswith("head")]
+    built = torch.optim.SGD([{"params": rest}, {"params": head, "lr": 0.5}], lr=0.01)
+    pruner = Pruner(model, DATA[0][0][:2], PhaseSchedule(1, 1, 1, removals=1), optimizer=built,
+                    keep=0.6)  # fmt: skip
+    for i in range(3):
+        step(pruner, i)
+    groups = pruner.optimizer.param_groups
+    assert [g["lr"] for g in groups] == [0.01, 0.5]
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in model.head.parameters()}
+
+
+def test_a_dict_of_losses_is_summed():
+    pruner = make(PhaseSchedule(0, 0, 1, removals=0), method="sgd", keep=1.0)
+    x, y = DATA[0]
+    expected = F.cross_entropy(pruner.model(x), y) * 3
+    loss = pruner.step(lambda: {"a": F.cross_entropy(pruner.model(x), y),
+                                "b": 2 * F.cross_entropy(pruner.model(x), y)})  # fmt: skip
+    torch.testing.assert_close(loss, expected.detach())
+
+
+def test_a_user_criterion_decides_what_goes():
+    pruner = make(PhaseSchedule(0, 1, 0, removals=1), method="sgd", keep=0.7,
+                  criterion=lambda layout: torch.arange(layout.num_neurons, dtype=torch.float),
+                  score_normalization="none")  # fmt: skip
+    layout = pruner.layout
+    chosen = pruner.remove(1.0)
+    # the lowest-scored neurons go first: a prefix of the ids, less each group's protected top
+    assert sorted(chosen.tolist()) == list(range(len(chosen)))
+    assert len(chosen) < layout.groups[0].size  # the first layer was not emptied
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(method="adam"), "unknown method 'adam'"),
+        (dict(rho_maxx=0.1), "unknown pruner setting"),
+        (dict(optimizer=SAM), "not SAM"),
+        (dict(optimizer_kwargs=dict(lr=0.1, betas=(0.9, 0.99))), "SGD does not take betas"),
+        (dict(criterion="entropy"), "unknown criterion 'entropy'"),
+        (dict(keep=0.0001), "without emptying a layer"),
+        (dict(keep=1.5), "keep fraction must be in"),
+        (dict(criterion=lambda layout: torch.ones(3)), "one score per neuron"),
+    ],
+)
+def test_bad_pruner_input_is_one_clear_error(kwargs, message):
+    with pytest.raises(UserError, match=message):
+        pruner = make(PhaseSchedule(0, 1, 1, removals=1), **kwargs)
+        step(pruner, 0)
+
+
+def test_a_closure_that_returns_no_scalar_is_a_user_error():
+    pruner = make(PhaseSchedule(1, 0, 0, removals=0))
+    with pytest.raises(UserError, match="not a scalar loss"):
+        pruner.step(lambda: pruner.model(DATA[0][0]))
+
+
+def test_taylor_removal_at_the_first_step_takes_a_gradient_pass():
+    pruner = make(PhaseSchedule(0, 1, 1, removals=1), criterion="taylor", keep=0.6)
+    dense = params(pruner.model)
+    removed = []
+    pruner.register_removal_hook(lambda p: removed.append(params(p.model)))
+    calls = []
+    x, y = DATA[0]
+    pruner.step(lambda: calls.append(1) or F.cross_entropy(pruner.model(x), y))
+    assert len(calls) == 3  # one gradient pass for the scores, then the two SAM passes
+    assert removed == [params(pruner.model)] and removed[0] < dense
+
+
+def test_prune_takes_a_users_dataloader_and_dataset():
+    torch.manual_seed(0)
+    images, labels = torch.rand(64, 3, 8, 8), torch.randint(0, 4, (64,))
+    dataset = TensorDataset(images, labels)
+    loader = DataLoader(dataset, batch_size=16, shuffle=True, drop_last=True)
+    common = dict(keep=0.6, warmup_epochs=1, prune_epochs=1, finetune_epochs=1, prune_steps=1,
+                  batch_size=16, progress=False)  # fmt: skip
+    for train in (loader, dataset):
+        result = adasap.prune(Net(), train, dataset, **common)
+        assert 0.55 <= result.keep_fraction("params") <= 0.605
+        assert result.model.head.out_features == 4  # found without a dataset spec
+        assert len(result.history) == 3 and 0 <= result.val_accuracy <= 1
