@@ -279,3 +279,33 @@ def test_adasap_rejects_bad_arguments():
     with pytest.raises(ValueError, match="shape"):
         opt = AdaSAP(p, torch.optim.SGD, lr=0.1)
         opt.set_radii(NeuronOwnership(3, {}), torch.ones(2))
+
+
+@pytest.mark.parametrize("normalization", ["global", "neuron"])
+def test_adasap_state_dict_carries_the_radii_and_ownership(normalization):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 2))
+    ownership = NeuronOwnership(
+        6, {model[0].weight: (0, torch.arange(6)), model[0].bias: (0, torch.arange(6))}
+    )
+
+    def adasap():
+        return AdaSAP(model.parameters(), torch.optim.SGD, rho_min=0.01, rho_max=0.3,
+                      normalization=normalization, lr=0.1, momentum=0.9)  # fmt: skip
+
+    opt = adasap()
+    opt.set_radii(ownership, torch.linspace(0.01, 0.3, 6))
+    x = torch.randn(8, 5)
+    sharpness_aware_step(model, opt, lambda: model(x).pow(2).mean())
+    saved = opt.state_dict()
+    fresh = adasap()
+    fresh.load_state_dict(saved)
+    model(x).pow(2).mean().backward()
+    expected = opt.perturbations()
+    restored = fresh.perturbations()
+    assert fresh.ownership.num_neurons == 6
+    for p in model.parameters():
+        torch.testing.assert_close(restored[p], expected[p], rtol=0, atol=0)
+    # without the radii every neuron would fall back to rho_min: a different perturbation
+    plain = adasap().perturbations()
+    assert not torch.allclose(plain[model[0].bias], expected[model[0].bias])
