@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from adasap.errors import UserError
 from adasap.robustness import corruptions as C
+from adasap.robustness import evaluate_corruptions
 from adasap.robustness.corruptions import (
     BENCHMARK_CORRUPTIONS,
     CATEGORIES,
@@ -173,6 +174,13 @@ def test_one_registration_adds_a_corruption_everywhere(scratch_registry, tmp_pat
     assert torch.equal(corrupt(x, "toy_haze", 3, params="imagenet"), torch.full_like(x, 0.75))
     cached = render_cached(x, "toy-set", "toy_haze", 3, cache_dir=tmp_path)
     assert torch.equal(cached, C.to_uint8(torch.full_like(x, 0.625)))
+    # evaluation reads the registry when it runs, so the new corruption is evaluated too
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 2))
+    report = evaluate_corruptions(
+        model, (x, torch.zeros(2, dtype=torch.long)), dataset_key="toy-set",
+        corruptions=None, severities=(1,), cache_dir=tmp_path, progress=False,
+    )  # fmt: skip
+    assert "toy_haze" in report.accuracy and report.extra_accuracy is not None
 
     @register_corruption(
         "toy_occlusion", family="occlusion", benchmark=True, deterministic=False, params=TOY_ROWS

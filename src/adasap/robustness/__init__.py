@@ -1,5 +1,23 @@
 """Robustness: the corruption suite, official corrupted sets, evaluation and reports."""
 
-from adasap.robustness.evaluation import CorruptionReport, evaluate_corruptions
+from adasap.robustness.evaluation import evaluate_corruptions
+from adasap.robustness.official import (
+    load_cifar_c,
+    load_folder_c,
+    load_imagenet_c,
+    load_imagenet_v2,
+    load_tiny_imagenet_c,
+    official_sets,
+)
+from adasap.robustness.report import CorruptionReport
 
-__all__ = ["CorruptionReport", "evaluate_corruptions"]
+__all__ = [
+    "CorruptionReport",
+    "evaluate_corruptions",
+    "load_cifar_c",
+    "load_folder_c",
+    "load_imagenet_c",
+    "load_imagenet_v2",
+    "load_tiny_imagenet_c",
+    "official_sets",
+]

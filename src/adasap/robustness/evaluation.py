@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from adasap.data.image_sets import TensorImageSet
 from adasap.data.sources import evaluation_source
 from adasap.errors import UserError
+from adasap.robustness import corruptions as C
 from adasap.robustness.corruptions import (
-    CORRUPTIONS,
     SEVERITIES,
     image_fingerprint,
     render_cached,
@@ -64,7 +64,7 @@ def evaluate_corruptions(
     labels: Tensor | None = None,
     *,
     dataset_key: str,
-    corruptions: Sequence[str] = CORRUPTIONS,
+    corruptions: Sequence[str] | None = None,
     severities: Sequence[int] = SEVERITIES,
     batch_size: int = 256,
     device: torch.device | str | None = None,
@@ -94,8 +94,9 @@ def evaluate_corruptions(
 
     The model runs in eval mode under ``torch.inference_mode`` (its mode is restored), with
     channels-last inputs on the CPU. ``imagenet`` (default: ``dataset_key`` starts with
-    "imagenet") enables mCE against AlexNet.
+    "imagenet") enables mCE against AlexNet. ``corruptions`` defaults to every registered one.
     """
+    corruptions = C.CORRUPTIONS if corruptions is None else corruptions
     for name in corruptions:
         check_corruption(name)
     for s in severities:

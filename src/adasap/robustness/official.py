@@ -14,14 +14,15 @@ import torch
 from adasap.data.folders import FolderImageSet, ImageFolderFiles
 from adasap.data.image_sets import ImageSet, TensorImageSet
 from adasap.errors import UserError
-from adasap.robustness.corruptions import CORRUPTIONS, SEVERITIES
+from adasap.robustness import corruptions as C
+from adasap.robustness.corruptions import SEVERITIES
 
 OFFICIAL_DATASETS = ("cifar10-c", "cifar100-c", "tinyimagenet-c", "imagenet-c")
 
 
 def check_corruption(name: str) -> None:
-    if name not in CORRUPTIONS:
-        raise UserError(f"unknown corruption {name!r}: choose one of {', '.join(CORRUPTIONS)}")
+    if name not in C.CORRUPTIONS:
+        raise UserError(f"unknown corruption {name!r}: choose one of {', '.join(C.CORRUPTIONS)}")
 
 
 def check_severity(severity: int) -> None:

@@ -12,14 +12,8 @@ from typing import Any
 import numpy as np
 
 from adasap.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from adasap.robustness.corruptions import (
-    BENCHMARK_CORRUPTIONS,
-    CATEGORIES,
-    CATEGORY_OF,
-    CORRUPTIONS,
-    EXTRA_CORRUPTIONS,
-    SEVERITIES,
-)
+from adasap.robustness import corruptions as C
+from adasap.robustness.corruptions import SEVERITIES
 
 SOURCE_RENDERED = "rendered on the fly by adasap"
 
@@ -81,8 +75,8 @@ class CorruptionReport:
 
     def _names(self) -> list[str]:
         """Evaluated corruptions in the standard order, any others after them."""
-        known = [n for n in CORRUPTIONS if n in self.accuracy]
-        return known + [n for n in self.accuracy if n not in CORRUPTIONS]
+        known = [n for n in C.CORRUPTIONS if n in self.accuracy]
+        return known + [n for n in self.accuracy if n not in C.CORRUPTIONS]
 
     def _entries(self, names: Sequence[str]) -> list[float]:
         return [a for n in names for a in self.accuracy.get(n, {}).values()]
@@ -90,16 +84,18 @@ class CorruptionReport:
     @property
     def is_complete(self) -> bool:
         """All 15 benchmark corruptions at all 5 severities were evaluated."""
-        return all(set(self.accuracy.get(n, {})) == set(SEVERITIES) for n in BENCHMARK_CORRUPTIONS)
+        return all(
+            set(self.accuracy.get(n, {})) == set(SEVERITIES) for n in C.BENCHMARK_CORRUPTIONS
+        )
 
     @property
     def corruption_accuracy(self) -> float | None:
         """The headline: mean accuracy over the benchmark corruptions and severities evaluated."""
-        return _mean(self._entries(BENCHMARK_CORRUPTIONS))
+        return _mean(self._entries(C.BENCHMARK_CORRUPTIONS))
 
     @property
     def extra_accuracy(self) -> float | None:
-        return _mean(self._entries(EXTRA_CORRUPTIONS))
+        return _mean(self._entries(C.EXTRA_CORRUPTIONS))
 
     @property
     def relative_robustness(self) -> float | None:
@@ -115,7 +111,7 @@ class CorruptionReport:
     @property
     def per_category(self) -> dict[str, float]:
         """Mean accuracy of each category's benchmark corruptions (extras excluded)."""
-        means = {c: _mean(self._entries(names)) for c, names in CATEGORIES.items()}
+        means = {c: _mean(self._entries(names)) for c, names in C.CATEGORIES.items()}
         return {c: m for c, m in means.items() if m is not None}
 
     @property
@@ -124,7 +120,9 @@ class CorruptionReport:
         out = {}
         for s in SEVERITIES:
             values = [
-                self.accuracy[n][s] for n in BENCHMARK_CORRUPTIONS if s in self.accuracy.get(n, {})
+                self.accuracy[n][s]
+                for n in C.BENCHMARK_CORRUPTIONS
+                if s in self.accuracy.get(n, {})
             ]
             if values:
                 out[s] = sum(values) / len(values)
@@ -135,7 +133,9 @@ class CorruptionReport:
         """CE per corruption: mean error over severities / AlexNet's (ImageNet only)."""
         if not (self.imagenet and self.is_complete):
             return None
-        return {n: (1 - self.per_corruption[n]) / ALEXNET_ERRORS[n] for n in BENCHMARK_CORRUPTIONS}
+        return {
+            n: (1 - self.per_corruption[n]) / ALEXNET_ERRORS[n] for n in C.BENCHMARK_CORRUPTIONS
+        }
 
     @property
     def mce(self) -> float | None:
@@ -181,8 +181,8 @@ class CorruptionReport:
         )
 
     def _summary_rows(self) -> list[tuple[str, str]]:
-        n_bench = len(self._entries(BENCHMARK_CORRUPTIONS))
-        n_extra = len(self._entries(EXTRA_CORRUPTIONS))
+        n_bench = len(self._entries(C.BENCHMARK_CORRUPTIONS))
+        n_extra = len(self._entries(C.EXTRA_CORRUPTIONS))
         rows = [
             ("clean accuracy (%)", _pct(self.clean_accuracy)),
             (f"corruption accuracy, mean of {n_bench} (%)", _pct(self.corruption_accuracy)),
@@ -200,12 +200,12 @@ class CorruptionReport:
         for name in self._names():
             sev = self.accuracy[name]
             cells = [_pct(sev.get(s)) if s in sev else "-" for s in SEVERITIES]
-            extra = "" if name in BENCHMARK_CORRUPTIONS else " (extra)"
+            extra = "" if name in C.BENCHMARK_CORRUPTIONS else " (extra)"
             ce = _pct(errors[name]) if name in errors else "-"
             rows.append(
                 [
                     name + extra,
-                    CATEGORY_OF.get(name, "-"),
+                    C.CATEGORY_OF.get(name, "-"),
                     *cells,
                     _pct(self.per_corruption[name]),
                     ce,
