@@ -130,6 +130,8 @@ RUN_FLAG_CASES = [
     ("rho-min-above-rho-max", ["--rho-min", "0.5", "--rho-max", "0.1"],
      ["0 <= rho_min <= rho_max", "rho_min=0.5", "rho_max=0.1"]),
     ("lr-0", ["--lr", "0"], ["need lr > 0", "lr=0.0"]),
+    ("unknown-base-optimizer", ["--base-optimizer", "adamx"],
+     ["unknown optimizer 'adamx'", "adamw", "sgd"]),
     ("batch-size-0", ["--batch-size", "0"], ["batch_size must be >= 1", "got 0"]),
     ("train-limit-0", ["--train-limit", "0"], ["train_limit=0 is invalid", "positive integer"]),
     ("fewer-images-than-a-batch", ["--train-limit", "40"],

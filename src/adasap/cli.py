@@ -36,7 +36,7 @@ RUN_OPTIONS: tuple[tuple[str, str, str], ...] = (
     ("--dataset", "dataset", "fashion-mnist, mnist, cifar10, cifar100, digits, synthetic or "
                              "imagefolder:<path>"),
     ("--data-dir", "data_dir", "where the dataset's files are"),
-    ("--model", "model", "resnet20/32/56 or a torchvision classifier name"),
+    ("--model", "model", "resnet20/32/56, a torchvision classifier or timm:<name>"),
     ("--methods", "methods", f"pruning methods to compare: {', '.join(METHODS)}"),
     ("--criterion", "criterion", f"neuron importance: {', '.join(criteria())}"),
     ("--keep", "keep", "fraction of the dense size to keep, in (0, 1]"),
@@ -52,6 +52,8 @@ RUN_OPTIONS: tuple[tuple[str, str, str], ...] = (
     ("--finetune-epochs", "finetune_epochs", "phase 3: uniform sharpness-aware fine-tuning"),
     ("--prune-steps", "prune_steps", "removal steps spread over phase 2"),
     ("--batch-size", "batch_size", "training batch size"),
+    ("--base-optimizer", "base_optimizer", "the optimizer SAM/AdaSAP wrap: any torch.optim "
+                                           "class by name (sgd, adamw ...)"),
     ("--lr", "lr", "peak learning rate of the pruning phases"),
     ("--rho", "rho", "uniform SAM radius (phase 3 and the sam method)"),
     ("--rho-min", "rho_min", "AdaSAP radius of the most important neurons"),
