@@ -126,9 +126,9 @@ class NeuronLayout:
         except Exception as exc:  # Torch-Pruning raises anything from its tracer
             check_input(model, example_inputs, "the example inputs")  # the data do not fit?
             raise UserError(
-                f"Torch-Pruning cannot trace the operation after {layer_in_traceback(exc, names)} "
-                f"({_one_line(exc)}): write that channel reshape with a standard layer (e.g. "
-                "nn.ChannelShuffle), or prune a model without it"
+                f"Torch-Pruning cannot trace the model after {layer_in_traceback(exc, names)} "
+                f"({exception_summary(exc)}): write what follows that layer with standard layers "
+                "and tensor ops (a channel shuffle as nn.ChannelShuffle), or prune another model"
             ) from exc
         finally:
             model.train(was_training)
@@ -211,8 +211,8 @@ class NeuronLayout:
                 name = names.get(module, "?")
                 raise UserError(
                     f"Torch-Pruning cannot group the channels of {name} "
-                    f"({type(module).__name__}) ({_one_line(exc)}): leave them unpruned with "
-                    f"ignored_layers=[model.{name}] (the module itself)"
+                    f"({type(module).__name__}) ({exception_summary(exc)}): leave them unpruned "
+                    f"with ignored_layers=[model.{name}] (the module itself)"
                 ) from exc
             for dep, _ in group:
                 if graph.is_out_channel_pruning_fn(dep.handler):
@@ -311,7 +311,8 @@ def _reaches_channel_move(root: Node) -> bool:
     return False
 
 
-def _one_line(exc: BaseException) -> str:
+def exception_summary(exc: BaseException) -> str:
+    """``Type: message`` on one line, cut to 200 characters."""
     text = " ".join(str(exc).split())[:200]
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
