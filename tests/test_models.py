@@ -175,3 +175,62 @@ def test_pretrained_download_failure_is_user_error(monkeypatch):
     monkeypatch.setattr(torchvision.models, "get_model", offline)
     with pytest.raises(UserError, match="cannot fetch pretrained weights for resnet18"):
         make("resnet18", classes=1000, size=224, pretrained=True)
+
+
+def test_timm_models_by_prefix():
+    pytest.importorskip("timm")
+    model = make("timm:resnet10t", channels=1, size=32, classes=7)
+    assert model(torch.rand(2, 1, 32, 32)).shape == (2, 7)
+    assert find_classifier(model, 7) is model.net.fc
+    assert "timm:resnet10t" in list_models(include_timm=True)
+    assert not any(n.startswith("timm:") for n in list_models(include_torchvision=True))
+    with pytest.raises(UserError, match="unknown timm model 'resnet10x'.*timm:resnet10t"):
+        make("timm:resnet10x")
+
+
+def test_missing_timm_says_how_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm now raises ImportError
+    with pytest.raises(UserError, match=r"pip install adasap\[timm\]"):
+        make("timm:resnet10t")
+
+
+def test_unknown_family_is_a_user_error():
+    with pytest.raises(UserError, match="unknown model family 'hf'.*timm:"):
+        make("hf:resnet18")
+
+
+def test_a_registered_family_builds_by_prefix(monkeypatch):
+    from adasap.models import ModelRequest, register_family, registry
+
+    monkeypatch.setattr(registry, "_FAMILIES", dict(registry._FAMILIES))
+    seen = []
+
+    @register_family("tiny", names=lambda: ["mlp"])
+    def build_tiny(name: str, request: ModelRequest) -> nn.Module:
+        seen.append((name, request))
+        pixels = request.in_channels * request.image_size**2
+        return nn.Sequential(nn.Flatten(), nn.Linear(pixels, request.num_classes))
+
+    model = make("tiny:mlp", channels=1, size=4, classes=3)
+    assert seen == [("mlp", ModelRequest(3, 1, 4, False))]
+    assert model(torch.rand(2, 1, 4, 4)).shape == (2, 3)
+    with pytest.raises(UserError, match="unknown model 'mlp'"):
+        make("mlp")  # not a bare-name family
+
+
+def test_vit_is_built_for_the_image_size():
+    model = make("vit_b_16", size=32)
+    assert model.net.image_size == 32 and model.net.encoder.pos_embedding.shape == (1, 5, 768)
+
+
+def test_shufflenet_shuffle_is_the_torchvision_permutation():
+    from torchvision.models.shufflenetv2 import channel_shuffle
+
+    from adasap.models.torchvision_models import ChannelShuffle
+
+    x = torch.rand(2, 12, 3, 3)
+    assert torch.equal(ChannelShuffle(2)(x), channel_shuffle(x, 2))
+    net = make("shufflenet_v2_x0_5").net
+    assert all(isinstance(b.shuffle, ChannelShuffle) for b in net.stage2)

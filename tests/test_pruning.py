@@ -343,3 +343,161 @@ def test_untraceable_model_is_a_user_error():
 
     with pytest.raises(UserError, match="Torch-Pruning cannot trace"):
         NeuronLayout(ReturnsPythonFloat(), X)
+
+
+class Grouped(nn.Module):
+    """conv(3->8) -> grouped conv(8->8, 2 groups) -> conv(8->16) -> linear(16->3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.bn = nn.BatchNorm2d(8)
+        self.pw = nn.Conv2d(8, 16, 1)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.grouped(self.conv(x))))
+        return self.fc(self.pw(x).mean((2, 3)))
+
+
+def test_grouped_conv_channels_stay_and_the_rest_is_pruned():
+    model = Grouped()
+    layout = NeuronLayout(model, X, [model.fc])
+    assert [g.name for g in layout.groups] == ["pw"]  # both groups touching `grouped` stay whole
+    prune_group(layout, model.pw, [0, 15])
+    assert model.grouped.weight.shape == (8, 4, 3, 3) and model.grouped.groups == 2
+    assert model.pw.weight.shape == (14, 8, 1, 1) and model.fc.weight.shape == (3, 14)
+    assert model(X).shape == (2, 3)
+
+
+class TinyTransformer(nn.Module):
+    """tokens(6->8) -> attention (2 heads) -> LayerNorm -> MLP(8->16->8) -> linear(8->3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(6, 8)
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.norm = nn.LayerNorm(8)
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        x = x + self.attention(x, x, x, need_weights=False)[0]
+        x = x + self.fc2(torch.nn.functional.gelu(self.fc1(self.norm(x))))
+        return self.head(x.mean(1))
+
+
+def test_attention_is_left_whole_and_only_mlp_channels_are_neurons():
+    model = TinyTransformer().eval()
+    tokens = torch.randn(2, 5, 6)
+    layout = NeuronLayout(model, tokens, [model.head])
+    assert [(g.name, g.size) for g in layout.groups] == [("fc1", 16)]
+    prune_group(layout, model.fc1, [1, 2, 3])
+    assert model.fc1.weight.shape == (13, 8) and model.fc1.bias.shape == (13,)
+    assert model.fc2.weight.shape == (8, 13)
+    assert model.attention.in_proj_weight.shape == (24, 8) and model.norm.weight.shape == (8,)
+    assert model(tokens).shape == (2, 3)
+
+
+def test_layer_norm_slices_follow_their_linear():
+    model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 3))
+    layout = NeuronLayout(model, torch.randn(2, 6), [model[2]])
+    (group,) = layout.groups
+    assert {(type(s.module).__name__, s.attr, s.dim) for s in group.slices} == {
+        ("Linear", "weight", 0), ("Linear", "bias", 0), ("LayerNorm", "weight", 0),
+        ("LayerNorm", "bias", 0), ("Linear", "weight", 1),
+    }  # fmt: skip
+    remove_neurons(layout, torch.tensor([0, 7]))
+    assert model[0].weight.shape == (6, 6) and model[1].weight.shape == model[1].bias.shape == (6,)
+    assert model[2].weight.shape == (3, 6)
+    assert model(torch.randn(2, 6)).shape == (2, 3)
+
+
+class LayerScale(nn.Module):
+    """A per-channel scale held by the model itself (not a layer), as in ConvNeXt."""
+
+    def __init__(self, shape=(8, 1, 1)):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.scale = nn.Parameter(torch.full(shape, 0.5))
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc((self.conv(x) * self.scale).mean((2, 3)))
+
+
+def test_a_per_channel_parameter_outside_layers_is_part_of_its_neurons():
+    model = LayerScale()
+    layout = NeuronLayout(model, X, [model.fc])
+    (group,) = layout.groups
+    assert ("scale", 0) in {(s.attr, s.dim) for s in group.slices}
+    # per neuron: 27 conv weights + 1 bias + 1 scale + 2 classifier inputs
+    assert torch.equal(layout.neuron_costs("params"), torch.full((8,), 31.0))
+    assert model.scale in layout.ownership().owners
+    prune_group(layout, model.conv, [3, 4])
+    assert model.scale.shape == (6, 1, 1) and model.conv.weight.shape == (6, 3, 3, 3)
+    assert model(X).shape == (2, 2)
+
+
+def test_a_parameter_of_unknown_layout_leaves_its_group_whole():
+    model = LayerScale(shape=(8, 4, 4))  # which dimension is the channel? not ours to guess
+    assert NeuronLayout(model, torch.rand(2, 3, 4, 4), [model.fc]).groups == []
+
+
+def test_channels_through_a_shuffle_are_not_pruned_but_the_rest_is():
+    from adasap.models.torchvision_models import ChannelShuffle
+
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 1), ChannelShuffle(2), nn.Conv2d(8, 6, 1), nn.Flatten(), nn.LazyLinear(2)
+    )
+    model(X)  # materialize the lazy linear
+    layout = NeuronLayout(model, X, [model[4]])
+    assert [g.name for g in layout.groups] == ["2"]
+    shuffled = ChannelShuffle(2)(torch.arange(8.0).view(1, 8, 1, 1)).flatten()
+    assert shuffled.tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+
+
+def test_untraceable_layer_is_named_in_a_one_line_user_error():
+    import torchvision
+
+    # torchvision's own ShuffleNet: its view/transpose channel shuffle defeats the tracer
+    model = torchvision.models.shufflenet_v2_x0_5(num_classes=4)
+    with pytest.raises(
+        UserError, match=r"after stage4\.1\.branch2\.6 \(BatchNorm2d\).*Zero"
+    ) as info:
+        NeuronLayout(model, torch.rand(2, 3, 32, 32))
+    assert "\n" not in str(info.value) and "nn.ChannelShuffle" in str(info.value)
+
+
+def test_failure_inside_torch_pruning_removal_names_the_layer(monkeypatch):
+    from torch_pruning.dependency import Dependency
+
+    model = Chain()
+    layout = NeuronLayout(model, X, [model.fc])
+    apply = Dependency.__call__
+
+    def mishandles_bn1(self, idxs):
+        if self.target.module is model.bn1:
+            raise IndexError("index 9 is out of bounds for dimension 0 with size 8")
+        return apply(self, idxs)
+
+    monkeypatch.setattr(Dependency, "__call__", mishandles_bn1)
+    with pytest.raises(UserError, match=r"at bn1 \(BatchNorm2d\) \(IndexError.*\[model\.bn1\]$"):
+        prune_group(layout, model.conv1, [0])
+
+
+def test_failure_grouping_channels_names_the_layer(monkeypatch):
+    import torch_pruning as tp
+
+    def broken(*args, **kwargs):
+        raise IndexError("list index out of range")
+
+    model = Chain()
+    monkeypatch.setattr(tp.DependencyGraph, "get_pruning_group", broken)
+    with pytest.raises(
+        UserError, match=r"channels of conv\d \(Conv2d\).*ignored_layers=\[model\.conv\d\]"
+    ):
+        NeuronLayout(model, X, [model.fc])

@@ -9,14 +9,16 @@ for physical removal.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 from torch_pruning._helpers import to_plain_idxs
+from torch_pruning.dependency import Dependency, Node
 
 from adasap.checks import check_input
 from adasap.errors import UserError
@@ -78,8 +80,22 @@ def _param_dims(module: nn.Module, is_output: bool) -> list[tuple[str, int]]:
     return []
 
 
+# Autograd ops that move channels to other positions: a neuron's slices on either side would
+# not line up, so channels flowing through them are not pruned.
+CHANNEL_MOVING_OPS = ("ChannelShuffle", "IndexSelect", "Gather", "PixelShuffle", "PixelUnshuffle")
+
+
+def is_attention(module: nn.Module) -> bool:
+    """Attention layers split channels into heads: their channels are not pruned."""
+    return isinstance(module, nn.MultiheadAttention) or "Attention" in type(module).__name__
+
+
 class NeuronLayout:
     """The neurons of a model, from Torch-Pruning's dependency graph.
+
+    A dependency group becomes neurons only when every slice it cuts is one we model exactly;
+    groups reaching into attention layers (heads), grouped (not depthwise) convolutions,
+    channel-moving ops (shuffles) or parameters used outside standard layers are left whole.
 
     Args:
         model: any module Torch-Pruning can trace.
@@ -97,40 +113,66 @@ class NeuronLayout:
     ) -> None:
         self.model = model
         self.ignored_layers = list(ignored_layers)
+        names = {m: n for n, m in model.named_modules()}
         was_training = model.training
         model.eval()  # tracing runs a forward pass: keep BatchNorm statistics untouched
         try:
-            self.graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "Unwrapped parameters", UserWarning)
+                self.graph = tp.DependencyGraph().build_dependency(
+                    model, example_inputs=example_inputs
+                )
             self.output_pixels = _output_pixels(model, example_inputs)
         except Exception as exc:  # Torch-Pruning raises anything from its tracer
             check_input(model, example_inputs, "the example inputs")  # the data do not fit?
             raise UserError(
-                f"Torch-Pruning cannot trace this model ({type(exc).__name__}: {exc}); "
-                "use a model built from standard layers, or list unsupported ones in "
-                "ignored_layers"
+                f"Torch-Pruning cannot trace the model after {layer_in_traceback(exc, names)} "
+                f"({exception_summary(exc)}): write what follows that layer with standard layers "
+                "and tensor ops (a channel shuffle as nn.ChannelShuffle), or prune another model"
             ) from exc
         finally:
             model.train(was_training)
-        names = {m: n for n, m in model.named_modules()}
         order = {m: i for i, m in enumerate(names)}
         ignored = set(map(id, self.ignored_layers))
+        untouchable = {id(m) for a in model.modules() if is_attention(a) for m in a.modules()}
+        untouchable |= {id(p) for m in model.modules() if is_attention(m) for p in m.parameters()}
+        owners = {
+            id(p): (m, attr)
+            for m in model.modules()
+            for attr, p in m.named_parameters(recurse=False)
+        }
+        unwrapped = {id(u.parameters): u.pruning_dim for u in self.graph.unwrapped_parameters}
         found: list[NeuronGroup] = []
-        for tp_group in self.graph.get_all_groups(ignored_layers=self.ignored_layers):
-            root = tp_group[0].dep.target.module
+        for root, tp_group in self._dependency_groups(names):
             slices = []
-            touches_ignored_output = False
+            exact = True
             for item in tp_group:
-                module = item.dep.target.module
+                node = item.dep.target
+                module = node.module
                 is_output = self.graph.is_out_channel_pruning_fn(item.dep.handler)
                 if is_output and id(module) in ignored and not isinstance(module, NORM_TYPES):
-                    touches_ignored_output = True
-                if not isinstance(module, nn.Module) or item.root_idxs is None:
+                    exact = False
+                if id(module) in untouchable or _moves_channels(node) or _grouped(module):
+                    exact = False
+                if not exact:
+                    break
+                if item.root_idxs is None:
                     continue
                 idxs = torch.as_tensor(to_plain_idxs(item.idxs))
                 roots = torch.as_tensor(item.root_idxs)
+                if isinstance(module, nn.Parameter):
+                    dim = unwrapped.get(id(module))
+                    if dim is None or sum(n > 1 for n in module.shape) != 1:
+                        exact = False  # a weight used outside a layer: which dim is a channel?
+                        break
+                    owner, attr = owners[id(module)]
+                    slices.append(ParamSlice(owner, attr, dim % module.dim(), idxs, roots, True))
+                    continue
+                if not isinstance(module, nn.Module):
+                    continue
                 for attr, dim in _param_dims(module, is_output):
                     slices.append(ParamSlice(module, attr, dim, idxs, roots, is_output))
-            if touches_ignored_output or not slices:
+            if not exact or not slices:
                 continue
             size = self.graph.get_pruner_of_module(root).get_out_channels(root)
             group = NeuronGroup(names.get(root, type(root).__name__), root, size, 0)
@@ -146,6 +188,36 @@ class NeuronLayout:
             group.offset = offset
             offset += group.size
         self.num_neurons = offset
+
+    def _dependency_groups(self, names: dict[nn.Module, str]) -> Iterator[tuple[nn.Module, Any]]:
+        """Torch-Pruning's group of each conv or linear layer not yet in one (its
+        ``get_all_groups``), without those meeting a channel-moving op, failures as UserErrors."""
+        graph = self.graph
+        ignored = set(map(id, self.ignored_layers + graph.IGNORED_LAYERS_IN_TRACING))
+        visited: set[int] = set()
+        for module, node in list(graph.module2node.items()):
+            pruner = graph.get_pruner_of_module(module)
+            if id(module) in ignored or id(module) in visited or not _consumes_channels(module):
+                continue
+            if pruner is None or pruner.get_out_channels(module) is None:
+                continue
+            if _reaches_channel_move(node):
+                continue
+            try:
+                group = graph.get_pruning_group(
+                    module, pruner.prune_out_channels, list(range(pruner.get_out_channels(module)))
+                )
+            except Exception as exc:  # Torch-Pruning mis-handles something in this group
+                name = names.get(module, "?")
+                raise UserError(
+                    f"Torch-Pruning cannot group the channels of {name} "
+                    f"({type(module).__name__}) ({exception_summary(exc)}): leave them unpruned "
+                    f"with ignored_layers=[model.{name}] (the module itself)"
+                ) from exc
+            for dep, _ in group:
+                if graph.is_out_channel_pruning_fn(dep.handler):
+                    visited.add(id(dep.target.module))
+            yield module, group
 
     def ownership(self) -> NeuronOwnership:
         """Which neuron owns each output channel: the map AdaSAP's radii are applied through."""
@@ -195,6 +267,84 @@ class NeuronLayout:
             return torch.full((p.shape[s.dim],), float(per_channel))
 
         return self.scatter(cost)
+
+
+def _grouped(module: object) -> bool:
+    """A grouped convolution that is not depthwise: Torch-Pruning cannot slice its groups."""
+    return (
+        isinstance(module, nn.modules.conv._ConvNd)
+        and module.groups > 1
+        and not module.groups == module.in_channels == module.out_channels
+    )
+
+
+def _moves_channels(node: object) -> bool:
+    grad_fn = getattr(node, "grad_fn", None)
+    return grad_fn is not None and grad_fn.name().startswith(CHANNEL_MOVING_OPS)
+
+
+def _consumes_channels(module: object) -> bool:
+    """A layer mixing its input channels into new ones: coupled channels end at its input."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return not module.groups == module.in_channels == module.out_channels > 1
+    return isinstance(module, nn.Linear)
+
+
+def _reaches_channel_move(root: Node) -> bool:
+    """Whether a layer's output channels, or channels coupled to them (residual additions,
+    concatenations), meet a channel-moving op, which Torch-Pruning takes for element-wise."""
+    seen: set[tuple[int, bool]] = set()
+    queue = [(n, True) for n in root.outputs]  # (node, reached going forward)
+    while queue:
+        node, forward = queue.pop()
+        if (id(node), forward) in seen:
+            continue
+        seen.add((id(node), forward))
+        if _moves_channels(node):
+            return True
+        boundary = _consumes_channels(node.module)
+        if forward and boundary:
+            continue  # a consumer: the channels end at its input
+        queue.extend((n, True) for n in node.outputs)
+        if not boundary:  # an element-wise op: its other inputs share the channels
+            queue.extend((n, False) for n in node.inputs)
+    return False
+
+
+def exception_summary(exc: BaseException) -> str:
+    """``Type: message`` on one line, cut to 200 characters."""
+    text = " ".join(str(exc).split())[:200]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def layer_in_traceback(exc: BaseException, names: dict[nn.Module, str]) -> str:
+    """``name (Type)`` of the model layer Torch-Pruning was handling when it raised.
+
+    Torch-Pruning's frames hold the graph node (or dependency) at hand; an operation node is
+    named by the nearest layer feeding it.
+    """
+    tb = exc.__traceback__
+    frames = []
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        for value in frame.f_locals.values():
+            node = value.target if isinstance(value, Dependency) else value
+            if not isinstance(node, Node):
+                continue
+            seen, queue = set(), [node]
+            while queue:
+                current = queue.pop(0)
+                if id(current) in seen:
+                    continue
+                seen.add(id(current))
+                if current.module in names:
+                    return (
+                        f"{names[current.module] or 'the model'} ({current.module_class.__name__})"
+                    )
+                queue.extend(current.inputs)
+    return "an unnamed layer"
 
 
 def _deduplicate(slices: list[ParamSlice]) -> list[ParamSlice]:

@@ -12,7 +12,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from adasap.errors import UserError
-from adasap.method.neurons import NeuronLayout
+from adasap.method.neurons import NeuronLayout, exception_summary, layer_in_traceback
 
 SizeKind = Literal["params", "macs"]
 
@@ -192,7 +192,8 @@ def remove_neurons(layout: NeuronLayout, neuron_ids: Tensor) -> dict[str, dict[i
     """Physically remove neurons; return, per parameter name, the kept indices per dimension.
 
     The returned map is what :func:`transfer_optimizer_state` needs to carry momentum over to
-    the new, smaller parameter tensors.
+    the new, smaller parameter tensors. A failure inside Torch-Pruning is a :class:`UserError`
+    naming the layer; the model may then be half pruned (``adasap.prune`` prunes a copy).
     """
     removed = torch.zeros(layout.num_neurons, dtype=torch.bool)
     removed[neuron_ids] = True
@@ -211,10 +212,17 @@ def remove_neurons(layout: NeuronLayout, neuron_ids: Tensor) -> dict[str, dict[i
         if len(local) == 0:
             continue
         prune_out = layout.graph.get_pruner_of_module(group.root).prune_out_channels
-        pruning_group = layout.graph.get_pruning_group(
-            group.root, prune_out, (local - group.offset).tolist()
-        )
-        pruning_group.prune()
+        try:
+            layout.graph.get_pruning_group(
+                group.root, prune_out, (local - group.offset).tolist()
+            ).prune()
+        except (RuntimeError, IndexError, ValueError, KeyError) as exc:
+            where = layer_in_traceback(exc, {m: n for n, m in layout.model.named_modules()})
+            raise UserError(
+                f"Torch-Pruning failed removing channels of {group.name} at {where} "
+                f"({exception_summary(exc)}): leave that layer "
+                f"unpruned with ignored_layers=[model.{where.split(' ')[0]}]"
+            ) from exc
     return kept
 
 

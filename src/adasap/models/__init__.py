@@ -1,5 +1,6 @@
-"""Models by name: CIFAR ResNets and torchvision classifiers adapted to small images."""
+"""Models by name: CIFAR ResNets, torchvision and timm classifiers, through one registry."""
 
 from adasap.models.builders import build_model, find_classifier, list_models
+from adasap.models.registry import ModelRequest, register_family
 
-__all__ = ["build_model", "find_classifier", "list_models"]
+__all__ = ["ModelRequest", "build_model", "find_classifier", "list_models", "register_family"]

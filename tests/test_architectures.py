@@ -1,0 +1,67 @@
+"""Every tested architecture, built from scratch, through the public pipeline: prune to half
+its parameters, run, export to ONNX (checked with onnxruntime) and reload from safetensors."""
+
+import pytest
+import torch
+
+import adasap
+from adasap.data import load_dataset
+from adasap.deploy.onnx import export_onnx
+from adasap.deploy.serialization import load_model, save_model
+from adasap.models import build_model
+
+LIGHT = [("squeezenet1_1", 32), ("shufflenet_v2_x0_5", 32)]
+HEAVY = [
+    ("resnet18", 32),
+    ("resnet50", 32),
+    ("mobilenet_v2", 32),
+    ("mobilenet_v3_large", 32),
+    ("efficientnet_b1", 32),
+    ("regnet_y_400mf", 32),
+    ("vgg11_bn", 32),
+    ("convnext_tiny", 32),
+    ("vit_b_16", 32),
+    ("timm:resnet26d", 32),
+    ("timm:efficientnet_b0", 32),
+    ("timm:mobilevit_xs", 64),
+]
+CASES = LIGHT + [pytest.param(*case, marks=pytest.mark.slow) for case in HEAVY]
+
+
+@pytest.mark.parametrize(("name", "size"), CASES)
+def test_prunes_to_half_then_exports_and_reloads(name, size, tmp_path):
+    if name.startswith("timm:"):
+        pytest.importorskip("timm")
+    torch.manual_seed(0)
+    data = load_dataset(
+        "synthetic", num_classes=4, channels=3, image_size=size, num_train=10, num_test=4,
+        val_fraction=0.2,
+    )  # fmt: skip
+    architecture = dict(
+        name=name, num_classes=4, in_channels=3, image_size=size, mean=[0.5] * 3, std=[0.25] * 3
+    )
+    model = build_model(**architecture).eval()
+    x = torch.rand(3, 3, size, size)
+    assert model(x).shape == (3, 4)
+
+    # 8 training images, batch 8: the single removal step happens at the one training step
+    result = adasap.prune(
+        model, data, keep=0.5, warmup_epochs=0, prune_epochs=1, finetune_epochs=0, prune_steps=1,
+        batch_size=8, method="sgd", device="cpu", amp=False, channels_last=False, progress=False,
+    )  # fmt: skip
+    assert 0.48 <= result.keep_fraction("params") <= 0.505
+    pruned = result.model.eval()
+    assert sum(p.numel() for p in pruned.parameters()) == result.size.params
+    with torch.no_grad():
+        expected = pruned(x)
+    assert expected.shape == (3, 4) and torch.isfinite(expected).all()
+
+    save_model(tmp_path / "model", pruned, architecture, result.pruning_history)
+    loaded = load_model(tmp_path / "model").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), expected)
+
+    # one step from scratch can leave large logits: compare with onnxruntime relative to them
+    scale = max(1.0, float(expected.abs().max()))
+    report = export_onnx(pruned, tmp_path / "model.onnx", image_size=size, tolerance=1e-4 * scale)
+    assert report.passed, str(report)
