@@ -7,3 +7,14 @@ class UserError(Exception):
     Messages name the problem and the fix in one line, e.g.
     ``unknown dataset 'fmnist': choose one of fashion-mnist, mnist, ...``.
     """
+
+
+def exception_reason(exc: BaseException, limit: int = 200) -> str:
+    """A library exception's message on one line, cut to ``limit`` characters (or its type)."""
+    return " ".join(str(exc).split())[:limit] or type(exc).__name__
+
+
+def exception_summary(exc: BaseException) -> str:
+    """``Type: message`` on one line, cut to 200 characters."""
+    text = " ".join(str(exc).split())[:200]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

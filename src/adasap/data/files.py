@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from adasap.errors import UserError
+from adasap.errors import UserError, exception_reason
 
 DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 CACHE_DIR = Path.home() / ".cache" / "adasap" / "data"
@@ -145,7 +145,7 @@ def torchvision_download(name: str, root: Path, train: bool = True) -> Any:
         root.mkdir(parents=True, exist_ok=True)
         return cls(str(root), train=train, download=True)
     except (OSError, RuntimeError, EOFError, tarfile.TarError, pickle.UnpicklingError) as exc:
-        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        reason = exception_reason(exc)
         raise UserError(f"{name} not found and its download failed ({reason}): {hint}") from None
 
 

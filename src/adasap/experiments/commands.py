@@ -20,6 +20,7 @@ from adasap.experiments.run import (
     dense_model,
     evaluate_model,
     example_images,
+    folder_label,
     load_data,
     model_architecture,
     prepare_run_dir,
@@ -92,7 +93,7 @@ def train_dense_model(config: ExperimentConfig, console: Console | None = None) 
     config = config.validate()
     data = load_data(config)
     steps_per_epoch(training_source(data.train, batch_size=config.prune.batch_size))
-    name = config.name or time.strftime("%Y%m%d-%H%M%S") + f"-{config.dataset}-{config.model}-dense"
+    name = config.name or time.strftime("%Y%m%d-%H%M%S") + f"-{folder_label(config)}-dense"
     run_dir = prepare_run_dir(config.out_dir, name, config.overwrite)
     model, info = dense_model(config, data, console)
     device = resolve_device(config.prune.device)

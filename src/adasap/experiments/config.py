@@ -16,7 +16,7 @@ import yaml
 
 from adasap import settings
 from adasap.data import get_spec
-from adasap.errors import UserError
+from adasap.errors import UserError, exception_reason
 from adasap.models.builders import build_model
 from adasap.training.settings import PruneSettings
 
@@ -115,7 +115,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         values = yaml.safe_load(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        reason = " ".join(str(exc).split())[:160]
+        reason = exception_reason(exc, 160)
         raise UserError(f"config file {path} is not valid YAML ({reason}): fix the syntax") from exc
     if values is None:
         return {}

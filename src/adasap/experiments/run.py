@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 import warnings
@@ -128,7 +129,7 @@ def dense_model(config: ExperimentConfig, data: DataBundle, console: Console):
         seed=s.seed,
     )
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
-    directory = cache_root(config.cache_dir) / "dense" / f"{config.dataset}-{config.model}-{key}"
+    directory = cache_root(config.cache_dir) / "dense" / f"{folder_label(config)}-{key}"
     if (directory / "model.json").is_file():
         try:
             model = load_model(directory)
@@ -155,6 +156,11 @@ def dense_model(config: ExperimentConfig, data: DataBundle, console: Console):
 
 def _corruption_names(config: ExperimentConfig) -> tuple[str, ...] | None:
     return {"all": tuple(CORRUPTIONS), "quick": QUICK_CORRUPTIONS, "none": None}[config.corruptions]
+
+
+def folder_label(config: ExperimentConfig) -> str:
+    """Dataset and model as one folder name (``timm:x`` and ``imagefolder:/a/b`` included)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{config.dataset}-{config.model}").strip("-")
 
 
 def example_images(data: DataBundle) -> torch.Tensor:
@@ -236,7 +242,7 @@ def run_experiment(
             raise UserError(f"{run_dir} does not exist: there is nothing to resume")
     else:
         check_keep_reachable(config, data)
-        name = config.name or time.strftime("%Y%m%d-%H%M%S") + f"-{config.dataset}-{config.model}"
+        name = config.name or time.strftime("%Y%m%d-%H%M%S") + f"-{folder_label(config)}"
         config = replace(config, name=name)
         run_dir = prepare_run_dir(config.out_dir, name, config.overwrite)
         try:

@@ -21,7 +21,7 @@ from torch_pruning._helpers import to_plain_idxs
 from torch_pruning.dependency import Dependency, Node
 
 from adasap.checks import check_input
-from adasap.errors import UserError
+from adasap.errors import UserError, exception_summary
 from adasap.method.optim import NeuronOwnership
 
 NORM_TYPES = (
@@ -309,12 +309,6 @@ def _reaches_channel_move(root: Node) -> bool:
         if not boundary:  # an element-wise op: its other inputs share the channels
             queue.extend((n, False) for n in node.inputs)
     return False
-
-
-def exception_summary(exc: BaseException) -> str:
-    """``Type: message`` on one line, cut to 200 characters."""
-    text = " ".join(str(exc).split())[:200]
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def layer_in_traceback(exc: BaseException, names: dict[nn.Module, str]) -> str:

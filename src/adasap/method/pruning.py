@@ -11,8 +11,8 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from adasap.errors import UserError
-from adasap.method.neurons import NeuronLayout, exception_summary, layer_in_traceback
+from adasap.errors import UserError, exception_summary
+from adasap.method.neurons import NeuronLayout, layer_in_traceback
 
 SizeKind = Literal["params", "macs"]
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from adasap.errors import UserError
+from adasap.errors import UserError, exception_reason
 from adasap.models.cifar_resnet import CifarResNet, cifar_resnet_names
 from adasap.models.registry import ModelRequest, resolve
 from adasap.models.timm_models import timm_names
@@ -101,7 +101,7 @@ def _check_runs(net: nn.Module, name: str, in_channels: int, image_size: int) ->
         with torch.no_grad():
             net(torch.zeros(1, in_channels, image_size, image_size))
     except (RuntimeError, ValueError, AssertionError) as exc:
-        reason = " ".join(str(exc).split())[:200]
+        reason = exception_reason(exc)
         raise UserError(
             f"{name} cannot run on {image_size}px images ({reason}): pick another model "
             f"or image size, e.g. resnet18"

@@ -7,7 +7,7 @@ from types import ModuleType
 
 from torch import nn
 
-from adasap.errors import UserError
+from adasap.errors import UserError, exception_reason
 from adasap.models.registry import ModelRequest, register_family
 
 
@@ -46,7 +46,7 @@ def build_timm(name: str, request: ModelRequest) -> nn.Module:
     except (OSError, RuntimeError) as exc:
         if not request.pretrained:
             raise
-        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        reason = exception_reason(exc)
         raise UserError(
             f"cannot fetch pretrained weights for timm:{name} ({reason}): connect to the "
             "internet or set HF_HUB_OFFLINE=1 with the weights in the Hugging Face cache"

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.shufflenetv2 import InvertedResidual
 
-from adasap.errors import UserError
+from adasap.errors import UserError, exception_reason
 from adasap.models.registry import ModelRequest, register_family
 
 # torchvision models whose stems we adapt to small images; any other torchvision name also works.
@@ -141,7 +141,7 @@ def build_torchvision(name: str, request: ModelRequest) -> nn.Module:
         # Pretrained weights fix the architecture: no small-image stem changes.
         return tvm.get_model(name, weights=weights, **kwargs)
     except (OSError, RuntimeError) as exc:
-        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        reason = exception_reason(exc)
         raise UserError(
             f"cannot fetch pretrained weights for {name} ({reason}): connect to the internet "
             "or put the file in ~/.cache/torch/hub/checkpoints"

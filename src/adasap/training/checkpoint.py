@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from adasap.errors import UserError
+from adasap.errors import UserError, exception_reason
 from adasap.io import atomic_write_bytes
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -49,7 +49,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, OSError) as exc:
-        reason = " ".join(str(exc).split())[:160]
+        reason = exception_reason(exc, 160)
         raise UserError(
             f"checkpoint {path} cannot be read ({reason}): delete it to start that part afresh"
         ) from exc
