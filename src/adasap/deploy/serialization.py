@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch_pruning as tp
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
@@ -21,6 +20,7 @@ from torch import nn
 
 from adasap.errors import UserError
 from adasap.io import atomic_write_bytes, atomic_write_json
+from adasap.method.pruning import replay_pruning
 from adasap.models.builders import build_model
 
 WEIGHTS_FILE = "model.safetensors"
@@ -123,12 +123,9 @@ def load_model(directory: str | Path, base_model: nn.Module | None = None) -> nn
     history = description.get("pruning_history") or []
     try:
         model = base_model if base_model is not None else build_model(**architecture)
-        if history:
-            size = architecture["image_size"]
-            example = torch.rand(1, architecture["in_channels"], size, size)
-            model.eval()
-            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
-            graph.load_pruning_history(history)
+        size = architecture["image_size"]
+        example = torch.rand(1, architecture["in_channels"], size, size)
+        replay_pruning(model, history, example)
     except UserError as exc:
         raise UserError(
             f"{directory / DESCRIPTION_FILE} describes a model adasap cannot build ({exc}); "

@@ -20,7 +20,6 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
 import torch
-import torch_pruning as tp
 from torch import Tensor, nn
 
 from adasap.errors import UserError
@@ -37,9 +36,11 @@ from adasap.method.neurons import NeuronLayout
 from adasap.method.optim import AdaSAP, sharpness_aware_step
 from adasap.method.pruning import (
     ModelSize,
+    is_channels_last,
     measure_size,
     named_optimizer_state,
     remove_neurons,
+    replay_pruning,
     transfer_optimizer_state,
 )
 from adasap.method.schedule import PhaseSchedule
@@ -269,7 +270,7 @@ class Pruner:
         chosen = self.target.select(
             self.layout, self.scores(), progress, s.min_channels, s.round_to
         )
-        channels_last = _is_channels_last(self.model)
+        channels_last = is_channels_last(self.model)
         old_state = named_optimizer_state(self.model, self.optimizer)
         kept = remove_neurons(self.layout, chosen)
         self.pruning_history.extend(self.layout.graph.pruning_history())
@@ -360,22 +361,3 @@ class Pruner:
         if state["importance"] is not None:
             self.importance.load_state_dict(state["importance"])
         self.steps_done, self._radii_due = state["steps_done"], state["radii_due"]
-
-
-def replay_pruning(model: nn.Module, history: list[list[Any]], example_inputs: Tensor) -> None:
-    """Apply a recorded Torch-Pruning history to an unpruned copy of the same model."""
-    if not history:
-        return
-    channels_last = _is_channels_last(model)
-    was_training = model.training
-    model.eval()
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
-    graph.load_pruning_history(history)
-    model.train(was_training)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-
-
-def _is_channels_last(model: nn.Module) -> bool:
-    weights = [p for p in model.parameters() if p.dim() == 4]
-    return bool(weights) and weights[0].is_contiguous(memory_format=torch.channels_last)

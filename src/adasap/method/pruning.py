@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -261,3 +262,28 @@ def named_optimizer_state(
     """The optimizer's per-parameter state keyed by parameter name (which survives pruning)."""
     names = {p: n for n, p in model.named_parameters()}
     return {names[p]: dict(s) for p, s in optimizer.state.items() if p in names}
+
+
+def replay_pruning(model: nn.Module, history: list[list[Any]], example_inputs: Tensor) -> None:
+    """Apply a recorded Torch-Pruning history to an unpruned copy of the same model."""
+    if not history:
+        return
+    channels_last = is_channels_last(model)
+    was_training = model.training
+    model.eval()
+    with warnings.catch_warnings():  # as NeuronLayout: parameters outside layers are modelled
+        warnings.filterwarnings("ignore", "Unwrapped parameters", UserWarning)
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+    graph.load_pruning_history(history)
+    model.train(was_training)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+
+
+def is_channels_last(model: nn.Module) -> bool:
+    """Whether the model's 4-D weights are channels-last (a 1-channel weight is both ways)."""
+    return any(
+        p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+        for p in model.parameters()
+        if p.dim() == 4
+    )
