@@ -148,45 +148,55 @@ class _Setup:
             **kwargs,
         )
 
-    def loop(self, pruner: Pruner, val, checkpoint: Path | None, owner_state) -> EpochLoop:
-        return EpochLoop(
+    def run(
+        self,
+        pruner: Pruner,
+        val_data: Any,
+        phases: list[tuple[str, int]],
+        label: str,
+        identity: dict[str, Any],
+        checkpoint_dir: str | Path | None,
+        log: Log,
+    ) -> EpochLoop:
+        """Train through ``phases`` (name, end step), resuming a checkpoint of the same run.
+
+        The checkpoint holds the model's weights, the pruner's state and the loop's, under
+        ``identity`` (the settings that must match for a resume).
+        """
+        checkpoint = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
+        loop = EpochLoop(
             pruner,
             self.source,
-            val,
+            val_data,
             self.device,
             self.channels_last,
             self.s.amp,
             self.s.label_smoothing,
             checkpoint=checkpoint,
-            owner_state=owner_state,
+            owner_state=lambda: {
+                **identity,
+                "model": pruner.model.state_dict(),
+                "pruner": pruner.state_dict(),
+            },
         )
-
-
-def _resume(loop: EpochLoop, pruner: Pruner, identity: dict[str, Any], log: Log) -> None:
-    """Continue from the loop's checkpoint, if there is one written with the same settings."""
-    checkpoint = loop.checkpoint
-    if checkpoint is None or not checkpoint.is_file():
-        return
-    state = load_checkpoint(checkpoint)
-    if {k: state.get(k) for k in identity} != identity:
-        raise UserError(
-            f"{checkpoint} was written with other settings: resume with the run's own config, "
-            "or delete the checkpoint to start afresh"
-        )
-    pruner.load_state_dict(state["pruner"])
-    pruner.model.load_state_dict(state["model"])
-    loop.restore(state["loop"])
-    for record in loop.history:  # a resumed run reports its earlier epochs too
-        log(record)
-
-
-def _run_phases(
-    loop: EpochLoop, phases: list[tuple[str, int]], label: str, log: Log, progress: bool
-) -> None:
-    with stop_requests() as should_stop, ProgressLog(enabled=progress) as report:
-        loop.should_stop = should_stop
-        for phase, end in phases:
-            loop.run(report, phase, end, log, label=f"{label} {phase}")
+        if checkpoint is not None and checkpoint.is_file():
+            state = load_checkpoint(checkpoint)
+            if {k: state.get(k) for k in identity} != identity:
+                raise UserError(
+                    f"{checkpoint} was written with other settings: resume with the run's own "
+                    "config, or delete the checkpoint to start afresh"
+                )
+            pruner.load_state_dict(state["pruner"])
+            pruner.model.load_state_dict(state["model"])
+            loop.restore(state["loop"])
+            for record in loop.history:  # a resumed run reports its earlier epochs too
+                log(record)
+        with stop_requests() as should_stop, ProgressLog(enabled=self.s.progress) as report:
+            loop.should_stop = should_stop
+            for phase, end in phases:
+                loop.run(report, phase, end, log, label=f"{label} {phase}")
+        pruner.model.eval()
+        return loop
 
 
 def _split(data: Any, val: Any) -> tuple[Any, Any, int | None]:
@@ -250,18 +260,9 @@ def prune(
         model, schedule, method=s.method, keep=target, criterion=s.criterion, ignored_layers=ignored
     )
     dense_size = measure_size(model, setup.example)
-    identity = {"settings": _comparable(s)}
-    checkpoint = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
-    loop = setup.loop(
-        pruner,
-        val_data,
-        checkpoint,
-        lambda: {**identity, "model": model.state_dict(), "pruner": pruner.state_dict()},
-    )
-    _resume(loop, pruner, identity, log)
     phases = [(phase, schedule.phase_end(phase)) for phase in PHASES]
-    _run_phases(loop, phases, s.method, log, s.progress)
-    model.eval()
+    identity = {"settings": _comparable(s)}
+    loop = setup.run(pruner, val_data, phases, s.method, identity, checkpoint_dir, log)
     history = loop.history
     latency = _final_latency(reference, pruner, setup) if s.keep_kind == "latency" else None
     final = (
@@ -334,15 +335,7 @@ def train(
     ignored = _ignored_layers(model, setup.example, num_classes)
     pruner = setup.pruner(model, schedule, method="sgd", keep=1.0, ignored_layers=ignored)
     identity = {"settings": _comparable(s), "epochs": epochs}
-    checkpoint = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
-    loop = setup.loop(
-        pruner,
-        val_data,
-        checkpoint,
-        lambda: {**identity, "model": model.state_dict(), "pruner": pruner.state_dict()},
-    )
-    _resume(loop, pruner, identity, log)
-    _run_phases(loop, [("dense", schedule.total_steps)], "dense", log, s.progress)
-    model.eval()
+    phases = [("dense", schedule.total_steps)]
+    loop = setup.run(pruner, val_data, phases, "dense", identity, checkpoint_dir, log)
     history = loop.history
     return TrainResult(model, history, loop.elapsed(), history[-1]["val_accuracy"])
