@@ -255,3 +255,20 @@ def test_prune_takes_a_users_dataloader_and_dataset():
         assert 0.55 <= result.keep_fraction("params") <= 0.605
         assert result.model.head.out_features == 4  # found without a dataset spec
         assert len(result.history) == 3 and 0 <= result.val_accuracy <= 1
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ("images/", "cannot read batches from a str"),
+        ([torch.rand(8, 3, 8, 8)], "not .*pair|pairs"),
+        (DataLoader(TensorDataset(torch.rand(0, 3, 8, 8), torch.zeros(0).long()), batch_size=4),
+         "empty|no batch"),
+        ([(torch.rand(8, 3, 8, 8), torch.full((8,), 7))], "labels run from 7 to 7"),
+    ],
+    ids=["a-string", "no-labels", "empty-loader", "labels-out-of-range"],
+)  # fmt: skip
+def test_bad_user_data_is_one_clear_error(data, message):
+    with pytest.raises(UserError, match=message):
+        adasap.prune(Net(), data, keep=0.6, warmup_epochs=1, prune_epochs=0, finetune_epochs=0,
+                     batch_size=8, progress=False)  # fmt: skip
