@@ -15,7 +15,7 @@ from lightning.pytorch.plugins import MixedPrecision  # noqa: E402
 
 from adasap.errors import UserError  # noqa: E402
 from adasap.integrations.lightning import AdaSAPCallback, PrunerOptimizer  # noqa: E402
-from adasap.method.pruner import Pruner  # noqa: E402
+from adasap.method.pruner import Pruner, replay_pruning  # noqa: E402
 from adasap.method.schedule import PhaseSchedule  # noqa: E402
 
 # 32 images of 8x8 px in batches of 8: 4 steps per epoch
@@ -114,6 +114,7 @@ def test_callback_prunes_to_the_target_with_two_passes_per_step():
     assert isinstance(trainer.optimizers[0], PrunerOptimizer)
     assert trainer.optimizers[0].current is pruner.optimizer
     assert watch.checks == [(True, True)] * SCHEDULE.total_steps
+    assert "on_load_checkpoint" not in vars(module)  # the resume hook is gone after fit
     # the logged loss is the one at the unperturbed weights (first pass of the last step)
     assert trainer.callback_metrics["train_loss"].item() == pytest.approx(module.losses[-2])
 
@@ -163,6 +164,21 @@ def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(tmp_path):
         torch.testing.assert_close(got[name], tensor, msg=name)
 
 
+def test_pruned_weights_load_outside_the_trainer(tmp_path):
+    trained = TinyNet(images=8)
+    trainer = fit(trained, [AdaSAPCallback(SCHEDULE, keep=0.5)], SCHEDULE.total_steps)
+    trainer.save_checkpoint(tmp_path / "pruned.ckpt")
+
+    # the docs/lightning.md recipe for inference
+    checkpoint = torch.load(tmp_path / "pruned.ckpt", weights_only=False)
+    adasap = checkpoint["callbacks"]["AdaSAPCallback"]
+    module = TinyNet()
+    replay_pruning(module, adasap["pruner"]["pruning_history"], adasap["example_inputs"])
+    module.load_state_dict(checkpoint["state_dict"])
+    images = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(module.eval()(images), trained.eval()(images))
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
@@ -181,8 +197,10 @@ def test_lr_scheduler_from_configure_optimizers_is_a_user_error():
             optimizer = super().configure_optimizers()
             return [optimizer], [torch.optim.lr_scheduler.StepLR(optimizer, 1)]
 
+    module = WithScheduler()
     with pytest.raises(UserError, match="lr_scheduler=lambda optimizer"):
-        fit(WithScheduler(), [AdaSAPCallback(SCHEDULE)], 1)
+        fit(module, [AdaSAPCallback(SCHEDULE)], 1)
+    assert "on_load_checkpoint" not in vars(module)  # unhooked although fit failed
 
 
 def test_callback_refuses_manual_optimization():

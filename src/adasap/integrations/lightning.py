@@ -181,6 +181,7 @@ class AdaSAPCallback(pl.Callback):
             **overrides,
         )
         self.pruner: Pruner | None = None
+        self._replaced_hook: Callable[[dict[str, Any]], None] | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -189,6 +190,7 @@ class AdaSAPCallback(pl.Callback):
         # Lightning loads the weights right after the module's on_load_checkpoint and before
         # any callback hook, so the removals are re-applied from there.
         user_hook = pl_module.on_load_checkpoint
+        self._replaced_hook = pl_module.__dict__.get("on_load_checkpoint")
 
         def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
             self._restore(trainer, pl_module, checkpoint)
@@ -198,7 +200,17 @@ class AdaSAPCallback(pl.Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
-            pl_module.__dict__.pop("on_load_checkpoint", None)
+            self._unhook(pl_module)
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._unhook(pl_module)  # Lightning skips teardown hooks when fit fails
+
+    def _unhook(self, pl_module: pl.LightningModule) -> None:
+        pl_module.__dict__.pop("on_load_checkpoint", None)
+        if self._replaced_hook is not None:
+            pl_module.on_load_checkpoint = self._replaced_hook
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if len(trainer.optimizers) != 1 or trainer.lr_scheduler_configs:
