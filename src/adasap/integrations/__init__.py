@@ -1,0 +1,1 @@
+"""Bridges to training frameworks; each module needs its framework (an optional extra)."""
