@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -272,3 +273,10 @@ def test_bad_user_data_is_one_clear_error(data, message):
     with pytest.raises(UserError, match=message):
         adasap.prune(Net(), data, keep=0.6, warmup_epochs=1, prune_epochs=0, finetune_epochs=0,
                      batch_size=8, progress=False)  # fmt: skip
+
+
+def test_a_model_that_cannot_be_copied_is_a_clear_error():
+    pruner = make(PhaseSchedule(0, 1, 1, removals=1), keep=0.6)
+    pruner.model.lock = threading.Lock()  # size counting deep-copies the model
+    with pytest.raises(UserError, match="cannot copy the model.*outside the pruned module"):
+        step(pruner, 0)

@@ -33,6 +33,11 @@ def measure_size(model: nn.Module, example_inputs: Tensor) -> ModelSize:
     model.eval()
     try:
         macs, params = tp.utils.count_ops_and_params(model, example_inputs[:1])
+    except TypeError as exc:  # counting works on a deep copy of the model
+        raise UserError(
+            f"cannot copy the model to count its size ({exception_summary(exc)}): keep objects "
+            "that cannot be copied (such as the Pruner itself) outside the pruned module"
+        ) from exc
     finally:
         model.train(was_training)
     return ModelSize(params=int(params), macs=int(macs))
