@@ -148,3 +148,12 @@ def test_round_to_keeps_channel_multiples_through_every_pruning_step(data, dense
     assert all(w % 8 == 0 for w in widths), widths
     dense_widths = [m.out_channels for m in dense.modules() if isinstance(m, nn.Conv2d)]
     assert sum(widths) < sum(dense_widths)
+
+
+def test_progress_off_a_terminal_is_one_readable_line_per_epoch(data, dense, capsys):
+    prune(dense, data, **{**FAST, "progress": True})
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert len(lines) == 3  # one per (phase) epoch, no bar frames cut to "0:0…"
+    for line, phase in zip(lines, ("warmup", "prune", "finetune"), strict=True):
+        assert line.startswith(f"adasap {phase} ep")
+        assert "loss " in line and "val " in line and "img/s" in line and "…" not in line
