@@ -199,7 +199,7 @@ def sweep_report(out_dir: str | Path) -> Path:
         f"Scored on the validation split ({rows[0].val_images} images carved from the "
         f"training data), corrupted with the {len(CBAR_CORRUPTIONS)} held-out ImageNet-C-bar / "
         f"CIFAR-10-C-bar corruptions ({', '.join(CBAR_CORRUPTIONS)}) and the "
-        f"{len(EXTRA_CORRUPTIONS)} extra corruptions ({', '.join(EXTRA_CORRUPTIONS)}), "
+        f"{len(EXTRA_CORRUPTIONS)} extra corruptions ({', '.join(EXTRA_CORRUPTIONS)}) "
         "x 5 severities each. The score, which ranks the runs, is the mean of the cbar and the "
         "extra accuracy; the test set and the 15 benchmark corruptions are never used.",
         "",
