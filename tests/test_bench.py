@@ -23,7 +23,7 @@ from adasap.experiments.results import (
 from adasap.experiments.sweep import run_sweep, sweep_report
 from adasap.method.importance import criteria
 from adasap.method.pruner import METHODS
-from adasap.robustness.corruptions import EXTRA_CORRUPTIONS
+from adasap.robustness.corruptions import BENCHMARK_CORRUPTIONS, CBAR_CORRUPTIONS, EXTRA_CORRUPTIONS
 from adasap.training.checkpoint import RunInterrupted
 from adasap.training.loop import OptimizerSettings
 
@@ -344,7 +344,7 @@ class Forbidden:
         raise AssertionError("the sweep used the test set (len)")
 
 
-def test_sweep_scores_on_validation_extras_only(cache, tmp_path, monkeypatch):
+def test_sweep_scores_on_validation_cbar_and_extras_only(cache, tmp_path, monkeypatch):
     original_load = sweep.load_data
     monkeypatch.setattr(
         sweep, "load_data", lambda config: replace(original_load(config), test=Forbidden())
@@ -354,7 +354,7 @@ def test_sweep_scores_on_validation_extras_only(cache, tmp_path, monkeypatch):
 
     def recording(model, test_data, **kwargs):
         scored.append((tuple(kwargs["corruptions"]), len(test_data)))
-        return original_eval(model, test_data, **kwargs)
+        return original_eval(model, test_data, severities=(1, 5), **kwargs)
 
     monkeypatch.setattr(sweep, "evaluate_corruptions", recording)
     base = {**tiny_smoke().base, "corruption_limit": None, "seed": 0}
@@ -362,22 +362,51 @@ def test_sweep_scores_on_validation_extras_only(cache, tmp_path, monkeypatch):
     run_sweep(base, grid, tmp_path, console=quiet())
 
     val_images = round(TINY["train_limit"] * 0.1)
-    assert scored == [(EXTRA_CORRUPTIONS, val_images)] * 2
+    tuning = CBAR_CORRUPTIONS + EXTRA_CORRUPTIONS
+    assert len(CBAR_CORRUPTIONS) == 15 and not set(tuning) & set(BENCHMARK_CORRUPTIONS)
+    assert scored == [(tuning, val_images)] * 2
     rows = read_jsonl(tmp_path / "sweep.jsonl")
     assert sorted(r["settings"]["rho_max"] for r in rows) == [0.1, 0.5]
     for r in rows:
-        assert set(r["per_corruption"]) == set(EXTRA_CORRUPTIONS)
-        assert 0 <= r["val_accuracy"] <= 1 and 0 <= r["val_extra_accuracy"] <= 1
+        assert set(r["per_corruption"]) == set(tuning)
+        assert 0 <= r["val_accuracy"] <= 1
+        cbar = [r["per_corruption"][n] for n in CBAR_CORRUPTIONS]
+        extra = [r["per_corruption"][n] for n in EXTRA_CORRUPTIONS]
+        assert r["val_cbar_accuracy"] == pytest.approx(sum(cbar) / 15)
+        assert r["val_extra_accuracy"] == pytest.approx(sum(extra) / 4)
     table = (tmp_path / "sweep.md").read_text()
     ranked = [line for line in table.splitlines() if line.startswith("| 1 ")]
-    best = max(rows, key=lambda r: r["val_extra_accuracy"])
+    best = max(rows, key=lambda r: r["val_cbar_accuracy"] + r["val_extra_accuracy"])
     assert ranked and f"| {best['settings']['rho_max']} |" in ranked[0]
-    assert "never used" in table
+    score = (best["val_cbar_accuracy"] + best["val_extra_accuracy"]) / 2
+    assert f"| {100 * score:.2f} | {100 * best['val_cbar_accuracy']:.2f} |" in ranked[0]
+    assert "never used" in table and "caustic_refraction" in table
 
     prunes = count_calls(monkeypatch, sweep, "prune")
     run_sweep(base, grid, tmp_path, console=quiet())
     assert prunes == []
     assert sweep_report(tmp_path).name == "sweep.md"
+
+
+def test_sweep_report_ranks_by_the_mean_of_cbar_and_extras(tmp_path):
+    common = {"method": "adasap", "val_accuracy": 0.9, "val_images": 10, "per_corruption": {},
+              "params": 1, "keep_achieved": 0.5, "seconds": 60.0}  # fmt: skip
+    # b has the best extras but the worst mean; a row from before cbar ranks by its extras.
+    records = [
+        {"run": "a", "settings": {"rho": "a"}, "val_extra_accuracy": 0.6,
+         "val_cbar_accuracy": 0.8, **common},
+        {"run": "b", "settings": {"rho": "b"}, "val_extra_accuracy": 0.9,
+         "val_cbar_accuracy": 0.3, **common},
+        {"run": "old", "settings": {"rho": "old"}, "val_extra_accuracy": 0.65, **common},
+    ]  # fmt: skip
+    for record in records:
+        append_jsonl(tmp_path / sweep.SWEEP_FILE, record)
+    table = sweep_report(tmp_path).read_text()
+    order = [
+        line.split(" | ")[2] for line in table.splitlines() if line[:3] in ("| 1", "| 2", "| 3")
+    ]
+    assert order == ["a", "old", "b"]
+    assert "| old | 65.00 | - | 65.00 |" in table
 
 
 def test_sweep_preset_grid():

@@ -37,6 +37,7 @@ from adasap.robustness.corruptions import (
 
 SIZES = (8, 28, 32, 64, 224)
 RANDOM_CORRUPTIONS = tuple(n for n in CORRUPTIONS if n not in DETERMINISTIC_CORRUPTIONS)
+CBAR = C.CBAR_CORRUPTIONS
 
 
 @cache
@@ -280,7 +281,7 @@ def test_generator_is_the_only_randomness() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("size", (32, 224))
-@pytest.mark.parametrize("name", CORRUPTIONS)
+@pytest.mark.parametrize("name", CORRUPTIONS + CBAR)
 def test_cuda_matches_cpu(name: str, size: int) -> None:
     x = natural_images(2, 3, size)
     cpu = corrupt(x, name, 3, seed=3)
@@ -616,3 +617,141 @@ def test_default_cache_dir_honours_the_environment(tmp_path, monkeypatch) -> Non
     assert (tmp_path / "c" / "corruptions" / "mnist-test" / "pixelate-s1-seed0-cifar.npy").is_file()
     monkeypatch.delenv("ADASAP_CACHE")
     assert C.default_cache_dir().parts[-3:] == (".cache", "adasap", "corruptions")
+
+
+# --------------------------------------------------------------------------- held-out family cbar
+
+CBAR_IMAGENET = {
+    "blue_noise_sample": (0.8, 1.6, 2.4, 4.0, 5.6),
+    "brownish_noise": (1, 2, 3, 4, 5),
+    "caustic_refraction": (2.35, 3.2, 4.9, 6.6, 9.15),
+    "checkerboard_cutout": (2, 3, 4, 5, 6),
+    "cocentric_sine_waves": (3, 5, 8, 9, 10),
+    "inverse_sparkles": (1, 2, 4, 9, 10),
+    "perlin_noise": (4.6, 5.2, 5.8, 7.6, 8.8),
+    "plasma_noise": (4.75, 7.0, 8.5, 9.25, 10.0),
+    "single_frequency_greyscale": (1.0, 1.5, 2.0, 4.5, 5.0),
+    "sparkles": (1, 2, 3, 5, 6),
+}
+CBAR_CIFAR = {
+    "blue_noise_sample": (0.7, 1.4, 2.1, 3.5, 4.2),
+    "checkerboard_cutout": (1, 2, 3, 4, 5),
+    "inverse_sparkles": (1.0, 1.5, 2.5, 4.5, 5.0),
+    "pinch_and_twirl": (5.5, 6.0, 6.5, 8.5, 10.0),
+    "ripple": (5.5, 6.0, 6.5, 7.5, 8.0),
+    "brownish_noise": (2.5, 4.0, 5.5, 6.5, 7.0),
+    "circular_motion_blur": (2.8, 3.6, 4.4, 5.2, 6.0),
+    "lines": (0.5, 1.0, 1.5, 2.0, 2.5),
+    "sparkles": (0.7, 3.5, 5.6, 6.3, 7.0),
+    "transverse_chromatic_abberation": (1, 2, 5, 9, 10),
+}
+
+
+def test_cbar_is_a_family_of_its_own() -> None:
+    assert set(CBAR) == set(CBAR_IMAGENET) | set(CBAR_CIFAR) and len(CBAR) == 15
+    assert get_corruption_names("cbar") == CBAR == C.HELD_OUT_CORRUPTIONS
+    assert get_corruption_names("held_out") == CBAR
+    # Neither benchmark nor extra: the 19 and everything derived from them are unchanged.
+    assert not set(CBAR) & (set(CORRUPTIONS) | set(C.CATEGORY_OF) | set(PARAM_TABLES["cifar"]))
+    assert "cbar" not in CATEGORIES and len(CORRUPTIONS) == 19
+    for name in CBAR:
+        corruption = C.get_corruption(name)
+        assert corruption.family == "cbar" and corruption.held_out and not corruption.benchmark
+        assert corruption.deterministic == (name == "circular_motion_blur")
+    # Levels are the published ones; a corruption published for one dataset uses its levels in
+    # every table, and the 64 px table takes ImageNet's.
+    for name in CBAR:
+        rows = C.get_corruption(name).params
+        imagenet = CBAR_IMAGENET.get(name, CBAR_CIFAR.get(name))
+        assert rows["imagenet"] == rows["tinyimagenet"] == imagenet
+        assert rows["cifar"] == CBAR_CIFAR.get(name, CBAR_IMAGENET.get(name))
+    sources = C.get_corruption("sparkles").sources
+    assert sources["imagenet"].endswith("imagenet_c_bar/imagenet_c_bar.csv")
+    assert sources["cifar"].endswith("imagenet_c_bar/cifar10_c_bar.csv")
+    assert C.get_corruption("ripple").sources["imagenet"] == sources["cifar"]
+
+
+def test_held_out_registration_is_checked(scratch_registry) -> None:
+    with pytest.raises(UserError, match="cannot be a benchmark one"):
+        register_corruption(
+            "toy", family="cbar", deterministic=True, params=TOY_ROWS, benchmark=True, held_out=True
+        )
+    with pytest.raises(UserError, match="sources must map each table"):
+        register_corruption(
+            "toy", family="cbar", deterministic=True, params=TOY_ROWS, sources={"cifar": "x"}
+        )
+
+
+def _cbar_may_leave_unchanged(name: str, severity: int, size: int) -> bool:
+    # At 8 px a 2.5% magnification moves no pixel by more than 0.1 px.
+    return size == 8 and severity == 1 and name == "transverse_chromatic_abberation"
+
+
+@pytest.mark.parametrize("channels", (1, 3))
+@pytest.mark.parametrize("size", (8, 32))
+@pytest.mark.parametrize("severity", SEVERITIES)
+@pytest.mark.parametrize("name", CBAR)
+def test_cbar_contract(name: str, severity: int, size: int, channels: int) -> None:
+    x = natural_images(2, channels, size)
+    y = corrupt(x, name, severity, seed=1)
+    assert y.shape == x.shape and y.dtype == x.dtype and y.device == x.device
+    assert torch.isfinite(y).all() and y.min() >= 0 and y.max() <= 1
+    assert torch.equal(y, corrupt(x, name, severity, seed=1)), "not deterministic under a seed"
+    if not _cbar_may_leave_unchanged(name, severity, size):
+        assert (y - x).abs().max() > 1 / 255, "the corruption left the images unchanged"
+    if name != "circular_motion_blur" and size >= 28:
+        assert not torch.equal(y, corrupt(x, name, severity, seed=2)), "seed has no effect"
+
+
+@pytest.mark.parametrize("name", CBAR)
+def test_cbar_any_shape_and_dtype(name: str) -> None:
+    x = natural_images(3, 3, 40)[..., :24, :].double()  # 24 x 40, float64
+    y = corrupt(x, name, 4, seed=0)
+    assert y.shape == x.shape and y.dtype == torch.float64 and 0 <= y.min() <= y.max() <= 1
+    assert (y - x).abs().max() > 1 / 255
+
+
+@pytest.mark.parametrize("size", (8, 32, 64))
+@pytest.mark.parametrize("name", CBAR)
+def test_cbar_damage_grows_with_severity(name: str, size: int) -> None:
+    x = natural_images(4, 3, size)
+    damage = [float((1 - ssim(x, corrupt(x, name, s, seed=0))).mean()) for s in SEVERITIES]
+    for lo in range(4):
+        assert damage[lo + 1] >= damage[lo] - 0.015, (lo + 1, damage)
+    # At 8 px every sparkle ray is below the reference's 1 px minimum length at all levels.
+    if (name, size) != ("sparkles", 8):
+        assert damage[4] > damage[0] + 0.01, damage
+
+
+def test_cbar_statistics_follow_the_levels() -> None:
+    grey = torch.full((16, 3, 64, 64), 0.5)  # the 64 px table: ImageNet's levels
+    for s, level in enumerate(CBAR_IMAGENET["brownish_noise"], 1):
+        std = float((corrupt(grey, "brownish_noise", s) - 0.5).std())
+        assert std == pytest.approx(level * 6.4 / 255, rel=0.05)
+    for s, level in enumerate(CBAR_IMAGENET["single_frequency_greyscale"], 1):
+        peak = float((corrupt(grey, "single_frequency_greyscale", s) - 0.5).abs().amax())
+        assert peak == pytest.approx(level * 19.6 / 255, rel=0.02)
+    for s, level in enumerate(CBAR_IMAGENET["blue_noise_sample"], 1):
+        black = float((corrupt(grey, "blue_noise_sample", s) == 0).float().mean())
+        expected = 0.5 * (1 + math.erf((0.3 * level - 2.5) / math.sqrt(2)))  # Phi(threshold)
+        assert black == pytest.approx(expected, abs=0.02)
+    dark = torch.full((64, 1, 64, 64), 0.2)
+    for s, level in enumerate(CBAR_IMAGENET["checkerboard_cutout"], 1):
+        # Half the cells are candidates, each cut with probability level / 10.
+        cut = float((corrupt(dark, "checkerboard_cutout", s) != 0.2).float().mean())
+        assert cut == pytest.approx(level / 20, abs=0.04)
+    # Rotation blur about the centre keeps a flat image flat near the centre; the corners, which
+    # rotate in from outside the image, darken (zeros outside, as the reference).
+    flat = torch.full((1, 3, 33, 33), 0.7)
+    blurred = corrupt(flat, "circular_motion_blur", 5)
+    assert torch.allclose(blurred[..., 12:21, 12:21], torch.tensor(0.7), atol=1e-6)
+    assert float(blurred[..., 0, 0].max()) < 0.69
+
+
+def test_cbar_render_cache_records_its_source(tmp_path) -> None:
+    x = natural_images(3, 3, 32)
+    cached = render_cached(x, "val-set", "ripple", 2, seed=4, cache_dir=tmp_path)
+    manifest = json.loads((tmp_path / "val-set" / "ripple-s2-seed4-cifar.json").read_text())
+    assert manifest["params"] == 6.0 and manifest["params_source"].endswith("cifar10_c_bar.csv")
+    generator = torch.Generator().manual_seed(render_cache._chunk_seed(4, 0))
+    assert torch.equal(cached, C.to_uint8(corrupt(x, "ripple", 2, generator=generator)))

@@ -256,6 +256,44 @@ def test_report_numbers_by_hand() -> None:
     assert not report.is_complete and report.mce is None
 
 
+def test_cbar_family_is_evaluated_on_request_and_reported_apart(tmp_path) -> None:
+    images, labels = _images(6), torch.tensor([0, 1, 2, 0, 1, 2])
+    kwargs = {"dataset_key": "cbar-set", "cache_dir": tmp_path, "progress": False}
+    default = evaluate_corruptions(_tiny_cnn(), images, labels, severities=(1,), **kwargs)
+    assert set(default.accuracy) == set(CORRUPTIONS) and default.cbar_accuracy is None
+    assert "held-out" not in default.to_markdown()
+
+    named = ("fog", "saturate", "ripple", "lines")
+    report = evaluate_corruptions(
+        _tiny_cnn(), images, labels, corruptions=named, severities=(1, 5), **kwargs
+    )
+    assert list(report.accuracy) == list(named)
+    assert report.cbar_accuracy == pytest.approx(
+        sum(report.accuracy[n][s] for n in ("ripple", "lines") for s in (1, 5)) / 4
+    )
+
+    # By hand: the family's mean stays out of the headline and the extras.
+    accuracy = {n: {s: 0.5 for s in SEVERITIES} for n in CORRUPTIONS}
+    accuracy |= {n: {s: 0.2 for s in SEVERITIES} for n in C.CBAR_CORRUPTIONS}
+    accuracy["ripple"] = {s: 0.9 for s in SEVERITIES}
+    by_hand = CorruptionReport("cifar10-val", SOURCE_RENDERED, 0.8, accuracy, 10)
+    assert by_hand.cbar_accuracy == pytest.approx((14 * 0.2 + 0.9) / 15)
+    assert by_hand.corruption_accuracy == pytest.approx(0.5)
+    assert by_hand.extra_accuracy == pytest.approx(0.5)
+    assert by_hand.is_complete and "cbar" not in by_hand.per_category
+    data = by_hand.to_dict()
+    assert data["cbar_accuracy"] == pytest.approx(by_hand.cbar_accuracy)
+    assert CorruptionReport.from_dict(json.loads(json.dumps(data))).to_dict() == data
+    markdown = by_hand.to_markdown()
+    assert "| held-out cbar corruptions, mean of 75 (%) | 24.67 |" in markdown
+    assert "| ripple (held out) | cbar | 90.00 |" in markdown
+    rows = [line.split(" | ")[0][2:] for line in markdown.splitlines() if line.startswith("| ")]
+    assert rows.index("saturate (extra)") < rows.index("blue_noise_sample (held out)")
+
+    with pytest.raises(UserError, match="unknown corruption 'cbar'"):
+        evaluate_corruptions(_tiny_cnn(), images, labels, corruptions=("cbar",), **kwargs)
+
+
 def test_evaluate_with_official_sets(tmp_path) -> None:
     _write_cifar_c(tmp_path, corruptions=("fog", "frost"))
     # Level 10 s + i (+100 for frost) mod 3 against labels i % 3: right when 10 s (+100) = 0

@@ -1,7 +1,9 @@
 """The tuning sweep that picks defaults (:data:`adasap.experiments.presets.SWEEP_PRESETS`).
 
 It scores each setting on the validation split carved from the training data, corrupted with
-the 4 extra corruptions only, never on the test set or the 15 benchmark corruptions.
+the held-out ImageNet-C-bar / CIFAR-10-C-bar family (``cbar``) and the 4 extra corruptions, never
+on the test set or the 15 benchmark corruptions. Settings are ranked by the mean of the two
+family means (:attr:`SweepRow.score`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from adasap.experiments.results import (
 )
 from adasap.experiments.run import dense_model, load_data
 from adasap.io import atomic_write_text, cache_root
-from adasap.robustness.corruptions import EXTRA_CORRUPTIONS
+from adasap.robustness.corruptions import CBAR_CORRUPTIONS, EXTRA_CORRUPTIONS
 from adasap.robustness.evaluation import evaluate_corruptions
 from adasap.training.checkpoint import CHECKPOINT_FILE, RunInterrupted
 from adasap.training.pipeline import prune
@@ -51,6 +53,19 @@ class SweepRow:
     params: int
     keep_achieved: float
     seconds: float
+    # None in rows written before the sweep scored the held-out cbar family.
+    val_cbar_accuracy: float | None = None
+
+    @property
+    def score(self) -> float:
+        """What the sweep ranks by: the mean of the cbar and extra accuracies it has."""
+        scores = [s for s in (self.val_cbar_accuracy, self.val_extra_accuracy) if s is not None]
+        return sum(scores) / len(scores) if scores else 0.0
+
+
+def tuning_corruptions() -> tuple[str, ...]:
+    """The corruptions a sweep scores on: the held-out cbar family, then the 4 extras."""
+    return (*CBAR_CORRUPTIONS, *EXTRA_CORRUPTIONS)
 
 
 def sweep_settings(
@@ -80,7 +95,7 @@ def _sweep_row(
     out: Path,
     console: Console,
 ) -> SweepRow:
-    """Prune, then score on the validation split with the extra corruptions only."""
+    """Prune, then score on the validation split under the cbar and extra corruptions only."""
     run_dir = out / "sweep_runs" / run_id
     dense, _ = dense_model(config, data, console)
     console.print(f"[bold]{run_id}[/bold]: pruning")
@@ -92,7 +107,7 @@ def _sweep_row(
         result.model.to(device),
         data.val,
         dataset_key=f"{config.dataset}-val{len(data.val)}",
-        corruptions=EXTRA_CORRUPTIONS,
+        corruptions=tuning_corruptions(),
         device=device,
         seed=config.prune.seed,
         cache_dir=cache_root(config.cache_dir) / "corruptions",
@@ -106,6 +121,7 @@ def _sweep_row(
         settings={k: v for k, v in settings.items() if k != "methods"},
         val_accuracy=report.clean_accuracy,
         val_extra_accuracy=report.extra_accuracy,
+        val_cbar_accuracy=report.cbar_accuracy,
         val_images=len(data.val),
         per_corruption=report.per_corruption,
         params=result.size.params,
@@ -124,7 +140,8 @@ def run_sweep(
     """Prune with every combination of ``grid`` (flat config keys -> values) over the base.
 
     Each combination runs every method of its config's ``methods``. Scores come from the
-    validation split only (clean and the 4 extra corruptions); the test set is never read.
+    validation split only (clean, the held-out cbar family and the 4 extra corruptions); the
+    test set is never read.
     Finished runs are lines of ``<out>/sweep.jsonl`` and are skipped; an interrupted one
     resumes from ``<out>/sweep_runs/<run>/``. Writes ``sweep.md`` and returns ``out_dir``.
     """
@@ -166,21 +183,25 @@ def run_sweep(
 
 
 def sweep_report(out_dir: str | Path) -> Path:
-    """``<out>/sweep.md``: the sweep's runs, best validation extra-corruption accuracy first."""
+    """``<out>/sweep.md``: the sweep's runs, best validation score (cbar and extras) first."""
     out = Path(out_dir)
     rows = [SweepRow(**record) for record in read_jsonl(out / SWEEP_FILE)]
     if not rows:
         raise UserError(f"{out / SWEEP_FILE} holds no results: run the sweep first")
-    rows.sort(key=lambda r: (-(r.val_extra_accuracy or 0), -r.val_accuracy))
+    rows.sort(key=lambda r: (-r.score, -r.val_accuracy))
     keys = list(dict.fromkeys(k for r in rows for k in r.settings))
-    header = ["rank", "method", *keys, "val extra corruption acc (%)", "val clean acc (%)",
-              "size kept", "train time (min)"]  # fmt: skip
+    header = ["rank", "method", *keys, "val score (%)", "val cbar acc (%)",
+              "val extra corruption acc (%)", "val clean acc (%)", "size kept",
+              "train time (min)"]  # fmt: skip
     lines = [
         "# Tuning sweep",
         "",
         f"Scored on the validation split ({rows[0].val_images} images carved from the "
-        f"training data), corrupted with the 4 extra corruptions ({', '.join(EXTRA_CORRUPTIONS)}) "
-        "x 5 severities; the test set and the 15 benchmark corruptions are never used.",
+        f"training data), corrupted with the {len(CBAR_CORRUPTIONS)} held-out ImageNet-C-bar / "
+        f"CIFAR-10-C-bar corruptions ({', '.join(CBAR_CORRUPTIONS)}) and the "
+        f"{len(EXTRA_CORRUPTIONS)} extra corruptions ({', '.join(EXTRA_CORRUPTIONS)}) "
+        "x 5 severities each. The score, which ranks the runs, is the mean of the cbar and the "
+        "extra accuracy; the test set and the 15 benchmark corruptions are never used.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -188,6 +209,8 @@ def sweep_report(out_dir: str | Path) -> Path:
     for rank, r in enumerate(rows, 1):
         cells = [str(rank), r.method, *(str(r.settings.get(k, "-")) for k in keys)]
         cells += [
+            format_number("pct", r.score),
+            "-" if r.val_cbar_accuracy is None else format_number("pct", r.val_cbar_accuracy),
             format_number("pct", r.val_extra_accuracy or 0),
             format_number("pct", r.val_accuracy),
             f"{r.keep_achieved:.3f}",

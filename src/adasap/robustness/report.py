@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from adasap.errors import UserError
 from adasap.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from adasap.robustness import corruptions as C
 from adasap.robustness.corruptions import SEVERITIES
@@ -60,8 +61,8 @@ class CorruptionReport:
 
     ``accuracy[corruption][severity]`` is top-1 accuracy in [0, 1]. The headline
     (:attr:`corruption_accuracy`) is the mean over the 15 benchmark corruptions x 5 severities;
-    the 4 extras are averaged separately. mCE (AlexNet-normalised, in [0, inf)) is only defined
-    for ImageNet data with all 15 x 5 entries.
+    the 4 extras and the held-out ``cbar`` family (when evaluated) are averaged separately. mCE
+    (AlexNet-normalised, in [0, inf)) is only defined for ImageNet data with all 15 x 5 entries.
     """
 
     dataset_key: str
@@ -74,9 +75,10 @@ class CorruptionReport:
     imagenet: bool = False
 
     def _names(self) -> list[str]:
-        """Evaluated corruptions in the standard order, any others after them."""
-        known = [n for n in C.CORRUPTIONS if n in self.accuracy]
-        return known + [n for n in self.accuracy if n not in C.CORRUPTIONS]
+        """Evaluated corruptions in the standard order, then held-out ones, any others after."""
+        order = (*C.CORRUPTIONS, *C.HELD_OUT_CORRUPTIONS)
+        known = [n for n in order if n in self.accuracy]
+        return known + [n for n in self.accuracy if n not in order]
 
     def _entries(self, names: Sequence[str]) -> list[float]:
         return [a for n in names for a in self.accuracy.get(n, {}).values()]
@@ -96,6 +98,11 @@ class CorruptionReport:
     @property
     def extra_accuracy(self) -> float | None:
         return _mean(self._entries(C.EXTRA_CORRUPTIONS))
+
+    @property
+    def cbar_accuracy(self) -> float | None:
+        """Mean over the held-out ImageNet-C-bar / CIFAR-10-C-bar corruptions evaluated."""
+        return _mean(self._entries(C.CBAR_CORRUPTIONS))
 
     @property
     def relative_robustness(self) -> float | None:
@@ -152,6 +159,7 @@ class CorruptionReport:
         data.update(
             corruption_accuracy=self.corruption_accuracy,
             extra_accuracy=self.extra_accuracy,
+            cbar_accuracy=self.cbar_accuracy,
             relative_robustness=self.relative_robustness,
             per_corruption=self.per_corruption,
             per_category=self.per_category,
@@ -183,12 +191,17 @@ class CorruptionReport:
     def _summary_rows(self) -> list[tuple[str, str]]:
         n_bench = len(self._entries(C.BENCHMARK_CORRUPTIONS))
         n_extra = len(self._entries(C.EXTRA_CORRUPTIONS))
+        n_cbar = len(self._entries(C.CBAR_CORRUPTIONS))
         rows = [
             ("clean accuracy (%)", _pct(self.clean_accuracy)),
             (f"corruption accuracy, mean of {n_bench} (%)", _pct(self.corruption_accuracy)),
             (f"extra corruptions, mean of {n_extra} (%)", _pct(self.extra_accuracy)),
-            ("relative robustness (corruption / clean)", _ratio(self.relative_robustness)),
         ]
+        if n_cbar:
+            rows.append(
+                (f"held-out cbar corruptions, mean of {n_cbar} (%)", _pct(self.cbar_accuracy))
+            )
+        rows.append(("relative robustness (corruption / clean)", _ratio(self.relative_robustness)))
         if self.imagenet:
             rows.append(("mCE vs AlexNet (%)", _pct(self.mce)))
         rows += [(f"{c} (%)", _pct(a)) for c, a in self.per_category.items()]
@@ -200,12 +213,11 @@ class CorruptionReport:
         for name in self._names():
             sev = self.accuracy[name]
             cells = [_pct(sev.get(s)) if s in sev else "-" for s in SEVERITIES]
-            extra = "" if name in C.BENCHMARK_CORRUPTIONS else " (extra)"
             ce = _pct(errors[name]) if name in errors else "-"
             rows.append(
                 [
-                    name + extra,
-                    C.CATEGORY_OF.get(name, "-"),
+                    name + _kind_suffix(name),
+                    _category(name),
                     *cells,
                     _pct(self.per_corruption[name]),
                     ce,
@@ -300,6 +312,20 @@ class CorruptionReport:
         for row in self._corruption_rows():
             table.add_row(*row)
         console.print(table)
+
+
+def _kind_suffix(name: str) -> str:
+    if name in C.BENCHMARK_CORRUPTIONS:
+        return ""
+    return " (held out)" if name in C.HELD_OUT_CORRUPTIONS else " (extra)"
+
+
+def _category(name: str) -> str:
+    """The corruption's family, "-" for a name that is not registered (e.g. from an old file)."""
+    try:
+        return C.get_corruption(name).family
+    except UserError:
+        return "-"
 
 
 def _ratio(value: float | None) -> str:

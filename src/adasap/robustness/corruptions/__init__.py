@@ -1,12 +1,16 @@
 """The ImageNet-C / CIFAR-10-C common corruptions as batched torch functions, and a render cache.
 
+Also the held-out family ``cbar`` (ImageNet-C-bar / CIFAR-10-C-bar, ``CBAR_CORRUPTIONS``), kept
+out of ``CORRUPTIONS`` and evaluated only when named: a tuning signal apart from the benchmark.
+
 Every corruption takes a float NCHW batch in [0, 1] (1 or 3 channels, any size from 8 px) on any
 device and returns a batch of the same shape, dtype and device. Severity parameters are the
 published tables of hendrycks/robustness (ImageNet-C, Tiny-ImageNet-C, CIFAR-10-C), picked by
 image size or by name. Randomness comes only from an explicit ``torch.Generator``.
 
 Layout: ``registry`` (the ``Corruption`` records and :func:`register_corruption`), one module per
-family (``noise``, ``blur``, ``weather``, ``digital``), ``image_ops`` (shared filters, padding,
+family (``noise``, ``blur``, ``weather``, ``digital``; ``cbar`` and ``cbar_warps`` for the
+held-out family), ``image_ops`` (shared filters, padding,
 resampling), ``apply`` (:func:`corrupt`) and ``render_cache`` (:func:`render_cached`).
 ``CORRUPTIONS``, ``CATEGORIES``, ``PARAM_TABLES`` and the other lists are derived from the
 registry on every access, so a newly registered corruption is in them at once.
@@ -21,9 +25,17 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 # Importing the family modules registers their corruptions.
-from adasap.robustness.corruptions import blur, digital, noise, weather  # noqa: F401
+from adasap.robustness.corruptions import (  # noqa: F401
+    blur,
+    cbar,
+    cbar_warps,
+    digital,
+    noise,
+    weather,
+)
 from adasap.robustness.corruptions import registry as _registry
 from adasap.robustness.corruptions.apply import corrupt
+from adasap.robustness.corruptions.cbar import CBAR_FAMILY, CBAR_LEVEL_SOURCES
 from adasap.robustness.corruptions.image_ops import to_uint8
 from adasap.robustness.corruptions.registry import (
     FAMILIES,
@@ -55,6 +67,8 @@ if TYPE_CHECKING:
     CORRUPTIONS: tuple[str, ...]
     CATEGORY_OF: dict[str, str]
     DETERMINISTIC_CORRUPTIONS: tuple[str, ...]
+    HELD_OUT_CORRUPTIONS: tuple[str, ...]
+    CBAR_CORRUPTIONS: tuple[str, ...]
     PARAM_TABLES: dict[str, dict[str, tuple[Any, ...]]]
 
 _DERIVED: dict[str, Callable[[], Any]] = {
@@ -64,6 +78,8 @@ _DERIVED: dict[str, Callable[[], Any]] = {
     "CORRUPTIONS": _registry.corruptions,
     "CATEGORY_OF": _registry.category_of,
     "DETERMINISTIC_CORRUPTIONS": _registry.deterministic_corruptions,
+    "HELD_OUT_CORRUPTIONS": _registry.held_out_corruptions,
+    "CBAR_CORRUPTIONS": lambda: _registry.held_out_families().get(CBAR_FAMILY, ()),
     "PARAM_TABLES": _registry.param_tables,
 }
 
@@ -82,11 +98,15 @@ __all__ = [
     "BENCHMARK_CORRUPTIONS",
     "CATEGORIES",
     "CATEGORY_OF",
+    "CBAR_CORRUPTIONS",
+    "CBAR_FAMILY",
+    "CBAR_LEVEL_SOURCES",
     "CORRUPTIONS",
     "DETERMINISTIC_CORRUPTIONS",
     "EXTRA_CORRUPTIONS",
     "FAMILIES",
     "FROST_TEXTURE_SCALES",
+    "HELD_OUT_CORRUPTIONS",
     "PARAM_CHOICES",
     "PARAM_TABLES",
     "PARAM_TABLE_SIZES",

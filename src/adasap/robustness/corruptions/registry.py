@@ -4,13 +4,18 @@ A corruption is registered once, next to its function, with :func:`register_corr
 lists the rest of adasap uses (``CORRUPTIONS``, ``CATEGORIES``, ``PARAM_TABLES``, ...) are
 computed from the registry, ordered by family (:data:`FAMILIES`) and then by registration, so
 they never disagree with each other and a new corruption never reorders the existing ones.
+
+A held-out family (``held_out=True``, e.g. the ImageNet-C-bar corruptions of ``cbar``) is neither
+benchmark nor extra: it is left out of ``CORRUPTIONS`` and every list derived from it, and is
+evaluated only when asked for by name (``HELD_OUT_CORRUPTIONS``, ``get_corruption_names("cbar")``),
+so it can serve for tuning while the benchmark stays untouched.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
@@ -104,6 +109,11 @@ class Corruption:
     deterministic: bool
     params: Mapping[str, tuple[Any, ...]]
     function: CorruptionFunction
+    held_out: bool = False
+    # Where each table's rows come from (default: PARAM_TABLE_SOURCES).
+    sources: Mapping[str, str] = field(
+        default_factory=lambda: MappingProxyType(PARAM_TABLE_SOURCES)
+    )
 
 
 _REGISTRY: dict[str, Corruption] = {}
@@ -135,6 +145,8 @@ def register_corruption(
     params: Mapping[str, Sequence[Any]],
     deterministic: bool,
     benchmark: bool = False,
+    held_out: bool = False,
+    sources: Mapping[str, str] | None = None,
 ) -> Callable[[CorruptionFunction], CorruptionFunction]:
     """Register the decorated function as corruption ``name``; returns it unchanged.
 
@@ -147,6 +159,10 @@ def register_corruption(
         deterministic: True when the function draws no random numbers.
         benchmark: True only for the 15 ImageNet-C corruptions that make up the headline mean;
             everything else is reported as an extra.
+        held_out: True for a family kept apart from benchmark and extras (e.g. "cbar"): it is
+            not in ``CORRUPTIONS`` and is evaluated only when named. Excludes ``benchmark``.
+        sources: where each table's rows come from (a URL per table); defaults to
+            ``PARAM_TABLE_SOURCES``. Render-cache manifests record it.
     """
     if not isinstance(name, str) or not _NAME_PATTERN.match(name):
         raise UserError(f"corruption name {name!r} must be a lower-case identifier, e.g. 'haze'")
@@ -155,6 +171,18 @@ def register_corruption(
             f"corruption {name!r}: family {family!r} must be a lower-case identifier, e.g. 'noise'"
         )
     rows = _check_params(name, params)
+    if benchmark and held_out:
+        raise UserError(
+            f"corruption {name!r}: a held-out corruption cannot be a benchmark one: "
+            "pass benchmark=True or held_out=True, not both"
+        )
+    if sources is not None and (
+        not isinstance(sources, Mapping) or set(sources) != set(PARAM_TABLE_SOURCES)
+    ):
+        raise UserError(
+            f"corruption {name!r}: sources must map each table ({', '.join(PARAM_TABLE_SOURCES)}) "
+            "to where its rows come from"
+        )
 
     def register(function: CorruptionFunction) -> CorruptionFunction:
         if not callable(function):
@@ -168,6 +196,8 @@ def register_corruption(
             deterministic=bool(deterministic),
             params=MappingProxyType(rows),
             function=function,
+            held_out=bool(held_out),
+            sources=MappingProxyType(dict(sources or PARAM_TABLE_SOURCES)),
         )
         return function
 
@@ -178,7 +208,8 @@ def get_corruption(name: str) -> Corruption:
     """The registered corruption ``name``; an unknown name is a :class:`UserError`."""
     corruption = _REGISTRY.get(name) if isinstance(name, str) else None
     if corruption is None:
-        raise UserError(f"unknown corruption {name!r}: choose one of {', '.join(corruptions())}")
+        known = ", ".join((*corruptions(), *held_out_corruptions()))
+        raise UserError(f"unknown corruption {name!r}: choose one of {known}")
     return corruption
 
 
@@ -206,12 +237,25 @@ def benchmark_corruptions() -> tuple[str, ...]:
 
 
 def extra_corruptions() -> tuple[str, ...]:
-    return tuple(c.name for c in _in_report_order() if not c.benchmark)
+    return tuple(c.name for c in _in_report_order() if not (c.benchmark or c.held_out))
 
 
 def corruptions() -> tuple[str, ...]:
-    """Every registered corruption: the benchmark ones first, then the extras."""
+    """The benchmark corruptions, then the extras; held-out families are not included."""
     return benchmark_corruptions() + extra_corruptions()
+
+
+def held_out_corruptions() -> tuple[str, ...]:
+    """Every corruption of a held-out family, by family, then registration order."""
+    return tuple(c.name for c in _in_report_order() if c.held_out)
+
+
+def held_out_families() -> dict[str, tuple[str, ...]]:
+    """Held-out corruptions by family (e.g. "cbar")."""
+    grouped: dict[str, list[str]] = {}
+    for name in held_out_corruptions():
+        grouped.setdefault(_REGISTRY[name].family, []).append(name)
+    return {family: tuple(names) for family, names in grouped.items()}
 
 
 def category_of() -> dict[str, str]:
@@ -231,12 +275,18 @@ def param_tables() -> dict[str, dict[str, tuple[Any, ...]]]:
 
 
 def get_corruption_names(subset: str = "benchmark") -> tuple[str, ...]:
-    """Names in ``subset``: "benchmark" (the 15), "extra" (the 4), "all", or a category name."""
+    """Names in ``subset``.
+
+    "benchmark" (the 15), "extra" (the 4), "all" (those 19), a category name, "held_out" (every
+    held-out family) or the name of a held-out family, e.g. "cbar".
+    """
     subsets = {
         "benchmark": benchmark_corruptions(),
         "extra": extra_corruptions(),
         "all": corruptions(),
         **categories(),
+        "held_out": held_out_corruptions(),
+        **held_out_families(),
     }
     if subset not in subsets:
         raise UserError(f"unknown corruption subset {subset!r}: choose one of {', '.join(subsets)}")

@@ -22,7 +22,6 @@ from adasap.io import atomic_write, atomic_write_json, cache_root
 from adasap.robustness.corruptions.apply import check_images, check_severity, corrupt
 from adasap.robustness.corruptions.image_ops import to_uint8
 from adasap.robustness.corruptions.registry import (
-    PARAM_TABLE_SOURCES,
     get_corruption,
     resolve_param_table,
 )
@@ -131,7 +130,7 @@ def render_cached(
         "seed": int(seed),
         "params_table": table,
         "params": json.loads(json.dumps(corruption.params[table][int(severity) - 1])),
-        "params_source": PARAM_TABLE_SOURCES[table],
+        "params_source": corruption.sources[table],
         "shape": list(images.shape),
         "dtype": "uint8",
         "images_sha256": fingerprint or image_fingerprint(images),
