@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     latency.add_argument("--repeats", type=int, default=20)
     for name, what, presets in (
         ("bench", "the benchmark grid (methods x criteria x keeps x seeds)", PRESETS),
-        ("sweep", "the tuning sweep (validation data under the held-out cbar corruptions + 4 extras)",
+        ("sweep", "the tuning sweep (validation data, held-out cbar + 4 extra corruptions)",
          SWEEP_PRESETS),
     ):  # fmt: skip
         command = commands.add_parser(name, help=f"run {what}; resumable: rerun to continue")
