@@ -13,8 +13,10 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import adasap
+from adasap.cli import build_parser, config_from_args
 from adasap.data import training_source
 from adasap.errors import UserError
+from adasap.experiments.config import from_flat
 from adasap.method.base_optimizer import parameter_groups
 from adasap.method.cheap_sam import (
     DIRECTION,
@@ -29,7 +31,7 @@ from adasap.method.pruner import Pruner, PrunerSettings
 from adasap.method.schedule import PhaseSchedule
 from adasap.training.loop import EpochLoop
 from adasap.training.progress import ProgressLog
-from adasap.training.settings import PruneSettings, with_overrides
+from adasap.training.settings import PruneSettings, pruner_settings, with_overrides
 from test_pruner import DATA, Net, make, params
 
 NEUTRAL = [
@@ -273,6 +275,23 @@ def test_bad_cheap_settings_are_one_clear_error(options, message):
     name = next(iter(options))
     with pytest.raises(UserError, match=name):  # the run settings say the same (or its type)
         with_overrides(PruneSettings(), options).validate()
+
+
+def test_options_are_yaml_keys_and_flags_and_reach_the_pruner(capsys):
+    flags = ["run", "--sam-probability", "0.5", "--sam-probability-end", "0.1", "--sam-every",
+             "4", "--looksam-alpha", "0.3", "--ascent-fraction", "0.25", "--compile"]  # fmt: skip
+    config, _ = config_from_args(build_parser().parse_args(flags))
+    s = pruner_settings(config.prune)
+    assert (s.sam_probability, s.sam_probability_end, s.sam_every) == (0.5, 0.1, 4)
+    assert (s.looksam_alpha, s.ascent_fraction, s.seed) == (0.3, 0.25, config.prune.seed)
+    assert config.prune.compile and from_flat({"sam_every": 2}).prune.optimizer.sam_every == 2
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    for text in ("--sam-probability SAM_PROBABILITY cheaper SAM (RST)", "--sam-every SAM_EVERY",
+                 "--ascent-fraction ASCENT_FRACTION cheaper SAM: the first (ascent) pass",
+                 "--compile torch.compile"):  # fmt: skip
+        assert text in shown
 
 
 def test_the_built_in_loop_gives_the_ascent_a_sub_batch():

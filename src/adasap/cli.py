@@ -88,6 +88,7 @@ RUN_SWITCHES: tuple[tuple[str, str, bool, str], ...] = (
 TRAIN_KEYS = {
     "dataset", "data_dir", "model", "train_limit", "test_limit", "dense_epochs", "dense_lr",
     "batch_size", "seed", "device", "out_dir", "name", "cache_dir", "overwrite", "progress",
+    "compile",
 }  # fmt: skip
 
 
