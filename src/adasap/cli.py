@@ -60,6 +60,15 @@ RUN_OPTIONS: tuple[tuple[str, str, str], ...] = (
     ("--rho-max", "rho_max", "AdaSAP radius of the least important neurons"),
     ("--normalization", "normalization", "AdaSAP perturbation normalisation: global or neuron"),
     ("--score-refresh", "score_refresh", "steps between AdaSAP radius updates"),
+    ("--sam-probability", "sam_probability", "cheaper SAM (RST): the chance that a step is "
+                                             "sharpness-aware; otherwise a plain step"),
+    ("--sam-probability-end", "sam_probability_end", "move --sam-probability linearly to this "
+                                                     "over training ('none': constant)"),
+    ("--sam-every", "sam_every", "cheaper SAM (LookSAM): the ascent every k-th step; the steps "
+                                 "between reuse its direction in one pass"),
+    ("--looksam-alpha", "looksam_alpha", "weight of the reused LookSAM direction"),
+    ("--ascent-fraction", "ascent_fraction", "cheaper SAM: the first (ascent) pass on this "
+                                             "fraction of the batch"),
     ("--round-to", "round_to", "keep channel counts that are multiples of this (16 suits "
                                "onnxruntime)"),
     ("--seed", "seed", "random seed"),
@@ -70,6 +79,7 @@ RUN_OPTIONS: tuple[tuple[str, str, str], ...] = (
 )  # fmt: skip
 RUN_SWITCHES: tuple[tuple[str, str, bool, str], ...] = (
     ("--asam", "asam", True, "scale-invariant (ASAM) perturbations"),
+    ("--compile", "compile", True, "torch.compile the model (compiled again after removals)"),
     ("--overwrite", "overwrite", True, "replace an existing run directory of the same name"),
     ("--no-progress", "progress", False, "no progress bars"),
 )
@@ -78,6 +88,7 @@ RUN_SWITCHES: tuple[tuple[str, str, bool, str], ...] = (
 TRAIN_KEYS = {
     "dataset", "data_dir", "model", "train_limit", "test_limit", "dense_epochs", "dense_lr",
     "batch_size", "seed", "device", "out_dir", "name", "cache_dir", "overwrite", "progress",
+    "compile",
 }  # fmt: skip
 
 

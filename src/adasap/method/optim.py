@@ -17,6 +17,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from adasap.method.cheap_sam import add_direction, gradients, store_direction
+
 Normalization = Literal["global", "neuron"]
 
 
@@ -329,26 +331,46 @@ def sharpness_aware_step(
     scaler: torch.amp.GradScaler | None = None,
     max_grad_norm: float | None = None,
     after_first_backward: Callable[[], None] | None = None,
+    *,
+    ascent: bool = True,
+    ascent_loss: Callable[[], Tensor] | None = None,
+    looksam_alpha: float | None = None,
 ) -> Tensor:
     """One training update with any optimizer; two passes for SAM/AdaSAP, one otherwise.
 
     ``compute_loss`` runs the forward pass on the current batch (inside autocast when AMP is
-    wanted) and returns the loss. Returns the loss at the unperturbed weights, detached.
-    With a grad scaler the perturbation direction uses the scaled gradient: its scale cancels
-    in ``g / ||g||``, so only the final update needs unscaling. ``after_first_backward`` is
-    called while the gradients at the unperturbed weights are present (e.g. to accumulate
-    Taylor scores).
+    wanted) and returns the loss. Returns the loss of the first pass, at the unperturbed
+    weights, detached. With a grad scaler the perturbation direction uses the scaled gradient:
+    its scale cancels in ``g / ||g||``, so only the final update needs unscaling.
+    ``after_first_backward`` is called while the gradients at the unperturbed weights are
+    present (e.g. to accumulate Taylor scores).
+
+    The cheaper variants (:mod:`adasap.method.cheap_sam`) for a SAM/AdaSAP optimizer:
+    ``ascent=False`` is a single-pass step with the base optimizer (RST's plain steps);
+    ``ascent_loss`` computes the first pass's loss instead of ``compute_loss`` (on a
+    sub-batch: that gradient only sets the perturbation's direction); ``looksam_alpha`` set
+    makes an ascent step store LookSAM's orthogonal direction and a single-pass step add it.
     """
     optimizer.zero_grad(set_to_none=True)
-    loss = compute_loss()
+    sharpness_aware = isinstance(optimizer, SAM)
+    ascending = sharpness_aware and ascent
+    loss = (ascent_loss or compute_loss)() if ascending else compute_loss()
     _backward(loss, scaler)
     if after_first_backward is not None:
         after_first_backward()
-    if isinstance(optimizer, SAM):
+    if ascending:
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        plain = gradients(params) if looksam_alpha is not None else None
         optimizer.first_step(zero_grad=True)
         with frozen_bn_statistics(model):
             _backward(compute_loss(), scaler)
         optimizer.restore()
+        if plain is not None:
+            store_direction(optimizer.state, plain)
+    elif sharpness_aware and looksam_alpha is not None:
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        add_direction(optimizer.state, params, looksam_alpha)
+    if sharpness_aware:
         base = optimizer.base_optimizer
         clip = optimizer.max_grad_norm if max_grad_norm is None else max_grad_norm
     else:

@@ -24,6 +24,12 @@ from torch import Tensor, nn
 
 from adasap.errors import UserError
 from adasap.method.base_optimizer import BaseOptimizer, OptimizerKind, base_of
+from adasap.method.cheap_sam import (
+    StepPlan,
+    check_cheap_settings,
+    check_fraction_closure,
+    has_direction,
+)
 from adasap.method.importance import (
     Importance,
     check_scores,
@@ -33,7 +39,7 @@ from adasap.method.importance import (
     radii_from_scores,
 )
 from adasap.method.neurons import NeuronLayout
-from adasap.method.optim import AdaSAP, sharpness_aware_step
+from adasap.method.optim import SAM, AdaSAP, sharpness_aware_step
 from adasap.method.pruning import (
     ModelSize,
     is_channels_last,
@@ -77,6 +83,17 @@ class PrunerSettings:
     taylor_form: Literal["group", "bn"] = "group"
     min_channels: int = 1
     round_to: int = 1
+    # Cheaper sharpness-aware steps (adasap.method.cheap_sam, docs/performance.md); the
+    # defaults make every step of a SAM/AdaSAP phase a full two-pass step.
+    sam_probability: float = 1.0  # RST: chance that a step is sharpness-aware ...
+    sam_probability_end: float | None = None  # ... moving linearly to this over training
+    sam_every: int = 1  # LookSAM: the ascent runs every k-th step ...
+    looksam_alpha: float = 0.7  # ... and the steps between add alpha * the stored direction
+    ascent_fraction: float = 1.0  # the first (ascent) pass on this fraction of the batch
+    seed: int = 0  # of the pruner's own draws (which steps are sharpness-aware)
+
+    def __post_init__(self) -> None:
+        check_cheap_settings(self)
 
 
 def loss_total(loss: Loss) -> Tensor:
@@ -175,6 +192,7 @@ class Pruner:
         self.optimizer = self._build_optimizer(self.kind)
         self.lr_scheduler = lr_scheduler(base_of(self.optimizer)) if lr_scheduler else None
         self.steps_done = 0
+        self.plan = StepPlan(s, schedule.total_steps)
         self.pruning_history: list[list[Any]] = []
         self._radii_due = True
         self._size: ModelSize | None = None
@@ -295,22 +313,36 @@ class Pruner:
         elif step % self.settings.score_refresh == 0:
             self._radii_due = True
 
-    def step(self, closure: Callable[[], Loss]) -> Tensor:
-        """One training step on the current batch; returns the (unperturbed) loss, detached.
+    def step(self, closure: Callable[..., Loss]) -> Tensor:
+        """One training step on the current batch; returns the first pass's loss, detached.
 
         ``closure`` computes the loss of the current batch (forward only: the pruner runs
         the backward passes, two for a sharpness-aware step, with BatchNorm statistics
         frozen in the second). Removals and phase changes happen before the step they are
-        scheduled at; afterwards ``self.optimizer`` is a new object.
+        scheduled at; afterwards ``self.optimizer`` is a new object. With
+        ``ascent_fraction < 1`` the closure must also accept ``fraction=f`` and then return
+        the loss of the first ``ceil(f * batch)`` rows (see :func:`cheap_sam.sub_batch`).
         """
+        s = self.settings
+        if s.ascent_fraction < 1:
+            check_fraction_closure(closure, s.ascent_fraction)
         self._before_step(self.steps_done, closure)
+        kind = "plain"
+        if isinstance(self.optimizer, SAM):
+            kind = self.plan.kind(self.steps_done, has_direction(self.optimizer.state))
+        sub_batch = kind == "ascent" and s.ascent_fraction < 1
         loss = sharpness_aware_step(
             self.model,
             self.optimizer,
             lambda: loss_total(closure()),
             scaler=self.scaler,
-            max_grad_norm=self.settings.max_grad_norm,
+            max_grad_norm=s.max_grad_norm,
             after_first_backward=self._after_first_backward,
+            ascent=kind == "ascent",
+            ascent_loss=(lambda: loss_total(closure(fraction=s.ascent_fraction)))
+            if sub_batch
+            else None,
+            looksam_alpha=s.looksam_alpha if s.sam_every > 1 and kind != "plain" else None,
         )
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
@@ -332,6 +364,7 @@ class Pruner:
             "importance": importance,
             "target": self.target.state_dict(),
             "radii_due": self._radii_due,
+            "plan": self.plan.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -361,3 +394,4 @@ class Pruner:
         if state["importance"] is not None:
             self.importance.load_state_dict(state["importance"])
         self.steps_done, self._radii_due = state["steps_done"], state["radii_due"]
+        self.plan.load_state_dict(state["plan"])

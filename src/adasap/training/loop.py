@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from adasap.checks import check_input, check_labels
 from adasap.data import BatchSource
 from adasap.errors import UserError
+from adasap.method.cheap_sam import sub_batch
 from adasap.training.checkpoint import RunInterrupted, TrainingDiverged, save_checkpoint
 from adasap.training.evaluate import evaluate_accuracy
 from adasap.training.progress import ProgressLog
@@ -37,6 +38,12 @@ class OptimizerSettings:
     normalization: Literal["global", "neuron"] = "global"
     asam: bool = False
     max_grad_norm: float | None = None
+    # cheaper sharpness-aware steps (docs/performance.md); the defaults are full SAM/AdaSAP
+    sam_probability: float = 1.0
+    sam_probability_end: float | None = None
+    sam_every: int = 1
+    looksam_alpha: float = 0.7
+    ascent_fraction: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -64,14 +71,17 @@ class EpochStats:
     loss_sum: float = 0.0
     correct: int = 0
     seconds: float = 0.0
+    # images of the first pass, which loss and accuracy are read from (fewer than ``images``
+    # when that pass is a sharpness-aware ascent on a sub-batch)
+    scored: int = 0
 
     @property
     def loss(self) -> float:
-        return self.loss_sum / max(self.images, 1)
+        return self.loss_sum / max(self.scored, 1)
 
     @property
     def accuracy(self) -> float:
-        return self.correct / max(self.images, 1)
+        return self.correct / max(self.scored, 1)
 
     @property
     def images_per_second(self) -> float:
@@ -106,7 +116,8 @@ class EpochLoop:
     Dense training and every pruning phase run here. With a checkpoint path it saves its
     owner's state after every epoch and when a stop is requested (SIGINT/SIGTERM) between
     two steps, so a run continues where it stopped and, on the CPU, ends with the same
-    weights as an uninterrupted run.
+    weights as an uninterrupted run. With ``compile`` the model trains and is evaluated
+    through ``torch.compile``, compiled afresh after each removal.
     """
 
     pruner: Any
@@ -117,6 +128,7 @@ class EpochLoop:
     amp: bool
     label_smoothing: float
     checkpoint: Path | None = None
+    compile: bool = False
     owner_state: Callable[[], dict[str, Any]] = dict
     should_stop: Callable[[], bool] = lambda: False
     step: int = 0
@@ -125,6 +137,26 @@ class EpochLoop:
     history: list[dict[str, Any]] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
     seconds_before: float = 0.0
+    _compiled: nn.Module | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.compile:
+            self.pruner.register_removal_hook(self._forget_compiled)
+
+    def _forget_compiled(self, pruner: Any) -> None:
+        """New shapes: drop the compiled code (dynamo's cache is global, and its recompile
+        limit would otherwise send later removals back to eager mode)."""
+        self._compiled = None
+        torch.compiler.reset()
+
+    @property
+    def model(self) -> nn.Module:
+        """The model to run: the pruner's, compiled when ``compile`` is on."""
+        if not self.compile:
+            return self.pruner.model
+        if self._compiled is None:
+            self._compiled = torch.compile(self.pruner.model)
+        return self._compiled
 
     def elapsed(self) -> float:
         return self.seconds_before + time.perf_counter() - self.started
@@ -179,10 +211,9 @@ class EpochLoop:
             self.partial = None
             self.step += count
             self.epoch += 1
-            model = self.pruner.model
             val = (
                 evaluate_accuracy(
-                    model, self.val, device=self.device, channels_last=self.channels_last
+                    self.model, self.val, device=self.device, channels_last=self.channels_last
                 )
                 if self.val is not None
                 else None
@@ -210,11 +241,11 @@ class EpochLoop:
     def _train_steps(self, steps: int, progress: ProgressLog, description: str) -> EpochStats:
         """The first ``steps`` batches of the current epoch (resuming a partial one)."""
         criterion = nn.CrossEntropyLoss(label_smoothing=self.label_smoothing)
-        model = self.pruner.model
-        model.train()
+        self.pruner.model.train()
         stats = copy.copy(self.partial) if self.partial is not None else EpochStats()
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
+        scored = 0
         start = time.perf_counter()
         task = progress.start(description, steps)
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
@@ -227,17 +258,20 @@ class EpochLoop:
             if index >= steps or self.should_stop():
                 break
             x = x.contiguous(memory_format=memory_format)
-            outputs: list[Tensor] = []
+            outputs: list[tuple[Tensor, Tensor]] = []
 
-            def compute_loss(x: Tensor = x, y: Tensor = y, outputs: list = outputs) -> Tensor:
+            def compute_loss(
+                fraction: float = 1.0, x: Tensor = x, y: Tensor = y, outputs: list = outputs
+            ) -> Tensor:
+                images, labels = sub_batch(fraction, x, y)
                 with autocast_for(self.device, self.amp):
-                    logits = model(x)
+                    logits = self.model(images)
                 if not outputs:
-                    outputs.append(logits.detach())
+                    outputs.append((logits.detach(), labels))
                 if labels_unchecked:
                     labels_unchecked.pop()
                     check_labels(y, logits.shape[-1], "the training labels")
-                return criterion(logits.float(), y)
+                return criterion(logits.float(), labels)
 
             try:
                 loss = self.pruner.step(compute_loss)
@@ -248,8 +282,10 @@ class EpochLoop:
                 raise FloatingPointError(
                     f"non-finite loss {loss.item()} at step {self.step + index}"
                 )
-            loss_sum += loss.double() * len(y)
-            correct += (outputs[0].argmax(1) == y).sum()
+            logits, labels = outputs[0]
+            loss_sum += loss.double() * len(labels)
+            correct += (logits.argmax(1) == labels).sum()
+            scored += len(labels)
             stats.steps += 1
             stats.images += len(y)
             if index % 10 == 0 or index == steps - 1:
@@ -257,12 +293,13 @@ class EpochLoop:
                 progress.update(
                     task,
                     index + 1,
-                    f"loss {(stats.loss_sum + loss_sum.item()) / stats.images:.3f} "
-                    f"acc {(stats.correct + correct.item()) / stats.images:.3f} "
+                    f"loss {(stats.loss_sum + loss_sum.item()) / (stats.scored + scored):.3f} "
+                    f"acc {(stats.correct + correct.item()) / (stats.scored + scored):.3f} "
                     f"{stats.images / elapsed:.0f} img/s {self.pruner.describe()}",
                 )
         progress.finish(task, stats.steps)
         stats.loss_sum += loss_sum.item()
         stats.correct += int(correct.item())
+        stats.scored += scored
         stats.seconds += time.perf_counter() - start
         return stats

@@ -43,6 +43,7 @@ class PruneSettings:
     device: str = "auto"
     amp: bool = True
     channels_last: bool = True
+    compile: bool = False
     progress: bool = True
 
     def validate(self) -> PruneSettings:
@@ -84,6 +85,7 @@ class PruneSettings:
                 f"perturbation normalization must be global or neuron, got {o.normalization!r}"
             )
         base_optimizer_class(o.base_optimizer)
+        pruner_settings(self)  # the method's own checks (the cheaper sharpness-aware steps)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -131,6 +133,12 @@ def pruner_settings(settings: PruneSettings) -> PrunerSettings:
         taylor_form=s.taylor_form,
         min_channels=s.min_channels,
         round_to=s.round_to,
+        sam_probability=o.sam_probability,
+        sam_probability_end=o.sam_probability_end,
+        sam_every=o.sam_every,
+        looksam_alpha=o.looksam_alpha,
+        ascent_fraction=o.ascent_fraction,
+        seed=s.seed,
     )
 
 
