@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch import nn
 
+import adasap.training.pipeline as pipeline
 from adasap.data import load_dataset
 from adasap.deploy.serialization import WEIGHTS_FILE, load_model, save_model
 from adasap.errors import UserError
@@ -157,3 +158,11 @@ def test_progress_off_a_terminal_is_one_readable_line_per_epoch(data, dense, cap
     for line, phase in zip(lines, ("warmup", "prune", "finetune"), strict=True):
         assert line.startswith(f"adasap {phase} ep")
         assert "loss " in line and "val " in line and "img/s" in line and "…" not in line
+
+
+@pytest.mark.parametrize("compile", [True, False])
+def test_the_compile_setting_reaches_the_training_loop(monkeypatch, data, dense, compile):
+    seen = []
+    monkeypatch.setattr(pipeline.EpochLoop, "run", lambda loop, *a, **k: seen.append(loop.compile))
+    prune(dense, data, **{**FAST, "compile": compile})
+    assert seen == [compile] * 3  # one call per phase

@@ -173,6 +173,7 @@ class _Setup:
             self.s.amp,
             self.s.label_smoothing,
             checkpoint=checkpoint,
+            compile=self.s.compile,
             owner_state=lambda: {
                 **identity,
                 "model": pruner.model.state_dict(),
