@@ -52,6 +52,7 @@ class ExperimentConfig:
     name: str | None = None
     overwrite: bool = False
     cache_dir: str | None = None
+    progress: bool = True
 
     @property
     def reduced(self) -> bool:

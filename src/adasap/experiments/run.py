@@ -147,6 +147,7 @@ def dense_model(config: ExperimentConfig, data: DataBundle, console: Console):
         settings=s,
         lr=config.dense_lr,
         checkpoint_dir=directory,
+        progress=config.progress,
     )
     info = {"seconds": result.seconds, "val_accuracy": result.val_accuracy, "recipe": recipe}
     save_model(directory, result.model.cpu(), architecture, extra={"train": info})
@@ -210,7 +211,7 @@ def evaluate_model(
         seed=config.prune.seed,
         cache_dir=cache_root(config.cache_dir) / "corruptions",
         corrupted=official_sets(*official) if official is not None else None,
-        progress=config.prune.progress,
+        progress=config.progress,
     )
     report.save(out_dir / label)
     return replace(
@@ -324,6 +325,7 @@ def pruned_row(
             settings=replace(config.prune, method=method),
             log=log,
             checkpoint_dir=method_dir,
+            progress=config.progress,
         )
     model = result.model.cpu()
     save_model(method_dir, model, model_architecture(config, data), result.pruning_history)

@@ -100,7 +100,11 @@ def _sweep_row(
     dense, _ = dense_model(config, data, console)
     console.print(f"[bold]{run_id}[/bold]: pruning")
     result = prune(
-        dense, data, settings=replace(config.prune, method=method), checkpoint_dir=run_dir
+        dense,
+        data,
+        settings=replace(config.prune, method=method),
+        checkpoint_dir=run_dir,
+        progress=config.progress,
     )
     device = resolve_device(config.prune.device)
     report = evaluate_corruptions(
@@ -111,7 +115,7 @@ def _sweep_row(
         device=device,
         seed=config.prune.seed,
         cache_dir=cache_root(config.cache_dir) / "corruptions",
-        progress=config.prune.progress,
+        progress=config.progress,
     )
     report.save(run_dir)
     kind = config.prune.keep_kind

@@ -32,7 +32,6 @@ from adasap.training.loop import CosineSchedule, EpochLoop, steps_per_epoch
 from adasap.training.progress import ProgressLog
 from adasap.training.settings import (
     PruneSettings,
-    _comparable,
     base_optimizer,
     pruner_settings,
     with_overrides,
@@ -157,6 +156,7 @@ class _Setup:
         identity: dict[str, Any],
         checkpoint_dir: str | Path | None,
         log: Log,
+        progress: bool,
     ) -> EpochLoop:
         """Train through ``phases`` (name, end step), resuming a checkpoint of the same run.
 
@@ -192,10 +192,10 @@ class _Setup:
             loop.restore(state["loop"])
             for record in loop.history:  # a resumed run reports its earlier epochs too
                 log(record)
-        with stop_requests() as should_stop, ProgressLog(enabled=self.s.progress) as report:
+        with stop_requests() as should_stop, ProgressLog(enabled=progress) as report:
             loop.should_stop = should_stop
             for phase, end in phases:
-                loop.run(report, phase, end, log, label=f"{label} {phase}")
+                loop.run(report, phase, end, log, label=f"{label} {phase}".strip())
         pruner.model.eval()
         return loop
 
@@ -216,6 +216,7 @@ def prune(
     ignored_layers: Sequence[nn.Module] | None = None,
     log: Log | None = None,
     checkpoint_dir: str | Path | None = None,
+    progress: bool = True,
     **overrides: Any,
 ) -> PruneResult:
     """Prune a dense model with AdaSAP (or a baseline) and return the smaller model.
@@ -235,6 +236,7 @@ def prune(
         log: called with one dict per epoch (phase, losses, accuracies, size, speed).
         checkpoint_dir: save a checkpoint there after every epoch and on SIGINT/SIGTERM; a
             checkpoint found there is resumed (with the same settings and dense model).
+        progress: a live bar on a terminal, one line per epoch otherwise; False: silent.
 
     Returns:
         A :class:`PruneResult` with the pruned model, its measured size, per-epoch history and
@@ -262,8 +264,8 @@ def prune(
     )
     dense_size = measure_size(model, setup.example)
     phases = [(phase, schedule.phase_end(phase)) for phase in PHASES]
-    identity = {"settings": _comparable(s)}
-    loop = setup.run(pruner, val_data, phases, s.method, identity, checkpoint_dir, log)
+    identity = {"settings": s.to_dict()}
+    loop = setup.run(pruner, val_data, phases, s.method, identity, checkpoint_dir, log, progress)
     history = loop.history
     latency = _final_latency(reference, pruner, setup) if s.keep_kind == "latency" else None
     final = (
@@ -317,13 +319,15 @@ def train(
     settings: PruneSettings | None = None,
     log: Log | None = None,
     checkpoint_dir: str | Path | None = None,
+    progress: bool = True,
     **overrides: Any,
 ) -> TrainResult:
     """Train a dense model with the base optimizer: the starting point that :func:`prune` takes.
 
     It uses the same loop, schedule and settings as pruning (lr, batch size, label smoothing,
     seed, device ...), so a dense model and its pruned versions are trained alike.
-    ``train_data``, ``val_data`` and ``checkpoint_dir`` are as for :func:`prune`.
+    ``train_data``, ``val_data``, ``checkpoint_dir`` and ``progress`` are as for
+    :func:`prune`.
     """
     s = with_overrides(settings or PruneSettings(), overrides).validate()
     if epochs <= 0:
@@ -335,8 +339,8 @@ def train(
     schedule = PhaseSchedule(0, 0, round(epochs * len(setup.source)), removals=0)
     ignored = _ignored_layers(model, setup.example, num_classes)
     pruner = setup.pruner(model, schedule, method="sgd", keep=1.0, ignored_layers=ignored)
-    identity = {"settings": _comparable(s), "epochs": epochs}
+    identity = {"settings": s.to_dict(), "epochs": epochs}
     phases = [("dense", schedule.total_steps)]
-    loop = setup.run(pruner, val_data, phases, "dense", identity, checkpoint_dir, log)
+    loop = setup.run(pruner, val_data, phases, "", identity, checkpoint_dir, log, progress)
     history = loop.history
     return TrainResult(model, history, loop.elapsed(), history[-1]["val_accuracy"])

@@ -44,7 +44,6 @@ class PruneSettings:
     amp: bool = True
     channels_last: bool = True
     compile: bool = False
-    progress: bool = True
 
     def validate(self) -> PruneSettings:
         """Raise :class:`UserError` naming the first bad value and what is allowed."""
@@ -90,13 +89,6 @@ class PruneSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _comparable(settings: PruneSettings) -> dict[str, Any]:
-    """The settings that must match for a checkpoint to be resumed (display ones excluded)."""
-    values = settings.to_dict()
-    values.pop("progress")
-    return values
 
 
 def with_overrides(settings: PruneSettings, overrides: dict[str, Any]) -> PruneSettings:
