@@ -71,6 +71,7 @@ class PrunerSettings:
     """The method's scalar knobs; the defaults are the documented choices (docs/method.md)."""
 
     keep_kind: Literal["params", "macs"] = "params"
+    # chosen by `adasap sweep --preset small` (docs/tuning.md): validation data, extra corruptions
     rho: float = 0.05
     rho_min: float = 0.05
     rho_max: float = 0.1

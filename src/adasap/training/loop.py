@@ -18,9 +18,12 @@ from adasap.checks import check_input, check_labels
 from adasap.data import BatchSource
 from adasap.errors import UserError
 from adasap.method.cheap_sam import sub_batch
+from adasap.method.pruner import PrunerSettings
 from adasap.training.checkpoint import RunInterrupted, TrainingDiverged, save_checkpoint
 from adasap.training.evaluate import evaluate_accuracy
 from adasap.training.progress import ProgressLog
+
+_METHOD = PrunerSettings()
 
 
 @dataclass(frozen=True)
@@ -31,19 +34,18 @@ class OptimizerSettings:
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    # chosen by `adasap sweep --preset small` (docs/tuning.md): validation data, extra corruptions
-    rho: float = 0.05
-    rho_min: float = 0.05
-    rho_max: float = 0.1
-    normalization: Literal["global", "neuron"] = "global"
-    asam: bool = False
-    max_grad_norm: float | None = None
-    # cheaper sharpness-aware steps (docs/performance.md); the defaults are full SAM/AdaSAP
-    sam_probability: float = 1.0
-    sam_probability_end: float | None = None
-    sam_every: int = 1
-    looksam_alpha: float = 0.7
-    ascent_fraction: float = 1.0
+    # the method's own knobs: their defaults live in PrunerSettings
+    rho: float = _METHOD.rho
+    rho_min: float = _METHOD.rho_min
+    rho_max: float = _METHOD.rho_max
+    normalization: Literal["global", "neuron"] = _METHOD.normalization
+    asam: bool = _METHOD.asam
+    max_grad_norm: float | None = _METHOD.max_grad_norm
+    sam_probability: float = _METHOD.sam_probability
+    sam_probability_end: float | None = _METHOD.sam_probability_end
+    sam_every: int = _METHOD.sam_every
+    looksam_alpha: float = _METHOD.looksam_alpha
+    ascent_fraction: float = _METHOD.ascent_fraction
 
 
 @dataclass(frozen=True)
