@@ -30,6 +30,22 @@ def first_layer(model: nn.Module) -> tuple[str, nn.Module] | None:
     return None
 
 
+def find_classifier(model: nn.Module, num_classes: int) -> nn.Module | None:
+    """The last Linear (or 1x1 Conv2d) producing ``num_classes`` outputs: the layer whose
+    output channels a pruner must keep."""
+    found = None
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and module.out_features == num_classes:
+            found = module
+        elif (
+            isinstance(module, nn.Conv2d)
+            and module.kernel_size == (1, 1)
+            and module.out_channels == num_classes
+        ):
+            found = module
+    return found
+
+
 def input_mismatch(model: nn.Module, shape: Sequence[int]) -> str | None:
     """Why a batch of ``shape`` (N, C, H, W) cannot go into ``model``, judged from its first
     layer alone; ``None`` when that layer accepts it (or there is no such layer)."""

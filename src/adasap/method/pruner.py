@@ -22,6 +22,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from adasap.checks import find_classifier
 from adasap.errors import UserError
 from adasap.method.base_optimizer import BaseOptimizer, OptimizerKind, base_of
 from adasap.method.cheap_sam import (
@@ -117,21 +118,13 @@ def default_ignored_layers(model: nn.Module, example_inputs: Tensor) -> list[nn.
         outputs = model(example_inputs)
     model.train(was_training)
     width = outputs.shape[-1] if isinstance(outputs, Tensor) else None
-    found = [
-        m
-        for m in model.modules()
-        if isinstance(m, nn.Linear)
-        and m.out_features == width
-        or isinstance(m, nn.Conv2d)
-        and m.kernel_size == (1, 1)
-        and m.out_channels == width
-    ]
-    if not found:
+    found = find_classifier(model, width)
+    if found is None:
         raise UserError(
             f"found no output layer with the model's {width} outputs to protect from pruning: "
             "pass ignored_layers=[the output layer]"
         )
-    return found[-1:]
+    return [found]
 
 
 class Pruner:

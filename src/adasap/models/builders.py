@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from adasap.checks import find_classifier
 from adasap.errors import UserError, exception_reason
 from adasap.models.cifar_resnet import CifarResNet, cifar_resnet_names
 from adasap.models.registry import ModelRequest, resolve
@@ -108,19 +109,3 @@ def _check_runs(net: nn.Module, name: str, in_channels: int, image_size: int) ->
         ) from None
     finally:
         net.train(was_training)
-
-
-def find_classifier(model: nn.Module, num_classes: int) -> nn.Module | None:
-    """The last Linear (or 1x1 Conv2d) producing ``num_classes`` outputs: the layer whose
-    output channels a pruner must keep."""
-    found = None
-    for module in model.modules():
-        if isinstance(module, nn.Linear) and module.out_features == num_classes:
-            found = module
-        elif (
-            isinstance(module, nn.Conv2d)
-            and module.kernel_size == (1, 1)
-            and module.out_channels == num_classes
-        ):
-            found = module
-    return found
