@@ -42,7 +42,6 @@ from adasap.method.importance import (
 from adasap.method.neurons import NeuronLayout
 from adasap.method.optim import SAM, AdaSAP, sharpness_aware_step
 from adasap.method.pruning import (
-    ModelSize,
     is_channels_last,
     measure_size,
     named_optimizer_state,
@@ -178,8 +177,9 @@ class Pruner:
         self.importance = make_importance(criterion, taylor_form=s.taylor_form)
         self._reset_importance()
         self.target = SizeTarget(keep, s.keep_kind) if isinstance(keep, int | float) else keep
+        self.size = measure_size(model, example_inputs)  # measured again after each removal
         if isinstance(self.target, SizeTarget):
-            self.target.bind(self.layout, example_inputs)
+            self.target.bind(self.size)
         if schedule.removal_count:
             self.target.check(self.layout, s.min_channels, s.round_to)
         self._base = BaseOptimizer.of(model, optimizer, optimizer_kwargs)
@@ -189,7 +189,6 @@ class Pruner:
         self.plan = StepPlan(s, schedule.total_steps)
         self.pruning_history: list[list[Any]] = []
         self._radii_due = True
-        self._size: ModelSize | None = None
         self._removal_hooks: list[Callable[[Pruner], None]] = []
 
     def _trace(self) -> NeuronLayout:
@@ -230,13 +229,6 @@ class Pruner:
             self.lr_scheduler.load_state_dict(scheduler_state)
         for new_group, old_group in zip(self.optimizer.param_groups, old.param_groups, strict=True):
             new_group.update({k: v for k, v in old_group.items() if k not in _OWN_KEYS})
-
-    @property
-    def size(self) -> ModelSize:
-        """The model's current parameters and MACs, measured by Torch-Pruning."""
-        if self._size is None:
-            self._size = measure_size(self.model, self.example)
-        return self._size
 
     @property
     def phase(self) -> str:
@@ -289,8 +281,8 @@ class Pruner:
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.layout = self._trace()
-        self._size = None
-        self.target.removed(self.layout, self.example)
+        self.size = measure_size(self.model, self.example)
+        self.target.removed(self.layout, self.size)
         self._replace_optimizer(self.kind, old_state, kept)
         self._reset_importance()
         self._radii_due = True
@@ -374,10 +366,11 @@ class Pruner:
             )
         if len(history) > len(self.pruning_history):
             replay_pruning(self.model, history, self.example)
-            self.layout, self._size = self._trace(), None
+            self.layout = self._trace()
+            self.size = measure_size(self.model, self.example)
         self.pruning_history = list(history)
         self.target.load_state_dict(state["target"])
-        self.target.removed(self.layout, self.example)
+        self.target.removed(self.layout, self.size)
         self.kind = state["kind"]
         self.optimizer = self._build_optimizer(self.kind)
         if self.make_scheduler is not None:

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from adasap.errors import UserError
 from adasap.method.neurons import NeuronLayout
-from adasap.method.pruning import ModelSize, measure_size, select_neurons, size_predictor
+from adasap.method.pruning import ModelSize, select_neurons, size_predictor
 
 SizeKind = Literal["params", "macs"]
 
@@ -33,8 +33,8 @@ class PruningTarget(Protocol):
     ) -> Tensor:
         """Neurons to remove now so that the size is ``progress`` (0-1] of the way down."""
 
-    def removed(self, layout: NeuronLayout, example_inputs: Tensor) -> None:
-        """Called after a removal, with the new layout."""
+    def removed(self, layout: NeuronLayout, size: ModelSize) -> None:
+        """Called after a removal, with the new layout and the model's measured size."""
 
     def check(self, layout: NeuronLayout, min_channels: int, round_to: int) -> None:
         """Raise :class:`UserError` if the final target would empty a layer."""
@@ -65,9 +65,9 @@ class SizeTarget:
         self.dense: ModelSize | None = None
         self.current: ModelSize | None = None
 
-    def bind(self, layout: NeuronLayout, example_inputs: Tensor) -> None:
-        """Measure the dense model (the model the layout was built on)."""
-        self.dense = self.current = measure_size(layout.model, example_inputs)
+    def bind(self, dense: ModelSize) -> None:
+        """Start from the dense model's measured size."""
+        self.dense = self.current = dense
 
     @property
     def final(self) -> int:
@@ -86,8 +86,8 @@ class SizeTarget:
         predict = size_predictor(layout, self.current, self.kind)
         return select_neurons(layout, scores, target, predict, self.kind, min_channels, round_to)
 
-    def removed(self, layout: NeuronLayout, example_inputs: Tensor) -> None:
-        self.current = measure_size(layout.model, example_inputs)
+    def removed(self, layout: NeuronLayout, size: ModelSize) -> None:
+        self.current = size
 
     def check(self, layout: NeuronLayout, min_channels: int, round_to: int) -> None:
         equal = torch.ones(layout.num_neurons)
@@ -125,7 +125,7 @@ class LatencyTarget:
         target = dense - (dense - self.budget.target_ms) * progress
         return self.budget.select(layout, scores, target, min_channels, round_to)
 
-    def removed(self, layout: NeuronLayout, example_inputs: Tensor) -> None:
+    def removed(self, layout: NeuronLayout, size: ModelSize) -> None:
         """The budget updated its prediction when it selected."""
 
     def check(self, layout: NeuronLayout, min_channels: int, round_to: int) -> None:

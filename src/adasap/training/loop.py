@@ -253,7 +253,7 @@ class EpochLoop:
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         done_before = stats.steps
         # checked at the first forward, before the loss (on CUDA a bad label is a bare assert)
-        labels_unchecked = [None]
+        labels_checked = False
         for index, (x, y) in enumerate(self.source.epoch(self.epoch, self.device)):
             if index < done_before:
                 continue  # drawn again to keep the epoch's random stream in step
@@ -265,14 +265,15 @@ class EpochLoop:
             def compute_loss(
                 fraction: float = 1.0, x: Tensor = x, y: Tensor = y, outputs: list = outputs
             ) -> Tensor:
+                nonlocal labels_checked
                 images, labels = sub_batch(fraction, x, y)
                 with autocast_for(self.device, self.amp):
                     logits = self.model(images)
                 if not outputs:
                     outputs.append((logits.detach(), labels))
-                if labels_unchecked:
-                    labels_unchecked.pop()
+                if not labels_checked:
                     check_labels(y, logits.shape[-1], "the training labels")
+                    labels_checked = True
                 return criterion(logits.float(), labels)
 
             try:

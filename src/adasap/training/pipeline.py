@@ -23,7 +23,7 @@ from adasap.devices import prepare_model, resolve_device
 from adasap.errors import UserError
 from adasap.method.neurons import NeuronLayout
 from adasap.method.pruner import Pruner, default_ignored_layers
-from adasap.method.pruning import ModelSize, measure_size
+from adasap.method.pruning import ModelSize
 from adasap.method.schedule import PHASES, PhaseSchedule
 from adasap.method.target import LatencyTarget, PruningTarget, SizeTarget
 from adasap.models.builders import find_classifier
@@ -101,7 +101,7 @@ def check_target_reachable(
         target: PruningTarget = LatencyTarget(budget)
     else:
         target = SizeTarget(s.keep, s.keep_kind)
-        target.dense = dense
+        target.bind(dense)
     target.check(layout, s.min_channels, s.round_to)
 
 
@@ -262,7 +262,7 @@ def prune(
     pruner = setup.pruner(
         model, schedule, method=s.method, keep=target, criterion=s.criterion, ignored_layers=ignored
     )
-    dense_size = measure_size(model, setup.example)
+    dense_size = pruner.size
     phases = [(phase, schedule.phase_end(phase)) for phase in PHASES]
     identity = {"settings": s.to_dict()}
     loop = setup.run(pruner, val_data, phases, s.method, identity, checkpoint_dir, log, progress)
