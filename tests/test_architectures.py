@@ -47,7 +47,7 @@ def test_prunes_to_half_then_exports_and_reloads(name, size, tmp_path):
     # 8 training images, batch 8: the single removal step happens at the one training step
     result = adasap.prune(
         model, data, keep=0.5, warmup_epochs=0, prune_epochs=1, finetune_epochs=0, prune_steps=1,
-        batch_size=8, method="sgd", device="cpu", amp=False, channels_last=False, progress=False,
+        batch_size=8, method="sgd", device="cpu", amp="off", channels_last=False, progress=False,
     )  # fmt: skip
     assert 0.48 <= result.keep_fraction("params") <= 0.505
     pruned = result.model.eval()

@@ -747,7 +747,8 @@ def test_select_neurons_below_the_floor(gray):
         (dict(keep="0.5"), r"keep must be a number, got '0.5' \(str\)"),
         (dict(prune_steps=2.0), r"prune_steps must be an integer, got 2.0"),
         (dict(lr=True), r"lr must be a number, got True \(bool\)"),
-        (dict(amp="yes"), r"amp must be True or False"),
+        (dict(amp=True), r"amp must be a string, got True"),
+        (dict(amp="yes"), r"amp must be one of auto, bf16, fp16, off, got 'yes'"),
         (dict(method=None), r"method must be a string"),
     ],
     ids=[
@@ -761,7 +762,8 @@ def test_select_neurons_below_the_floor(gray):
         "keep-string",
         "steps-float",
         "lr-bool",
-        "amp-string",
+        "amp-bool",
+        "amp-unknown",
         "method-none",
     ],  # fmt: skip
 )

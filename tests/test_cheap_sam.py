@@ -317,7 +317,7 @@ def compiled_run(compile: bool) -> tuple[EpochLoop, list[int]]:
     source = training_source(TensorDataset(images, labels), batch_size=16, seed=0)
     pruner = Pruner(model, images[:2], PhaseSchedule(3, 3, 3, removals=2), keep=0.5,
                     optimizer_kwargs=dict(lr=0.05, momentum=0.9))  # fmt: skip
-    loop = EpochLoop(pruner, source, (images, labels), torch.device("cpu"), False, False, 0.0,
+    loop = EpochLoop(pruner, source, (images, labels), torch.device("cpu"), False, None, 0.0,
                      compile=compile)  # fmt: skip
     compiled = []  # after each removal: is the compiled model gone?
     pruner.register_removal_hook(lambda p: compiled.append(loop._compiled is None))

@@ -73,6 +73,8 @@ RUN_OPTIONS: tuple[tuple[str, str, str], ...] = (
                                "onnxruntime)"),
     ("--seed", "seed", "random seed"),
     ("--device", "device", "auto, cpu or cuda[:N]"),
+    ("--amp", "amp", "mixed precision: auto (fp16 on CUDA, bf16 on a CPU with native bf16), "
+                     "bf16, fp16 or off"),
     ("--out", "out_dir", "parent folder of run directories"),
     ("--name", "name", "run directory name (default: date-dataset-model)"),
     ("--cache-dir", "cache_dir", "dense models and corrupted test sets (default ~/.cache/adasap)"),
@@ -88,7 +90,7 @@ RUN_SWITCHES: tuple[tuple[str, str, bool, str], ...] = (
 TRAIN_KEYS = {
     "dataset", "data_dir", "model", "train_limit", "test_limit", "dense_epochs", "dense_lr",
     "batch_size", "seed", "device", "out_dir", "name", "cache_dir", "overwrite", "progress",
-    "compile",
+    "compile", "amp",
 }  # fmt: skip
 
 

@@ -205,7 +205,7 @@ PRESETS: dict[str, BenchPreset] = {
             "rho": 0.05,
             "rho_min": 0.02,
             "rho_max": 0.2,
-            "amp": True,
+            "amp": "auto",
         },
         pairs=(
             ("sgd", "magnitude"),

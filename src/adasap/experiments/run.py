@@ -23,7 +23,7 @@ from rich.console import Console
 from adasap.data import DataBundle, evaluation_source, load_dataset, training_source
 from adasap.deploy.latency import TimingSettings, latency_budget, measure_latency
 from adasap.deploy.serialization import load_model, save_model
-from adasap.devices import resolve_device
+from adasap.devices import autocast_dtype, resolve_device
 from adasap.errors import UserError
 from adasap.experiments.config import ExperimentConfig, dump_yaml
 from adasap.experiments.reporting import results_markdown, results_table
@@ -128,6 +128,9 @@ def dense_model(config: ExperimentConfig, data: DataBundle, console: Console):
         label_smoothing=s.label_smoothing,
         seed=s.seed,
     )
+    precision = autocast_dtype(s.amp, resolve_device(s.device))
+    if precision is not None:  # float32 keeps the earlier key, so its cached models still count
+        recipe["precision"] = str(precision)
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
     directory = cache_root(config.cache_dir) / "dense" / f"{folder_label(config)}-{key}"
     if (directory / "model.json").is_file():

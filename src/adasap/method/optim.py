@@ -358,6 +358,10 @@ def sharpness_aware_step(
     _backward(loss, scaler)
     if after_first_backward is not None:
         after_first_backward()
+    if ascending and scaler is not None and not _finite_gradients(optimizer):
+        # An fp16 overflow gives no direction to ascend: skip the second pass and let the
+        # scaler skip this update (it finds the inf) and lower its scale, as a plain step does.
+        ascending = False
     if ascending:
         params = [p for g in optimizer.param_groups for p in g["params"]]
         plain = gradients(params) if looksam_alpha is not None else None
@@ -367,7 +371,7 @@ def sharpness_aware_step(
         optimizer.restore()
         if plain is not None:
             store_direction(optimizer.state, plain)
-    elif sharpness_aware and looksam_alpha is not None:
+    elif sharpness_aware and not ascent and looksam_alpha is not None:
         params = [p for g in optimizer.param_groups for p in g["params"]]
         add_direction(optimizer.state, params, looksam_alpha)
     if sharpness_aware:
@@ -386,6 +390,11 @@ def sharpness_aware_step(
     else:
         base.step()
     return loss.detach()
+
+
+def _finite_gradients(optimizer: torch.optim.Optimizer) -> bool:
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    return bool(torch.stack([g.abs().max() for g in grads]).isfinite().all()) if grads else True
 
 
 def _backward(loss: Tensor, scaler: torch.amp.GradScaler | None) -> None:

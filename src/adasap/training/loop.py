@@ -90,11 +90,11 @@ class EpochStats:
         return self.images / max(self.seconds, 1e-9)
 
 
-def autocast_for(device: torch.device, amp: bool):
-    """float16 autocast on CUDA when AMP is on; nothing on the CPU."""
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
-    return nullcontext()
+def autocast_for(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to ``dtype`` on ``device`` (:func:`adasap.devices.autocast_dtype`); None: off."""
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def steps_per_epoch(source: BatchSource) -> int:
@@ -127,7 +127,7 @@ class EpochLoop:
     val: Any
     device: torch.device
     channels_last: bool
-    amp: bool
+    amp: torch.dtype | None
     label_smoothing: float
     checkpoint: Path | None = None
     compile: bool = False

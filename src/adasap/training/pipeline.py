@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from adasap.data import BatchSource, DataBundle, training_source
-from adasap.devices import prepare_model, resolve_device
+from adasap.devices import autocast_dtype, prepare_model, resolve_device
 from adasap.errors import UserError
 from adasap.method.neurons import NeuronLayout
 from adasap.method.pruner import Pruner, default_ignored_layers
@@ -113,6 +113,7 @@ class _Setup:
     source: BatchSource
     device: torch.device
     channels_last: bool
+    amp: torch.dtype | None
     example: torch.Tensor
 
     @classmethod
@@ -123,7 +124,8 @@ class _Setup:
         steps_per_epoch(source)  # enough training images for one batch?
         source.check()
         prepare_model(model, device, channels_last)
-        return cls(s, source, device, channels_last, source.example().to(device))
+        amp = autocast_dtype(s.amp, device)
+        return cls(s, source, device, channels_last, amp, source.example().to(device))
 
     def cosine(self, total_steps: int) -> Callable[[torch.optim.Optimizer], Any]:
         """The learning rate per step: linear warm-up, then cosine decay to zero."""
@@ -140,9 +142,8 @@ class _Setup:
             optimizer=cls,
             optimizer_kwargs=optimizer_kwargs,
             lr_scheduler=self.cosine(schedule.total_steps),
-            scaler=torch.amp.GradScaler("cuda")
-            if self.s.amp and self.device.type == "cuda"
-            else None,
+            # float16 gradients underflow without loss scaling; bfloat16's range needs none
+            scaler=torch.amp.GradScaler(self.device.type) if self.amp == torch.float16 else None,
             settings=pruner_settings(self.s),
             **kwargs,
         )
@@ -170,7 +171,7 @@ class _Setup:
             val_data,
             self.device,
             self.channels_last,
-            self.s.amp,
+            self.amp,
             self.s.label_smoothing,
             checkpoint=checkpoint,
             compile=self.s.compile,

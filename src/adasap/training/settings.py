@@ -6,6 +6,7 @@ import inspect
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from adasap.devices import check_amp
 from adasap.errors import UserError
 from adasap.method.base_optimizer import base_optimizer_class
 from adasap.method.importance import criteria
@@ -41,7 +42,7 @@ class PruneSettings:
     round_to: int = 1
     seed: int = 0
     device: str = "auto"
-    amp: bool = True
+    amp: str = "auto"
     channels_last: bool = True
     compile: bool = False
 
@@ -83,6 +84,7 @@ class PruneSettings:
             raise UserError(
                 f"perturbation normalization must be global or neuron, got {o.normalization!r}"
             )
+        check_amp(self.amp)
         base_optimizer_class(o.base_optimizer)
         pruner_settings(self)  # the method's own checks (the cheaper sharpness-aware steps)
         return self
