@@ -77,9 +77,11 @@ def forward_runner(
 ) -> Callable[[int], Callable[[], object]]:
     """For a batch size, a call that runs one forward pass of ``model`` on ``backend``.
 
-    PyTorch runs a copy in eval mode, channels_last on the CPU (oneDNN's fastest layout for
-    convolutions); onnxruntime runs an export written to ``onnx_path``. Calls given the same
-    ``inputs`` dict share their input tensors (for layers, which never write to them).
+    PyTorch runs a copy in eval mode, channels_last on the CPU, the layout adasap trains in
+    (oneDNN's fastest for convolutions; PyTorch's own convolution, which it picks at batch 1
+    for small inputs, is fast in it only with channel counts in multiples of 8: see
+    docs/deployment.md); onnxruntime runs an export written to ``onnx_path``. Calls given the
+    same ``inputs`` dict share their input tensors (for layers, which never write to them).
     """
     if backend == "onnxruntime":
         if onnx_path is None:
