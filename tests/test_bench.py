@@ -130,7 +130,10 @@ def test_results_structure(smoke_run):
         for key in ("loss_increase", "hessian_eigenvalue", "latency_ms", "macs", "seconds"):
             assert row[key] is not None, key
         assert row["dense_loss_increase"] == dense["loss_increase"]
+    assert dense["latency_ratio"] is None
     for row in rows[1:]:
+        assert row["latency_ratio_low"] <= row["latency_ratio"] <= row["latency_ratio_high"]
+        assert row["latency_noisy"]  # 3 repeats: too few rounds to trust the ratio
         assert row["params"] < dense["params"] and row["macs"] < dense["macs"]
         assert abs(row["keep_achieved"] - 0.5) <= 0.02
         assert abs(row["params"] / dense["params"] - row["keep_achieved"]) < 1e-9
@@ -150,6 +153,7 @@ def test_report_files(smoke_run):
         "params",
         "MACs",
         "CPU latency b1 (ms)",
+        "latency / dense",
         "loss increase before",
         "loss increase after",
         "top eigenvalue before",

@@ -107,7 +107,10 @@ def test_run_end_to_end_writes_table_and_models(isolated, capsys):
     methods = [row["method"] for row in results["rows"]]
     assert methods == ["dense", "sgd", "adasap"]
     dense, *pruned = results["rows"]
+    assert dense["latency_ms"] > 0 and dense["latency_ratio"] is None
     for row in pruned:
+        assert row["latency_ratio_low"] <= row["latency_ratio"] <= row["latency_ratio_high"]
+        assert isinstance(row["latency_noisy"], bool)
         assert 0.48 <= row["params"] / dense["params"] <= 0.505
         assert 0.0 <= row["clean_accuracy"] <= 1.0
         assert 0.0 <= row["corruption_accuracy"] <= 1.0

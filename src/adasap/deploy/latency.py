@@ -1,7 +1,9 @@
 """Inference latency in one import: timing, the per-layer latency table and latency budgets.
 
-- :mod:`adasap.deploy.timing`: :func:`measure_latency`, :func:`compare_latency`,
-  :func:`run_latency`, :func:`machine_info` and :class:`TimingSettings`;
+- :mod:`adasap.deploy.timing`: :func:`measure_latency`, :func:`machine_info` and
+  :class:`TimingSettings`;
+- :mod:`adasap.deploy.comparison`: :func:`compare_latency` and :func:`run_latency`, dense
+  beside pruned with the pruned/dense ratio (:class:`LatencyRatio`, :mod:`adasap.deploy.ratio`);
 - :mod:`adasap.deploy.table`: :class:`LatencyTable` and the layer grids it is made of;
 - :mod:`adasap.deploy.budget`: :func:`latency_budget`, :func:`prune_to_latency` and the
   HALP-style prediction and ranking behind them.
@@ -18,16 +20,15 @@ from adasap.deploy.budget import (
     latency_ranking,
     prune_to_latency,
 )
+from adasap.deploy.comparison import LatencyComparison, compare_latency, run_latency
+from adasap.deploy.ratio import LatencyRatio
 from adasap.deploy.table import LatencyTable, LayerGrid, LayerSpec, default_cache_dir, layer_specs
 from adasap.deploy.timing import (
     BACKENDS,
-    LatencyComparison,
     LatencyResult,
     TimingSettings,
-    compare_latency,
     machine_info,
     measure_latency,
-    run_latency,
 )
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "LatencyBudget",
     "LatencyComparison",
     "LatencyPruneReport",
+    "LatencyRatio",
     "LatencyResult",
     "LatencyTable",
     "LayerGrid",

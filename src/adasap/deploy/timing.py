@@ -1,7 +1,8 @@
-"""Timing forward passes: one model, dense beside pruned, and every model of a run.
+"""Timing forward passes: runs taking turns, one model, several models, the machine.
 
 PyTorch runs take turns at each repeat, so that a change in machine load hits all of them alike;
-:class:`TimingSettings` says how latency budgets time (see :mod:`adasap.deploy.budget`).
+:class:`TimingSettings` says how latency budgets time (see :mod:`adasap.deploy.budget`);
+:mod:`adasap.deploy.comparison` times dense beside pruned.
 """
 
 from __future__ import annotations
@@ -11,28 +12,18 @@ import os
 import platform
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from rich.table import Table
 from torch import Tensor, nn
 
-from adasap.deploy.onnx import (
-    INPUT_NAME,
-    find_models,
-    onnx_runs_on,
-    onnx_session,
-    resolve_model,
-    write_onnx,
-)
-from adasap.deploy.serialization import load_model, read_description
+from adasap.deploy.onnx import INPUT_NAME, onnx_session, resolve_model, write_onnx
 from adasap.devices import resolve_device
 from adasap.errors import UserError
-from adasap.models.builders import build_model
 
 BACKENDS = ("torch", "onnxruntime")
 
@@ -46,11 +37,13 @@ def time_interleaved(
     warmup: int,
     repeats: int,
     sync: Callable[[], None] = _no_sync,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> list[list[float]]:
     """Milliseconds of each of ``repeats`` calls of every run, after ``warmup`` calls.
 
-    The runs take turns, so that a change in machine load hits all of them alike and the
-    ratio of their latencies stays fair on a shared machine.
+    The runs take turns, one call each per round (A B A B ...), so that a change in machine
+    load hits all of them alike and the ratio of their latencies stays fair on a shared
+    machine; ``times[k][i]`` is run ``k`` in round ``i``. ``clock`` gives seconds.
     """
     with torch.inference_mode():
         for _ in range(warmup):
@@ -60,10 +53,10 @@ def time_interleaved(
         times: list[list[float]] = [[] for _ in runs]
         for _ in range(repeats):
             for run, out in zip(runs, times, strict=True):
-                start = time.perf_counter()
+                start = clock()
                 run()
                 sync()  # CUDA runs asynchronously: stop the clock once its kernels are done
-                out.append((time.perf_counter() - start) * 1e3)
+                out.append((clock() - start) * 1e3)
     return times
 
 
@@ -84,9 +77,11 @@ def forward_runner(
 ) -> Callable[[int], Callable[[], object]]:
     """For a batch size, a call that runs one forward pass of ``model`` on ``backend``.
 
-    PyTorch runs a copy in eval mode, channels_last on the CPU (oneDNN's fastest layout for
-    convolutions); onnxruntime runs an export written to ``onnx_path``. Calls given the same
-    ``inputs`` dict share their input tensors (for layers, which never write to them).
+    PyTorch runs a copy in eval mode, channels_last on the CPU, the layout adasap trains in
+    (oneDNN's fastest for convolutions; PyTorch's own convolution, which it picks at batch 1
+    for small inputs, is fast in it only with channel counts in multiples of 8: see
+    docs/deployment.md); onnxruntime runs an export written to ``onnx_path``. Calls given the
+    same ``inputs`` dict share their input tensors (for layers, which never write to them).
     """
     if backend == "onnxruntime":
         if onnx_path is None:
@@ -179,6 +174,42 @@ class TimingSettings:
 DEFAULT_TIMING = TimingSettings()
 
 
+def model_times(
+    models: Sequence[nn.Module],
+    shape: Sequence[int],
+    *,
+    batch_sizes: Sequence[int],
+    backend: str,
+    device: str,
+    warmup: int,
+    repeats: int,
+) -> list[list[list[float]]]:
+    """Per model and batch size, the milliseconds of each timed pass.
+
+    PyTorch models take turns at each repeat (``times[m][b][i]`` of every model ``m`` come from
+    one round ``i``); onnxruntime sessions are timed one after the other.
+    """
+    check_timing(backend, batch_sizes, warmup, repeats)
+    dev = resolve_device(device)
+    times: list[list[list[float]]] = [[] for _ in models]
+    with tempfile.TemporaryDirectory(prefix="adasap-latency-") as tmp:
+        forwards = [
+            forward_runner(model, shape, backend, dev, Path(tmp) / f"model{k}.onnx")
+            for k, model in enumerate(models)
+        ]
+        for batch in batch_sizes:
+            runs = [at(batch) for at in forwards]
+            if backend == "onnxruntime":
+                # Each session spins its own threads for a while after a run: taking turns,
+                # they would steal the cores from each other. One session at a time instead.
+                measured = [time_interleaved([run], warmup, repeats)[0] for run in runs]
+            else:
+                measured = time_interleaved(runs, warmup, repeats, device_sync(backend, dev))
+            for out, t in zip(times, measured, strict=True):
+                out.append(t)
+    return times
+
+
 def time_models(
     models: Sequence[nn.Module],
     shape: Sequence[int],
@@ -190,25 +221,23 @@ def time_models(
     repeats: int,
 ) -> list[list[LatencyResult]]:
     """Per model, a result per batch size; PyTorch models take turns at each batch size."""
-    check_timing(backend, batch_sizes, warmup, repeats)
-    dev = resolve_device(device)
-    results: list[list[LatencyResult]] = [[] for _ in models]
-    with tempfile.TemporaryDirectory(prefix="adasap-latency-") as tmp:
-        forwards = [
-            forward_runner(model, shape, backend, dev, Path(tmp) / f"model{k}.onnx")
-            for k, model in enumerate(models)
+    times = model_times(
+        models,
+        shape,
+        batch_sizes=batch_sizes,
+        backend=backend,
+        device=device,
+        warmup=warmup,
+        repeats=repeats,
+    )
+    where = str(resolve_device(device))
+    return [
+        [
+            LatencyResult.from_times(t, backend, where, batch)
+            for t, batch in zip(per_batch, batch_sizes, strict=True)
         ]
-        for batch in batch_sizes:
-            runs = [at(batch) for at in forwards]
-            if backend == "onnxruntime":
-                # Each session spins its own threads for a while after a run: taking turns,
-                # they would steal the cores from each other. One session at a time instead.
-                times = [time_interleaved([run], warmup, repeats)[0] for run in runs]
-            else:
-                times = time_interleaved(runs, warmup, repeats, device_sync(backend, dev))
-            for out, t in zip(results, times, strict=True):
-                out.append(LatencyResult.from_times(t, backend, str(dev), batch))
-    return results
+        for per_batch in times
+    ]
 
 
 def measure_latency(
@@ -262,118 +291,3 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
     }
-
-
-@dataclass
-class LatencyComparison:
-    """Dense beside pruned latency, one row per (pruned model, backend, batch size)."""
-
-    rows: list[dict[str, Any]]
-    machine: dict[str, Any]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"machine": self.machine, "rows": self.rows}
-
-    def table(self, title: str = "Inference latency, dense vs pruned") -> Table:
-        where = self.machine["device"]
-        if where == "cpu":
-            where = f"{self.machine['cpu']}, {self.machine['threads']} threads"
-        table = Table(title=f"{title} ({where})")
-        for column in ("model", "backend", "batch", "dense ms", "pruned ms", "speedup", "img/s"):
-            table.add_column(column, justify="left" if column in ("model", "backend") else "right")
-        for r in self.rows:
-            table.add_row(
-                r["model"],
-                r["backend"],
-                str(r["batch_size"]),
-                f"{r['dense_ms']:.2f} ({r['dense_p10_ms']:.2f}-{r['dense_p90_ms']:.2f})",
-                f"{r['pruned_ms']:.2f} ({r['pruned_p10_ms']:.2f}-{r['pruned_p90_ms']:.2f})",
-                f"{r['speedup']:.2f}x",
-                f"{r['pruned_images_per_second']:,.0f}",
-            )
-        table.caption = "median (p10-p90) per forward pass; img/s of the pruned model"
-        return table
-
-
-def compare_latency(
-    dense: nn.Module,
-    pruned: nn.Module | Mapping[str, nn.Module],
-    input_shape: Sequence[int],
-    *,
-    batch_sizes: Sequence[int] = (1, 64),
-    backends: Sequence[str] = ("torch",),
-    device: str = "cpu",
-    warmup: int = 5,
-    repeats: int = 20,
-) -> LatencyComparison:
-    """Time the dense model and each pruned one; speedup = dense / pruned.
-
-    With PyTorch the models take turns at each repeat, so that a change in machine load hits
-    them alike; onnxruntime sessions are timed one after the other (see :func:`time_models`).
-    """
-    models = dict(pruned) if isinstance(pruned, Mapping) else {"pruned": pruned}
-    rows = []
-    for backend in backends:
-        base, *others = time_models(
-            [dense, *models.values()],
-            input_shape,
-            batch_sizes=batch_sizes,
-            backend=backend,
-            device=device,
-            warmup=warmup,
-            repeats=repeats,
-        )
-        for name, results in zip(models, others, strict=True):
-            for d, p in zip(base, results, strict=True):
-                rows.append(
-                    {
-                        "model": name,
-                        "backend": backend,
-                        "device": d.device,
-                        "batch_size": d.batch_size,
-                        "dense_ms": d.median_ms,
-                        "pruned_ms": p.median_ms,
-                        "speedup": d.median_ms / p.median_ms,
-                        "dense_p10_ms": d.p10_ms,
-                        "dense_p90_ms": d.p90_ms,
-                        "pruned_p10_ms": p.p10_ms,
-                        "pruned_p90_ms": p.p90_ms,
-                        "dense_images_per_second": d.images_per_second,
-                        "pruned_images_per_second": p.images_per_second,
-                    }
-                )
-    return LatencyComparison(rows, machine_info(device))
-
-
-def run_latency(
-    run_dir: str | Path,
-    *,
-    batch_sizes: Sequence[int] = (1, 64),
-    backends: Sequence[str] | None = None,
-    device: str = "cpu",
-    warmup: int = 5,
-    repeats: int = 20,
-) -> LatencyComparison:
-    """Every pruned model of a run directory beside its dense architecture.
-
-    ``backends`` defaults to PyTorch, and onnxruntime where it runs on ``device``. The dense
-    model is rebuilt with fresh weights from the saved architecture: latency does not depend
-    on the weight values, and the trained dense model lives in a cache the run does not point
-    to.
-    """
-    if backends is None:
-        backends = BACKENDS if onnx_runs_on(device) else ("torch",)
-    models = find_models(run_dir)
-    architecture = read_description(next(iter(models.values())))["architecture"]
-    pruned = {name: load_model(path) for name, path in models.items()}
-    size = int(architecture["image_size"])
-    return compare_latency(
-        build_model(**architecture),
-        pruned,
-        (int(architecture["in_channels"]), size, size),
-        batch_sizes=batch_sizes,
-        backends=backends,
-        device=device,
-        warmup=warmup,
-        repeats=repeats,
-    )

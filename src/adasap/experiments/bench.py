@@ -4,8 +4,9 @@
 appends one JSON line per finished cell to ``<out>/results.jsonl``; an interrupted cell resumes
 from ``<out>/runs/<cell>/``, a finished one is skipped. Each line is a
 :class:`~adasap.experiments.results.BenchRow`: clean and corruption accuracy, sharpness of the
-dense model (before pruning) and of the pruned one (after), size, measured CPU latency and wall
-time. :func:`~adasap.experiments.bench_report.write_report` turns the lines into the report.
+dense model (before pruning) and of the pruned one (after), size, measured CPU latency (a pruned
+model's timed in turns with the dense one, with its pruned/dense ratio) and wall time.
+:func:`~adasap.experiments.bench_report.write_report` turns the lines into the report.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from rich.console import Console
 from torch import Tensor, nn
 
 from adasap.data import DataBundle, batches
-from adasap.deploy.latency import measure_latency
+from adasap.deploy.latency import compare_latency, measure_latency
 from adasap.deploy.serialization import load_model
 from adasap.devices import resolve_device
 from adasap.errors import UserError
@@ -75,14 +76,7 @@ class _Seed:
 
     def measure(self, model: nn.Module, config: ExperimentConfig) -> dict[str, Any]:
         """Sharpness on the probe batches and CPU latency at batch 1 (:class:`BenchRow` fields)."""
-        spec = self.data.spec
         model.to(self.probe[0][0].device)
-        latency = measure_latency(
-            model,
-            (spec.channels, spec.image_size, spec.image_size),
-            batch_sizes=(1,),
-            repeats=self.preset.latency_repeats,
-        )[0]
         rho = config.prune.optimizer.rho
         return {
             "loss_increase": worst_case_loss_increase(model, self.probe, rho),
@@ -90,9 +84,31 @@ class _Seed:
                 model, self.probe, iterations=self.preset.hessian_iterations
             ),
             "sharpness_rho": rho,
-            "latency_ms": latency.median_ms,
-            "latency_p10_ms": latency.p10_ms,
-            "latency_p90_ms": latency.p90_ms,
+            **self.latency(model),
+        }
+
+    def latency(self, model: nn.Module) -> dict[str, Any]:
+        """Batch-1 CPU latency; a pruned model takes turns with the dense one, which gives its
+        pruned/dense ratio and whether that is too noisy to trust (:mod:`adasap.deploy.ratio`)."""
+        spec = self.data.spec
+        shape = (spec.channels, spec.image_size, spec.image_size)
+        repeats = self.preset.latency_repeats
+        if model is self.dense:
+            (alone,) = measure_latency(model, shape, batch_sizes=(1,), repeats=repeats)
+            return {
+                "latency_ms": alone.median_ms,
+                "latency_p10_ms": alone.p10_ms,
+                "latency_p90_ms": alone.p90_ms,
+            }
+        (row,) = compare_latency(self.dense, model, shape, batch_sizes=(1,), repeats=repeats).rows
+        return {
+            "latency_ms": row["pruned_ms"],
+            "latency_p10_ms": row["pruned_p10_ms"],
+            "latency_p90_ms": row["pruned_p90_ms"],
+            "latency_ratio": row["ratio"],
+            "latency_ratio_low": row["ratio_low"],
+            "latency_ratio_high": row["ratio_high"],
+            "latency_noisy": row["noisy"],
         }
 
     def dense_row(self, cell: Cell, config: ExperimentConfig, info: dict) -> BenchRow:

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from adasap.deploy.ratio import NOISY_WIDTH
 from adasap.errors import UserError
 from adasap.experiments.plots import plot_per_corruption, plot_scatter, plot_size, run_label
 from adasap.experiments.results import (
@@ -36,6 +37,7 @@ COST_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("params", "params", "count"),
     ("macs", "MACs", "count"),
     ("latency_ms", "CPU latency b1 (ms)", "ms"),
+    ("latency_ratio", "latency / dense", "ratio"),
     ("dense_loss_increase", "loss increase before", "sharp"),
     ("loss_increase", "loss increase after", "sharp"),
     ("dense_hessian_eigenvalue", "top eigenvalue before", "sharp"),
@@ -80,8 +82,16 @@ def _ordered_groups(rows: Sequence[BenchRow]) -> dict[GroupKey, list[BenchRow]]:
     return {key: groups[key] for key in sorted(groups, key=order)}
 
 
+def _value(row: BenchRow, key: str) -> Any:
+    """A row's ``key``; a latency ratio too noisy to trust counts as not measured."""
+    if key == "latency_ratio" and row.latency_noisy:
+        return None
+    return getattr(row, key)
+
+
 def summarize(rows: Sequence[BenchRow]) -> list[dict[str, Any]]:
-    """Per (method, criterion, keep): ``seeds`` and ``(mean, std)`` of every reported metric."""
+    """Per (method, criterion, keep): ``seeds``, ``(mean, std)`` of every reported metric, and
+    ``noisy_latency``, the seeds whose latency ratio was too noisy to count."""
     keys = {k for k, _, _ in ACCURACY_COLUMNS + COST_COLUMNS}
     return [
         {
@@ -89,7 +99,8 @@ def summarize(rows: Sequence[BenchRow]) -> list[dict[str, Any]]:
             "criterion": criterion,
             "keep": keep,
             "seeds": len(group),
-            **{k: mean_std(getattr(r, k) for r in group) for k in sorted(keys)},
+            **{k: mean_std(_value(r, k) for r in group) for k in sorted(keys)},
+            "noisy_latency": sum(bool(r.latency_noisy) for r in group),
         }
         for (method, criterion, keep), group in _ordered_groups(rows).items()
     ]
@@ -165,12 +176,17 @@ def _cell(kind: str, stats: tuple[float | None, float | None]) -> str:
     )
 
 
+def _noisy(entry: dict[str, Any], key: str) -> str:
+    count = entry.get("noisy_latency", 0) if key == "latency_ratio" else 0
+    return f" ({count} noisy)" if count else ""
+
+
 def _table(entries: list[dict[str, Any]], columns: tuple[tuple[str, str, str], ...]) -> list[str]:
     header = ["method", "criterion", "keep", "seeds", *(title for _, title, _ in columns)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for e in entries:
         cells = [e["method"], e["criterion"] or "-", f"{e['keep']:g}", str(e["seeds"])]
-        cells += [_cell(kind, e[key]) for key, _, kind in columns]
+        cells += [_cell(kind, e[key]) + _noisy(e, key) for key, _, kind in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -198,6 +214,10 @@ def report_markdown(rows: Sequence[BenchRow], failures: Sequence[Mapping] = ()) 
         "## Size, speed, sharpness and cost",
         "",
         "Latency: median of timed forward passes at batch 1 on the CPU (PyTorch eager). "
+        "Latency / dense: a pruned model timed in turns with the dense one, the median of the "
+        "per-round ratios; a seed whose 95% interval of that ratio is wider than "
+        f"{NOISY_WIDTH:.0%} of it is "
+        "too noisy and left out (counted as noisy). "
         "Sharpness on fixed training batches: loss increase at the worst-case perturbation "
         "of radius rho and the top Hessian eigenvalue, of the dense model (before) and of the "
         "pruned model (after). Train time: the dense training or the pruning run.",

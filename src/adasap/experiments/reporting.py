@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from rich.table import Table
 
+from adasap.deploy.ratio import NOISY_WIDTH
 from adasap.experiments.results import ResultRow
 
 COLUMNS: tuple[tuple[str, str], ...] = (
@@ -21,7 +21,25 @@ COLUMNS: tuple[tuple[str, str], ...] = (
 )
 
 
-def _format(key: str, value: Any) -> str:
+LATENCY_NOTE = (
+    "CPU latency (b1): median forward pass at batch 1, the dense and pruned models taking "
+    "turns; (0.87x) is the pruned/dense ratio, the median of the per-round ratios; 'noisy' "
+    f"where its 95% interval (shown) is wider than {NOISY_WIDTH:.0%} of it, as the machine was "
+    "too busy to tell: time again on a quiet one with `adasap latency <run> --batch-sizes 1 "
+    "--repeats 100`."
+)
+
+
+def _latency(row: ResultRow) -> str:
+    """Median ms with the pruned/dense ratio, or "noisy" and the interval in its place."""
+    if row.latency_noisy:
+        return f"noisy ({row.latency_ratio_low:.2f}-{row.latency_ratio_high:.2f}x)"
+    ratio = "" if row.latency_ratio is None else f" ({row.latency_ratio:.2f}x)"
+    return f"{row.latency_ms:.2f} ms{ratio}"
+
+
+def _format(row: ResultRow, key: str) -> str:
+    value = getattr(row, key)
     if value is None:
         return "-"
     if key in ("params", "macs"):
@@ -29,7 +47,7 @@ def _format(key: str, value: Any) -> str:
     if key.endswith("accuracy"):
         return f"{100 * value:.2f}%"
     if key == "latency_ms":
-        return f"{value:.2f} ms"
+        return _latency(row)
     if key == "seconds":
         return f"{value / 60:.1f} min" if value >= 60 else f"{value:.0f} s"
     return str(value)
@@ -49,7 +67,9 @@ def results_table(rows: Sequence[ResultRow], title: str = "adasap results") -> T
     for key, name in columns:
         table.add_column(name, justify="left" if key == "method" else "right")
     for row in rows:
-        table.add_row(*(_format(key, getattr(row, key)) for key, _ in columns))
+        table.add_row(*(_format(row, key) for key, _ in columns))
+    if any(row.latency_ratio is not None for row in rows):
+        table.caption = LATENCY_NOTE
     return table
 
 
@@ -60,12 +80,12 @@ def results_markdown(rows: Sequence[ResultRow], reduced: bool = False) -> str:
         "|" + "|".join("---" for _ in columns) + "|",
     ]
     for row in rows:
-        lines.append(
-            "| " + " | ".join(_format(key, getattr(row, key)) for key, _ in columns) + " |"
-        )
+        lines.append("| " + " | ".join(_format(row, key) for key, _ in columns) + " |")
     notes = []
     if reduced:
         notes.append("Reduced setting (subsets of the data, few epochs): a quick comparison.")
+    if any(row.latency_ratio is not None for row in rows):
+        notes.append(LATENCY_NOTE)
     sources = {row.corruption_source for row in rows} - {None}
     if sources:
         notes.append("Corrupted images: " + "; ".join(sorted(sources)) + ".")

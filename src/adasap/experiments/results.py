@@ -40,7 +40,14 @@ class ResultRow:
     corruption_source: str | None = None
     params: int | None = None
     macs: int | None = None
+    # batch-1 CPU latency (median ms); a pruned model's is timed in turns with the dense one,
+    # which gives its pruned/dense ratio, the ratio's 95% interval and whether that interval
+    # is too wide to trust (adasap.deploy.ratio)
     latency_ms: float | None = None
+    latency_ratio: float | None = None
+    latency_ratio_low: float | None = None
+    latency_ratio_high: float | None = None
+    latency_noisy: bool | None = None
     seconds: float | None = None
     # with keep_kind latency: the pruned model's measured latency against its budget
     latency: dict[str, float] | None = None

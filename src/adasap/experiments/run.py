@@ -21,7 +21,7 @@ import torch
 from rich.console import Console
 
 from adasap.data import DataBundle, evaluation_source, load_dataset, training_source
-from adasap.deploy.latency import TimingSettings, latency_budget, measure_latency
+from adasap.deploy.latency import TimingSettings, compare_latency, latency_budget
 from adasap.deploy.serialization import load_model, save_model
 from adasap.devices import autocast_dtype, resolve_device
 from adasap.errors import UserError
@@ -41,6 +41,10 @@ from adasap.training.loop import steps_per_epoch
 from adasap.training.pipeline import check_target_reachable, prune, train
 
 QUICK_CORRUPTIONS = ("gaussian_noise", "gaussian_blur")
+# The run table's latency: batch 1 on the CPU, the models taking turns for this many rounds
+# (about 1 s in all for ResNet-20 on an idle 2-core CPU).
+LATENCY_WARMUP = 10
+LATENCY_ROUNDS = 100
 
 
 def prepare_run_dir(out_dir: str, name: str, overwrite: bool) -> Path:
@@ -172,12 +176,36 @@ def example_images(data: DataBundle) -> torch.Tensor:
     return evaluation_source(data.test).example(2)
 
 
-def _latency_ms(model, data: DataBundle) -> float:
-    """Median CPU latency of one image (batch 1): what an edge deployment sees."""
-    (result,) = measure_latency(
-        model.cpu(), tuple(example_images(data).shape[1:]), batch_sizes=(1,)
+def timed_rows(rows: list[ResultRow], dense, data: DataBundle, run_dir: Path) -> list[ResultRow]:
+    """``rows`` (dense first, then one per method) with their batch-1 CPU latency.
+
+    The dense model and every pruned one (read back from ``run_dir/<method>``) are timed in
+    one session, taking turns at each round, so that a change in machine load hits them alike;
+    each pruned row also gets its pruned/dense ratio with its 95% interval and whether that
+    interval is too wide to trust (:mod:`adasap.deploy.ratio`).
+    """
+    pruned = {row.method: load_model(run_dir / row.method) for row in rows[1:]}
+    comparison = compare_latency(
+        dense.cpu(),
+        pruned,
+        tuple(example_images(data).shape[1:]),
+        batch_sizes=(1,),
+        warmup=LATENCY_WARMUP,
+        repeats=LATENCY_ROUNDS,
     )
-    return result.median_ms
+    timed = [replace(rows[0], latency_ms=comparison.rows[0]["dense_ms"])]
+    for row, r in zip(rows[1:], comparison.rows, strict=True):
+        timed.append(
+            replace(
+                row,
+                latency_ms=r["pruned_ms"],
+                latency_ratio=r["ratio"],
+                latency_ratio_low=r["ratio_low"],
+                latency_ratio_high=r["ratio_high"],
+                latency_noisy=r["noisy"],
+            )
+        )
+    return timed
 
 
 def evaluate_model(
@@ -287,13 +315,12 @@ def _rows(config: ExperimentConfig, data: DataBundle, run_dir: Path, console) ->
             evaluate_model(dense, data, config, run_dir, "dense"),
             params=dense_size.params,
             macs=dense_size.macs,
-            latency_ms=_latency_ms(dense, data),
             seconds=dense_info.get("seconds"),
         )
     ]
     for method in config.methods:
         rows.append(pruned_row(method, dense, data, config, run_dir, console))
-    return rows
+    return timed_rows(rows, dense, data, run_dir)
 
 
 def pruned_row(
@@ -305,7 +332,10 @@ def pruned_row(
     console,
     official: tuple[str, str] | None = None,
 ) -> ResultRow:
-    """Prune with ``method`` and evaluate, or reuse the summary of an earlier finished run."""
+    """Prune with ``method`` and evaluate, or reuse the summary of an earlier finished run.
+
+    The row has no latency: :func:`timed_rows` times all models of a run together.
+    """
     method_dir = run_dir / method
     summary = method_dir / "summary.json"
     if summary.is_file():
@@ -336,7 +366,6 @@ def pruned_row(
         evaluate_model(model, data, config, run_dir, method, official),
         params=result.size.params,
         macs=result.size.macs,
-        latency_ms=_latency_ms(model, data),
         seconds=result.seconds,
         latency=result.latency,
     )
