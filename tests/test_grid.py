@@ -1,6 +1,9 @@
 """The grid on many processes: cells at once (--jobs, Ray) give the serial grid's results."""
 
+import multiprocessing
+import os
 import re
+import signal
 from concurrent.futures import Future
 from dataclasses import replace
 
@@ -8,11 +11,12 @@ import pytest
 import torch
 from rich.console import Console
 
+import adasap.experiments.grid as grid
 import adasap.experiments.run as experiment
 from adasap.cli import main
 from adasap.errors import UserError
 from adasap.experiments.bench import run_bench
-from adasap.experiments.grid import Parallel, _in_order, fair_threads, run_cells
+from adasap.experiments.grid import Parallel, fair_threads, run_cells
 from adasap.experiments.presets import PRESETS
 from adasap.experiments.results import RESULTS_FILE, read_jsonl
 from adasap.experiments.run import dense_model, load_data
@@ -90,6 +94,25 @@ def test_bad_flags_fail_in_one_line(capsys, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_local_workers_take_the_visible_gpus_in_turn_and_ctrl_c_stops_busy_ones(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
+    assert grid._visible_gpus() == ["2", "5"]
+    counter = multiprocessing.get_context("spawn").Value("i", 0)
+    previous, threads, seen = signal.getsignal(signal.SIGINT), torch.get_num_threads(), []
+    try:
+        for _ in range(3):
+            grid._start_worker(threads, ["2", "5"], counter)
+            seen.append(os.environ["CUDA_VISIBLE_DEVICES"])
+        interrupt = signal.getsignal(signal.SIGINT)
+        interrupt(signal.SIGINT, None)  # an idle worker: nothing happens
+        monkeypatch.setattr(grid, "_busy", True)
+        with pytest.raises(KeyboardInterrupt):
+            interrupt(signal.SIGINT, None)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert seen == ["2", "5", "2"]
+
+
 def finished(value=None, error=None):
     future = Future()
     if error is None:
@@ -102,7 +125,7 @@ def finished(value=None, error=None):
 def test_outcomes_come_in_grid_order_whatever_order_cells_finish_in():
     tasks = [(name, ()) for name in "abc"]
     futures = [Future(), finished(error=UserError("diverged")), finished(3)]
-    outcomes = _in_order(tasks, futures, quiet(), str, lambda f: f.cancel())
+    outcomes = grid._in_order(tasks, futures, quiet(), str, lambda f: f.cancel())
     futures[0].set_result(1)
     names, values = zip(*outcomes, strict=True)
     assert names == ("a", "b", "c")
@@ -116,7 +139,7 @@ def test_a_bug_in_one_cell_stops_the_grid_after_the_running_cells():
     running.set_result(2)
     futures = [finished(error=ValueError("a bug")), running, waiting]
     with pytest.raises(ValueError, match="a bug"):
-        list(_in_order(tasks, futures, quiet(), str, lambda f: f.cancel()))
+        list(grid._in_order(tasks, futures, quiet(), str, lambda f: f.cancel()))
     assert waiting.cancelled()
 
 
@@ -128,7 +151,7 @@ def test_ctrl_c_in_the_parent_stops_the_grid_as_an_interrupted_run():
     future = Interrupted()
     future.set_result(1)
     with pytest.raises(RunInterrupted):
-        list(_in_order([("a", ())], [future], quiet(), str, lambda f: f.cancel()))
+        list(grid._in_order([("a", ())], [future], quiet(), str, lambda f: f.cancel()))
 
 
 def test_a_serial_grid_runs_here_and_keeps_user_errors():

@@ -12,6 +12,7 @@ time. :func:`~adasap.experiments.bench_report.write_report` turns the lines into
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import time
@@ -30,7 +31,7 @@ from adasap.devices import resolve_device
 from adasap.errors import UserError
 from adasap.experiments.bench_report import write_report
 from adasap.experiments.config import ExperimentConfig
-from adasap.experiments.grid import Parallel, run_cells
+from adasap.experiments.grid import Parallel, connected, run_cells
 from adasap.experiments.presets import PRESETS, BenchPreset, Cell
 from adasap.experiments.results import (
     RESULTS_FILE,
@@ -219,6 +220,8 @@ def _run_phase(
     console: Console,
 ) -> None:
     """Run ``cells`` (dense references, or pruned cells whose reference is done)."""
+    if not cells:
+        return
     tasks = [
         (
             cell.id,
@@ -227,12 +230,11 @@ def _run_phase(
         for cell in cells
     ]
     by_id = {cell.id: cell for cell in cells}
-    use_gpus = bool(cells) and preset.config(cells[0]).prune.device != "cpu"
     for name, outcome in run_cells(
-        bench_cell, tasks, parallel, console, _describe, use_gpus=use_gpus
+        bench_cell, tasks, parallel, console, _describe, device=preset.config(cells[0]).prune.device
     ):
         if isinstance(outcome, UserError):
-            if name == _reference(by_id[name]).id:  # no cell of its seed can run: stop
+            if by_id[name].method == "dense":  # no cell of its seed can run: stop
                 raise outcome
             report_failure(out, name, outcome, console)
             continue
@@ -275,8 +277,9 @@ def run_bench(
         todo = [c for c in cells if c.id not in done]
         needed = {_reference(c) for c in todo}
         dense = [r for r in references if r in needed and r.id not in done]
-        _run_phase(preset, dense, done, out, parallel, console)
-        _run_phase(preset, todo, done, out, parallel, console)
+        with connected(parallel) if todo else contextlib.nullcontext():
+            _run_phase(preset, dense, done, out, parallel, console)
+            _run_phase(preset, todo, done, out, parallel, console)
     except RunInterrupted as exc:
         exc.run_dir = out
         raise

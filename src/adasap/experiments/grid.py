@@ -9,6 +9,7 @@ the same results file; the parent process alone prints, one line per finished ce
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -71,18 +72,20 @@ def run_cells(
     console: Console,
     describe: Callable[[Any], str],
     *,
-    use_gpus: bool = False,
+    device: str = "cpu",
 ) -> Iterator[tuple[str, Outcome]]:
     """Call ``function(*args)`` for every ``(name, args)`` task; yield ``(name, outcome)`` in
     the tasks' order. The outcome is the result or the :class:`UserError` the cell raised; any
     other exception stops the grid once the cells already running have ended (their results
     are in the output folder). A serial grid passes ``console=console`` to ``function``, a
     parallel one nothing (its cells print nothing; the parent prints ``describe(result)``).
-    ``use_gpus``: give each cell one GPU (a local process a GPU of its own, in turn).
+    ``device`` is the cells' device setting: with ``auto`` or ``cuda`` each cell gets a GPU
+    of its own (local processes take the visible GPUs in turn; a Ray task reserves one).
     """
     parallel = parallel.validate()
     if not tasks:
         return
+    use_gpus = device in ("auto", "cuda")  # "cuda:N" names one GPU: the cells keep it
     if parallel.serial:
         for number, (name, args) in enumerate(tasks, 1):
             try:
@@ -209,24 +212,8 @@ def _on_ray(
     use_gpus: bool,
 ) -> Iterator[tuple[str, Outcome]]:
     """The cells as Ray tasks, each with its share of the cluster's CPUs (and a GPU)."""
-    try:
-        import ray
-    except ImportError:
-        raise UserError(
-            "--ray needs Ray: pip install 'adasap[ray]' (on every machine of the cluster)"
-        ) from None
-    started = not ray.is_initialized()
-    if started:  # a caller already connected (ray.init) is used as it is
-        cache = os.environ.get("ADASAP_CACHE")
-        env = {"env_vars": {"ADASAP_CACHE": cache}} if cache else None
-        try:
-            ray.init(address=parallel.ray, runtime_env=env, log_to_driver=True)
-        except ConnectionError as exc:
-            raise UserError(
-                f"cannot reach the Ray cluster at {parallel.ray} ({exc}): start it with "
-                "'ray start --head', or give --ray local"
-            ) from exc
-    try:
+    ray = _ray()
+    with connected(parallel):
         total = ray.cluster_resources()
         node_cpus = max(n["Resources"].get("CPU", 1) for n in ray.nodes() if n["Alive"])
         # a fixed share per cell, whatever the cells at hand: the same threads, the same numbers
@@ -252,9 +239,41 @@ def _on_ray(
             # a cell's exception comes wrapped in a RayTaskError
             unwrap=lambda exc: getattr(exc, "cause", None) or exc,
         )
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise UserError(
+            "--ray needs Ray: pip install 'adasap[ray]' (on every machine of the cluster)"
+        ) from None
+    return ray
+
+
+@contextlib.contextmanager
+def connected(parallel: Parallel) -> Iterator[None]:
+    """Connected to ``parallel.ray`` (if any) until the end of the block: the phases of a grid
+    share one connection. A process already connected (``ray.init``) keeps its connection."""
+    if parallel.ray is None or _ray().is_initialized():
+        yield
+        return
+    ray = _ray()
+    cache = os.environ.get("ADASAP_CACHE")  # the tasks' cache: the same shared folder
+    try:
+        ray.init(
+            address=parallel.ray,
+            runtime_env={"env_vars": {"ADASAP_CACHE": cache}} if cache else None,
+        )
+    except ConnectionError as exc:
+        raise UserError(
+            f"cannot reach the Ray cluster at {parallel.ray} ({exc}): start it with "
+            "'ray start --head', or give --ray local"
+        ) from exc
+    try:
+        yield
     finally:
-        if started:
-            ray.shutdown()
+        ray.shutdown()
 
 
 def _ray_cell(function: Callable[..., Any], threads: int, args: tuple[Any, ...]) -> Any:

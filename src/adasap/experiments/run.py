@@ -119,7 +119,8 @@ def dense_model(config: ExperimentConfig, data: DataBundle, console: Console):
 
     Processes that ask for the same recipe at once (a parallel benchmark's cells) train it
     once: the others wait for the cache entry (:func:`adasap.io.cached`). A damaged entry
-    (its weights not matching their checksum) is trained again.
+    (its weights not matching their checksum) is trained again. The model is always the one
+    loaded from the cache, on the CPU.
     """
     architecture = model_architecture(config, data)
     s = config.prune
@@ -162,7 +163,9 @@ def dense_model(config: ExperimentConfig, data: DataBundle, console: Console):
         info = {"seconds": result.seconds, "val_accuracy": result.val_accuracy, "recipe": recipe}
         save_model(directory, result.model.cpu(), architecture, extra={"train": info})
         (directory / CHECKPOINT_FILE).unlink(missing_ok=True)
-        return result.model, info
+        # as loaded, not as trained (channels_last on the CPU): the numbers of the dense model
+        # are then the same whether this process trained it or another one did
+        return load_model(directory), info
 
     return cached(
         directory,

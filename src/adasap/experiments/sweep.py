@@ -199,10 +199,9 @@ def run_sweep(
         for run_id, method, settings, config in runs
         if run_id not in done
     ]
-    use_gpus = runs[0][3].prune.device != "cpu"
     try:
         for run_id, outcome in run_cells(
-            sweep_cell, tasks, parallel, console, _describe, use_gpus=use_gpus
+            sweep_cell, tasks, parallel, console, _describe, device=base.prune.device
         ):
             if isinstance(outcome, UserError):
                 report_failure(out, run_id, outcome, console)
