@@ -187,11 +187,16 @@ def test_resume_skips_finished_cells(smoke_run, monkeypatch):
     assert prunes == [] and dense == []
     assert (smoke_run / RESULTS_FILE).read_text() == before
 
-    # a line lost in a crash: the cell is evaluated again from its saved model, not retrained
+    # a line lost in a crash: the cell's own row.json (or else its saved model) gives it back
+    measured = count_calls(monkeypatch, bench, "top_hessian_eigenvalue")
     lines = before.splitlines(keepends=True)
     (smoke_run / RESULTS_FILE).write_text("".join(lines[:-1]) + lines[-1][:20])
     run_bench(tiny_smoke(), smoke_run, console=quiet())
-    assert prunes == []
+    assert prunes == [] and measured == []
+    (smoke_run / RESULTS_FILE).write_text("".join(lines[:-1]))
+    (smoke_run / "runs" / "adasap-magnitude-keep0.5-seed0" / "row.json").unlink()
+    run_bench(tiny_smoke(), smoke_run, console=quiet())
+    assert prunes == [] and len(measured) == 1
     rows = read_jsonl(smoke_run / RESULTS_FILE)
     assert [r["cell"] for r in rows][-1] == "adasap-magnitude-keep0.5-seed0"
     assert len(rows) == 3

@@ -21,6 +21,7 @@ from adasap.experiments.bench import run_bench
 from adasap.experiments.bench_report import write_report
 from adasap.experiments.commands import evaluate_path, train_dense_model
 from adasap.experiments.config import SCHEMA, ExperimentConfig, from_flat, load_yaml
+from adasap.experiments.grid import Parallel
 from adasap.experiments.presets import PRESETS, SWEEP_PRESETS
 from adasap.experiments.run import run_experiment
 from adasap.experiments.sweep import run_sweep, sweep_report
@@ -192,6 +193,17 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--out", help=f"output folder (default: runs/{name}-<preset>)")
         command.add_argument("--report-only", action="store_true",
                              help="rewrite the report from the results so far")  # fmt: skip
+        command.add_argument(
+            "--jobs", type=int, metavar="N",
+            help="run N cells at once, each in its own process with 1/N of the cores (with "
+            "--ray: each with 1/N of the cluster's CPUs; default there: 1 CPU per cell, as many "
+            "cells as the cluster fits)",
+        )  # fmt: skip
+        command.add_argument(
+            "--ray", metavar="ADDRESS",
+            help="run the cells as tasks on a Ray cluster: auto, ray://HOST:PORT, or local "
+            "(needs adasap[ray]; --out and the cache on storage every machine shares)",
+        )  # fmt: skip
     return parser
 
 
@@ -318,14 +330,15 @@ def _bench_or_sweep(args: argparse.Namespace) -> int:
     out = args.out or f"runs/{args.command}-{args.preset}"
     console = Console()
     try:
+        parallel = Parallel(jobs=args.jobs, ray=args.ray).validate()
         if args.command == "bench":
             if not args.report_only:
-                run_bench(args.preset, out, console=console)
+                run_bench(args.preset, out, console=console, parallel=parallel)
             console.print(f"report: {write_report(out) / 'report.md'}")
         else:
             if not args.report_only:
                 preset = SWEEP_PRESETS[args.preset]
-                run_sweep(preset.base, preset.grid, out, console=console)
+                run_sweep(preset.base, preset.grid, out, console=console, parallel=parallel)
             console.print(f"sweep results: {sweep_report(out)}")
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

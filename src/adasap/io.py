@@ -1,17 +1,23 @@
-"""Atomic file writes: a reader never sees a half-written file, a crash leaves the old one."""
+"""Atomic file writes (a reader never sees a half-written file, a crash leaves the old one),
+and cache entries that processes running at once build only once (:func:`cached`)."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from filelock import FileLock, Timeout
 
 from adasap.errors import UserError
+
+T = TypeVar("T")
 
 _NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 WRITABLE_FIX = "make it writable or choose another location"
@@ -104,3 +110,82 @@ def atomic_write_text(path: str | Path, text: str, *, fix: str = WRITABLE_FIX) -
 def atomic_write_json(path: str | Path, obj: Any, *, fix: str = WRITABLE_FIX) -> Path:
     text = json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n"
     return atomic_write_text(path, text, fix=fix)
+
+
+class CacheMiss(Exception):
+    """A cache entry that cannot be used: absent (:attr:`MISSING`) or damaged (why)."""
+
+    MISSING = "missing"
+
+    def __init__(self, reason: str = MISSING) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def cached(
+    path: str | Path,
+    load: Callable[[], T],
+    build: Callable[[], T],
+    *,
+    on_damaged: Callable[[str], None] | None = None,
+    on_wait: Callable[[], None] | None = None,
+) -> T:
+    """The cache entry at ``path``: loaded, or built by one process while the others wait.
+
+    ``load()`` returns the entry or raises :class:`CacheMiss`; ``build()`` computes it,
+    publishes it with atomic writes (the part holding the checksum last, so that a reader
+    never takes a half-published entry for a whole one) and returns it. A miss takes the
+    entry's lock (``<path>.lock``), then loads again, since another process may have
+    published the entry meanwhile; only then does it build. A damaged entry (a checksum that
+    does not match, a truncated file) is reported to ``on_damaged(why)`` and rebuilt;
+    ``on_wait()`` is called when another process holds the lock.
+    """
+    with contextlib.suppress(CacheMiss):
+        return load()
+    path = Path(path)
+    lock_path = path.with_name(path.name + ".lock")
+    with writing(lock_path, "make the cache writable or set ADASAP_CACHE / --cache-dir"):
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(lock_path)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            if on_wait is not None:
+                on_wait()
+            lock.acquire()
+    try:
+        try:
+            return load()
+        except CacheMiss as miss:
+            if miss.reason != CacheMiss.MISSING and on_damaged is not None:
+                on_damaged(miss.reason)
+        return build()
+    finally:
+        lock.release()
+
+
+def _json_sha256(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def write_checked_json(path: str | Path, obj: dict[str, Any]) -> Path:
+    """``obj`` with a ``sha256`` key over its content, written atomically (a cache entry)."""
+    return atomic_write_json(path, {**obj, "sha256": _json_sha256(obj)})
+
+
+def read_checked_json(path: str | Path) -> dict[str, Any]:
+    """The object :func:`write_checked_json` wrote (less its checksum); :class:`CacheMiss`
+    when the file is absent, or damaged: truncated, not JSON, or not matching its checksum."""
+    path = Path(path)
+    if not path.is_file():
+        raise CacheMiss()
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CacheMiss(f"unreadable ({exc})") from exc
+    if not isinstance(data, dict) or "sha256" not in data:
+        raise CacheMiss("no checksum")
+    digest = data.pop("sha256")
+    if digest != _json_sha256(data):
+        raise CacheMiss("does not match its sha256")
+    return data

@@ -29,7 +29,7 @@ from adasap.deploy.timing import (
     time_interleaved,
 )
 from adasap.devices import resolve_device
-from adasap.io import atomic_write_json, cache_root
+from adasap.io import CacheMiss, cache_root, cached, read_checked_json, write_checked_json
 from adasap.method.neurons import NeuronLayout
 from adasap.method.pruning import sliced_axes
 
@@ -196,21 +196,19 @@ def _cache_file(
 
 
 def _read_cache(path: Path, machine: dict[str, Any], batch: int) -> dict[str, LayerGrid]:
-    if not path.is_file():
-        return {}
+    """The grids of a cache file; :class:`CacheMiss` when it is absent or unusable."""
+    data = read_checked_json(path)
+    if (
+        data.get("format") != TABLE_FORMAT
+        or data.get("version") != TABLE_VERSION
+        or data.get("machine") != machine
+        or data.get("batch_size") != batch
+    ):
+        raise CacheMiss("written for another machine, batch size or format")
     try:
-        data = json.loads(path.read_text())
-        if (
-            data.get("format") != TABLE_FORMAT
-            or data.get("version") != TABLE_VERSION
-            or data.get("machine") != machine
-            or data.get("batch_size") != batch
-        ):
-            raise ValueError("written for another machine, batch size or format")
         return {key: LayerGrid(**grid) for key, grid in data["grids"].items()}
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        warnings.warn(f"latency cache {path} is unusable ({exc}); measuring again", stacklevel=3)
-        return {}
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise CacheMiss(f"bad grids ({exc})") from exc
 
 
 def _measure_grid(spec: LayerSpec, timing: TimingSettings) -> LayerGrid:
@@ -259,21 +257,32 @@ class LatencyTable:
     ) -> LatencyTable:
         """Time every prunable layer of ``layout`` (cached per machine, input shape and batch).
 
-        Layers already in the cache file for this machine are not timed again.
+        Layers already in the cache file for this machine are not timed again; processes that
+        measure at once time each layer once (:func:`adasap.io.cached`), and a damaged file
+        (not matching its checksum) is measured again.
         """
         input_shape = tuple(example_inputs.shape[1:])
         specs = layer_specs(layout, input_shape)
         machine = machine_info(timing.device)
         path = _cache_file(timing.cache_dir, machine, input_shape, timing.batch_size)
-        cached = _read_cache(path, machine, timing.batch_size)
-        grids: dict[str, LayerGrid] = {}
-        for spec in dict.fromkeys(specs.values()):
-            key = spec.key(timing.points)
-            if key not in cached:
-                cached[key] = _measure_grid(spec, timing)
-                grids[key] = cached[key]
-        if grids:
-            atomic_write_json(
+        needed = {spec.key(timing.points): spec for spec in dict.fromkeys(specs.values())}
+        grids: dict[str, LayerGrid] = {}  # timed by this call
+
+        def load() -> dict[str, LayerGrid]:
+            found = _read_cache(path, machine, timing.batch_size)
+            if not needed.keys() <= found.keys():
+                raise CacheMiss()  # complete the table: time the layers it lacks
+            return found
+
+        def complete() -> dict[str, LayerGrid]:
+            try:
+                found = _read_cache(path, machine, timing.batch_size)
+            except CacheMiss:
+                found = {}
+            for key, spec in needed.items():
+                if key not in found:
+                    found[key] = grids[key] = _measure_grid(spec, timing)
+            write_checked_json(
                 path,
                 {
                     "format": TABLE_FORMAT,
@@ -281,11 +290,19 @@ class LatencyTable:
                     "machine": machine,
                     "batch_size": timing.batch_size,
                     "input_shape": list(input_shape),
-                    "grids": {key: asdict(grid) for key, grid in cached.items()},
+                    "grids": {key: asdict(grid) for key, grid in found.items()},
                 },
             )
+            return found
+
+        def damaged(why: str) -> None:
+            warnings.warn(
+                f"latency cache {path} is unusable ({why}); measuring again", stacklevel=5
+            )
+
+        cached_grids = cached(path, load, complete, on_damaged=damaged)
         layers = {name: spec.key(timing.points) for name, spec in specs.items()}
-        used = {key: cached[key] for key in layers.values()}
+        used = {key: cached_grids[key] for key in layers.values()}
         return cls(used, layers, machine, timing.batch_size, path, measured=len(grids))
 
     def layer_ms(self, name: str, cin: float, cout: float) -> float:

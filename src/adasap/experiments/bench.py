@@ -1,8 +1,10 @@
 """The benchmark: every (method, criterion) x size x seed from one dense model per seed.
 
-:func:`run_bench` runs a preset (:mod:`adasap.experiments.presets`) one grid cell at a time and
-appends one JSON line per finished cell to ``<out>/results.jsonl``; an interrupted cell resumes
-from ``<out>/runs/<cell>/``, a finished one is skipped. Each line is a
+:func:`run_bench` runs a preset (:mod:`adasap.experiments.presets`): the dense reference of
+each seed, then the pruned cells, one after another or several at once
+(:class:`~adasap.experiments.grid.Parallel`: local processes, or tasks on a Ray cluster). It
+appends one JSON line per finished cell to ``<out>/results.jsonl``, in grid order; an
+interrupted cell resumes from ``<out>/runs/<cell>/``, a finished one is skipped. Each line is a
 :class:`~adasap.experiments.results.BenchRow`: clean and corruption accuracy, sharpness of the
 dense model (before pruning) and of the pruned one (after), size, measured CPU latency (a pruned
 model's timed in turns with the dense one, with its pruned/dense ratio) and wall time.
@@ -11,6 +13,7 @@ model's timed in turns with the dense one, with its pruned/dense ratio) and wall
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import time
@@ -29,9 +32,11 @@ from adasap.devices import resolve_device
 from adasap.errors import UserError
 from adasap.experiments.bench_report import write_report
 from adasap.experiments.config import ExperimentConfig
+from adasap.experiments.grid import Parallel, connected, run_cells
 from adasap.experiments.presets import PRESETS, BenchPreset, Cell
 from adasap.experiments.results import (
     RESULTS_FILE,
+    ROW_FILE,
     BenchRow,
     append_jsonl,
     prepare_out,
@@ -39,6 +44,7 @@ from adasap.experiments.results import (
     report_failure,
 )
 from adasap.experiments.run import dense_model, evaluate_model, load_data, pruned_row
+from adasap.io import atomic_write_json
 from adasap.method.pruning import measure_size
 from adasap.robustness.sharpness import top_hessian_eigenvalue, worst_case_loss_increase
 from adasap.training.checkpoint import RunInterrupted
@@ -65,7 +71,7 @@ def _per_corruption(directory: Path) -> dict[str, float] | None:
 
 @dataclass
 class _Seed:
-    """What the cells of one seed share: its data, dense model and sharpness batches."""
+    """What a cell takes from its seed: the data, the dense model and the sharpness batches."""
 
     preset: BenchPreset
     out: Path
@@ -168,70 +174,131 @@ def _resolve_preset(preset: str | BenchPreset) -> BenchPreset:
     return PRESETS[preset]
 
 
-def _run_seed(
+def _reference(cell: Cell) -> Cell:
+    """The dense reference of the cell's seed."""
+    return Cell("dense", None, 1.0, cell.seed)
+
+
+def bench_cell(
     preset: BenchPreset,
-    seed: int,
+    cell: Cell,
+    out: Path,
+    dense_row: BenchRow | None,
+    console: Console | None = None,
+) -> BenchRow:
+    """One cell, run in this process: the seed's dense reference (``dense_row`` None), or a
+    pruned model measured against ``dense_row``. The row also goes to
+    ``<out>/runs/<cell>/row.json``, so that it outlives the process that asked for it."""
+    console = console or Console(quiet=True)
+    reference = preset.config(_reference(cell))
+    data = load_data(reference)
+    dense, info = dense_model(reference, data, console)
+    device = resolve_device(reference.prune.device)
+    probe = probe_batches(
+        data, preset.sharpness_batches, preset.sharpness_batch_size, cell.seed, device
+    )
+    shared = _Seed(preset, out, data, dense, probe, console)
+    if dense_row is None:
+        row = shared.dense_row(cell, reference, info)
+    else:
+        row = shared.pruned_row(cell, preset.config(cell), dense_row)
+    atomic_write_json(out / "runs" / cell.id / ROW_FILE, row.to_dict())
+    return row
+
+
+def _describe(row: BenchRow) -> str:
+    if row.method == "dense":
+        return f"dense model evaluated, clean {row.clean_accuracy:.2%}"
+    return (
+        f"clean {row.clean_accuracy:.2%}, size {row.keep_achieved:.2f} of the dense {row.keep_kind}"
+    )
+
+
+def _adopt_rows(out: Path, cells: list[Cell], done: dict[str, BenchRow]) -> None:
+    """Rows that cells wrote (``runs/<cell>/row.json``) but that never reached
+    ``results.jsonl`` (the grid stopped first) join it, in grid order."""
+    for cell in cells:
+        path = out / "runs" / cell.id / ROW_FILE
+        if cell.id not in done and path.is_file():
+            try:
+                done[cell.id] = BenchRow.from_dict(json.loads(path.read_text()))
+            except (ValueError, TypeError):
+                continue  # the cell runs again and rewrites it
+            append_jsonl(out / RESULTS_FILE, done[cell.id].to_dict())
+
+
+def _run_phase(
+    preset: BenchPreset,
     cells: list[Cell],
-    configs: dict[str, ExperimentConfig],
     done: dict[str, BenchRow],
     out: Path,
+    parallel: Parallel,
     console: Console,
 ) -> None:
-    """The dense reference and the unfinished cells of one seed; ``done`` gains their rows."""
-    reference = Cell("dense", None, 1.0, seed)
-    todo = [c for c in cells if c.id not in done]
-    if reference.id in done and not todo:
+    """Run ``cells`` (dense references, or pruned cells whose reference is done)."""
+    if not cells:
         return
-    config = preset.config(reference)
-    data = load_data(config)
-    dense, info = dense_model(config, data, console)
-    device = resolve_device(config.prune.device)
-    probe = probe_batches(data, preset.sharpness_batches, preset.sharpness_batch_size, seed, device)
-    shared = _Seed(preset, out, data, dense, probe, console)
-    results = out / RESULTS_FILE
-    if reference.id not in done:
-        console.print(f"[bold]{reference.id}[/bold]: evaluating the dense model")
-        done[reference.id] = shared.dense_row(reference, config, info)
-        append_jsonl(results, done[reference.id].to_dict())
-    for cell in todo:
-        try:
-            row = shared.pruned_row(cell, configs[cell.id], done[reference.id])
-        except UserError as exc:
-            report_failure(out, cell.id, exc, console)
-            continue
-        append_jsonl(results, row.to_dict())
-        done[cell.id] = row
-        console.print(
-            f"[bold]{cell.id}[/bold]: clean {row.clean_accuracy:.2%}, "
-            f"size {row.keep_achieved:.2f} of the dense {row.keep_kind}"
+    tasks = [
+        (
+            cell.id,
+            (preset, cell, out, None if cell.method == "dense" else done[_reference(cell).id]),
         )
+        for cell in cells
+    ]
+    by_id = {cell.id: cell for cell in cells}
+    for name, outcome in run_cells(
+        bench_cell, tasks, parallel, console, _describe, device=preset.config(cells[0]).prune.device
+    ):
+        if isinstance(outcome, UserError):
+            if by_id[name].method == "dense":  # no cell of its seed can run: stop
+                raise outcome
+            report_failure(out, name, outcome, console)
+            continue
+        append_jsonl(out / RESULTS_FILE, outcome.to_dict())
+        done[name] = outcome
 
 
 def run_bench(
-    preset_or_config: str | BenchPreset, out_dir: str | Path, *, console: Console | None = None
+    preset_or_config: str | BenchPreset,
+    out_dir: str | Path,
+    *,
+    console: Console | None = None,
+    parallel: Parallel | None = None,
 ) -> Path:
     """Run every cell of a preset not yet in ``<out>/results.jsonl``, then write the report.
 
-    Every cell's config is validated before any work. A cell that fails with a
-    :class:`UserError` (e.g. a diverged run) is reported, logged to ``failures.jsonl`` and
-    skipped; it is tried again by the next run. Returns ``out_dir``.
+    Every cell's config is validated before any work. The dense reference of each seed runs
+    first, then the pruned cells; with ``parallel`` (:class:`~adasap.experiments.grid.Parallel`:
+    local processes or a Ray cluster) several at once, with the same results as one after
+    another. A cell that fails with a :class:`UserError` (e.g. a diverged run) is reported,
+    logged to ``failures.jsonl`` and skipped; it is tried again by the next run. Returns
+    ``out_dir``.
     """
     console = console or Console()
+    parallel = (parallel or Parallel()).validate()
     preset = _resolve_preset(preset_or_config)
     cells = preset.cells()
     if not cells:
         raise UserError(f"preset {preset.name} has an empty grid: give pairs, keeps and seeds")
-    configs = {cell.id: preset.config(cell) for cell in cells}
-    out = prepare_out(out_dir, preset.identity(), "preset")
+    for cell in cells:
+        preset.config(cell)
+    if not parallel.serial:  # progress bars of cells running at once would be garbled
+        preset = preset.with_base(progress=False)
+    # absolute: the cells of a cluster run elsewhere (the folder must be shared with them)
+    out = prepare_out(out_dir, preset.identity(), "preset").resolve()
     done = {row.cell: row for row in read_bench_rows(out)}
+    references = list(dict.fromkeys(_reference(cell) for cell in cells))
+    _adopt_rows(out, references + cells, done)
     try:
-        for seed in preset.seeds:
-            _run_seed(
-                preset, seed, [c for c in cells if c.seed == seed], configs, done, out, console
-            )
+        todo = [c for c in cells if c.id not in done]
+        needed = {_reference(c) for c in todo}
+        dense = [r for r in references if r in needed and r.id not in done]
+        with connected(parallel) if todo else contextlib.nullcontext():
+            _run_phase(preset, dense, done, out, parallel, console)
+            _run_phase(preset, todo, done, out, parallel, console)
     except RunInterrupted as exc:
         exc.run_dir = out
         raise
     report = write_report(out)
     console.print(f"benchmark report: {report / 'report.md'}")
-    return out
+    return Path(out_dir)

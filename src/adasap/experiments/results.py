@@ -22,6 +22,7 @@ from adasap.errors import UserError
 from adasap.io import atomic_write_json, read_json_mapping, writing
 
 RESULTS_FILE = "results.jsonl"
+ROW_FILE = "row.json"  # a finished cell's own copy of its line, in its run folder
 FAILURES_FILE = "failures.jsonl"
 PRESET_FILE = "bench.json"
 

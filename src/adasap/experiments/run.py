@@ -28,7 +28,7 @@ from adasap.errors import UserError
 from adasap.experiments.config import ExperimentConfig, dump_yaml
 from adasap.experiments.reporting import results_markdown, results_table
 from adasap.experiments.results import ResultRow
-from adasap.io import atomic_write_json, atomic_write_text, cache_root, writing
+from adasap.io import CacheMiss, atomic_write_json, atomic_write_text, cache_root, cached, writing
 from adasap.method.neurons import NeuronLayout
 from adasap.method.pruning import measure_size
 from adasap.models.builders import build_model, find_classifier
@@ -119,7 +119,13 @@ def model_architecture(config: ExperimentConfig, data: DataBundle) -> dict[str, 
 
 
 def dense_model(config: ExperimentConfig, data: DataBundle, console: Console):
-    """Train the dense starting model, or reuse the cached one trained with the same recipe."""
+    """Train the dense starting model, or reuse the cached one trained with the same recipe.
+
+    Processes that ask for the same recipe at once (a parallel benchmark's cells) train it
+    once: the others wait for the cache entry (:func:`adasap.io.cached`). A damaged entry
+    (its weights not matching their checksum) is trained again. The model is always the one
+    loaded from the cache, on the CPU.
+    """
     architecture = model_architecture(config, data)
     s = config.prune
     recipe = dict(
@@ -137,29 +143,46 @@ def dense_model(config: ExperimentConfig, data: DataBundle, console: Console):
         recipe["precision"] = str(precision)
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
     directory = cache_root(config.cache_dir) / "dense" / f"{folder_label(config)}-{key}"
-    if (directory / "model.json").is_file():
+
+    def load():
+        if not (directory / "model.json").is_file():
+            raise CacheMiss()
         try:
             model = load_model(directory)
-            console.print(f"dense model: reusing {directory}")
-            return model, json.loads((directory / "model.json").read_text()).get("train", {})
         except UserError as exc:
-            console.print(f"[yellow]dense cache unusable ({exc}); training again[/yellow]")
-    console.print(f"dense model: training {config.model} for {config.dense_epochs} epochs")
-    torch.manual_seed(s.seed)
-    model = build_model(**architecture)
-    result = train(
-        model,
-        data,
-        epochs=config.dense_epochs,
-        settings=s,
-        lr=config.dense_lr,
-        checkpoint_dir=directory,
-        progress=config.progress,
+            raise CacheMiss(str(exc)) from exc
+        console.print(f"dense model: reusing {directory}")
+        return model, json.loads((directory / "model.json").read_text()).get("train", {})
+
+    def build():
+        console.print(f"dense model: training {config.model} for {config.dense_epochs} epochs")
+        torch.manual_seed(s.seed)
+        model = build_model(**architecture)
+        result = train(
+            model,
+            data,
+            epochs=config.dense_epochs,
+            settings=s,
+            lr=config.dense_lr,
+            checkpoint_dir=directory,
+            progress=config.progress,
+        )
+        info = {"seconds": result.seconds, "val_accuracy": result.val_accuracy, "recipe": recipe}
+        save_model(directory, result.model.cpu(), architecture, extra={"train": info})
+        (directory / CHECKPOINT_FILE).unlink(missing_ok=True)
+        # as loaded, not as trained (channels_last on the CPU): the numbers of the dense model
+        # are then the same whether this process trained it or another one did
+        return load_model(directory), info
+
+    return cached(
+        directory,
+        load,
+        build,
+        on_damaged=lambda why: console.print(
+            f"[yellow]dense cache unusable ({why}); training again[/yellow]"
+        ),
+        on_wait=lambda: console.print(f"dense model: another process is training {directory}"),
     )
-    info = {"seconds": result.seconds, "val_accuracy": result.val_accuracy, "recipe": recipe}
-    save_model(directory, result.model.cpu(), architecture, extra={"train": info})
-    (directory / CHECKPOINT_FILE).unlink(missing_ok=True)
-    return result.model, info
 
 
 def _corruption_names(config: ExperimentConfig) -> tuple[str, ...] | None:

@@ -17,12 +17,13 @@ from typing import Any
 
 from rich.console import Console
 
-from adasap.data import DataBundle
 from adasap.devices import resolve_device
 from adasap.errors import UserError
 from adasap.experiments.bench_report import format_number
 from adasap.experiments.config import ExperimentConfig, from_flat
+from adasap.experiments.grid import Parallel, run_cells
 from adasap.experiments.results import (
+    ROW_FILE,
     append_jsonl,
     prepare_out,
     read_jsonl,
@@ -30,7 +31,7 @@ from adasap.experiments.results import (
     unfinished_failures,
 )
 from adasap.experiments.run import dense_model, load_data
-from adasap.io import atomic_write_text, cache_root
+from adasap.io import atomic_write_json, atomic_write_text, cache_root
 from adasap.robustness.corruptions import CBAR_CORRUPTIONS, EXTRA_CORRUPTIONS
 from adasap.robustness.evaluation import evaluate_corruptions
 from adasap.training.checkpoint import CHECKPOINT_FILE, RunInterrupted
@@ -86,17 +87,19 @@ def _sweep_id(method: str, settings: Mapping[str, Any]) -> str:
     return "-".join([method, *(f"{k}={v}" for k, v in settings.items() if k != "methods")])
 
 
-def _sweep_row(
+def sweep_cell(
     run_id: str,
     method: str,
     settings: dict[str, Any],
     config: ExperimentConfig,
-    data: DataBundle,
     out: Path,
-    console: Console,
+    console: Console | None = None,
 ) -> SweepRow:
-    """Prune, then score on the validation split under the cbar and extra corruptions only."""
+    """One run, in this process: prune, then score on the validation split under the cbar and
+    extra corruptions only. The row also goes to ``<out>/sweep_runs/<run>/row.json``."""
+    console = console or Console(quiet=True)
     run_dir = out / "sweep_runs" / run_id
+    data = load_data(config)
     dense, _ = dense_model(config, data, console)
     console.print(f"[bold]{run_id}[/bold]: pruning")
     result = prune(
@@ -119,7 +122,7 @@ def _sweep_row(
     )
     report.save(run_dir)
     kind = config.prune.keep_kind
-    return SweepRow(
+    row = SweepRow(
         run=run_id,
         method=method,
         settings={k: v for k, v in settings.items() if k != "methods"},
@@ -132,6 +135,23 @@ def _sweep_row(
         keep_achieved=result.keep_fraction(kind),
         seconds=result.seconds,
     )
+    atomic_write_json(run_dir / ROW_FILE, asdict(row))
+    (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+    return row
+
+
+def _adopt_rows(out: Path, run_ids: list[str], done: set[str]) -> None:
+    """Rows that runs wrote (``sweep_runs/<run>/row.json``) but that never reached
+    ``sweep.jsonl`` (the sweep stopped first) join it, in grid order."""
+    for run_id in run_ids:
+        path = out / "sweep_runs" / run_id / ROW_FILE
+        if run_id not in done and path.is_file():
+            try:
+                row = SweepRow(**json.loads(path.read_text()))
+            except (ValueError, TypeError):
+                continue  # the run goes again and rewrites it
+            append_jsonl(out / SWEEP_FILE, asdict(row))
+            done.add(run_id)
 
 
 def run_sweep(
@@ -140,6 +160,7 @@ def run_sweep(
     out_dir: str | Path,
     *,
     console: Console | None = None,
+    parallel: Parallel | None = None,
 ) -> Path:
     """Prune with every combination of ``grid`` (flat config keys -> values) over the base.
 
@@ -147,9 +168,12 @@ def run_sweep(
     validation split only (clean, the held-out cbar family and the 4 extra corruptions); the
     test set is never read.
     Finished runs are lines of ``<out>/sweep.jsonl`` and are skipped; an interrupted one
-    resumes from ``<out>/sweep_runs/<run>/``. Writes ``sweep.md`` and returns ``out_dir``.
+    resumes from ``<out>/sweep_runs/<run>/``. With ``parallel``
+    (:class:`~adasap.experiments.grid.Parallel`) several runs go at once; runs that share a
+    dense model wait for the first to train it. Writes ``sweep.md`` and returns ``out_dir``.
     """
     console = console or Console()
+    parallel = (parallel or Parallel()).validate()
     base = base_config if isinstance(base_config, ExperimentConfig) else from_flat(base_config)
     runs = [
         (_sweep_id(method, settings), method, settings, config)
@@ -161,29 +185,38 @@ def run_sweep(
         raise UserError("the sweep grid is empty: give each key at least one value")
     flat = {k: v for k, v in base.to_flat().items() if k != "progress"}
     definition = {"base": flat, "runs": [r[0] for r in runs]}
-    out = prepare_out(out_dir, json.loads(json.dumps(definition, default=str)), "sweep")
+    # absolute: the runs of a cluster go elsewhere (the folder must be shared with them)
+    out = prepare_out(out_dir, json.loads(json.dumps(definition, default=str)), "sweep").resolve()
     path = out / SWEEP_FILE
     done = {row["run"] for row in read_jsonl(path)}
-    datasets: dict[tuple, DataBundle] = {}
-    for run_id, method, settings, config in runs:
-        if run_id in done:
-            continue
-        key = (config.dataset, config.data_dir, config.prune.seed, config.train_limit)
-        if key not in datasets:
-            datasets[key] = load_data(config)
-        try:
-            row = _sweep_row(run_id, method, settings, config, datasets[key], out, console)
-        except UserError as exc:
-            report_failure(out, run_id, exc, console)
-            continue
-        except RunInterrupted as exc:
-            exc.run_dir = out
-            raise
-        append_jsonl(path, asdict(row))
-        (out / "sweep_runs" / run_id / CHECKPOINT_FILE).unlink(missing_ok=True)
+    _adopt_rows(out, [r[0] for r in runs], done)
+    quiet = not parallel.serial  # progress bars of runs going at once would be garbled
+    tasks = [
+        (
+            run_id,
+            (run_id, method, settings, replace(config, progress=False) if quiet else config, out),
+        )
+        for run_id, method, settings, config in runs
+        if run_id not in done
+    ]
+    try:
+        for run_id, outcome in run_cells(
+            sweep_cell, tasks, parallel, console, _describe, device=base.prune.device
+        ):
+            if isinstance(outcome, UserError):
+                report_failure(out, run_id, outcome, console)
+            else:
+                append_jsonl(path, asdict(outcome))
+    except RunInterrupted as exc:
+        exc.run_dir = out
+        raise
     report = sweep_report(out)
     console.print(f"sweep report: {report}")
-    return out
+    return Path(out_dir)
+
+
+def _describe(row: SweepRow) -> str:
+    return f"validation score {row.score:.2%}, clean {row.val_accuracy:.2%}"
 
 
 def sweep_report(out_dir: str | Path) -> Path:

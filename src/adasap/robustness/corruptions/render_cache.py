@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from adasap.errors import UserError
-from adasap.io import atomic_write, atomic_write_json, cache_root
+from adasap.io import CacheMiss, atomic_write, atomic_write_json, cache_root, cached
 from adasap.robustness.corruptions.apply import check_images, check_severity, corrupt
 from adasap.robustness.corruptions.image_ops import to_uint8
 from adasap.robustness.corruptions.registry import (
@@ -58,7 +58,7 @@ def _chunk_seed(seed: int, chunk: int) -> int:
 def _load_cached(data_path: Path, manifest_path: Path, expected: dict[str, Any]) -> Tensor | str:
     """The cached images, or why they cannot be used."""
     if not data_path.exists() or not manifest_path.exists():
-        return "missing"
+        return CacheMiss.MISSING
     try:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, ValueError) as exc:
@@ -96,6 +96,7 @@ def render_cached(
     to ``cache_dir/dataset_key/`` as ``.npy`` plus a JSON manifest (corruption, severity, seed,
     table and its parameters, shape, sha256 of the data and of the clean images). A cache whose
     manifest does not match or whose data fails its checksum is re-rendered with a warning.
+    Processes that ask for the same render at once render it once (:func:`adasap.io.cached`).
 
     Args:
         images: clean float NCHW images in [0, 1].
@@ -135,28 +136,36 @@ def render_cached(
         "dtype": "uint8",
         "images_sha256": fingerprint or image_fingerprint(images),
     }
-    cached = _load_cached(data_path, manifest_path, expected)
-    if isinstance(cached, Tensor):
-        return cached
-    if cached != "missing":
+
+    def load() -> Tensor:
+        found = _load_cached(data_path, manifest_path, expected)
+        if isinstance(found, str):
+            raise CacheMiss(found)
+        return found
+
+    def render() -> Tensor:
+        on = torch.device(device) if device is not None else images.device
+        out = np.empty(tuple(images.shape), dtype=np.uint8)
+        for chunk, start in enumerate(range(0, images.shape[0], _RENDER_CHUNK)):
+            batch = images[start : start + _RENDER_CHUNK].to(on)
+            gen = torch.Generator().manual_seed(_chunk_seed(int(seed), chunk))
+            rendered = corrupt(batch, name, severity, generator=gen, params=table)
+            out[start : start + batch.shape[0]] = to_uint8(rendered).cpu().numpy()
+
+        def write_npy(tmp: Path) -> None:
+            with open(tmp, "wb") as handle:
+                np.save(handle, out, allow_pickle=False)
+
+        # the manifest, which holds the data's checksum, last: it publishes the entry
+        atomic_write(data_path, write_npy)
+        atomic_write_json(
+            manifest_path, {**expected, "sha256": hashlib.sha256(out.tobytes()).hexdigest()}
+        )
+        return torch.from_numpy(out)
+
+    def damaged(why: str) -> None:
         warnings.warn(
-            f"corruption cache {data_path} is unusable ({cached}); re-rendering", stacklevel=2
+            f"corruption cache {data_path} is unusable ({why}); re-rendering", stacklevel=4
         )
 
-    device = torch.device(device) if device is not None else images.device
-    out = np.empty(tuple(images.shape), dtype=np.uint8)
-    for chunk, start in enumerate(range(0, images.shape[0], _RENDER_CHUNK)):
-        batch = images[start : start + _RENDER_CHUNK].to(device)
-        gen = torch.Generator().manual_seed(_chunk_seed(int(seed), chunk))
-        rendered = corrupt(batch, name, severity, generator=gen, params=table)
-        out[start : start + batch.shape[0]] = to_uint8(rendered).cpu().numpy()
-
-    def write_npy(tmp: Path) -> None:
-        with open(tmp, "wb") as handle:
-            np.save(handle, out, allow_pickle=False)
-
-    atomic_write(data_path, write_npy)
-    atomic_write_json(
-        manifest_path, {**expected, "sha256": hashlib.sha256(out.tobytes()).hexdigest()}
-    )
-    return torch.from_numpy(out)
+    return cached(stem, load, render, on_damaged=damaged)

@@ -1,0 +1,281 @@
+"""Running a grid's cells (the benchmark's, the sweep's): one after another, in local processes
+(``jobs``), or as tasks on a Ray cluster (``ray``).
+
+A cell is a call of a module-level function that writes its own result into the output folder,
+so a result outlives the process that asked for it. :func:`run_cells` yields the outcomes in
+the cells' order whatever order they finish in, so that the serial and the parallel grid write
+the same results file; the parent process alone prints, one line per finished cell.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import signal
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from adasap.errors import UserError
+from adasap.training.checkpoint import RunInterrupted
+
+Task = tuple[str, tuple[Any, ...]]  # (cell name, arguments of the cell function)
+Outcome = Any  # the cell function's result, or the UserError it raised
+
+
+@dataclass(frozen=True)
+class Parallel:
+    """How a grid runs its cells: ``jobs`` at once, in local processes or on the Ray cluster at
+    ``ray`` (an address for ``ray.init``: ``auto``, ``ray://host:10001``, or ``local`` for a
+    Ray instance on this machine). Locally each of the ``jobs`` processes computes with its
+    share of the cores; on Ray each cell reserves ``1/jobs`` of the cluster's CPUs (at most one
+    machine's), or one CPU when ``jobs`` is None: then as many cells run as the cluster fits."""
+
+    jobs: int | None = None
+    ray: str | None = None
+
+    def validate(self) -> Parallel:
+        if self.jobs is not None and (
+            isinstance(self.jobs, bool) or not isinstance(self.jobs, int) or self.jobs < 1
+        ):
+            raise UserError(f"jobs must be a whole number of at least 1, got {self.jobs!r}")
+        if self.ray is not None and not self.ray.strip():
+            raise UserError("the Ray address is empty: give --ray auto, ray://HOST:PORT or local")
+        return self
+
+    @property
+    def serial(self) -> bool:
+        return self.ray is None and (self.jobs or 1) == 1
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def fair_threads(jobs: int, cores: int | None = None) -> int:
+    """Torch threads per process when ``jobs`` processes share ``cores`` (all by default)."""
+    return max(1, (cores or available_cores()) // jobs)
+
+
+def run_cells(
+    function: Callable[..., Any],
+    tasks: Sequence[Task],
+    parallel: Parallel,
+    console: Console,
+    describe: Callable[[Any], str],
+    *,
+    device: str = "cpu",
+) -> Iterator[tuple[str, Outcome]]:
+    """Call ``function(*args)`` for every ``(name, args)`` task; yield ``(name, outcome)`` in
+    the tasks' order. The outcome is the result or the :class:`UserError` the cell raised; any
+    other exception stops the grid once the cells already running have ended (their results
+    are in the output folder). A serial grid passes ``console=console`` to ``function``, a
+    parallel one nothing (its cells print nothing; the parent prints ``describe(result)``).
+    ``device`` is the cells' device setting: with ``auto`` or ``cuda`` each cell gets a GPU
+    of its own (local processes take the visible GPUs in turn; a Ray task reserves one).
+    """
+    parallel = parallel.validate()
+    if not tasks:
+        return
+    use_gpus = device in ("auto", "cuda")  # "cuda:N" names one GPU: the cells keep it
+    if parallel.serial:
+        for number, (name, args) in enumerate(tasks, 1):
+            try:
+                result = function(*args, console=console)
+            except UserError as exc:
+                yield name, exc
+                continue
+            console.print(f"[bold]{name}[/bold]: {describe(result)} ({number} of {len(tasks)})")
+            yield name, result
+        return
+    if parallel.ray is not None:
+        yield from _on_ray(function, tasks, parallel, console, describe, use_gpus)
+        return
+    jobs = parallel.jobs or 1
+    # from jobs, not from the cells at hand: a cell computes with the same threads (and so
+    # gives the same numbers) in a phase of one cell as in a full one
+    threads = fair_threads(jobs)
+    devices = _visible_gpus() if use_gpus else []
+    console.print(
+        f"{_count(len(tasks), 'cell')} in {_count(min(jobs, len(tasks)), 'process')} of "
+        f"{_count(threads, 'thread')}" + (f", GPUs {', '.join(devices)} in turn" if devices else "")
+    )
+    context = multiprocessing.get_context("spawn")  # fork is unsafe with torch's threads
+    counter = context.Value("i", 0)
+    with ProcessPoolExecutor(
+        min(jobs, len(tasks)),
+        mp_context=context,
+        initializer=_start_worker,
+        initargs=(threads, devices, counter),
+    ) as pool:
+        futures = [pool.submit(_in_worker, function, args) for _, args in tasks]
+        yield from _in_order(tasks, futures, console, describe, lambda f: f.cancel())
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "es" if noun.endswith("s") else "s")
+
+
+def _visible_gpus() -> list[str]:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [d for d in visible.split(",") if d.strip()]
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+_busy = False  # a worker is running a cell
+
+
+def _start_worker(threads: int, devices: list[str], counter: Any) -> None:
+    """A local worker: its share of the threads, its GPU, and Ctrl-C for running cells only."""
+    with counter.get_lock():
+        index = counter.value
+        counter.value += 1
+    if devices:  # before CUDA starts in this process
+        os.environ["CUDA_VISIBLE_DEVICES"] = devices[index % len(devices)]
+    torch.set_num_threads(threads)
+
+    def interrupt(signum: int, frame: Any) -> None:
+        # Ctrl-C reaches every process of the terminal's group: a training cell saves its
+        # checkpoint (its own handler is active then); an idle worker stays quiet.
+        if _busy:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt)
+
+
+def _in_worker(function: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    global _busy
+    _busy = True
+    try:
+        return function(*args)
+    finally:
+        _busy = False
+
+
+def _in_order(
+    tasks: Sequence[Task],
+    futures: list[Future],
+    console: Console,
+    describe: Callable[[Any], str],
+    cancel: Callable[[Future], Any],
+    unwrap: Callable[[BaseException], BaseException] = lambda exc: exc,
+) -> Iterator[tuple[str, Outcome]]:
+    """The outcomes of ``futures`` in the tasks' order, printed as they finish."""
+    index = {future: i for i, future in enumerate(futures)}
+    ready: dict[int, Outcome] = {}
+    pending, following, finished = set(futures), 0, 0
+    try:
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in sorted(done, key=index.__getitem__):
+                name = tasks[index[future]][0]
+                error = future.exception()
+                if error is not None:
+                    error = unwrap(error)
+                    if not isinstance(error, UserError):
+                        raise error
+                finished += 1
+                if error is None:
+                    console.print(
+                        f"[bold]{name}[/bold]: {describe(future.result())} "
+                        f"({finished} of {len(tasks)})"
+                    )
+                ready[index[future]] = error if error is not None else future.result()
+            while following in ready:
+                yield tasks[following][0], ready.pop(following)
+                following += 1
+    except BaseException as exc:
+        running = [f for f in pending if not cancel(f)]
+        if running:
+            console.print(f"stopping ({type(exc).__name__}): waiting for {len(running)} cells")
+            wait(running)
+        if isinstance(exc, KeyboardInterrupt):
+            raise RunInterrupted(None) from exc
+        raise
+
+
+def _on_ray(
+    function: Callable[..., Any],
+    tasks: Sequence[Task],
+    parallel: Parallel,
+    console: Console,
+    describe: Callable[[Any], str],
+    use_gpus: bool,
+) -> Iterator[tuple[str, Outcome]]:
+    """The cells as Ray tasks, each with its share of the cluster's CPUs (and a GPU)."""
+    ray = _ray()
+    with connected(parallel):
+        total = ray.cluster_resources()
+        node_cpus = max(n["Resources"].get("CPU", 1) for n in ray.nodes() if n["Alive"])
+        # a fixed share per cell, whatever the cells at hand: the same threads, the same numbers
+        share = total.get("CPU", 1) // parallel.jobs if parallel.jobs else 1
+        cpus = int(max(1, min(node_cpus, share)))
+        gpus = 1 if use_gpus and total.get("GPU", 0) >= 1 else 0
+        console.print(
+            f"{_count(len(tasks), 'cell')} on Ray ({int(total.get('CPU', 0))} CPUs, "
+            f"{int(total.get('GPU', 0))} GPUs): {_count(cpus, 'CPU')}"
+            + (" and a GPU" if gpus else "")
+            + " per cell"
+        )
+        remote = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)(_ray_cell)
+        refs = [remote.remote(function, cpus, args) for _, args in tasks]
+        futures = {ref.future(): ref for ref in refs}
+        yield from _in_order(
+            tasks,
+            list(futures),
+            console,
+            describe,
+            # a cancelled task still ends its future (TaskCancelledError): wait for it
+            cancel=lambda future: ray.cancel(futures[future]),
+            # a cell's exception comes wrapped in a RayTaskError
+            unwrap=lambda exc: getattr(exc, "cause", None) or exc,
+        )
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise UserError(
+            "--ray needs Ray: pip install 'adasap[ray]' (on every machine of the cluster)"
+        ) from None
+    return ray
+
+
+@contextlib.contextmanager
+def connected(parallel: Parallel) -> Iterator[None]:
+    """Connected to ``parallel.ray`` (if any) until the end of the block: the phases of a grid
+    share one connection. A process already connected (``ray.init``) keeps its connection."""
+    if parallel.ray is None or _ray().is_initialized():
+        yield
+        return
+    ray = _ray()
+    cache = os.environ.get("ADASAP_CACHE")  # the tasks' cache: the same shared folder
+    try:
+        ray.init(
+            address=parallel.ray,
+            runtime_env={"env_vars": {"ADASAP_CACHE": cache}} if cache else None,
+        )
+    except ConnectionError as exc:
+        raise UserError(
+            f"cannot reach the Ray cluster at {parallel.ray} ({exc}): start it with "
+            "'ray start --head', or give --ray local"
+        ) from exc
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _ray_cell(function: Callable[..., Any], threads: int, args: tuple[Any, ...]) -> Any:
+    torch.set_num_threads(threads)
+    return function(*args)
