@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -120,6 +121,8 @@ def test_run_end_to_end_writes_table_and_models(isolated, capsys):
     header = "| method | params | MACs | clean acc | corrupted acc | extra corr. acc |"
     assert header + " CPU latency (b1) |" in table
     assert "adasap results" in stdout and "results.md" in stdout.replace("\n", "")
+    minutes, seconds = re.search(r"total time: (\d+) min (\d\d) s", stdout).groups()
+    assert abs(int(minutes) * 60 + int(seconds) - results["seconds"]) <= 1
     # adasap eval re-evaluates every model of the run, here with the official-set path off
     (run_dir / "sgd" / "corruptions.json").unlink()
     code, stdout, err = run_cli(["eval", str(run_dir), "--no-progress"],

@@ -286,6 +286,7 @@ def run_experiment(
     an interrupted one continues from its checkpoint, and the dense model comes from the cache
     (or its own checkpoint).
     """
+    started = time.perf_counter()
     console = console or Console()
     config = config.validate()
     resolve_device(config.prune.device)
@@ -318,15 +319,19 @@ def run_experiment(
     except RunInterrupted as exc:
         exc.run_dir = run_dir
         raise
+    seconds = time.perf_counter() - started
     results = {
         "config": config.to_flat(),
         "machine": _machine(),
+        "seconds": seconds,
         "rows": [row.to_dict() for row in rows],
     }
     atomic_write_json(run_dir / "results.json", results)
     atomic_write_text(run_dir / "results.md", results_markdown(rows, config.reduced))
     console.print(results_table(rows))
     console.print(f"results: {run_dir / 'results.md'}")
+    minutes, rest = divmod(round(seconds), 60)
+    console.print(f"total time: {minutes} min {rest:02d} s (this command, evaluation included)")
     return run_dir
 
 
