@@ -79,6 +79,7 @@ RUN_OPTIONS: tuple[tuple[str, str, str], ...] = (
 )  # fmt: skip
 RUN_SWITCHES: tuple[tuple[str, str, bool, str], ...] = (
     ("--asam", "asam", True, "scale-invariant (ASAM) perturbations"),
+    ("--sync-ascent", "sync_ascent", True, "torchrun: average the ascent gradient over the ranks"),
     ("--compile", "compile", True, "torch.compile the model (compiled again after removals)"),
     ("--overwrite", "overwrite", True, "replace an existing run directory of the same name"),
     ("--no-progress", "progress", False, "no progress bars"),

@@ -130,6 +130,7 @@ def pruner_settings(settings: PruneSettings) -> PrunerSettings:
         sam_every=o.sam_every,
         looksam_alpha=o.looksam_alpha,
         ascent_fraction=o.ascent_fraction,
+        sync_ascent=o.sync_ascent,
         seed=s.seed,
     )
 
