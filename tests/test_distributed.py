@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -39,10 +40,11 @@ def _entry(rank: int, init: str, out: str, target, args: tuple) -> None:
 def run_ranks(tmp_path: Path, target, *args) -> list:
     """``target(*args)`` on each of 2 ranks of a Gloo group; their return values, by rank."""
     out = tmp_path / "ranks"
-    out.mkdir(exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    rendezvous = tmp_path / f"rendezvous-{uuid.uuid4().hex}"  # a fresh one for every job
     mp.start_processes(
         _entry,
-        args=(str(tmp_path / "rendezvous"), str(out), target, args),
+        args=(str(rendezvous), str(out), target, args),
         nprocs=WORLD,
         start_method="fork",
     )
@@ -233,7 +235,8 @@ def test_a_killed_rank_stops_the_job_and_resume_continues_exactly(tmp_path):
     (tmp_path / "b").mkdir()
     with pytest.raises(Exception):  # noqa: B017 (the job dies with its rank)
         run_ranks(tmp_path / "b", _train_and_maybe_die, str(tmp_path / "b"), 6)
-    assert (tmp_path / "b" / "checkpoint.pt").is_file()  # the last epoch's, intact
+    checkpoint = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert checkpoint["loop"]["step"] == 4  # the last epoch's (4 steps each), intact
     resumed = run_ranks(tmp_path / "b", _train_and_maybe_die, str(tmp_path / "b"), None)[0]
     for key, value in straight.items():
         assert torch.equal(value, resumed[key]), key

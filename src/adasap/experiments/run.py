@@ -1,11 +1,14 @@
 """The main job: dense model -> pruned by each method -> clean and corruption accuracy -> table.
 
 ``run_experiment`` is what ``adasap run`` (and so ``make demo``) does. Everything it needs is
-validated before the run directory is created, so bad input leaves nothing behind.
+validated before the run directory is created, so bad input leaves nothing behind. Under
+torchrun every rank runs it: all train and evaluate their parts, rank 0 alone decides what is
+on disk, writes and prints (docs/distributed.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -24,6 +27,7 @@ from adasap.data import DataBundle, evaluation_source, load_dataset, training_so
 from adasap.deploy.latency import TimingSettings, latency_budget, measure_latency
 from adasap.deploy.serialization import load_model, save_model
 from adasap.devices import resolve_device
+from adasap.distributed import any_rank, broadcast_value, is_main, on_main, shard
 from adasap.errors import UserError
 from adasap.experiments.config import ExperimentConfig, dump_yaml
 from adasap.experiments.reporting import results_markdown, results_table
@@ -130,15 +134,17 @@ def dense_model(config: ExperimentConfig, data: DataBundle, console: Console):
     )
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
     directory = cache_root(config.cache_dir) / "dense" / f"{folder_label(config)}-{key}"
+    model = None
     if (directory / "model.json").is_file():
         try:
             model = load_model(directory)
-            console.print(f"dense model: reusing {directory}")
-            return model, json.loads((directory / "model.json").read_text()).get("train", {})
         except UserError as exc:
             console.print(f"[yellow]dense cache unusable ({exc}); training again[/yellow]")
+    if not any_rank(model is None):  # data-parallel: reused only when every rank has it
+        console.print(f"dense model: reusing {directory}")
+        return model, json.loads((directory / "model.json").read_text()).get("train", {})
     console.print(f"dense model: training {config.model} for {config.dense_epochs} epochs")
-    torch.manual_seed(s.seed)
+    torch.manual_seed(s.seed)  # the same initial weights on every rank
     model = build_model(**architecture)
     result = train(
         model,
@@ -150,8 +156,12 @@ def dense_model(config: ExperimentConfig, data: DataBundle, console: Console):
         progress=config.progress,
     )
     info = {"seconds": result.seconds, "val_accuracy": result.val_accuracy, "recipe": recipe}
-    save_model(directory, result.model.cpu(), architecture, extra={"train": info})
-    (directory / CHECKPOINT_FILE).unlink(missing_ok=True)
+
+    def publish() -> None:
+        save_model(directory, result.model.cpu(), architecture, extra={"train": info})
+        (directory / CHECKPOINT_FILE).unlink(missing_ok=True)
+
+    on_main(publish)
     return result.model, info
 
 
@@ -195,7 +205,8 @@ def evaluate_model(
     """
     device = resolve_device(config.prune.device)
     model.to(device).eval()
-    row = ResultRow(method=label, clean_accuracy=evaluate_accuracy(model, data.test, device=device))
+    clean = evaluate_accuracy(model, data.test, device=device, sharded=True)
+    row = ResultRow(method=label, clean_accuracy=clean)
     names = _corruption_names(config)
     if names is None:
         return row
@@ -212,8 +223,9 @@ def evaluate_model(
         cache_dir=cache_root(config.cache_dir) / "corruptions",
         corrupted=official_sets(*official) if official is not None else None,
         progress=config.progress,
+        sharded=True,
     )
-    report.save(out_dir / label)
+    on_main(lambda: report.save(out_dir / label))
     return replace(
         row,
         corruption_accuracy=report.corruption_accuracy,
@@ -232,11 +244,12 @@ def run_experiment(
     an interrupted one continues from its checkpoint, and the dense model comes from the cache
     (or its own checkpoint).
     """
-    console = console or Console()
+    console = console or Console(quiet=not is_main())
     config = config.validate()
     resolve_device(config.prune.device)
     data = load_data(config)
-    steps_per_epoch(training_source(data.train, batch_size=config.prune.batch_size))
+    s = config.prune
+    steps_per_epoch(training_source(data.train, batch_size=s.batch_size, shard=shard()))
     if resume:
         run_dir = Path(config.out_dir) / str(config.name)
         if not run_dir.is_dir():
@@ -244,14 +257,8 @@ def run_experiment(
     else:
         check_keep_reachable(config, data)
         name = config.name or time.strftime("%Y%m%d-%H%M%S") + f"-{folder_label(config)}"
-        config = replace(config, name=name)
-        run_dir = prepare_run_dir(config.out_dir, name, config.overwrite)
-        try:
-            atomic_write_json(run_dir / "config.json", config.to_flat())
-            atomic_write_text(run_dir / "config.yaml", dump_yaml(config))
-        except BaseException:
-            shutil.rmtree(run_dir, ignore_errors=True)  # just created: leave nothing behind
-            raise
+        config = replace(config, name=broadcast_value(name))  # rank 0's clock names the run
+        run_dir = on_main(lambda: _new_run_dir(config))
     if config.reduced:
         console.print(
             f"[bold yellow]Reduced setting[/bold yellow]: {len(data.train)} training images, "
@@ -264,16 +271,37 @@ def run_experiment(
     except RunInterrupted as exc:
         exc.run_dir = run_dir
         raise
-    results = {
-        "config": config.to_flat(),
-        "machine": _machine(),
-        "rows": [row.to_dict() for row in rows],
-    }
-    atomic_write_json(run_dir / "results.json", results)
-    atomic_write_text(run_dir / "results.md", results_markdown(rows, config.reduced))
+
+    def write_results() -> None:
+        results = {
+            "config": config.to_flat(),
+            "machine": _machine(),
+            "rows": [row.to_dict() for row in rows],
+        }
+        atomic_write_json(run_dir / "results.json", results)
+        atomic_write_text(run_dir / "results.md", results_markdown(rows, config.reduced))
+
+    on_main(write_results)
     console.print(results_table(rows))
     console.print(f"results: {run_dir / 'results.md'}")
     return run_dir
+
+
+def _new_run_dir(config: ExperimentConfig) -> Path:
+    """The new, empty run directory holding the run's config (nothing left behind on failure)."""
+    run_dir = prepare_run_dir(config.out_dir, str(config.name), config.overwrite)
+    try:
+        atomic_write_json(run_dir / "config.json", config.to_flat())
+        atomic_write_text(run_dir / "config.yaml", dump_yaml(config))
+    except BaseException:
+        shutil.rmtree(run_dir, ignore_errors=True)  # just created: leave nothing behind
+        raise
+    return run_dir
+
+
+def _main_latency_ms(model, data: DataBundle) -> float | None:
+    """:func:`_latency_ms` on rank 0 alone (the others would time on the same machine)."""
+    return _latency_ms(model, data) if is_main() else None
 
 
 def _rows(config: ExperimentConfig, data: DataBundle, run_dir: Path, console) -> list[ResultRow]:
@@ -284,7 +312,7 @@ def _rows(config: ExperimentConfig, data: DataBundle, run_dir: Path, console) ->
             evaluate_model(dense, data, config, run_dir, "dense"),
             params=dense_size.params,
             macs=dense_size.macs,
-            latency_ms=_latency_ms(dense, data),
+            latency_ms=_main_latency_ms(dense, data),
             seconds=dense_info.get("seconds"),
         )
     ]
@@ -305,7 +333,7 @@ def pruned_row(
     """Prune with ``method`` and evaluate, or reuse the summary of an earlier finished run."""
     method_dir = run_dir / method
     summary = method_dir / "summary.json"
-    if summary.is_file():
+    if broadcast_value(summary.is_file()):
         console.print(f"[bold]{method}[/bold]: finished earlier, reusing {summary}")
         return ResultRow.from_dict(json.loads(summary.read_text()))
     console.print(
@@ -313,7 +341,8 @@ def pruned_row(
         f"{config.prune.keep_kind}"
     )
     method_dir.mkdir(parents=True, exist_ok=True)
-    with open(method_dir / "metrics.jsonl", "w") as metrics:
+    metrics_path = method_dir / "metrics.jsonl"  # rank 0's: the others do not log
+    with open(metrics_path, "w") if is_main() else contextlib.nullcontext() as metrics:
 
         def log(record: dict[str, Any]) -> None:
             metrics.write(json.dumps(record) + "\n")
@@ -328,17 +357,22 @@ def pruned_row(
             progress=config.progress,
         )
     model = result.model.cpu()
-    save_model(method_dir, model, model_architecture(config, data), result.pruning_history)
+    architecture = model_architecture(config, data)
+    on_main(lambda: save_model(method_dir, model, architecture, result.pruning_history))
     row = replace(
         evaluate_model(model, data, config, run_dir, method, official),
         params=result.size.params,
         macs=result.size.macs,
-        latency_ms=_latency_ms(model, data),
+        latency_ms=_main_latency_ms(model, data),
         seconds=result.seconds,
         latency=result.latency,
     )
-    atomic_write_json(summary, {**row.to_dict(), "history": result.history})
-    (method_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+
+    def publish() -> None:
+        atomic_write_json(summary, {**row.to_dict(), "history": result.history})
+        (method_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+
+    on_main(publish)
     return row
 
 

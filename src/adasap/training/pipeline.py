@@ -120,11 +120,6 @@ class _Setup:
     def of(cls, model: nn.Module, train_data: Any, s: PruneSettings) -> _Setup:
         device = resolve_device(s.device)
         channels_last = s.channels_last and device.type == "cpu"
-        if is_distributed() and (s.compile or s.keep_kind == "latency"):
-            raise UserError(
-                "compile and keep_kind latency are not supported under torchrun yet: "
-                "run them in one process, or leave them off"
-            )
         # data-parallel: batch_size per rank, each rank its part of every global batch
         source = training_source(train_data, batch_size=s.batch_size, seed=s.seed, shard=shard())
         steps_per_epoch(source)  # enough training images for one batch?

@@ -6,6 +6,7 @@ import inspect
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from adasap.distributed import is_distributed
 from adasap.errors import UserError
 from adasap.method.base_optimizer import base_optimizer_class
 from adasap.method.importance import criteria
@@ -84,6 +85,11 @@ class PruneSettings:
                 f"perturbation normalization must be global or neuron, got {o.normalization!r}"
             )
         base_optimizer_class(o.base_optimizer)
+        if is_distributed() and (self.compile or self.keep_kind == "latency"):
+            raise UserError(
+                "compile and keep kind latency do not run under torchrun yet: "
+                "leave them off, or run in one process"
+            )
         pruner_settings(self)  # the method's own checks (the cheaper sharpness-aware steps)
         return self
 
