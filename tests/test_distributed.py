@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -213,6 +215,12 @@ def test_one_process_without_torchrun_is_unchanged():
     distributed.check_same_model(plain_net(), "nothing")  # no group: nothing to compare
 
 
+def test_a_checkpoint_resumes_only_with_as_many_processes(tmp_path):
+    run_ranks(tmp_path, _train_and_maybe_die, str(tmp_path), None)
+    with pytest.raises(UserError, match="written by 2 process.es., not 1: resume as 2 torchrun"):
+        _train_and_maybe_die(str(tmp_path), None)
+
+
 def _train_and_maybe_die(out: str, kill_at: int | None) -> dict:
     """Prune with checkpoints; rank 1 kills itself (SIGKILL) after step ``kill_at``."""
     if kill_at is not None and distributed.rank() == 1:
@@ -242,21 +250,53 @@ def test_a_killed_rank_stops_the_job_and_resume_continues_exactly(tmp_path):
         assert torch.equal(value, resumed[key]), key
 
 
-@pytest.mark.slow
-def test_torchrun_runs_the_command_line_on_two_cpu_processes(tmp_path):
-    import subprocess
-
+def _torchrun(tmp_path: Path, name: str, *extra: str) -> subprocess.Popen:
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *extra,
         "-m", "adasap", "run", "--device", "cpu", "--dataset", "synthetic", "--train-limit",
         "256", "--test-limit", "64", "--corruptions", "quick", "--corruption-limit", "32",
-        "--dense-epochs", "1", "--warmup-epochs", "0.5", "--prune-epochs", "0.5",
-        "--finetune-epochs", "0.5", "--prune-steps", "1", "--batch-size", "16",
-        "--out", str(tmp_path / "runs"), "--name", "ddp", "--cache-dir", str(tmp_path / "cache"),
+        "--dense-epochs", "1", "--warmup-epochs", "1", "--prune-epochs", "2",
+        "--finetune-epochs", "2", "--prune-steps", "2", "--batch-size", "16",
+        "--out", str(tmp_path / "runs"), "--name", name, "--cache-dir", str(tmp_path / "cache"),
         "--no-progress",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("results:") == 1  # rank 0 alone prints
-    assert (tmp_path / "runs" / "ddp" / "results.md").is_file()
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.slow
+def test_torchrun_command_line_and_elastic_restart_after_a_killed_rank(tmp_path):
+    """``torchrun -m adasap run`` on 2 CPU processes prints one table; a worker killed mid-run
+    is restarted by torchrun (--max-restarts), which continues the named run exactly."""
+    straight = _torchrun(tmp_path, "straight")
+    out, err = straight.communicate(timeout=900)
+    assert straight.returncode == 0, err.decode()[-3000:]
+    assert out.decode().count("results:") == 1  # rank 0 alone prints
+    restarted = _torchrun(tmp_path, "restarted", "--max-restarts", "1")
+    checkpoint = tmp_path / "runs" / "restarted" / "adasap" / "checkpoint.pt"
+    deadline = time.monotonic() + 600
+    while not checkpoint.is_file() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    workers = _children(restarted.pid)
+    assert checkpoint.is_file() and workers
+    os.kill(max(workers), signal.SIGKILL)  # adasap, the second method, is mid-run
+    out, err = restarted.communicate(timeout=900)
+    assert restarted.returncode == 0, err.decode()[-3000:]
+    assert "sgd: finished earlier" in out.decode()  # the restart continued the run
+    for method in ("sgd", "adasap"):
+        ours = adasap.load(tmp_path / "runs" / "restarted" / method).state_dict()
+        theirs = adasap.load(tmp_path / "runs" / "straight" / method).state_dict()
+        for key, value in theirs.items():
+            assert torch.equal(ours[key], value), (method, key)

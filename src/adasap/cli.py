@@ -10,6 +10,7 @@ join its process group and train data-parallel; rank 0 alone prints (docs/distri
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -277,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
         return _deploy(args)
     try:
         config, resume = config_from_args(args)
+        if _restarted_run(args, config):  # torchrun --max-restarts: continue the named run
+            args.resume = str(Path(config.out_dir) / str(config.name))
+            config, resume = config_from_args(args)
         init_from_env(config.prune.device)  # under torchrun: join its process group
         console = Console(quiet=not is_main())
         if args.command == "train":
@@ -303,6 +307,18 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         close()
     return 0
+
+
+def _restarted_run(args: argparse.Namespace, config: ExperimentConfig) -> bool:
+    """Whether torchrun restarted this ``adasap run --name N`` after its run directory was made.
+
+    The restarted workers get the original command line; with ``--name`` it names the same
+    run directory, which then continues as with ``--resume`` (docs/distributed.md).
+    """
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if args.command != "run" or args.resume or config.name is None or restarts == 0:
+        return False
+    return (Path(config.out_dir) / config.name / "config.json").is_file()
 
 
 def _report(message: str) -> None:

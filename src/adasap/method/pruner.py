@@ -345,7 +345,7 @@ class Pruner:
             if sub_batch
             else None,
             looksam_alpha=s.looksam_alpha if s.sam_every > 1 and kind != "plain" else None,
-            first_pass=self.ddp.first_pass() if self.ddp is not None else None,
+            first_pass=self.ddp.first_pass() if self.ddp and kind == "ascent" else None,
         )
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()

@@ -106,7 +106,7 @@ def steps_per_epoch(source: BatchSource) -> int:
     if count < 1 and batch_size is None:
         raise UserError("the training data yield no batch: pass a non-empty DataLoader")
     if count < 1:
-        world = source.shard[1]  # data-parallel: a global batch of world x batch_size
+        world = getattr(source, "shard", (0, 1))[1]  # data-parallel: world x batch_size
         batch = f"{batch_size} x {world} ranks" if world > 1 else batch_size
         raise UserError(
             f"the training set has fewer images than the batch size {batch}: "

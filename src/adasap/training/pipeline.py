@@ -20,7 +20,7 @@ from torch import nn
 
 from adasap.data import BatchSource, DataBundle, training_source
 from adasap.devices import prepare_model, resolve_device
-from adasap.distributed import any_rank, is_distributed, is_main, shard
+from adasap.distributed import any_rank, is_distributed, is_main, shard, world_size
 from adasap.errors import UserError
 from adasap.method.neurons import NeuronLayout
 from adasap.method.pruner import Pruner, default_ignored_layers
@@ -181,6 +181,7 @@ class _Setup:
             compile=self.s.compile,
             owner_state=lambda: {
                 **identity,
+                "world_size": world_size(),
                 "model": pruner.model.state_dict(),
                 "pruner": pruner.state_dict(),
             },
@@ -191,6 +192,15 @@ class _Setup:
                 raise UserError(
                     f"{checkpoint} was written with other settings: resume with the run's own "
                     "config, or delete the checkpoint to start afresh"
+                )
+            written_by = state.get("world_size", 1)  # each global batch's split depends on it
+            if written_by != world_size():
+                how = (
+                    "without torchrun" if written_by == 1 else f"as {written_by} torchrun processes"
+                )
+                raise UserError(
+                    f"{checkpoint} was written by {written_by} process(es), not {world_size()}: "
+                    f"resume {how}, or delete the checkpoint to start afresh"
                 )
             pruner.load_state_dict(state["pruner"])
             pruner.model.load_state_dict(state["model"])
