@@ -250,9 +250,15 @@ def test_a_killed_rank_stops_the_job_and_resume_continues_exactly(tmp_path):
         assert torch.equal(value, resumed[key]), key
 
 
+# torchrun's workers otherwise share its rendezvous store, where a restarted worker may read
+# the previous attempt's addresses (pytorch/pytorch#135712; docs/distributed.md)
+RESTARTABLE = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
 def _torchrun(tmp_path: Path, name: str, *extra: str) -> subprocess.Popen:
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *extra,
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        *extra,
         "-m", "adasap", "run", "--device", "cpu", "--dataset", "synthetic", "--train-limit",
         "256", "--test-limit", "64", "--corruptions", "quick", "--corruption-limit", "32",
         "--dense-epochs", "1", "--warmup-epochs", "1", "--prune-epochs", "2",
@@ -260,7 +266,7 @@ def _torchrun(tmp_path: Path, name: str, *extra: str) -> subprocess.Popen:
         "--out", str(tmp_path / "runs"), "--name", name, "--cache-dir", str(tmp_path / "cache"),
         "--no-progress",
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", **RESTARTABLE}
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
 
 
