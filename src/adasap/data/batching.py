@@ -10,8 +10,9 @@ the order a single process would take them, and rank ``r`` gets its rows ``[r*B,
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -58,11 +59,14 @@ class RankBatches(torch.utils.data.Sampler):
         return len(self.batches)
 
 
-def rank_generator(generator: torch.Generator | None, shard: Shard) -> torch.Generator | None:
-    """A generator for this rank's own randomness (loader workers' augmentations)."""
-    if generator is None or shard[1] == 1:
-        return generator
-    return torch.Generator().manual_seed(generator.initial_seed() * 1_009 + shard[0] + 1)
+def _reseed_worker(rank: int, worker_id: int) -> None:
+    torch.manual_seed(torch.initial_seed() + 1_000_003 * rank)
+
+
+def rank_workers(shard: Shard) -> Callable[[int], None] | None:
+    """A loader's ``worker_init_fn`` that gives each rank's workers their own random streams
+    (the augmentations of different ranks' images are drawn independently)."""
+    return functools.partial(_reseed_worker, shard[0]) if shard[1] > 1 else None
 
 
 def augment_batch(
@@ -118,7 +122,8 @@ def batches(
         loader = torch.utils.data.DataLoader(
             view,
             batch_sampler=RankBatches(order, batch_size, shard, drop_last),
-            generator=rank_generator(generator, shard),
+            generator=generator,
+            worker_init_fn=rank_workers(shard),
             num_workers=images.num_workers,
             pin_memory=device.type == "cuda",
         )

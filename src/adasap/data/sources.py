@@ -25,7 +25,6 @@ from adasap.data.batching import (
     check_item,
     collate_items,
     num_batches,
-    rank_generator,
 )
 from adasap.data.image_sets import DataBundle, FolderImageSet, ImageSet, TensorImageSet
 from adasap.errors import UserError
@@ -244,14 +243,12 @@ class _DatasetSource(BatchSource):
         )
 
     def _loader(self, index: int, batch_size: int) -> DataLoader:
-        generator = epoch_generator(self.seed, index)
-        sampler = RandomSampler(self.dataset, generator=generator)
+        sampler = RandomSampler(self.dataset, generator=epoch_generator(self.seed, index))
         if self.shard[1] > 1:  # this rank's part of each global batch
             order = sampler if self.train else range(self.size)
             return DataLoader(
                 self.dataset,
                 batch_sampler=RankBatches(order, batch_size, self.shard, self.drop_last),
-                generator=rank_generator(generator, self.shard),
                 collate_fn=collate_items,
             )
         return DataLoader(
