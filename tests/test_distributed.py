@@ -208,6 +208,39 @@ def test_sharded_sources_split_every_global_batch_and_evaluation_adds_up(tmp_pat
         assert ranks[0][1][step] == y[:4].tolist() and ranks[1][1][step] == y[4:].tolist()
 
 
+def _corruption_accuracy(cache: str) -> tuple:
+    from adasap.robustness import evaluation
+
+    images, labels = tiny_data(30)
+    rendered, render = [], evaluation.render_cached
+    evaluation.render_cached = lambda *a, **k: rendered.append(a[2:4]) or render(*a, **k)
+    try:
+        report = adasap.evaluate_corruptions(
+            plain_net(),
+            (images, labels),
+            dataset_key="tiny",
+            corruptions=("gaussian_noise", "gaussian_blur"),
+            severities=(1, 3, 5),
+            batch_size=8,
+            cache_dir=cache,
+            progress=False,
+            sharded=True,
+        )
+    finally:
+        evaluation.render_cached = render
+    return (report.clean_accuracy, report.accuracy, report.num_images), rendered
+
+
+def test_corrupted_evaluation_splits_its_cells_over_the_ranks(tmp_path):
+    (ours, cells), (theirs, other_cells) = run_ranks(
+        tmp_path, _corruption_accuracy, str(tmp_path / "cache")
+    )
+    single, all_cells = _corruption_accuracy(str(tmp_path / "cache"))  # no group: all cells
+    assert ours == theirs == single
+    assert len(cells) == len(other_cells) == 3  # each rank renders and evaluates its half
+    assert sorted(cells + other_cells) == sorted(all_cells)
+
+
 def test_one_process_without_torchrun_is_unchanged():
     assert not distributed.launched() or "RANK" in os.environ
     assert distributed.shard() == (0, 1) and distributed.is_main()
