@@ -242,16 +242,26 @@ def test_corrupted_evaluation_splits_its_cells_over_the_ranks(tmp_path):
 
 
 def test_one_process_without_torchrun_is_unchanged():
-    assert not distributed.launched() or "RANK" in os.environ
+    """No process group: every helper is the single-process identity (no collective)."""
     assert distributed.shard() == (0, 1) and distributed.is_main()
-    assert distributed.on_main(lambda: 42) == 42
-    distributed.check_same_model(plain_net(), "nothing")  # no group: nothing to compare
+    assert not distributed.is_distributed() and not distributed.any_rank(False)
+    assert distributed.on_main(lambda: 42) == 42 and distributed.broadcast_value("x") == "x"
+    values = torch.tensor([1.0, 2.0])
+    assert torch.equal(distributed.all_reduce_mean(values), values)
+    distributed.check_same_model(plain_net(), "nothing")
+    with pytest.raises(UserError, match="run directory exists"):
+        distributed.on_main(lambda: (_ for _ in ()).throw(UserError("run directory exists")))
 
 
-def test_a_checkpoint_resumes_only_with_as_many_processes(tmp_path):
-    run_ranks(tmp_path, _train_and_maybe_die, str(tmp_path), None)
-    with pytest.raises(UserError, match="written by 2 process.es., not 1: resume as 2 torchrun"):
-        _train_and_maybe_die(str(tmp_path), None)
+def test_under_torchrun_cuda_is_the_process_s_own_gpu(monkeypatch):
+    from adasap.devices import resolve_device
+
+    for name, value in dict(RANK="3", WORLD_SIZE="4", LOCAL_RANK="1").items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == resolve_device("cuda") == torch.device("cuda:1")
+    assert resolve_device("cuda:0") == torch.device("cuda:0")  # asked for by number: kept
+    assert resolve_device("cpu") == torch.device("cpu")
 
 
 def _train_and_maybe_die(out: str, kill_at: int | None) -> dict:
