@@ -2,12 +2,15 @@
 
 Flags, YAML files and run directories share one flat key space (``--rho-max`` is ``rho_max``).
 User errors print one line (``error: ...``) and exit with code 2, no traceback; a diverged run
-exits with 3 and an interrupted one with 130, both keeping their checkpoint.
+exits with 3 and an interrupted one with 130, both keeping their checkpoint. Started by
+torchrun (``torchrun --nproc_per_node N -m adasap run ...``), ``run``, ``train`` and ``eval``
+join its process group and train data-parallel; rank 0 alone prints (docs/distributed.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -16,6 +19,7 @@ from rich.console import Console
 
 from adasap.deploy.latency import run_latency
 from adasap.deploy.onnx import export_onnx, select_model
+from adasap.distributed import close, init_from_env, is_main, launched
 from adasap.errors import UserError
 from adasap.experiments.bench import run_bench
 from adasap.experiments.bench_report import write_report
@@ -82,6 +86,7 @@ RUN_OPTIONS: tuple[tuple[str, str, str], ...] = (
 )  # fmt: skip
 RUN_SWITCHES: tuple[tuple[str, str, bool, str], ...] = (
     ("--asam", "asam", True, "scale-invariant (ASAM) perturbations"),
+    ("--sync-ascent", "sync_ascent", True, "torchrun: average the ascent gradient over the ranks"),
     ("--compile", "compile", True, "torch.compile the model (compiled again after removals)"),
     ("--overwrite", "overwrite", True, "replace an existing run directory of the same name"),
     ("--no-progress", "progress", False, "no progress bars"),
@@ -277,34 +282,63 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command in ("bench", "sweep", "export", "latency") and launched():
+        message = f"error: adasap {args.command} runs in one process: start it without torchrun"
+        print(message, file=sys.stderr)
+        return 2
     if args.command in ("bench", "sweep"):
         return _bench_or_sweep(args)
     if args.command in ("export", "latency"):
         return _deploy(args)
     try:
         config, resume = config_from_args(args)
+        if _restarted_run(args, config):  # torchrun --max-restarts: continue the named run
+            args.resume = str(Path(config.out_dir) / str(config.name))
+            config, resume = config_from_args(args)
+        init_from_env(config.prune.device)  # under torchrun: join its process group
+        console = Console(quiet=not is_main())
         if args.command == "train":
-            train_dense_model(config, Console())
+            train_dense_model(config, console)
         elif args.command == "eval":
             if bool(args.official) != bool(args.official_dir):
                 raise UserError("--official and --official-dir go together: give both or neither")
             official = (args.official_dir, args.official) if args.official else None
-            evaluate_path(args.path, config, official, Console())
+            evaluate_path(args.path, config, official, console)
         else:
-            run_experiment(config, Console(), resume=resume)
+            run_experiment(config, console, resume=resume)
     except TrainingDiverged as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _report(f"error: {exc}")
         return 3
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _report(f"error: {exc}")
         return 2
     except RunInterrupted as exc:
-        print(f"{exc}; continue with: adasap run --resume {exc.run_dir}", file=sys.stderr)
+        _report(f"{exc}; continue with: adasap run --resume {exc.run_dir}")
         return 130
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        _report("interrupted")
         return 130
+    finally:
+        close()
     return 0
+
+
+def _restarted_run(args: argparse.Namespace, config: ExperimentConfig) -> bool:
+    """Whether torchrun restarted this ``adasap run --name N`` after its run directory was made.
+
+    The restarted workers get the original command line; with ``--name`` it names the same
+    run directory, which then continues as with ``--resume`` (docs/distributed.md).
+    """
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if args.command != "run" or args.resume or config.name is None or restarts == 0:
+        return False
+    return (Path(config.out_dir) / config.name / "config.json").is_file()
+
+
+def _report(message: str) -> None:
+    """Print on stderr; under torchrun on rank 0 alone (every rank stops alike)."""
+    if is_main():
+        print(message, file=sys.stderr)
 
 
 def _deploy(args: argparse.Namespace) -> int:

@@ -5,13 +5,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from adasap.distributed import launched, local_rank
 from adasap.errors import UserError
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``"auto"`` picks CUDA when present, else the CPU."""
+    """``"auto"`` picks CUDA when present, else the CPU; under torchrun ``cuda`` is the
+    process's own GPU (``cuda:LOCAL_RANK``)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and launched() and torch.cuda.is_available():
+        name = f"cuda:{local_rank()}"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device {name!r} requested but CUDA is not available: use --device cpu")
     try:

@@ -9,15 +9,23 @@ as given. uint8 images become float32 in [0, 1] and labels int64; nothing is nor
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, default_collate
+from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler
+from torch.utils.data.distributed import DistributedSampler
 
-from adasap.data.batching import batches, num_batches
+from adasap.data.batching import (
+    SINGLE,
+    RankBatches,
+    Shard,
+    batches,
+    check_item,
+    collate_items,
+    num_batches,
+)
 from adasap.data.image_sets import DataBundle, FolderImageSet, ImageSet, TensorImageSet
 from adasap.errors import UserError
 
@@ -45,6 +53,7 @@ class BatchSource:
     owns_augmentation: bool = False
     drop_last = False
     what = "the data"
+    shard: Shard = SINGLE  # (rank, world size): which rows of each global batch (.sharded)
 
     def __len__(self) -> int:
         """Batches per epoch."""
@@ -57,6 +66,11 @@ class BatchSource:
     def example(self, count: int = 2) -> Tensor:
         """The first ``count`` images (fewer if the data is smaller), unaugmented, on the CPU."""
         raise NotImplementedError
+
+    def sharded(self, shard: Shard) -> BatchSource:
+        """This source as rank ``shard[0]`` of ``shard[1]`` sees it (:mod:`.batching`)."""
+        self.shard = shard
+        return self
 
     def _first(self) -> Batch | None:
         """The first batch as the data gives it (item-level checks come first), or None."""
@@ -144,7 +158,7 @@ class _ImageSetSource(BatchSource):
         self.owns_augmentation = self.augment
 
     def __len__(self) -> int:
-        return num_batches(self.images, self.batch_size, drop_last=self.drop_last)
+        return num_batches(self.images, self.batch_size, drop_last=self.drop_last, shard=self.shard)
 
     def epoch(self, index: int, device: torch.device | None = None) -> Iterator[Batch]:
         if device is None:
@@ -157,6 +171,7 @@ class _ImageSetSource(BatchSource):
             augment=self.augment,
             device=device or "cpu",
             drop_last=self.drop_last,
+            shard=self.shard,
         )
 
     def example(self, count: int = 2) -> Tensor:
@@ -184,76 +199,26 @@ class _PairSource(BatchSource):
         self.train, self.seed, self.drop_last = train, seed, drop_last and train
 
     def __len__(self) -> int:
-        n, b = len(self.images), self.batch_size
-        return n // b if self.drop_last else math.ceil(n / b)
+        return num_batches(self.images, self.batch_size, drop_last=self.drop_last, shard=self.shard)
 
     def epoch(self, index: int, device: torch.device | None = None) -> Iterator[Batch]:
-        n = len(self.images)
-        order = (
-            torch.randperm(n, generator=epoch_generator(self.seed, index)) if self.train else None
-        )
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
-            if order is None:
-                x = self.images[start : start + self.batch_size]
-                y = self.labels[start : start + self.batch_size]
-            else:
-                idx = order[start : start + self.batch_size]
+        n, b, (rank, world) = len(self.images), self.batch_size, self.shard
+        generator = epoch_generator(self.seed, index)
+        order = torch.randperm(n, generator=generator) if self.train else torch.arange(n)
+        for start in range(0, len(self) * b * world, b * world):
+            idx = order[start + rank * b : start + (rank + 1) * b]  # this rank's rows
+            if len(idx):
                 x, y = (
                     self.images[idx.to(self.images.device)],
                     self.labels[idx.to(self.labels.device)],
                 )
-            yield _to_device(x, y, device)
+                yield _to_device(x, y, device)
 
     def example(self, count: int = 2) -> Tensor:
         return _as_float(self.images[:count].cpu())
 
     def _raw(self) -> Iterable[Any]:
         return [(self.images[: self.batch_size], self.labels[: self.batch_size])]
-
-
-def _check_item(item: Any) -> None:
-    from PIL import Image
-
-    if not isinstance(item, tuple | list) or len(item) != 2:
-        raise UserError(
-            f"item 0 of the dataset is a {type(item).__name__}, not an (image, label) pair: "
-            "make __getitem__ return (image, label)"
-        )
-    image, label = item
-    if isinstance(image, Tensor):
-        if image.dim() != 3:
-            raise UserError(
-                f"item 0 of the dataset has an image of shape {tuple(image.shape)}, not "
-                "(C, H, W): return one image per item (add a ToTensor / ToImage transform)"
-            )
-    elif not isinstance(image, Image.Image):
-        raise UserError(
-            f"item 0 of the dataset has a {type(image).__name__} image, not a tensor or PIL "
-            "image: add a transform that makes a (C, H, W) tensor"
-        )
-    integer = isinstance(label, int) and not isinstance(label, bool)
-    if isinstance(label, Tensor):
-        integer = label.dim() == 0 and not (label.is_floating_point() or label.dtype == torch.bool)
-    if not integer:
-        raise UserError(
-            f"item 0 of the dataset has a label {label!r:.40}, not an integer class index: "
-            "return (image, int label)"
-        )
-
-
-def _collate(items: list[Any]) -> Batch:
-    from PIL import Image
-    from torchvision.transforms.functional import to_tensor
-
-    images = [to_tensor(x) if isinstance(x, Image.Image) else x for x, _ in items]
-    try:
-        return default_collate(images), default_collate([y for _, y in items])
-    except RuntimeError as exc:
-        if "stack expects each tensor to be equal size" not in str(exc):
-            raise
-        raise UserError(
-            "images of the dataset differ in size: resize or crop them to one size in its transform"
-        ) from exc
 
 
 class _DatasetSource(BatchSource):
@@ -273,17 +238,25 @@ class _DatasetSource(BatchSource):
             ) from None
 
     def __len__(self) -> int:
-        n, b = self.size, self.batch_size
-        return n // b if self.drop_last else math.ceil(n / b)
+        return num_batches(
+            range(self.size), self.batch_size, drop_last=self.drop_last, shard=self.shard
+        )
 
     def _loader(self, index: int, batch_size: int) -> DataLoader:
         sampler = RandomSampler(self.dataset, generator=epoch_generator(self.seed, index))
+        if self.shard[1] > 1:  # this rank's part of each global batch
+            order = sampler if self.train else range(self.size)
+            return DataLoader(
+                self.dataset,
+                batch_sampler=RankBatches(order, batch_size, self.shard, self.drop_last),
+                collate_fn=collate_items,
+            )
         return DataLoader(
             self.dataset,
             batch_size=batch_size,
             sampler=sampler if self.train else None,
             drop_last=self.drop_last,
-            collate_fn=_collate,
+            collate_fn=collate_items,
         )
 
     def epoch(self, index: int, device: torch.device | None = None) -> Iterator[Batch]:
@@ -292,20 +265,21 @@ class _DatasetSource(BatchSource):
 
     def example(self, count: int = 2) -> Tensor:
         items = [self.dataset[i] for i in range(min(count, self.size))]
-        return _as_float(_collate(items)[0]) if items else torch.empty(0)
+        return _as_float(collate_items(items)[0]) if items else torch.empty(0)
 
     def _raw(self) -> Iterable[Any]:
         if self.size == 0:
             return []
         item = self.dataset[0]
-        _check_item(item)
-        return [_collate([item])]
+        check_item(item)
+        return [collate_items([item])]
 
 
 class _IterableSource(BatchSource):
     what = "the loader or list of batches"
 
-    def __init__(self, data: Iterable[Any]) -> None:
+    def __init__(self, data: Iterable[Any], train: bool) -> None:
+        self.train = train
         if iter(data) is data:
             raise UserError(
                 f"a {type(data).__name__} can be iterated only once: pass a list of batches or "
@@ -315,7 +289,7 @@ class _IterableSource(BatchSource):
 
     def __len__(self) -> int:
         try:
-            return len(self.data)  # type: ignore[arg-type]
+            return len(self.data) // self.shard[1]  # type: ignore[arg-type]
         except TypeError:
             raise UserError(
                 f"the number of batches per epoch of a {type(self.data).__name__} is unknown "
@@ -326,8 +300,17 @@ class _IterableSource(BatchSource):
         sampler = getattr(self.data, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(index)  # DistributedSampler: a new shuffle per epoch
-        for x, y in self.data:
-            yield _to_device(x, y, device)
+        rank, world = self.shard
+        for number, (x, y) in enumerate(self.data):
+            if self.train and number // world >= len(self):
+                break  # every rank trains on as many batches
+            if number % world == rank:
+                yield _to_device(x, y, device)
+
+    def sharded(self, shard: Shard) -> BatchSource:
+        """Rank r takes batches r, r + world, ...; a DistributedSampler has sharded them already."""
+        sampler = getattr(self.data, "sampler", None)
+        return super().sharded(SINGLE if isinstance(sampler, DistributedSampler) else shard)
 
     def example(self, count: int = 2) -> Tensor:
         taken: list[Tensor] = []
@@ -378,24 +361,35 @@ def _source(
     if isinstance(data, Dataset):
         return _DatasetSource(data, batch_size, train=train, seed=seed, drop_last=drop_last)
     if isinstance(data, Iterable) and not isinstance(data, str | bytes | dict):
-        return _IterableSource(data)
+        return _IterableSource(data, train)
     raise UserError(f"cannot read batches from a {type(data).__name__}: pass {_SUPPORTED}")
 
 
 def training_source(
-    data: Any, *, batch_size: int, seed: int = 0, augment: bool = True, drop_last: bool = True
+    data: Any,
+    *,
+    batch_size: int,
+    seed: int = 0,
+    augment: bool = True,
+    drop_last: bool = True,
+    shard: Shard = SINGLE,
 ) -> BatchSource:
     """Shuffled training batches; epoch ``e`` is ordered by :func:`epoch_generator` (seed, e).
 
     adasap's own sets are augmented (``augment``) exactly as :func:`adasap.data.batches` does;
     a Dataset is sampled without augmentation; a DataLoader or list of batches is used as
-    given (``batch_size``, ``seed`` and ``augment`` do not apply to it).
+    given (``batch_size``, ``seed`` and ``augment`` do not apply to it). With ``shard=(rank,
+    world)`` it yields this rank's part of each global batch of ``world * batch_size``.
     """
     return _source(
         data, batch_size=batch_size, train=True, seed=seed, augment=augment, drop_last=drop_last
+    ).sharded(shard)
+
+
+def evaluation_source(data: Any, *, batch_size: int = 512, shard: Shard = SINGLE) -> BatchSource:
+    """Every image once, in order, unaugmented (a DataLoader or list is used as given);
+    with ``shard``, this rank's part of them (the ranks' parts add up to every image)."""
+    source = _source(
+        data, batch_size=batch_size, train=False, seed=0, augment=False, drop_last=False
     )
-
-
-def evaluation_source(data: Any, *, batch_size: int = 512) -> BatchSource:
-    """Every image once, in order, unaugmented (a DataLoader or list is used as given)."""
-    return _source(data, batch_size=batch_size, train=False, seed=0, augment=False, drop_last=False)
+    return source.sharded(shard)

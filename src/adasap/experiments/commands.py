@@ -12,6 +12,7 @@ from rich.console import Console
 from adasap.data import DataBundle, training_source
 from adasap.deploy.serialization import load_model, read_description, save_model
 from adasap.devices import resolve_device
+from adasap.distributed import broadcast_value, is_main, on_main, shard
 from adasap.errors import UserError
 from adasap.experiments.config import ExperimentConfig
 from adasap.experiments.reporting import results_table
@@ -41,7 +42,7 @@ def evaluate_path(
     Reports are written next to each model (``corruptions.{json,md,png}``) and a table of
     all of them is printed.
     """
-    console = console or Console()
+    console = console or Console(quiet=not is_main())
     path = Path(path)
     if (path / "model.json").is_file():
         models = {path.name: path}
@@ -89,18 +90,18 @@ def _images_and_classes(channels: int, size: int, classes: Any) -> str:
 
 def train_dense_model(config: ExperimentConfig, console: Console | None = None) -> Path:
     """``adasap train``: the dense model (trained, or reused from the cache) in a run directory."""
-    console = console or Console()
+    console = console or Console(quiet=not is_main())
     config = config.validate()
     data = load_data(config)
-    steps_per_epoch(training_source(data.train, batch_size=config.prune.batch_size))
+    steps_per_epoch(training_source(data.train, batch_size=config.prune.batch_size, shard=shard()))
     name = config.name or time.strftime("%Y%m%d-%H%M%S") + f"-{folder_label(config)}-dense"
-    run_dir = prepare_run_dir(config.out_dir, name, config.overwrite)
+    name = broadcast_value(name)  # under torchrun rank 0 names the run and writes its files
+    run_dir = on_main(lambda: prepare_run_dir(config.out_dir, name, config.overwrite))
     model, info = dense_model(config, data, console)
     device = resolve_device(config.prune.device)
-    accuracy = evaluate_accuracy(model.to(device), data.test, device=device)
-    save_model(
-        run_dir / "dense", model.cpu(), model_architecture(config, data), extra={"train": info}
-    )
+    accuracy = evaluate_accuracy(model.to(device), data.test, device=device, sharded=True)
+    architecture = model_architecture(config, data)
+    on_main(lambda: save_model(run_dir / "dense", model.cpu(), architecture, extra={"train": info}))
     console.print(
         f"dense {config.model}: test accuracy {accuracy:.2%}; model in {run_dir / 'dense'}"
     )

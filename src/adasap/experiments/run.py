@@ -1,15 +1,16 @@
 """The main job: dense model -> pruned by each method -> clean and corruption accuracy -> table.
 
 ``run_experiment`` is what ``adasap run`` (and so ``make demo``) does. Everything it needs is
-validated before the run directory is created, so bad input leaves nothing behind.
+validated before the run directory is created, so bad input leaves nothing behind. Under
+torchrun every rank runs it: all train and evaluate their parts, rank 0 alone decides what is
+on disk, writes and prints (docs/distributed.md).
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 import os
-import re
 import shutil
 import time
 import warnings
@@ -20,15 +21,17 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from adasap.data import DataBundle, evaluation_source, load_dataset, training_source
+from adasap.data import DataBundle, evaluation_source, training_source
 from adasap.deploy.latency import TimingSettings, compare_latency, latency_budget
 from adasap.deploy.serialization import load_model, save_model
-from adasap.devices import autocast_dtype, resolve_device
+from adasap.devices import resolve_device
+from adasap.distributed import broadcast_value, is_main, on_main, shard
 from adasap.errors import UserError
 from adasap.experiments.config import ExperimentConfig, dump_yaml
+from adasap.experiments.dense import dense_model, folder_label, load_data, model_architecture
 from adasap.experiments.reporting import results_markdown, results_table
 from adasap.experiments.results import ResultRow
-from adasap.io import CacheMiss, atomic_write_json, atomic_write_text, cache_root, cached, writing
+from adasap.io import atomic_write_json, atomic_write_text, cache_root, writing
 from adasap.method.neurons import NeuronLayout
 from adasap.method.pruning import measure_size
 from adasap.models.builders import build_model, find_classifier
@@ -38,7 +41,7 @@ from adasap.robustness.official import official_sets
 from adasap.training.checkpoint import CHECKPOINT_FILE, RunInterrupted
 from adasap.training.evaluate import evaluate_accuracy
 from adasap.training.loop import steps_per_epoch
-from adasap.training.pipeline import check_target_reachable, prune, train
+from adasap.training.pipeline import check_target_reachable, prune
 
 QUICK_CORRUPTIONS = ("gaussian_noise", "gaussian_blur")
 # The run table's latency: batch 1 on the CPU, the models taking turns for this many rounds
@@ -94,104 +97,8 @@ def check_keep_reachable(config: ExperimentConfig, data: DataBundle) -> None:
     check_target_reachable(layout, s, measure_size(model, example), budget)
 
 
-def load_data(config: ExperimentConfig) -> DataBundle:
-    """The config's dataset, split and limited as the config says."""
-    return load_dataset(
-        config.dataset,
-        data_dir=config.data_dir,
-        seed=config.prune.seed,
-        train_limit=config.train_limit,
-        test_limit=config.test_limit,
-    )
-
-
-def model_architecture(config: ExperimentConfig, data: DataBundle) -> dict[str, Any]:
-    """The model-building arguments of the config's model for the data's images and classes."""
-    spec = data.spec
-    return dict(
-        name=config.model,
-        num_classes=spec.num_classes,
-        in_channels=spec.channels,
-        image_size=spec.image_size,
-        mean=list(spec.mean),
-        std=list(spec.std),
-    )
-
-
-def dense_model(config: ExperimentConfig, data: DataBundle, console: Console):
-    """Train the dense starting model, or reuse the cached one trained with the same recipe.
-
-    Processes that ask for the same recipe at once (a parallel benchmark's cells) train it
-    once: the others wait for the cache entry (:func:`adasap.io.cached`). A damaged entry
-    (its weights not matching their checksum) is trained again. The model is always the one
-    loaded from the cache, on the CPU.
-    """
-    architecture = model_architecture(config, data)
-    s = config.prune
-    recipe = dict(
-        architecture=architecture,
-        dataset=config.dataset,
-        train_limit=config.train_limit,
-        epochs=config.dense_epochs,
-        lr=config.dense_lr,
-        batch_size=s.batch_size,
-        label_smoothing=s.label_smoothing,
-        seed=s.seed,
-    )
-    precision = autocast_dtype(s.amp, resolve_device(s.device))
-    if precision is not None:  # float32 keeps the earlier key, so its cached models still count
-        recipe["precision"] = str(precision)
-    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
-    directory = cache_root(config.cache_dir) / "dense" / f"{folder_label(config)}-{key}"
-
-    def load():
-        if not (directory / "model.json").is_file():
-            raise CacheMiss()
-        try:
-            model = load_model(directory)
-        except UserError as exc:
-            raise CacheMiss(str(exc)) from exc
-        console.print(f"dense model: reusing {directory}")
-        return model, json.loads((directory / "model.json").read_text()).get("train", {})
-
-    def build():
-        console.print(f"dense model: training {config.model} for {config.dense_epochs} epochs")
-        torch.manual_seed(s.seed)
-        model = build_model(**architecture)
-        result = train(
-            model,
-            data,
-            epochs=config.dense_epochs,
-            settings=s,
-            lr=config.dense_lr,
-            checkpoint_dir=directory,
-            progress=config.progress,
-        )
-        info = {"seconds": result.seconds, "val_accuracy": result.val_accuracy, "recipe": recipe}
-        save_model(directory, result.model.cpu(), architecture, extra={"train": info})
-        (directory / CHECKPOINT_FILE).unlink(missing_ok=True)
-        # as loaded, not as trained (channels_last on the CPU): the numbers of the dense model
-        # are then the same whether this process trained it or another one did
-        return load_model(directory), info
-
-    return cached(
-        directory,
-        load,
-        build,
-        on_damaged=lambda why: console.print(
-            f"[yellow]dense cache unusable ({why}); training again[/yellow]"
-        ),
-        on_wait=lambda: console.print(f"dense model: another process is training {directory}"),
-    )
-
-
 def _corruption_names(config: ExperimentConfig) -> tuple[str, ...] | None:
     return {"all": tuple(CORRUPTIONS), "quick": QUICK_CORRUPTIONS, "none": None}[config.corruptions]
-
-
-def folder_label(config: ExperimentConfig) -> str:
-    """Dataset and model as one folder name (``timm:x`` and ``imagefolder:/a/b`` included)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{config.dataset}-{config.model}").strip("-")
 
 
 def example_images(data: DataBundle) -> torch.Tensor:
@@ -249,7 +156,8 @@ def evaluate_model(
     """
     device = resolve_device(config.prune.device)
     model.to(device).eval()
-    row = ResultRow(method=label, clean_accuracy=evaluate_accuracy(model, data.test, device=device))
+    clean = evaluate_accuracy(model, data.test, device=device, sharded=True)
+    row = ResultRow(method=label, clean_accuracy=clean)
     names = _corruption_names(config)
     if names is None:
         return row
@@ -266,8 +174,9 @@ def evaluate_model(
         cache_dir=cache_root(config.cache_dir) / "corruptions",
         corrupted=official_sets(*official) if official is not None else None,
         progress=config.progress,
+        sharded=True,
     )
-    report.save(out_dir / label)
+    on_main(lambda: report.save(out_dir / label))
     return replace(
         row,
         corruption_accuracy=report.corruption_accuracy,
@@ -287,11 +196,12 @@ def run_experiment(
     (or its own checkpoint).
     """
     started = time.perf_counter()
-    console = console or Console()
+    console = console or Console(quiet=not is_main())
     config = config.validate()
     resolve_device(config.prune.device)
     data = load_data(config)
-    steps_per_epoch(training_source(data.train, batch_size=config.prune.batch_size))
+    s = config.prune
+    steps_per_epoch(training_source(data.train, batch_size=s.batch_size, shard=shard()))
     if resume:
         run_dir = Path(config.out_dir) / str(config.name)
         if not run_dir.is_dir():
@@ -299,14 +209,8 @@ def run_experiment(
     else:
         check_keep_reachable(config, data)
         name = config.name or time.strftime("%Y%m%d-%H%M%S") + f"-{folder_label(config)}"
-        config = replace(config, name=name)
-        run_dir = prepare_run_dir(config.out_dir, name, config.overwrite)
-        try:
-            atomic_write_json(run_dir / "config.json", config.to_flat())
-            atomic_write_text(run_dir / "config.yaml", dump_yaml(config))
-        except BaseException:
-            shutil.rmtree(run_dir, ignore_errors=True)  # just created: leave nothing behind
-            raise
+        config = replace(config, name=broadcast_value(name))  # rank 0's clock names the run
+        run_dir = on_main(lambda: _new_run_dir(config))
     if config.reduced:
         console.print(
             f"[bold yellow]Reduced setting[/bold yellow]: {len(data.train)} training images, "
@@ -320,18 +224,34 @@ def run_experiment(
         exc.run_dir = run_dir
         raise
     seconds = time.perf_counter() - started
-    results = {
-        "config": config.to_flat(),
-        "machine": _machine(),
-        "seconds": seconds,
-        "rows": [row.to_dict() for row in rows],
-    }
-    atomic_write_json(run_dir / "results.json", results)
-    atomic_write_text(run_dir / "results.md", results_markdown(rows, config.reduced))
+
+    def write_results() -> None:
+        results = {
+            "config": config.to_flat(),
+            "machine": _machine(),
+            "seconds": seconds,
+            "rows": [row.to_dict() for row in rows],
+        }
+        atomic_write_json(run_dir / "results.json", results)
+        atomic_write_text(run_dir / "results.md", results_markdown(rows, config.reduced))
+
+    on_main(write_results)
     console.print(results_table(rows))
     console.print(f"results: {run_dir / 'results.md'}")
     minutes, rest = divmod(round(seconds), 60)
     console.print(f"total time: {minutes} min {rest:02d} s (this command, evaluation included)")
+    return run_dir
+
+
+def _new_run_dir(config: ExperimentConfig) -> Path:
+    """The new, empty run directory holding the run's config (nothing left behind on failure)."""
+    run_dir = prepare_run_dir(config.out_dir, str(config.name), config.overwrite)
+    try:
+        atomic_write_json(run_dir / "config.json", config.to_flat())
+        atomic_write_text(run_dir / "config.yaml", dump_yaml(config))
+    except BaseException:
+        shutil.rmtree(run_dir, ignore_errors=True)  # just created: leave nothing behind
+        raise
     return run_dir
 
 
@@ -348,7 +268,8 @@ def _rows(config: ExperimentConfig, data: DataBundle, run_dir: Path, console) ->
     ]
     for method in config.methods:
         rows.append(pruned_row(method, dense, data, config, run_dir, console))
-    return timed_rows(rows, dense, data, run_dir)
+    # timed on rank 0 alone: the other ranks would compete for the same cores
+    return on_main(lambda: timed_rows(rows, dense, data, run_dir))
 
 
 def pruned_row(
@@ -366,7 +287,7 @@ def pruned_row(
     """
     method_dir = run_dir / method
     summary = method_dir / "summary.json"
-    if summary.is_file():
+    if broadcast_value(summary.is_file()):
         console.print(f"[bold]{method}[/bold]: finished earlier, reusing {summary}")
         return ResultRow.from_dict(json.loads(summary.read_text()))
     console.print(
@@ -374,7 +295,8 @@ def pruned_row(
         f"{config.prune.keep_kind}"
     )
     method_dir.mkdir(parents=True, exist_ok=True)
-    with open(method_dir / "metrics.jsonl", "w") as metrics:
+    metrics_path = method_dir / "metrics.jsonl"  # rank 0's: the others do not log
+    with open(metrics_path, "w") if is_main() else contextlib.nullcontext() as metrics:
 
         def log(record: dict[str, Any]) -> None:
             metrics.write(json.dumps(record) + "\n")
@@ -389,7 +311,8 @@ def pruned_row(
             progress=config.progress,
         )
     model = result.model.cpu()
-    save_model(method_dir, model, model_architecture(config, data), result.pruning_history)
+    architecture = model_architecture(config, data)
+    on_main(lambda: save_model(method_dir, model, architecture, result.pruning_history))
     row = replace(
         evaluate_model(model, data, config, run_dir, method, official),
         params=result.size.params,
@@ -397,8 +320,12 @@ def pruned_row(
         seconds=result.seconds,
         latency=result.latency,
     )
-    atomic_write_json(summary, {**row.to_dict(), "history": result.history})
-    (method_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+
+    def publish() -> None:
+        atomic_write_json(summary, {**row.to_dict(), "history": result.history})
+        (method_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+
+    on_main(publish)
     return row
 
 

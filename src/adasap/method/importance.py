@@ -152,6 +152,9 @@ class TaylorImportance:
         self.form = taylor_form
         self.total: Tensor | None = None
         self.batches = 0
+        # set by Pruner.distribute: averages each batch's contribution over the ranks, so the
+        # scores are those of the global batch and the same on every rank
+        self.reduce: Callable[[Tensor], Tensor] | None = None
 
     @property
     def ready(self) -> bool:
@@ -181,6 +184,8 @@ class TaylorImportance:
             for g in layout.groups:
                 bn_groups[g.offset : g.offset + g.size] = g.has_bn
             full = torch.where(bn_groups, bn, full)
+        if self.reduce is not None:
+            full = self.reduce(full)
         self.total += full.abs()
         self.batches += 1
 

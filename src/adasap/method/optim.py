@@ -335,6 +335,7 @@ def sharpness_aware_step(
     ascent: bool = True,
     ascent_loss: Callable[[], Tensor] | None = None,
     looksam_alpha: float | None = None,
+    first_pass: contextlib.AbstractContextManager[Any] | None = None,
 ) -> Tensor:
     """One training update with any optimizer; two passes for SAM/AdaSAP, one otherwise.
 
@@ -350,12 +351,15 @@ def sharpness_aware_step(
     ``ascent_loss`` computes the first pass's loss instead of ``compute_loss`` (on a
     sub-batch: that gradient only sets the perturbation's direction); ``looksam_alpha`` set
     makes an ascent step store LookSAM's orthogonal direction and a single-pass step add it.
+    ``first_pass`` is the context an ascent's first forward and backward pass run in (DDP's
+    ``no_sync``: the ascent gradient stays on each rank); a single-pass step ignores it.
     """
     optimizer.zero_grad(set_to_none=True)
     sharpness_aware = isinstance(optimizer, SAM)
     ascending = sharpness_aware and ascent
-    loss = (ascent_loss or compute_loss)() if ascending else compute_loss()
-    _backward(loss, scaler)
+    with first_pass if ascending and first_pass is not None else contextlib.nullcontext():
+        loss = (ascent_loss or compute_loss)() if ascending else compute_loss()
+        _backward(loss, scaler)
     if after_first_backward is not None:
         after_first_backward()
     if ascending and scaler is not None and not _finite_gradients(optimizer):

@@ -31,6 +31,7 @@ from adasap.method.cheap_sam import (
     check_fraction_closure,
     has_direction,
 )
+from adasap.method.data_parallel import DataParallel
 from adasap.method.importance import (
     Importance,
     check_scores,
@@ -92,6 +93,7 @@ class PrunerSettings:
     looksam_alpha: float = 0.7  # ... and the steps between add alpha * the stored direction
     ascent_fraction: float = 1.0  # the first (ascent) pass on this fraction of the batch
     seed: int = 0  # of the pruner's own draws (which steps are sharpness-aware)
+    sync_ascent: bool = False  # under DDP: average the ascent gradient too (docs/distributed.md)
 
     def __post_init__(self) -> None:
         check_cheap_settings(self)
@@ -190,6 +192,7 @@ class Pruner:
         self.pruning_history: list[list[Any]] = []
         self._radii_due = True
         self._removal_hooks: list[Callable[[Pruner], None]] = []
+        self.ddp: DataParallel | None = None  # set by distribute()
 
     def _trace(self) -> NeuronLayout:
         layout = NeuronLayout(self.model, self.example, self.ignored)
@@ -237,6 +240,19 @@ class Pruner:
     def register_removal_hook(self, hook: Callable[[Pruner], None]) -> None:
         """Call ``hook(pruner)`` after each removal (to rebuild a DDP wrapper, recompile ...)."""
         self._removal_hooks.append(hook)
+
+    def distribute(
+        self, wrap: Callable[[nn.Module], nn.Module] | None = None, **ddp_kwargs: Any
+    ) -> DataParallel:
+        """Train data-parallel (torch.distributed initialised, one process per device).
+
+        Returns the model under ``DistributedDataParallel(model, **ddp_kwargs)`` (or
+        ``wrap(model)``), rebuilt after each removal: call it, not the model, in the closure.
+        The ascent pass stays on each rank unless ``sync_ascent``; Taylor scores are averaged
+        over the ranks; after each removal the ranks must hold the same model (UserError).
+        """
+        self.ddp = DataParallel(self, wrap, **ddp_kwargs)
+        return self.ddp
 
     def scores(self) -> Tensor:
         """The current normalised scores of every neuron (higher is more important)."""
@@ -329,6 +345,7 @@ class Pruner:
             if sub_batch
             else None,
             looksam_alpha=s.looksam_alpha if s.sam_every > 1 and kind != "plain" else None,
+            first_pass=self.ddp.first_pass() if self.ddp and kind == "ascent" else None,
         )
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
@@ -368,6 +385,8 @@ class Pruner:
             replay_pruning(self.model, history, self.example)
             self.layout = self._trace()
             self.size = measure_size(self.model, self.example)
+            if self.ddp is not None:
+                self.ddp.rebuild()
         self.pruning_history = list(history)
         self.target.load_state_dict(state["target"])
         self.target.removed(self.layout, self.size)

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from adasap.data.image_sets import TensorImageSet
 from adasap.data.sources import evaluation_source
+from adasap.distributed import gather_values, is_distributed, is_main, rank, world_size
 from adasap.errors import UserError
 from adasap.robustness import corruptions as C
 from adasap.robustness.corruptions import (
@@ -78,6 +79,7 @@ def evaluate_corruptions(
     normalize: Normalization | None = None,
     progress: bool = True,
     console: Any = None,
+    sharded: bool = False,
 ) -> CorruptionReport:
     """Accuracy of ``model`` on the clean test set and on every corruption x severity.
 
@@ -98,7 +100,12 @@ def evaluate_corruptions(
     "imagenet") enables mCE against AlexNet. ``corruptions`` defaults to the benchmark and extra
     corruptions (``CORRUPTIONS``); a held-out family such as ``CBAR_CORRUPTIONS`` is evaluated
     only when named, and the report averages it separately (``cbar_accuracy``).
+
+    ``sharded`` (every rank of a torchrun job calls it with the same model): the clean images
+    are split over the ranks, the (corruption, severity) cells too (each rank renders and
+    evaluates its own), and every rank returns the whole report; rank 0 alone shows progress.
     """
+    sharded = sharded and is_distributed()
     corruptions = C.CORRUPTIONS if corruptions is None else tuple(corruptions)
     for name in corruptions:
         get_corruption(name)
@@ -114,7 +121,7 @@ def evaluate_corruptions(
         table = resolve_param_table(params, images.shape[-2], images.shape[-1])
         fingerprint = image_fingerprint(images)
 
-    def count(data: Any) -> tuple[int, int]:
+    def count(data: Any, sharded: bool = False) -> tuple[int, int]:
         return count_correct(
             model,
             data,
@@ -122,10 +129,13 @@ def evaluate_corruptions(
             device=device,
             channels_last=device.type == "cpu",
             normalize=normalize,
+            sharded=sharded,
         )
 
-    steps = 1 + len(corruptions) * len(severities)
-    accuracy: dict[str, dict[int, float]] = {}
+    cells = [(name, s) for name in corruptions for s in severities]
+    if sharded:
+        cells = cells[rank() :: world_size()]
+    found: dict[tuple[str, int], float] = {}
     sources: set[str] = set()
     with Progress(
         TextColumn("{task.description}"),
@@ -133,35 +143,38 @@ def evaluate_corruptions(
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         console=console,
-        disable=not progress,
+        disable=not progress or not is_main(),
         transient=True,
     ) as bar:
-        task = bar.add_task("clean", total=steps)
-        correct, num_images = count(clean)
+        task = bar.add_task("clean", total=1 + len(cells))
+        correct, num_images = count(clean, sharded)
         bar.advance(task)
-        for name in corruptions:
-            accuracy[name] = {}
-            for s in severities:
-                bar.update(task, description=f"{name} s{s}")
-                if corrupted is None:
-                    rendered = render_cached(
-                        images,
-                        dataset_key,
-                        name,
-                        s,
-                        seed,
-                        cache_dir,
-                        params=table,
-                        device=device,
-                        fingerprint=fingerprint,
-                    )
-                    data: Any = TensorImageSet(rendered, clean_labels, source=SOURCE_RENDERED)
-                else:
-                    data = corrupted(name, s)
-                sources.add(getattr(data, "source", None) or source or "user-provided images")
-                right, total = count(data)
-                accuracy[name][s] = right / total
-                bar.advance(task)
+        for name, s in cells:
+            bar.update(task, description=f"{name} s{s}")
+            if corrupted is None:
+                rendered = render_cached(
+                    images,
+                    dataset_key,
+                    name,
+                    s,
+                    seed,
+                    cache_dir,
+                    params=table,
+                    device=device,
+                    fingerprint=fingerprint,
+                )
+                data: Any = TensorImageSet(rendered, clean_labels, source=SOURCE_RENDERED)
+            else:
+                data = corrupted(name, s)
+            sources.add(getattr(data, "source", None) or source or "user-provided images")
+            right, total = count(data)
+            found[name, s] = right / total
+            bar.advance(task)
+    if sharded:  # every rank's cells, on every rank
+        for their_found, their_sources in gather_values((found, sources)):
+            found.update(their_found)
+            sources |= their_sources
+    accuracy = {name: {s: found[name, s] for s in severities} for name in corruptions}
     if source is None:
         source = " + ".join(sorted(sources)) if sources else SOURCE_RENDERED
     return CorruptionReport(

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from adasap.checks import check_input, check_labels
 from adasap.data.sources import evaluation_source
+from adasap.distributed import all_reduce_sum, is_distributed, shard
 from adasap.errors import UserError
 
 Normalization = tuple[Sequence[float], Sequence[float]]
@@ -54,9 +55,11 @@ def count_correct(
     device: torch.device | str | None = None,
     channels_last: bool = False,
     normalize: Normalization | None = None,
+    sharded: bool = False,
 ) -> tuple[int, int]:
     """(correctly classified, total) images of ``data``; see :func:`evaluate_accuracy`."""
-    source = evaluation_source(data, batch_size=batch_size)
+    sharded = sharded and is_distributed()
+    source = evaluation_source(data, batch_size=batch_size, shard=shard() if sharded else (0, 1))
     source.check()
     device = torch.device(device) if device is not None else model_device(model)
     norm = _normalizer(normalize, device)
@@ -80,6 +83,8 @@ def count_correct(
                 total += len(y)
     finally:
         model.train(was_training)
+    if sharded:  # every rank counted its part of the images
+        correct, total = (int(v) for v in all_reduce_sum(torch.tensor([correct, total])))
     return correct, total
 
 
@@ -91,6 +96,7 @@ def evaluate_accuracy(
     device: torch.device | str | None = None,
     channels_last: bool = False,
     normalize: Normalization | None = None,
+    sharded: bool = False,
 ) -> float:
     """Top-1 accuracy of ``model`` (eval mode, no grad; its mode is restored) on ``data``.
 
@@ -98,7 +104,8 @@ def evaluate_accuracy(
     set, ``(images, labels)`` tensors (uint8, or float in [0, 1]), a map-style Dataset, or a
     DataLoader / list of batches. ``normalize=(mean, std)`` is applied to the [0, 1] images
     before the model, for models that expect normalised inputs. ``device`` defaults to the
-    model's.
+    model's. ``sharded`` (every rank of a torchrun job calls it with the same model): each rank
+    evaluates its part of the images and the counts are summed over the ranks.
     """
     correct, total = count_correct(
         model,
@@ -107,6 +114,7 @@ def evaluate_accuracy(
         device=device,
         channels_last=channels_last,
         normalize=normalize,
+        sharded=sharded,
     )
     if total == 0:
         raise UserError("no images to evaluate: the test set is empty")

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from adasap.checks import check_input, check_labels
 from adasap.data import BatchSource
+from adasap.distributed import all_reduce_sum, is_main
 from adasap.errors import UserError
 from adasap.method.cheap_sam import sub_batch
 from adasap.method.pruner import PrunerSettings
@@ -46,6 +47,7 @@ class OptimizerSettings:
     sam_every: int = _METHOD.sam_every
     looksam_alpha: float = _METHOD.looksam_alpha
     ascent_fraction: float = _METHOD.ascent_fraction
+    sync_ascent: bool = _METHOD.sync_ascent
 
 
 @dataclass(frozen=True)
@@ -104,8 +106,10 @@ def steps_per_epoch(source: BatchSource) -> int:
     if count < 1 and batch_size is None:
         raise UserError("the training data yield no batch: pass a non-empty DataLoader")
     if count < 1:
+        world = getattr(source, "shard", (0, 1))[1]  # data-parallel: world x batch_size
+        batch = f"{batch_size} x {world} ranks" if world > 1 else batch_size
         raise UserError(
-            f"the training set has fewer images than the batch size {batch_size}: "
+            f"the training set has fewer images than the batch size {batch}: "
             "lower --batch-size or use more data"
         )
     return count
@@ -179,7 +183,7 @@ class EpochLoop:
         self.seconds_before = state["seconds"]
 
     def save(self) -> None:
-        if self.checkpoint is not None:
+        if self.checkpoint is not None and is_main():  # data-parallel: rank 0 writes
             save_checkpoint(self.checkpoint, {"loop": self.state(), **self.owner_state()})
 
     def run(
@@ -213,9 +217,16 @@ class EpochLoop:
             self.partial = None
             self.step += count
             self.epoch += 1
+            ddp = self.pruner.ddp
+            if ddp is not None:
+                ddp.sync_buffers()  # rank 0's BatchNorm statistics, which the checkpoint holds
             val = (
                 evaluate_accuracy(
-                    self.model, self.val, device=self.device, channels_last=self.channels_last
+                    self.model,
+                    self.val,
+                    device=self.device,
+                    channels_last=self.channels_last,
+                    sharded=ddp is not None,
                 )
                 if self.val is not None
                 else None
@@ -251,7 +262,7 @@ class EpochLoop:
         start = time.perf_counter()
         task = progress.start(description, steps)
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        done_before = stats.steps
+        done_before, images_before = stats.steps, stats.images
         # checked at the first forward, before the loss (on CUDA a bad label is a bare assert)
         labels_checked = False
         for index, (x, y) in enumerate(self.source.epoch(self.epoch, self.device)):
@@ -268,7 +279,7 @@ class EpochLoop:
                 nonlocal labels_checked
                 images, labels = sub_batch(fraction, x, y)
                 with autocast_for(self.device, self.amp):
-                    logits = self.model(images)
+                    logits = (self.pruner.ddp or self.model)(images)
                 if not outputs:
                     outputs.append((logits.detach(), labels))
                 if not labels_checked:
@@ -301,8 +312,13 @@ class EpochLoop:
                     f"{stats.images / elapsed:.0f} img/s {self.pruner.describe()}",
                 )
         progress.finish(task, stats.steps)
-        stats.loss_sum += loss_sum.item()
-        stats.correct += int(correct.item())
-        stats.scored += scored
+        new = [loss_sum.item(), correct.item(), scored, stats.images - images_before]
+        sums = torch.tensor(new, dtype=torch.float64)
+        if self.pruner.ddp is not None:  # the sums over every rank's part of the batches
+            sums = all_reduce_sum(sums)
+        stats.loss_sum += sums[0].item()
+        stats.correct += int(sums[1])
+        stats.scored += int(sums[2])
+        stats.images = images_before + int(sums[3])
         stats.seconds += time.perf_counter() - start
         return stats

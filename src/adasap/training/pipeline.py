@@ -20,6 +20,7 @@ from torch import nn
 
 from adasap.data import BatchSource, DataBundle, training_source
 from adasap.devices import autocast_dtype, prepare_model, resolve_device
+from adasap.distributed import any_rank, is_distributed, is_main, shard, world_size
 from adasap.errors import UserError
 from adasap.method.neurons import NeuronLayout
 from adasap.method.pruner import Pruner, default_ignored_layers
@@ -120,7 +121,8 @@ class _Setup:
     def of(cls, model: nn.Module, train_data: Any, s: PruneSettings) -> _Setup:
         device = resolve_device(s.device)
         channels_last = s.channels_last and device.type == "cpu"
-        source = training_source(train_data, batch_size=s.batch_size, seed=s.seed)
+        # data-parallel: batch_size per rank, each rank its part of every global batch
+        source = training_source(train_data, batch_size=s.batch_size, seed=s.seed, shard=shard())
         steps_per_epoch(source)  # enough training images for one batch?
         source.check()
         prepare_model(model, device, channels_last)
@@ -162,8 +164,11 @@ class _Setup:
         """Train through ``phases`` (name, end step), resuming a checkpoint of the same run.
 
         The checkpoint holds the model's weights, the pruner's state and the loop's, under
-        ``identity`` (the settings that must match for a resume).
+        ``identity`` (the settings that must match for a resume). Under torchrun every rank
+        trains its part of each batch through DDP; rank 0 alone logs, reports and writes.
         """
+        if not is_main():
+            log, progress = (lambda record: None), False
         checkpoint = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
         loop = EpochLoop(
             pruner,
@@ -177,6 +182,7 @@ class _Setup:
             compile=self.s.compile,
             owner_state=lambda: {
                 **identity,
+                "world_size": world_size(),
                 "model": pruner.model.state_dict(),
                 "pruner": pruner.state_dict(),
             },
@@ -188,15 +194,32 @@ class _Setup:
                     f"{checkpoint} was written with other settings: resume with the run's own "
                     "config, or delete the checkpoint to start afresh"
                 )
+            written_by = state.get("world_size", 1)  # each global batch's split depends on it
+            if written_by != world_size():
+                how = (
+                    "without torchrun" if written_by == 1 else f"as {written_by} torchrun processes"
+                )
+                raise UserError(
+                    f"{checkpoint} was written by {written_by} process(es), not {world_size()}: "
+                    f"resume {how}, or delete the checkpoint to start afresh"
+                )
             pruner.load_state_dict(state["pruner"])
             pruner.model.load_state_dict(state["model"])
             loop.restore(state["loop"])
             for record in loop.history:  # a resumed run reports its earlier epochs too
                 log(record)
+        if is_distributed():
+            cuda = self.device.type == "cuda"
+            pruner.distribute(device_ids=[self.device.index] if cuda else None)
         with stop_requests() as should_stop, ProgressLog(enabled=progress) as report:
-            loop.should_stop = should_stop
+            # data-parallel: every rank stops at the same step, so none waits for the others
+            loop.should_stop = (
+                (lambda: any_rank(should_stop())) if is_distributed() else should_stop
+            )
             for phase, end in phases:
                 loop.run(report, phase, end, log, label=f"{label} {phase}".strip())
+        if pruner.ddp is not None:
+            pruner.ddp.sync_buffers()
         pruner.model.eval()
         return loop
 

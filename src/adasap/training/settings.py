@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from adasap.devices import check_amp
+from adasap.distributed import is_distributed
 from adasap.errors import UserError
 from adasap.method.base_optimizer import base_optimizer_class
 from adasap.method.importance import criteria
@@ -86,6 +87,11 @@ class PruneSettings:
             )
         check_amp(self.amp)
         base_optimizer_class(o.base_optimizer)
+        if is_distributed() and (self.compile or self.keep_kind == "latency"):
+            raise UserError(
+                "compile and keep kind latency do not run under torchrun yet: "
+                "leave them off, or run in one process"
+            )
         pruner_settings(self)  # the method's own checks (the cheaper sharpness-aware steps)
         return self
 
@@ -132,6 +138,7 @@ def pruner_settings(settings: PruneSettings) -> PrunerSettings:
         sam_every=o.sam_every,
         looksam_alpha=o.looksam_alpha,
         ascent_fraction=o.ascent_fraction,
+        sync_ascent=o.sync_ascent,
         seed=s.seed,
     )
 

@@ -1,0 +1,140 @@
+"""The data and the dense starting model of a job: loaded as the config says, cached once.
+
+The dense model is trained once per recipe (architecture, data, epochs, precision ...) and
+kept in ``<cache>/dense/``; parallel benchmark cells share the entry through the locked cache
+of :mod:`adasap.io`, and torchrun's ranks train it together (docs/distributed.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from adasap.data import DataBundle, load_dataset
+from adasap.deploy.serialization import load_model, save_model
+from adasap.devices import autocast_dtype, resolve_device
+from adasap.distributed import any_rank, is_distributed, on_main
+from adasap.errors import UserError
+from adasap.experiments.config import ExperimentConfig
+from adasap.io import CacheMiss, cache_root, cached
+from adasap.models.builders import build_model
+from adasap.training.checkpoint import CHECKPOINT_FILE
+from adasap.training.pipeline import train
+
+
+def load_data(config: ExperimentConfig) -> DataBundle:
+    """The config's dataset, split and limited as the config says."""
+    return load_dataset(
+        config.dataset,
+        data_dir=config.data_dir,
+        seed=config.prune.seed,
+        train_limit=config.train_limit,
+        test_limit=config.test_limit,
+    )
+
+
+def model_architecture(config: ExperimentConfig, data: DataBundle) -> dict[str, Any]:
+    """The model-building arguments of the config's model for the data's images and classes."""
+    spec = data.spec
+    return dict(
+        name=config.model,
+        num_classes=spec.num_classes,
+        in_channels=spec.channels,
+        image_size=spec.image_size,
+        mean=list(spec.mean),
+        std=list(spec.std),
+    )
+
+
+def dense_model(config: ExperimentConfig, data: DataBundle, console: Console):
+    """Train the dense starting model, or reuse the cached one trained with the same recipe.
+
+    Processes that ask for the same recipe at once (a parallel benchmark's cells) train it
+    once: the others wait for the cache entry (:func:`adasap.io.cached`). A damaged entry
+    (its weights not matching their checksum) is trained again. The model is always the one
+    loaded from the cache, on the CPU.
+    """
+    architecture = model_architecture(config, data)
+    s = config.prune
+    recipe = dict(
+        architecture=architecture,
+        dataset=config.dataset,
+        train_limit=config.train_limit,
+        epochs=config.dense_epochs,
+        lr=config.dense_lr,
+        batch_size=s.batch_size,
+        label_smoothing=s.label_smoothing,
+        seed=s.seed,
+    )
+    precision = autocast_dtype(s.amp, resolve_device(s.device))
+    if precision is not None:  # float32 keeps the earlier key, so its cached models still count
+        recipe["precision"] = str(precision)
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+    directory = cache_root(config.cache_dir) / "dense" / f"{folder_label(config)}-{key}"
+
+    def train_dense():
+        console.print(f"dense model: training {config.model} for {config.dense_epochs} epochs")
+        torch.manual_seed(s.seed)  # the same initial weights on every rank
+        result = train(
+            build_model(**architecture),
+            data,
+            epochs=config.dense_epochs,
+            settings=s,
+            lr=config.dense_lr,
+            checkpoint_dir=directory,
+            progress=config.progress,
+        )
+        info = {"seconds": result.seconds, "val_accuracy": result.val_accuracy, "recipe": recipe}
+
+        def publish() -> None:
+            save_model(directory, result.model.cpu(), architecture, extra={"train": info})
+            (directory / CHECKPOINT_FILE).unlink(missing_ok=True)
+
+        on_main(publish)
+        return result.model, info
+
+    def load():
+        if not (directory / "model.json").is_file():
+            raise CacheMiss()
+        try:
+            model = load_model(directory)
+        except UserError as exc:
+            raise CacheMiss(str(exc)) from exc
+        console.print(f"dense model: reusing {directory}")
+        return model, json.loads((directory / "model.json").read_text()).get("train", {})
+
+    if is_distributed():
+        # all ranks train together, so rank 0 cannot hold the cache's lock while others wait
+        try:
+            model_info = load()
+        except CacheMiss:
+            model_info = None
+        if not any_rank(model_info is None):  # reused only when every rank has it
+            return model_info
+        return train_dense()
+
+    def build():
+        _, info = train_dense()
+        # as loaded, not as trained (channels_last on the CPU): the numbers of the dense model
+        # are then the same whether this process trained it or another one did
+        return load_model(directory), info
+
+    return cached(
+        directory,
+        load,
+        build,
+        on_damaged=lambda why: console.print(
+            f"[yellow]dense cache unusable ({why}); training again[/yellow]"
+        ),
+        on_wait=lambda: console.print(f"dense model: another process is training {directory}"),
+    )
+
+
+def folder_label(config: ExperimentConfig) -> str:
+    """Dataset and model as one folder name (``timm:x`` and ``imagefolder:/a/b`` included)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{config.dataset}-{config.model}").strip("-")
