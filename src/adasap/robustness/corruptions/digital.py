@@ -152,7 +152,11 @@ def _box_down(x: Tensor, n_out: int) -> Tensor:
     """Pillow's BOX resize of the rows (dim -2) of ``x`` to ``n_out``, n_out <= rows."""
     rows, weights = _box_taps(x.shape[-2], n_out)
     picked = x.index_select(-2, rows.to(x.device)).unflatten(-2, weights.shape)
-    return (picked * weights.to(x.device, x.dtype)[:, :, None]).sum(dim=-3)
+    weights = weights.to(x.device, x.dtype)[:, :, None]
+    out = picked[..., 0, :, :] * weights[0]
+    for tap in range(1, len(weights)):
+        out.addcmul_(picked[..., tap, :, :], weights[tap])
+    return out
 
 
 @lru_cache(maxsize=64)

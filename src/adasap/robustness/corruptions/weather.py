@@ -21,7 +21,6 @@ from adasap.robustness.corruptions.image_ops import (
 )
 from adasap.robustness.corruptions.registry import (
     CorruptionContext,
-    RandomSource,
     register_corruption,
 )
 
@@ -206,15 +205,26 @@ def _frost(
     return c[0] * x + c[1] * frost
 
 
-def _plasma_fractal(
-    n: int, size: int, decay: float, rng: RandomSource, device: torch.device
-) -> Tensor:
-    """The reference's diamond-square height map, for n images at once, scaled to [0, 1]."""
-    grid = torch.zeros(n, size, size, device=device)
-    step, wibble = size, 100.0
+def _plasma_draws(x: Tensor, c: tuple[float, float], ctx: CorruptionContext) -> tuple[Tensor, ...]:
+    """Fog's random numbers: the diamond-square's, level by level (squares, left, top), for a
+    fractal the next power of two above the image side, as imagecorruptions makes."""
+    size = 1 << (max(x.shape[-2:]) - 1).bit_length()
+    step, wibble, draws = size, 100.0, []
+    while step >= 2:
+        shape = (x.shape[0], size // step, size // step)
+        draws += [ctx.rng.uniform(shape, -wibble, wibble) for _ in range(3)]
+        step, wibble = step // 2, wibble / c[1]
+    return tuple(draws)
+
+
+def _plasma_fractal(draws: tuple[Tensor, ...], decay: float) -> Tensor:
+    """The reference's diamond-square height map from its random numbers, scaled to [0, 1]."""
+    n, size = draws[0].shape[0], draws[-1].shape[-1] * 2
+    grid = torch.zeros(n, size, size, device=draws[0].device)
+    step, wibble, numbers = size, 100.0, iter(draws)
 
     def wibbled(total: Tensor) -> Tensor:
-        return total / 4 + wibble * rng.uniform(total.shape, -wibble, wibble)
+        return total / 4 + wibble * next(numbers)
 
     while step >= 2:
         half = step // 2
@@ -245,18 +255,12 @@ def _plasma_fractal(
         "tinyimagenet": ((0.4, 3), (0.7, 3), (1, 2.5), (1.5, 2), (2, 1.75)),
         "cifar": ((0.2, 3), (0.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75)),
     },
-    draw=lambda x, c, ctx: (_fog_layer(x, c[1], ctx.rng),),
+    draw=_plasma_draws,
 )
-def _fog(x: Tensor, c: tuple[float, float], ctx: CorruptionContext, fog: Tensor) -> Tensor:
+def _fog(x: Tensor, c: tuple[float, float], ctx: CorruptionContext, *draws: Tensor) -> Tensor:
+    fog = _plasma_fractal(draws, c[1])[:, None, : x.shape[-2], : x.shape[-1]]
     max_val = x.amax(dim=(1, 2, 3), keepdim=True)
     return (x + c[0] * fog) * max_val / (max_val + c[0])
-
-
-def _fog_layer(x: Tensor, decay: float, rng: RandomSource) -> Tensor:
-    """(N, 1, H, W) crops of plasma fractals the next power of two in size, as imagecorruptions."""
-    n, _, h, w = x.shape
-    size = 1 << (max(h, w) - 1).bit_length()
-    return _plasma_fractal(n, size, decay, rng, x.device)[:, None, :h, :w]
 
 
 @register_corruption(
