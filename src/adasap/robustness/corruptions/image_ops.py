@@ -190,12 +190,14 @@ def clipped_zoom(x: Tensor, zoom: float) -> Tensor:
     ch, cw = math.ceil(h / zoom), math.ceil(w / zoom)
     top, left = (h - ch) // 2, (w - cw) // 2
     oh, ow = round(ch * zoom), round(cw * zoom)
-    # One channel per image: the NCHW kernel converts several channels to channels-last and
-    # back, which took longer than the interpolation itself.
-    crop = x.reshape(-1, 1, h, w)[..., top : top + ch, left : left + cw]
+    # From 64 px up, one channel per image: there the NCHW kernel's conversion of several
+    # channels to channels-last and back took longer than the interpolation itself (1.7x at
+    # 224 px); on small images it is 1.6x faster than going channel by channel.
+    planes = x.reshape(-1, 1, h, w) if h * w >= 64 * 64 else x
+    crop = planes[..., top : top + ch, left : left + cw]
     up = F.interpolate(crop, size=(oh, ow), mode="bilinear", align_corners=True)
     th, tw = (oh - h) // 2, (ow - w) // 2
-    return up[..., th : th + h, tw : tw + w].view(x.shape)
+    return up[..., th : th + h, tw : tw + w].reshape(x.shape)
 
 
 def motion_kernel(radius: float, sigma: float) -> list[float]:
