@@ -1,6 +1,6 @@
 """Throughput of adasap's batched corruptions on the CPU, next to PyPI ``imagecorruptions``.
 
-    .venv/bin/python benchmarks/bench_corruptions.py [--batch 64] [--reference-images 8]
+    .venv/bin/python benchmarks/bench_corruptions.py [--threads 1] [--clock cpu] [--batch 64]
 
 Times the 15 benchmark corruptions at severity 3 with ImageNet-C parameters on 32 px and 224 px
 images, in images per second. When ``imagecorruptions`` is importable (it is optional:
@@ -8,6 +8,12 @@ images, in images per second. When ``imagecorruptions`` is importable (it is opt
 is printed, and for each corruption without randomness the PSNR between both outputs at
 severities 1..5 is reported. imagecorruptions 1.1.2 needs shims for current numpy and
 scikit-image (``np.float_``, ``multichannel=``); they are applied to that package at import.
+
+``--threads N`` gives both sides N threads (torch; OpenCV and BLAS/OpenMP for the reference,
+whose numpy, scipy and Pillow calls are single-threaded): ``--threads 1`` is the fair comparison.
+Both sides are timed as the best of repeated runs; ``--clock cpu`` times this process's CPU time
+instead of the wall clock, which on a shared machine leaves out the time spent waiting for a
+core (with one thread per side it is the work done).
 """
 
 from __future__ import annotations
@@ -92,15 +98,58 @@ def sample_images(n: int, size: int) -> torch.Tensor:
     return to_uint8(torch.stack(out).clamp(0, 1)).float() / 255
 
 
-def best_time(fn: Callable[[], Any], min_total: float = 0.5) -> float:
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def best_time(fn: Callable[[], Any], min_total: float = 0.5, clock: str = "wall") -> float:
     """Best time of one call, repeating until ``min_total`` seconds have been spent."""
+    now = CLOCKS[clock]
     best, spent = math.inf, 0.0
     while spent < min_total or best == math.inf:
-        start = time.perf_counter()
+        start = now()
         fn()
-        took = time.perf_counter() - start
+        took = now() - start
         best, spent = min(best, took), spent + took
     return best
+
+
+def set_threads(threads: int | None) -> None:
+    """Give torch, and OpenCV and BLAS/OpenMP (the reference's), ``threads`` threads each."""
+    if not threads:
+        return
+    torch.set_num_threads(threads)
+    try:
+        import cv2
+
+        cv2.setNumThreads(threads)
+    except ImportError:
+        pass
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(threads)
+    except ImportError:
+        pass
+
+
+def reference_threads() -> str:
+    """The threads the reference's libraries may use, as a phrase."""
+    parts = []
+    try:
+        import cv2
+
+        parts.append(f"OpenCV {cv2.getNumThreads()}")
+    except ImportError:
+        pass
+    try:
+        from threadpoolctl import threadpool_info
+
+        pools = {pool["internal_api"]: pool["num_threads"] for pool in threadpool_info()}
+        parts += [f"{api} {count}" for api, count in sorted(pools.items())]
+    except ImportError:
+        pass
+    listed = ", ".join(parts) or "no thread pools found"
+    return f"{listed}; its numpy, scipy and Pillow calls run on one thread"
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -118,14 +167,16 @@ def time_size(size: int, args: argparse.Namespace, reference: Callable | None) -
     for name in BENCHMARK_CORRUPTIONS:
         corrupt(images[:2], name, args.severity, params="imagenet")  # warm caches
         run = partial(corrupt, images, name, args.severity, params="imagenet")
-        ours = best_time(run) / len(images)
+        ours = best_time(run, clock=args.clock) / len(images)
         ours_total += ours
         line = f"{name:18s} {1 / ours:10.1f}"
         if reference is not None:
-            # glass_blur takes about a second per 224 px image in the reference.
-            count = min(args.reference_images, len(arrays), 2 if name == "glass_blur" else 10**9)
+            # glass_blur takes about a second per 224 px image in the reference: one run of two.
+            slow = name == "glass_blur"
+            count = min(args.reference_images, len(arrays), 2 if slow else 10**9)
             run = partial(run_reference, reference, arrays[:count], name, args.severity)
-            ref = best_time(run, min_total=0.0) / count
+            run()  # warm caches, as for adasap
+            ref = best_time(run, min_total=0.0 if slow else 0.5, clock=args.clock) / count
             ref_total += ref
             line += f" {1 / ref:10.1f} {ref / ours:8.1f}x"
         print(line)
@@ -148,17 +199,22 @@ def main() -> None:
     parser.add_argument("--reference-images", type=int, default=8, help="images for the reference")
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 224])
     parser.add_argument("--severity", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    reference = load_reference()
-    print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; severity {args.severity},"
+    parser.add_argument(
+        "--threads", type=int, default=None, help="threads for both sides (default: all cores)"
     )
+    parser.add_argument(
+        "--clock", choices=sorted(CLOCKS), default="wall", help="wall clock or process CPU time"
+    )
+    args = parser.parse_args()
+    reference = load_reference()
+    set_threads(args.threads)  # after the reference's imports, which start its thread pools
+    print(f"torch {torch.__version__}; severity {args.severity}, {args.clock} clock,")
     print("ImageNet-C parameters for both libraries (the reference knows no others).")
+    print(f"threads: adasap {torch.get_num_threads()} (torch)", end="")
     if reference is None:
-        print("imagecorruptions is not installed: timing adasap only.")
+        print("\nimagecorruptions is not installed: timing adasap only.")
+    else:
+        print(f"; imagecorruptions: {reference_threads()}")
 
     for size in args.sizes:
         time_size(size, args, reference)

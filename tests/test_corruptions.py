@@ -504,7 +504,8 @@ def test_glass_shuffle_displaces_like_the_reference_loop(delta: int) -> None:
         torch.meshgrid(torch.arange(float(size)), torch.arange(float(size)), indexing="ij")
     )
     rng = C.RandomSource(torch.Generator().manual_seed(0), torch.device("cpu"))
-    moved = blur._local_shuffle(coords[None].repeat(8, 1, 1, 1), blur._GLASS_STEP_STD[delta], rng)
+    noise = [rng.normal((8, size, size), std=blur._GLASS_STEP_STD[delta]) for _ in range(2)]
+    moved = blur._local_shuffle(coords[None].repeat(8, 1, 1, 1), *noise)
     ours = float((moved - coords)[:, :, 8:-8, 8:-8].std(dim=(0, 2, 3)).mean())
     assert ours == pytest.approx(reference, rel=0.15)
     # It is a permutation: every pixel is still there exactly once.

@@ -10,13 +10,19 @@ from torch import Tensor
 
 from adasap.errors import UserError
 from adasap.robustness.corruptions.registry import (
+    Corruption,
     CorruptionContext,
     RandomSource,
+    empty_batch,
     get_corruption,
     resolve_param_table,
 )
 
 _MIN_SIZE = 8
+# On the CPU a corruption runs on chunks of images holding about this many values (2 MiB of
+# float32), so that its temporaries stay in the caches and in memory the allocator reuses: a
+# 64-image batch at 224 px in one piece was 2x slower, mostly from page faults on fresh buffers.
+CHUNK_VALUES = 1 << 19
 
 
 def check_severity(severity: int) -> None:
@@ -99,5 +105,28 @@ def corrupt(
         return images.clone()
     x = images.to(torch.float32)
     row = corruption.params[table][int(severity) - 1]
-    out = corruption.function(x, row, CorruptionContext(rng, table))
-    return out.clamp(0, 1).to(images.dtype).contiguous()
+    out = _run(corruption, x, row, CorruptionContext(rng, table))
+    return out.to(images.dtype).contiguous()
+
+
+def _run(corruption: Corruption, x: Tensor, row: Any, ctx: CorruptionContext) -> Tensor:
+    """The corruption of ``x`` clamped to [0, 1]; in chunks where the function allows it."""
+    draws = corruption.draw(x, row, ctx) if corruption.draw is not None else ()
+    n = x.shape[0]
+    step = n
+    if x.device.type == "cpu" and (corruption.deterministic or corruption.draw is not None):
+        step = max(1, CHUNK_VALUES // x[0].numel())
+    if step >= n:
+        return _finish(corruption.function(x, row, ctx, *draws))
+    out = empty_batch(x.shape, x.device)
+    for start in range(0, n, step):
+        part = slice(start, start + step)
+        _finish(corruption.function(x[part], row, ctx, *(d[part] for d in draws)), out[part])
+    return out
+
+
+def _finish(result: Tensor, out: Tensor | None = None) -> Tensor:
+    """A function's result as float32 in [0, 1]: clamped, or uint8 levels (a decoded JPEG) / 255."""
+    if result.dtype == torch.uint8:
+        return torch.div(result, 255, out=out)
+    return torch.clamp(result, 0, 1, out=out)

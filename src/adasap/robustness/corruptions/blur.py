@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -16,13 +17,13 @@ from adasap.robustness.corruptions.image_ops import (
 )
 from adasap.robustness.corruptions.registry import (
     CorruptionContext,
-    RandomSource,
     register_corruption,
 )
 
 
+@lru_cache(maxsize=32)
 def _disk_kernel(radius: float, alias_blur: float) -> Tensor:
-    """The reference's anti-aliased disk, cropped to its non-zero support."""
+    """The reference's anti-aliased disk, cropped to its non-zero support (do not modify it)."""
     half = 8 if radius <= 8 else int(radius)
     ksize = 3 if radius <= 8 else 5
     ax = np.arange(-half, half + 1)
@@ -63,19 +64,33 @@ def _defocus_blur(x: Tensor, c: tuple[float, float], ctx: CorruptionContext) -> 
 _GLASS_STEP_STD = {1: 1.27, 2: 1.85, 3: 2.58, 4: 3.33}
 
 
-def _local_shuffle(x: Tensor, std: float, rng: RandomSource) -> Tensor:
-    """Permute pixels locally: sort each row, then each column, by position plus N(0, std) noise.
+def _shuffle_noise(
+    x: Tensor, c: tuple[float, int, int], ctx: CorruptionContext
+) -> tuple[Tensor, Tensor]:
+    """Glass blur's random numbers: sort keys' noise for the rows, then for the columns."""
+    n, _, h, w = x.shape
+    std = _GLASS_STEP_STD[c[1]] * math.sqrt(c[2])
+    return ctx.rng.normal((n, h, w), std=std), ctx.rng.normal((n, h, w), std=std)
+
+
+def _local_shuffle(x: Tensor, row_noise: Tensor, column_noise: Tensor) -> Tensor:
+    """Permute pixels locally: sort each row, then each column, by position plus the noise.
 
     A vectorised stand-in for the reference's sequential swaps: an exact permutation whose
-    displacements have (empirically) the given std per axis.
+    displacements have (empirically) the noise's std per axis.
     """
     n, c, h, w = x.shape
     cols = torch.arange(w, device=x.device, dtype=x.dtype)
-    perm = (cols + rng.normal((n, h, w), std=std)).argsort(dim=-1)
-    x = x.gather(-1, perm[:, None].expand(n, c, h, w))
+    along_rows = (cols + row_noise).argsort(dim=-1)  # (n, h, w): source column per pixel
     rows = torch.arange(h, device=x.device, dtype=x.dtype)[:, None]
-    perm = (rows + rng.normal((n, h, w), std=std)).argsort(dim=-2)
-    return x.gather(-2, perm[:, None].expand(n, c, h, w))
+    # Sorting along the last axis is about 2x faster; the permutation is the same.
+    keys = (rows + column_noise).transpose(-1, -2).contiguous()
+    along_cols = keys.argsort(dim=-1).transpose(-1, -2)  # (n, h, w): source row per pixel
+    # Both moves as one gather: pixel (i, j) comes from row r = along_cols[i, j] and from the
+    # column the row shuffle put at (r, j).
+    source = along_cols * w + along_rows.gather(-2, along_cols)
+    flat = x.reshape(n, c, h * w).gather(-1, source.reshape(n, 1, h * w).expand(n, c, h * w))
+    return flat.view(n, c, h, w)
 
 
 @register_corruption(
@@ -88,14 +103,20 @@ def _local_shuffle(x: Tensor, std: float, rng: RandomSource) -> Tensor:
         "tinyimagenet": ((0.1, 1, 1), (0.5, 1, 1), (0.6, 1, 2), (0.7, 2, 1), (0.9, 2, 2)),
         "cifar": ((0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2)),
     },
+    draw=_shuffle_noise,
 )
-def _glass_blur(x: Tensor, c: tuple[float, int, int], ctx: CorruptionContext) -> Tensor:
-    sigma, delta, iterations = c
-    x = gaussian(x, sigma)
+def _glass_blur(
+    x: Tensor,
+    c: tuple[float, int, int],
+    ctx: CorruptionContext,
+    row_noise: Tensor,
+    column_noise: Tensor,
+) -> Tensor:
+    x = gaussian(x, c[0])
     # The reference stores the blurred image as uint8 (truncating) before shuffling.
     x = torch.floor(x.clamp(0, 1) * 255) / 255
-    x = _local_shuffle(x, _GLASS_STEP_STD[delta] * math.sqrt(iterations), ctx.rng)
-    return gaussian(x, sigma)
+    x = _local_shuffle(x, row_noise, column_noise)
+    return gaussian(x, c[0])
 
 
 @register_corruption(
@@ -108,10 +129,12 @@ def _glass_blur(x: Tensor, c: tuple[float, int, int], ctx: CorruptionContext) ->
         "tinyimagenet": ((10, 1), (10, 1.5), (10, 2), (10, 2.5), (12, 3)),
         "cifar": ((6, 1), (6, 1.5), (6, 2), (8, 2), (9, 2.5)),
     },
+    draw=lambda x, c, ctx: (ctx.rng.uniform((x.shape[0],), -45, 45),),
 )
-def _motion_blur(x: Tensor, c: tuple[float, float], ctx: CorruptionContext) -> Tensor:
-    angles = ctx.rng.uniform((x.shape[0],), -45, 45).tolist()
-    return motion_blur_batch(x, c[0], c[1], angles)
+def _motion_blur(
+    x: Tensor, c: tuple[float, float], ctx: CorruptionContext, angles: Tensor
+) -> Tensor:
+    return motion_blur_batch(x, c[0], c[1], angles.tolist())
 
 
 # Rows are (start, stop, step) of the reference's np.arange of zoom factors.

@@ -23,7 +23,10 @@ _LUMA = (0.299, 0.587, 0.114)
 
 def to_uint8(images: Tensor) -> Tensor:
     """Float images in [0, 1] to uint8, rounding to the nearest level."""
-    return images.clamp(0, 1).mul(255).round_().to(torch.uint8)
+    # One float temporary, not three (clamping after the scaling gives the same levels). The
+    # detour through int16 is exact for 0..255 and 4x faster on the CPU than torch's direct
+    # float-to-uint8 conversion, which took longer than everything else here.
+    return images.mul(255).round_().clamp_(0, 255).to(torch.int16).to(torch.uint8)
 
 
 def _pad_index(n: int, before: int, after: int, mode: str, device: torch.device) -> Tensor:
@@ -47,6 +50,15 @@ def _pad_index(n: int, before: int, after: int, mode: str, device: torch.device)
 def pad(x: Tensor, top: int, bottom: int, left: int, right: int, mode: str) -> Tensor:
     """Pad the two spatial axes with a border ``mode`` of :func:`_pad_index`."""
     h, w = x.shape[-2:]
+    # F.pad copies the same pixels 10x faster than the gathers below; its "reflect" is
+    # reflect101 and needs pads shorter than the axis.
+    if mode == "replicate" and x.dim() == 4:
+        return F.pad(x, (left, right, top, bottom), mode="replicate")
+    if mode == "reflect101" and x.dim() == 4 and max(top, bottom) < h and max(left, right) < w:
+        return F.pad(x, (left, right, top, bottom), mode="reflect")
+    if mode == "symmetric" and max(top, bottom) <= h and max(left, right) <= w:
+        x = torch.cat([x[..., :top, :].flip(-2), x, x[..., h - bottom :, :].flip(-2)], dim=-2)
+        return torch.cat([x[..., :left].flip(-1), x, x[..., w - right :].flip(-1)], dim=-1)
     rows = _pad_index(h, top, bottom, mode, x.device)
     cols = _pad_index(w, left, right, mode, x.device)
     return x.index_select(-2, rows).index_select(-1, cols)
@@ -69,13 +81,24 @@ def depthwise(x: Tensor, kernel: Tensor) -> Tensor:
     return F.conv2d(x, weight, groups=c).contiguous()
 
 
+def _shifted_sum(x: Tensor, weights: list[float], dim: int, length: int) -> Tensor:
+    """sum_i weights[i] * x.narrow(dim, i, length): a 1-D correlation of a padded axis."""
+    out = x.narrow(dim, 0, length) * weights[0]
+    for i, weight in enumerate(weights[1:], 1):
+        out.add_(x.narrow(dim, i, length), alpha=weight)
+    return out
+
+
 def _separable(x: Tensor, kernel_h: Tensor, kernel_w: Tensor, mode: str) -> Tensor:
     """Correlate with ``kernel_h`` along rows and ``kernel_w`` along columns, same-size output."""
     rh, rw = (kernel_h.numel() - 1) // 2, (kernel_w.numel() - 1) // 2
     h, w = x.shape[-2:]
     if 2 * max(rh, rw) + 1 <= 15:
+        # Shifted multiply-adds: the same sums, in the same order, as a depthwise convolution,
+        # and 2-9x faster than oneDNN's on images of a few channels.
         x = pad(x, rh, rh, rw, rw, mode)
-        return depthwise(depthwise(x, kernel_w.view(1, -1)), kernel_h.view(-1, 1))
+        rows = _shifted_sum(x, kernel_w.tolist(), dim=-1, length=w)
+        return _shifted_sum(rows, kernel_h.tolist(), dim=-2, length=h)
     # Long kernels: two small matrix products beat a long convolution and fold any border.
     mh = _filter_matrix(h, kernel_h.to(x.dtype), mode)
     mw = _filter_matrix(w, kernel_w.to(x.dtype), mode)
@@ -98,15 +121,23 @@ def gaussian(x: Tensor, sigma: float, mode: str = "replicate", truncate: float =
 
 
 def _fft_size(n: int) -> int:
-    """The smallest 5-smooth number (only factors 2, 3, 5) >= n."""
+    """A fast transform size >= n: the smallest even 5-smooth number (factors 2, 3, 5 only), or
+    the next power of two where that is at most 7% longer.
+
+    Measured on one CPU core: odd sizes (81, 125, 243) take up to twice as long, and 256 is 17%
+    faster than 240 (the size for a 224 px image padded for a 15 px kernel).
+    """
+    size = n + n % 2
     while True:
-        m = n
+        m = size
         for p in (2, 3, 5):
             while m % p == 0:
                 m //= p
         if m == 1:
-            return n
-        n += 1
+            break
+        size += 2
+    power = 1 << (n - 1).bit_length()
+    return power if power <= 1.07 * size else size
 
 
 def filter2d(x: Tensor, kernel: Tensor, mode: str = "reflect101") -> Tensor:
@@ -159,10 +190,14 @@ def clipped_zoom(x: Tensor, zoom: float) -> Tensor:
     ch, cw = math.ceil(h / zoom), math.ceil(w / zoom)
     top, left = (h - ch) // 2, (w - cw) // 2
     oh, ow = round(ch * zoom), round(cw * zoom)
-    crop = x[..., top : top + ch, left : left + cw]
+    # From 64 px up, one channel per image: there the NCHW kernel's conversion of several
+    # channels to channels-last and back took longer than the interpolation itself (1.7x at
+    # 224 px); on small images it is 1.6x faster than going channel by channel.
+    planes = x.reshape(-1, 1, h, w) if h * w >= 64 * 64 else x
+    crop = planes[..., top : top + ch, left : left + cw]
     up = F.interpolate(crop, size=(oh, ow), mode="bilinear", align_corners=True)
     th, tw = (oh - h) // 2, (ow - w) // 2
-    return up[..., th : th + h, tw : tw + w]
+    return up[..., th : th + h, tw : tw + w].reshape(x.shape)
 
 
 def motion_kernel(radius: float, sigma: float) -> list[float]:

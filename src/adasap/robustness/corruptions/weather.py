@@ -21,7 +21,6 @@ from adasap.robustness.corruptions.image_ops import (
 )
 from adasap.robustness.corruptions.registry import (
     CorruptionContext,
-    RandomSource,
     register_corruption,
 )
 
@@ -54,17 +53,20 @@ from adasap.robustness.corruptions.registry import (
             (0.3, 0.3, 1.25, 0.65, 14, 12, 0.8),
         ),
     },
+    draw=lambda x, c, ctx: (
+        ctx.rng.normal((x.shape[0], 1, *x.shape[-2:]), mean=c[0], std=c[1]),  # snow layer
+        ctx.rng.uniform((x.shape[0],), -135, -45),  # angles of the flakes' motion blur
+    ),
 )
-def _snow(x: Tensor, c: tuple[float, ...], ctx: CorruptionContext) -> Tensor:
-    loc, scale, zoom, threshold, radius, sigma, keep = c
-    n, _, h, w = x.shape
-    layer = ctx.rng.normal((n, 1, h, w), mean=loc, std=scale)
+def _snow(
+    x: Tensor, c: tuple[float, ...], ctx: CorruptionContext, layer: Tensor, angles: Tensor
+) -> Tensor:
+    _, _, zoom, threshold, radius, sigma, keep = c
     layer = clipped_zoom(layer, zoom)
     layer = torch.where(layer < threshold, 0.0, layer)
     # The reference hands the layer to ImageMagick as 8-bit PNG and reads 8 bits back.
     layer = torch.floor(layer.clamp(0, 1) * 255) / 255
-    angles = ctx.rng.uniform((n,), -135, -45).tolist()
-    layer = torch.round(motion_blur_batch(layer, radius, sigma, angles) * 255) / 255
+    layer = torch.round(motion_blur_batch(layer, radius, sigma, angles.tolist()) * 255) / 255
     x = keep * x + (1 - keep) * torch.maximum(x, luma(x) * 1.5 + 0.5)
     return x + layer + layer.flip(-2, -1)
 
@@ -147,6 +149,31 @@ def _frost_textures(scale: float) -> tuple[Tensor, ...]:
     return tuple(textures)
 
 
+@lru_cache(maxsize=32)
+def _frost_texture(table: str, index: int, h: int, w: int) -> Tensor:
+    """Frost texture ``index`` of ``table``, enlarged if needed to give h x w crops (read only)."""
+    tex = _frost_textures(FROST_TEXTURE_SCALES[table])[index]
+    th, tw = tex.shape[-2:]
+    if th <= h or tw <= w:
+        # Like imagecorruptions: enlarge a texture that is too small, with 10% to spare.
+        grow = 1.1 * max(h / th, w / tw)
+        size = (math.ceil(th * grow), math.ceil(tw * grow))
+        tex = F.interpolate(tex[None], size=size, mode="bicubic", align_corners=False)[0]
+    return tex
+
+
+def _frost_crops(x: Tensor, c: tuple[float, float], ctx: CorruptionContext) -> tuple[Tensor, ...]:
+    """Which texture each image gets, and the top left corner of its crop."""
+    n, _, h, w = x.shape
+    choice = ctx.rng.integers(0, len(_FROST_SIZES), (n,))
+    corners = []
+    for i in choice.tolist():
+        th, tw = _frost_texture(ctx.table, i, h, w).shape[-2:]
+        corners.append((ctx.rng.integers(0, th - h, (1,)), ctx.rng.integers(0, tw - w, (1,))))
+    tops, lefts = (torch.cat(column) for column in zip(*corners, strict=True))
+    return choice, tops, lefts
+
+
 @register_corruption(
     "frost",
     family="weather",
@@ -157,23 +184,20 @@ def _frost_textures(scale: float) -> tuple[Tensor, ...]:
         "tinyimagenet": ((1, 0.3), (0.9, 0.4), (0.8, 0.45), (0.75, 0.5), (0.7, 0.55)),
         "cifar": ((1, 0.2), (1, 0.3), (0.9, 0.4), (0.85, 0.4), (0.75, 0.45)),
     },
+    draw=_frost_crops,
 )
-def _frost(x: Tensor, c: tuple[float, float], ctx: CorruptionContext) -> Tensor:
-    n, channels, h, w = x.shape
-    textures = _frost_textures(FROST_TEXTURE_SCALES[ctx.table])
-    choice = ctx.rng.integers(0, len(textures), (n,)).tolist()
+def _frost(
+    x: Tensor,
+    c: tuple[float, float],
+    ctx: CorruptionContext,
+    choice: Tensor,
+    tops: Tensor,
+    lefts: Tensor,
+) -> Tensor:
+    _, channels, h, w = x.shape
     crops = []
-    for i in choice:
-        tex = textures[i]
-        th, tw = tex.shape[-2:]
-        if th <= h or tw <= w:
-            # Like imagecorruptions: enlarge a texture that is too small, with 10% to spare.
-            grow = 1.1 * max(h / th, w / tw)
-            size = (math.ceil(th * grow), math.ceil(tw * grow))
-            tex = F.interpolate(tex[None], size=size, mode="bicubic", align_corners=False)[0]
-            th, tw = size
-        top = int(ctx.rng.integers(0, th - h, (1,)).item())
-        left = int(ctx.rng.integers(0, tw - w, (1,)).item())
+    for i, top, left in zip(choice.tolist(), tops.tolist(), lefts.tolist(), strict=True):
+        tex = _frost_texture(ctx.table, i, h, w)
         crops.append(tex[:, top : top + h, left : left + w])
     frost = torch.stack(crops).to(x.device, x.dtype).clamp_(0, 1)
     if channels == 1:
@@ -181,15 +205,26 @@ def _frost(x: Tensor, c: tuple[float, float], ctx: CorruptionContext) -> Tensor:
     return c[0] * x + c[1] * frost
 
 
-def _plasma_fractal(
-    n: int, size: int, decay: float, rng: RandomSource, device: torch.device
-) -> Tensor:
-    """The reference's diamond-square height map, for n images at once, scaled to [0, 1]."""
-    grid = torch.zeros(n, size, size, device=device)
-    step, wibble = size, 100.0
+def _plasma_draws(x: Tensor, c: tuple[float, float], ctx: CorruptionContext) -> tuple[Tensor, ...]:
+    """Fog's random numbers: the diamond-square's, level by level (squares, left, top), for a
+    fractal the next power of two above the image side, as imagecorruptions makes."""
+    size = 1 << (max(x.shape[-2:]) - 1).bit_length()
+    step, wibble, draws = size, 100.0, []
+    while step >= 2:
+        shape = (x.shape[0], size // step, size // step)
+        draws += [ctx.rng.uniform(shape, -wibble, wibble) for _ in range(3)]
+        step, wibble = step // 2, wibble / c[1]
+    return tuple(draws)
+
+
+def _plasma_fractal(draws: tuple[Tensor, ...], decay: float) -> Tensor:
+    """The reference's diamond-square height map from its random numbers, scaled to [0, 1]."""
+    n, size = draws[0].shape[0], draws[-1].shape[-1] * 2
+    grid = torch.zeros(n, size, size, device=draws[0].device)
+    step, wibble, numbers = size, 100.0, iter(draws)
 
     def wibbled(total: Tensor) -> Tensor:
-        return total / 4 + wibble * rng.uniform(total.shape, -wibble, wibble)
+        return total / 4 + wibble * next(numbers)
 
     while step >= 2:
         half = step // 2
@@ -220,12 +255,11 @@ def _plasma_fractal(
         "tinyimagenet": ((0.4, 3), (0.7, 3), (1, 2.5), (1.5, 2), (2, 1.75)),
         "cifar": ((0.2, 3), (0.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75)),
     },
+    draw=_plasma_draws,
 )
-def _fog(x: Tensor, c: tuple[float, float], ctx: CorruptionContext) -> Tensor:
-    n, _, h, w = x.shape
-    size = 1 << (max(h, w) - 1).bit_length()  # next power of two, as imagecorruptions does
+def _fog(x: Tensor, c: tuple[float, float], ctx: CorruptionContext, *draws: Tensor) -> Tensor:
+    fog = _plasma_fractal(draws, c[1])[:, None, : x.shape[-2], : x.shape[-1]]
     max_val = x.amax(dim=(1, 2, 3), keepdim=True)
-    fog = _plasma_fractal(n, size, c[1], ctx.rng, x.device)[:, None, :h, :w]
     return (x + c[0] * fog) * max_val / (max_val + c[0])
 
 
