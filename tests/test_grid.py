@@ -11,8 +11,8 @@ import pytest
 import torch
 from rich.console import Console
 
+import adasap.experiments.dense as experiment
 import adasap.experiments.grid as grid
-import adasap.experiments.run as experiment
 from adasap.cli import main
 from adasap.errors import UserError
 from adasap.experiments.bench import run_bench

@@ -27,7 +27,7 @@ from adasap.robustness.corruptions.registry import (
 )
 
 # Bump whenever a corruption's output changes, so older caches are re-rendered.
-RENDER_VERSION = 1
+RENDER_VERSION = 2
 _RENDER_CHUNK = 64
 _KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
