@@ -89,7 +89,9 @@ def main() -> None:
         for bf16 in (False, True)
     ]
     if args.compile:
-        configs += [Config(m, True, bf16, compile=True) for m in ("sgd", "sam") for bf16 in (0, 1)]
+        configs += [
+            Config(m, True, bf16, compile=True) for m in ("sgd", "sam") for bf16 in (False, True)
+        ]
     speed, first = {}, {}
     for config in configs:
         speed[config], first[config] = measure(config, args.steps, args.batch_size)
