@@ -10,6 +10,7 @@ from torch import nn
 
 from adasap.data.detection import DetectionSet, DetectionSpec, make_target
 from adasap.errors import UserError
+from adasap.robustness import corruptions as C
 from adasap.robustness.detection import evaluate_detection, evaluate_detection_corruptions
 from adasap.robustness.detection_report import DetectionCorruptionReport
 
@@ -82,6 +83,8 @@ def test_batches_are_accepted_and_bad_batches_rejected():
     assert evaluate_detection(model, batches)["map"] == pytest.approx(1.0)
     with pytest.raises(UserError, match="a detection batch must be"):
         evaluate_detection(model, [(torch.zeros(1, 3, 20, 20), torch.zeros(1))])
+    with pytest.raises(UserError, match="cannot evaluate int"):
+        evaluate_detection(model, 3)
 
 
 # Four images of two sizes (render groups), one class-1 object each.
@@ -172,13 +175,17 @@ def test_report_round_trip_and_files(tmp_path):
         source="test",
         metric="map",
         clean={"map_50": 0.8, "map": 0.5, "map_75": 0.4},
-        results={"fog": {1: cell, 3: {**cell, "map": 0.15}}, "spatter": {1: cell}},
+        results={
+            "fog": {1: cell, 3: {**cell, "map": 0.15}},
+            "spatter": {1: cell},
+            C.CBAR_CORRUPTIONS[0]: {2: {**cell, "map": 0.1}},
+        },
         num_images=4,
         params_table="cifar",
         seed=0,
     )
     assert report.mpc == pytest.approx(0.2) and report.rpc == pytest.approx(0.4)
-    assert report.extra_mpc == pytest.approx(0.25)
+    assert report.extra_mpc == pytest.approx(0.25) and report.cbar_mpc == pytest.approx(0.1)
     paths = report.save(tmp_path)
     saved = json.loads(paths["json"].read_text())
     assert saved["mPC"] == pytest.approx(0.2) and saved["rPC"] == pytest.approx(0.4)

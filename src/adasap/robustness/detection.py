@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
 from typing import Any
@@ -26,6 +27,7 @@ from adasap.robustness import corruptions as C
 from adasap.robustness.corruptions import (
     SEVERITIES,
     get_corruption,
+    image_fingerprint,
     render_cached,
     resolve_param_table,
     to_uint8,
@@ -34,19 +36,16 @@ from adasap.robustness.detection_report import METRICS, DetectionCorruptionRepor
 from adasap.robustness.official import check_severity
 from adasap.training.evaluate import model_device
 
+# Images rendered by one render_cached call at most: its float copy of VOC-sized images then
+# stays under about 600 MB.
+_RENDER_GROUP = 256
 _SUPPORTED = (
     "a detection set (adasap.data.detection), a map-style Dataset of (image, target) items, "
     "or a DataLoader / list of (images, targets) batches"
 )
 
 
-def _is_dataset(data: Any) -> bool:
-    return hasattr(data, "__getitem__") and hasattr(data, "__len__") and hasattr(data, "targets")
-
-
 def _batches(data: Any, batch_size: int) -> Iterable[DetectionBatch]:
-    if _is_dataset(data):
-        return DetectionBatches(data, batch_size)
     if isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__"):
         return DetectionBatches(data, batch_size)
     if isinstance(data, Iterable):
@@ -112,7 +111,11 @@ def evaluate_detection(
     batch_size: int = 8,
     device: torch.device | str | None = None,
 ) -> dict[str, float]:
-    """mAP of ``model`` on ``data`` (:data:`_SUPPORTED`): ``{"map_50", "map", "map_75"}``."""
+    """mAP of ``model`` on ``data``: ``{"map_50", "map", "map_75"}``, each in [0, 1].
+
+    ``data`` is a detection set (:mod:`adasap.data.detection`), a map-style Dataset of
+    ``(image, target)`` items, or a DataLoader / list of ``(images, targets)`` batches.
+    """
     return score_batches(model, _batches(data, batch_size), device)
 
 
@@ -137,10 +140,37 @@ def _as_batches(
         yield [x.float().div_(255) for x in chunk], list(targets[start : start + batch_size])
 
 
+@dataclass(frozen=True)
+class _RenderGroup:
+    """Images of one size rendered together: their cache key, indices and fingerprint."""
+
+    key: str
+    indices: list[int]
+    fingerprint: str
+
+
+def _render_groups(images: Sequence[Tensor], dataset_key: str) -> list[_RenderGroup]:
+    """The images by size, in parts of at most ``_RENDER_GROUP`` (bounding the float copy a
+    render holds); one part of one size keeps the plain ``dataset_key``."""
+    by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for i, image in enumerate(images):
+        by_shape[tuple(image.shape)].append(i)
+    parts = [
+        (shape, n, indices[start : start + _RENDER_GROUP])
+        for shape, indices in by_shape.items()
+        for n, start in enumerate(range(0, len(indices), _RENDER_GROUP))
+    ]
+    groups = []
+    for shape, n, indices in parts:
+        key = dataset_key if len(parts) == 1 else f"{dataset_key}-{shape[1]}x{shape[2]}-{n}"
+        fingerprint = image_fingerprint(torch.stack([images[i] for i in indices]))
+        groups.append(_RenderGroup(key, indices, fingerprint))
+    return groups
+
+
 def _corrupted(
-    groups: dict[tuple[int, ...], list[int]],
-    images: list[Tensor],
-    dataset_key: str,
+    groups: Sequence[_RenderGroup],
+    images: Sequence[Tensor],
     name: str,
     severity: int,
     *,
@@ -149,15 +179,22 @@ def _corrupted(
     cache_dir: str | Path | None,
     device: torch.device,
 ) -> list[Tensor]:
-    """Every image corrupted (uint8 CHW), rendered per size group through the render cache."""
-    out: list[Tensor] = [images[0]] * len(images)
-    for shape, indices in groups.items():
-        key = dataset_key if len(groups) == 1 else f"{dataset_key}-{shape[1]}x{shape[2]}"
-        stack = torch.stack([images[i] for i in indices]).float().div_(255)
+    """Every image corrupted (uint8 CHW), in order, each group through the render cache."""
+    out: list[Tensor] = list(images)
+    for group in groups:
+        stack = torch.stack([images[i] for i in group.indices]).float().div_(255)
         rendered = render_cached(
-            stack, key, name, severity, seed, cache_dir, params=table, device=device
+            stack,
+            group.key,
+            name,
+            severity,
+            seed,
+            cache_dir,
+            params=table,
+            device=device,
+            fingerprint=group.fingerprint,
         )
-        for i, image in zip(indices, rendered, strict=True):
+        for i, image in zip(group.indices, rendered, strict=True):
             out[i] = image
     return out
 
@@ -189,8 +226,8 @@ def evaluate_detection_corruptions(
 
     Images are rendered once per (``dataset_key``, corruption, severity, seed) by
     :func:`~adasap.robustness.corruptions.render_cached`, one file per image size (VOC's
-    images vary), so every model sees identical images. ``params`` ("auto": by the median
-    shorter image side) picks one severity table for the whole set.
+    images vary; in parts of 256 images), so every model sees identical images. ``params``
+    ("auto": by the median shorter image side) picks one severity table for the whole set.
     """
     if metric not in METRICS:
         raise UserError(f"unknown metric {metric!r}: choose one of {', '.join(METRICS)}")
@@ -205,9 +242,7 @@ def evaluate_detection_corruptions(
     images, targets = _gather(data, batch_size)
     if not images:
         raise UserError("no images to evaluate: the test set is empty")
-    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
-    for i, image in enumerate(images):
-        groups[tuple(image.shape)].append(i)
+    groups = _render_groups(images, dataset_key)
     shorter = median(min(x.shape[-2:]) for x in images)
     table = resolve_param_table(params, int(shorter), int(shorter))
 
@@ -230,7 +265,6 @@ def evaluate_detection_corruptions(
             corrupted = _corrupted(
                 groups,
                 images,
-                dataset_key,
                 name,
                 s,
                 seed=seed,
