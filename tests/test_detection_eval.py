@@ -208,3 +208,29 @@ def test_bad_arguments_are_user_errors(kwargs, match):
     model = Fixed([prediction([], [], [])])
     with pytest.raises(UserError, match=match):
         evaluate_detection_corruptions(model, four_images(), dataset_key="toy", **kwargs)
+
+
+def test_render_parts_keep_the_order(tmp_path, monkeypatch):
+    """A deterministic corruption gives the same images whether each size is rendered in one
+    part or image by image (each part its own cache entry)."""
+    from adasap.robustness import detection
+
+    def seen(cache_dir):
+        model = Counting([4, 4])
+        evaluate_detection_corruptions(
+            model,
+            four_images(),
+            dataset_key="toy",
+            corruptions=["contrast"],
+            severities=[3],
+            batch_size=4,
+            cache_dir=cache_dir,
+            progress=False,
+        )
+        return model.passes[1]
+
+    whole = seen(tmp_path / "whole")
+    monkeypatch.setattr(detection, "_RENDER_GROUP", 1)
+    single = seen(tmp_path / "single")
+    assert len(list((tmp_path / "single").glob("toy-*"))) == 4
+    assert all(torch.equal(x, y) for x, y in zip(whole, single, strict=True))
