@@ -86,6 +86,9 @@ def score_batches(
 
     device = torch.device(device) if device is not None else model_device(model)
     metric = MeanAveragePrecision(iou_type="bbox", backend="pycocotools")
+    # Scoring the 100 best detections per image is COCO's protocol (docs/detection-evaluation.md),
+    # not a problem to warn about for every detector that returns more.
+    metric.warn_on_many_detections = False
     training = model.training
     model.eval()
     try:
