@@ -115,6 +115,29 @@ def test_canvas_set_loads_from_tiny_files_and_is_cached(tmp_path, monkeypatch):
         load_canvas_detection(**kwargs, num_test=5)
 
 
+def test_damaged_canvas_cache_is_rebuilt(tmp_path):
+    data_dir = write_fashion(tmp_path / "fashion", 30, 10)
+    kwargs = dict(data_dir=data_dir, cache_dir=tmp_path / "cache", num_train=3, num_val=2)
+    first = load_canvas_detection(**kwargs, num_test=2)
+    (stored,) = (tmp_path / "cache" / "detection").glob("canvas-*/canvases.npz")
+    stored.write_bytes(stored.read_bytes()[:-100])  # truncated: its checksum no longer matches
+    second = load_canvas_detection(**kwargs, num_test=2)
+    assert torch.equal(first.train.images, second.train.images)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"num_train": 0}, "num_train=0 is invalid"),
+        ({"max_objects": 1.5}, "max_objects=1.5 is invalid"),
+        ({"image_size": 16}, "image_size=16 is too small"),
+    ],
+)
+def test_bad_canvas_options_are_user_errors(kwargs, match):
+    with pytest.raises(UserError, match=match):
+        load_canvas_detection(**kwargs)
+
+
 def test_test_garments_are_never_trained_on(tmp_path):
     data_dir = write_fashion(tmp_path / "fashion", 50, 20)
     pools, _ = detection_canvas._garment_pools(data_dir, seed=0)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
 import torch
+from rich.console import Console
 from torch import nn
 
 from adasap.data.detection import DetectionSet, DetectionSpec, make_target
@@ -193,6 +195,10 @@ def test_report_round_trip_and_files(tmp_path):
     assert paths["heatmap"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = paths["markdown"].read_text()
     assert "| rPC: mPC / P | 0.400 |" in markdown and "| spatter (extra) | weather |" in markdown
+    console = Console(file=io.StringIO(), width=120)
+    report.print_table(console)
+    printed = console.file.getvalue()
+    assert "rPC: mPC / P" in printed and "0.400" in printed and "mAP@[.5:.95] (%) on toy" in printed
 
 
 @pytest.mark.parametrize(

@@ -199,7 +199,8 @@ def load_canvas_detection(
     ``~/.cache/adasap``); at the defaults it holds about 135 MB.
     """
     sizes = {"train": num_train, "val": num_val, "test": num_test}
-    for name, value in {**sizes, "image_size": image_size, "max_objects": max_objects}.items():
+    options = {f"num_{k}": v for k, v in sizes.items()}
+    for name, value in {**options, "image_size": image_size, "max_objects": max_objects}.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UserError(f"canvas option {name}={value!r} is invalid: use an integer >= 1")
     if image_size < 32:

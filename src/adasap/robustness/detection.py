@@ -22,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import Tensor, nn
 
 from adasap.data.detection import DetectionBatch, DetectionBatches, Target
-from adasap.errors import UserError
+from adasap.errors import UserError, exception_reason
 from adasap.robustness import corruptions as C
 from adasap.robustness.corruptions import (
     SEVERITIES,
@@ -82,10 +82,16 @@ def score_batches(
     """mAP of ``model`` over ``batches`` of ``(images, targets)``: ``map_50``, ``map``,
     ``map_75`` in [0, 1] (-1 when there is no ground truth). Eval mode (restored after),
     ``no_grad``, images moved to ``device`` (default: the model's)."""
-    from torchmetrics.detection import MeanAveragePrecision
-
     device = torch.device(device) if device is not None else model_device(model)
-    metric = MeanAveragePrecision(iou_type="bbox", backend="pycocotools")
+    try:
+        from torchmetrics.detection import MeanAveragePrecision
+
+        metric = MeanAveragePrecision(iou_type="bbox", backend="pycocotools")
+    except ImportError as exc:  # torchmetrics raises ModuleNotFoundError without pycocotools
+        raise UserError(
+            f"detection mAP needs torchmetrics and pycocotools ({exception_reason(exc)}): "
+            "pip install torchmetrics pycocotools"
+        ) from None
     # Scoring the 100 best detections per image is COCO's protocol (docs/detection-evaluation.md),
     # not a problem to warn about for every detector that returns more.
     metric.warn_on_many_detections = False
