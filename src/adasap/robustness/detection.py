@@ -136,7 +136,7 @@ def _gather(data: Any, batch_size: int) -> tuple[list[Tensor], list[Target]]:
     images, targets = [], []
     for batch in _batches(data, batch_size):
         xs, ts = _check_batch(batch)
-        images += [to_uint8(x.detach().cpu()) for x in xs]
+        images += [x.cpu() if x.dtype == torch.uint8 else to_uint8(x.detach().cpu()) for x in xs]
         targets += ts
     return images, targets
 
