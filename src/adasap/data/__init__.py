@@ -1,7 +1,19 @@
-"""Data: built-in datasets, adasap's image sets, batching, and batch sources for any data."""
+"""Data: built-in datasets, adasap's image sets, batching, batch sources for any data, and
+detection sets (boxes) with their batches."""
 
 from adasap.data.batching import augment_batch, batches, num_batches
 from adasap.data.datasets import DATASETS, get_spec, load_dataset, register_dataset
+from adasap.data.detection import (
+    DetectionBatches,
+    DetectionBundle,
+    DetectionSet,
+    DetectionSpec,
+    FileDetectionSet,
+    detection_collate,
+    training_batches,
+)
+from adasap.data.detection_canvas import load_canvas_detection
+from adasap.data.detection_files import load_coco, load_coco_detection, load_voc, load_voc_detection
 from adasap.data.folders import FolderImageSet, ImageFolderFiles
 from adasap.data.image_sets import DataBundle, ImageSet, TensorImageSet
 from adasap.data.sources import BatchSource, evaluation_source, training_source
@@ -12,16 +24,28 @@ __all__ = [
     "DATASETS",
     "DataBundle",
     "DatasetSpec",
+    "DetectionBatches",
+    "DetectionBundle",
+    "DetectionSet",
+    "DetectionSpec",
+    "FileDetectionSet",
     "FolderImageSet",
     "ImageFolderFiles",
     "ImageSet",
     "TensorImageSet",
     "augment_batch",
     "batches",
+    "detection_collate",
     "evaluation_source",
     "get_spec",
+    "load_canvas_detection",
+    "load_coco",
+    "load_coco_detection",
     "load_dataset",
+    "load_voc",
+    "load_voc_detection",
     "num_batches",
     "register_dataset",
+    "training_batches",
     "training_source",
 ]

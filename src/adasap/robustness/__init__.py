@@ -1,5 +1,8 @@
-"""Robustness: the corruption suite, official corrupted sets, evaluation and reports."""
+"""Robustness: the corruption suite, official corrupted sets, evaluation and reports (for
+classifiers and detectors)."""
 
+from adasap.robustness.detection import evaluate_detection, evaluate_detection_corruptions
+from adasap.robustness.detection_report import DetectionCorruptionReport
 from adasap.robustness.evaluation import evaluate_corruptions
 from adasap.robustness.official import (
     load_cifar_c,
@@ -13,7 +16,10 @@ from adasap.robustness.report import CorruptionReport
 
 __all__ = [
     "CorruptionReport",
+    "DetectionCorruptionReport",
     "evaluate_corruptions",
+    "evaluate_detection",
+    "evaluate_detection_corruptions",
     "load_cifar_c",
     "load_folder_c",
     "load_imagenet_c",

@@ -1,0 +1,241 @@
+"""Object detection data: the spec, image sets with boxes, checks, the flip and batches.
+
+A batch is torchvision's: ``(images, targets)``, ``images`` a list of float CHW tensors in
+[0, 1] (sizes may differ), ``targets`` a list of dicts with ``boxes`` (float32 [N, 4], xyxy in
+absolute pixels) and ``labels`` (int64 [N], classes 1..K; 0 is the background). Evaluation sets
+also carry ``iscrowd`` (int64 [N]): objects the metric ignores (VOC's "difficult", COCO's
+crowds), which torchvision's detectors do not read. The sets themselves live in
+:mod:`.detection_canvas` (the offline default) and :mod:`.detection_files` (VOC, COCO).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+
+from adasap.data.folders import read_image
+from adasap.errors import UserError
+
+Target = dict[str, Tensor]
+DetectionBatch = tuple[list[Tensor], list[Target]]
+
+
+@dataclass(frozen=True)
+class DetectionSpec:
+    """What a detector needs to know: ``class_names`` of labels 1..K, the image size.
+
+    ``num_classes`` counts the background (K + 1), as torchvision's detectors are built.
+    ``image_size`` is the side of square images, or None when sizes vary (VOC, COCO).
+    """
+
+    name: str
+    class_names: tuple[str, ...]
+    image_size: int | None = None
+    channels: int = 3
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names) + 1
+
+
+def check_target(
+    boxes: Tensor, labels: Tensor, width: int, height: int, num_labels: int, where: str
+) -> None:
+    """A :class:`UserError` for boxes outside the ``width`` x ``height`` image, boxes without
+    area, or labels outside 1..``num_labels``; ``where`` names the image or file."""
+    if boxes.dim() != 2 or boxes.shape[1] != 4 or labels.shape != (boxes.shape[0],):
+        raise UserError(
+            f"{where}: boxes of shape {tuple(boxes.shape)} and labels of shape "
+            f"{tuple(labels.shape)} do not match: give boxes [N, 4] (xyxy) and N labels"
+        )
+    bad_label = (labels < 1) | (labels > num_labels)
+    if bad_label.any():
+        raise UserError(
+            f"{where}: class id {int(labels[bad_label][0])} is out of range: "
+            f"use 1..{num_labels} (0 is the background)"
+        )
+    outside = (boxes[:, 0] < 0) | (boxes[:, 1] < 0) | (boxes[:, 2] > width) | (boxes[:, 3] > height)
+    if outside.any():
+        box = [round(float(v), 1) for v in boxes[outside][0]]
+        raise UserError(
+            f"{where}: box {box} lies outside the {width}x{height} image: "
+            "fix the annotation (xyxy in absolute pixels, 0 <= x <= width, 0 <= y <= height)"
+        )
+    flat = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
+    if flat.any():
+        box = [round(float(v), 1) for v in boxes[flat][0]]
+        raise UserError(f"{where}: box {box} has no area: fix it (x2 > x1 and y2 > y1, xyxy)")
+
+
+def make_target(boxes: Any, labels: Any, iscrowd: Any = None) -> Target:
+    """A target dict in the contract's dtypes (``iscrowd`` only when given)."""
+    target = {
+        "boxes": torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        "labels": torch.as_tensor(labels, dtype=torch.int64).reshape(-1),
+    }
+    if iscrowd is not None:
+        target["iscrowd"] = torch.as_tensor(iscrowd, dtype=torch.int64).reshape(-1)
+    return target
+
+
+def _copy(target: Target) -> Target:
+    return {key: value.clone() for key, value in target.items()}
+
+
+class DetectionSet(Dataset):
+    """Images with boxes held in memory: ``images`` uint8 CHW tensors (or one NCHW tensor).
+
+    Item ``i`` is ``(image, target)``: the image as float32 CHW in [0, 1], a copy of its target.
+    Every target is checked against its image (:func:`check_target`).
+    """
+
+    def __init__(
+        self,
+        images: Tensor | Sequence[Tensor],
+        targets: Sequence[Target],
+        spec: DetectionSpec,
+        source: str | None = None,
+    ) -> None:
+        if len(images) != len(targets):
+            raise UserError(
+                f"{len(images)} images but {len(targets)} targets: give one target per image"
+            )
+        for i, (image, target) in enumerate(zip(images, targets, strict=True)):
+            if image.dtype != torch.uint8 or image.dim() != 3:
+                raise UserError(
+                    f"image {i} is {image.dtype} {tuple(image.shape)}, not uint8 CHW: "
+                    "convert with (x * 255).round().to(torch.uint8)"
+                )
+            h, w = image.shape[-2:]
+            check_target(
+                target["boxes"], target["labels"], w, h, len(spec.class_names), f"image {i}"
+            )
+        self.images, self.targets, self.spec, self.source = images, list(targets), spec, source
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Target]:
+        return self.images[index].float().div_(255), _copy(self.targets[index])
+
+    def uint8_image(self, index: int) -> Tensor:
+        """Image ``index`` as stored (uint8 CHW), without the float conversion."""
+        return self.images[index]
+
+
+class FileDetectionSet(Dataset):
+    """Images read from files on access (JPEG/PNG, as RGB), with targets read beforehand."""
+
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        targets: Sequence[Target],
+        spec: DetectionSpec,
+        source: str | None = None,
+        fix: str = "restore it or remove its annotation",
+    ) -> None:
+        for path in paths:
+            if not Path(path).is_file():
+                raise UserError(f"image {path} is missing: {fix}")
+        self.paths, self.targets, self.spec = list(paths), list(targets), spec
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def uint8_image(self, index: int) -> Tensor:
+        """Image ``index`` decoded as uint8 RGB CHW."""
+        return read_image(self.paths[index])
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Target]:
+        return self.uint8_image(index).float().div_(255), _copy(self.targets[index])
+
+
+AnyDetectionSet = DetectionSet | FileDetectionSet
+
+
+@dataclass(eq=False)
+class DetectionBundle:
+    """A detection dataset's spec and its three splits."""
+
+    spec: DetectionSpec
+    train: AnyDetectionSet
+    val: AnyDetectionSet
+    test: AnyDetectionSet
+
+
+def flip_horizontal(image: Tensor, target: Target) -> tuple[Tensor, Target]:
+    """The image mirrored left-right and its boxes with it (x -> width - x)."""
+    width = image.shape[-1]
+    boxes = target["boxes"]
+    flipped = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], 1)
+    return image.flip(-1), {**target, "boxes": flipped}
+
+
+def detection_collate(items: Sequence[tuple[Tensor, Target]]) -> DetectionBatch:
+    """``[(image, target), ...]`` as the contract's ``(images, targets)`` lists."""
+    return [image for image, _ in items], [target for _, target in items]
+
+
+class DetectionBatches:
+    """Batches ``(images, targets)`` of a detection set, re-iterable (one pass = one epoch).
+
+    ``shuffle`` and ``hflip`` (each image mirrored with probability 1/2, boxes too) draw from
+    ``generator``, in this process, so the batches do not depend on ``num_workers``.
+    """
+
+    def __init__(
+        self,
+        data: Dataset,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        hflip: bool = False,
+        generator: torch.Generator | None = None,
+        num_workers: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise UserError(f"batch size {batch_size!r} is invalid: use a positive integer")
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        order = RandomSampler(data, generator=self.generator) if shuffle else None
+        sampler = BatchSampler(order or SequentialSampler(data), batch_size, drop_last)
+        self.loader = DataLoader(
+            data, batch_sampler=sampler, num_workers=num_workers, collate_fn=detection_collate
+        )
+        self.hflip = hflip
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[DetectionBatch]:
+        for images, targets in self.loader:
+            if self.hflip:
+                flips = torch.rand(len(images), generator=self.generator) < 0.5
+                pairs = [
+                    flip_horizontal(x, t) if flip else (x, t)
+                    for x, t, flip in zip(images, targets, flips.tolist(), strict=True)
+                ]
+                images, targets = detection_collate(pairs)
+            yield images, targets
+
+
+def training_batches(
+    data: Dataset, batch_size: int, *, seed: int = 0, num_workers: int = 0
+) -> DetectionBatches:
+    """Shuffled, flipped batches for training, drawn from a generator seeded with ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    return DetectionBatches(
+        data,
+        batch_size,
+        shuffle=True,
+        hflip=True,
+        generator=generator,
+        num_workers=num_workers,
+    )

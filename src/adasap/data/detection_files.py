@@ -1,0 +1,267 @@
+"""Detection sets on disk: Pascal VOC (torchvision's ``VOCDetection`` layout) and COCO folders.
+
+Both keep the objects their protocols ignore, VOC's ``difficult`` ones and COCO's crowds, out of
+training sets, and mark them ``iscrowd = 1`` in evaluation sets, where the metric ignores them
+(a detection matching one is neither a true nor a false positive).
+"""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from adasap.data.detection import (
+    DetectionBundle,
+    DetectionSpec,
+    FileDetectionSet,
+    Target,
+    check_target,
+    make_target,
+)
+from adasap.errors import UserError
+
+VOC_CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+)  # fmt: skip
+VOC_SPEC = DetectionSpec("voc", VOC_CLASSES)
+# COCO boxes are floats; some end a rounding error past the border. Within this many pixels
+# they are clipped to the image, beyond it they are an error.
+_BORDER_SLACK = 1.0
+
+Record = tuple[Path, Target]  # an image file and its target, ignored objects marked iscrowd
+
+
+def _for_training(target: Target) -> Target:
+    """The target without the objects the protocol ignores, and without the ``iscrowd`` key."""
+    keep = target["iscrowd"] == 0
+    return make_target(target["boxes"][keep], target["labels"][keep])
+
+
+def detection_set(
+    records: Sequence[Record], spec: DetectionSpec, *, training: bool, source: str, fix: str
+) -> FileDetectionSet:
+    """A :class:`FileDetectionSet` of ``records``; ``training`` drops the ignored objects."""
+    targets = [_for_training(t) if training else t for _, t in records]
+    return FileDetectionSet([p for p, _ in records], targets, spec, source=source, fix=fix)
+
+
+def _voc_folder(root: Path, year: str) -> Path:
+    for folder in (root / "VOCdevkit" / f"VOC{year}", root / f"VOC{year}", root):
+        if folder.name == f"VOC{year}" and (folder / "Annotations").is_dir():
+            return folder
+    raise UserError(
+        f"no VOC{year} in {root}: expected {root}/VOCdevkit/VOC{year}/Annotations, JPEGImages "
+        "and ImageSets/Main (torchvision's VOCDetection layout); extract the VOC archive there"
+    )
+
+
+def _voc_record(folder: Path, image_id: str) -> Record:
+    xml_path = folder / "Annotations" / f"{image_id}.xml"
+    fix = "restore it from the VOC archive"
+    try:
+        tree = ET.parse(xml_path).getroot()
+    except FileNotFoundError:
+        raise UserError(f"annotation file {xml_path} is missing: {fix}") from None
+    except ET.ParseError as exc:
+        raise UserError(f"annotation file {xml_path} is empty or not XML ({exc}): {fix}") from None
+    try:
+        width = int(float(tree.findtext("size/width", "")))
+        height = int(float(tree.findtext("size/height", "")))
+        boxes, labels, difficult = [], [], []
+        for obj in tree.iter("object"):
+            name = (obj.findtext("name") or "").strip()
+            if name not in VOC_CLASSES:
+                raise UserError(
+                    f"{xml_path}: class {name!r} is not one of the 20 VOC classes: "
+                    "fix the annotation's <name>"
+                )
+            box = [float(obj.findtext(f"bndbox/{k}", "")) for k in ("xmin", "ymin", "xmax", "ymax")]
+            # VOC counts pixels from 1 and includes both ends: pixel columns xmin..xmax.
+            boxes.append([box[0] - 1, box[1] - 1, box[2], box[3]])
+            labels.append(VOC_CLASSES.index(name) + 1)
+            difficult.append(int(obj.findtext("difficult") or 0))
+    except ValueError as exc:
+        raise UserError(
+            f"{xml_path} has a missing or non-numeric size or box ({exc}): {fix}"
+        ) from None
+    target = make_target(boxes, labels, difficult)
+    check_target(target["boxes"], target["labels"], width, height, len(VOC_CLASSES), str(xml_path))
+    return folder / "JPEGImages" / f"{image_id}.jpg", target
+
+
+def voc_records(root: str | Path, year: str, image_set: str) -> list[Record]:
+    """The images of ``ImageSets/Main/<image_set>.txt`` of VOC ``year`` and their targets."""
+    folder = _voc_folder(Path(root).expanduser(), str(year))
+    listing = folder / "ImageSets" / "Main" / f"{image_set}.txt"
+    if not listing.is_file():
+        raise UserError(
+            f"{listing} is missing: choose an image set of {listing.parent} (train, val, "
+            "trainval, test) or restore the file from the VOC archive"
+        )
+    ids = [line.split()[0] for line in listing.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise UserError(f"{listing} lists no images: restore it from the VOC archive")
+    return [_voc_record(folder, image_id) for image_id in ids]
+
+
+def load_voc(
+    root: str | Path,
+    image_sets: Sequence[tuple[str, str]] = (("2007", "test"),),
+    *,
+    training: bool = False,
+) -> FileDetectionSet:
+    """VOC images of ``(year, image_set)`` pairs, e.g. ``(("2007", "trainval"), ("2012",
+    "trainval"))``; ``root`` holds ``VOCdevkit/`` (as torchvision's ``VOCDetection``)."""
+    records = [r for year, name in image_sets for r in voc_records(root, year, name)]
+    label = " + ".join(f"VOC{year} {name}" for year, name in image_sets)
+    return detection_set(
+        records, VOC_SPEC, training=training, source=label, fix="restore it from the VOC archive"
+    )
+
+
+def _coco_box(bbox: Sequence[float], width: int, height: int) -> list[float]:
+    """COCO's [x, y, w, h] as xyxy, clipped to the image when it is within the slack."""
+    x1, y1, x2, y2 = bbox[0], bbox[1], bbox[0] + bbox[2], bbox[1] + bbox[3]
+    if (
+        min(x1, y1) >= -_BORDER_SLACK
+        and x2 <= width + _BORDER_SLACK
+        and y2 <= height + _BORDER_SLACK
+    ):
+        return [max(0.0, x1), max(0.0, y1), min(float(width), x2), min(float(height), y2)]
+    return [x1, y1, x2, y2]  # check_target reports it
+
+
+def coco_records(
+    images_dir: str | Path, annotation_file: str | Path
+) -> tuple[list[Record], tuple[str, ...]]:
+    """The images of a COCO instances JSON and their targets, and the class names (labels
+    1..K in the order of the category ids). Boxes without area are dropped, as torchvision's
+    COCO reference does."""
+    path, images_dir = Path(annotation_file).expanduser(), Path(images_dir).expanduser()
+    fix = "give the instances JSON of a COCO-format data set"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"annotation file {path} is missing: {fix}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"annotation file {path} is empty or not JSON ({exc}): {fix}") from None
+    if not isinstance(data, dict) or not data.get("images") or not data.get("categories"):
+        raise UserError(f"annotation file {path} has no images or no categories: {fix}")
+    categories = sorted(data["categories"], key=lambda c: c["id"])
+    label_of = {c["id"]: i + 1 for i, c in enumerate(categories)}
+    images = {image["id"]: image for image in data["images"]}
+    objects: dict[int, list[dict]] = {image_id: [] for image_id in images}
+    for ann in data.get("annotations", []):
+        if ann["image_id"] not in images:
+            raise UserError(
+                f"{path}: annotation {ann.get('id')} names unknown image id "
+                f"{ann['image_id']}: fix the annotation file"
+            )
+        if ann["category_id"] not in label_of:
+            raise UserError(
+                f"{path}: annotation {ann.get('id')} has class id {ann['category_id']}, "
+                f"out of range (not among the {len(label_of)} categories): fix its category_id"
+            )
+        if ann["bbox"][2] > 0 and ann["bbox"][3] > 0:
+            objects[ann["image_id"]].append(ann)
+    records = []
+    for image_id, image in images.items():
+        width, height = int(image["width"]), int(image["height"])
+        found = objects[image_id]
+        target = make_target(
+            [_coco_box(a["bbox"], width, height) for a in found],
+            [label_of[a["category_id"]] for a in found],
+            [int(a.get("iscrowd", 0)) for a in found],
+        )
+        where = f"{path} image {image['file_name']}"
+        check_target(target["boxes"], target["labels"], width, height, len(label_of), where)
+        records.append((images_dir / image["file_name"], target))
+    return records, tuple(str(c["name"]) for c in categories)
+
+
+def load_coco(
+    images_dir: str | Path, annotation_file: str | Path, *, training: bool = False
+) -> FileDetectionSet:
+    """A COCO-format set: ``images_dir`` holds the files named in ``annotation_file``."""
+    records, names = coco_records(images_dir, annotation_file)
+    spec = DetectionSpec(f"coco:{Path(annotation_file).stem}", names)
+    fix = f"put it in {images_dir} or remove it from {annotation_file}"
+    return detection_set(records, spec, training=training, source=str(annotation_file), fix=fix)
+
+
+def _bundle(
+    spec: DetectionSpec,
+    pool: list[Record],
+    test: list[Record],
+    source: tuple[str, str],
+    *,
+    val_fraction: float,
+    seed: int,
+    fix: str,
+) -> DetectionBundle:
+    """Train/val carved from ``pool`` (seeded, val objects kept for evaluation), and test."""
+    if not 0 < val_fraction < 1:
+        raise UserError(f"val_fraction={val_fraction} is out of range: use 0 < value < 1")
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = max(1, round(val_fraction * len(pool)))
+    val = [pool[i] for i in sorted(order[:n_val])]
+    train = [pool[i] for i in sorted(order[n_val:])]
+    return DetectionBundle(
+        spec,
+        detection_set(train, spec, training=True, source=source[0], fix=fix),
+        detection_set(val, spec, training=False, source=source[0], fix=fix),
+        detection_set(test, spec, training=False, source=source[1], fix=fix),
+    )
+
+
+def load_voc_detection(
+    root: str | Path,
+    *,
+    years: Sequence[str] | None = None,
+    val_fraction: float = 0.05,
+    seed: int = 0,
+) -> DetectionBundle:
+    """The usual VOC protocol: train on ``trainval`` of ``years`` (default: 2007 and, when
+    present, 2012), less a seeded validation part; test on VOC2007 ``test``."""
+    root = Path(root).expanduser()
+    if years is None:
+        years = ["2007"] + [y for y in ("2012",) if (root / "VOCdevkit" / f"VOC{y}").is_dir()]
+    pool = [r for year in years for r in voc_records(root, year, "trainval")]
+    names = ("+".join(f"VOC{y} trainval" for y in years), "VOC2007 test")
+    fix = "restore it from the VOC archive"
+    return _bundle(
+        VOC_SPEC, pool, voc_records(root, "2007", "test"), names,
+        val_fraction=val_fraction, seed=seed, fix=fix,
+    )  # fmt: skip
+
+
+def load_coco_detection(
+    root: str | Path,
+    *,
+    train: str = "train2017",
+    test: str = "val2017",
+    val_fraction: float = 0.02,
+    seed: int = 0,
+) -> DetectionBundle:
+    """COCO's layout: ``root/<split>/`` images and ``root/annotations/instances_<split>.json``;
+    trains on ``train`` less a seeded validation part, tests on ``test``."""
+    root = Path(root).expanduser()
+    files = {s: root / "annotations" / f"instances_{s}.json" for s in (train, test)}
+    pool, names = coco_records(root / train, files[train])
+    test_records, test_names = coco_records(root / test, files[test])
+    if test_names != names:
+        raise UserError(
+            f"{files[test]} has other categories than {files[train]}: use one data set's files"
+        )
+    spec = DetectionSpec(f"coco:{root}", names)
+    fix = "put the image there or remove it from its annotation file"
+    return _bundle(
+        spec, pool, test_records, (str(files[train]), str(files[test])),
+        val_fraction=val_fraction, seed=seed, fix=fix,
+    )  # fmt: skip

@@ -1,0 +1,218 @@
+"""The corrupted-detection report: mAP per corruption x severity, P, mPC, rPC, and its files."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from adasap.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from adasap.robustness import corruptions as C
+from adasap.robustness.corruptions import SEVERITIES
+from adasap.robustness.report import SOURCE_RENDERED, _category, _kind_suffix, _mean, _pct, _ratio
+from adasap.robustness.report import heatmap_png as _heatmap_png
+
+# The metrics a report can be headed by: VOC's mAP at IoU 0.5, COCO's mean over 0.50:0.95.
+METRICS = ("map_50", "map")
+METRIC_NAMES = {"map_50": "mAP@0.5", "map": "mAP@[.5:.95]"}
+
+
+@dataclass
+class DetectionCorruptionReport:
+    """mAP on clean and corrupted test images (Michaelis et al. 2019) and the summary numbers.
+
+    ``clean`` and ``results[corruption][severity]`` map each of ``map_50``, ``map`` and
+    ``map_75`` to a value in [0, 1]. ``metric`` heads the summary: P (:attr:`performance`,
+    clean), mPC (:attr:`mpc`, mean over the 15 benchmark corruptions x 5 severities evaluated)
+    and rPC (:attr:`rpc` = mPC / P). The 4 extras and the held-out ``cbar`` family are
+    averaged apart.
+    """
+
+    dataset_key: str
+    source: str
+    metric: str
+    clean: dict[str, float]
+    results: dict[str, dict[int, dict[str, float]]]
+    num_images: int
+    params_table: str | None = None
+    seed: int | None = None
+
+    def values(self, metric: str | None = None) -> dict[str, dict[int, float]]:
+        """``metric`` (default: the report's) per corruption and severity."""
+        key = metric or self.metric
+        return {n: {s: cell[key] for s, cell in sev.items()} for n, sev in self.results.items()}
+
+    def _names(self) -> list[str]:
+        order = (*C.CORRUPTIONS, *C.HELD_OUT_CORRUPTIONS)
+        known = [n for n in order if n in self.results]
+        return known + [n for n in self.results if n not in order]
+
+    def _entries(self, names: Sequence[str]) -> list[float]:
+        values = self.values()
+        return [v for n in names for v in values.get(n, {}).values()]
+
+    @property
+    def performance(self) -> float:
+        """P: the metric on clean images."""
+        return self.clean[self.metric]
+
+    @property
+    def mpc(self) -> float | None:
+        """mPC: the mean of the metric over the benchmark corruptions and severities."""
+        return _mean(self._entries(C.BENCHMARK_CORRUPTIONS))
+
+    @property
+    def rpc(self) -> float | None:
+        """rPC = mPC / P."""
+        if self.mpc is None or self.performance <= 0:
+            return None
+        return self.mpc / self.performance
+
+    @property
+    def extra_mpc(self) -> float | None:
+        return _mean(self._entries(C.EXTRA_CORRUPTIONS))
+
+    @property
+    def cbar_mpc(self) -> float | None:
+        return _mean(self._entries(C.CBAR_CORRUPTIONS))
+
+    @property
+    def is_complete(self) -> bool:
+        """All 15 benchmark corruptions at all 5 severities were evaluated."""
+        return all(set(self.results.get(n, {})) == set(SEVERITIES) for n in C.BENCHMARK_CORRUPTIONS)
+
+    @property
+    def per_corruption(self) -> dict[str, float]:
+        return {n: sum(s.values()) / len(s) for n, s in self.values().items() if s}
+
+    @property
+    def per_category(self) -> dict[str, float]:
+        """The mean of each category's benchmark corruptions."""
+        means = {c: _mean(self._entries(names)) for c, names in C.CATEGORIES.items()}
+        return {c: m for c, m in means.items() if m is not None}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The inputs and every derived number, JSON-ready."""
+        return {
+            "dataset_key": self.dataset_key,
+            "source": self.source,
+            "metric": self.metric,
+            "clean": self.clean,
+            "results": {
+                n: {str(s): cell for s, cell in sev.items()} for n, sev in self.results.items()
+            },
+            "num_images": self.num_images,
+            "params_table": self.params_table,
+            "seed": self.seed,
+            "P": self.performance,
+            "mPC": self.mpc,
+            "rPC": self.rpc,
+            "extra_mPC": self.extra_mpc,
+            "cbar_mPC": self.cbar_mpc,
+            "per_corruption": self.per_corruption,
+            "per_category": self.per_category,
+            "is_complete": self.is_complete,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DetectionCorruptionReport:
+        """A report from :meth:`to_dict`'s output (derived numbers are recomputed)."""
+        results = {
+            n: {int(s): {k: float(v) for k, v in cell.items()} for s, cell in sev.items()}
+            for n, sev in data["results"].items()
+        }
+        return cls(
+            dataset_key=data["dataset_key"],
+            source=data["source"],
+            metric=data["metric"],
+            clean={k: float(v) for k, v in data["clean"].items()},
+            results=results,
+            num_images=int(data["num_images"]),
+            params_table=data.get("params_table"),
+            seed=data.get("seed"),
+        )
+
+    def _summary_rows(self) -> list[tuple[str, str]]:
+        name = METRIC_NAMES[self.metric]
+        rows = [
+            (f"P: clean {name} (%)", _pct(self.performance)),
+            (f"mPC: mean of {len(self._entries(C.BENCHMARK_CORRUPTIONS))} (%)", _pct(self.mpc)),
+            ("rPC: mPC / P", _ratio(self.rpc)),
+            (f"extra corruptions, mean of {len(self._entries(C.EXTRA_CORRUPTIONS))} (%)",
+             _pct(self.extra_mpc)),
+        ]  # fmt: skip
+        n_cbar = len(self._entries(C.CBAR_CORRUPTIONS))
+        if n_cbar:
+            rows.append((f"held-out cbar corruptions, mean of {n_cbar} (%)", _pct(self.cbar_mpc)))
+        rows += [(f"{c} (%)", _pct(v)) for c, v in self.per_category.items()]
+        return rows
+
+    def _corruption_rows(self) -> list[list[str]]:
+        rows, values, means = [], self.values(), self.per_corruption
+        for name in self._names():
+            sev = values[name]
+            cells = [_pct(sev[s]) if s in sev else "-" for s in SEVERITIES]
+            mean = _pct(means.get(name))
+            rows.append([name + _kind_suffix(name), _category(name), *cells, mean])
+        return rows
+
+    def _header_lines(self) -> list[str]:
+        lines = [
+            f"Dataset: {self.dataset_key}, {self.num_images} test images ({self.source}); "
+            f"corruptions {SOURCE_RENDERED}, boxes unchanged.",
+            f"Severity parameters: {self.params_table} table, seed {self.seed}.",
+        ]
+        if not self.is_complete:
+            lines.append("Not all 15 benchmark corruptions x 5 severities were evaluated.")
+        return lines
+
+    def to_markdown(self) -> str:
+        """Summary and the metric per corruption x severity as Markdown."""
+        name = METRIC_NAMES[self.metric]
+        out = [f"# Detection robustness: {self.dataset_key}", "", *self._header_lines(), ""]
+        out += ["| metric | value |", "|---|---|"]
+        out += [f"| {k} | {v} |" for k, v in self._summary_rows()]
+        header = ["corruption", "category", *(f"s{s}" for s in SEVERITIES), "mean"]
+        out += ["", f"## {name} (%) per corruption and severity", ""]
+        out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        out += ["| " + " | ".join(row) + " |" for row in self._corruption_rows()]
+        return "\n".join(out) + "\n"
+
+    def heatmap_png(self) -> bytes:
+        """The metric per corruption x severity as a heatmap, PNG bytes."""
+        name = METRIC_NAMES[self.metric]
+        title = (
+            f"{self.dataset_key}: P {_pct(self.performance)}, mPC {_pct(self.mpc)}, "
+            f"rPC {_ratio(self.rpc)}"
+        )
+        values = self.values()
+        return _heatmap_png({n: values[n] for n in self._names()}, title, f"{name} (%)")
+
+    def save(self, directory: str | Path, stem: str = "detection-corruptions") -> dict[str, Path]:
+        """Write ``<stem>.json``, ``.md`` and ``.png`` atomically into ``directory``."""
+        directory = Path(directory)
+        return {
+            "json": atomic_write_json(directory / f"{stem}.json", self.to_dict()),
+            "markdown": atomic_write_text(directory / f"{stem}.md", self.to_markdown()),
+            "heatmap": atomic_write_bytes(directory / f"{stem}.png", self.heatmap_png()),
+        }
+
+    def print_table(self, console: Any = None) -> None:
+        """Print the summary and the corruption x severity table with rich."""
+        from rich.console import Console
+        from rich.table import Table
+
+        console = console or Console()
+        for line in self._header_lines():
+            console.print(line)
+        summary = Table(show_header=False, box=None)
+        for key, value in self._summary_rows():
+            summary.add_row(key, value)
+        console.print(summary)
+        table = Table(title=f"{METRIC_NAMES[self.metric]} (%) on {self.dataset_key}")
+        for col in ["corruption", "category", *(f"s{s}" for s in SEVERITIES), "mean"]:
+            table.add_column(col, justify="left" if col in ("corruption", "category") else "right")
+        for row in self._corruption_rows():
+            table.add_row(*row)
+        console.print(table)
