@@ -130,6 +130,10 @@ RUN_FLAG_CASES = [
     ("rho-min-above-rho-max", ["--rho-min", "0.5", "--rho-max", "0.1"],
      ["0 <= rho_min <= rho_max", "rho_min=0.5", "rho_max=0.1"]),
     ("lr-0", ["--lr", "0"], ["need lr > 0", "lr=0.0"]),
+    ("finetune-sharpness-unknown", ["--finetune-sharpness", "asma"],
+     ["finetune_sharpness must be sam, asam or none", "'asma'"]),
+    ("finetune-rho-negative", ["--finetune-rho", "-0.5"],
+     ["finetune_rho must be a number >= 0 or none", "-0.5"]),
     ("unknown-base-optimizer", ["--base-optimizer", "adamx"],
      ["unknown optimizer 'adamx'", "adamw", "sgd"]),
     ("batch-size-0", ["--batch-size", "0"], ["batch_size must be >= 1", "got 0"]),
@@ -750,6 +754,8 @@ def test_select_neurons_below_the_floor(gray):
         (dict(amp=True), r"amp must be a string, got True"),
         (dict(amp="yes"), r"amp must be one of auto, bf16, fp16, off, got 'yes'"),
         (dict(method=None), r"method must be a string"),
+        (dict(finetune_sharpness="ssam"), r"finetune_sharpness must be sam, asam or none"),
+        (dict(finetune_rho=-1.0), r"finetune_rho must be a number >= 0 or none \(rho\), got -1"),
     ],
     ids=[
         "keep-0",
@@ -765,6 +771,8 @@ def test_select_neurons_below_the_floor(gray):
         "amp-bool",
         "amp-unknown",
         "method-none",
+        "finetune-sharpness-unknown",
+        "finetune-rho-negative",
     ],  # fmt: skip
 )
 def test_bad_prune_settings(overrides, message):

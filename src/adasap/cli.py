@@ -61,6 +61,9 @@ RUN_OPTIONS: tuple[tuple[str, str, str], ...] = (
                                            "class by name (sgd, adamw ...)"),
     ("--lr", "lr", "peak learning rate of the pruning phases"),
     ("--rho", "rho", "uniform SAM radius (phase 3 and the sam method)"),
+    ("--finetune-sharpness", "finetune_sharpness", "phase 3 (fine-tuning) of adasap, sam and "
+                                                   "sgd-sam: sam, asam, or none (as --asam)"),
+    ("--finetune-rho", "finetune_rho", "phase 3's radius ('none': --rho); ASAM's is ~10x SAM's"),
     ("--rho-min", "rho_min", "AdaSAP radius of the most important neurons"),
     ("--rho-max", "rho_max", "AdaSAP radius of the least important neurons"),
     ("--normalization", "normalization", "AdaSAP perturbation normalisation: global or neuron"),
@@ -85,7 +88,7 @@ RUN_OPTIONS: tuple[tuple[str, str, str], ...] = (
     ("--cache-dir", "cache_dir", "dense models and corrupted test sets (default ~/.cache/adasap)"),
 )  # fmt: skip
 RUN_SWITCHES: tuple[tuple[str, str, bool, str], ...] = (
-    ("--asam", "asam", True, "scale-invariant (ASAM) perturbations"),
+    ("--asam", "asam", True, "scale-invariant (ASAM) perturbations (phase 3: see --finetune-*)"),
     ("--sync-ascent", "sync_ascent", True, "torchrun: average the ascent gradient over the ranks"),
     ("--compile", "compile", True, "torch.compile the model (compiled again after removals)"),
     ("--overwrite", "overwrite", True, "replace an existing run directory of the same name"),
