@@ -136,6 +136,14 @@ def test_state_dict_resumes_exactly_on_a_fresh_dense_model():
         assert torch.equal(a, b), name
 
 
+def test_the_sam_baseline_takes_taylor_scores():
+    pruner = make(PhaseSchedule(1, 2, 1, removals=2), method="sam", criterion="taylor", keep=0.6)
+    dense = params(pruner.model)
+    for i in range(4):
+        step(pruner, i)
+    assert type(pruner.optimizer) is SAM and 0.55 <= params(pruner.model) / dense <= 0.605
+
+
 def test_lr_scheduler_is_rebuilt_with_its_state_after_removals():
     total = 8
     pruner = make(
