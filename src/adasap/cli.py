@@ -29,6 +29,7 @@ from adasap.experiments.grid import Parallel
 from adasap.experiments.presets import PRESETS, SWEEP_PRESETS
 from adasap.experiments.run import run_experiment
 from adasap.experiments.sweep import run_sweep, sweep_report
+from adasap.experiments.sweep_check import check_sweep
 from adasap.io import atomic_write_json, read_json_mapping
 from adasap.method.importance import criteria
 from adasap.method.pruner import METHODS
@@ -212,6 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
             help="run the cells as tasks on a Ray cluster: auto, ray://HOST:PORT, or local "
             "(needs adasap[ray]; --out and the cache on storage every machine shares)",
         )  # fmt: skip
+        if name == "sweep":
+            command.add_argument(
+                "--check", action="store_true",
+                help="after the sweep has chosen: evaluate its runs on the test set under the "
+                "15 benchmark corruptions and write the rank correlation with the validation "
+                "score (<out>/check/check.md; never used for the choice)",
+            )  # fmt: skip
     return parser
 
 
@@ -377,6 +385,8 @@ def _bench_or_sweep(args: argparse.Namespace) -> int:
                 preset = SWEEP_PRESETS[args.preset]
                 run_sweep(preset.base, preset.grid, out, console=console, parallel=parallel)
             console.print(f"sweep results: {sweep_report(out)}")
+            if args.check:
+                console.print(f"after-the-fact check: {check_sweep(out, console)}")
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

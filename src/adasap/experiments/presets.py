@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -279,6 +280,20 @@ def estimate_seconds(
                 total += epochs * (train_images / rate + val_images / eval_rate)
             total += per_model
     return total
+
+
+def sweep_settings(
+    grid: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Sequence[Any]]],
+) -> list[dict[str, Any]]:
+    """Every combination of one grid, or of each grid in a list, in order."""
+    grids = [grid] if isinstance(grid, Mapping) else list(grid)
+    combos = []
+    for g in grids:
+        keys = list(g)
+        combos += [
+            dict(zip(keys, values, strict=True)) for values in itertools.product(*g.values())
+        ]
+    return combos
 
 
 @dataclass(frozen=True)
