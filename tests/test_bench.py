@@ -18,7 +18,7 @@ from adasap.experiments.bench_report import (
     write_report,
 )
 from adasap.experiments.config import SCHEMA, from_flat
-from adasap.experiments.presets import PRESETS, SWEEP_PRESETS, VAL_FRACTION, estimate_seconds
+from adasap.experiments.presets import PRESETS, VAL_FRACTION, estimate_seconds
 from adasap.experiments.results import (
     RESULTS_FILE,
     BenchRow,
@@ -28,6 +28,7 @@ from adasap.experiments.results import (
     read_jsonl,
 )
 from adasap.experiments.sweep import run_sweep, sweep_report
+from adasap.experiments.sweep_presets import SWEEP_PRESETS
 from adasap.method.importance import criteria
 from adasap.method.pruner import METHODS
 from adasap.robustness.corruptions import BENCHMARK_CORRUPTIONS, CBAR_CORRUPTIONS, EXTRA_CORRUPTIONS

@@ -26,10 +26,11 @@ from adasap.experiments.bench_report import write_report
 from adasap.experiments.commands import evaluate_path, train_dense_model
 from adasap.experiments.config import SCHEMA, ExperimentConfig, from_flat, load_yaml
 from adasap.experiments.grid import Parallel
-from adasap.experiments.presets import PRESETS, SWEEP_PRESETS
+from adasap.experiments.presets import PRESETS
 from adasap.experiments.run import run_experiment
 from adasap.experiments.sweep import run_sweep, sweep_report
 from adasap.experiments.sweep_check import check_sweep
+from adasap.experiments.sweep_presets import SWEEP_PRESETS
 from adasap.io import atomic_write_json, read_json_mapping
 from adasap.method.importance import criteria
 from adasap.method.pruner import METHODS

@@ -1,4 +1,4 @@
-"""The tuning sweep that picks defaults (:data:`adasap.experiments.presets.SWEEP_PRESETS`).
+"""The tuning sweep that picks defaults (:data:`adasap.experiments.sweep_presets.SWEEP_PRESETS`).
 
 It scores each setting on the validation split carved from the training data, corrupted with
 the held-out ImageNet-C-bar / CIFAR-10-C-bar family (``cbar``) and the 4 extra corruptions, never
@@ -25,7 +25,6 @@ from adasap.experiments.bench_report import format_number
 from adasap.experiments.config import ExperimentConfig, from_flat
 from adasap.experiments.dense import dense_model, load_data, model_architecture
 from adasap.experiments.grid import Parallel, run_cells
-from adasap.experiments.presets import sweep_settings
 from adasap.experiments.results import (
     ROW_FILE,
     append_jsonl,
@@ -34,6 +33,7 @@ from adasap.experiments.results import (
     report_failure,
     unfinished_failures,
 )
+from adasap.experiments.sweep_presets import sweep_settings
 from adasap.io import atomic_write_json, atomic_write_text, cache_root
 from adasap.robustness.corruptions import CBAR_CORRUPTIONS, EXTRA_CORRUPTIONS
 from adasap.robustness.evaluation import evaluate_corruptions
