@@ -363,6 +363,17 @@ def test_sweep_into_a_folder_of_other_files(isolated, capsys):
     assert snapshot(out) == before
 
 
+def test_sweep_check_of_a_folder_with_no_sweep(isolated, capsys):
+    out = isolated / "sweep"
+    out.mkdir()
+    (out / "sweep.jsonl").write_text(json.dumps(dict(
+        run="r", method="sgd", settings={}, val_accuracy=0.9, val_extra_accuracy=0.8,
+        val_cbar_accuracy=0.7, val_images=10, per_corruption={}, params=10, keep_achieved=0.5,
+        seconds=1.0)) + "\n")  # fmt: skip
+    cli_fails(capsys, ["sweep", "--preset", "small", "--out", str(out), "--report-only",
+                       "--check"], "holds no bench.json", "that `adasap sweep` wrote")  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "preset_file,words",
     [

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from adasap.errors import UserError
 from adasap.experiments import sweep, sweep_check
+from adasap.experiments.config import from_flat
 from adasap.experiments.presets import PRESETS
 from adasap.experiments.results import append_jsonl, read_jsonl
 from adasap.experiments.sweep import CHOICE_FILE, SWEEP_FILE, run_sweep, sweep_report
@@ -20,6 +22,7 @@ from adasap.experiments.sweep_check import (
     spearman,
     write_check_report,
 )
+from adasap.experiments.sweep_presets import SWEEP_PRESETS
 from adasap.robustness.corruptions import BENCHMARK_CORRUPTIONS
 
 
@@ -81,6 +84,24 @@ def test_the_choice_is_made_before_and_blind_to_the_test_numbers(tmp_path):
     assert CHECK_DIR not in {
         n.value for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Constant)
     }
+
+
+def test_a_folder_that_cannot_be_checked_is_a_one_line_error(tmp_path):
+    for record in ROWS:
+        append_jsonl(tmp_path / SWEEP_FILE, record)
+    with pytest.raises(UserError, match="holds no choice.json"):
+        check_sweep(tmp_path, Console(quiet=True))
+    sweep_report(tmp_path)
+    with pytest.raises(UserError, match="holds no bench.json"):
+        check_sweep(tmp_path, Console(quiet=True))
+    (tmp_path / "bench.json").write_text(json.dumps({"preset": {"name": "small"}}))
+    with pytest.raises(UserError, match="is not a sweep's"):
+        check_sweep(tmp_path, Console(quiet=True))
+    flat = {k: v for k, v in from_flat(SWEEP_PRESETS["small"].base).to_flat().items()
+            if k != "progress"}  # fmt: skip
+    (tmp_path / "bench.json").write_text(json.dumps({"sweep": {"base": flat, "runs": []}}))
+    with pytest.raises(UserError, match="holds no saved model.*rerun that sweep into a new"):
+        check_sweep(tmp_path, Console(quiet=True))  # a sweep from before models were kept
 
 
 def test_check_report_ranks_by_test_and_correlates(tmp_path):

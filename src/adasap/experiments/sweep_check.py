@@ -59,11 +59,15 @@ def check_sweep(out_dir: str | Path, console: Console | None = None) -> Path:
     """
     out = Path(out_dir)
     console = console or Console()
-    choice_path = out / CHOICE_FILE
-    if not choice_path.is_file():
-        raise UserError(f"{out} holds no {CHOICE_FILE}: run the sweep (or its report) first")
-    choice = read_json_mapping(choice_path, "rerun adasap sweep --report-only to rewrite it")
-    definition = read_json_mapping(out / PRESET_FILE, "restore it from the sweep")["sweep"]
+    for name in (CHOICE_FILE, PRESET_FILE):
+        if not (out / name).is_file():
+            raise UserError(
+                f"{out} holds no {name}: check a folder that `adasap sweep` wrote and ranked"
+            )
+    choice = read_json_mapping(out / CHOICE_FILE, "rerun adasap sweep --report-only")
+    definition = read_json_mapping(out / PRESET_FILE, "restore it from the sweep").get("sweep")
+    if not isinstance(definition, dict) or not isinstance(definition.get("base"), dict):
+        raise UserError(f"{out / PRESET_FILE} is not a sweep's: check a sweep folder")
     base = from_flat(definition["base"])
     rows = {r["run"]: SweepRow(**r) for r in read_jsonl(out / SWEEP_FILE)}
     check = out / CHECK_DIR
