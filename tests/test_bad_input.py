@@ -130,6 +130,10 @@ RUN_FLAG_CASES = [
     ("rho-min-above-rho-max", ["--rho-min", "0.5", "--rho-max", "0.1"],
      ["0 <= rho_min <= rho_max", "rho_min=0.5", "rho_max=0.1"]),
     ("lr-0", ["--lr", "0"], ["need lr > 0", "lr=0.0"]),
+    ("finetune-sharpness-unknown", ["--finetune-sharpness", "asma"],
+     ["finetune_sharpness must be sam, asam or none", "'asma'"]),
+    ("finetune-rho-negative", ["--finetune-rho", "-0.5"],
+     ["finetune_rho must be a number >= 0 or none", "-0.5"]),
     ("unknown-base-optimizer", ["--base-optimizer", "adamx"],
      ["unknown optimizer 'adamx'", "adamw", "sgd"]),
     ("batch-size-0", ["--batch-size", "0"], ["batch_size must be >= 1", "got 0"]),
@@ -357,6 +361,17 @@ def test_sweep_into_a_folder_of_other_files(isolated, capsys):
     cli_fails(capsys, ["sweep", "--preset", "small", "--out", str(out)],
               "not adasap sweep results", "choose an empty or new --out")  # fmt: skip
     assert snapshot(out) == before
+
+
+def test_sweep_check_of_a_folder_with_no_sweep(isolated, capsys):
+    out = isolated / "sweep"
+    out.mkdir()
+    (out / "sweep.jsonl").write_text(json.dumps(dict(
+        run="r", method="sgd", settings={}, val_accuracy=0.9, val_extra_accuracy=0.8,
+        val_cbar_accuracy=0.7, val_images=10, per_corruption={}, params=10, keep_achieved=0.5,
+        seconds=1.0)) + "\n")  # fmt: skip
+    cli_fails(capsys, ["sweep", "--preset", "small", "--out", str(out), "--report-only",
+                       "--check"], "holds no bench.json", "that `adasap sweep` wrote")  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -750,6 +765,8 @@ def test_select_neurons_below_the_floor(gray):
         (dict(amp=True), r"amp must be a string, got True"),
         (dict(amp="yes"), r"amp must be one of auto, bf16, fp16, off, got 'yes'"),
         (dict(method=None), r"method must be a string"),
+        (dict(finetune_sharpness="ssam"), r"finetune_sharpness must be sam, asam or none"),
+        (dict(finetune_rho=-1.0), r"finetune_rho must be a number >= 0 or none \(rho\), got -1"),
     ],
     ids=[
         "keep-0",
@@ -765,6 +782,8 @@ def test_select_neurons_below_the_floor(gray):
         "amp-bool",
         "amp-unknown",
         "method-none",
+        "finetune-sharpness-unknown",
+        "finetune-rho-negative",
     ],  # fmt: skip
 )
 def test_bad_prune_settings(overrides, message):

@@ -9,9 +9,16 @@ import adasap.experiments.run as experiment
 import adasap.experiments.sweep as sweep
 from adasap.errors import UserError
 from adasap.experiments.bench import run_bench
-from adasap.experiments.bench_report import differences, summarize, write_report
+from adasap.experiments.bench_report import (
+    differences,
+    paired_interval,
+    report_markdown,
+    resolved,
+    summarize,
+    write_report,
+)
 from adasap.experiments.config import SCHEMA, from_flat
-from adasap.experiments.presets import PRESETS, SWEEP_PRESETS, estimate_seconds
+from adasap.experiments.presets import PRESETS, VAL_FRACTION, estimate_seconds
 from adasap.experiments.results import (
     RESULTS_FILE,
     BenchRow,
@@ -21,6 +28,7 @@ from adasap.experiments.results import (
     read_jsonl,
 )
 from adasap.experiments.sweep import run_sweep, sweep_report
+from adasap.experiments.sweep_presets import SWEEP_PRESETS
 from adasap.method.importance import criteria
 from adasap.method.pruner import METHODS
 from adasap.robustness.corruptions import BENCHMARK_CORRUPTIONS, CBAR_CORRUPTIONS, EXTRA_CORRUPTIONS
@@ -64,7 +72,7 @@ def smoke_run(cache, tmp_path_factory):
 # --------------------------------------------------------------------------- presets
 
 
-@pytest.mark.parametrize("name", ["smoke", "small"])
+@pytest.mark.parametrize("name", ["smoke", "small", "medium"])
 def test_presets_validate(name):
     preset = PRESETS[name]
     for cell in preset.cells():
@@ -77,14 +85,25 @@ def test_preset_shapes():
         assert set(preset.base) <= set(SCHEMA)
         for method, criterion in preset.pairs:
             assert method in METHODS and criterion in criteria()
-            if criterion == "taylor":
-                assert method in ("sgd", "adasap")
     small = PRESETS["small"]
     assert small.keeps == (0.8, 0.5, 0.3) and len(small.seeds) == 2
     assert len(small.cells()) == 5 * 3 * 2
     assert estimate_seconds(small) <= 3 * 3600
     assert estimate_seconds(PRESETS["smoke"]) <= 90
     assert set(SWEEP_PRESETS["small"].base) <= set(SCHEMA)
+
+
+def test_medium_preset_has_the_power_the_issue_asks_for():
+    medium = PRESETS["medium"]
+    config = medium.config(medium.cells()[0])
+    assert round(config.train_limit * (1 - VAL_FRACTION)) >= 27000
+    assert config.corruption_limit >= 2000 and config.test_limit is None  # all 10000 test images
+    assert config.corruptions == "all"
+    assert set(medium.keeps) == {0.5, 0.3, 0.2} and len(medium.seeds) >= 4
+    every_pair = {(m, c) for m in ("sgd", "sam", "adasap") for c in ("magnitude", "taylor")}
+    assert set(medium.pairs) == every_pair
+    assert len(medium.cells()) == 6 * 3 * len(medium.seeds)
+    assert 10 * 3600 < estimate_seconds(medium) < 20 * 3600  # the planning figure in the docs
 
 
 def test_small_preset_uses_the_tuned_radii():
@@ -104,7 +123,7 @@ def test_identity_records_every_resolved_setting():
 
 
 def test_bad_presets_fail_before_any_work(tmp_path):
-    with pytest.raises(UserError, match="smoke, small, paper"):
+    with pytest.raises(UserError, match="smoke, small, medium, paper"):
         run_bench("huge", tmp_path / "out", console=quiet())
     # without ImageNet on disk the paper preset stops at validation
     with pytest.raises(UserError, match="data/imagenet"):
@@ -293,6 +312,41 @@ def test_mean_std_over_seeds():
     # per seed: +0.05 and +0.07 corrupted, +0.01 and -0.01 clean
     assert delta["corruption_accuracy"] == pytest.approx((0.06, 0.0141421356))
     assert delta["clean_accuracy"] == pytest.approx((0.0, 0.0141421356))
+    # two seeds: mean ± t(1; 0.975) = 12.7062047 x 0.0141421356 / sqrt(2) = ± 0.127062
+    assert delta["corruption_accuracy_interval"] == pytest.approx((0.06 - 0.127062, 0.187062))
+    assert delta["clean_accuracy_interval"] == pytest.approx((-0.127062, 0.127062))
+
+
+@pytest.mark.parametrize(
+    "deltas, interval",
+    [
+        # mean 2, sd 1, t(2; 0.975) = 4.30265273: 2 ± 4.30265273 / sqrt(3) = 2 ± 2.48413
+        ([1.0, 2.0, 3.0], (2 - 2.4841377, 2 + 2.4841377)),
+        # mean 2, sd sqrt(0.08 / 3) = 0.1632993, t(3; 0.975) = 3.18244631: 2 ± 0.2598457
+        ([2.0, 2.2, 1.8, 2.0], (2 - 0.2598457, 2 + 0.2598457)),
+        ([0.5, 0.5], (0.5, 0.5)),  # no spread: the interval is the mean
+        ([0.7], None),  # one seed: no interval
+    ],
+)
+def test_paired_t_interval_by_hand(deltas, interval):
+    found = paired_interval(deltas)
+    assert found == (None if interval is None else pytest.approx(interval, abs=1e-6))
+    assert resolved(found) == (interval is not None and (interval[0] > 0 or interval[1] < 0))
+
+
+def test_report_marks_the_resolved_differences():
+    rows = HAND_MADE + [
+        row("sgd", "magnitude", 0.5, 2, 0.86, 0.51),
+        row("adasap", "magnitude", 0.5, 2, 0.87, 0.57),
+    ]
+    (delta,) = differences(rows)
+    # corrupted +0.05, +0.07, +0.06: 0.06 ± 4.30265 x 0.01 / sqrt(3) = [0.0352, 0.0848]
+    assert delta["corruption_accuracy_interval"] == pytest.approx((0.0351586, 0.0848414))
+    # clean +0.01, -0.01, +0.01: 0.0033 ± 4.30265 x 0.011547 / sqrt(3) = [-0.0254, 0.0320]
+    line = [x for x in report_markdown(rows).splitlines() if x.startswith("| adasap |")][-1]
+    assert line.endswith(
+        "| 6.00 ± 1.00 | [3.52, 8.48] | **yes** | 0.33 ± 1.15 | [-2.54, 3.20] | no |"
+    )
 
 
 def test_report_from_hand_made_results(tmp_path):
@@ -301,7 +355,10 @@ def test_report_from_hand_made_results(tmp_path):
     assert read_bench_rows(tmp_path) == HAND_MADE
     text = (write_report(tmp_path) / "report.md").read_text()
     assert "| sgd | magnitude | 0.5 | 2 | 0.500 ± 0.000 | 86.00 ± 1.41 | 51.00 ± 1.41 |" in text
-    assert "| adasap | magnitude | 0.5 | 2 | 6.00 ± 1.41 | 0.00 ± 1.41 |" in text
+    assert (
+        "| adasap | magnitude | 0.5 | 2 | 6.00 ± 1.41 | [-6.71, 18.71] | no | 0.00 ± 1.41 | "
+        "[-12.71, 12.71] | no |" in text
+    )
     assert "| dense | - | 1 | 2 | 1.000M ± 0.000M |" in text
     assert (tmp_path / "report" / "per_corruption.png").is_file()
 

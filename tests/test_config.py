@@ -3,10 +3,11 @@ from dataclasses import dataclass, field, fields
 import pytest
 
 from adasap import settings
+from adasap.cli import build_parser, config_from_args
 from adasap.errors import UserError
 from adasap.experiments.config import SCHEMA, ExperimentConfig, dump_yaml, from_flat, load_yaml
 from adasap.training.loop import OptimizerSettings
-from adasap.training.settings import PruneSettings
+from adasap.training.settings import PruneSettings, pruner_settings
 
 
 def test_schema_covers_every_flat_key():
@@ -123,3 +124,16 @@ def test_bad_yaml_files(tmp_path):
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
     assert load_yaml(empty) == {}
+
+
+def test_phase3_settings_reach_the_pruner_from_yaml_and_flags(tmp_path):
+    path = tmp_path / "asam.yaml"
+    path.write_text("finetune_sharpness: asam\nfinetune_rho: 1\n")
+    config, _ = config_from_args(build_parser().parse_args(["run", str(path)]))
+    s = pruner_settings(config.validate().prune)
+    assert (s.finetune_sharpness, s.finetune_rho, s.asam, s.rho) == ("asam", 1.0, False, 0.05)
+    flags = ["run", str(path), "--finetune-sharpness", "none", "--finetune-rho", "0.2"]
+    config, _ = config_from_args(build_parser().parse_args(flags))
+    s = pruner_settings(config.validate().prune)
+    assert (s.finetune_sharpness, s.finetune_rho) == (None, 0.2)  # flags override the file
+    assert PruneSettings().optimizer.finetune_sharpness is None  # default: as phases 1-2

@@ -136,6 +136,14 @@ def test_state_dict_resumes_exactly_on_a_fresh_dense_model():
         assert torch.equal(a, b), name
 
 
+def test_the_sam_baseline_takes_taylor_scores():
+    pruner = make(PhaseSchedule(1, 2, 1, removals=2), method="sam", criterion="taylor", keep=0.6)
+    dense = params(pruner.model)
+    for i in range(4):
+        step(pruner, i)
+    assert type(pruner.optimizer) is SAM and 0.55 <= params(pruner.model) / dense <= 0.605
+
+
 def test_lr_scheduler_is_rebuilt_with_its_state_after_removals():
     total = 8
     pruner = make(
@@ -280,3 +288,98 @@ def test_a_model_that_cannot_be_copied_is_a_clear_error():
     pruner.model.lock = threading.Lock()  # size counting deep-copies the model
     with pytest.raises(UserError, match="cannot copy the model.*outside the pruned module"):
         step(pruner, 0)
+
+
+# ------------------------------------------------------------- phase 3's own sharpness (ASAM)
+
+PHASES = PhaseSchedule(2, 2, 3, removals=1)  # phase 3 starts at step 4
+ASAM3 = dict(finetune_sharpness="asam", finetune_rho=0.5)
+
+
+def weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.parametrize("method", ["adasap", "sam"])
+def test_phase3_settings_equal_to_phases_1_2_change_nothing(method):
+    default = make(PHASES, method=method)
+    explicit = make(PHASES, method=method, finetune_sharpness="sam", finetune_rho=0.05)
+    optimizers = []
+    for i in range(7):
+        step(default, i), step(explicit, i)
+        optimizers.append(explicit.optimizer)
+    assert_same(weights(default.model), weights(explicit.model))
+    if method == "sam":  # after the removal (step 2) nothing changes: no rebuild at phase 3
+        assert all(o is optimizers[2] for o in optimizers[2:])
+
+
+@pytest.mark.parametrize("method", ["adasap", "sam"])
+def test_phase3_asam_perturbs_by_its_own_radius_and_leaves_phases_1_2_alone(method):
+    plain, asam = make(PHASES, method=method), make(PHASES, method=method, **ASAM3)
+    for i in range(PHASES.finetune_start):
+        step(plain, i), step(asam, i)
+        assert not asam.finetuning and not asam.optimizer.param_groups[0]["adaptive"]
+    assert_same(weights(plain.model), weights(asam.model))  # phases 1-2 bit-identical
+
+    # the first phase-3 step: the gradient at w, taken on a copy, and the perturbed weights
+    # the second forward pass sees
+    model = asam.model
+    x, y = DATA[PHASES.finetune_start % len(DATA)]
+    twin = copy.deepcopy(model)
+    F.cross_entropy(twin(x), y).backward()
+    grads = {n: p.grad for n, p in twin.named_parameters()}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    seen = []
+
+    def closure():
+        seen.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        return F.cross_entropy(model(x), y)
+
+    asam.step(closure)
+    assert type(asam.optimizer) is SAM and asam.finetuning
+    assert {(g["rho"], g["adaptive"]) for g in asam.optimizer.param_groups} == {(0.5, True)}
+    eta = asam.optimizer.param_groups[0]["eta"]
+    t = {n: before[n].abs() + eta for n in before}
+    norm = torch.stack([(t[n] * grads[n]).norm() for n in before]).norm()
+    for n in before:
+        expected = 0.5 * t[n] ** 2 * grads[n] / norm  # e = rho T^2 g / ||T g||
+        torch.testing.assert_close(seen[1][n] - before[n], expected, rtol=1e-4, atol=1e-6)
+    assert not torch.equal(model.features[0].weight, plain.model.features[0].weight)
+
+
+@pytest.mark.parametrize("stop", [3, 4, 5])  # before, at and after the start of phase 3
+def test_phase3_asam_resumes_exactly(stop):
+    reference = make(PHASES, criterion="taylor", **ASAM3)
+    for i in range(7):
+        step(reference, i)
+    first = make(PHASES, criterion="taylor", **ASAM3)
+    for i in range(stop):
+        step(first, i)
+    saved = copy.deepcopy({"pruner": first.state_dict(), "model": first.model.state_dict()})
+    resumed = make(PHASES, criterion="taylor", **ASAM3)
+    resumed.load_state_dict(saved["pruner"])
+    resumed.model.load_state_dict(saved["model"])
+    for i in range(stop, 7):
+        step(resumed, i)
+    assert resumed.optimizer.param_groups[0]["adaptive"] and resumed.finetuning
+    assert_same(weights(resumed.model), weights(reference.model))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(finetune_sharpness="ASAM"), "finetune_sharpness must be sam, asam or none"),
+        (dict(finetune_rho=-0.1), "finetune_rho must be a number >= 0"),
+        (dict(finetune_rho="0.5"), "finetune_rho must be a number >= 0"),
+    ],
+)
+def test_bad_phase3_settings_are_one_line_user_errors(overrides, message):
+    with pytest.raises(UserError, match=message) as caught:
+        make(PHASES, **overrides)
+    assert "\n" not in str(caught.value)

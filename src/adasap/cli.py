@@ -26,9 +26,11 @@ from adasap.experiments.bench_report import write_report
 from adasap.experiments.commands import evaluate_path, train_dense_model
 from adasap.experiments.config import SCHEMA, ExperimentConfig, from_flat, load_yaml
 from adasap.experiments.grid import Parallel
-from adasap.experiments.presets import PRESETS, SWEEP_PRESETS
+from adasap.experiments.presets import PRESETS
 from adasap.experiments.run import run_experiment
 from adasap.experiments.sweep import run_sweep, sweep_report
+from adasap.experiments.sweep_check import check_sweep
+from adasap.experiments.sweep_presets import SWEEP_PRESETS
 from adasap.io import atomic_write_json, read_json_mapping
 from adasap.method.importance import criteria
 from adasap.method.pruner import METHODS
@@ -61,6 +63,9 @@ RUN_OPTIONS: tuple[tuple[str, str, str], ...] = (
                                            "class by name (sgd, adamw ...)"),
     ("--lr", "lr", "peak learning rate of the pruning phases"),
     ("--rho", "rho", "uniform SAM radius (phase 3 and the sam method)"),
+    ("--finetune-sharpness", "finetune_sharpness", "phase 3 (fine-tuning) of adasap, sam and "
+                                                   "sgd-sam: sam, asam, or none (as --asam)"),
+    ("--finetune-rho", "finetune_rho", "phase 3's radius ('none': --rho); ASAM's is ~10x SAM's"),
     ("--rho-min", "rho_min", "AdaSAP radius of the most important neurons"),
     ("--rho-max", "rho_max", "AdaSAP radius of the least important neurons"),
     ("--normalization", "normalization", "AdaSAP perturbation normalisation: global or neuron"),
@@ -85,7 +90,7 @@ RUN_OPTIONS: tuple[tuple[str, str, str], ...] = (
     ("--cache-dir", "cache_dir", "dense models and corrupted test sets (default ~/.cache/adasap)"),
 )  # fmt: skip
 RUN_SWITCHES: tuple[tuple[str, str, bool, str], ...] = (
-    ("--asam", "asam", True, "scale-invariant (ASAM) perturbations"),
+    ("--asam", "asam", True, "scale-invariant (ASAM) perturbations (phase 3: see --finetune-*)"),
     ("--sync-ascent", "sync_ascent", True, "torchrun: average the ascent gradient over the ranks"),
     ("--compile", "compile", True, "torch.compile the model (compiled again after removals)"),
     ("--overwrite", "overwrite", True, "replace an existing run directory of the same name"),
@@ -209,6 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
             help="run the cells as tasks on a Ray cluster: auto, ray://HOST:PORT, or local "
             "(needs adasap[ray]; --out and the cache on storage every machine shares)",
         )  # fmt: skip
+        if name == "sweep":
+            command.add_argument(
+                "--check", action="store_true",
+                help="after the sweep has chosen: evaluate its runs on the test set under the "
+                "15 benchmark corruptions and write the rank correlation with the validation "
+                "score (<out>/check/check.md; never used for the choice)",
+            )  # fmt: skip
     return parser
 
 
@@ -374,6 +386,8 @@ def _bench_or_sweep(args: argparse.Namespace) -> int:
                 preset = SWEEP_PRESETS[args.preset]
                 run_sweep(preset.base, preset.grid, out, console=console, parallel=parallel)
             console.print(f"sweep results: {sweep_report(out)}")
+            if args.check:
+                console.print(f"after-the-fact check: {check_sweep(out, console)}")
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -7,10 +7,13 @@ counts as not measured.
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from scipy import stats
 
 from adasap.deploy.ratio import NOISY_WIDTH
 from adasap.errors import UserError
@@ -49,6 +52,7 @@ DELTA_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("clean_accuracy", "clean acc delta (pts)", "pct"),
 )
 BASELINE = "sgd"
+CONFIDENCE = 0.95
 
 GroupKey = tuple[str, str | None, float]
 
@@ -106,8 +110,28 @@ def summarize(rows: Sequence[BenchRow]) -> list[dict[str, Any]]:
     ]
 
 
+def paired_interval(
+    deltas: Sequence[float], confidence: float = CONFIDENCE
+) -> tuple[float, float] | None:
+    """The t-interval of the mean of paired per-seed differences: mean ± t(n-1) sd / sqrt(n);
+    None with fewer than 2 pairs."""
+    n = len(deltas)
+    if n < 2:
+        return None
+    mean, sd = statistics.fmean(deltas), statistics.stdev(deltas)
+    half = float(stats.t.ppf((1 + confidence) / 2, n - 1)) * sd / math.sqrt(n)
+    return mean - half, mean + half
+
+
+def resolved(interval: Sequence[float] | None) -> bool:
+    """Whether a difference's interval excludes 0."""
+    return interval is not None and (interval[0] > 0 or interval[1] < 0)
+
+
 def differences(rows: Sequence[BenchRow]) -> list[dict[str, Any]]:
-    """Per-seed differences from ``sgd`` at the same criterion and keep, as (mean, std)."""
+    """Per-seed differences from ``sgd`` at the same criterion and keep: ``(mean, std)`` of each
+    delta, and its 95% t-interval over the paired seeds as ``<key>_interval`` (None with one
+    seed)."""
     by_cell = {(*_key(r), r.seed): r for r in rows}
     out = []
     for (method, criterion, keep), group in _ordered_groups(rows).items():
@@ -117,17 +141,18 @@ def differences(rows: Sequence[BenchRow]) -> list[dict[str, Any]]:
         pairs = [(r, b) for r, b in pairs if b is not None]
         if not pairs:
             continue
-        deltas = {
-            key: mean_std(
+        entry: dict[str, Any] = {
+            "method": method, "criterion": criterion, "keep": keep, "seeds": len(pairs)
+        }  # fmt: skip
+        for key, _, _ in DELTA_COLUMNS:
+            deltas = [
                 getattr(r, key) - getattr(b, key)
                 for r, b in pairs
                 if None not in (getattr(r, key), getattr(b, key))
-            )
-            for key, _, _ in DELTA_COLUMNS
-        }
-        out.append(
-            {"method": method, "criterion": criterion, "keep": keep, "seeds": len(pairs), **deltas}
-        )
+            ]
+            entry[key] = mean_std(deltas)
+            entry[f"{key}_interval"] = paired_interval(deltas)
+        out.append(entry)
     return out
 
 
@@ -191,6 +216,25 @@ def _table(entries: list[dict[str, Any]], columns: tuple[tuple[str, str, str], .
     return lines
 
 
+def _differences_table(entries: list[dict[str, Any]]) -> list[str]:
+    header = ["method", "criterion", "keep", "seeds"]
+    for _, title, _ in DELTA_COLUMNS:
+        header += [title, f"{CONFIDENCE:.0%} interval", "resolved"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for e in entries:
+        cells = [e["method"], e["criterion"] or "-", f"{e['keep']:g}", str(e["seeds"])]
+        for key, _, kind in DELTA_COLUMNS:
+            interval = e[f"{key}_interval"]
+            cells.append(_cell(kind, e[key]))
+            if interval is None:
+                cells += ["-", "-"]
+            else:
+                low, high = (format_number(kind, v) for v in interval)
+                cells += [f"[{low}, {high}]", "**yes**" if resolved(interval) else "no"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def report_markdown(rows: Sequence[BenchRow], failures: Sequence[Mapping] = ()) -> str:
     """The benchmark report: accuracy, cost and sharpness, and differences from sgd."""
     summary = summarize(rows)
@@ -226,9 +270,12 @@ def report_markdown(rows: Sequence[BenchRow], failures: Sequence[Mapping] = ()) 
         "",
         f"## Differences vs {BASELINE} with the same criterion and keep",
         "",
-        f"Per seed: method minus {BASELINE}; then mean ± std over the seeds.",
+        f"Per seed: method minus {BASELINE}; then mean ± std over the seeds, and the "
+        f"{CONFIDENCE:.0%} t-interval of the mean over the paired seeds (mean ± t(n-1) std / "
+        "sqrt(n)). **yes**: the interval excludes 0, so the difference is resolved at this "
+        "confidence; no interval with one seed.",
         "",
-        *_table(differences(rows), DELTA_COLUMNS),
+        *_differences_table(differences(rows)),
         "",
     ]
     if sources:

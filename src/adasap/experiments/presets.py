@@ -1,15 +1,15 @@
-"""Benchmark and sweep presets: a base flat config (the keys of
+"""Benchmark presets: a base flat config (the keys of
 :data:`adasap.experiments.config.SCHEMA`) and a grid, as data.
 
-:data:`PRESETS` are the benchmark grids (:func:`adasap.experiments.bench.run_bench`),
-:data:`SWEEP_PRESETS` the tuning sweeps (:func:`adasap.experiments.sweep.run_sweep`);
-:func:`estimate_seconds` plans a benchmark's wall time.
+:data:`PRESETS` are the benchmark grids (:func:`adasap.experiments.bench.run_bench`);
+:func:`estimate_seconds` plans a benchmark's wall time. The tuning sweeps are in
+:mod:`adasap.experiments.sweep_presets`.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -165,6 +165,22 @@ PRESETS: dict[str, BenchPreset] = {
         sharpness_batches=4,
         sharpness_batch_size=64,
     ),
+    "medium": BenchPreset(
+        name="medium",
+        description="Enough seeds and images to resolve a 1-2 point difference (planned, not "
+        "run yet: 9-15 hours on 2 CPU cores, docs/benchmark.md): Fashion-MNIST (27000 training "
+        "images, 3000 for validation, all 10000 test images for clean accuracy and the first "
+        "2000 for the 19 corruptions x 5 severities), ResNet-20, the small preset's schedule; keep "
+        "50/30/20% of the parameters; sgd, sam and adasap with magnitude and with Taylor "
+        "scores, so every comparison is at one criterion; 4 seeds, reported as paired "
+        "differences from sgd with 95% intervals.",
+        base={**SMALL_BASE, "train_limit": 30000, "test_limit": None, "corruption_limit": 2000},
+        pairs=tuple((m, c) for c in ("magnitude", "taylor") for m in ("sgd", "sam", "adasap")),
+        keeps=(0.5, 0.3, 0.2),
+        seeds=(0, 1, 2, 3),
+        sharpness_batches=4,
+        sharpness_batch_size=64,
+    ),
     "paper": BenchPreset(
         name="paper",
         description="The paper's ImageNet setting as far as it is known, for a GPU machine "
@@ -238,12 +254,10 @@ def estimate_seconds(
     ``train_images`` defaults to the training part of ``train_limit``.
     """
     config = preset.config(preset.cells()[0])
-    limit = config.train_limit
     if train_images is None:
-        if limit is None:
+        if config.train_limit is None:
             raise UserError(f"preset {preset.name} has no train_limit: pass train_images")
-        train_images = round(limit * (1 - VAL_FRACTION))
-    val_images = train_images * VAL_FRACTION / (1 - VAL_FRACTION)
+        train_images = training_images(config)
     per_corruption = {"all": len(CORRUPTIONS), "quick": 2, "none": 0}[config.corruptions]
     eval_images = (config.test_limit or 10000) + (
         (config.corruption_limit or config.test_limit or 10000) * per_corruption * 5
@@ -251,71 +265,44 @@ def estimate_seconds(
     probe = preset.sharpness_batches * preset.sharpness_batch_size
     sharpness = probe * (3 + HVP_COST * preset.hessian_iterations) / sgd_rate
     per_model = eval_images / eval_rate + sharpness
-    s = config.prune
-    phases = (s.warmup_epochs + s.prune_epochs, s.finetune_epochs)
+    rates = (sgd_rate, sam_rate, eval_rate)
     total = 0.0
     for seed in preset.seeds:
-        total += config.dense_epochs * (train_images / sgd_rate + val_images / eval_rate)
-        total += per_model
+        total += dense_seconds(config, train_images, *rates) + per_model
         for cell in (c for c in preset.cells() if c.seed == seed):
-            for kind, epochs in zip(METHODS[cell.method], phases, strict=True):
-                rate = sgd_rate if kind == "sgd" else sam_rate
-                total += epochs * (train_images / rate + val_images / eval_rate)
-            total += per_model
+            total += pruning_seconds(config, cell.method, train_images, *rates) + per_model
     return total
 
 
-@dataclass(frozen=True)
-class SweepPreset:
-    """A tuning sweep: a base flat config and grids whose cartesian products are run."""
-
-    name: str
-    description: str
-    base: Mapping[str, Any]
-    grid: tuple[Mapping[str, Sequence[Any]], ...]
+def training_images(config: ExperimentConfig) -> int:
+    """The training part of the config's ``train_limit`` (the rest is validation)."""
+    if config.train_limit is None:
+        raise UserError("the config has no train_limit: pass the number of training images")
+    return round(config.train_limit * (1 - VAL_FRACTION))
 
 
-SWEEP_PRESETS: dict[str, SweepPreset] = {
-    "small": SweepPreset(
-        name="small",
-        description="Defaults for small images (about 50 minutes on 2 CPU cores): the small "
-        "benchmark's setting at keep 50% with magnitude scores and seed 0; AdaSAP's radii "
-        "rho_max x rho_min (8 runs), then the uniform radius rho of SAM, which is also "
-        "AdaSAP's phase 3 (3 runs). Scored on the 1000 validation images under the held-out "
-        "cbar corruptions and the 4 extras, ranked by their mean (the time was measured when "
-        "only the 4 extras were scored).",
-        base={**SMALL_BASE, "keep": 0.5, "criterion": "magnitude", "seed": 0},
-        grid=(
-            {"methods": [["adasap"]], "rho_max": [0.1, 0.2, 0.5, 1.0], "rho_min": [0.01, 0.05]},
-            {"methods": [["sam"]], "rho": [0.02, 0.05, 0.1]},
-        ),
-    ),
-    "small-schedule": SweepPreset(
-        name="small-schedule",
-        description="AdaSAP's other choices at the radii the `small` sweep chose (about 40 "
-        "minutes on 2 CPU cores): the defaults and sgd for reference; per-neuron instead of "
-        "global perturbation normalisation; per-layer radii; max or no score normalisation; "
-        "radii refreshed every step or every 50; the 10 epochs split 1/2/7 or 4/3/3 instead "
-        "of 2/3/5. Same base and scoring as `small`.",
-        base={**SMALL_BASE, "keep": 0.5, "criterion": "magnitude", "seed": 0},
-        grid=(
-            {"methods": [["adasap", "sgd"]]},
-            {"methods": [["adasap"]], "normalization": ["neuron"]},
-            {"methods": [["adasap"]], "per_layer_radii": [True]},
-            {"methods": [["adasap"]], "score_normalization": ["max", "none"]},
-            {"methods": [["adasap"]], "score_refresh": [1, 50]},
-            {
-                "methods": [["adasap"]],
-                "warmup_epochs": [1.0],
-                "prune_epochs": [2.0],
-                "finetune_epochs": [7.0],
-            },
-            {
-                "methods": [["adasap"]],
-                "warmup_epochs": [4.0],
-                "prune_epochs": [3.0],
-                "finetune_epochs": [3.0],
-            },
-        ),
-    ),
-}
+def dense_seconds(
+    config: ExperimentConfig, train_images: int, sgd_rate: float, sam_rate: float, eval_rate: float
+) -> float:
+    """Planned dense training: every epoch at ``sgd_rate``, then validation."""
+    val_images = train_images * VAL_FRACTION / (1 - VAL_FRACTION)
+    return config.dense_epochs * (train_images / sgd_rate + val_images / eval_rate)
+
+
+def pruning_seconds(
+    config: ExperimentConfig,
+    method: str,
+    train_images: int,
+    sgd_rate: float,
+    sam_rate: float,
+    eval_rate: float,
+) -> float:
+    """Planned pruning with ``method``: phases 1-2 and phase 3 each at their optimizer's rate
+    (a sharpness-aware one at ``sam_rate``), with validation every epoch."""
+    s = config.prune
+    val_images = train_images * VAL_FRACTION / (1 - VAL_FRACTION)
+    phases = (s.warmup_epochs + s.prune_epochs, s.finetune_epochs)
+    return sum(
+        epochs * (train_images / (sgd_rate if kind == "sgd" else sam_rate) + val_images / eval_rate)
+        for kind, epochs in zip(METHODS[method], phases, strict=True)
+    )

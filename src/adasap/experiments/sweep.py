@@ -1,14 +1,15 @@
-"""The tuning sweep that picks defaults (:data:`adasap.experiments.presets.SWEEP_PRESETS`).
+"""The tuning sweep that picks defaults (:data:`adasap.experiments.sweep_presets.SWEEP_PRESETS`).
 
 It scores each setting on the validation split carved from the training data, corrupted with
 the held-out ImageNet-C-bar / CIFAR-10-C-bar family (``cbar``) and the 4 extra corruptions, never
 on the test set or the 15 benchmark corruptions. Settings are ranked by the mean of the two
-family means (:attr:`SweepRow.score`).
+family means (:attr:`SweepRow.score`); the ranking and the choice go to ``choice.json``. Each
+run's pruned model is kept, so :mod:`adasap.experiments.sweep_check` can evaluate the runs on
+the test set afterwards; nothing here reads what it writes.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -17,10 +18,12 @@ from typing import Any
 
 from rich.console import Console
 
+from adasap.deploy.serialization import save_model
 from adasap.devices import resolve_device
 from adasap.errors import UserError
 from adasap.experiments.bench_report import format_number
 from adasap.experiments.config import ExperimentConfig, from_flat
+from adasap.experiments.dense import dense_model, load_data, model_architecture
 from adasap.experiments.grid import Parallel, run_cells
 from adasap.experiments.results import (
     ROW_FILE,
@@ -30,7 +33,7 @@ from adasap.experiments.results import (
     report_failure,
     unfinished_failures,
 )
-from adasap.experiments.run import dense_model, load_data
+from adasap.experiments.sweep_presets import sweep_settings
 from adasap.io import atomic_write_json, atomic_write_text, cache_root
 from adasap.robustness.corruptions import CBAR_CORRUPTIONS, EXTRA_CORRUPTIONS
 from adasap.robustness.evaluation import evaluate_corruptions
@@ -38,6 +41,7 @@ from adasap.training.checkpoint import CHECKPOINT_FILE, RunInterrupted
 from adasap.training.pipeline import prune
 
 SWEEP_FILE = "sweep.jsonl"
+CHOICE_FILE = "choice.json"
 
 
 @dataclass
@@ -67,20 +71,6 @@ class SweepRow:
 def tuning_corruptions() -> tuple[str, ...]:
     """The corruptions a sweep scores on: the held-out cbar family, then the 4 extras."""
     return (*CBAR_CORRUPTIONS, *EXTRA_CORRUPTIONS)
-
-
-def sweep_settings(
-    grid: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Sequence[Any]]],
-) -> list[dict[str, Any]]:
-    """Every combination of one grid, or of each grid in a list, in order."""
-    grids = [grid] if isinstance(grid, Mapping) else list(grid)
-    combos = []
-    for g in grids:
-        keys = list(g)
-        combos += [
-            dict(zip(keys, values, strict=True)) for values in itertools.product(*g.values())
-        ]
-    return combos
 
 
 def _sweep_id(method: str, settings: Mapping[str, Any]) -> str:
@@ -121,6 +111,8 @@ def sweep_cell(
         progress=config.progress,
     )
     report.save(run_dir)
+    model = result.model.cpu()
+    save_model(run_dir, model, model_architecture(config, data), result.pruning_history)
     kind = config.prune.keep_kind
     row = SweepRow(
         run=run_id,
@@ -219,13 +211,27 @@ def _describe(row: SweepRow) -> str:
     return f"validation score {row.score:.2%}, clean {row.val_accuracy:.2%}"
 
 
-def sweep_report(out_dir: str | Path) -> Path:
-    """``<out>/sweep.md``: the sweep's runs, best validation score (cbar and extras) first."""
+def ranked_rows(out_dir: str | Path) -> list[SweepRow]:
+    """The sweep's finished runs, best first: by validation score, then clean validation
+    accuracy. Validation numbers only: nothing else is read."""
     out = Path(out_dir)
     rows = [SweepRow(**record) for record in read_jsonl(out / SWEEP_FILE)]
     if not rows:
         raise UserError(f"{out / SWEEP_FILE} holds no results: run the sweep first")
-    rows.sort(key=lambda r: (-r.score, -r.val_accuracy))
+    return sorted(rows, key=lambda r: (-r.score, -r.val_accuracy))
+
+
+def sweep_report(out_dir: str | Path) -> Path:
+    """``<out>/sweep.md``, the sweep's runs best validation score (cbar and extras) first, and
+    ``<out>/choice.json``: that ranking and the chosen (first) run."""
+    out = Path(out_dir)
+    rows = ranked_rows(out)
+    best = rows[0]
+    atomic_write_json(
+        out / CHOICE_FILE,
+        {"chosen": best.run, "method": best.method, "settings": best.settings,
+         "score": best.score, "ranking": [r.run for r in rows]},
+    )  # fmt: skip
     keys = list(dict.fromkeys(k for r in rows for k in r.settings))
     header = ["rank", "method", *keys, "val score (%)", "val cbar acc (%)",
               "val extra corruption acc (%)", "val clean acc (%)", "size kept",

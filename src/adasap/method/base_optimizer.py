@@ -43,6 +43,30 @@ def base_optimizer_class(name: str) -> type[torch.optim.Optimizer]:
     return classes[name.lower()]
 
 
+def check_finetune_settings(settings: Any) -> None:
+    """Raise :class:`UserError` for a bad ``finetune_sharpness`` or ``finetune_rho``."""
+    kind, rho = settings.finetune_sharpness, settings.finetune_rho
+    if kind not in (None, "sam", "asam"):
+        raise UserError(f"finetune_sharpness must be sam, asam or none, got {kind!r}: e.g. asam")
+    if rho is not None and (isinstance(rho, bool) or not isinstance(rho, int | float) or rho < 0):
+        raise UserError(f"finetune_rho must be a number >= 0 or none (rho), got {rho!r}: e.g. 0.5")
+
+
+def phase_sharpness(settings: Any, finetuning: bool) -> tuple[float, bool]:
+    """The uniform radius and whether the perturbation is ASAM's, in phases 1-2 or in phase 3
+    (``finetune_rho`` and ``finetune_sharpness`` where set)."""
+    s = settings
+    if not finetuning:
+        return s.rho, s.asam
+    asam = s.asam if s.finetune_sharpness is None else s.finetune_sharpness == "asam"
+    return (s.rho if s.finetune_rho is None else s.finetune_rho), asam
+
+
+def finetune_differs(settings: Any) -> bool:
+    """Whether phase 3's sharpness-aware optimizer differs from phases 1-2's."""
+    return phase_sharpness(settings, True) != phase_sharpness(settings, False)
+
+
 def base_of(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """The optimizer that makes the update (schedulers watch its ``step``)."""
     return optimizer.base_optimizer if isinstance(optimizer, SAM) else optimizer
@@ -102,11 +126,14 @@ class BaseOptimizer:
             ),
         )
 
-    def build(self, kind: OptimizerKind, model: nn.Module, sharpness: Any) -> torch.optim.Optimizer:
+    def build(
+        self, kind: OptimizerKind, model: nn.Module, sharpness: Any, finetuning: bool = False
+    ) -> torch.optim.Optimizer:
         """The optimizer of ``kind`` for the model's current parameters.
 
-        ``sharpness`` holds rho, rho_min, rho_max, normalization, asam and max_grad_norm
-        (a :class:`~adasap.method.pruner.PrunerSettings`).
+        ``sharpness`` holds rho, rho_min, rho_max, normalization, asam, max_grad_norm and the
+        finetune_* settings (a :class:`~adasap.method.pruner.PrunerSettings`); ``finetuning``
+        builds phase 3's (:func:`phase_sharpness`).
         """
         names = dict(model.named_parameters())
         groups = [
@@ -116,7 +143,8 @@ class BaseOptimizer:
         if kind == "sgd":
             return self.cls(groups, **self.kwargs)
         s = sharpness
-        common = dict(adaptive=s.asam, max_grad_norm=s.max_grad_norm, **self.kwargs)
+        rho, asam = phase_sharpness(s, finetuning)
+        common = dict(adaptive=asam, max_grad_norm=s.max_grad_norm, **self.kwargs)
         if kind == "sam":
-            return SAM(groups, self.cls, rho=s.rho, **common)
+            return SAM(groups, self.cls, rho=rho, **common)
         return AdaSAP(groups, self.cls, s.rho_min, s.rho_max, s.normalization, **common)

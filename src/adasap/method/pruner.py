@@ -24,7 +24,13 @@ from torch import Tensor, nn
 
 from adasap.checks import find_classifier
 from adasap.errors import UserError
-from adasap.method.base_optimizer import BaseOptimizer, OptimizerKind, base_of
+from adasap.method.base_optimizer import (
+    BaseOptimizer,
+    OptimizerKind,
+    base_of,
+    check_finetune_settings,
+    finetune_differs,
+)
 from adasap.method.cheap_sam import (
     StepPlan,
     check_cheap_settings,
@@ -78,6 +84,10 @@ class PrunerSettings:
     rho_max: float = 0.1
     normalization: Literal["global", "neuron"] = "global"
     asam: bool = False
+    # Phase 3 of a method whose phase 3 is sharpness-aware (adasap, sam, sgd-sam): SAM or
+    # ASAM and its radius (ASAM's is ~10x SAM's); None: as phases 1-2 (asam, rho).
+    finetune_sharpness: Literal["sam", "asam"] | None = None
+    finetune_rho: float | None = None
     max_grad_norm: float | None = None
     score_refresh: int = 10
     score_normalization: Literal["mean", "max", "none"] = "mean"
@@ -97,6 +107,7 @@ class PrunerSettings:
 
     def __post_init__(self) -> None:
         check_cheap_settings(self)
+        check_finetune_settings(self)
 
 
 def loss_total(loss: Loss) -> Tensor:
@@ -185,6 +196,7 @@ class Pruner:
         if schedule.removal_count:
             self.target.check(self.layout, s.min_channels, s.round_to)
         self._base = BaseOptimizer.of(model, optimizer, optimizer_kwargs)
+        self.finetuning = False  # whether the optimizer is phase 3's (finetune_* settings)
         self.optimizer = self._build_optimizer(self.kind)
         self.lr_scheduler = lr_scheduler(base_of(self.optimizer)) if lr_scheduler else None
         self.steps_done = 0
@@ -208,7 +220,7 @@ class Pruner:
             self.importance.reset(self.layout)
 
     def _build_optimizer(self, kind: OptimizerKind) -> torch.optim.Optimizer:
-        return self._base.build(kind, self.model, self.settings)
+        return self._base.build(kind, self.model, self.settings, finetuning=self.finetuning)
 
     def _replace_optimizer(
         self,
@@ -307,8 +319,10 @@ class Pruner:
         return chosen
 
     def _before_step(self, step: int, closure: Callable[[], Loss]) -> None:
-        if step == self.schedule.finetune_start and self.kind != self.kinds[1]:
-            self._replace_optimizer(self.kinds[1])
+        if step == self.schedule.finetune_start and not self.finetuning:
+            self.finetuning, kind = True, self.kinds[1]
+            if kind != self.kind or (kind != "sgd" and finetune_differs(self.settings)):
+                self._replace_optimizer(kind)
         removal = self.schedule.removal_steps().get(step)
         if removal is not None:
             self.remove(removal / self.schedule.removal_count, closure)
@@ -361,6 +375,7 @@ class Pruner:
         return {
             "steps_done": self.steps_done,
             "kind": self.kind,
+            "finetuning": self.finetuning,
             "pruning_history": list(self.pruning_history),
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler else None,
@@ -391,6 +406,7 @@ class Pruner:
         self.target.load_state_dict(state["target"])
         self.target.removed(self.layout, self.size)
         self.kind = state["kind"]
+        self.finetuning = state.get("finetuning", False)  # absent: saved before finetune_*
         self.optimizer = self._build_optimizer(self.kind)
         if self.make_scheduler is not None:
             self.lr_scheduler = self.make_scheduler(base_of(self.optimizer))

@@ -41,6 +41,8 @@ class OptimizerSettings:
     rho_max: float = _METHOD.rho_max
     normalization: Literal["global", "neuron"] = _METHOD.normalization
     asam: bool = _METHOD.asam
+    finetune_sharpness: Literal["sam", "asam"] | None = _METHOD.finetune_sharpness
+    finetune_rho: float | None = _METHOD.finetune_rho
     max_grad_norm: float | None = _METHOD.max_grad_norm
     sam_probability: float = _METHOD.sam_probability
     sam_probability_end: float | None = _METHOD.sam_probability_end

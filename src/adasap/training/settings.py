@@ -126,6 +126,8 @@ def pruner_settings(settings: PruneSettings) -> PrunerSettings:
         rho_max=o.rho_max,
         normalization=o.normalization,
         asam=o.asam,
+        finetune_sharpness=o.finetune_sharpness,
+        finetune_rho=o.finetune_rho,
         max_grad_norm=o.max_grad_norm,
         score_refresh=s.score_refresh,
         score_normalization=s.score_normalization,

@@ -1,0 +1,185 @@
+"""Tuning-sweep presets (:func:`adasap.experiments.sweep.run_sweep`): a base flat config and
+grids whose cartesian products are run, as data; :func:`estimate_sweep_seconds` plans one.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from adasap.experiments.config import from_flat
+from adasap.experiments.presets import (
+    EVAL_RATE,
+    SAM_RATE,
+    SGD_RATE,
+    SMALL_BASE,
+    dense_seconds,
+    pruning_seconds,
+    training_images,
+)
+from adasap.robustness.corruptions import CBAR_CORRUPTIONS, EXTRA_CORRUPTIONS
+
+
+def sweep_settings(
+    grid: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Sequence[Any]]],
+) -> list[dict[str, Any]]:
+    """Every combination of one grid, or of each grid in a list, in order."""
+    grids = [grid] if isinstance(grid, Mapping) else list(grid)
+    combos = []
+    for g in grids:
+        keys = list(g)
+        combos += [
+            dict(zip(keys, values, strict=True)) for values in itertools.product(*g.values())
+        ]
+    return combos
+
+
+@dataclass(frozen=True)
+class SweepPreset:
+    """A tuning sweep: a base flat config and grids whose cartesian products are run."""
+
+    name: str
+    description: str
+    base: Mapping[str, Any]
+    grid: tuple[Mapping[str, Sequence[Any]], ...]
+
+
+KEEP_HALF = {**SMALL_BASE, "keep": 0.5, "criterion": "magnitude", "seed": 0}
+CRITERIA = ["magnitude", "taylor"]
+
+SWEEP_PRESETS: dict[str, SweepPreset] = {
+    "small": SweepPreset(
+        name="small",
+        description="Defaults for small images (about 50 minutes on 2 CPU cores): the small "
+        "benchmark's setting at keep 50% with magnitude scores and seed 0; AdaSAP's radii "
+        "rho_max x rho_min (8 runs), then the uniform radius rho of SAM, which is also "
+        "AdaSAP's phase 3 (3 runs). Scored on the 1000 validation images under the held-out "
+        "cbar corruptions and the 4 extras, ranked by their mean (the time was measured when "
+        "only the 4 extras were scored).",
+        base=KEEP_HALF,
+        grid=(
+            {"methods": [["adasap"]], "rho_max": [0.1, 0.2, 0.5, 1.0], "rho_min": [0.01, 0.05]},
+            {"methods": [["sam"]], "rho": [0.02, 0.05, 0.1]},
+        ),
+    ),
+    "small-schedule": SweepPreset(
+        name="small-schedule",
+        description="AdaSAP's other choices at the radii the `small` sweep chose (about 40 "
+        "minutes on 2 CPU cores): the defaults and sgd for reference; per-neuron instead of "
+        "global perturbation normalisation; per-layer radii; max or no score normalisation; "
+        "radii refreshed every step or every 50; the 10 epochs split 1/2/7 or 4/3/3 instead "
+        "of 2/3/5. Same base and scoring as `small`.",
+        base=KEEP_HALF,
+        grid=(
+            {"methods": [["adasap", "sgd"]]},
+            {"methods": [["adasap"]], "normalization": ["neuron"]},
+            {"methods": [["adasap"]], "per_layer_radii": [True]},
+            {"methods": [["adasap"]], "score_normalization": ["max", "none"]},
+            {"methods": [["adasap"]], "score_refresh": [1, 50]},
+            {
+                "methods": [["adasap"]],
+                "warmup_epochs": [1.0],
+                "prune_epochs": [2.0],
+                "finetune_epochs": [7.0],
+            },
+            {
+                "methods": [["adasap"]],
+                "warmup_epochs": [4.0],
+                "prune_epochs": [3.0],
+                "finetune_epochs": [3.0],
+            },
+        ),
+    ),
+    "radii": SweepPreset(
+        name="radii",
+        description="AdaSAP's radii tuned separately for magnitude and for Taylor scores, with "
+        "the sgd and sam baselines at both criteria (planned, docs/tuning.md): the `small` "
+        "sweep's base; rho_max in 0.05..0.5 x rho_min 0.01/0.05 per criterion (rho_min = "
+        "rho_max = 0.05 is uniform SAM in phases 1-2), sgd, and SAM's rho 0.02/0.05/0.1.",
+        base=KEEP_HALF,
+        grid=(
+            {
+                "methods": [["adasap"]],
+                "criterion": CRITERIA,
+                "rho_max": [0.05, 0.1, 0.2, 0.5],
+                "rho_min": [0.01, 0.05],
+            },
+            {"methods": [["sgd"]], "criterion": CRITERIA},
+            {"methods": [["sam"]], "criterion": CRITERIA, "rho": [0.02, 0.05, 0.1]},
+        ),  # fmt: skip
+    ),
+    "finetune": SweepPreset(
+        name="finetune",
+        description="Phase 3 (fine-tuning) with ASAM at its own radius beside SAM, for adasap "
+        "and the sam baseline alike, at both criteria (planned, docs/tuning.md): the `small` "
+        "sweep's base; ASAM finetune_rho 0.2/0.5/1/2 (ASAM's radius is ~10x SAM's), SAM "
+        "finetune_rho 0.02/0.05/0.1; sgd at both criteria for reference.",
+        base=KEEP_HALF,
+        grid=(
+            {
+                "methods": [["adasap", "sam"]],
+                "criterion": CRITERIA,
+                "finetune_sharpness": ["asam"],
+                "finetune_rho": [0.2, 0.5, 1.0, 2.0],
+            },
+            {
+                "methods": [["adasap", "sam"]],
+                "criterion": CRITERIA,
+                "finetune_sharpness": ["sam"],
+                "finetune_rho": [0.02, 0.05, 0.1],
+            },
+            {"methods": [["sgd"]], "criterion": CRITERIA},
+        ),  # fmt: skip
+    ),
+    "long": SweepPreset(
+        name="long",
+        description="3x the fine-tuning (15 epochs instead of 5) against the current 5, for "
+        "sgd, sam and adasap at both criteria, and with phase-3 ASAM at radius 0.5 (planned, "
+        "docs/tuning.md); the `small` sweep's base otherwise.",
+        base=KEEP_HALF,
+        grid=(
+            {
+                "methods": [["sgd", "sam", "adasap"]],
+                "criterion": CRITERIA,
+                "finetune_epochs": [5.0, 15.0],
+            },
+            {
+                "methods": [["sam", "adasap"]],
+                "criterion": CRITERIA,
+                "finetune_epochs": [15.0],
+                "finetune_sharpness": ["asam"],
+                "finetune_rho": [0.5],
+            },
+        ),  # fmt: skip
+    ),
+}
+
+
+def estimate_sweep_seconds(
+    preset: SweepPreset,
+    *,
+    sgd_rate: float = SGD_RATE,
+    sam_rate: float = SAM_RATE,
+    eval_rate: float = EVAL_RATE,
+) -> float:
+    """A planning estimate of a sweep's serial wall time, by the throughputs of
+    :func:`~adasap.experiments.presets.estimate_seconds`: each seed's dense model (trained
+    once, or reused from the cache), every run's pruning, and its scoring on the validation
+    images, clean and under the cbar and extra corruptions x 5 severities."""
+    base = from_flat(preset.base)
+    rates = (sgd_rate, sam_rate, eval_rate)
+    tuning = len(CBAR_CORRUPTIONS) + len(EXTRA_CORRUPTIONS)
+    total, seeds = 0.0, set()
+    for settings in sweep_settings(preset.grid):
+        config = from_flat(settings, base).validate()
+        train = training_images(config)
+        if config.prune.seed not in seeds:
+            seeds.add(config.prune.seed)
+            total += dense_seconds(config, train, *rates)
+        val_images = config.train_limit - train
+        for method in config.methods:
+            total += pruning_seconds(config, method, train, *rates)
+            total += val_images * (1 + 5 * tuning) / eval_rate
+    return total

@@ -1,0 +1,85 @@
+"""The planned sweeps of the long runs: their grids, and their time estimates by hand."""
+
+from __future__ import annotations
+
+import pytest
+
+from adasap.experiments.config import from_flat
+from adasap.experiments.presets import SMALL_BASE
+from adasap.experiments.sweep_presets import (
+    SWEEP_PRESETS,
+    SweepPreset,
+    estimate_sweep_seconds,
+    sweep_settings,
+)
+
+
+def runs(name: str) -> list[tuple[str, dict]]:
+    """(method, the run's whole flat config) for every run of a preset, validated."""
+    preset = SWEEP_PRESETS[name]
+    base = from_flat(preset.base)
+    out = []
+    for settings in sweep_settings(preset.grid):
+        config = from_flat(settings, base).validate()
+        out += [(method, config.to_flat()) for method in config.methods]
+    return out
+
+
+def test_every_sweep_preset_validates():
+    for name in SWEEP_PRESETS:
+        assert runs(name), name
+
+
+def test_radii_are_tuned_per_criterion_with_both_baselines_at_each():
+    planned = runs("radii")
+    assert len(planned) == 24
+    for criterion in ("magnitude", "taylor"):
+        radii = {(c["rho_min"], c["rho_max"]) for m, c in planned
+                 if m == "adasap" and c["criterion"] == criterion}  # fmt: skip
+        assert len(radii) == 8 and (0.05, 0.05) in radii  # uniform SAM in phases 1-2 included
+        assert {m for m, c in planned if c["criterion"] == criterion} == {"sgd", "sam", "adasap"}
+
+
+def test_finetune_sweeps_asam_radii_beside_sam_for_adasap_and_sam():
+    planned = runs("finetune")
+    assert len(planned) == 30
+    for method in ("adasap", "sam"):
+        for criterion in ("magnitude", "taylor"):
+            mine = [c for m, c in planned if m == method and c["criterion"] == criterion]
+            asam = sorted(c["finetune_rho"] for c in mine if c["finetune_sharpness"] == "asam")
+            sam = sorted(c["finetune_rho"] for c in mine if c["finetune_sharpness"] == "sam")
+            assert asam == [0.2, 0.5, 1.0, 2.0] and sam == [0.02, 0.05, 0.1]
+            assert all(c["rho"] == planned[0][1]["rho"] for c in mine)  # phases 1-2 unchanged
+
+
+def test_long_sweep_has_three_times_the_fine_tuning():
+    planned = runs("long")
+    assert len(planned) == 16
+    epochs = {c["finetune_epochs"] for _, c in planned}
+    assert epochs == {SMALL_BASE["finetune_epochs"], 3 * SMALL_BASE["finetune_epochs"]}
+    long = {(m, c["criterion"]) for m, c in planned if c["finetune_epochs"] == 15.0}
+    assert long == {(m, c) for m in ("sgd", "sam", "adasap") for c in ("magnitude", "taylor")}
+
+
+def test_sweep_estimate_by_hand():
+    preset = SweepPreset(
+        name="hand",
+        description="",
+        base={
+            **SMALL_BASE,
+            "train_limit": 1000,
+            "dense_epochs": 1.0,
+            "warmup_epochs": 1.0,
+            "prune_epochs": 1.0,
+            "finetune_epochs": 2.0,
+        },  # fmt: skip
+        grid=({"methods": [["sgd", "adasap"]]},),
+    )
+    rates = dict(sgd_rate=900.0, sam_rate=450.0, eval_rate=1000.0)
+    # 900 training and 100 validation images; an epoch is 1 s (sgd) or 2 s (sam) + 0.1 s
+    dense = 1.1
+    sgd = 4 * 1.1
+    adasap = 4 * 2.1
+    scoring = 100 * (1 + 5 * 19) / 1000  # clean + (15 cbar + 4 extras) x 5 severities
+    expected = dense + sgd + adasap + 2 * scoring
+    assert estimate_sweep_seconds(preset, **rates) == pytest.approx(expected)
