@@ -32,6 +32,8 @@ from adasap.method.cheap_sam import (
     has_direction,
 )
 from adasap.method.data_parallel import DataParallel
+from adasap.method.detection import detector_output_layers, is_detection_output
+from adasap.method.examples import Example, check_example, run_example
 from adasap.method.importance import (
     Importance,
     check_scores,
@@ -111,13 +113,16 @@ def loss_total(loss: Loss) -> Tensor:
     return loss.reshape(())
 
 
-def default_ignored_layers(model: nn.Module, example_inputs: Tensor) -> list[nn.Module]:
-    """The output layer: the last Linear or 1x1 conv whose width is the model's output width."""
+def default_ignored_layers(model: nn.Module, example_inputs: Example) -> list[nn.Module]:
+    """The output layers: a classifier's last Linear or 1x1 conv whose width is the model's
+    output width, or the output layers of every head of a torchvision detector."""
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        outputs = model(example_inputs)
+        outputs = run_example(model, example_inputs)
     model.train(was_training)
+    if is_detection_output(outputs):
+        return detector_output_layers(model)
     width = outputs.shape[-1] if isinstance(outputs, Tensor) else None
     found = find_classifier(model, width)
     if found is None:
@@ -133,7 +138,8 @@ class Pruner:
 
     Args:
         model: the dense model, pruned in place (any module Torch-Pruning can trace).
-        example_inputs: a batch the model accepts, on its device (for tracing and sizes).
+        example_inputs: a batch the model accepts, on its device (for tracing and sizes): a
+            tensor, or for a torchvision detector a list of images (docs/detection.md).
         schedule: the phases in steps (:meth:`PhaseSchedule.from_epochs` converts epochs).
         method: ``adasap``, ``sam``, ``sgd`` (the base optimizer only) or an ablation.
         keep: the fraction of ``settings.keep_kind`` to keep, or a :class:`PruningTarget`.
@@ -143,7 +149,7 @@ class Pruner:
         optimizer_kwargs: keyword arguments of the base optimizer class (lr, momentum ...).
         lr_scheduler: ``base optimizer -> scheduler``, stepped once per :meth:`step` and
             rebuilt with its state after each removal or phase change.
-        ignored_layers: modules whose outputs are never pruned (default: the output layer).
+        ignored_layers: modules whose outputs are never pruned (default: the output layers).
         scaler: a ``torch.amp.GradScaler`` for float16 autocast on CUDA.
         settings: :class:`PrunerSettings`; keyword ``overrides`` replace single fields.
     """
@@ -151,7 +157,7 @@ class Pruner:
     def __init__(
         self,
         model: nn.Module,
-        example_inputs: Tensor,
+        example_inputs: Example,
         schedule: PhaseSchedule,
         *,
         method: str = "adasap",
@@ -171,6 +177,7 @@ class Pruner:
         self.settings = s = replace(settings or PrunerSettings(), **overrides)
         if method not in METHODS:
             raise UserError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+        check_example(example_inputs)
         self.model, self.example, self.schedule = model, example_inputs, schedule
         self.method, self.kinds, self.kind = method, METHODS[method], METHODS[method][0]
         self.scaler, self.make_scheduler = scaler, lr_scheduler
@@ -382,7 +389,7 @@ class Pruner:
                 "into a pruner built on a fresh copy of the dense model"
             )
         if len(history) > len(self.pruning_history):
-            replay_pruning(self.model, history, self.example)
+            replay_pruning(self.model, history, self.example, self.ignored)
             self.layout = self._trace()
             self.size = measure_size(self.model, self.example)
             if self.ddp is not None:

@@ -1,0 +1,261 @@
+"""Detectors by name, pruning them with the Pruner, and the three phases on detection batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
+
+from adasap.errors import UserError
+from adasap.method.detection import detector_output_layers, layer_names
+from adasap.method.pruner import Pruner
+from adasap.method.schedule import PhaseSchedule
+from adasap.models.detection import build_detector, list_detectors, unfreeze_batchnorm
+from adasap.training.detection import check_detection_batch, prune_detector
+
+TORCHVISION_DETECTORS = [
+    "ssdlite320_mobilenet_v3_large",
+    "ssd300_vgg16",
+    "fasterrcnn_mobilenet_v3_large_fpn",
+    "retinanet_resnet50_fpn_v2",
+    "fcos_resnet50_fpn",
+]
+TINY_SSD_OUTPUTS = [
+    f"head.{kind}_head.module_list.{level}"
+    for kind in ("classification", "regression")
+    for level in range(3)
+]
+
+
+def synthetic_batch(count: int = 2, size: int = 128, seed: int = 0):
+    """Bright squares on a dark canvas, labelled 1 or 2 by their size."""
+    generator = torch.Generator().manual_seed(seed)
+    images, targets = [], []
+    for _ in range(count):
+        image = torch.rand(3, size, size, generator=generator) * 0.1
+        boxes, labels = [], []
+        for label, side in ((1, 24), (2, 48)):
+            x, y = torch.randint(0, size - side, (2,), generator=generator).tolist()
+            image[:, y : y + side, x : x + side] = 0.9
+            boxes.append([x, y, x + side, y + side])
+            labels.append(label)
+        images.append(image)
+        targets.append(
+            {"boxes": torch.tensor(boxes, dtype=torch.float32), "labels": torch.tensor(labels)}
+        )
+    return images, targets
+
+
+def head_output_shapes(model: nn.Module, images) -> list[tuple[int, ...]]:
+    """The output shape of every call of every head output layer, in eval mode."""
+    shapes: list[tuple[int, ...]] = []
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, out: shapes.append(tuple(out.shape)))
+        for m in detector_output_layers(model)
+    ]
+    model.eval()
+    with torch.no_grad():
+        detections = model(images)
+    for hook in hooks:
+        hook.remove()
+    assert all(set(d) == {"boxes", "scores", "labels"} for d in detections)
+    assert all(d["boxes"].shape[-1] == 4 for d in detections)
+    return shapes
+
+
+def test_every_listed_detector_is_registered():
+    assert set(TORCHVISION_DETECTORS) | {"tiny_ssd"} <= set(list_detectors())
+
+
+def test_unknown_detector_name_is_a_user_error():
+    with pytest.raises(UserError, match="unknown detector 'yolo'.*tiny_ssd") as info:
+        build_detector("yolo", num_classes=3)
+    assert "\n" not in str(info.value)
+    with pytest.raises(UserError, match="num_classes >= 2"):
+        build_detector("tiny_ssd", num_classes=1)
+    with pytest.raises(UserError, match="at least 268 px"):
+        build_detector("ssd300_vgg16", num_classes=3, image_size=128)
+
+
+def test_frozen_batchnorm_becomes_trainable_batchnorm_with_the_same_outputs():
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=3, norm_layer=FrozenBatchNorm2d).eval()
+    for m in net.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.uniform_(0.5, 1.5)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        before = net(x)
+    unfreeze_batchnorm(net)
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in net.modules())
+    norms = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(norms) == 20 and all(m.weight.requires_grad for m in norms)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), before, rtol=1e-5, atol=1e-5)
+
+
+def test_output_layers_are_found_by_name():
+    model = build_detector("tiny_ssd", num_classes=3)
+    assert layer_names(model, detector_output_layers(model)) == TINY_SSD_OUTPUTS
+    rcnn = build_detector("fasterrcnn_mobilenet_v3_large_fpn", num_classes=3, image_size=128)
+    assert layer_names(rcnn, detector_output_layers(rcnn)) == [
+        "rpn.head.cls_logits",
+        "rpn.head.bbox_pred",
+        "roi_heads.box_predictor.cls_score",
+        "roi_heads.box_predictor.bbox_pred",
+    ]
+    fcos = build_detector("fcos_resnet50_fpn", num_classes=3, image_size=128)
+    assert layer_names(fcos, detector_output_layers(fcos)) == [
+        "head.classification_head.cls_logits",
+        "head.regression_head.bbox_reg",
+        "head.regression_head.bbox_ctrness",
+    ]
+    ssdlite = build_detector("ssdlite320_mobilenet_v3_large", num_classes=3, image_size=128)
+    names = layer_names(ssdlite, detector_output_layers(ssdlite))
+    assert names == [
+        f"head.{kind}_head.module_list.{level}.1"
+        for kind in ("classification", "regression")
+        for level in range(6)
+    ]
+
+
+def test_a_model_returning_detections_without_torchvision_heads_is_a_user_error():
+    class Boxes(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, images):
+            return [{"boxes": self.conv(i[None]).mean((2, 3))} for i in images]
+
+    with pytest.raises(UserError, match="none of torchvision's detection heads.*ignored_layers"):
+        Pruner(Boxes(), [torch.rand(3, 16, 16)], PhaseSchedule(0, 1, 0))
+
+
+def test_an_example_that_is_neither_a_batch_nor_images_is_a_user_error():
+    model = build_detector("tiny_ssd", num_classes=3)
+    with pytest.raises(UserError, match="not a batch tensor or a list of C x H x W"):
+        Pruner(model, [torch.rand(1, 3, 64, 64)], PhaseSchedule(0, 1, 0))
+
+
+@pytest.mark.parametrize(
+    ("batch", "problem"),
+    [
+        ("images", "not \\(images, targets\\)"),
+        (([torch.rand(3, 8, 8)], []), "1 images, 0 targets"),
+        (
+            (
+                [torch.rand(3, 8, 8)],
+                [{"boxes": torch.tensor([[1.0, 1, 4, 4]]), "labels": torch.tensor([0])}],
+            ),
+            "label 0, but 0 is the background",
+        ),
+        (
+            (
+                [torch.rand(3, 8, 8)],
+                [{"boxes": torch.tensor([[4.0, 1, 4, 4]]), "labels": torch.tensor([1])}],
+            ),
+            "zero or negative width",
+        ),
+        (
+            ([torch.rand(3, 8, 8)], [{"boxes": torch.zeros(2, 4), "labels": torch.tensor([1])}]),
+            "not one per box",
+        ),
+    ],
+)
+def test_a_bad_detection_batch_is_a_one_line_user_error(batch, problem):
+    with pytest.raises(UserError, match=problem) as info:
+        check_detection_batch(batch)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["params", "macs"])
+def test_tiny_ssd_is_pruned_to_the_target_with_the_same_anchors(kind):
+    torch.manual_seed(0)
+    model = build_detector("tiny_ssd", num_classes=3, image_size=128)
+    images, targets = synthetic_batch()
+    shapes = head_output_shapes(model, images)
+    pruner = Pruner(model, images[:1], PhaseSchedule(0, 1, 0, removals=1), keep=0.4, keep_kind=kind)
+    dense = pruner.size
+    assert layer_names(model, pruner.ignored) == TINY_SSD_OUTPUTS
+    model.train()
+    pruner.step(lambda: model(images, targets))
+    assert pruner.size.of(kind) / dense.of(kind) == pytest.approx(0.4, abs=0.02)
+    assert model.backbone.stage1[0][0].out_channels < 16  # the backbone did shrink
+    assert head_output_shapes(model, images) == shapes  # same anchors, classes, box values
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "taylor"])
+def test_tiny_ssd_phases_overfit_a_batch_and_reach_the_target(criterion):
+    torch.manual_seed(0)
+    model = build_detector("tiny_ssd", num_classes=3, image_size=128)
+    batch = synthetic_batch()
+    pruned, result = prune_detector(
+        model,
+        [batch],
+        PhaseSchedule(8, 4, 12, removals=2),
+        keep=0.5,
+        criterion=criterion,
+        optimizer_kwargs={"lr": 0.02, "momentum": 0.9},
+        device="cpu",
+    )
+    assert pruned is model
+    assert result.keep_reference == "model" and result.reference_dense == result.dense
+    assert result.kept == pytest.approx(0.5, abs=0.02)
+    assert result.pruned.params == sum(p.numel() for p in model.parameters())
+    assert result.ignored_layers == TINY_SSD_OUTPUTS
+    assert list(result.phase_losses) == ["warmup", "prune", "finetune"]
+    assert result.phase_losses["finetune"] < 0.7 * result.phase_losses["warmup"]
+    assert set(pruned.eval()(batch[0])[0]) == {"boxes", "scores", "labels"}
+
+
+def test_a_backbone_reference_prunes_only_the_backbone_to_its_fraction():
+    torch.manual_seed(0)
+    model = build_detector("tiny_ssd", num_classes=3, image_size=128)
+    head_params = sum(p.numel() for p in model.head.parameters())
+    backbone_params = sum(p.numel() for p in model.backbone.parameters())
+    batch = synthetic_batch()
+    _, result = prune_detector(
+        model, [batch], PhaseSchedule(0, 1, 1), keep=0.5, keep_reference="backbone", device="cpu"
+    )
+    assert result.keep_reference == "backbone"
+    assert result.reference_dense.params == backbone_params
+    assert result.reference_pruned.params == sum(p.numel() for p in model.backbone.parameters())
+    assert result.kept == pytest.approx(0.5, abs=0.02)
+    # the head keeps its output widths; only its inputs follow the backbone
+    assert [m.out_channels for m in detector_output_layers(model)] == [12, 12, 12, 16, 16, 16]
+    assert 0 < head_params - sum(p.numel() for p in model.head.parameters()) < head_params
+
+
+def test_an_unknown_keep_reference_is_a_user_error():
+    model = build_detector("tiny_ssd", num_classes=3)
+    with pytest.raises(UserError, match="keep_reference must be model or backbone"):
+        prune_detector(model, [synthetic_batch()], PhaseSchedule(0, 1, 0), keep_reference="neck")
+
+
+def test_empty_detection_data_is_a_user_error():
+    model = build_detector("tiny_ssd", num_classes=3)
+    with pytest.raises(UserError, match="yield no batch"):
+        prune_detector(model, [], PhaseSchedule(0, 1, 0))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TORCHVISION_DETECTORS)
+def test_torchvision_detector_is_pruned_to_the_target_with_the_same_outputs(name):
+    torch.manual_seed(0)
+    size = 268 if name == "ssd300_vgg16" else 128
+    model = build_detector(name, num_classes=3, image_size=size)
+    images, targets = synthetic_batch(size=size)
+    shapes = head_output_shapes(model, images[:1])
+    pruner = Pruner(model, images[:1], PhaseSchedule(0, 1, 0, removals=1), keep=0.5)
+    assert pruner.ignored == detector_output_layers(model)
+    dense = pruner.size
+    model.train()
+    pruner.step(lambda: model(images, targets))
+    assert pruner.size.params / dense.params == pytest.approx(0.5, abs=0.02)
+    assert pruner.size.params == sum(p.numel() for p in model.parameters())
+    assert head_output_shapes(model, images[:1]) == shapes
