@@ -49,10 +49,12 @@ def synthetic_batch(count: int = 2, size: int = 128, seed: int = 0):
 
 
 def head_output_shapes(model: nn.Module, images) -> list[tuple[int, ...]]:
-    """The output shape of every call of every head output layer, in eval mode."""
+    """The output shape of every call of every head output layer, in eval mode, less the
+    first dimension (images, or Faster R-CNN's regions, whose number depends on the RPN):
+    anchors x classes (or x 4) and the feature map's size."""
     shapes: list[tuple[int, ...]] = []
     hooks = [
-        m.register_forward_hook(lambda _m, _i, out: shapes.append(tuple(out.shape)))
+        m.register_forward_hook(lambda _m, _i, out: shapes.append(tuple(out.shape[1:])))
         for m in detector_output_layers(model)
     ]
     model.eval()
@@ -243,8 +245,13 @@ def test_empty_detection_data_is_a_user_error():
         prune_detector(model, [], PhaseSchedule(0, 1, 0))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", TORCHVISION_DETECTORS)
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(name, marks=[pytest.mark.slow] if name == "ssd300_vgg16" else [])
+        for name in TORCHVISION_DETECTORS
+    ],
+)
 def test_torchvision_detector_is_pruned_to_the_target_with_the_same_outputs(name):
     torch.manual_seed(0)
     size = 268 if name == "ssd300_vgg16" else 128
@@ -259,3 +266,19 @@ def test_torchvision_detector_is_pruned_to_the_target_with_the_same_outputs(name
     assert pruner.size.params / dense.params == pytest.approx(0.5, abs=0.02)
     assert pruner.size.params == sum(p.numel() for p in model.parameters())
     assert head_output_shapes(model, images[:1]) == shapes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["fasterrcnn_mobilenet_v3_large_fpn", "retinanet_resnet50_fpn_v2"])
+def test_a_macs_target_counts_shared_heads_and_box_head_regions(name):
+    """RetinaNet runs one head on five feature maps; Faster R-CNN's box head runs per region."""
+    torch.manual_seed(0)
+    model = build_detector(name, num_classes=3, image_size=128)
+    images, targets = synthetic_batch()
+    pruner = Pruner(
+        model, images[:1], PhaseSchedule(0, 1, 0, removals=1), keep=0.6, keep_kind="macs"
+    )
+    dense = pruner.size
+    model.train()
+    pruner.step(lambda: model(images, targets))
+    assert pruner.size.macs / dense.macs == pytest.approx(0.6, abs=0.02)

@@ -362,11 +362,18 @@ def _deduplicate(slices: list[ParamSlice]) -> list[ParamSlice]:
 
 
 def _output_pixels(model: nn.Module, example_inputs: Example) -> dict[nn.Module, int]:
-    """Spatial positions per sample of each conv's output (1 for linear layers)."""
+    """Output positions per sample of each layer, over all its calls: a conv's spatial
+    positions; a linear layer's rows per sample (1 for a classifier, a detector's regions
+    of interest in its box head). A detector's head applied to each feature map adds up."""
     pixels: dict[nn.Module, int] = {}
+    samples = len(example_inputs)
 
     def record(module: nn.Module, _inputs: object, output: Tensor) -> None:
-        pixels[module] = int(output[0, 0].numel()) if output.dim() > 2 else 1
+        if output.dim() > 2:
+            positions = int(output[0, 0].numel())
+        else:
+            positions = max(1, round(output.shape[0] / samples))
+        pixels[module] = pixels.get(module, 0) + positions
 
     hooks = [
         m.register_forward_hook(record)
