@@ -282,3 +282,34 @@ def test_a_macs_target_counts_shared_heads_and_box_head_regions(name):
     model.train()
     pruner.step(lambda: model(images, targets))
     assert pruner.size.macs / dense.macs == pytest.approx(0.6, abs=0.02)
+
+
+def test_an_example_the_detector_cannot_run_on_is_a_user_error():
+    model = build_detector("tiny_ssd", num_classes=3)
+    with pytest.raises(UserError, match="cannot run on the example input") as info:
+        Pruner(model, [torch.rand(4, 64, 64)], PhaseSchedule(0, 1, 0))  # 4 channels
+    assert "\n" not in str(info.value)
+
+
+def test_a_training_failure_inside_the_detector_is_a_user_error():
+    model = build_detector("tiny_ssd", num_classes=3, image_size=32)  # last map 1 x 1
+    image = torch.rand(3, 32, 32)
+    target = {"boxes": torch.tensor([[2.0, 2, 20, 20]]), "labels": torch.tensor([1])}
+    with pytest.raises(UserError, match="failed on a training batch in phase warmup.*2 images"):
+        prune_detector(model, [([image], [target])], PhaseSchedule(1, 1, 0), device="cpu")
+
+
+def test_a_pruned_detector_state_is_replayed_on_a_fresh_copy():
+    torch.manual_seed(0)
+    images, targets = synthetic_batch()
+    model = build_detector("tiny_ssd", num_classes=3)
+    pruner = Pruner(model, images[:1], PhaseSchedule(0, 2, 0, removals=2), keep=0.5)
+    model.train()
+    for _ in range(2):
+        pruner.step(lambda: model(images, targets))
+    fresh = build_detector("tiny_ssd", num_classes=3)
+    restored = Pruner(fresh, images[:1], PhaseSchedule(0, 2, 0, removals=2), keep=0.5)
+    restored.load_state_dict(pruner.state_dict())
+    fresh.load_state_dict(model.state_dict())
+    assert restored.size == pruner.size
+    assert head_output_shapes(fresh, images) == head_output_shapes(model, images)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from adasap.checks import find_classifier
-from adasap.errors import UserError
+from adasap.errors import UserError, exception_summary
 from adasap.method.base_optimizer import BaseOptimizer, OptimizerKind, base_of
 from adasap.method.cheap_sam import (
     StepPlan,
@@ -118,9 +118,16 @@ def default_ignored_layers(model: nn.Module, example_inputs: Example) -> list[nn
     output width, or the output layers of every head of a torchvision detector."""
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        outputs = run_example(model, example_inputs)
-    model.train(was_training)
+    try:
+        with torch.no_grad():
+            outputs = run_example(model, example_inputs)
+    except (RuntimeError, ValueError, IndexError, AssertionError) as exc:
+        raise UserError(
+            f"the model cannot run on the example input ({exception_summary(exc)}): pass "
+            "a batch the model accepts (a detector: a list of C x H x W images)"
+        ) from exc
+    finally:
+        model.train(was_training)
     if is_detection_output(outputs):
         return detector_output_layers(model)
     width = outputs.shape[-1] if isinstance(outputs, Tensor) else None

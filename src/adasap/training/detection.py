@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from adasap.devices import autocast_dtype, resolve_device
-from adasap.errors import UserError
+from adasap.errors import UserError, exception_summary
 from adasap.method.detection import detector_output_layers, layer_names, modules_outside
 from adasap.method.importance import Importance
 from adasap.method.pruner import Pruner
@@ -233,7 +233,14 @@ def _train(
                         loss_dict = model(images, targets)
                     return {name: value.float() for name, value in loss_dict.items()}
 
-                loss = pruner.step(closure)
+                try:
+                    loss = pruner.step(closure)
+                except (RuntimeError, ValueError, AssertionError) as exc:
+                    raise UserError(
+                        f"the detector failed on a training batch in phase {phase} "
+                        f"({exception_summary(exc)}): give batches as in docs/detection.md, "
+                        "of at least 2 images (BatchNorm in training needs more than one value)"
+                    ) from exc
                 if not torch.isfinite(loss):
                     raise TrainingDiverged(
                         f"training diverged in phase {phase} (loss {loss.item()} at step "
