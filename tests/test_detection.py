@@ -9,7 +9,7 @@ from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
 from adasap.errors import UserError
-from adasap.method.detection import detector_output_layers, layer_names
+from adasap.method.output_layers import detector_output_layers, layer_names
 from adasap.method.pruner import Pruner
 from adasap.method.schedule import PhaseSchedule
 from adasap.models.detection import build_detector, list_detectors, unfreeze_batchnorm

@@ -22,8 +22,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from adasap.checks import find_classifier
-from adasap.errors import UserError, exception_summary
+from adasap.errors import UserError
 from adasap.method.base_optimizer import BaseOptimizer, OptimizerKind, base_of
 from adasap.method.cheap_sam import (
     StepPlan,
@@ -32,8 +31,7 @@ from adasap.method.cheap_sam import (
     has_direction,
 )
 from adasap.method.data_parallel import DataParallel
-from adasap.method.detection import detector_output_layers, is_detection_output
-from adasap.method.examples import Example, check_example, run_example
+from adasap.method.examples import Example, check_example
 from adasap.method.importance import (
     Importance,
     check_scores,
@@ -44,6 +42,7 @@ from adasap.method.importance import (
 )
 from adasap.method.neurons import NeuronLayout
 from adasap.method.optim import SAM, AdaSAP, sharpness_aware_step
+from adasap.method.output_layers import default_ignored_layers
 from adasap.method.pruning import (
     is_channels_last,
     measure_size,
@@ -111,33 +110,6 @@ def loss_total(loss: Loss) -> Tensor:
             "loss_fn(model(images), labels) (a dict of losses is summed)"
         )
     return loss.reshape(())
-
-
-def default_ignored_layers(model: nn.Module, example_inputs: Example) -> list[nn.Module]:
-    """The output layers: a classifier's last Linear or 1x1 conv whose width is the model's
-    output width, or the output layers of every head of a torchvision detector."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            outputs = run_example(model, example_inputs)
-    except (RuntimeError, ValueError, IndexError, AssertionError) as exc:
-        raise UserError(
-            f"the model cannot run on the example input ({exception_summary(exc)}): pass "
-            "a batch the model accepts (a detector: a list of C x H x W images)"
-        ) from exc
-    finally:
-        model.train(was_training)
-    if is_detection_output(outputs):
-        return detector_output_layers(model)
-    width = outputs.shape[-1] if isinstance(outputs, Tensor) else None
-    found = find_classifier(model, width)
-    if found is None:
-        raise UserError(
-            f"found no output layer with the model's {width} outputs to protect from pruning: "
-            "pass ignored_layers=[the output layer]"
-        )
-    return [found]
 
 
 class Pruner:

@@ -119,7 +119,7 @@ class PartSizeTarget:
 
     The whole model is traced and measured as usual; this target counts ``part`` alone. Pair
     it with ``ignored_layers`` covering every layer outside ``part`` when only the part should
-    lose neurons (:func:`adasap.method.detection.modules_outside`).
+    lose neurons (:func:`adasap.method.output_layers.modules_outside`).
     """
 
     def __init__(

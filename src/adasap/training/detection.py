@@ -22,8 +22,8 @@ from torch import Tensor, nn
 
 from adasap.devices import autocast_dtype, resolve_device
 from adasap.errors import UserError, exception_summary
-from adasap.method.detection import detector_output_layers, layer_names, modules_outside
 from adasap.method.importance import Importance
+from adasap.method.output_layers import detector_output_layers, layer_names, modules_outside
 from adasap.method.pruner import Pruner
 from adasap.method.pruning import ModelSize
 from adasap.method.schedule import PHASES, PhaseSchedule

@@ -23,7 +23,8 @@ from adasap.devices import autocast_dtype, prepare_model, resolve_device
 from adasap.distributed import any_rank, is_distributed, is_main, shard, world_size
 from adasap.errors import UserError
 from adasap.method.neurons import NeuronLayout
-from adasap.method.pruner import Pruner, default_ignored_layers
+from adasap.method.output_layers import default_ignored_layers
+from adasap.method.pruner import Pruner
 from adasap.method.pruning import ModelSize
 from adasap.method.schedule import PHASES, PhaseSchedule
 from adasap.method.target import LatencyTarget, PruningTarget, SizeTarget

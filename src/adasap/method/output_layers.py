@@ -1,6 +1,7 @@
-"""What a pruner must leave alone in a torchvision detector: the output layers of its heads.
+"""The layers a pruner must leave whole: a classifier's output layer, a detector's heads'.
 
-A detector's heads end in layers whose output channels *are* the predictions: per anchor (or
+A classifier's output layer is its last Linear (or 1x1 conv) as wide as its output. A
+detector's heads end in layers whose output channels *are* the predictions: per anchor (or
 location) the class logits, the four box offsets, FCOS's centerness, the RPN's objectness.
 Pruning one of their output channels would drop an anchor or a class, or shift which channel
 means what, so the number of anchors and outputs would change. These layers are found by the
@@ -15,7 +16,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.fcos import FCOSClassificationHead, FCOSRegressionHead
 from torchvision.models.detection.keypoint_rcnn import KeypointRCNNPredictor
@@ -27,7 +29,9 @@ from torchvision.models.detection.retinanet import (
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.ssd import SSDScoringHead
 
-from adasap.errors import UserError
+from adasap.checks import check_input, find_classifier
+from adasap.errors import UserError, exception_summary
+from adasap.method.examples import Example, run_example
 
 # head class -> the attributes holding its output layers
 _OUTPUT_ATTRIBUTES: dict[type[nn.Module], tuple[str, ...]] = {
@@ -94,3 +98,32 @@ def layer_names(model: nn.Module, layers: Sequence[nn.Module]) -> list[str]:
     """The qualified names of ``layers`` in ``model``."""
     names = {id(m): n for n, m in model.named_modules()}
     return [names[id(m)] for m in layers]
+
+
+def default_ignored_layers(model: nn.Module, example_inputs: Example) -> list[nn.Module]:
+    """The output layers: a classifier's last Linear or 1x1 conv whose width is the model's
+    output width, or the output layers of every head of a torchvision detector."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            outputs = run_example(model, example_inputs)
+    except (RuntimeError, ValueError, IndexError, AssertionError) as exc:
+        if isinstance(example_inputs, Tensor):  # the data do not fit? (names both shapes)
+            check_input(model, example_inputs, "the example inputs")
+        raise UserError(
+            f"the model cannot run on the example input ({exception_summary(exc)}): pass "
+            "a batch the model accepts (a detector: a list of C x H x W images)"
+        ) from exc
+    finally:
+        model.train(was_training)
+    if is_detection_output(outputs):
+        return detector_output_layers(model)
+    width = outputs.shape[-1] if isinstance(outputs, Tensor) else None
+    found = find_classifier(model, width)
+    if found is None:
+        raise UserError(
+            f"found no output layer with the model's {width} outputs to protect from pruning: "
+            "pass ignored_layers=[the output layer]"
+        )
+    return [found]
