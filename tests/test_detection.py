@@ -215,18 +215,26 @@ def test_tiny_ssd_phases_overfit_a_batch_and_reach_the_target(criterion):
     assert set(pruned.eval()(batch[0])[0]) == {"boxes", "scores", "labels"}
 
 
-def test_a_backbone_reference_prunes_only_the_backbone_to_its_fraction():
+@pytest.mark.parametrize("kind", ["params", "macs"])
+def test_a_backbone_reference_prunes_only_the_backbone_to_its_fraction(kind):
     torch.manual_seed(0)
     model = build_detector("tiny_ssd", num_classes=3, image_size=128)
     head_params = sum(p.numel() for p in model.head.parameters())
     backbone_params = sum(p.numel() for p in model.backbone.parameters())
     batch = synthetic_batch()
     _, result = prune_detector(
-        model, [batch], PhaseSchedule(0, 1, 1), keep=0.5, keep_reference="backbone", device="cpu"
+        model,
+        [batch],
+        PhaseSchedule(0, 1, 1),
+        keep=0.5,
+        keep_kind=kind,
+        keep_reference="backbone",
+        device="cpu",
     )
-    assert result.keep_reference == "backbone"
+    assert result.keep_reference == "backbone" and result.keep_kind == kind
     assert result.reference_dense.params == backbone_params
     assert result.reference_pruned.params == sum(p.numel() for p in model.backbone.parameters())
+    assert result.reference_dense.macs < result.dense.macs
     assert result.kept == pytest.approx(0.5, abs=0.02)
     # the head keeps its output widths; only its inputs follow the backbone
     assert [m.out_channels for m in detector_output_layers(model)] == [12, 12, 12, 16, 16, 16]
@@ -313,3 +321,39 @@ def test_a_pruned_detector_state_is_replayed_on_a_fresh_copy():
     fresh.load_state_dict(model.state_dict())
     assert restored.size == pruner.size
     assert head_output_shapes(fresh, images) == head_output_shapes(model, images)
+
+
+def localized(model: nn.Module, images, targets) -> int:
+    """True boxes whose class's top-scoring detection overlaps them with IoU > 0.5."""
+    model.eval()
+    with torch.no_grad():
+        detections = model(images)
+    hits = 0
+    for found, target in zip(detections, targets, strict=True):
+        for box, label in zip(target["boxes"], target["labels"], strict=True):
+            same = found["labels"] == label
+            if same.any():
+                top = found["boxes"][same][found["scores"][same].argmax()]
+                hits += float(torchvision.ops.box_iou(top[None], box[None])) > 0.5
+    return hits
+
+
+@pytest.mark.slow
+def test_tiny_ssd_pruned_to_half_learns_to_localize_squares():
+    torch.manual_seed(0)
+    data = [synthetic_batch(8, seed=seed) for seed in range(20)]
+    held_out = synthetic_batch(32, seed=999)
+    model = build_detector("tiny_ssd", num_classes=3)
+    untrained = localized(model, *held_out)
+    model, result = prune_detector(
+        model,
+        data,
+        PhaseSchedule(150, 75, 75),
+        keep=0.5,
+        optimizer_kwargs={"lr": 0.05, "momentum": 0.9},
+        device="cpu",
+        rho_max=0.1,
+    )
+    assert result.kept == pytest.approx(0.5, abs=0.02)
+    hits = localized(model, *held_out)
+    assert hits >= 0.55 * 64 and hits > 1.5 * untrained
