@@ -357,3 +357,19 @@ def test_tiny_ssd_pruned_to_half_learns_to_localize_squares():
     assert result.kept == pytest.approx(0.5, abs=0.02)
     hits = localized(model, *held_out)
     assert hits >= 0.55 * 64 and hits > 1.5 * untrained
+
+
+def test_tiny_ssd_trains_under_bfloat16_autocast_with_float32_weights():
+    torch.manual_seed(0)
+    model = build_detector("tiny_ssd", num_classes=3)
+    dtypes = set()
+    model.backbone.stage3.register_forward_hook(
+        lambda module, _i, out: dtypes.add(out.dtype) if module.training else None
+    )
+    _, result = prune_detector(
+        model, [synthetic_batch()], PhaseSchedule(2, 1, 2), keep=0.5, device="cpu", amp="bf16"
+    )
+    assert dtypes == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(torch.isfinite(torch.tensor(v)) for v in result.phase_losses.values())
+    assert result.kept == pytest.approx(0.5, abs=0.02)
