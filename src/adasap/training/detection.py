@@ -157,8 +157,10 @@ def prune_detector(
     The heads' output layers are never pruned (:func:`detector_output_layers`), nor are
     ``ignored_layers``; with ``keep_reference="backbone"`` nothing outside ``model.backbone``
     loses neurons and ``keep`` is the fraction of the backbone's size kept. ``amp`` as in
-    :func:`adasap.devices.autocast_dtype` (``off`` by default: box regression in bfloat16 has
-    not been checked). ``pruner_settings`` are :class:`~adasap.method.pruner.PrunerSettings`.
+    :func:`adasap.devices.autocast_dtype` (``off`` by default: the effect of reduced
+    precision on box regression has not been measured). ``pruner_settings`` are
+    :class:`~adasap.method.pruner.PrunerSettings` fields. Returns the model, in eval mode,
+    and what was done (:class:`DetectionPruneResult`).
     """
     started = time.perf_counter()
     dev = resolve_device(device)
@@ -167,10 +169,10 @@ def prune_detector(
     batches = _batches(data, dev)
     first = next(batches)
     example = list(first[0][:1])
-    ignored = [*detector_output_layers(model), *ignored_layers]
-    if keep_reference == "backbone" and isinstance(getattr(model, "backbone", None), nn.Module):
-        ignored += modules_outside(model, model.backbone)
     target = _target(model, example, keep, keep_kind, keep_reference)
+    ignored = [*detector_output_layers(model), *ignored_layers]
+    if isinstance(target, PartSizeTarget):
+        ignored += modules_outside(model, target.part)
     pruner = Pruner(
         model,
         example,
