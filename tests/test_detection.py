@@ -9,6 +9,7 @@ from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
 from adasap.errors import UserError
+from adasap.method.neurons import NeuronLayout
 from adasap.method.output_layers import detector_output_layers, layer_names
 from adasap.method.pruner import Pruner
 from adasap.method.schedule import PhaseSchedule
@@ -373,3 +374,14 @@ def test_tiny_ssd_trains_under_bfloat16_autocast_with_float32_weights():
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert all(torch.isfinite(torch.tensor(v)) for v in result.phase_losses.values())
     assert result.kept == pytest.approx(0.5, abs=0.02)
+
+
+def test_groupnorm_of_several_groups_keeps_its_channels_and_one_group_is_pruned():
+    """RetinaNet v2 and FCOS heads use GroupNorm(32 or 16 groups): counts must stay multiples."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3), nn.GroupNorm(4, 16), nn.ReLU(),
+        nn.Conv2d(16, 8, 3), nn.GroupNorm(1, 8), nn.ReLU(),
+        nn.Conv2d(8, 4, 1),
+    )  # fmt: skip
+    layout = NeuronLayout(model, torch.rand(2, 3, 12, 12), [model[6]])
+    assert [g.name for g in layout.groups] == ["3"]
