@@ -22,6 +22,7 @@ from torch_pruning.dependency import Dependency, Node
 
 from adasap.checks import check_input
 from adasap.errors import UserError, exception_summary
+from adasap.method.examples import Example, run_example, tracing_forward
 from adasap.method.optim import NeuronOwnership
 
 NORM_TYPES = (
@@ -95,12 +96,14 @@ class NeuronLayout:
 
     A dependency group becomes neurons only when every slice it cuts is one we model exactly;
     groups reaching into attention layers (heads), grouped (not depthwise) convolutions,
-    channel-moving ops (shuffles) or parameters used outside standard layers are left whole.
+    GroupNorms of more than one group, channel-moving ops (shuffles) or parameters used
+    outside standard layers are left whole.
 
     Args:
         model: any module Torch-Pruning can trace.
-        example_inputs: a batch the model accepts (used for tracing and to record the spatial
-            size of each layer's output, which MACs accounting needs).
+        example_inputs: a batch the model accepts, a tensor or a detector's list of images
+            (used for tracing and to record the spatial size of each layer's output, which
+            MACs accounting needs).
         ignored_layers: modules whose output channels are never pruned (their inputs still are
             when the layer they read from is pruned). The classifier belongs here.
     """
@@ -108,7 +111,7 @@ class NeuronLayout:
     def __init__(
         self,
         model: nn.Module,
-        example_inputs: Tensor,
+        example_inputs: Example,
         ignored_layers: Sequence[nn.Module] = (),
     ) -> None:
         self.model = model
@@ -120,11 +123,14 @@ class NeuronLayout:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", "Unwrapped parameters", UserWarning)
                 self.graph = tp.DependencyGraph().build_dependency(
-                    model, example_inputs=example_inputs
+                    model,
+                    example_inputs=example_inputs,
+                    forward_fn=tracing_forward(self.ignored_layers),
                 )
             self.output_pixels = _output_pixels(model, example_inputs)
         except Exception as exc:  # Torch-Pruning raises anything from its tracer
-            check_input(model, example_inputs, "the example inputs")  # the data do not fit?
+            if isinstance(example_inputs, Tensor):  # the data do not fit?
+                check_input(model, example_inputs, "the example inputs")
             raise UserError(
                 f"Torch-Pruning cannot trace the model after {layer_in_traceback(exc, names)} "
                 f"({exception_summary(exc)}): write what follows that layer with standard layers "
@@ -154,6 +160,8 @@ class NeuronLayout:
                     exact = False
                 if id(module) in untouchable or _moves_channels(node) or _grouped(module):
                     exact = False
+                if isinstance(module, nn.GroupNorm) and module.num_groups > 1:
+                    exact = False  # its channel count must stay a multiple of its groups
                 if not exact:
                     break
                 if item.root_idxs is None:
@@ -353,12 +361,19 @@ def _deduplicate(slices: list[ParamSlice]) -> list[ParamSlice]:
     return unique
 
 
-def _output_pixels(model: nn.Module, example_inputs: Tensor) -> dict[nn.Module, int]:
-    """Spatial positions per sample of each conv's output (1 for linear layers)."""
+def _output_pixels(model: nn.Module, example_inputs: Example) -> dict[nn.Module, int]:
+    """Output positions per sample of each layer, over all its calls: a conv's spatial
+    positions; a linear layer's rows per sample (1 for a classifier, a detector's regions
+    of interest in its box head). A detector's head applied to each feature map adds up."""
     pixels: dict[nn.Module, int] = {}
+    samples = len(example_inputs)
 
     def record(module: nn.Module, _inputs: object, output: Tensor) -> None:
-        pixels[module] = int(output[0, 0].numel()) if output.dim() > 2 else 1
+        if output.dim() > 2:
+            positions = int(output[0, 0].numel())
+        else:
+            positions = max(1, round(output.shape[0] / samples))
+        pixels[module] = pixels.get(module, 0) + positions
 
     hooks = [
         m.register_forward_hook(record)
@@ -369,7 +384,7 @@ def _output_pixels(model: nn.Module, example_inputs: Tensor) -> dict[nn.Module, 
     try:
         model.eval()
         with torch.no_grad():
-            model(example_inputs)
+            run_example(model, example_inputs)
     finally:
         model.train(was_training)
         for h in hooks:

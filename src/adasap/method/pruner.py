@@ -22,7 +22,6 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from adasap.checks import find_classifier
 from adasap.errors import UserError
 from adasap.method.base_optimizer import (
     BaseOptimizer,
@@ -38,6 +37,7 @@ from adasap.method.cheap_sam import (
     has_direction,
 )
 from adasap.method.data_parallel import DataParallel
+from adasap.method.examples import Example, check_example
 from adasap.method.importance import (
     Importance,
     check_scores,
@@ -48,6 +48,7 @@ from adasap.method.importance import (
 )
 from adasap.method.neurons import NeuronLayout
 from adasap.method.optim import SAM, AdaSAP, sharpness_aware_step
+from adasap.method.output_layers import default_ignored_layers
 from adasap.method.pruning import (
     is_channels_last,
     measure_size,
@@ -122,29 +123,13 @@ def loss_total(loss: Loss) -> Tensor:
     return loss.reshape(())
 
 
-def default_ignored_layers(model: nn.Module, example_inputs: Tensor) -> list[nn.Module]:
-    """The output layer: the last Linear or 1x1 conv whose width is the model's output width."""
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        outputs = model(example_inputs)
-    model.train(was_training)
-    width = outputs.shape[-1] if isinstance(outputs, Tensor) else None
-    found = find_classifier(model, width)
-    if found is None:
-        raise UserError(
-            f"found no output layer with the model's {width} outputs to protect from pruning: "
-            "pass ignored_layers=[the output layer]"
-        )
-    return [found]
-
-
 class Pruner:
     """AdaSAP (or a baseline, by ``method``) inside any loop; see the module docstring.
 
     Args:
         model: the dense model, pruned in place (any module Torch-Pruning can trace).
-        example_inputs: a batch the model accepts, on its device (for tracing and sizes).
+        example_inputs: a batch the model accepts, on its device (for tracing and sizes): a
+            tensor, or for a torchvision detector a list of images (docs/detection.md).
         schedule: the phases in steps (:meth:`PhaseSchedule.from_epochs` converts epochs).
         method: ``adasap``, ``sam``, ``sgd`` (the base optimizer only) or an ablation.
         keep: the fraction of ``settings.keep_kind`` to keep, or a :class:`PruningTarget`.
@@ -154,7 +139,7 @@ class Pruner:
         optimizer_kwargs: keyword arguments of the base optimizer class (lr, momentum ...).
         lr_scheduler: ``base optimizer -> scheduler``, stepped once per :meth:`step` and
             rebuilt with its state after each removal or phase change.
-        ignored_layers: modules whose outputs are never pruned (default: the output layer).
+        ignored_layers: modules whose outputs are never pruned (default: the output layers).
         scaler: a ``torch.amp.GradScaler`` for float16 autocast on CUDA.
         settings: :class:`PrunerSettings`; keyword ``overrides`` replace single fields.
     """
@@ -162,7 +147,7 @@ class Pruner:
     def __init__(
         self,
         model: nn.Module,
-        example_inputs: Tensor,
+        example_inputs: Example,
         schedule: PhaseSchedule,
         *,
         method: str = "adasap",
@@ -182,6 +167,7 @@ class Pruner:
         self.settings = s = replace(settings or PrunerSettings(), **overrides)
         if method not in METHODS:
             raise UserError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+        check_example(example_inputs)
         self.model, self.example, self.schedule = model, example_inputs, schedule
         self.method, self.kinds, self.kind = method, METHODS[method], METHODS[method][0]
         self.scaler, self.make_scheduler = scaler, lr_scheduler
@@ -397,7 +383,7 @@ class Pruner:
                 "into a pruner built on a fresh copy of the dense model"
             )
         if len(history) > len(self.pruning_history):
-            replay_pruning(self.model, history, self.example)
+            replay_pruning(self.model, history, self.example, self.ignored)
             self.layout = self._trace()
             self.size = measure_size(self.model, self.example)
             if self.ddp is not None:

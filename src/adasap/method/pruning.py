@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -13,6 +13,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from adasap.errors import UserError, exception_summary
+from adasap.method.examples import Example, first_sample, tracing_forward
 from adasap.method.neurons import NeuronLayout, layer_in_traceback
 
 SizeKind = Literal["params", "macs"]
@@ -27,12 +28,22 @@ class ModelSize:
         return self.params if kind == "params" else self.macs
 
 
-def measure_size(model: nn.Module, example_inputs: Tensor) -> ModelSize:
-    """Parameters and multiply-accumulates per sample, counted by Torch-Pruning."""
+def measure_size(
+    model: nn.Module, example_inputs: Example, part: nn.Module | None = None
+) -> ModelSize:
+    """Parameters and multiply-accumulates per sample, counted by Torch-Pruning.
+
+    With ``part`` (a submodule, such as a detector's backbone), the size of that part alone.
+    """
     was_training = model.training
     model.eval()
+    sample = first_sample(example_inputs)
+    # Torch-Pruning's counter unpacks a list into arguments: a list of images goes in wrapped
+    args = sample if isinstance(sample, Tensor) else (sample,)
     try:
-        macs, params = tp.utils.count_ops_and_params(model, example_inputs[:1])
+        macs, params, layer_macs, layer_params = tp.utils.count_ops_and_params(
+            model, args, layer_wise=True
+        )
     except TypeError as exc:  # counting works on a deep copy of the model
         raise UserError(
             f"cannot copy the model to count its size ({exception_summary(exc)}): keep objects "
@@ -40,6 +51,8 @@ def measure_size(model: nn.Module, example_inputs: Tensor) -> ModelSize:
         ) from exc
     finally:
         model.train(was_training)
+    if part is not None:
+        macs, params = layer_macs[part], layer_params[part]
     return ModelSize(params=int(params), macs=int(macs))
 
 
@@ -269,8 +282,16 @@ def named_optimizer_state(
     return {names[p]: dict(s) for p, s in optimizer.state.items() if p in names}
 
 
-def replay_pruning(model: nn.Module, history: list[list[Any]], example_inputs: Tensor) -> None:
-    """Apply a recorded Torch-Pruning history to an unpruned copy of the same model."""
+def replay_pruning(
+    model: nn.Module,
+    history: list[list[Any]],
+    example_inputs: Example,
+    ignored_layers: Sequence[nn.Module] = (),
+) -> None:
+    """Apply a recorded Torch-Pruning history to an unpruned copy of the same model.
+
+    ``ignored_layers`` are traced as :class:`NeuronLayout` traced them (a detector's heads).
+    """
     if not history:
         return
     channels_last = is_channels_last(model)
@@ -278,7 +299,9 @@ def replay_pruning(model: nn.Module, history: list[list[Any]], example_inputs: T
     model.eval()
     with warnings.catch_warnings():  # as NeuronLayout: parameters outside layers are modelled
         warnings.filterwarnings("ignore", "Unwrapped parameters", UserWarning)
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+        graph = tp.DependencyGraph().build_dependency(
+            model, example_inputs=example_inputs, forward_fn=tracing_forward(ignored_layers)
+        )
     graph.load_pruning_history(history)
     model.train(was_training)
     if channels_last:

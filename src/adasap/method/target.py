@@ -13,11 +13,18 @@ import copy
 from typing import Any, Literal, Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from adasap.errors import UserError
+from adasap.method.examples import Example
 from adasap.method.neurons import NeuronLayout
-from adasap.method.pruning import ModelSize, select_neurons, size_predictor
+from adasap.method.pruning import (
+    ModelSize,
+    measure_size,
+    predict_size,
+    select_neurons,
+    size_predictor,
+)
 
 SizeKind = Literal["params", "macs"]
 
@@ -99,6 +106,84 @@ class SizeTarget:
 
     def describe(self) -> str:
         return f"size {self.fraction():.2f}"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"dense": [self.dense.params, self.dense.macs]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.dense = ModelSize(*state["dense"])
+
+
+class PartSizeTarget:
+    """Keep ``keep`` of one submodule's parameters (or MACs): a detector's backbone (+neck).
+
+    The whole model is traced and measured as usual; this target counts ``part`` alone. Pair
+    it with ``ignored_layers`` covering every layer outside ``part`` when only the part should
+    lose neurons (:func:`adasap.method.output_layers.modules_outside`).
+    """
+
+    def __init__(
+        self,
+        keep: float,
+        kind: SizeKind,
+        model: nn.Module,
+        part: nn.Module,
+        example_inputs: Example,
+    ) -> None:
+        check_keep(keep)
+        if kind not in ("params", "macs"):
+            raise UserError(f"size kind must be params or macs, got {kind!r}")
+        self.keep, self.kind = keep, kind
+        self.model, self.part, self.example = model, part, example_inputs
+        self.dense = self.current = measure_size(model, example_inputs, part)
+
+    @property
+    def final(self) -> int:
+        return int(self.keep * self.dense.of(self.kind))
+
+    def _predictor(self, layout: NeuronLayout, current: ModelSize):
+        params = list(self.part.parameters())
+        layers = [m for m in self.part.modules() if m in layout.output_pixels]
+
+        def predict(removed: Tensor) -> float:
+            kept = predict_size(layout, removed, current)[1]
+            if self.kind == "params":
+                lost = sum(p.numel() * (1.0 - kept.get(id(p), 1.0)) for p in params)
+                return current.params - lost
+            lost = sum(
+                m.weight.numel() * (1.0 - kept.get(id(m.weight), 1.0)) * layout.output_pixels[m]
+                for m in layers
+            )
+            return current.macs - lost
+
+        return predict
+
+    def select(
+        self,
+        layout: NeuronLayout,
+        scores: Tensor,
+        progress: float,
+        min_channels: int,
+        round_to: int,
+    ) -> Tensor:
+        dense = self.dense.of(self.kind)
+        target = round(dense - (dense - self.final) * progress)
+        predict = self._predictor(layout, self.current)
+        return select_neurons(layout, scores, target, predict, self.kind, min_channels, round_to)
+
+    def removed(self, layout: NeuronLayout, size: ModelSize) -> None:
+        self.current = measure_size(self.model, self.example, self.part)
+
+    def check(self, layout: NeuronLayout, min_channels: int, round_to: int) -> None:
+        equal = torch.ones(layout.num_neurons)
+        predict = self._predictor(layout, self.dense)
+        select_neurons(layout, equal, self.final, predict, self.kind, min_channels, round_to)
+
+    def fraction(self) -> float:
+        return self.current.of(self.kind) / max(self.dense.of(self.kind), 1)
+
+    def describe(self) -> str:
+        return f"part size {self.fraction():.2f}"
 
     def state_dict(self) -> dict[str, Any]:
         return {"dense": [self.dense.params, self.dense.macs]}

@@ -101,6 +101,19 @@ def autocast_for(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def cosine_lr(
+    total_steps: int, warmup_steps: int = 0
+) -> Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LambdaLR]:
+    """``optimizer -> scheduler``: linear warm-up, then cosine decay to zero, per step."""
+    schedule = CosineSchedule(1.0, total_steps, warmup_steps)
+    return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.lr_at)
+
+
+def grad_scaler(device: torch.device, amp: torch.dtype | None) -> torch.amp.GradScaler | None:
+    """float16 gradients underflow without loss scaling; bfloat16's range needs none."""
+    return torch.amp.GradScaler(device.type) if amp == torch.float16 else None
+
+
 def steps_per_epoch(source: BatchSource) -> int:
     """Full batches per epoch (the last partial batch is dropped: BatchNorm needs > 1 image)."""
     count = len(source)

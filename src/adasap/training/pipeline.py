@@ -23,13 +23,14 @@ from adasap.devices import autocast_dtype, prepare_model, resolve_device
 from adasap.distributed import any_rank, is_distributed, is_main, shard, world_size
 from adasap.errors import UserError
 from adasap.method.neurons import NeuronLayout
-from adasap.method.pruner import Pruner, default_ignored_layers
+from adasap.method.output_layers import default_ignored_layers
+from adasap.method.pruner import Pruner
 from adasap.method.pruning import ModelSize
 from adasap.method.schedule import PHASES, PhaseSchedule
 from adasap.method.target import LatencyTarget, PruningTarget, SizeTarget
 from adasap.models.builders import find_classifier
 from adasap.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, stop_requests
-from adasap.training.loop import CosineSchedule, EpochLoop, steps_per_epoch
+from adasap.training.loop import EpochLoop, cosine_lr, grad_scaler, steps_per_epoch
 from adasap.training.progress import ProgressLog
 from adasap.training.settings import (
     PruneSettings,
@@ -131,9 +132,7 @@ class _Setup:
 
     def cosine(self, total_steps: int) -> Callable[[torch.optim.Optimizer], Any]:
         """The learning rate per step: linear warm-up, then cosine decay to zero."""
-        spe = len(self.source)
-        schedule = CosineSchedule(1.0, total_steps, round(self.s.lr_warmup_epochs * spe))
-        return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.lr_at)
+        return cosine_lr(total_steps, round(self.s.lr_warmup_epochs * len(self.source)))
 
     def pruner(self, model: nn.Module, schedule: PhaseSchedule, **kwargs: Any) -> Pruner:
         cls, optimizer_kwargs = base_optimizer(self.s.optimizer)
@@ -144,8 +143,7 @@ class _Setup:
             optimizer=cls,
             optimizer_kwargs=optimizer_kwargs,
             lr_scheduler=self.cosine(schedule.total_steps),
-            # float16 gradients underflow without loss scaling; bfloat16's range needs none
-            scaler=torch.amp.GradScaler(self.device.type) if self.amp == torch.float16 else None,
+            scaler=grad_scaler(self.device, self.amp),
             settings=pruner_settings(self.s),
             **kwargs,
         )
