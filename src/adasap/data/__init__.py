@@ -1,8 +1,14 @@
 """Data: built-in datasets, adasap's image sets, batching, and batch sources for any data."""
 
 from adasap.data.batching import augment_batch, batches, num_batches
-from adasap.data.datasets import DATASETS, get_spec, load_dataset, register_dataset
-from adasap.data.folders import FolderImageSet, ImageFolderFiles
+from adasap.data.datasets import (
+    DATASETS,
+    dataset_options,
+    get_spec,
+    load_dataset,
+    register_dataset,
+)
+from adasap.data.folders import FolderImageSet, ImageFolderFiles, default_workers
 from adasap.data.image_sets import DataBundle, ImageSet, TensorImageSet
 from adasap.data.sources import BatchSource, evaluation_source, training_source
 from adasap.data.specs import DatasetSpec
@@ -18,6 +24,8 @@ __all__ = [
     "TensorImageSet",
     "augment_batch",
     "batches",
+    "dataset_options",
+    "default_workers",
     "evaluation_source",
     "get_spec",
     "load_dataset",
