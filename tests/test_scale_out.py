@@ -4,8 +4,12 @@ ImageNet-C and ImageNet-V2 from the command line, the paper preset and its 8-GPU
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -248,3 +252,66 @@ def test_the_paper_preset_validates_on_an_imagenet_layout(tmp_path):
         90.0,
         90.0,
     )
+
+
+# --------------------------------------------------------------------------- two machines
+
+TINY_RUN = [
+    "-m", "adasap", "run", "--device", "cpu", "--dataset", "synthetic", "--train-limit", "192",
+    "--test-limit", "32", "--corruptions", "none", "--dense-epochs", "1", "--warmup-epochs", "1",
+    "--prune-epochs", "1", "--finetune-epochs", "1", "--prune-steps", "1", "--batch-size", "16",
+    "--no-progress",
+]  # fmt: skip
+
+
+def _launch(tmp_path: Path, name: str, *torchrun: str) -> subprocess.Popen:
+    command = [
+        sys.executable, "-m", "torch.distributed.run", *torchrun, *TINY_RUN,
+        "--out", str(tmp_path / "runs"), "--name", name, "--cache-dir", str(tmp_path / "cache"),
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_with_c10d_rendezvous_equal_one_node_with_two_processes(tmp_path):
+    """Two torchrun "machines" (one process each, c10d rendezvous on this host) run the job
+    that one torchrun with 2 processes runs: rank 0 alone writes and prints, and the pruned
+    models are the same, bit for bit (the same 2 ranks, whichever node each landed on)."""
+    single = _launch(tmp_path, "one-node", "--standalone", "--nproc_per_node", "2")
+    out, err = single.communicate(timeout=900)
+    assert single.returncode == 0, err.decode()[-3000:]
+    endpoint = f"127.0.0.1:{_free_port()}"
+    nodes = [
+        _launch(
+            tmp_path, "two-nodes", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank",
+            str(rank), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id",
+            "two-nodes",
+        )
+        for rank in (0, 1)
+    ]  # fmt: skip
+    outputs = [node.communicate(timeout=900) for node in nodes]
+    for node, (_, node_err) in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, node_err.decode()[-3000:]
+    printed = [node_out.decode() for node_out, _ in outputs]
+    assert sum(text.count("results:") for text in printed) == 1  # rank 0 alone prints
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["one-node", "two-nodes"]
+    runs = tmp_path / "runs"
+    assert sorted(p.name for p in (runs / "two-nodes").iterdir()) == sorted(
+        p.name for p in (runs / "one-node").iterdir()
+    )
+    for method in ("sgd", "adasap"):
+        theirs = adasap.load(runs / "one-node" / method).state_dict()
+        ours = adasap.load(runs / "two-nodes" / method).state_dict()
+        assert ours.keys() == theirs.keys()
+        for key, value in theirs.items():
+            assert torch.equal(ours[key], value), (method, key)
+    results = [json.loads((runs / n / "results.json").read_text()) for n in os.listdir(runs)]
+    accuracies = [[row["clean_accuracy"] for row in r["rows"]] for r in results]
+    assert accuracies[0] == accuracies[1]
