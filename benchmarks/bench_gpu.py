@@ -8,8 +8,8 @@ batch, and reports images/s (warm-up steps excluded, timed between ``torch.cuda.
 calls) and the peak GPU memory of the steps (``torch.cuda.max_memory_allocated``). It prints a
 table and writes JSON with the machine (GPU name, torch and CUDA versions).
 
-    python benchmarks/bench_gpu.py                # the full grid, about 3 min on an H200
-    python benchmarks/bench_gpu.py --quick        # bf16, channels_last only: under 1 min
+    python benchmarks/bench_gpu.py                # the full grid (sized for ~3 min on an H200)
+    python benchmarks/bench_gpu.py --quick        # bf16, channels_last only (for < 1 min)
     python benchmarks/bench_gpu.py --device cpu --image-size 64 --batch-size 4 --steps 2
 """
 

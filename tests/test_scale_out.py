@@ -17,9 +17,10 @@ import pytest
 import torch
 from PIL import Image
 from torch import nn
+from torch.nn import functional as F
 
 import adasap
-from adasap import cli
+from adasap import cli, distributed
 from adasap.data import default_workers, load_dataset
 from adasap.data import folders as folder_module
 from adasap.deploy.serialization import save_model
@@ -35,7 +36,7 @@ from adasap.robustness.report import SOURCE_RENDERED
 from adasap.training import pipeline
 from adasap.training.evaluate import evaluate_accuracy
 from adasap.training.settings import PruneSettings
-from test_distributed import ROOT, bn_net, run_ranks, tiny_data
+from test_distributed import ROOT, bn_net, plain_net, run_ranks, tiny_data
 
 
 def _image(path: Path, level: int, size: int = 8) -> None:
@@ -315,3 +316,43 @@ def test_two_nodes_with_c10d_rendezvous_equal_one_node_with_two_processes(tmp_pa
     results = [json.loads((runs / n / "results.json").read_text()) for n in os.listdir(runs)]
     accuracies = [[row["clean_accuracy"] for row in r["rows"]] for r in results]
     assert accuracies[0] == accuracies[1]
+
+
+# ------------------------------------------------------------- fp16 under DDP, local ascent
+
+
+def _one_rank_overflows() -> dict:
+    model = plain_net()
+    x, y = tiny_data(16)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    schedule = adasap.PhaseSchedule(2, 0, 0, removals=0)
+    pruner = Pruner(model, x[:2], schedule, method="sam", keep=1.0, scaler=scaler)
+    net = pruner.distribute()  # local ascent: each rank's first pass stays its own
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = []
+
+    def overflow_on_rank_1() -> torch.Tensor:
+        calls.append(1)
+        loss = F.cross_entropy(net(x), y)
+        first = len(calls) == 1 and distributed.rank() == 1
+        return loss * torch.tensor(float("inf")) if first else loss
+
+    pruner.step(overflow_on_rank_1)
+    unchanged = all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    scale = scaler.get_scale()
+    pruner.step(lambda: F.cross_entropy(net(x), y))  # the ranks stay in step afterwards
+    return {
+        "unchanged": unchanged,
+        "scale": scale,
+        "fingerprint": distributed.model_fingerprint(model),
+    }
+
+
+def test_an_fp16_overflow_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    """With a local ascent only rank 1's first gradient overflows; every rank skips the
+    second pass (whose all-reduce needs them all) and the update, and the scalers agree."""
+    ranks = run_ranks(tmp_path, _one_rank_overflows)
+    assert [r["unchanged"] for r in ranks] == [True, True]
+    assert [r["scale"] for r in ranks] == [2.0**3, 2.0**3]
+    assert ranks[0]["fingerprint"] == ranks[1]["fingerprint"]
+    assert ranks[0]["fingerprint"] != distributed.model_fingerprint(plain_net())  # then trained
