@@ -102,6 +102,17 @@ def test_a_syncbatchnorm_model_is_pruned_like_its_batchnorm_twin():
             assert torch.equal(value, reference[key]), key
 
 
+def test_sync_bn_and_workers_flags_reach_the_config():
+    parser = cli.build_parser()
+    for command in ("run", "train"):
+        config, _ = cli.config_from_args(parser.parse_args([command, "--sync-bn"]))
+        assert config.prune.sync_bn and config.to_flat()["sync_bn"] is True
+    default, _ = cli.config_from_args(parser.parse_args(["run"]))
+    assert not default.prune.sync_bn and default.workers is None
+    evaluate, _ = cli.config_from_args(parser.parse_args(["eval", "runs/x", "--workers", "2"]))
+    assert evaluate.workers == 2
+
+
 def _prune_with_sync_bn_on_the_cpu() -> str:
     try:
         adasap.prune(bn_net(), tiny_data(), sync_bn=True, device="cpu", keep=0.5, progress=False)
