@@ -83,6 +83,8 @@ RUN_OPTIONS: tuple[tuple[str, str, str], ...] = (
                                "onnxruntime)"),
     ("--seed", "seed", "random seed"),
     ("--device", "device", "auto, cpu or cuda[:N]"),
+    ("--workers", "workers", "loader processes per training process for image folders "
+                             "('none': the machine's cores shared by its processes, at most 8)"),
     ("--amp", "amp", "mixed precision: auto (fp16 on CUDA, bf16 on a CPU with native bf16), "
                      "bf16, fp16 or off"),
     ("--out", "out_dir", "parent folder of run directories"),
@@ -92,6 +94,12 @@ RUN_OPTIONS: tuple[tuple[str, str, str], ...] = (
 RUN_SWITCHES: tuple[tuple[str, str, bool, str], ...] = (
     ("--asam", "asam", True, "scale-invariant (ASAM) perturbations (phase 3: see --finetune-*)"),
     ("--sync-ascent", "sync_ascent", True, "torchrun: average the ascent gradient over the ranks"),
+    (
+        "--sync-bn",
+        "sync_bn",
+        True,
+        "torchrun on GPUs: SyncBatchNorm (statistics of the global batch)",
+    ),
     ("--compile", "compile", True, "torch.compile the model (compiled again after removals)"),
     ("--overwrite", "overwrite", True, "replace an existing run directory of the same name"),
     ("--no-progress", "progress", False, "no progress bars"),
@@ -101,13 +109,13 @@ RUN_SWITCHES: tuple[tuple[str, str, bool, str], ...] = (
 TRAIN_KEYS = {
     "dataset", "data_dir", "model", "train_limit", "test_limit", "dense_epochs", "dense_lr",
     "batch_size", "seed", "device", "out_dir", "name", "cache_dir", "overwrite", "progress",
-    "compile", "amp",
+    "compile", "amp", "workers", "sync_bn",
 }  # fmt: skip
 
 
 EVAL_KEYS = {
     "dataset", "data_dir", "test_limit", "corruptions", "corruption_limit", "seed", "device",
-    "cache_dir", "progress",
+    "cache_dir", "progress", "workers",
 }  # fmt: skip
 
 
@@ -175,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--official",
         choices=("cifar10-c", "cifar100-c", "tinyimagenet-c", "imagenet-c"),
         help="which official set --official-dir holds",
+    )
+    evaluate.add_argument(
+        "--imagenet-v2",
+        metavar="DIR",
+        help="also report the accuracy on an ImageNet-V2 folder (<DIR>/<class index>/<image>)",
     )
     _add_options(
         evaluate,
@@ -247,7 +260,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[ExperimentConfig, bool]:
     Keys and types are checked here, naming the file (flags are typed by the parser); ranges
     are checked once, when the job starts.
     """
-    own = ("command", "config", "resume", "path", "official", "official_dir")
+    own = ("command", "config", "resume", "path", "official", "official_dir", "imagenet_v2")
     flags = {k: v for k, v in vars(args).items() if k not in own}
     values: dict[str, Any] = {}
     source = None
@@ -315,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
             if bool(args.official) != bool(args.official_dir):
                 raise UserError("--official and --official-dir go together: give both or neither")
             official = (args.official_dir, args.official) if args.official else None
-            evaluate_path(args.path, config, official, console)
+            evaluate_path(args.path, config, official, console, args.imagenet_v2)
         else:
             run_experiment(config, console, resume=resume)
     except TrainingDiverged as exc:

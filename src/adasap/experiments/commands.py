@@ -23,10 +23,12 @@ from adasap.experiments.run import (
     example_images,
     folder_label,
     load_data,
+    loader_workers,
     model_architecture,
     prepare_run_dir,
 )
 from adasap.method.pruning import measure_size
+from adasap.robustness.official import load_imagenet_v2
 from adasap.training.evaluate import evaluate_accuracy
 from adasap.training.loop import steps_per_epoch
 
@@ -36,11 +38,14 @@ def evaluate_path(
     config: ExperimentConfig,
     official: tuple[str, str] | None = None,
     console: Console | None = None,
+    imagenet_v2: str | Path | None = None,
 ) -> list[ResultRow]:
     """``adasap eval``: evaluate one saved model directory, or every model of a run directory.
 
     Reports are written next to each model (``corruptions.{json,md,png}``) and a table of
-    all of them is printed.
+    all of them is printed. ``imagenet_v2`` is an ImageNet-V2 style folder
+    (``<root>/<class index>/<image>``), resized and centre-cropped as the validation images
+    are; its accuracy is the table's ImageNet-V2 column.
     """
     console = console or Console(quiet=not is_main())
     path = Path(path)
@@ -57,10 +62,23 @@ def evaluate_path(
     data = load_data(config)
     for directory in models.values():
         _check_fits(read_description(directory)["architecture"], data, directory)
+    shifted = None
+    if imagenet_v2 is not None:
+        size = data.spec.image_size
+        shifted = load_imagenet_v2(
+            imagenet_v2,
+            resize=round(size * 256 / 224),
+            crop=size,
+            num_workers=loader_workers(config),
+        )
+    device = resolve_device(config.prune.device)
     rows = []
     for label, directory in models.items():
         model = loaded[label]
         row = evaluate_model(model, data, config, directory.parent, label, official)
+        if shifted is not None:
+            shift = evaluate_accuracy(model, shifted, device=device, sharded=True)
+            row = replace(row, shift_accuracy=shift)
         size = measure_size(model, example_images(data))
         rows.append(replace(row, params=size.params, macs=size.macs))
     console.print(results_table(rows, title=f"adasap eval: {path}"))

@@ -107,6 +107,17 @@ def check_target_reachable(
     target.check(layout, s.min_channels, s.round_to)
 
 
+def sync_batchnorm(model: nn.Module, settings: PruneSettings) -> None:
+    """Under torchrun with ``sync_bn``, make the BatchNorm layers SyncBatchNorm (in place).
+
+    Every rank then normalises with the statistics of the global batch. In one process
+    BatchNorm already sees the whole batch, so nothing changes. SyncBatchNorm is pruned like
+    BatchNorm (a subclass) and saved under the same keys, so saved models load as BatchNorm.
+    """
+    if settings.sync_bn and is_distributed():
+        nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
 @dataclass
 class _Setup:
     """What dense training and pruning build the same way: device, data, loop, schedule."""
@@ -126,6 +137,7 @@ class _Setup:
         source = training_source(train_data, batch_size=s.batch_size, seed=s.seed, shard=shard())
         steps_per_epoch(source)  # enough training images for one batch?
         source.check()
+        sync_batchnorm(model, s)  # before the Pruner traces the model
         prepare_model(model, device, channels_last)
         amp = autocast_dtype(s.amp, device)
         return cls(s, source, device, channels_last, amp, source.example().to(device))
