@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from adasap.data import BatchSource, DataBundle, training_source
-from adasap.devices import autocast_dtype, prepare_model, resolve_device
+from adasap.devices import autocast_dtype, prepare_model, resolve_device, wants_channels_last
 from adasap.distributed import any_rank, is_distributed, is_main, shard, world_size
 from adasap.errors import UserError
 from adasap.method.neurons import NeuronLayout
@@ -132,7 +132,7 @@ class _Setup:
     @classmethod
     def of(cls, model: nn.Module, train_data: Any, s: PruneSettings) -> _Setup:
         device = resolve_device(s.device)
-        channels_last = s.channels_last and device.type == "cpu"
+        channels_last = wants_channels_last(s.channels_last, device)
         # data-parallel: batch_size per rank, each rank its part of every global batch
         source = training_source(train_data, batch_size=s.batch_size, seed=s.seed, shard=shard())
         steps_per_epoch(source)  # enough training images for one batch?
