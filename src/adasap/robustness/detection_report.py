@@ -4,13 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from adasap.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from adasap.robustness import corruptions as C
 from adasap.robustness.corruptions import SEVERITIES
-from adasap.robustness.report import SOURCE_RENDERED, _category, _kind_suffix, _mean, _pct, _ratio
+from adasap.robustness.report import (
+    SOURCE_RENDERED,
+    SeverityTableReport,
+    _category,
+    _kind_suffix,
+    _mean,
+    _pct,
+    _ratio,
+)
 from adasap.robustness.report import heatmap_png as _heatmap_png
 
 # The metrics a report can be headed by: VOC's mAP at IoU 0.5, COCO's mean over 0.50:0.95.
@@ -19,7 +25,7 @@ METRIC_NAMES = {"map_50": "mAP@0.5", "map": "mAP@[.5:.95]"}
 
 
 @dataclass
-class DetectionCorruptionReport:
+class DetectionCorruptionReport(SeverityTableReport):
     """mAP on clean and corrupted test images (Michaelis et al. 2019) and the summary numbers.
 
     ``clean`` and ``results[corruption][severity]`` map each of ``map_50``, ``map`` and
@@ -28,6 +34,9 @@ class DetectionCorruptionReport:
     and rPC (:attr:`rpc` = mPC / P). The 4 extras and the held-out ``cbar`` family are
     averaged apart.
     """
+
+    title = "Detection robustness"
+    file_stem = "detection-corruptions"
 
     dataset_key: str
     source: str
@@ -167,17 +176,8 @@ class DetectionCorruptionReport:
             lines.append("Not all 15 benchmark corruptions x 5 severities were evaluated.")
         return lines
 
-    def to_markdown(self) -> str:
-        """Summary and the metric per corruption x severity as Markdown."""
-        name = METRIC_NAMES[self.metric]
-        out = [f"# Detection robustness: {self.dataset_key}", "", *self._header_lines(), ""]
-        out += ["| metric | value |", "|---|---|"]
-        out += [f"| {k} | {v} |" for k, v in self._summary_rows()]
-        header = ["corruption", "category", *(f"s{s}" for s in SEVERITIES), "mean"]
-        out += ["", f"## {name} (%) per corruption and severity", ""]
-        out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        out += ["| " + " | ".join(row) + " |" for row in self._corruption_rows()]
-        return "\n".join(out) + "\n"
+    def _metric_label(self) -> str:
+        return METRIC_NAMES[self.metric]
 
     def heatmap_png(self) -> bytes:
         """The metric per corruption x severity as a heatmap, PNG bytes."""
@@ -188,31 +188,3 @@ class DetectionCorruptionReport:
         )
         values = self.values()
         return _heatmap_png({n: values[n] for n in self._names()}, title, f"{name} (%)")
-
-    def save(self, directory: str | Path, stem: str = "detection-corruptions") -> dict[str, Path]:
-        """Write ``<stem>.json``, ``.md`` and ``.png`` atomically into ``directory``."""
-        directory = Path(directory)
-        return {
-            "json": atomic_write_json(directory / f"{stem}.json", self.to_dict()),
-            "markdown": atomic_write_text(directory / f"{stem}.md", self.to_markdown()),
-            "heatmap": atomic_write_bytes(directory / f"{stem}.png", self.heatmap_png()),
-        }
-
-    def print_table(self, console: Any = None) -> None:
-        """Print the summary and the corruption x severity table with rich."""
-        from rich.console import Console
-        from rich.table import Table
-
-        console = console or Console()
-        for line in self._header_lines():
-            console.print(line)
-        summary = Table(show_header=False, box=None)
-        for key, value in self._summary_rows():
-            summary.add_row(key, value)
-        console.print(summary)
-        table = Table(title=f"{METRIC_NAMES[self.metric]} (%) on {self.dataset_key}")
-        for col in ["corruption", "category", *(f"s{s}" for s in SEVERITIES), "mean"]:
-            table.add_column(col, justify="left" if col in ("corruption", "category") else "right")
-        for row in self._corruption_rows():
-            table.add_row(*row)
-        console.print(table)

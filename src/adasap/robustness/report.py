@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -55,8 +56,86 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}"
 
 
+class SeverityTableReport(ABC):
+    """What a corruption report shares, whatever its metric: the Markdown, the rich table and the
+    files. Subclasses give the rows, ``to_dict``, ``heatmap_png``, and these two names."""
+
+    title = ""  # the Markdown heading: "Corruption robustness", "Detection robustness"
+    file_stem = ""  # the saved files' default stem
+    dataset_key: str
+
+    @abstractmethod
+    def _metric_label(self) -> str: ...
+
+    def _extra_columns(self) -> list[str]:
+        return []
+
+    def _footer_lines(self) -> list[str]:
+        return []
+
+    def _table_header(self) -> list[str]:
+        return ["corruption", "category", *(f"s{s}" for s in SEVERITIES), "mean"] + (
+            self._extra_columns()
+        )
+
+    def to_markdown(self) -> str:
+        """A Markdown report: summary, the metric per corruption x severity."""
+        out = [f"# {self.title}: {self.dataset_key}", "", *self._header_lines()]
+        out += ["", "| metric | value |", "|---|---|"]
+        out += [f"| {k} | {v} |" for k, v in self._summary_rows()]
+        header = self._table_header()
+        out += ["", f"## {self._metric_label()} (%) per corruption and severity", ""]
+        out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        out += ["| " + " | ".join(row) + " |" for row in self._corruption_rows()]
+        footer = self._footer_lines()
+        return "\n".join(out + ([""] + footer if footer else [])) + "\n"
+
+    def save(self, directory: str | Path, stem: str | None = None) -> dict[str, Path]:
+        """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` atomically into ``directory``."""
+        directory, stem = Path(directory), stem or self.file_stem
+        return {
+            "json": atomic_write_json(directory / f"{stem}.json", self.to_dict()),
+            "markdown": atomic_write_text(directory / f"{stem}.md", self.to_markdown()),
+            "heatmap": atomic_write_bytes(directory / f"{stem}.png", self.heatmap_png()),
+        }
+
+    def print_table(self, console: Any = None) -> None:
+        """Print the summary and the corruption x severity table with rich."""
+        from rich.console import Console
+        from rich.table import Table
+
+        console = console or Console()
+        for line in self._header_lines():
+            console.print(line)
+        summary = Table(show_header=False, box=None)
+        for key, value in self._summary_rows():
+            summary.add_row(key, value)
+        console.print(summary)
+        table = Table(title=f"{self._metric_label()} (%) on {self.dataset_key}")
+        for col in self._table_header():
+            table.add_column(col, justify="left" if col in ("corruption", "category") else "right")
+        for row in self._corruption_rows():
+            table.add_row(*row)
+        console.print(table)
+
+    @abstractmethod
+    def _header_lines(self) -> list[str]: ...
+
+    @abstractmethod
+    def _summary_rows(self) -> list[tuple[str, str]]: ...
+
+    @abstractmethod
+    def _corruption_rows(self) -> list[list[str]]: ...
+
+    @abstractmethod
+    def to_dict(self) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def heatmap_png(self) -> bytes: ...
+
+
 @dataclass
-class CorruptionReport:
+class CorruptionReport(SeverityTableReport):
     """Accuracy on clean and corrupted test images, and the summary numbers derived from it.
 
     ``accuracy[corruption][severity]`` is top-1 accuracy in [0, 1]. The headline
@@ -64,6 +143,9 @@ class CorruptionReport:
     the 4 extras and the held-out ``cbar`` family (when evaluated) are averaged separately. mCE
     (AlexNet-normalised, in [0, inf)) is only defined for ImageNet data with all 15 x 5 entries.
     """
+
+    title = "Corruption robustness"
+    file_stem = "corruptions"
 
     dataset_key: str
     source: str
@@ -238,19 +320,16 @@ class CorruptionReport:
             lines.append("Not all 15 benchmark corruptions x 5 severities were evaluated.")
         return lines
 
-    def to_markdown(self) -> str:
-        """A Markdown report: summary, accuracy per corruption x severity, per category."""
-        out = [f"# Corruption robustness: {self.dataset_key}", ""]
-        out += self._header_lines()
-        out += ["", "| metric | value |", "|---|---|"]
-        out += [f"| {k} | {v} |" for k, v in self._summary_rows()]
-        header = ["corruption", "category", *(f"s{s}" for s in SEVERITIES), "mean", "CE"]
-        out += ["", "## Accuracy (%) per corruption and severity", ""]
-        out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        out += ["| " + " | ".join(row) + " |" for row in self._corruption_rows()]
-        if self.mce is not None:
-            out += ["", f"CE and mCE are normalised by AlexNet's errors ({ALEXNET_SOURCE})."]
-        return "\n".join(out) + "\n"
+    def _metric_label(self) -> str:
+        return "Accuracy"
+
+    def _extra_columns(self) -> list[str]:
+        return ["CE"]
+
+    def _footer_lines(self) -> list[str]:
+        if self.mce is None:
+            return []
+        return [f"CE and mCE are normalised by AlexNet's errors ({ALEXNET_SOURCE})."]
 
     def heatmap_png(self) -> bytes:
         """A corruption x severity accuracy heatmap as PNG bytes (matplotlib, Agg canvas)."""
@@ -260,34 +339,6 @@ class CorruptionReport:
         )
         names = self._names()
         return heatmap_png({n: self.accuracy[n] for n in names}, title, "top-1 accuracy (%)")
-
-    def save(self, directory: str | Path, stem: str = "corruptions") -> dict[str, Path]:
-        """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` atomically into ``directory``."""
-        directory = Path(directory)
-        return {
-            "json": atomic_write_json(directory / f"{stem}.json", self.to_dict()),
-            "markdown": atomic_write_text(directory / f"{stem}.md", self.to_markdown()),
-            "heatmap": atomic_write_bytes(directory / f"{stem}.png", self.heatmap_png()),
-        }
-
-    def print_table(self, console: Any = None) -> None:
-        """Print the summary and the corruption x severity table with rich."""
-        from rich.console import Console
-        from rich.table import Table
-
-        console = console or Console()
-        for line in self._header_lines():
-            console.print(line)
-        summary = Table(show_header=False, box=None)
-        for key, value in self._summary_rows():
-            summary.add_row(key, value)
-        console.print(summary)
-        table = Table(title=f"Accuracy (%) on {self.dataset_key}")
-        for col in ["corruption", "category", *(f"s{s}" for s in SEVERITIES), "mean", "CE"]:
-            table.add_column(col, justify="left" if col in ("corruption", "category") else "right")
-        for row in self._corruption_rows():
-            table.add_row(*row)
-        console.print(table)
 
 
 def _kind_suffix(name: str) -> str:
