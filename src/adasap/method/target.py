@@ -10,6 +10,7 @@ interface, so the pruner needs no timing code.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any, Literal, Protocol
 
 import torch
@@ -90,15 +91,19 @@ class SizeTarget:
     ) -> Tensor:
         dense = self.dense.of(self.kind)
         target = round(dense - (dense - self.final) * progress)
-        predict = size_predictor(layout, self.current, self.kind)
+        predict = self._predictor(layout, self.current)
         return select_neurons(layout, scores, target, predict, self.kind, min_channels, round_to)
+
+    def _predictor(self, layout: NeuronLayout, current: ModelSize) -> Callable[[Tensor], float]:
+        """The size after removing a set of neurons, from the size ``current``."""
+        return size_predictor(layout, current, self.kind)
 
     def removed(self, layout: NeuronLayout, size: ModelSize) -> None:
         self.current = size
 
     def check(self, layout: NeuronLayout, min_channels: int, round_to: int) -> None:
         equal = torch.ones(layout.num_neurons)
-        predict = size_predictor(layout, self.dense, self.kind)
+        predict = self._predictor(layout, self.dense)
         select_neurons(layout, equal, self.final, predict, self.kind, min_channels, round_to)
 
     def fraction(self) -> float:
@@ -114,12 +119,13 @@ class SizeTarget:
         self.dense = ModelSize(*state["dense"])
 
 
-class PartSizeTarget:
+class PartSizeTarget(SizeTarget):
     """Keep ``keep`` of one submodule's parameters (or MACs): a detector's backbone (+neck).
 
-    The whole model is traced and measured as usual; this target counts ``part`` alone. Pair
-    it with ``ignored_layers`` covering every layer outside ``part`` when only the part should
-    lose neurons (:func:`adasap.method.output_layers.modules_outside`).
+    The whole model is traced and measured as usual; this target counts ``part`` alone, bound
+    to the part's own size from the start. Pair it with ``ignored_layers`` covering every layer
+    outside ``part`` when only the part should lose neurons
+    (:func:`adasap.method.output_layers.modules_outside`).
     """
 
     def __init__(
@@ -130,18 +136,14 @@ class PartSizeTarget:
         part: nn.Module,
         example_inputs: Example,
     ) -> None:
-        check_keep(keep)
-        if kind not in ("params", "macs"):
-            raise UserError(f"size kind must be params or macs, got {kind!r}")
-        self.keep, self.kind = keep, kind
+        super().__init__(keep, kind)
         self.model, self.part, self.example = model, part, example_inputs
         self.dense = self.current = measure_size(model, example_inputs, part)
 
-    @property
-    def final(self) -> int:
-        return int(self.keep * self.dense.of(self.kind))
+    def bind(self, dense: ModelSize) -> None:
+        """Nothing: the reference is the part's own size, measured above, not the model's."""
 
-    def _predictor(self, layout: NeuronLayout, current: ModelSize):
+    def _predictor(self, layout: NeuronLayout, current: ModelSize) -> Callable[[Tensor], float]:
         params = list(self.part.parameters())
         layers = [m for m in self.part.modules() if m in layout.output_pixels]
 
@@ -158,38 +160,11 @@ class PartSizeTarget:
 
         return predict
 
-    def select(
-        self,
-        layout: NeuronLayout,
-        scores: Tensor,
-        progress: float,
-        min_channels: int,
-        round_to: int,
-    ) -> Tensor:
-        dense = self.dense.of(self.kind)
-        target = round(dense - (dense - self.final) * progress)
-        predict = self._predictor(layout, self.current)
-        return select_neurons(layout, scores, target, predict, self.kind, min_channels, round_to)
-
     def removed(self, layout: NeuronLayout, size: ModelSize) -> None:
         self.current = measure_size(self.model, self.example, self.part)
 
-    def check(self, layout: NeuronLayout, min_channels: int, round_to: int) -> None:
-        equal = torch.ones(layout.num_neurons)
-        predict = self._predictor(layout, self.dense)
-        select_neurons(layout, equal, self.final, predict, self.kind, min_channels, round_to)
-
-    def fraction(self) -> float:
-        return self.current.of(self.kind) / max(self.dense.of(self.kind), 1)
-
     def describe(self) -> str:
         return f"part size {self.fraction():.2f}"
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"dense": [self.dense.params, self.dense.macs]}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.dense = ModelSize(*state["dense"])
 
 
 class LatencyTarget:
