@@ -23,17 +23,15 @@ from torch import Tensor, nn
 
 from adasap.data.detection import DetectionBatch, DetectionBatches, Target
 from adasap.errors import UserError, exception_reason
-from adasap.robustness import corruptions as C
 from adasap.robustness.corruptions import (
     SEVERITIES,
-    get_corruption,
     image_fingerprint,
     render_cached,
     resolve_param_table,
     to_uint8,
 )
 from adasap.robustness.detection_report import METRICS, DetectionCorruptionReport
-from adasap.robustness.official import check_severity
+from adasap.robustness.evaluation import check_request
 from adasap.training.evaluate import model_device
 
 # Images rendered by one render_cached call at most: its float copy of VOC-sized images then
@@ -240,13 +238,7 @@ def evaluate_detection_corruptions(
     """
     if metric not in METRICS:
         raise UserError(f"unknown metric {metric!r}: choose one of {', '.join(METRICS)}")
-    corruptions = C.CORRUPTIONS if corruptions is None else tuple(corruptions)
-    for name in corruptions:
-        get_corruption(name)
-    for s in severities:
-        check_severity(s)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise UserError(f"batch size {batch_size!r} is invalid: use a positive integer")
+    corruptions = check_request(corruptions, severities, batch_size)
     device = torch.device(device) if device is not None else model_device(model)
     images, targets = _gather(data, batch_size)
     if not images:

@@ -60,6 +60,21 @@ def _gather(data: Any, batch_size: int) -> tuple[Tensor, Tensor]:
     return torch.cat([x for x, _ in pairs]), torch.cat([y for _, y in pairs])
 
 
+def check_request(
+    corruptions: Sequence[str] | None, severities: Sequence[int], batch_size: int
+) -> tuple[str, ...]:
+    """The corruptions to evaluate (default: the benchmark and extra ones), every name, severity
+    and the batch size checked, as one-line :class:`UserError`s."""
+    corruptions = C.CORRUPTIONS if corruptions is None else tuple(corruptions)
+    for name in corruptions:
+        get_corruption(name)
+    for s in severities:
+        check_severity(s)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"batch size {batch_size!r} is invalid: use a positive integer")
+    return corruptions
+
+
 def evaluate_corruptions(
     model: nn.Module,
     test_data: Any,
@@ -106,13 +121,7 @@ def evaluate_corruptions(
     evaluates its own), and every rank returns the whole report; rank 0 alone shows progress.
     """
     sharded = sharded and is_distributed()
-    corruptions = C.CORRUPTIONS if corruptions is None else tuple(corruptions)
-    for name in corruptions:
-        get_corruption(name)
-    for s in severities:
-        check_severity(s)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise UserError(f"batch size {batch_size!r} is invalid: use a positive integer")
+    corruptions = check_request(corruptions, severities, batch_size)
     clean = _clean_data(test_data, labels)
     device = torch.device(device) if device is not None else model_device(model)
     table = None
