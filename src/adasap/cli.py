@@ -17,14 +17,17 @@ from typing import Any, NoReturn
 
 from rich.console import Console
 
+from adasap.deploy.detection_onnx import export_detector_onnx
 from adasap.deploy.latency import run_latency
 from adasap.deploy.onnx import export_onnx, select_model
+from adasap.deploy.serialization import is_detector, read_description
 from adasap.distributed import close, init_from_env, is_main, launched
 from adasap.errors import UserError
 from adasap.experiments.bench import run_bench
 from adasap.experiments.bench_report import write_report
 from adasap.experiments.commands import evaluate_path, train_dense_model
 from adasap.experiments.config import SCHEMA, ExperimentConfig, from_flat, load_yaml
+from adasap.experiments.detection_run import run_detection_experiment
 from adasap.experiments.grid import Parallel
 from adasap.experiments.presets import PRESETS
 from adasap.experiments.run import run_experiment
@@ -40,6 +43,8 @@ DEFAULTS = ExperimentConfig().to_flat()
 
 # (flag, config key, help); the type comes from the config schema
 RUN_OPTIONS: tuple[tuple[str, str, str], ...] = (
+    ("--task", "task", "classification, or detection (its own defaults: tiny_ssd on the "
+                       "Fashion-MNIST canvases, README)"),
     ("--dataset", "dataset", "fashion-mnist, mnist, cifar10, cifar100, digits, synthetic or "
                              "imagefolder:<path>"),
     ("--data-dir", "data_dir", "where the dataset's files are"),
@@ -88,6 +93,7 @@ RUN_OPTIONS: tuple[tuple[str, str, str], ...] = (
     ("--out", "out_dir", "parent folder of run directories"),
     ("--name", "name", "run directory name (default: date-dataset-model)"),
     ("--cache-dir", "cache_dir", "dense models and corrupted test sets (default ~/.cache/adasap)"),
+    ("--image-size", "image_size", "detection: the canvases' side and the detector's input"),
 )  # fmt: skip
 RUN_SWITCHES: tuple[tuple[str, str, bool, str], ...] = (
     ("--asam", "asam", True, "scale-invariant (ASAM) perturbations (phase 3: see --finetune-*)"),
@@ -307,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         if _restarted_run(args, config):  # torchrun --max-restarts: continue the named run
             args.resume = str(Path(config.out_dir) / str(config.name))
             config, resume = config_from_args(args)
+        if config.task == "detection":
+            _check_detection_command(args, resume)
         init_from_env(config.prune.device)  # under torchrun: join its process group
         console = Console(quiet=not is_main())
         if args.command == "train":
@@ -316,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError("--official and --official-dir go together: give both or neither")
             official = (args.official_dir, args.official) if args.official else None
             evaluate_path(args.path, config, official, console)
+        elif config.task == "detection":
+            run_detection_experiment(config, console)
         else:
             run_experiment(config, console, resume=resume)
     except TrainingDiverged as exc:
@@ -333,6 +343,19 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         close()
     return 0
+
+
+def _check_detection_command(args: argparse.Namespace, resume: bool) -> None:
+    if launched():
+        raise UserError(
+            "torchrun does not run detection jobs: start adasap with --task detection in one "
+            "process"
+        )
+    if resume:
+        raise UserError("--resume is not supported for detection runs: start the run again")
+    if args.command == "train":
+        raise UserError("adasap train is for classifiers: adasap run --task detection trains "
+                        "(and caches) the dense detector")  # fmt: skip
 
 
 def _restarted_run(args: argparse.Namespace, config: ExperimentConfig) -> bool:
@@ -357,7 +380,11 @@ def _deploy(args: argparse.Namespace) -> int:
     console = Console()
     try:
         if args.command == "export":
-            report = export_onnx(select_model(args.path, args.method), args.onnx, opset=args.opset)
+            directory = select_model(args.path, args.method)
+            if is_detector(read_description(directory)["architecture"]):
+                report = export_detector_onnx(directory, args.onnx, opset=args.opset)
+            else:
+                report = export_onnx(directory, args.onnx, opset=args.opset)
             console.print(str(report))
             return 0 if report.passed else 1
         comparison = run_latency(

@@ -10,11 +10,12 @@ from typing import Any
 from rich.console import Console
 
 from adasap.data import DataBundle, training_source
-from adasap.deploy.serialization import load_model, read_description, save_model
+from adasap.deploy.serialization import is_detector, load_model, read_description, save_model
 from adasap.devices import resolve_device
 from adasap.distributed import broadcast_value, is_main, on_main, shard
 from adasap.errors import UserError
 from adasap.experiments.config import ExperimentConfig
+from adasap.experiments.detection_run import evaluate_detectors
 from adasap.experiments.reporting import results_table
 from adasap.experiments.results import ResultRow
 from adasap.experiments.run import (
@@ -53,6 +54,11 @@ def evaluate_path(
     if not models:
         raise UserError(f"{path} holds no saved model: pass a run directory or a model directory")
     loaded = {label: load_model(directory) for label, directory in models.items()}  # fail fast
+    detectors = [is_detector(read_description(d)["architecture"]) for d in models.values()]
+    if any(detectors):
+        if not all(detectors):
+            raise UserError(f"{path} holds both classifiers and detectors: evaluate them apart")
+        return evaluate_detectors(loaded, models, config, console)
     config = config.validate()
     data = load_data(config)
     for directory in models.values():
