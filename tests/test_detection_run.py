@@ -191,3 +191,37 @@ def test_default_detection_job_end_to_end(tmp_path, monkeypatch, capsys):
     rows = json.loads((tmp_path / "d" / "results.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["dense", "sgd", "adasap"]
     assert rows[0]["clean_accuracy"] > 0.1  # the dense detector has learnt something
+
+
+def test_bench_smoke_reports_means_and_deltas_vs_sgd(tmp_path, monkeypatch, capsys):
+    from dataclasses import replace
+
+    from adasap.experiments import detection_bench
+
+    monkeypatch.setenv("ADASAP_CACHE", str(tmp_path / "cache"))
+    fashion = write_fashion(tmp_path / "fashion", 60, 30)
+    smoke = detection_bench.DETECTION_PRESETS["smoke"]
+    patched = replace(smoke, base={**smoke.base, "data_dir": str(fashion)})
+    monkeypatch.setitem(detection_bench.DETECTION_PRESETS, "smoke", patched)
+    out = tmp_path / "bench"
+    args = ["bench", "--task", "detection", "--preset", "smoke", "--out", str(out)]
+    assert cli.main(args) == 0, capsys.readouterr().err
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["cell"] for r in rows) == [
+        "adasap-keep0.5-seed0", "adasap-keep0.5-seed1", "sgd-keep0.5-seed0", "sgd-keep0.5-seed1",
+    ]  # fmt: skip
+    report = (out / "report.md").read_text()
+    assert "adasap bench --task detection --preset smoke" in report
+    adasap_line = next(line for line in report.splitlines() if line.startswith("| adasap |"))
+    by = {(r["method"], r["seed"]): r for r in rows}
+    deltas = [by["adasap", s]["clean_accuracy"] - by["sgd", s]["clean_accuracy"] for s in (0, 1)]
+    mean = 100 * sum(deltas) / 2
+    assert f"{mean:.2f} +- " in adasap_line.split("|")[7]  # P - sgd: the paired mean
+    # a second call finds every cell done and only rewrites the report
+    monkeypatch.setattr(detection_bench, "pruned_detector_row", None)
+    assert cli.main(args) == 0
+
+
+def test_bench_refuses_a_classification_preset_for_detection(capsys):
+    assert cli.main(["bench", "--task", "detection", "--preset", "paper"]) == 2
+    assert "no bench preset 'paper' for this task" in capsys.readouterr().err

@@ -27,6 +27,7 @@ from adasap.experiments.bench import run_bench
 from adasap.experiments.bench_report import write_report
 from adasap.experiments.commands import evaluate_path, train_dense_model
 from adasap.experiments.config import SCHEMA, ExperimentConfig, from_flat, load_yaml
+from adasap.experiments.detection_bench import DETECTION_PRESETS, run_detection_bench
 from adasap.experiments.detection_run import run_detection_experiment
 from adasap.experiments.grid import Parallel
 from adasap.experiments.presets import PRESETS
@@ -205,7 +206,17 @@ def build_parser() -> argparse.ArgumentParser:
          SWEEP_PRESETS),
     ):  # fmt: skip
         command = commands.add_parser(name, help=f"run {what}; resumable: rerun to continue")
-        command.add_argument("--preset", default=next(iter(presets)), choices=list(presets))
+        names = list(dict.fromkeys([*presets, *(DETECTION_PRESETS if name == "bench" else ())]))
+        command.add_argument(
+            "--preset", choices=names, help=f"default: {next(iter(presets))} (detection: small)"
+        )
+        if name == "bench":
+            command.add_argument(
+                "--task",
+                choices=("classification", "detection"),
+                default="classification",
+                help="detection: tiny_ssd on the canvases, P/mPC/rPC",
+            )
         command.add_argument("--out", help=f"output folder (default: runs/{name}-<preset>)")
         command.add_argument("--report-only", action="store_true",
                              help="rewrite the report from the results so far")  # fmt: skip
@@ -400,9 +411,23 @@ def _deploy(args: argparse.Namespace) -> int:
 
 
 def _bench_or_sweep(args: argparse.Namespace) -> int:
-    out = args.out or f"runs/{args.command}-{args.preset}"
+    detection = getattr(args, "task", None) == "detection"
+    presets = (
+        DETECTION_PRESETS if detection else (PRESETS if args.command == "bench" else SWEEP_PRESETS)
+    )
+    args.preset = args.preset or next(iter(presets))
+    out = args.out or f"runs/{args.command}-{'detection-' if detection else ''}{args.preset}"
     console = Console()
     try:
+        if args.preset not in presets:
+            raise UserError(f"no {args.command} preset {args.preset!r} for this task: choose one "
+                            f"of {', '.join(presets)}")  # fmt: skip
+        if detection:
+            if args.jobs or args.ray or args.report_only:
+                raise UserError("the detection benchmark runs its cells one after the other: "
+                                "drop --jobs, --ray and --report-only")  # fmt: skip
+            console.print(f"report: {run_detection_bench(args.preset, out, console)}")
+            return 0
         parallel = Parallel(jobs=args.jobs, ray=args.ray).validate()
         if args.command == "bench":
             if not args.report_only:

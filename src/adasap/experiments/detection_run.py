@@ -266,12 +266,13 @@ def evaluate_detectors(
     return rows
 
 
-def reduced_note(config: ExperimentConfig, data: DetectionBundle) -> str:
-    side = image_side(config)
-    corrupted = min(config.corruption_limit or len(data.test), len(data.test))
+def reduced_note(config: ExperimentConfig) -> str:
+    """The reduced setting in words (the canvas counts are the config's limits)."""
+    test = int(config.test_limit or 0)
+    corrupted = min(config.corruption_limit or test, test)
     return (
-        f"Reduced setting: {len(data.train)} training and {len(data.test)} test canvases of "
-        f"{side} px ({corrupted} corrupted), {config.dense_epochs:g} dense epochs, "
+        f"Reduced setting: {config.train_limit} training and {test} test canvases of "
+        f"{image_side(config)} px ({corrupted} corrupted), {config.dense_epochs:g} dense epochs, "
         f"{config.prune.warmup_epochs:g} + {config.prune.prune_epochs:g} + "
         f"{config.prune.finetune_epochs:g} pruning epochs; numbers are for a quick comparison, "
         "not for publication."
@@ -290,7 +291,7 @@ def run_detection_experiment(config: ExperimentConfig, console: Console | None =
     name = config.name or time.strftime("%Y%m%d-%H%M%S") + f"-{folder_label(config)}"
     config = replace(config, name=name)
     run_dir = new_run_dir(config)
-    note = reduced_note(config, data)
+    note = reduced_note(config)
     console.print(f"[bold yellow]{note}[/bold yellow]")
     dense, dense_info = dense_detector(config, data, console)
     dense_size = measure_size(dense, _example(config))
