@@ -13,6 +13,7 @@ from adasap import cli
 from adasap.data.detection import DetectionSet, make_target
 from adasap.deploy.serialization import detection_architecture, load_model, save_model
 from adasap.errors import UserError
+from adasap.experiments import detection_run as detection_job
 from adasap.experiments import run as classification_run
 from adasap.experiments.config import from_flat
 from adasap.method.schedule import PhaseSchedule
@@ -165,7 +166,7 @@ def test_cli_refuses_bad_detection_commands(capsys, monkeypatch):
     assert cli.main(["run", "--task", "detection", "--model", "resnet20"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: model resnet20 is not a detector") and err.count("\n") == 1
-    monkeypatch.setattr(cli, "launched", lambda: True)
+    monkeypatch.setattr(detection_job, "launched", lambda: True)
     assert cli.main(["run", "--task", "detection"]) == 2
     assert "torchrun does not run detection" in capsys.readouterr().err
 
@@ -224,4 +225,4 @@ def test_bench_smoke_reports_means_and_deltas_vs_sgd(tmp_path, monkeypatch, caps
 
 def test_bench_refuses_a_classification_preset_for_detection(capsys):
     assert cli.main(["bench", "--task", "detection", "--preset", "paper"]) == 2
-    assert "no bench preset 'paper' for this task" in capsys.readouterr().err
+    assert "no detection bench preset 'paper'" in capsys.readouterr().err

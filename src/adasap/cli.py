@@ -17,10 +17,8 @@ from typing import Any, NoReturn
 
 from rich.console import Console
 
-from adasap.deploy.detection_onnx import export_detector_onnx
 from adasap.deploy.latency import run_latency
 from adasap.deploy.onnx import export_onnx, select_model
-from adasap.deploy.serialization import is_detector, read_description
 from adasap.distributed import close, init_from_env, is_main, launched
 from adasap.errors import UserError
 from adasap.experiments.bench import run_bench
@@ -28,7 +26,7 @@ from adasap.experiments.bench_report import write_report
 from adasap.experiments.commands import evaluate_path, train_dense_model
 from adasap.experiments.config import SCHEMA, ExperimentConfig, from_flat, load_yaml
 from adasap.experiments.detection_bench import DETECTION_PRESETS, run_detection_bench
-from adasap.experiments.detection_run import run_detection_experiment
+from adasap.experiments.detection_run import check_detection_command, run_detection_experiment
 from adasap.experiments.grid import Parallel
 from adasap.experiments.presets import PRESETS
 from adasap.experiments.run import run_experiment
@@ -44,8 +42,7 @@ DEFAULTS = ExperimentConfig().to_flat()
 
 # (flag, config key, help); the type comes from the config schema
 RUN_OPTIONS: tuple[tuple[str, str, str], ...] = (
-    ("--task", "task", "classification, or detection (its own defaults: tiny_ssd on the "
-                       "Fashion-MNIST canvases, README)"),
+    ("--task", "task", "classification, or detection (own defaults: README, Detection)"),
     ("--dataset", "dataset", "fashion-mnist, mnist, cifar10, cifar100, digits, synthetic or "
                              "imagefolder:<path>"),
     ("--data-dir", "data_dir", "where the dataset's files are"),
@@ -207,16 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     ):  # fmt: skip
         command = commands.add_parser(name, help=f"run {what}; resumable: rerun to continue")
         names = list(dict.fromkeys([*presets, *(DETECTION_PRESETS if name == "bench" else ())]))
-        command.add_argument(
-            "--preset", choices=names, help=f"default: {next(iter(presets))} (detection: small)"
-        )
+        command.add_argument("--preset", choices=names, help=f"default: {next(iter(presets))}")
         if name == "bench":
-            command.add_argument(
-                "--task",
-                choices=("classification", "detection"),
-                default="classification",
-                help="detection: tiny_ssd on the canvases, P/mPC/rPC",
-            )
+            command.add_argument("--task", choices=("classification", "detection"),
+                                 help="detection: tiny_ssd, P/mPC/rPC")  # fmt: skip
         command.add_argument("--out", help=f"output folder (default: runs/{name}-<preset>)")
         command.add_argument("--report-only", action="store_true",
                              help="rewrite the report from the results so far")  # fmt: skip
@@ -324,8 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         if _restarted_run(args, config):  # torchrun --max-restarts: continue the named run
             args.resume = str(Path(config.out_dir) / str(config.name))
             config, resume = config_from_args(args)
-        if config.task == "detection":
-            _check_detection_command(args, resume)
+        check_detection_command(config, args.command, resume)
         init_from_env(config.prune.device)  # under torchrun: join its process group
         console = Console(quiet=not is_main())
         if args.command == "train":
@@ -356,19 +346,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _check_detection_command(args: argparse.Namespace, resume: bool) -> None:
-    if launched():
-        raise UserError(
-            "torchrun does not run detection jobs: start adasap with --task detection in one "
-            "process"
-        )
-    if resume:
-        raise UserError("--resume is not supported for detection runs: start the run again")
-    if args.command == "train":
-        raise UserError("adasap train is for classifiers: adasap run --task detection trains "
-                        "(and caches) the dense detector")  # fmt: skip
-
-
 def _restarted_run(args: argparse.Namespace, config: ExperimentConfig) -> bool:
     """Whether torchrun restarted this ``adasap run --name N`` after its run directory was made.
 
@@ -391,11 +368,7 @@ def _deploy(args: argparse.Namespace) -> int:
     console = Console()
     try:
         if args.command == "export":
-            directory = select_model(args.path, args.method)
-            if is_detector(read_description(directory)["architecture"]):
-                report = export_detector_onnx(directory, args.onnx, opset=args.opset)
-            else:
-                report = export_onnx(directory, args.onnx, opset=args.opset)
+            report = export_onnx(select_model(args.path, args.method), args.onnx, opset=args.opset)
             console.print(str(report))
             return 0 if report.passed else 1
         comparison = run_latency(
@@ -412,21 +385,15 @@ def _deploy(args: argparse.Namespace) -> int:
 
 def _bench_or_sweep(args: argparse.Namespace) -> int:
     detection = getattr(args, "task", None) == "detection"
-    presets = (
-        DETECTION_PRESETS if detection else (PRESETS if args.command == "bench" else SWEEP_PRESETS)
-    )
+    presets = {"bench": PRESETS, "sweep": SWEEP_PRESETS, "detection": DETECTION_PRESETS}
+    presets = presets["detection" if detection else args.command]
     args.preset = args.preset or next(iter(presets))
     out = args.out or f"runs/{args.command}-{'detection-' if detection else ''}{args.preset}"
     console = Console()
     try:
-        if args.preset not in presets:
-            raise UserError(f"no {args.command} preset {args.preset!r} for this task: choose one "
-                            f"of {', '.join(presets)}")  # fmt: skip
         if detection:
-            if args.jobs or args.ray or args.report_only:
-                raise UserError("the detection benchmark runs its cells one after the other: "
-                                "drop --jobs, --ray and --report-only")  # fmt: skip
-            console.print(f"report: {run_detection_bench(args.preset, out, console)}")
+            seq = not (args.jobs or args.ray or args.report_only)
+            console.print(f"report: {run_detection_bench(args.preset, out, console, seq)}")
             return 0
         parallel = Parallel(jobs=args.jobs, ray=args.ray).validate()
         if args.command == "bench":

@@ -93,13 +93,26 @@ def _cell_id(method: str, keep: float, seed: int) -> str:
 
 
 def run_detection_bench(
-    preset: str | DetectionBenchPreset, out: str | Path, console: Console | None = None
+    preset: str | DetectionBenchPreset,
+    out: str | Path,
+    console: Console | None = None,
+    sequential: bool = True,
 ) -> Path:
-    """Run every cell not yet in ``<out>/results.jsonl``; returns the report's path."""
+    """Run every cell not yet in ``<out>/results.jsonl``; returns the report's path.
+
+    ``sequential=False`` (the command's --jobs, --ray or --report-only) is refused: the
+    cells run one after the other, and the report is rewritten by running again.
+    """
+    if not sequential:
+        raise UserError(
+            "the detection benchmark runs its cells one after the other and rewrites its "
+            "report each time: drop --jobs, --ray and --report-only"
+        )
     if isinstance(preset, str):
         if preset not in DETECTION_PRESETS:
             raise UserError(
-                f"unknown detection preset {preset!r}: choose one of {', '.join(DETECTION_PRESETS)}"
+                f"no detection bench preset {preset!r}: choose one of "
+                f"{', '.join(DETECTION_PRESETS)} with --task detection"
             )
         preset = DETECTION_PRESETS[preset]
     console = console or Console()

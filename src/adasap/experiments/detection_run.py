@@ -28,6 +28,7 @@ from adasap.deploy.serialization import (
     read_description,
     save_model,
 )
+from adasap.distributed import launched
 from adasap.errors import UserError
 from adasap.experiments.config import ExperimentConfig, from_flat
 from adasap.experiments.dense import folder_label
@@ -55,6 +56,24 @@ from adasap.training.settings import base_optimizer, pruner_settings
 CANVAS_SIDE = 128  # the canvases' side when the config leaves image_size unset
 QUICK_CORRUPTIONS = ("gaussian_noise", "gaussian_blur")
 EVAL_BATCH = 32
+
+
+def check_detection_command(config: ExperimentConfig, command: str, resume: bool) -> None:
+    """What the command line cannot do with a detection config: a one-line error each."""
+    if config.task != "detection":
+        return
+    if launched():
+        raise UserError(
+            "torchrun does not run detection jobs: start adasap with --task detection in one "
+            "process"
+        )
+    if resume:
+        raise UserError("--resume is not supported for detection runs: start the run again")
+    if command == "train":
+        raise UserError(
+            "adasap train is for classifiers: adasap run --task detection trains (and caches) "
+            "the dense detector"
+        )
 
 
 def image_side(config: ExperimentConfig) -> int:
