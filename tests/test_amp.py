@@ -108,3 +108,17 @@ def test_a_step_with_an_overflowing_gradient_changes_no_weight():
     assert scaler.get_scale() == 2.0**3  # the scaler saw the overflow and backed off
     sharpness_aware_step(model, optimizer, lambda: F.cross_entropy(model(x), y), scaler=scaler)
     assert not torch.equal(model.weight, before["weight"])  # the next finite step updates
+
+
+@pytest.mark.parametrize(
+    ("requested", "device", "expected"),
+    [
+        (True, "cpu", True),
+        (True, "cuda", True),  # cuDNN's tensor-core kernels take NHWC
+        (True, "mps", False),
+        (False, "cuda", False),
+        (False, "cpu", False),
+    ],
+)
+def test_channels_last_on_cpu_and_cuda_only(requested, device, expected):
+    assert devices.wants_channels_last(requested, torch.device(device)) is expected

@@ -21,17 +21,12 @@ from adasap.deploy.latency import run_latency
 from adasap.deploy.onnx import export_onnx, select_model
 from adasap.distributed import close, init_from_env, is_main, launched
 from adasap.errors import UserError
-from adasap.experiments.bench import run_bench
-from adasap.experiments.bench_report import write_report
-from adasap.experiments.commands import evaluate_path, train_dense_model
+from adasap.experiments.commands import evaluate_path, run_grid, train_dense_model
 from adasap.experiments.config import SCHEMA, ExperimentConfig, from_flat, load_yaml
-from adasap.experiments.detection_bench import DETECTION_PRESETS, run_detection_bench
+from adasap.experiments.detection_bench import DETECTION_PRESETS
 from adasap.experiments.detection_run import check_detection_command, run_detection_experiment
-from adasap.experiments.grid import Parallel
 from adasap.experiments.presets import PRESETS
 from adasap.experiments.run import run_experiment
-from adasap.experiments.sweep import run_sweep, sweep_report
-from adasap.experiments.sweep_check import check_sweep
 from adasap.experiments.sweep_presets import SWEEP_PRESETS
 from adasap.io import atomic_write_json, read_json_mapping
 from adasap.method.importance import criteria
@@ -86,6 +81,8 @@ RUN_OPTIONS: tuple[tuple[str, str, str], ...] = (
                                "onnxruntime)"),
     ("--seed", "seed", "random seed"),
     ("--device", "device", "auto, cpu or cuda[:N]"),
+    ("--workers", "workers", "loader processes per training process for image folders "
+                             "('none': the machine's cores shared by its processes, at most 8)"),
     ("--amp", "amp", "mixed precision: auto (fp16 on CUDA, bf16 on a CPU with native bf16), "
                      "bf16, fp16 or off"),
     ("--out", "out_dir", "parent folder of run directories"),
@@ -96,6 +93,12 @@ RUN_OPTIONS: tuple[tuple[str, str, str], ...] = (
 RUN_SWITCHES: tuple[tuple[str, str, bool, str], ...] = (
     ("--asam", "asam", True, "scale-invariant (ASAM) perturbations (phase 3: see --finetune-*)"),
     ("--sync-ascent", "sync_ascent", True, "torchrun: average the ascent gradient over the ranks"),
+    (
+        "--sync-bn",
+        "sync_bn",
+        True,
+        "torchrun on GPUs: SyncBatchNorm (statistics of the global batch)",
+    ),
     ("--compile", "compile", True, "torch.compile the model (compiled again after removals)"),
     ("--overwrite", "overwrite", True, "replace an existing run directory of the same name"),
     ("--no-progress", "progress", False, "no progress bars"),
@@ -105,13 +108,13 @@ RUN_SWITCHES: tuple[tuple[str, str, bool, str], ...] = (
 TRAIN_KEYS = {
     "dataset", "data_dir", "model", "train_limit", "test_limit", "dense_epochs", "dense_lr",
     "batch_size", "seed", "device", "out_dir", "name", "cache_dir", "overwrite", "progress",
-    "compile", "amp",
+    "compile", "amp", "workers", "sync_bn",
 }  # fmt: skip
 
 
 EVAL_KEYS = {
     "dataset", "data_dir", "test_limit", "corruptions", "corruption_limit", "seed", "device",
-    "cache_dir", "progress",
+    "cache_dir", "progress", "workers",
 }  # fmt: skip
 
 
@@ -179,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--official",
         choices=("cifar10-c", "cifar100-c", "tinyimagenet-c", "imagenet-c"),
         help="which official set --official-dir holds",
+    )
+    evaluate.add_argument(
+        "--imagenet-v2",
+        metavar="DIR",
+        help="also report the accuracy on an ImageNet-V2 folder (<DIR>/<class index>/<image>)",
     )
     _add_options(
         evaluate,
@@ -255,7 +263,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[ExperimentConfig, bool]:
     Keys and types are checked here, naming the file (flags are typed by the parser); ranges
     are checked once, when the job starts.
     """
-    own = ("command", "config", "resume", "path", "official", "official_dir")
+    own = ("command", "config", "resume", "path", "official", "official_dir", "imagenet_v2")
     flags = {k: v for k, v in vars(args).items() if k not in own}
     values: dict[str, Any] = {}
     source = None
@@ -324,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
             if bool(args.official) != bool(args.official_dir):
                 raise UserError("--official and --official-dir go together: give both or neither")
             official = (args.official_dir, args.official) if args.official else None
-            evaluate_path(args.path, config, official, console)
+            evaluate_path(args.path, config, official, console, args.imagenet_v2)
         elif config.task == "detection":
             run_detection_experiment(config, console)
         else:
@@ -391,22 +399,11 @@ def _bench_or_sweep(args: argparse.Namespace) -> int:
     out = args.out or f"runs/{args.command}-{'detection-' if detection else ''}{args.preset}"
     console = Console()
     try:
-        if detection:
-            seq = not (args.jobs or args.ray or args.report_only)
-            console.print(f"report: {run_detection_bench(args.preset, out, console, seq)}")
-            return 0
-        parallel = Parallel(jobs=args.jobs, ray=args.ray).validate()
-        if args.command == "bench":
-            if not args.report_only:
-                run_bench(args.preset, out, console=console, parallel=parallel)
-            console.print(f"report: {write_report(out) / 'report.md'}")
-        else:
-            if not args.report_only:
-                preset = SWEEP_PRESETS[args.preset]
-                run_sweep(preset.base, preset.grid, out, console=console, parallel=parallel)
-            console.print(f"sweep results: {sweep_report(out)}")
-            if args.check:
-                console.print(f"after-the-fact check: {check_sweep(out, console)}")
+        run_grid(
+            args.command, args.preset, out, task="detection" if detection else None,
+            jobs=args.jobs, ray=args.ray, report_only=args.report_only,
+            check=getattr(args, "check", False), console=console,
+        )  # fmt: skip
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -2,7 +2,13 @@
 detection sets (boxes) with their batches."""
 
 from adasap.data.batching import augment_batch, batches, num_batches
-from adasap.data.datasets import DATASETS, get_spec, load_dataset, register_dataset
+from adasap.data.datasets import (
+    DATASETS,
+    dataset_options,
+    get_spec,
+    load_dataset,
+    register_dataset,
+)
 from adasap.data.detection import (
     DetectionBatches,
     DetectionBundle,
@@ -14,7 +20,7 @@ from adasap.data.detection import (
 )
 from adasap.data.detection_canvas import load_canvas_detection
 from adasap.data.detection_files import load_coco, load_coco_detection, load_voc, load_voc_detection
-from adasap.data.folders import FolderImageSet, ImageFolderFiles
+from adasap.data.folders import FolderImageSet, ImageFolderFiles, default_workers
 from adasap.data.image_sets import DataBundle, ImageSet, TensorImageSet
 from adasap.data.sources import BatchSource, evaluation_source, training_source
 from adasap.data.specs import DatasetSpec
@@ -35,6 +41,8 @@ __all__ = [
     "TensorImageSet",
     "augment_batch",
     "batches",
+    "dataset_options",
+    "default_workers",
     "detection_collate",
     "evaluation_source",
     "get_spec",

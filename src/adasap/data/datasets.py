@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from adasap.data import files, specs
-from adasap.data.folders import FolderImageSet, ImageFolderFiles
+from adasap.data.folders import FolderImageSet, ImageFolderFiles, default_workers
 from adasap.data.image_sets import DataBundle, ImageSet, TensorImageSet
 from adasap.data.specs import DatasetSpec
 from adasap.data.splits import balanced_subset, stratified_split
@@ -196,7 +196,7 @@ def _folder_spec(path: str | None, options: dict[str, Any]) -> DatasetSpec:
 @register_dataset(
     "imagefolder",
     _folder_spec,
-    options={"image_size": 224, "num_workers": min(8, os.cpu_count() or 1)},
+    options={"image_size": 224, "num_workers": default_workers()},
     takes_path=True,
 )
 def _load_folder(spec: DatasetSpec, options: dict[str, Any], data_dir) -> Splits:
@@ -252,6 +252,12 @@ def _resolve(name: str, options: dict[str, Any]) -> tuple[_Registered, DatasetSp
     if isinstance(entry.spec, DatasetSpec):
         return entry, entry.spec, merged
     return entry, entry.spec(path if entry.takes_path else None, merged), merged
+
+
+def dataset_options(name: str) -> dict[str, Any]:
+    """The options dataset ``name`` takes and their defaults ({} for an unknown name)."""
+    entry = _REGISTRY.get(name.strip().partition(":")[0].lower())
+    return dict(entry.options) if entry is not None else {}
 
 
 def get_spec(name: str, **options: Any) -> DatasetSpec:

@@ -6,6 +6,7 @@ One reader serves training folders (``imagefolder:<path>``) and the official tes
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,6 +16,9 @@ from torch import Tensor
 
 from adasap.errors import UserError
 
+# DataLoader processes per training process: more rarely pay for a ResNet-50's step, and 8
+# GPU processes x 8 already ask for 64 cores (docs/paper.md, benchmarks/bench_loader.py)
+MAX_DEFAULT_WORKERS = 8
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".ppm", ".pgm", ".webp", ".gif")
 
 
@@ -50,6 +54,13 @@ class ImageFolderFiles:
                 "in every class folder"
             )
         self.targets = [label for _, label in self.samples]
+
+
+def default_workers() -> int:
+    """Loader processes for one training process: this machine's cores shared by the processes
+    torchrun started on it (``LOCAL_WORLD_SIZE``), at least 1 and at most 8."""
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1) or 1)
+    return max(1, min(MAX_DEFAULT_WORKERS, (os.cpu_count() or 1) // processes))
 
 
 def _is_image(path: Path) -> bool:

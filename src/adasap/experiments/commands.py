@@ -14,8 +14,12 @@ from adasap.deploy.serialization import is_detector, load_model, read_descriptio
 from adasap.devices import resolve_device
 from adasap.distributed import broadcast_value, is_main, on_main, shard
 from adasap.errors import UserError
+from adasap.experiments.bench import run_bench
+from adasap.experiments.bench_report import write_report
 from adasap.experiments.config import ExperimentConfig
+from adasap.experiments.detection_bench import run_detection_bench
 from adasap.experiments.detection_run import evaluate_detectors
+from adasap.experiments.grid import Parallel
 from adasap.experiments.reporting import results_table
 from adasap.experiments.results import ResultRow
 from adasap.experiments.run import (
@@ -24,10 +28,15 @@ from adasap.experiments.run import (
     example_images,
     folder_label,
     load_data,
+    loader_workers,
     model_architecture,
     prepare_run_dir,
 )
+from adasap.experiments.sweep import run_sweep, sweep_report
+from adasap.experiments.sweep_check import check_sweep
+from adasap.experiments.sweep_presets import SWEEP_PRESETS
 from adasap.method.pruning import measure_size
+from adasap.robustness.official import load_imagenet_v2
 from adasap.training.evaluate import evaluate_accuracy
 from adasap.training.loop import steps_per_epoch
 
@@ -37,11 +46,14 @@ def evaluate_path(
     config: ExperimentConfig,
     official: tuple[str, str] | None = None,
     console: Console | None = None,
+    imagenet_v2: str | Path | None = None,
 ) -> list[ResultRow]:
     """``adasap eval``: evaluate one saved model directory, or every model of a run directory.
 
     Reports are written next to each model (``corruptions.{json,md,png}``) and a table of
-    all of them is printed.
+    all of them is printed. ``imagenet_v2`` is an ImageNet-V2 style folder
+    (``<root>/<class index>/<image>``), resized and centre-cropped as the validation images
+    are; its accuracy is the table's ImageNet-V2 column.
     """
     console = console or Console(quiet=not is_main())
     path = Path(path)
@@ -63,10 +75,23 @@ def evaluate_path(
     data = load_data(config)
     for directory in models.values():
         _check_fits(read_description(directory)["architecture"], data, directory)
+    shifted = None
+    if imagenet_v2 is not None:
+        size = data.spec.image_size
+        shifted = load_imagenet_v2(
+            imagenet_v2,
+            resize=round(size * 256 / 224),
+            crop=size,
+            num_workers=loader_workers(config),
+        )
+    device = resolve_device(config.prune.device)
     rows = []
     for label, directory in models.items():
         model = loaded[label]
         row = evaluate_model(model, data, config, directory.parent, label, official)
+        if shifted is not None:
+            shift = evaluate_accuracy(model, shifted, device=device, sharded=True)
+            row = replace(row, shift_accuracy=shift)
         size = measure_size(model, example_images(data))
         rows.append(replace(row, params=size.params, macs=size.macs))
     console.print(results_table(rows, title=f"adasap eval: {path}"))
@@ -112,3 +137,37 @@ def train_dense_model(config: ExperimentConfig, console: Console | None = None) 
         f"dense {config.model}: test accuracy {accuracy:.2%}; model in {run_dir / 'dense'}"
     )
     return run_dir
+
+
+def run_grid(
+    command: str,
+    preset: str,
+    out: str | Path,
+    *,
+    task: str | None = None,
+    jobs: int | None = None,
+    ray: str | None = None,
+    report_only: bool = False,
+    check: bool = False,
+    console: Console | None = None,
+) -> None:
+    """``adasap bench`` and ``adasap sweep``: run the grid of ``preset`` into ``out`` (the
+    unfinished cells; none with ``report_only``) and write its report; ``task="detection"``
+    runs the detection benchmark (:mod:`adasap.experiments.detection_bench`)."""
+    console = console or Console()
+    if task == "detection":
+        sequential = not (jobs or ray or report_only)
+        console.print(f"report: {run_detection_bench(preset, out, console, sequential)}")
+        return
+    parallel = Parallel(jobs=jobs, ray=ray).validate()
+    if command == "bench":
+        if not report_only:
+            run_bench(preset, out, console=console, parallel=parallel)
+        console.print(f"report: {write_report(out) / 'report.md'}")
+        return
+    if not report_only:
+        chosen = SWEEP_PRESETS[preset]
+        run_sweep(chosen.base, chosen.grid, out, console=console, parallel=parallel)
+    console.print(f"sweep results: {sweep_report(out)}")
+    if check:
+        console.print(f"after-the-fact check: {check_sweep(out, console)}")

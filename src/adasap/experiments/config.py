@@ -80,6 +80,9 @@ class ExperimentConfig:
     overwrite: bool = False
     cache_dir: str | None = None
     progress: bool = True
+    # DataLoader processes per training process for lazily decoded image folders (None: the
+    # machine's cores shared by the processes on it, at most 8; adasap.data.default_workers)
+    workers: int | None = None
     # detection: the side of the canvases and of the detector's input (None: the task's default)
     image_size: int | None = None
 
@@ -115,6 +118,11 @@ class ExperimentConfig:
         if self.dense_epochs <= 0:
             raise UserError(
                 f"dense epochs must be > 0, got {self.dense_epochs}: e.g. --dense-epochs 8"
+            )
+        if self.workers is not None and self.workers < 0:
+            raise UserError(
+                f"workers must be >= 0, got {self.workers}: e.g. --workers 8, or none for the "
+                "default"
             )
         limit = self.corruption_limit  # train_limit and test_limit: checked by load_dataset
         if limit is not None and limit < 1:

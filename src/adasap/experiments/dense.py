@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from adasap.data import DataBundle, load_dataset
+from adasap.data import DataBundle, dataset_options, load_dataset
 from adasap.deploy.serialization import load_model, save_model
 from adasap.devices import autocast_dtype, resolve_device
 from adasap.distributed import any_rank, is_distributed, on_main
@@ -29,12 +29,16 @@ from adasap.training.pipeline import train
 
 def load_data(config: ExperimentConfig) -> DataBundle:
     """The config's dataset, split and limited as the config says."""
+    options = {}
+    if config.workers is not None and "num_workers" in dataset_options(config.dataset):
+        options["num_workers"] = config.workers
     return load_dataset(
         config.dataset,
         data_dir=config.data_dir,
         seed=config.prune.seed,
         train_limit=config.train_limit,
         test_limit=config.test_limit,
+        **options,
     )
 
 
@@ -74,6 +78,8 @@ def dense_model(config: ExperimentConfig, data: DataBundle, console: Console):
     precision = autocast_dtype(s.amp, resolve_device(s.device))
     if precision is not None:  # float32 keeps the earlier key, so its cached models still count
         recipe["precision"] = str(precision)
+    if s.sync_bn and is_distributed():  # other statistics, another model
+        recipe["sync_bn"] = True
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
     directory = cache_root(config.cache_dir) / "dense" / f"{folder_label(config)}-{key}"
 
@@ -137,4 +143,10 @@ def dense_model(config: ExperimentConfig, data: DataBundle, console: Console):
 
 def folder_label(config: ExperimentConfig) -> str:
     """Dataset and model as one folder name (``timm:x`` and ``imagefolder:/a/b`` included)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{config.dataset}-{config.model}").strip("-")
+    return safe_name(f"{config.dataset}-{config.model}")
+
+
+def safe_name(text: str) -> str:
+    """``text`` as a folder name: runs of other characters than letters, digits, ``._-``
+    become one ``-``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")

@@ -196,7 +196,7 @@ PRESETS: dict[str, BenchPreset] = {
         "Corruptions are rendered on the fly from 5000 validation images, so the numbers are "
         "not comparable with published ImageNet-C ones (use adasap eval with the official "
         "files for those). The dense model is trained for 90 epochs unless a pretrained one "
-        "is in the dense cache.",
+        "is in the dense cache. On 8 GPUs run its cells with torchrun: docs/paper.md.",
         base={
             "dataset": "imagefolder:data/imagenet",
             "model": "resnet50",

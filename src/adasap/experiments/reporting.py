@@ -16,6 +16,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("clean_accuracy", "clean acc"),
     ("corruption_accuracy", "corrupted acc"),
     ("extra_accuracy", "extra corr. acc"),
+    ("shift_accuracy", "ImageNet-V2 acc"),
     ("latency_ms", "CPU latency (b1)"),
     ("seconds", "wall time"),
 )

@@ -39,6 +39,8 @@ class ResultRow:
     extra_accuracy: float | None = None
     relative_robustness: float | None = None
     corruption_source: str | None = None
+    # accuracy on a distribution-shifted test folder (ImageNet-V2; adasap eval --imagenet-v2)
+    shift_accuracy: float | None = None
     params: int | None = None
     macs: int | None = None
     # batch-1 CPU latency (median ms); a pruned model's is timed in turns with the dense one,

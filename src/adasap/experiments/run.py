@@ -21,14 +21,20 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from adasap.data import DataBundle, evaluation_source, training_source
+from adasap.data import DataBundle, default_workers, evaluation_source, training_source
 from adasap.deploy.latency import TimingSettings, compare_latency, latency_budget
 from adasap.deploy.serialization import load_model, save_model
 from adasap.devices import resolve_device
 from adasap.distributed import broadcast_value, is_main, on_main, shard
 from adasap.errors import UserError
 from adasap.experiments.config import ExperimentConfig, dump_yaml
-from adasap.experiments.dense import dense_model, folder_label, load_data, model_architecture
+from adasap.experiments.dense import (
+    dense_model,
+    folder_label,
+    load_data,
+    model_architecture,
+    safe_name,
+)
 from adasap.experiments.reporting import results_markdown, results_table
 from adasap.experiments.results import ResultRow
 from adasap.io import atomic_write_json, atomic_write_text, cache_root, writing
@@ -145,6 +151,11 @@ def timed_rows(
     return timed
 
 
+def loader_workers(config: ExperimentConfig) -> int:
+    """DataLoader processes for image folders: the config's ``workers``, else the default."""
+    return default_workers() if config.workers is None else config.workers
+
+
 def evaluate_model(
     model,
     data: DataBundle,
@@ -175,11 +186,16 @@ def evaluate_model(
         model,
         subset,
         corruptions=names,
-        dataset_key=f"{config.dataset}-test{len(data.test)}-n{len(subset)}",
+        # imagefolder:/a/b names its render cache folder imagefolder-a-b-...
+        dataset_key=safe_name(f"{config.dataset}-test{len(data.test)}-n{len(subset)}"),
         device=device,
         seed=config.prune.seed,
         cache_dir=cache_root(config.cache_dir) / "corruptions",
-        corrupted=official_sets(*official) if official is not None else None,
+        corrupted=(
+            official_sets(*official, num_workers=loader_workers(config))
+            if official is not None
+            else None
+        ),
         progress=config.progress,
         sharded=True,
     )

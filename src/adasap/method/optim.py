@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from adasap.distributed import any_rank
 from adasap.method.cheap_sam import add_direction, gradients, store_direction
 
 Normalization = Literal["global", "neuron"]
@@ -362,10 +363,16 @@ def sharpness_aware_step(
         _backward(loss, scaler)
     if after_first_backward is not None:
         after_first_backward()
-    if ascending and scaler is not None and not _finite_gradients(optimizer):
+    if ascending and scaler is not None and any_rank(not _finite_gradients(optimizer)):
         # An fp16 overflow gives no direction to ascend: skip the second pass and let the
         # scaler skip this update (it finds the inf) and lower its scale, as a plain step does.
+        # Under DDP with a local ascent the overflow may be one rank's: every rank skips
+        # alike (the second pass's all-reduce must be everyone's or no one's).
         ascending = False
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.fill_(float("inf"))
     if ascending:
         params = [p for g in optimizer.param_groups for p in g["params"]]
         plain = gradients(params) if looksam_alpha is not None else None

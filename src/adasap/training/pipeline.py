@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from adasap.data import BatchSource, DataBundle, training_source
-from adasap.devices import autocast_dtype, prepare_model, resolve_device
+from adasap.devices import autocast_dtype, prepare_model, resolve_device, wants_channels_last
 from adasap.distributed import any_rank, is_distributed, is_main, shard, world_size
 from adasap.errors import UserError
 from adasap.method.neurons import NeuronLayout
@@ -108,6 +108,17 @@ def check_target_reachable(
     target.check(layout, s.min_channels, s.round_to)
 
 
+def sync_batchnorm(model: nn.Module, settings: PruneSettings) -> None:
+    """Under torchrun with ``sync_bn``, make the BatchNorm layers SyncBatchNorm (in place).
+
+    Every rank then normalises with the statistics of the global batch. In one process
+    BatchNorm already sees the whole batch, so nothing changes. SyncBatchNorm is pruned like
+    BatchNorm (a subclass) and saved under the same keys, so saved models load as BatchNorm.
+    """
+    if settings.sync_bn and is_distributed():
+        nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
 @dataclass
 class _Setup:
     """What dense training and pruning build the same way: device, data, loop, schedule."""
@@ -122,11 +133,12 @@ class _Setup:
     @classmethod
     def of(cls, model: nn.Module, train_data: Any, s: PruneSettings) -> _Setup:
         device = resolve_device(s.device)
-        channels_last = s.channels_last and device.type == "cpu"
+        channels_last = wants_channels_last(s.channels_last, device)
         # data-parallel: batch_size per rank, each rank its part of every global batch
         source = training_source(train_data, batch_size=s.batch_size, seed=s.seed, shard=shard())
         steps_per_epoch(source)  # enough training images for one batch?
         source.check()
+        sync_batchnorm(model, s)  # before the Pruner traces the model
         prepare_model(model, device, channels_last)
         amp = autocast_dtype(s.amp, device)
         return cls(s, source, device, channels_last, amp, source.example().to(device))

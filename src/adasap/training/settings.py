@@ -6,7 +6,7 @@ import inspect
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from adasap.devices import check_amp
+from adasap.devices import check_amp, resolve_device
 from adasap.distributed import is_distributed
 from adasap.errors import UserError
 from adasap.method.base_optimizer import base_optimizer_class
@@ -46,6 +46,7 @@ class PruneSettings:
     amp: str = "auto"
     channels_last: bool = True
     compile: bool = False
+    sync_bn: bool = False
 
     def validate(self) -> PruneSettings:
         """Raise :class:`UserError` naming the first bad value and what is allowed."""
@@ -91,6 +92,11 @@ class PruneSettings:
             raise UserError(
                 "compile and keep kind latency do not run under torchrun yet: "
                 "leave them off, or run in one process"
+            )
+        if self.sync_bn and is_distributed() and resolve_device(self.device).type != "cuda":
+            raise UserError(
+                "sync_bn needs CUDA: SyncBatchNorm runs on GPUs only, not on the CPU (Gloo); "
+                "drop --sync-bn, or run on GPUs"
             )
         pruner_settings(self)  # the method's own checks (the cheaper sharpness-aware steps)
         return self
