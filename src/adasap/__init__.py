@@ -5,7 +5,9 @@ from adasap.errors import UserError
 from adasap.method.optim import SAM, AdaSAP, sharpness_aware_step
 from adasap.method.pruner import Pruner, PrunerSettings
 from adasap.method.schedule import PhaseSchedule
+from adasap.robustness.detection_report import DetectionCorruptionReport
 from adasap.robustness.evaluation import CorruptionReport, evaluate_corruptions
+from adasap.training.detection import DetectionPruneResult
 from adasap.training.pipeline import PruneResult, prune, train
 from adasap.training.settings import PruneSettings
 
@@ -17,6 +19,8 @@ __all__ = [
     "SAM",
     "AdaSAP",
     "CorruptionReport",
+    "DetectionCorruptionReport",
+    "DetectionPruneResult",
     "PhaseSchedule",
     "PruneResult",
     "PruneSettings",

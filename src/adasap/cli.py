@@ -21,15 +21,12 @@ from adasap.deploy.latency import run_latency
 from adasap.deploy.onnx import export_onnx, select_model
 from adasap.distributed import close, init_from_env, is_main, launched
 from adasap.errors import UserError
-from adasap.experiments.bench import run_bench
-from adasap.experiments.bench_report import write_report
-from adasap.experiments.commands import evaluate_path, train_dense_model
+from adasap.experiments.commands import evaluate_path, run_grid, train_dense_model
 from adasap.experiments.config import SCHEMA, ExperimentConfig, from_flat, load_yaml
-from adasap.experiments.grid import Parallel
+from adasap.experiments.detection_bench import DETECTION_PRESETS
+from adasap.experiments.detection_run import check_detection_command, run_detection_experiment
 from adasap.experiments.presets import PRESETS
 from adasap.experiments.run import run_experiment
-from adasap.experiments.sweep import run_sweep, sweep_report
-from adasap.experiments.sweep_check import check_sweep
 from adasap.experiments.sweep_presets import SWEEP_PRESETS
 from adasap.io import atomic_write_json, read_json_mapping
 from adasap.method.importance import criteria
@@ -40,6 +37,7 @@ DEFAULTS = ExperimentConfig().to_flat()
 
 # (flag, config key, help); the type comes from the config schema
 RUN_OPTIONS: tuple[tuple[str, str, str], ...] = (
+    ("--task", "task", "classification, or detection (own defaults: README, Detection)"),
     ("--dataset", "dataset", "fashion-mnist, mnist, cifar10, cifar100, digits, synthetic or "
                              "imagefolder:<path>"),
     ("--data-dir", "data_dir", "where the dataset's files are"),
@@ -90,6 +88,7 @@ RUN_OPTIONS: tuple[tuple[str, str, str], ...] = (
     ("--out", "out_dir", "parent folder of run directories"),
     ("--name", "name", "run directory name (default: date-dataset-model)"),
     ("--cache-dir", "cache_dir", "dense models and corrupted test sets (default ~/.cache/adasap)"),
+    ("--image-size", "image_size", "detection: the canvases' side and the detector's input"),
 )  # fmt: skip
 RUN_SWITCHES: tuple[tuple[str, str, bool, str], ...] = (
     ("--asam", "asam", True, "scale-invariant (ASAM) perturbations (phase 3: see --finetune-*)"),
@@ -212,7 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
          SWEEP_PRESETS),
     ):  # fmt: skip
         command = commands.add_parser(name, help=f"run {what}; resumable: rerun to continue")
-        command.add_argument("--preset", default=next(iter(presets)), choices=list(presets))
+        names = list(dict.fromkeys([*presets, *(DETECTION_PRESETS if name == "bench" else ())]))
+        command.add_argument("--preset", choices=names, help=f"default: {next(iter(presets))}")
+        if name == "bench":
+            command.add_argument("--task", choices=("classification", "detection"),
+                                 help="detection: tiny_ssd, P/mPC/rPC")  # fmt: skip
         command.add_argument("--out", help=f"output folder (default: runs/{name}-<preset>)")
         command.add_argument("--report-only", action="store_true",
                              help="rewrite the report from the results so far")  # fmt: skip
@@ -320,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         if _restarted_run(args, config):  # torchrun --max-restarts: continue the named run
             args.resume = str(Path(config.out_dir) / str(config.name))
             config, resume = config_from_args(args)
+        check_detection_command(config, args.command, resume)
         init_from_env(config.prune.device)  # under torchrun: join its process group
         console = Console(quiet=not is_main())
         if args.command == "train":
@@ -329,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError("--official and --official-dir go together: give both or neither")
             official = (args.official_dir, args.official) if args.official else None
             evaluate_path(args.path, config, official, console, args.imagenet_v2)
+        elif config.task == "detection":
+            run_detection_experiment(config, console)
         else:
             run_experiment(config, console, resume=resume)
     except TrainingDiverged as exc:
@@ -386,21 +392,18 @@ def _deploy(args: argparse.Namespace) -> int:
 
 
 def _bench_or_sweep(args: argparse.Namespace) -> int:
-    out = args.out or f"runs/{args.command}-{args.preset}"
+    detection = getattr(args, "task", None) == "detection"
+    presets = {"bench": PRESETS, "sweep": SWEEP_PRESETS, "detection": DETECTION_PRESETS}
+    presets = presets["detection" if detection else args.command]
+    args.preset = args.preset or next(iter(presets))
+    out = args.out or f"runs/{args.command}-{'detection-' if detection else ''}{args.preset}"
     console = Console()
     try:
-        parallel = Parallel(jobs=args.jobs, ray=args.ray).validate()
-        if args.command == "bench":
-            if not args.report_only:
-                run_bench(args.preset, out, console=console, parallel=parallel)
-            console.print(f"report: {write_report(out) / 'report.md'}")
-        else:
-            if not args.report_only:
-                preset = SWEEP_PRESETS[args.preset]
-                run_sweep(preset.base, preset.grid, out, console=console, parallel=parallel)
-            console.print(f"sweep results: {sweep_report(out)}")
-            if args.check:
-                console.print(f"after-the-fact check: {check_sweep(out, console)}")
+        run_grid(
+            args.command, args.preset, out, task="detection" if detection else None,
+            jobs=args.jobs, ray=args.ray, report_only=args.report_only,
+            check=getattr(args, "check", False), console=console,
+        )  # fmt: skip
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

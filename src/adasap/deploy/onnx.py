@@ -233,9 +233,16 @@ def export_onnx(
     With ``check``, the file is validated by ``onnx.checker`` and run with onnxruntime on
     random images at batch sizes 1 and 5; the report says whether the largest absolute
     output difference from PyTorch stays below ``tolerance``. A failed check keeps the file
-    (for inspection) and reports ``passed=False``.
+    (for inspection) and reports ``passed=False``. A saved detector goes through
+    :func:`adasap.deploy.detection_onnx.export_detector_onnx`.
     """
     _check_opset(opset)
+    if not isinstance(model_or_dir, nn.Module):
+        directory = select_model(model_or_dir)
+        if read_description(directory)["architecture"].get("task") == "detection":
+            from adasap.deploy.detection_onnx import export_detector_onnx  # imports this module
+
+            return export_detector_onnx(directory, path, opset=opset, check=check)
     model, input_shape = resolve_model(model_or_dir, image_size)
     written = write_onnx(model, path, input_shape, opset)
     diff = max_onnx_difference(model, written, input_shape) if check else None

@@ -1,8 +1,10 @@
 """Pruned-model files without pickle: safetensors weights plus a JSON description.
 
-The JSON names the base architecture (as :func:`adasap.models.build_model` arguments) and the
-pruning history; loading rebuilds the base model, replays the pruning with Torch-Pruning and
-loads the weights. A checksum of the weights file guards against truncation and tampering.
+The JSON names the base architecture (as :func:`adasap.models.build_model` arguments, or for a
+detector ``task: detection`` with :func:`adasap.models.detection.build_detector`'s) and the
+pruning history; loading rebuilds the base model, replays the pruning with Torch-Pruning (a
+detector's head output layers protected, as when it was pruned) and loads the weights. A
+checksum of the weights file guards against truncation and tampering.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from torch import nn
 
 from adasap.errors import UserError
 from adasap.io import atomic_write_bytes, atomic_write_json
+from adasap.method.output_layers import detector_output_layers
 from adasap.method.pruning import replay_pruning
 from adasap.models.builders import build_model
+from adasap.models.detection import build_detector
 
 WEIGHTS_FILE = "model.safetensors"
 DESCRIPTION_FILE = "model.json"
@@ -48,7 +52,8 @@ def save_model(
     """Write ``model.safetensors`` and ``model.json`` into ``directory`` (atomically each).
 
     ``architecture`` holds the :func:`build_model` keyword arguments of the base model
-    (``name``, ``num_classes``, ``in_channels``, ``image_size``, ``mean``, ``std``).
+    (``name``, ``num_classes``, ``in_channels``, ``image_size``, ``mean``, ``std``); a
+    detector's is ``detection_architecture(...)``.
     """
     directory = Path(directory)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -68,6 +73,37 @@ def save_model(
     }
     atomic_write_json(directory / DESCRIPTION_FILE, description)
     return directory
+
+
+def detection_architecture(name: str, num_classes: int, image_size: int) -> dict[str, Any]:
+    """The architecture entry of a detector built by ``build_detector(name, ...)``."""
+    return {
+        "task": "detection",
+        "name": name,
+        "num_classes": num_classes,
+        "image_size": image_size,
+        "in_channels": 3,
+    }
+
+
+def is_detector(architecture: dict[str, Any]) -> bool:
+    return architecture.get("task") == "detection"
+
+
+def _base_and_example(
+    architecture: dict[str, Any], base_model: nn.Module | None
+) -> tuple[nn.Module, Any, list[nn.Module]]:
+    """The unpruned model, the example input it was traced with and the layers never pruned."""
+    size, channels = architecture["image_size"], architecture["in_channels"]
+    if is_detector(architecture):
+        model = base_model or build_detector(
+            architecture["name"],
+            num_classes=architecture["num_classes"],
+            image_size=architecture["image_size"],
+        )
+        return model, [torch.rand(channels, size, size)], detector_output_layers(model)
+    model = base_model if base_model is not None else build_model(**architecture)
+    return model, torch.rand(1, channels, size, size), []
 
 
 def read_description(directory: str | Path) -> dict[str, Any]:
@@ -122,10 +158,8 @@ def load_model(directory: str | Path, base_model: nn.Module | None = None) -> nn
     architecture = description["architecture"]
     history = description.get("pruning_history") or []
     try:
-        model = base_model if base_model is not None else build_model(**architecture)
-        size = architecture["image_size"]
-        example = torch.rand(1, architecture["in_channels"], size, size)
-        replay_pruning(model, history, example)
+        model, example, ignored = _base_and_example(architecture, base_model)
+        replay_pruning(model, history, example, ignored)
     except UserError as exc:
         raise UserError(
             f"{directory / DESCRIPTION_FILE} describes a model adasap cannot build ({exc}); "

@@ -10,11 +10,16 @@ from typing import Any
 from rich.console import Console
 
 from adasap.data import DataBundle, training_source
-from adasap.deploy.serialization import load_model, read_description, save_model
+from adasap.deploy.serialization import is_detector, load_model, read_description, save_model
 from adasap.devices import resolve_device
 from adasap.distributed import broadcast_value, is_main, on_main, shard
 from adasap.errors import UserError
+from adasap.experiments.bench import run_bench
+from adasap.experiments.bench_report import write_report
 from adasap.experiments.config import ExperimentConfig
+from adasap.experiments.detection_bench import run_detection_bench
+from adasap.experiments.detection_run import evaluate_detectors
+from adasap.experiments.grid import Parallel
 from adasap.experiments.reporting import results_table
 from adasap.experiments.results import ResultRow
 from adasap.experiments.run import (
@@ -27,6 +32,9 @@ from adasap.experiments.run import (
     model_architecture,
     prepare_run_dir,
 )
+from adasap.experiments.sweep import run_sweep, sweep_report
+from adasap.experiments.sweep_check import check_sweep
+from adasap.experiments.sweep_presets import SWEEP_PRESETS
 from adasap.method.pruning import measure_size
 from adasap.robustness.official import load_imagenet_v2
 from adasap.training.evaluate import evaluate_accuracy
@@ -58,6 +66,11 @@ def evaluate_path(
     if not models:
         raise UserError(f"{path} holds no saved model: pass a run directory or a model directory")
     loaded = {label: load_model(directory) for label, directory in models.items()}  # fail fast
+    detectors = [is_detector(read_description(d)["architecture"]) for d in models.values()]
+    if any(detectors):
+        if not all(detectors):
+            raise UserError(f"{path} holds both classifiers and detectors: evaluate them apart")
+        return evaluate_detectors(loaded, models, config, console)
     config = config.validate()
     data = load_data(config)
     for directory in models.values():
@@ -124,3 +137,37 @@ def train_dense_model(config: ExperimentConfig, console: Console | None = None) 
         f"dense {config.model}: test accuracy {accuracy:.2%}; model in {run_dir / 'dense'}"
     )
     return run_dir
+
+
+def run_grid(
+    command: str,
+    preset: str,
+    out: str | Path,
+    *,
+    task: str | None = None,
+    jobs: int | None = None,
+    ray: str | None = None,
+    report_only: bool = False,
+    check: bool = False,
+    console: Console | None = None,
+) -> None:
+    """``adasap bench`` and ``adasap sweep``: run the grid of ``preset`` into ``out`` (the
+    unfinished cells; none with ``report_only``) and write its report; ``task="detection"``
+    runs the detection benchmark (:mod:`adasap.experiments.detection_bench`)."""
+    console = console or Console()
+    if task == "detection":
+        sequential = not (jobs or ray or report_only)
+        console.print(f"report: {run_detection_bench(preset, out, console, sequential)}")
+        return
+    parallel = Parallel(jobs=jobs, ray=ray).validate()
+    if command == "bench":
+        if not report_only:
+            run_bench(preset, out, console=console, parallel=parallel)
+        console.print(f"report: {write_report(out) / 'report.md'}")
+        return
+    if not report_only:
+        chosen = SWEEP_PRESETS[preset]
+        run_sweep(chosen.base, chosen.grid, out, console=console, parallel=parallel)
+    console.print(f"sweep results: {sweep_report(out)}")
+    if check:
+        console.print(f"after-the-fact check: {check_sweep(out, console)}")

@@ -18,10 +18,36 @@ from adasap import settings
 from adasap.data import get_spec
 from adasap.errors import UserError, exception_reason
 from adasap.models.builders import build_model
+from adasap.models.detection import list_detectors
 from adasap.training.settings import PruneSettings
 
 # PruneSettings.method is one run's; an experiment compares several (``methods``).
 PER_RUN = ("method",)
+TASKS = ("classification", "detection")
+# The detection data set of ``adasap run --task detection``: Fashion-MNIST garments on canvases
+CANVAS_DATASET = "canvas"
+# ``--task detection``'s defaults in place of the classification ones: tiny_ssd on a reduced
+# canvas set, sized so that the whole job fits 15 minutes on a 2-core CPU (README, Detection).
+# train_limit and test_limit are the numbers of canvases made; corruption_limit the number
+# of test canvases corrupted.
+DETECTION_DEFAULTS: dict[str, Any] = {
+    "task": "detection",
+    "dataset": CANVAS_DATASET,
+    "model": "tiny_ssd",
+    "image_size": 96,
+    "train_limit": 1000,
+    "test_limit": 100,
+    "corruption_limit": 100,
+    "dense_epochs": 5.0,
+    "dense_lr": 0.02,
+    "batch_size": 16,
+    "lr": 0.01,
+    "warmup_epochs": 1.0,
+    "prune_epochs": 1.0,
+    "finetune_epochs": 1.0,
+    "prune_steps": 4,
+    "amp": "off",
+}
 
 
 @dataclass(frozen=True)
@@ -33,6 +59,7 @@ class ExperimentConfig:
     15 minutes on a 2-core CPU.
     """
 
+    task: str = "classification"
     dataset: str = "fashion-mnist"
     data_dir: str | None = None
     model: str = "resnet20"
@@ -56,6 +83,8 @@ class ExperimentConfig:
     # DataLoader processes per training process for lazily decoded image folders (None: the
     # machine's cores shared by the processes on it, at most 8; adasap.data.default_workers)
     workers: int | None = None
+    # detection: the side of the canvases and of the detector's input (None: the task's default)
+    image_size: int | None = None
 
     @property
     def reduced(self) -> bool:
@@ -70,15 +99,16 @@ class ExperimentConfig:
     def validate(self) -> ExperimentConfig:
         """Raise :class:`UserError` for the first bad value, naming it and what is allowed."""
         settings.check_field_types(self)
-        spec = get_spec(self.dataset)
-        build_model(
-            self.model,
-            num_classes=spec.num_classes,
-            in_channels=spec.channels,
-            image_size=spec.image_size,
-            mean=spec.mean,
-            std=spec.std,
-        )
+        if self.task not in TASKS:
+            raise UserError(f"task must be classification or detection, got {self.task!r}")
+        if self.task == "detection":
+            check_detection_config(self)
+        elif self.model.strip().lower() in list_detectors():
+            raise UserError(
+                f"{self.model} is a detector: pass --task detection, or a classifier as --model"
+            )
+        else:
+            self._validate_classification()
         if not self.methods:
             raise UserError("no methods given: pass e.g. --methods sgd adasap")
         for method in self.methods:
@@ -102,6 +132,45 @@ class ExperimentConfig:
             )
         return self
 
+    def _validate_classification(self) -> None:
+        if self.image_size is not None:
+            raise UserError("image_size is a detection setting: drop it, or pass --task detection")
+        spec = get_spec(self.dataset)
+        build_model(
+            self.model,
+            num_classes=spec.num_classes,
+            in_channels=spec.channels,
+            image_size=spec.image_size,
+            mean=spec.mean,
+            std=spec.std,
+        )
+
+
+def check_detection_config(config: ExperimentConfig) -> None:
+    """The settings that only make sense, or only work, for ``--task detection``."""
+    detectors = list_detectors()
+    if config.model.strip().lower() not in detectors:
+        raise UserError(
+            f"model {config.model} is not a detector: with --task detection use one of "
+            f"{', '.join(detectors)}"
+        )
+    if config.dataset != CANVAS_DATASET:
+        raise UserError(
+            f"--task detection runs on the canvas set (--dataset {CANVAS_DATASET}), not "
+            f"{config.dataset!r}: VOC and COCO go through the Python API (docs/detection.md)"
+        )
+    if config.prune.keep_kind == "latency":
+        raise UserError("--keep-kind latency is not supported for detection: use params or macs")
+    for key in ("train_limit", "test_limit"):
+        value = getattr(config, key)
+        if value is None or value < 2:
+            raise UserError(
+                f"{key}={value!r}: for detection it is the number of canvases to make; "
+                f"give a number >= 2 (e.g. --{key.replace('_', '-')} 200)"
+            )
+    if config.image_size is not None and config.image_size < 32:
+        raise UserError(f"image_size={config.image_size} is too small: use 32 px or more")
+
 
 # key -> accepted types (float keys take ints too; bool is never taken for a number)
 SCHEMA: dict[str, settings.Types] = settings.flat_schema(ExperimentConfig, omit=PER_RUN)
@@ -110,10 +179,15 @@ SCHEMA: dict[str, settings.Types] = settings.flat_schema(ExperimentConfig, omit=
 def from_flat(
     values: dict[str, Any], base: ExperimentConfig | None = None, source: str | None = None
 ) -> ExperimentConfig:
-    """``base`` (the defaults) with a flat mapping applied; keys and types are checked, with
+    """``base`` (the defaults; with ``task: detection`` those of :data:`DETECTION_DEFAULTS`)
+    with a flat mapping applied; keys and types are checked, with
     ``source`` (say, the file) named in the message. Ranges: :meth:`ExperimentConfig.validate`.
     """
-    return settings.from_flat(base or ExperimentConfig(), values, omit=PER_RUN, source=source)
+    if base is None:
+        base = ExperimentConfig()
+        if values.get("task") == "detection":
+            base = settings.from_flat(base, DETECTION_DEFAULTS, omit=PER_RUN)
+    return settings.from_flat(base, values, omit=PER_RUN, source=source)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -20,7 +20,17 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("latency_ms", "CPU latency (b1)"),
     ("seconds", "wall time"),
 )
-
+# A detection run's table: the same fields hold P (mAP@0.5 on clean images), mPC and rPC.
+DETECTION_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("method", "method"),
+    ("params", "params"),
+    ("macs", "MACs"),
+    ("clean_accuracy", "P (mAP@0.5)"),
+    ("corruption_accuracy", "mPC"),
+    ("relative_robustness", "rPC"),
+    ("latency_ms", "CPU latency (b1)"),
+    ("seconds", "wall time"),
+)
 
 LATENCY_NOTE = (
     "CPU latency (b1): median forward pass at batch 1, the dense and pruned models taking "
@@ -47,6 +57,8 @@ def _format(row: ResultRow, key: str) -> str:
         return f"{value / 1e6:.3f}M" if value >= 1e5 else f"{value / 1e3:.1f}K"
     if key.endswith("accuracy"):
         return f"{100 * value:.2f}%"
+    if key == "relative_robustness":
+        return f"{value:.3f}"
     if key == "latency_ms":
         return _latency(row)
     if key == "seconds":
@@ -54,17 +66,24 @@ def _format(row: ResultRow, key: str) -> str:
     return str(value)
 
 
-def _present(rows: Sequence[ResultRow]) -> list[tuple[str, str]]:
-    """The columns that some row has a value for."""
+def _present(
+    rows: Sequence[ResultRow], columns: Sequence[tuple[str, str]] = COLUMNS
+) -> list[tuple[str, str]]:
+    """The ``columns`` that some row has a value for."""
     return [
-        (key, title) for key, title in COLUMNS if any(getattr(row, key) is not None for row in rows)
+        (key, title) for key, title in columns if any(getattr(row, key) is not None for row in rows)
     ]
 
 
-def results_table(rows: Sequence[ResultRow], title: str = "adasap results") -> Table:
-    """One row per method with size, clean and corrupted accuracy and wall time."""
+def results_table(
+    rows: Sequence[ResultRow],
+    title: str = "adasap results",
+    columns: Sequence[tuple[str, str]] = COLUMNS,
+) -> Table:
+    """One row per method with size, clean and corrupted accuracy and wall time
+    (``columns``: :data:`COLUMNS`, or :data:`DETECTION_COLUMNS` for detectors)."""
     table = Table(title=title)
-    columns = _present(rows)
+    columns = _present(rows, columns)
     for key, name in columns:
         table.add_column(name, justify="left" if key == "method" else "right")
     for row in rows:
@@ -74,8 +93,12 @@ def results_table(rows: Sequence[ResultRow], title: str = "adasap results") -> T
     return table
 
 
-def results_markdown(rows: Sequence[ResultRow], reduced: bool = False) -> str:
-    columns = _present(rows)
+def results_markdown(
+    rows: Sequence[ResultRow],
+    reduced: bool = False,
+    columns: Sequence[tuple[str, str]] = COLUMNS,
+) -> str:
+    columns = _present(rows, columns)
     lines = [
         "| " + " | ".join(name for _, name in columns) + " |",
         "|" + "|".join("---" for _ in columns) + "|",

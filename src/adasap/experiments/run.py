@@ -112,8 +112,15 @@ def example_images(data: DataBundle) -> torch.Tensor:
     return evaluation_source(data.test).example(2)
 
 
-def timed_rows(rows: list[ResultRow], dense, data: DataBundle, run_dir: Path) -> list[ResultRow]:
-    """``rows`` (dense first, then one per method) with their batch-1 CPU latency.
+def timed_rows(
+    rows: list[ResultRow],
+    dense,
+    data: DataBundle | None,
+    run_dir: Path,
+    input_shape: tuple[int, ...] | None = None,
+) -> list[ResultRow]:
+    """``rows`` (dense first, then one per method) with their batch-1 CPU latency, on images of
+    ``input_shape`` (C, H, W; default: the data's test images).
 
     The dense model and every pruned one (read back from ``run_dir/<method>``) are timed in
     one session, taking turns at each round, so that a change in machine load hits them alike;
@@ -124,7 +131,7 @@ def timed_rows(rows: list[ResultRow], dense, data: DataBundle, run_dir: Path) ->
     comparison = compare_latency(
         dense.cpu(),
         pruned,
-        tuple(example_images(data).shape[1:]),
+        input_shape or tuple(example_images(data).shape[1:]),
         batch_sizes=(1,),
         warmup=LATENCY_WARMUP,
         repeats=LATENCY_ROUNDS,
@@ -226,7 +233,7 @@ def run_experiment(
         check_keep_reachable(config, data)
         name = config.name or time.strftime("%Y%m%d-%H%M%S") + f"-{folder_label(config)}"
         config = replace(config, name=broadcast_value(name))  # rank 0's clock names the run
-        run_dir = on_main(lambda: _new_run_dir(config))
+        run_dir = on_main(lambda: new_run_dir(config))
     if config.reduced:
         console.print(
             f"[bold yellow]Reduced setting[/bold yellow]: {len(data.train)} training images, "
@@ -244,7 +251,7 @@ def run_experiment(
     def write_results() -> None:
         results = {
             "config": config.to_flat(),
-            "machine": _machine(),
+            "machine": machine_description(),
             "seconds": seconds,
             "rows": [row.to_dict() for row in rows],
         }
@@ -259,7 +266,7 @@ def run_experiment(
     return run_dir
 
 
-def _new_run_dir(config: ExperimentConfig) -> Path:
+def new_run_dir(config: ExperimentConfig) -> Path:
     """The new, empty run directory holding the run's config (nothing left behind on failure)."""
     run_dir = prepare_run_dir(config.out_dir, str(config.name), config.overwrite)
     try:
@@ -345,7 +352,7 @@ def pruned_row(
     return row
 
 
-def _machine() -> dict[str, Any]:
+def machine_description() -> dict[str, Any]:
     import platform
 
     return {

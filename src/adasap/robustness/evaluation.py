@@ -17,6 +17,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor, nn
 
+from adasap.data.detection import DetectionSet, FileDetectionSet
 from adasap.data.image_sets import TensorImageSet
 from adasap.data.sources import evaluation_source
 from adasap.distributed import gather_values, is_distributed, is_main, rank, world_size
@@ -29,6 +30,8 @@ from adasap.robustness.corruptions import (
     render_cached,
     resolve_param_table,
 )
+from adasap.robustness.detection import evaluate_detection_corruptions
+from adasap.robustness.detection_report import DetectionCorruptionReport
 from adasap.robustness.official import check_severity
 from adasap.robustness.report import SOURCE_RENDERED, CorruptionReport
 from adasap.training.evaluate import Normalization, count_correct, model_device
@@ -83,7 +86,7 @@ def evaluate_corruptions(
     dataset_key: str,
     corruptions: Sequence[str] | None = None,
     severities: Sequence[int] = SEVERITIES,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     device: torch.device | str | None = None,
     seed: int = 0,
     cache_dir: str | Path | None = None,
@@ -95,8 +98,15 @@ def evaluate_corruptions(
     progress: bool = True,
     console: Any = None,
     sharded: bool = False,
-) -> CorruptionReport:
+    task: str | None = None,
+) -> CorruptionReport | DetectionCorruptionReport:
     """Accuracy of ``model`` on the clean test set and on every corruption x severity.
+
+    ``task="detection"`` (the default for a detection set of :mod:`adasap.data.detection`)
+    evaluates a detector instead: mAP, P, mPC and rPC in a
+    :class:`~adasap.robustness.detection_report.DetectionCorruptionReport`
+    (:func:`~adasap.robustness.detection.evaluate_detection_corruptions`; batch size 8 unless
+    given). ``batch_size`` is 256 by default for classifiers.
 
     ``test_data`` is any kind of data :func:`adasap.training.evaluate.evaluate_accuracy` takes:
     an adasap image set, a map-style Dataset, a DataLoader or list of ``(images, labels)``
@@ -120,6 +130,36 @@ def evaluate_corruptions(
     are split over the ranks, the (corruption, severity) cells too (each rank renders and
     evaluates its own), and every rank returns the whole report; rank 0 alone shows progress.
     """
+    if task is None and isinstance(test_data, DetectionSet | FileDetectionSet):
+        task = "detection"
+    if task == "detection":
+        given = {"labels": labels, "corrupted": corrupted, "imagenet": imagenet,
+                 "normalize": normalize, "source": source}  # fmt: skip
+        unused = [name for name, value in given.items() if value is not None] + (
+            ["sharded"] if sharded else []
+        )
+        if unused:
+            raise UserError(
+                f"{', '.join(unused)} do(es) not apply to detection: leave it out (boxes come "
+                "with the detection set; corruptions are rendered)"
+            )
+        return evaluate_detection_corruptions(
+            model,
+            test_data,
+            dataset_key=dataset_key,
+            corruptions=corruptions,
+            severities=severities,
+            batch_size=batch_size or 8,
+            device=device,
+            seed=seed,
+            cache_dir=cache_dir,
+            params=params,
+            progress=progress,
+            console=console,
+        )
+    if task not in (None, "classification"):
+        raise UserError(f"task must be classification or detection, got {task!r}")
+    batch_size = 256 if batch_size is None else batch_size
     sharded = sharded and is_distributed()
     corruptions = check_request(corruptions, severities, batch_size)
     clean = _clean_data(test_data, labels)

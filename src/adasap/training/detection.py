@@ -12,6 +12,7 @@ same :class:`~adasap.method.pruner.Pruner` as for classifiers runs every step::
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from adasap.data.detection import DetectionBundle, training_batches
 from adasap.devices import autocast_dtype, resolve_device
 from adasap.errors import UserError, exception_summary
 from adasap.method.importance import Importance
@@ -52,6 +54,8 @@ class DetectionPruneResult:
     ignored_layers: list[str]
     phase_losses: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    # Torch-Pruning's record of the removals: replayed on a fresh detector to load the model
+    pruning_history: list[list[Any]] = field(default_factory=list)
 
     @property
     def kept(self) -> float:
@@ -201,8 +205,91 @@ def prune_detector(
         ignored_layers=layer_names(model, pruner.ignored),
         phase_losses=losses,
         seconds=time.perf_counter() - started,
+        pruning_history=list(pruner.pruning_history),
     )
     return model, result
+
+
+def train_detector(
+    model: nn.Module,
+    data: Iterable[Any],
+    steps: int,
+    *,
+    lr: float = 0.01,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    lr_warmup_steps: int = 0,
+    device: str = "auto",
+    progress: ProgressLog | None = None,
+) -> tuple[nn.Module, float]:
+    """Train ``model`` (in place) with SGD for ``steps`` batches of ``data`` (re-iterated when
+    it ends) on the summed loss dict, the learning rate decaying as a cosine; the dense
+    starting point of pruning. Returns the model, in eval mode, and the last pass's mean loss.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise UserError(f"training steps must be a positive integer, got {steps!r}")
+    dev = resolve_device(device)
+    model.to(dev).train()
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
+    )
+    scheduler = cosine_lr(steps, lr_warmup_steps)(optimizer)
+    progress = progress or ProgressLog(enabled=False)
+    batches, total = _batches(data, dev), 0.0
+    with progress:
+        task = progress.start("dense", steps)
+        for index in range(steps):
+            images, targets = next(batches)
+            loss = sum(model(images, targets).values())
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"dense training diverged (loss {loss.item()} at step {index}): lower the "
+                    "learning rate (--dense-lr)"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += loss.item()
+            progress.update(task, index + 1, f"loss {total / (index + 1):.3f}")
+        progress.finish(task, steps)
+    return model.eval(), total / steps
+
+
+def prune_detector_copy(
+    model: nn.Module,
+    data: Any,
+    ignored_layers: Sequence[nn.Module] | None,
+    progress: bool,
+    options: dict[str, Any],
+) -> tuple[nn.Module, DetectionPruneResult]:
+    """``adasap.prune(..., task="detection")``: a copy of the detector through
+    :func:`prune_detector`; a detection set (or bundle: its ``train`` split) is batched here."""
+    options = dict(options)
+    schedule = options.pop("schedule", None)
+    if not isinstance(schedule, PhaseSchedule):
+        raise UserError(
+            "task='detection' needs schedule=PhaseSchedule(warmup, prune, finetune) in steps, "
+            "e.g. PhaseSchedule(100, 200, 200)"
+        )
+    batch_size = options.pop("batch_size", 8)
+    if isinstance(data, DetectionBundle):
+        data = data.train
+    if isinstance(data, torch.utils.data.Dataset):
+        data = training_batches(data, batch_size, seed=options.get("seed", 0))
+    copied = copy.deepcopy(model)
+    # the Pruner resolves layers by identity: follow the user's into the copy
+    names = {id(m): n for n, m in model.named_modules()}
+    modules = dict(copied.named_modules())
+    ignored = [modules[names[id(m)]] for m in ignored_layers or () if id(m) in names]
+    return prune_detector(
+        copied,
+        data,
+        schedule,
+        ignored_layers=ignored,
+        progress=ProgressLog(enabled=progress),
+        **options,
+    )
 
 
 def _train(

@@ -30,6 +30,7 @@ from adasap.method.schedule import PHASES, PhaseSchedule
 from adasap.method.target import LatencyTarget, PruningTarget, SizeTarget
 from adasap.models.builders import find_classifier
 from adasap.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, stop_requests
+from adasap.training.detection import DetectionPruneResult, prune_detector_copy
 from adasap.training.loop import EpochLoop, cosine_lr, grad_scaler, steps_per_epoch
 from adasap.training.progress import ProgressLog
 from adasap.training.settings import (
@@ -251,9 +252,17 @@ def prune(
     log: Log | None = None,
     checkpoint_dir: str | Path | None = None,
     progress: bool = True,
+    task: str = "classification",
     **overrides: Any,
-) -> PruneResult:
+) -> PruneResult | tuple[nn.Module, DetectionPruneResult]:
     """Prune a dense model with AdaSAP (or a baseline) and return the smaller model.
+
+    ``task="detection"`` prunes a copy of a torchvision-style detector with
+    :func:`~adasap.training.detection.prune_detector` and returns ``(model, result)``:
+    ``train_data`` is a detection set, bundle or iterable of ``(images, targets)`` batches,
+    ``schedule=PhaseSchedule(warmup, prune, finetune)`` (in steps) is required and the other
+    keywords are ``prune_detector``'s (``batch_size`` for a set: 8), e.g.
+    ``prune(detector, data, task="detection", schedule=PhaseSchedule(100, 200, 200), keep=0.5)``.
 
     Args:
         model: a trained dense model (not modified; a copy is pruned). Any ``nn.Module``
@@ -276,6 +285,10 @@ def prune(
         A :class:`PruneResult` with the pruned model, its measured size, per-epoch history and
         the pruning history (to replay the pruning on a fresh copy of the base model).
     """
+    if task == "detection":
+        return prune_detector_copy(model, train_data, ignored_layers, progress, overrides)
+    if task != "classification":
+        raise UserError(f"task must be classification or detection, got {task!r}")
     s = with_overrides(settings or PruneSettings(), overrides).validate()
     log = log or (lambda record: None)
     train_data, val_data, num_classes = _split(train_data, val_data)

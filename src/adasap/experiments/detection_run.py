@@ -1,0 +1,344 @@
+"""``adasap run --task detection``: a dense detector, pruned by each method, P / mPC / rPC, table.
+
+The detection counterpart of :mod:`adasap.experiments.run`, sharing its run directory, config
+files, table and latency comparison: the default trains ``tiny_ssd`` on the Fashion-MNIST
+canvases (cached like the classification dense model), prunes it with ``sgd`` and ``adasap``
+(:func:`adasap.training.detection.prune_detector`) and evaluates each model on clean and
+corrupted test canvases (Michaelis et al. 2019: P = clean mAP@0.5, mPC, rPC = mPC / P).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from adasap.data.detection import DetectionBundle, DetectionSet, training_batches
+from adasap.data.detection_canvas import load_canvas_detection
+from adasap.deploy.serialization import (
+    detection_architecture,
+    load_model,
+    read_description,
+    save_model,
+)
+from adasap.distributed import launched
+from adasap.errors import UserError
+from adasap.experiments.config import ExperimentConfig, from_flat
+from adasap.experiments.dense import folder_label
+from adasap.experiments.reporting import DETECTION_COLUMNS, results_markdown, results_table
+from adasap.experiments.results import ResultRow
+from adasap.experiments.run import machine_description, new_run_dir, timed_rows
+from adasap.io import (
+    CacheMiss,
+    atomic_write_json,
+    atomic_write_text,
+    cache_root,
+    cached,
+    read_json_mapping,
+)
+from adasap.method.pruning import measure_size
+from adasap.method.schedule import PhaseSchedule
+from adasap.models.detection import build_detector
+from adasap.robustness.corruptions import CORRUPTIONS
+from adasap.robustness.detection import evaluate_detection, evaluate_detection_corruptions
+from adasap.robustness.report import SOURCE_RENDERED
+from adasap.training.detection import prune_detector, train_detector
+from adasap.training.progress import ProgressLog
+from adasap.training.settings import base_optimizer, pruner_settings
+
+CANVAS_SIDE = 128  # the canvases' side when the config leaves image_size unset
+QUICK_CORRUPTIONS = ("gaussian_noise", "gaussian_blur")
+EVAL_BATCH = 32
+
+
+def check_detection_command(config: ExperimentConfig, command: str, resume: bool) -> None:
+    """What the command line cannot do with a detection config: a one-line error each."""
+    if config.task != "detection":
+        return
+    if launched():
+        raise UserError(
+            "torchrun does not run detection jobs: start adasap with --task detection in one "
+            "process"
+        )
+    if resume:
+        raise UserError("--resume is not supported for detection runs: start the run again")
+    if command == "train":
+        raise UserError(
+            "adasap train is for classifiers: adasap run --task detection trains (and caches) "
+            "the dense detector"
+        )
+
+
+def image_side(config: ExperimentConfig) -> int:
+    return config.image_size or CANVAS_SIDE
+
+
+def load_detection_data(config: ExperimentConfig) -> DetectionBundle:
+    """The canvas set the config describes (``train_limit``/``test_limit`` canvases), cached."""
+    train, test = int(config.train_limit or 0), int(config.test_limit or 0)
+    return load_canvas_detection(
+        data_dir=config.data_dir,
+        cache_dir=config.cache_dir,
+        seed=config.prune.seed,
+        num_train=train,
+        num_val=max(1, train // 10),
+        num_test=test,
+        image_size=image_side(config),
+    )
+
+
+def architecture_of(config: ExperimentConfig, data: DetectionBundle) -> dict[str, Any]:
+    return detection_architecture(config.model, data.spec.num_classes, image_side(config))
+
+
+def _steps(epochs: float, data: DetectionBundle, batch_size: int) -> int:
+    """``epochs`` passes over the training canvases, in batches (at least one step if > 0)."""
+    per_epoch = -(-len(data.train) // batch_size)
+    return max(1, round(epochs * per_epoch)) if epochs > 0 else 0
+
+
+def _example(config: ExperimentConfig) -> list[torch.Tensor]:
+    side = image_side(config)
+    return [torch.rand(3, side, side)]
+
+
+def dense_detector(config: ExperimentConfig, data: DetectionBundle, console: Console):
+    """The dense detector trained with the config's recipe, or the cached one (as loaded)."""
+    s = config.prune
+    architecture = architecture_of(config, data)
+    recipe = dict(
+        architecture=architecture,
+        dataset=config.dataset,
+        train=len(data.train),
+        epochs=config.dense_epochs,
+        lr=config.dense_lr,
+        batch_size=s.batch_size,
+        seed=s.seed,
+    )
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+    directory = cache_root(config.cache_dir) / "dense" / f"{folder_label(config)}-{key}"
+
+    def load():
+        if not (directory / "model.json").is_file():
+            raise CacheMiss()
+        try:
+            model = load_model(directory)
+        except UserError as exc:
+            raise CacheMiss(str(exc)) from exc
+        console.print(f"dense model: reusing {directory}")
+        return model, json.loads((directory / "model.json").read_text()).get("train", {})
+
+    def build():
+        steps = _steps(config.dense_epochs, data, s.batch_size)
+        console.print(f"dense model: training {config.model} for {steps} steps")
+        torch.manual_seed(s.seed)
+        started = time.perf_counter()
+        model, loss = train_detector(
+            build_detector(config.model, num_classes=data.spec.num_classes,
+                           image_size=image_side(config)),
+            training_batches(data.train, s.batch_size, seed=s.seed),
+            steps,
+            lr=config.dense_lr,
+            device=s.device,
+            progress=ProgressLog(enabled=config.progress, console=console),
+        )  # fmt: skip
+        info = {"seconds": time.perf_counter() - started, "loss": loss, "recipe": recipe}
+        save_model(directory, model.cpu(), architecture, extra={"train": info})
+        return load_model(directory), info
+
+    return cached(
+        directory,
+        load,
+        build,
+        on_damaged=lambda why: console.print(f"[yellow]dense cache unusable ({why})[/yellow]"),
+        on_wait=lambda: console.print(f"dense model: another process is training {directory}"),
+    )
+
+
+def evaluate_detector(
+    model, data: DetectionBundle, config: ExperimentConfig, out_dir: Path, label: str
+) -> ResultRow:
+    """The row of ``label``: P, mPC and rPC on the first ``corruption_limit`` test canvases
+    (all of them with ``corruptions: none``, P alone); the report goes to ``out_dir/label``."""
+    model.cpu().eval()
+    names = {"all": tuple(CORRUPTIONS), "quick": QUICK_CORRUPTIONS, "none": None}[
+        config.corruptions
+    ]
+    if names is None:
+        clean = evaluate_detection(model, data.test, batch_size=EVAL_BATCH)
+        return ResultRow(method=label, clean_accuracy=clean["map_50"])
+    test = data.test
+    count = min(config.corruption_limit or len(test), len(test))
+    subset = DetectionSet(test.images[:count], test.targets[:count], test.spec, test.source)
+    report = evaluate_detection_corruptions(
+        model,
+        subset,
+        dataset_key=f"canvas{image_side(config)}-seed{config.prune.seed}-test{len(test)}-n{count}",
+        corruptions=names,
+        batch_size=EVAL_BATCH,
+        seed=config.prune.seed,
+        cache_dir=cache_root(config.cache_dir) / "corruptions",
+        progress=config.progress,
+    )
+    report.save(out_dir / label)
+    return ResultRow(
+        method=label,
+        clean_accuracy=report.performance,
+        corruption_accuracy=report.mpc,
+        extra_accuracy=report.extra_mpc,
+        relative_robustness=report.rpc,
+        corruption_source=SOURCE_RENDERED,
+    )
+
+
+def pruned_detector_row(
+    method: str, dense, data: DetectionBundle, config: ExperimentConfig, run_dir: Path, console
+) -> ResultRow:
+    """Prune a copy of ``dense`` with ``method``, save it in ``run_dir/method``, evaluate it."""
+    s = replace(config.prune, method=method)
+    console.print(f"[bold]{method}[/bold]: pruning to keep {s.keep:.0%} of the {s.keep_kind}")
+    optimizer, optimizer_kwargs = base_optimizer(s.optimizer)
+    steps = [_steps(e, data, s.batch_size) for e in (
+        s.warmup_epochs, s.prune_epochs, s.finetune_epochs)]  # fmt: skip
+    lr_warmup = _steps(s.lr_warmup_epochs, data, s.batch_size)
+    torch.manual_seed(s.seed)
+    model, result = prune_detector(
+        copy.deepcopy(dense),
+        training_batches(data.train, s.batch_size, seed=s.seed),
+        PhaseSchedule(*steps, removals=s.prune_steps),
+        method=method,
+        keep=s.keep,
+        keep_kind="macs" if s.keep_kind == "macs" else "params",
+        criterion=s.criterion,
+        optimizer=optimizer,
+        optimizer_kwargs=optimizer_kwargs,
+        lr_warmup_steps=min(lr_warmup, sum(steps) - 1),
+        device=s.device,
+        amp=s.amp,
+        progress=ProgressLog(enabled=config.progress, console=console),
+        settings=pruner_settings(s),
+    )
+    model = model.cpu()
+    method_dir = run_dir / method
+    save_model(method_dir, model, architecture_of(config, data), result.pruning_history)
+    row = replace(
+        evaluate_detector(model, data, config, run_dir, method),
+        params=result.pruned.params,
+        macs=result.pruned.macs,
+        seconds=result.seconds,
+    )
+    summary = {**row.to_dict(), "kept": result.kept, "phase_losses": result.phase_losses,
+               "ignored_layers": result.ignored_layers}  # fmt: skip
+    atomic_write_json(method_dir / "summary.json", summary)
+    return row
+
+
+def evaluate_detectors(
+    models: dict[str, Any],
+    directories: dict[str, Path],
+    config: ExperimentConfig,
+    console: Console | None = None,
+) -> list[ResultRow]:
+    """``adasap eval`` on saved detectors: P, mPC and rPC of each, reports next to each model.
+
+    The data are those of ``config`` when it is a detection config (a run's ``config.json``
+    with the eval flags), else of the run directory holding the model, else the detection
+    defaults at the model's image size.
+    """
+    console = console or Console()
+    if config.task != "detection":
+        first = next(iter(directories.values()))
+        saved = first.parent / "config.json"
+        values = (
+            read_json_mapping(saved, "restore it, or pass a run directory")
+            if saved.is_file()
+            else {"task": "detection", "image_size": read_description(first)["architecture"][
+                "image_size"]}
+        )  # fmt: skip
+        config = from_flat(values, source=str(saved) if saved.is_file() else None)
+    config = config.validate()
+    data = load_detection_data(config)
+    rows = []
+    for label, directory in directories.items():
+        architecture = read_description(directory)["architecture"]
+        wanted = architecture_of(config, data)
+        if {k: architecture.get(k) for k in wanted} != wanted:
+            raise UserError(
+                f"the detector in {directory} was built for {architecture.get('num_classes')} "
+                f"classes at {architecture.get('image_size')} px, the data have "
+                f"{wanted['num_classes']} at {wanted['image_size']} px: pass the --image-size "
+                "it was trained with"
+            )
+        model = models[label]
+        row = evaluate_detector(model, data, config, directory.parent, label)
+        size = measure_size(model, _example(config))
+        rows.append(replace(row, params=size.params, macs=size.macs))
+    title = f"adasap eval: {next(iter(directories.values())).parent}"
+    console.print(results_table(rows, title=title, columns=DETECTION_COLUMNS))
+    return rows
+
+
+def reduced_note(config: ExperimentConfig) -> str:
+    """The reduced setting in words (the canvas counts are the config's limits)."""
+    test = int(config.test_limit or 0)
+    corrupted = min(config.corruption_limit or test, test)
+    return (
+        f"Reduced setting: {config.train_limit} training and {test} test canvases of "
+        f"{image_side(config)} px ({corrupted} corrupted), {config.dense_epochs:g} dense epochs, "
+        f"{config.prune.warmup_epochs:g} + {config.prune.prune_epochs:g} + "
+        f"{config.prune.finetune_epochs:g} pruning epochs; numbers are for a quick comparison, "
+        "not for publication."
+    )
+
+
+def run_detection_experiment(config: ExperimentConfig, console: Console | None = None) -> Path:
+    """Run the detection comparison and write ``results.md``/``results.json`` in the run
+    directory (``config.yaml``, and per method its model and corruption report)."""
+    started = time.perf_counter()
+    console = console or Console()
+    config = config.validate()
+    if config.task != "detection":
+        raise UserError("run_detection_experiment needs task: detection")
+    data = load_detection_data(config)
+    name = config.name or time.strftime("%Y%m%d-%H%M%S") + f"-{folder_label(config)}"
+    config = replace(config, name=name)
+    run_dir = new_run_dir(config)
+    note = reduced_note(config)
+    console.print(f"[bold yellow]{note}[/bold yellow]")
+    dense, dense_info = dense_detector(config, data, console)
+    dense_size = measure_size(dense, _example(config))
+    rows = [
+        replace(
+            evaluate_detector(dense, data, config, run_dir, "dense"),
+            params=dense_size.params,
+            macs=dense_size.macs,
+            seconds=dense_info.get("seconds"),
+        )
+    ]
+    for method in config.methods:
+        rows.append(pruned_detector_row(method, dense, data, config, run_dir, console))
+    side = image_side(config)
+    rows = timed_rows(rows, dense, None, run_dir, input_shape=(3, side, side))
+    seconds = time.perf_counter() - started
+    results = {
+        "config": config.to_flat(),
+        "machine": machine_description(),
+        "seconds": seconds,
+        "setting": note,
+        "rows": [row.to_dict() for row in rows],
+    }
+    atomic_write_json(run_dir / "results.json", results)
+    markdown = results_markdown(rows, columns=DETECTION_COLUMNS)
+    atomic_write_text(run_dir / "results.md", markdown + "\n" + note + "\n")
+    console.print(results_table(rows, title="adasap detection results", columns=DETECTION_COLUMNS))
+    console.print(f"results: {run_dir / 'results.md'}")
+    minutes, rest = divmod(round(seconds), 60)
+    console.print(f"total time: {minutes} min {rest:02d} s (this command, evaluation included)")
+    return run_dir
