@@ -31,7 +31,7 @@ from adasap.robustness.corruptions import (
     to_uint8,
 )
 from adasap.robustness.detection_report import METRICS, DetectionCorruptionReport
-from adasap.robustness.evaluation import check_request
+from adasap.robustness.official import check_request
 from adasap.training.evaluate import model_device
 
 # Images rendered by one render_cached call at most: its float copy of VOC-sized images then

@@ -22,17 +22,15 @@ from adasap.data.image_sets import TensorImageSet
 from adasap.data.sources import evaluation_source
 from adasap.distributed import gather_values, is_distributed, is_main, rank, world_size
 from adasap.errors import UserError
-from adasap.robustness import corruptions as C
 from adasap.robustness.corruptions import (
     SEVERITIES,
-    get_corruption,
     image_fingerprint,
     render_cached,
     resolve_param_table,
 )
 from adasap.robustness.detection import evaluate_detection_corruptions
 from adasap.robustness.detection_report import DetectionCorruptionReport
-from adasap.robustness.official import check_severity
+from adasap.robustness.official import check_request
 from adasap.robustness.report import SOURCE_RENDERED, CorruptionReport
 from adasap.training.evaluate import Normalization, count_correct, model_device
 
@@ -61,21 +59,6 @@ def _gather(data: Any, batch_size: int) -> tuple[Tensor, Tensor]:
     if not pairs:
         raise UserError("no images to evaluate: the test set is empty")
     return torch.cat([x for x, _ in pairs]), torch.cat([y for _, y in pairs])
-
-
-def check_request(
-    corruptions: Sequence[str] | None, severities: Sequence[int], batch_size: int
-) -> tuple[str, ...]:
-    """The corruptions to evaluate (default: the benchmark and extra ones), every name, severity
-    and the batch size checked, as one-line :class:`UserError`s."""
-    corruptions = C.CORRUPTIONS if corruptions is None else tuple(corruptions)
-    for name in corruptions:
-        get_corruption(name)
-    for s in severities:
-        check_severity(s)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise UserError(f"batch size {batch_size!r} is invalid: use a positive integer")
-    return corruptions
 
 
 def evaluate_corruptions(
