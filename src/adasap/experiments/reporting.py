@@ -34,7 +34,7 @@ DETECTION_COLUMNS: tuple[tuple[str, str], ...] = (
 
 LATENCY_NOTE = (
     "CPU latency (b1): median forward pass at batch 1, the dense and pruned models taking "
-    "turns; (0.87x) is the pruned/dense ratio, the median of the per-round ratios; 'noisy' "
+    "turns; the ratio in brackets is pruned/dense, the median of the per-round ratios; 'noisy' "
     f"where its 95% interval (shown) is wider than {NOISY_WIDTH:.0%} of it, as the machine was "
     "too busy to tell: time again on a quiet one with `adasap latency <run> --batch-sizes 1 "
     "--repeats 100`."
