@@ -10,10 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
+from torch import nn
 
 from adasap.data import DataBundle, dataset_options, load_dataset
 from adasap.deploy.serialization import load_model, save_model
@@ -104,20 +108,10 @@ def dense_model(config: ExperimentConfig, data: DataBundle, console: Console):
         on_main(publish)
         return result.model, info
 
-    def load():
-        if not (directory / "model.json").is_file():
-            raise CacheMiss()
-        try:
-            model = load_model(directory)
-        except UserError as exc:
-            raise CacheMiss(str(exc)) from exc
-        console.print(f"dense model: reusing {directory}")
-        return model, json.loads((directory / "model.json").read_text()).get("train", {})
-
     if is_distributed():
         # all ranks train together, so rank 0 cannot hold the cache's lock while others wait
         try:
-            model_info = load()
+            model_info = load_cached_model(directory, console)
         except CacheMiss:
             model_info = None
         if not any_rank(model_info is None):  # reused only when every rank has it
@@ -130,9 +124,30 @@ def dense_model(config: ExperimentConfig, data: DataBundle, console: Console):
         # are then the same whether this process trained it or another one did
         return load_model(directory), info
 
+    return cached_dense_model(directory, build, console)
+
+
+def load_cached_model(directory: Path, console: Console) -> tuple[nn.Module, dict[str, Any]]:
+    """The model saved in ``directory`` and its training info; ``CacheMiss`` when there is none
+    or it cannot be read."""
+    if not (directory / "model.json").is_file():
+        raise CacheMiss()
+    try:
+        model = load_model(directory)
+    except UserError as exc:
+        raise CacheMiss(str(exc)) from exc
+    console.print(f"dense model: reusing {directory}")
+    return model, json.loads((directory / "model.json").read_text()).get("train", {})
+
+
+def cached_dense_model(
+    directory: Path, build: Callable[[], tuple[nn.Module, dict[str, Any]]], console: Console
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The dense model cached in ``directory``, or ``build()``'s, published once for every
+    process that asks at the same time (:func:`adasap.io.cached`)."""
     return cached(
         directory,
-        load,
+        partial(load_cached_model, directory, console),
         build,
         on_damaged=lambda why: console.print(
             f"[yellow]dense cache unusable ({why}); training again[/yellow]"

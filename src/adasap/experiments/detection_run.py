@@ -31,16 +31,14 @@ from adasap.deploy.serialization import (
 from adasap.distributed import launched
 from adasap.errors import UserError
 from adasap.experiments.config import ExperimentConfig, from_flat
-from adasap.experiments.dense import folder_label
+from adasap.experiments.dense import cached_dense_model, folder_label
 from adasap.experiments.reporting import DETECTION_COLUMNS, results_markdown, results_table
 from adasap.experiments.results import ResultRow
 from adasap.experiments.run import machine_description, new_run_dir, timed_rows
 from adasap.io import (
-    CacheMiss,
     atomic_write_json,
     atomic_write_text,
     cache_root,
-    cached,
     read_json_mapping,
 )
 from adasap.method.pruning import measure_size
@@ -125,16 +123,6 @@ def dense_detector(config: ExperimentConfig, data: DetectionBundle, console: Con
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
     directory = cache_root(config.cache_dir) / "dense" / f"{folder_label(config)}-{key}"
 
-    def load():
-        if not (directory / "model.json").is_file():
-            raise CacheMiss()
-        try:
-            model = load_model(directory)
-        except UserError as exc:
-            raise CacheMiss(str(exc)) from exc
-        console.print(f"dense model: reusing {directory}")
-        return model, json.loads((directory / "model.json").read_text()).get("train", {})
-
     def build():
         steps = _steps(config.dense_epochs, data, s.batch_size)
         console.print(f"dense model: training {config.model} for {steps} steps")
@@ -153,13 +141,7 @@ def dense_detector(config: ExperimentConfig, data: DetectionBundle, console: Con
         save_model(directory, model.cpu(), architecture, extra={"train": info})
         return load_model(directory), info
 
-    return cached(
-        directory,
-        load,
-        build,
-        on_damaged=lambda why: console.print(f"[yellow]dense cache unusable ({why})[/yellow]"),
-        on_wait=lambda: console.print(f"dense model: another process is training {directory}"),
-    )
+    return cached_dense_model(directory, build, console)
 
 
 def evaluate_detector(

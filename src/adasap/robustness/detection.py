@@ -18,7 +18,6 @@ from statistics import median
 from typing import Any
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor, nn
 
 from adasap.data.detection import DetectionBatch, DetectionBatches, Target
@@ -33,6 +32,7 @@ from adasap.robustness.corruptions import (
 from adasap.robustness.detection_report import METRICS, DetectionCorruptionReport
 from adasap.robustness.official import check_request
 from adasap.training.evaluate import model_device
+from adasap.training.progress import cell_progress
 
 # Images rendered by one render_cached call at most: its float copy of VOC-sized images then
 # stays under about 600 MB.
@@ -249,15 +249,7 @@ def evaluate_detection_corruptions(
 
     cells = [(name, s) for name in corruptions for s in severities]
     results: dict[str, dict[int, dict[str, float]]] = {name: {} for name in corruptions}
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        disable=not progress,
-        transient=True,
-    ) as bar:
+    with cell_progress(console, disable=not progress) as bar:
         task = bar.add_task("clean", total=1 + len(cells))
         clean = score_batches(model, _as_batches(images, targets, batch_size), device)
         bar.advance(task)

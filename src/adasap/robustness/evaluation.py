@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor, nn
 
 from adasap.data.detection import DetectionSet, FileDetectionSet
@@ -33,6 +32,7 @@ from adasap.robustness.detection_report import DetectionCorruptionReport
 from adasap.robustness.official import check_request
 from adasap.robustness.report import SOURCE_RENDERED, CorruptionReport
 from adasap.training.evaluate import Normalization, count_correct, model_device
+from adasap.training.progress import cell_progress
 
 
 def _names_imagenet(dataset_key: str) -> bool:
@@ -169,15 +169,7 @@ def evaluate_corruptions(
         cells = cells[rank() :: world_size()]
     found: dict[tuple[str, int], float] = {}
     sources: set[str] = set()
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        disable=not progress or not is_main(),
-        transient=True,
-    ) as bar:
+    with cell_progress(console, disable=not progress or not is_main()) as bar:
         task = bar.add_task("clean", total=1 + len(cells))
         correct, num_images = count(clean, sharded)
         bar.advance(task)
