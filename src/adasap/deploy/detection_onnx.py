@@ -68,16 +68,7 @@ def export_detector_onnx(
             "docs/detection.md lists the detectors that export"
         ) from exc
     diff = _max_difference(model, written, example) if check else None
-    return ExportReport(
-        path=written,
-        opset=opset,
-        input_shape=shape,
-        file_bytes=written.stat().st_size,
-        checked=check,
-        max_abs_diff=diff,
-        tolerance=tolerance,
-        batch_sizes=(1,) if check else (),
-    )
+    return ExportReport.written(written, opset, shape, diff, tolerance, (1,))
 
 
 def _max_difference(model: nn.Module, path: Path, image: torch.Tensor) -> float:

@@ -157,6 +157,29 @@ class ExportReport:
         """True when checked and every output is within ``tolerance`` of PyTorch's."""
         return self.checked and self.max_abs_diff is not None and self.max_abs_diff < self.tolerance
 
+    @classmethod
+    def written(
+        cls,
+        path: Path,
+        opset: int,
+        input_shape: InputShape,
+        diff: float | None,
+        tolerance: float,
+        batch_sizes: tuple[int, ...],
+    ) -> ExportReport:
+        """The report of a file just written: its size read from disk, checked when ``diff``
+        (onnxruntime against PyTorch over ``batch_sizes``) was measured."""
+        return cls(
+            path=path,
+            opset=opset,
+            input_shape=input_shape,
+            file_bytes=path.stat().st_size,
+            checked=diff is not None,
+            max_abs_diff=diff,
+            tolerance=tolerance,
+            batch_sizes=batch_sizes if diff is not None else (),
+        )
+
     def to_dict(self) -> dict:
         return {**asdict(self), "path": str(self.path), "passed": self.passed}
 
@@ -246,13 +269,4 @@ def export_onnx(
     model, input_shape = resolve_model(model_or_dir, image_size)
     written = write_onnx(model, path, input_shape, opset)
     diff = max_onnx_difference(model, written, input_shape) if check else None
-    return ExportReport(
-        path=written,
-        opset=opset,
-        input_shape=input_shape,
-        file_bytes=written.stat().st_size,
-        checked=check,
-        max_abs_diff=diff,
-        tolerance=tolerance,
-        batch_sizes=CHECK_BATCH_SIZES if check else (),
-    )
+    return ExportReport.written(written, opset, input_shape, diff, tolerance, CHECK_BATCH_SIZES)
