@@ -28,6 +28,7 @@ from adasap.io import (
     atomic_write,
     cache_root,
     cached,
+    file_sha256,
     read_checked_json,
     write_checked_json,
 )
@@ -172,14 +173,6 @@ def _load(path: Path) -> dict[str, tuple[Tensor, list[Target]]]:
     return out
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_canvas_detection(
     *,
     data_dir: str | Path | None = None,
@@ -224,7 +217,7 @@ def load_canvas_detection(
         manifest = read_checked_json(manifest_path)
         if manifest.get("key") != key:
             raise CacheMiss("made with other arguments")
-        if not data_path.is_file() or _file_sha256(data_path) != manifest.get("data_sha256"):
+        if not data_path.is_file() or file_sha256(data_path) != manifest.get("data_sha256"):
             raise CacheMiss("data does not match its sha256")
         return _load(data_path)
 
@@ -243,7 +236,7 @@ def load_canvas_detection(
                 sides=sides,
             )
         _save(data_path, splits)  # the manifest, holding the checksum, last: it publishes
-        write_checked_json(manifest_path, {"key": key, "data_sha256": _file_sha256(data_path)})
+        write_checked_json(manifest_path, {"key": key, "data_sha256": file_sha256(data_path)})
         return splits
 
     splits = cached(folder / "canvases", load, build)

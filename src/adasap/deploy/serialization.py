@@ -9,7 +9,6 @@ checksum of the weights file guards against truncation and tampering.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from adasap.errors import UserError
-from adasap.io import atomic_write_bytes, atomic_write_json
+from adasap.io import atomic_write_bytes, atomic_write_json, file_sha256
 from adasap.method.output_layers import detector_output_layers
 from adasap.method.pruning import replay_pruning
 from adasap.models.builders import build_model
@@ -32,14 +31,6 @@ DESCRIPTION_FILE = "model.json"
 FORMAT_VERSION = 1
 # what every reader needs (the input shape); build_model's other arguments are checked on load
 _ARCHITECTURE_KEYS = ("in_channels", "image_size")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def save_model(
@@ -68,7 +59,7 @@ def save_model(
         "version": FORMAT_VERSION,
         "architecture": architecture,
         "pruning_history": history,
-        "weights_sha256": _sha256(weights),
+        "weights_sha256": file_sha256(weights),
         **(extra or {}),
     }
     atomic_write_json(directory / DESCRIPTION_FILE, description)
@@ -150,7 +141,7 @@ def load_model(directory: str | Path, base_model: nn.Module | None = None) -> nn
             f"{weights} does not exist: the model directory is incomplete; restore the file "
             "or re-run"
         )
-    if _sha256(weights) != description.get("weights_sha256"):
+    if file_sha256(weights) != description.get("weights_sha256"):
         raise UserError(
             f"{weights} does not match the checksum in {DESCRIPTION_FILE}: the file was "
             "truncated or modified; restore it or re-run"
