@@ -201,6 +201,7 @@ def adasap_spec():
         ({"task": "detection", "keep_kind": "latency"}, "latency is not supported"),
         ({"task": "detection", "train_limit": None}, "number of canvases"),
         ({"image_size": 64}, "image_size is a detection setting"),
+        ({"dataset": "voc"}, "voc is a detection data set: pass --task detection"),
     ],
 )
 def test_bad_combinations_are_one_line_errors(values, match):

@@ -30,6 +30,7 @@ CANVAS_DATASET = "canvas"
 # Its other data sets (``--data-dir``: the folder holding them): Pascal VOC, trained on the
 # trainval sets of the years (default: 2007, and 2012 when present) and tested on VOC2007
 # test; a COCO-format folder, trained on one split and tested on another.
+DETECTION_KINDS = (CANVAS_DATASET, "voc", "coco")
 DETECTION_DATASETS = (CANVAS_DATASET, "voc[:<year>+<year>]", "coco[:<train split>,<test split>]")
 COCO_SPLITS = ("train2017", "val2017")
 # ``--task detection``'s defaults in place of the classification ones: tiny_ssd on a reduced
@@ -141,6 +142,12 @@ class ExperimentConfig:
     def _validate_classification(self) -> None:
         if self.image_size is not None:
             raise UserError("image_size is a detection setting: drop it, or pass --task detection")
+        kind = self.dataset.strip().partition(":")[0].lower()
+        if kind in DETECTION_KINDS:
+            raise UserError(
+                f"{self.dataset} is a detection data set: pass --task detection, or a "
+                "classification --dataset"
+            )
         spec = get_spec(self.dataset)
         build_model(
             self.model,

@@ -106,20 +106,24 @@ def reduced_note(config: ExperimentConfig, data: DetectionBundle | None = None) 
     """The reduced setting in words: the image counts of ``data``, else the config's limits."""
     train = len(data.train) if data is not None else config.train_limit
     test = len(data.test) if data is not None else config.test_limit
-    corrupted = min(config.corruption_limit or test, test) if test is not None else None
+    corrupted = test if config.corruption_limit is None else config.corruption_limit
+    if test is not None and corrupted is not None:
+        corrupted = min(corrupted, test)
     side = image_side(config)
     images = (
         f"canvases of {side} px"
         if on_canvases(config)
-        else f"{config.dataset} images (resized by the detector to {side} px)"
+        else f"{config.dataset} images, resized by the detector to {side} px"
     )
 
     def count(value: int | None) -> str:
         return "all" if value is None else str(value)
 
+    if config.corruptions != "none":
+        images += f" ({count(corrupted)} corrupted)"
     return (
-        f"Reduced setting: {count(train)} training and {count(test)} test {images} "
-        f"({count(corrupted)} corrupted), {config.dense_epochs:g} dense epochs, "
+        f"Reduced setting: {count(train)} training and {count(test)} test {images}, "
+        f"{config.dense_epochs:g} dense epochs, "
         f"{config.prune.warmup_epochs:g} + {config.prune.prune_epochs:g} + "
         f"{config.prune.finetune_epochs:g} pruning epochs; numbers are for a quick comparison, "
         "not for publication."

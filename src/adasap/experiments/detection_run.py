@@ -98,8 +98,10 @@ def _training_batches(config: ExperimentConfig, data: DetectionBundle) -> Detect
 
 
 def _example(config: ExperimentConfig) -> list[torch.Tensor]:
+    """The image every row's size is measured on: one square of the detector's input side
+    (training images may differ in shape; the same random one for every model)."""
     side = image_side(config)
-    return [torch.rand(3, side, side)]
+    return [torch.rand(3, side, side, generator=torch.Generator().manual_seed(0))]
 
 
 def dense_detector(config: ExperimentConfig, data: DetectionBundle, console: Console):
@@ -206,10 +208,11 @@ def pruned_detector_row(
     model = model.cpu()
     method_dir = run_dir / method
     save_model(method_dir, model, architecture_of(config, data), result.pruning_history)
+    size = measure_size(model, _example(config))  # as the dense row's, not the pruner's
     row = replace(
         evaluate_detector(model, data, config, run_dir, method),
-        params=result.pruned.params,
-        macs=result.pruned.macs,
+        params=size.params,
+        macs=size.macs,
         seconds=result.seconds,
     )
     summary = {**row.to_dict(), "kept": result.kept, "phase_losses": result.phase_losses,
