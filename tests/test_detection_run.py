@@ -96,6 +96,50 @@ def test_export_writes_a_checked_onnx_detector(detection_run, tmp_path, capsys):
     assert target.stat().st_size > 0 and "passed" in capsys.readouterr().out
 
 
+TIMINGS = ("seconds", "latency_ms", "latency_ratio", "latency_ratio_low", "latency_ratio_high",
+           "latency_noisy")  # fmt: skip
+
+
+def test_resume_finishes_an_interrupted_run_with_the_same_rows(detection_run, monkeypatch, capsys):
+    _, _, run_dir, root = detection_run
+    monkeypatch.setenv("ADASAP_CACHE", str(root / "cache"))
+    monkeypatch.setattr(classification_run, "LATENCY_ROUNDS", 3)
+    monkeypatch.setattr(classification_run, "LATENCY_WARMUP", 1)
+    prune, pruned = detection_job.prune_detector, []
+
+    def prune_until_adasap(model, data, schedule, *, method, **kwargs):
+        pruned.append(method)
+        if method == "adasap" and len(pruned) == 2:  # the first attempt stops in its second method
+            raise KeyboardInterrupt
+        return prune(model, data, schedule, method=method, **kwargs)
+
+    monkeypatch.setattr(detection_job, "prune_detector", prune_until_adasap)
+    args = [*TINY_RUN, "--out", str(root / "runs"), "--data-dir", str(root / "fashion")]
+    args[args.index("det")] = "det-resumed"
+    resumed = root / "runs" / "det-resumed"
+    assert cli.main(args) == 130
+    assert f"continue with: adasap run --resume {resumed}" in capsys.readouterr().err
+    assert (resumed / "sgd" / "summary.json").is_file() and not (resumed / "results.json").exists()
+    assert cli.main(["run", "--resume", str(resumed), "--no-progress"]) == 0
+    assert "finished earlier" in capsys.readouterr().out
+    assert pruned == ["sgd", "adasap", "adasap"]  # sgd was not pruned again
+
+    def rows(directory):
+        rows = json.loads((directory / "results.json").read_text())["rows"]
+        return [{k: v for k, v in row.items() if k not in TIMINGS} for row in rows]
+
+    assert rows(resumed) == rows(run_dir)  # as the uninterrupted run, but for the timings
+
+
+def test_resume_of_a_missing_run_is_a_one_line_error(tmp_path, capsys):
+    assert cli.main(["run", "--resume", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith(f"error: {tmp_path / 'nothing'} holds no config.json")
+        and err.count("\n") == 1
+    )
+
+
 def pruned_tiny_detector():
     model = build_detector("tiny_ssd", num_classes=3, image_size=64)
     batch = synthetic_batch(2, 64)
@@ -150,10 +194,14 @@ def adasap_spec():
         ({"task": "detection", "model": "resnet20"}, "resnet20 is not a detector"),
         ({"model": "tiny_ssd"}, "tiny_ssd is a detector: pass --task detection"),
         ({"task": "segmentation"}, "task must be classification or detection"),
-        ({"task": "detection", "dataset": "fashion-mnist"}, "runs on the canvas set"),
+        ({"task": "detection", "dataset": "fashion-mnist"}, "runs on canvas, voc"),
+        ({"task": "detection", "dataset": "voc:07"}, "VOC years as four digits"),
+        ({"task": "detection", "dataset": "coco:train2017"}, "name the COCO training and test"),
+        ({"task": "detection", "dataset": "voc", "test_limit": 0}, "number of voc images"),
         ({"task": "detection", "keep_kind": "latency"}, "latency is not supported"),
         ({"task": "detection", "train_limit": None}, "number of canvases"),
         ({"image_size": 64}, "image_size is a detection setting"),
+        ({"dataset": "voc"}, "voc is a detection data set: pass --task detection"),
     ],
 )
 def test_bad_combinations_are_one_line_errors(values, match):

@@ -39,8 +39,10 @@ DEFAULTS = ExperimentConfig().to_flat()
 RUN_OPTIONS: tuple[tuple[str, str, str], ...] = (
     ("--task", "task", "classification, or detection (own defaults: README, Detection)"),
     ("--dataset", "dataset", "fashion-mnist, mnist, cifar10, cifar100, digits, synthetic or "
-                             "imagefolder:<path>"),
-    ("--data-dir", "data_dir", "where the dataset's files are"),
+                             "imagefolder:<path>; detection: canvas, voc[:<year>+<year>] or "
+                             "coco[:<train split>,<test split>]"),
+    ("--data-dir", "data_dir", "where the dataset's files are (voc: the folder holding "
+                               "VOCdevkit/; coco: annotations/ and the split folders)"),
     ("--model", "model", "resnet20/32/56, a torchvision classifier or timm:<name>"),
     ("--methods", "methods", f"pruning methods to compare: {', '.join(METHODS)}"),
     ("--criterion", "criterion", f"neuron importance: {', '.join(criteria())}"),
@@ -88,7 +90,7 @@ RUN_OPTIONS: tuple[tuple[str, str, str], ...] = (
     ("--out", "out_dir", "parent folder of run directories"),
     ("--name", "name", "run directory name (default: date-dataset-model)"),
     ("--cache-dir", "cache_dir", "dense models and corrupted test sets (default ~/.cache/adasap)"),
-    ("--image-size", "image_size", "detection: the canvases' side and the detector's input"),
+    ("--image-size", "image_size", "detection: the detector's input side (and the canvases')"),
 )  # fmt: skip
 RUN_SWITCHES: tuple[tuple[str, str, bool, str], ...] = (
     ("--asam", "asam", True, "scale-invariant (ASAM) perturbations (phase 3: see --finetune-*)"),
@@ -323,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         if _restarted_run(args, config):  # torchrun --max-restarts: continue the named run
             args.resume = str(Path(config.out_dir) / str(config.name))
             config, resume = config_from_args(args)
-        check_detection_command(config, args.command, resume)
+        check_detection_command(config, args.command)
         init_from_env(config.prune.device)  # under torchrun: join its process group
         console = Console(quiet=not is_main())
         if args.command == "train":
@@ -334,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
             official = (args.official_dir, args.official) if args.official else None
             evaluate_path(args.path, config, official, console, args.imagenet_v2)
         elif config.task == "detection":
-            run_detection_experiment(config, console)
+            run_detection_experiment(config, console, resume=resume)
         else:
             run_experiment(config, console, resume=resume)
     except TrainingDiverged as exc:

@@ -128,6 +128,11 @@ class DetectionSet(Dataset):
         """Image ``index`` as stored (uint8 CHW), without the float conversion."""
         return self.images[index]
 
+    def subset(self, indices: Sequence[int]) -> DetectionSet:
+        """The images at ``indices``, in that order (the same tensors, not copies)."""
+        images = [self.images[i] for i in indices]
+        return DetectionSet(images, [self.targets[i] for i in indices], self.spec, self.source)
+
 
 class FileDetectionSet(Dataset):
     """Images read from files on access (JPEG/PNG, as RGB), with targets read beforehand."""
@@ -144,7 +149,7 @@ class FileDetectionSet(Dataset):
             if not Path(path).is_file():
                 raise UserError(f"image {path} is missing: {fix}")
         self.paths, self.targets, self.spec = list(paths), list(targets), spec
-        self.source = source
+        self.source, self.fix = source, fix
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -155,6 +160,16 @@ class FileDetectionSet(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, Target]:
         return self.uint8_image(index).float().div_(255), _copy(self.targets[index])
+
+    def subset(self, indices: Sequence[int]) -> FileDetectionSet:
+        """The images at ``indices``, in that order."""
+        return FileDetectionSet(
+            [self.paths[i] for i in indices],
+            [self.targets[i] for i in indices],
+            self.spec,
+            self.source,
+            self.fix,
+        )
 
 
 AnyDetectionSet = DetectionSet | FileDetectionSet

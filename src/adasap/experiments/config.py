@@ -8,6 +8,7 @@ and types; ranges are checked once, by :meth:`ExperimentConfig.validate`, when a
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,12 @@ PER_RUN = ("method",)
 TASKS = ("classification", "detection")
 # The detection data set of ``adasap run --task detection``: Fashion-MNIST garments on canvases
 CANVAS_DATASET = "canvas"
+# Its other data sets (``--data-dir``: the folder holding them): Pascal VOC, trained on the
+# trainval sets of the years (default: 2007, and 2012 when present) and tested on VOC2007
+# test; a COCO-format folder, trained on one split and tested on another.
+DETECTION_KINDS = (CANVAS_DATASET, "voc", "coco")
+DETECTION_DATASETS = (CANVAS_DATASET, "voc[:<year>+<year>]", "coco[:<train split>,<test split>]")
+COCO_SPLITS = ("train2017", "val2017")
 # ``--task detection``'s defaults in place of the classification ones: tiny_ssd on a reduced
 # canvas set, sized so that the whole job fits 15 minutes on a 2-core CPU (README, Detection).
 # train_limit and test_limit are the numbers of canvases made; corruption_limit the number
@@ -135,6 +142,12 @@ class ExperimentConfig:
     def _validate_classification(self) -> None:
         if self.image_size is not None:
             raise UserError("image_size is a detection setting: drop it, or pass --task detection")
+        kind = self.dataset.strip().partition(":")[0].lower()
+        if kind in DETECTION_KINDS:
+            raise UserError(
+                f"{self.dataset} is a detection data set: pass --task detection, or a "
+                "classification --dataset"
+            )
         spec = get_spec(self.dataset)
         build_model(
             self.model,
@@ -154,22 +167,52 @@ def check_detection_config(config: ExperimentConfig) -> None:
             f"model {config.model} is not a detector: with --task detection use one of "
             f"{', '.join(detectors)}"
         )
-    if config.dataset != CANVAS_DATASET:
-        raise UserError(
-            f"--task detection runs on the canvas set (--dataset {CANVAS_DATASET}), not "
-            f"{config.dataset!r}: VOC and COCO go through the Python API (docs/detection.md)"
-        )
+    kind, _ = detection_dataset(config.dataset)
     if config.prune.keep_kind == "latency":
         raise UserError("--keep-kind latency is not supported for detection: use params or macs")
     for key in ("train_limit", "test_limit"):
-        value = getattr(config, key)
-        if value is None or value < 2:
+        value, flag = getattr(config, key), f"--{key.replace('_', '-')}"
+        if kind == CANVAS_DATASET and (value is None or value < 2):
             raise UserError(
                 f"{key}={value!r}: for detection it is the number of canvases to make; "
-                f"give a number >= 2 (e.g. --{key.replace('_', '-')} 200)"
+                f"give a number >= 2 (e.g. {flag} 200)"
+            )
+        if value is not None and value < 1:
+            raise UserError(
+                f"{key}={value!r}: it is the number of {kind} images to use; give a positive "
+                f"number (e.g. {flag} 200) or none for all"
             )
     if config.image_size is not None and config.image_size < 32:
         raise UserError(f"image_size={config.image_size} is too small: use 32 px or more")
+
+
+def detection_dataset(name: str) -> tuple[str, tuple[str, ...]]:
+    """A detection ``dataset`` as its kind and parts: ``("canvas", ())``, ``("voc", years)``
+    (none given: the loader's default) or ``("coco", (train split, test split))``."""
+    kind, colon, rest = name.strip().partition(":")
+    kind = kind.lower()
+    if kind == CANVAS_DATASET and not colon:
+        return kind, ()
+    if kind == "voc":
+        years = tuple(rest.split("+")) if colon else ()
+        if not all(re.fullmatch(r"\d{4}", year) for year in years):
+            raise UserError(
+                f"dataset {name!r}: give VOC years as four digits joined by +, e.g. "
+                "voc:2007+2012 (or voc for 2007, and 2012 when present)"
+            )
+        return kind, years
+    if kind == "coco":
+        splits = tuple(rest.split(",")) if colon else COCO_SPLITS
+        if len(splits) != 2 or not all(splits):
+            raise UserError(
+                f"dataset {name!r}: name the COCO training and test splits, e.g. "
+                f"coco:{','.join(COCO_SPLITS)} (or coco for those two)"
+            )
+        return kind, splits
+    raise UserError(
+        f"--task detection runs on {', '.join(DETECTION_DATASETS)}, not {name!r}: pass one "
+        "of them as --dataset (docs/detection.md)"
+    )
 
 
 # key -> accepted types (float keys take ints too; bool is never taken for a number)

@@ -1,10 +1,11 @@
 """``adasap run --task detection``: a dense detector, pruned by each method, P / mPC / rPC, table.
 
 The detection counterpart of :mod:`adasap.experiments.run`, sharing its run directory, config
-files, table and latency comparison: the default trains ``tiny_ssd`` on the Fashion-MNIST
-canvases (cached like the classification dense model), prunes it with ``sgd`` and ``adasap``
+files, table, latency comparison and ``--resume``: the default trains ``tiny_ssd`` on the
+Fashion-MNIST canvases (cached like the classification dense model; VOC and COCO folders:
+:mod:`adasap.experiments.detection_data`), prunes it with ``sgd`` and ``adasap``
 (:func:`adasap.training.detection.prune_detector`) and evaluates each model on clean and
-corrupted test canvases (Michaelis et al. 2019: P = clean mAP@0.5, mPC, rPC = mPC / P).
+corrupted test images (Michaelis et al. 2019: P = clean mAP@0.5, mPC, rPC = mPC / P).
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from adasap.data.detection import DetectionBundle, DetectionSet, training_batches
-from adasap.data.detection_canvas import load_canvas_detection
+from adasap.data.detection import DetectionBatches, DetectionBundle, training_batches
 from adasap.deploy.serialization import (
     detection_architecture,
     load_model,
@@ -32,6 +32,14 @@ from adasap.distributed import launched
 from adasap.errors import UserError
 from adasap.experiments.config import ExperimentConfig, from_flat
 from adasap.experiments.dense import cached_dense_model, folder_label
+from adasap.experiments.detection_data import (
+    data_key,
+    image_side,
+    load_detection_data,
+    on_canvases,
+    reduced_note,
+    training_workers,
+)
 from adasap.experiments.reporting import DETECTION_COLUMNS, results_markdown, results_table
 from adasap.experiments.results import ResultRow
 from adasap.experiments.run import machine_description, new_run_dir, timed_rows
@@ -47,16 +55,16 @@ from adasap.models.detection import build_detector
 from adasap.robustness.corruptions import CORRUPTIONS
 from adasap.robustness.detection import evaluate_detection, evaluate_detection_corruptions
 from adasap.robustness.report import SOURCE_RENDERED
+from adasap.training.checkpoint import RunInterrupted
 from adasap.training.detection import prune_detector, train_detector
 from adasap.training.progress import ProgressLog
 from adasap.training.settings import base_optimizer, pruner_settings
 
-CANVAS_SIDE = 128  # the canvases' side when the config leaves image_size unset
 QUICK_CORRUPTIONS = ("gaussian_noise", "gaussian_blur")
 EVAL_BATCH = 32
 
 
-def check_detection_command(config: ExperimentConfig, command: str, resume: bool) -> None:
+def check_detection_command(config: ExperimentConfig, command: str) -> None:
     """What the command line cannot do with a detection config: a one-line error each."""
     if config.task != "detection":
         return
@@ -65,8 +73,6 @@ def check_detection_command(config: ExperimentConfig, command: str, resume: bool
             "torchrun does not run detection jobs: start adasap with --task detection in one "
             "process"
         )
-    if resume:
-        raise UserError("--resume is not supported for detection runs: start the run again")
     if command == "train":
         raise UserError(
             "adasap train is for classifiers: adasap run --task detection trains (and caches) "
@@ -74,37 +80,28 @@ def check_detection_command(config: ExperimentConfig, command: str, resume: bool
         )
 
 
-def image_side(config: ExperimentConfig) -> int:
-    return config.image_size or CANVAS_SIDE
-
-
-def load_detection_data(config: ExperimentConfig) -> DetectionBundle:
-    """The canvas set the config describes (``train_limit``/``test_limit`` canvases), cached."""
-    train, test = int(config.train_limit or 0), int(config.test_limit or 0)
-    return load_canvas_detection(
-        data_dir=config.data_dir,
-        cache_dir=config.cache_dir,
-        seed=config.prune.seed,
-        num_train=train,
-        num_val=max(1, train // 10),
-        num_test=test,
-        image_size=image_side(config),
-    )
-
-
 def architecture_of(config: ExperimentConfig, data: DetectionBundle) -> dict[str, Any]:
     return detection_architecture(config.model, data.spec.num_classes, image_side(config))
 
 
 def _steps(epochs: float, data: DetectionBundle, batch_size: int) -> int:
-    """``epochs`` passes over the training canvases, in batches (at least one step if > 0)."""
+    """``epochs`` passes over the training images, in batches (at least one step if > 0)."""
     per_epoch = -(-len(data.train) // batch_size)
     return max(1, round(epochs * per_epoch)) if epochs > 0 else 0
 
 
+def _training_batches(config: ExperimentConfig, data: DetectionBundle) -> DetectionBatches:
+    s = config.prune
+    return training_batches(
+        data.train, s.batch_size, seed=s.seed, num_workers=training_workers(config, data)
+    )
+
+
 def _example(config: ExperimentConfig) -> list[torch.Tensor]:
+    """The image every row's size is measured on: one square of the detector's input side
+    (training images may differ in shape; the same random one for every model)."""
     side = image_side(config)
-    return [torch.rand(3, side, side)]
+    return [torch.rand(3, side, side, generator=torch.Generator().manual_seed(0))]
 
 
 def dense_detector(config: ExperimentConfig, data: DetectionBundle, console: Console):
@@ -120,6 +117,8 @@ def dense_detector(config: ExperimentConfig, data: DetectionBundle, console: Con
         batch_size=s.batch_size,
         seed=s.seed,
     )
+    if not on_canvases(config):  # the canvases keep the key they had before VOC and COCO
+        recipe["data"] = data_key(config)
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
     directory = cache_root(config.cache_dir) / "dense" / f"{folder_label(config)}-{key}"
 
@@ -131,7 +130,7 @@ def dense_detector(config: ExperimentConfig, data: DetectionBundle, console: Con
         model, loss = train_detector(
             build_detector(config.model, num_classes=data.spec.num_classes,
                            image_size=image_side(config)),
-            training_batches(data.train, s.batch_size, seed=s.seed),
+            _training_batches(config, data),
             steps,
             lr=config.dense_lr,
             device=s.device,
@@ -147,7 +146,7 @@ def dense_detector(config: ExperimentConfig, data: DetectionBundle, console: Con
 def evaluate_detector(
     model, data: DetectionBundle, config: ExperimentConfig, out_dir: Path, label: str
 ) -> ResultRow:
-    """The row of ``label``: P, mPC and rPC on the first ``corruption_limit`` test canvases
+    """The row of ``label``: P, mPC and rPC on the first ``corruption_limit`` test images
     (all of them with ``corruptions: none``, P alone); the report goes to ``out_dir/label``."""
     model.cpu().eval()
     names = {"all": tuple(CORRUPTIONS), "quick": QUICK_CORRUPTIONS, "none": None}[
@@ -158,11 +157,10 @@ def evaluate_detector(
         return ResultRow(method=label, clean_accuracy=clean["map_50"])
     test = data.test
     count = min(config.corruption_limit or len(test), len(test))
-    subset = DetectionSet(test.images[:count], test.targets[:count], test.spec, test.source)
     report = evaluate_detection_corruptions(
         model,
-        subset,
-        dataset_key=f"canvas{image_side(config)}-seed{config.prune.seed}-test{len(test)}-n{count}",
+        test.subset(range(count)),
+        dataset_key=f"{data_key(config)}-seed{config.prune.seed}-test{len(test)}-n{count}",
         corruptions=names,
         batch_size=EVAL_BATCH,
         seed=config.prune.seed,
@@ -193,7 +191,7 @@ def pruned_detector_row(
     torch.manual_seed(s.seed)
     model, result = prune_detector(
         copy.deepcopy(dense),
-        training_batches(data.train, s.batch_size, seed=s.seed),
+        _training_batches(config, data),
         PhaseSchedule(*steps, removals=s.prune_steps),
         method=method,
         keep=s.keep,
@@ -210,10 +208,11 @@ def pruned_detector_row(
     model = model.cpu()
     method_dir = run_dir / method
     save_model(method_dir, model, architecture_of(config, data), result.pruning_history)
+    size = measure_size(model, _example(config))  # as the dense row's, not the pruner's
     row = replace(
         evaluate_detector(model, data, config, run_dir, method),
-        params=result.pruned.params,
-        macs=result.pruned.macs,
+        params=size.params,
+        macs=size.macs,
         seconds=result.seconds,
     )
     summary = {**row.to_dict(), "kept": result.kept, "phase_losses": result.phase_losses,
@@ -255,8 +254,8 @@ def evaluate_detectors(
             raise UserError(
                 f"the detector in {directory} was built for {architecture.get('num_classes')} "
                 f"classes at {architecture.get('image_size')} px, the data have "
-                f"{wanted['num_classes']} at {wanted['image_size']} px: pass the --image-size "
-                "it was trained with"
+                f"{wanted['num_classes']} at {wanted['image_size']} px: evaluate it with the "
+                "config of its run (adasap eval <run directory>)"
             )
         model = models[label]
         row = evaluate_detector(model, data, config, directory.parent, label)
@@ -267,47 +266,49 @@ def evaluate_detectors(
     return rows
 
 
-def reduced_note(config: ExperimentConfig) -> str:
-    """The reduced setting in words (the canvas counts are the config's limits)."""
-    test = int(config.test_limit or 0)
-    corrupted = min(config.corruption_limit or test, test)
-    return (
-        f"Reduced setting: {config.train_limit} training and {test} test canvases of "
-        f"{image_side(config)} px ({corrupted} corrupted), {config.dense_epochs:g} dense epochs, "
-        f"{config.prune.warmup_epochs:g} + {config.prune.prune_epochs:g} + "
-        f"{config.prune.finetune_epochs:g} pruning epochs; numbers are for a quick comparison, "
-        "not for publication."
-    )
+def finished_detector_row(method_dir: Path, console: Console) -> ResultRow | None:
+    """The row of a method that finished in an earlier attempt of the run (its model and
+    ``summary.json`` saved), as it was then; None when it has to run (again)."""
+    summary = method_dir / "summary.json"
+    if not (summary.is_file() and (method_dir / "model.json").is_file()):
+        return None
+    console.print(f"[bold]{method_dir.name}[/bold]: finished earlier, reusing {summary}")
+    return ResultRow.from_dict(read_json_mapping(summary, "delete its folder to run it again"))
 
 
-def run_detection_experiment(config: ExperimentConfig, console: Console | None = None) -> Path:
+def run_detection_experiment(
+    config: ExperimentConfig, console: Console | None = None, resume: bool = False
+) -> Path:
     """Run the detection comparison and write ``results.md``/``results.json`` in the run
-    directory (``config.yaml``, and per method its model and corruption report)."""
+    directory (``config.yaml``, and per method its model and corruption report).
+
+    With ``resume`` the run directory ``out_dir/name`` must exist: the methods that finished
+    there are kept (their rows read back from ``summary.json``), the others run from the start,
+    the dense model comes from the cache and is evaluated again. Interrupted (Ctrl-C), the run
+    raises :class:`RunInterrupted` naming its directory.
+    """
     started = time.perf_counter()
     console = console or Console()
     config = config.validate()
     if config.task != "detection":
         raise UserError("run_detection_experiment needs task: detection")
     data = load_detection_data(config)
-    name = config.name or time.strftime("%Y%m%d-%H%M%S") + f"-{folder_label(config)}"
-    config = replace(config, name=name)
-    run_dir = new_run_dir(config)
-    note = reduced_note(config)
+    if resume:
+        run_dir = Path(config.out_dir) / str(config.name)
+        if not run_dir.is_dir():
+            raise UserError(f"{run_dir} does not exist: there is nothing to resume")
+    else:
+        name = config.name or time.strftime("%Y%m%d-%H%M%S") + f"-{folder_label(config)}"
+        config = replace(config, name=name)
+        run_dir = new_run_dir(config)
+    note = reduced_note(config, data)
     console.print(f"[bold yellow]{note}[/bold yellow]")
-    dense, dense_info = dense_detector(config, data, console)
-    dense_size = measure_size(dense, _example(config))
-    rows = [
-        replace(
-            evaluate_detector(dense, data, config, run_dir, "dense"),
-            params=dense_size.params,
-            macs=dense_size.macs,
-            seconds=dense_info.get("seconds"),
-        )
-    ]
-    for method in config.methods:
-        rows.append(pruned_detector_row(method, dense, data, config, run_dir, console))
-    side = image_side(config)
-    rows = timed_rows(rows, dense, None, run_dir, input_shape=(3, side, side))
+    try:
+        rows = _rows(config, data, run_dir, console)
+    except KeyboardInterrupt as exc:
+        interrupted = RunInterrupted(None)
+        interrupted.run_dir = run_dir
+        raise interrupted from exc
     seconds = time.perf_counter() - started
     results = {
         "config": config.to_flat(),
@@ -324,3 +325,24 @@ def run_detection_experiment(config: ExperimentConfig, console: Console | None =
     minutes, rest = divmod(round(seconds), 60)
     console.print(f"total time: {minutes} min {rest:02d} s (this command, evaluation included)")
     return run_dir
+
+
+def _rows(
+    config: ExperimentConfig, data: DetectionBundle, run_dir: Path, console: Console
+) -> list[ResultRow]:
+    """The dense row, then one per method (finished ones reused), with their latencies."""
+    dense, dense_info = dense_detector(config, data, console)
+    dense_size = measure_size(dense, _example(config))
+    rows = [
+        replace(
+            evaluate_detector(dense, data, config, run_dir, "dense"),
+            params=dense_size.params,
+            macs=dense_size.macs,
+            seconds=dense_info.get("seconds"),
+        )
+    ]
+    for method in config.methods:
+        row = finished_detector_row(run_dir / method, console)
+        rows.append(row or pruned_detector_row(method, dense, data, config, run_dir, console))
+    side = image_side(config)
+    return timed_rows(rows, dense, None, run_dir, input_shape=(3, side, side))
