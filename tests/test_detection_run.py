@@ -11,6 +11,7 @@ import yaml
 import adasap
 from adasap import cli
 from adasap.data.detection import DetectionSet, make_target
+from adasap.deploy.comparison import run_latency
 from adasap.deploy.serialization import detection_architecture, load_model, save_model
 from adasap.errors import UserError
 from adasap.experiments import detection_run as detection_job
@@ -94,6 +95,26 @@ def test_export_writes_a_checked_onnx_detector(detection_run, tmp_path, capsys):
     code = cli.main(["export", str(run_dir), "--method", "sgd", "--onnx", str(target)])
     assert code == 0, capsys.readouterr().err
     assert target.stat().st_size > 0 and "passed" in capsys.readouterr().out
+
+
+def test_latency_times_the_runs_detectors_beside_its_trained_dense_one(
+    detection_run, capsys, monkeypatch, tmp_path
+):
+    _, _, run_dir, root = detection_run
+    monkeypatch.setenv("ADASAP_CACHE", str(root / "cache"))
+    args = ["latency", str(run_dir), "--batch-sizes", "1", "--repeats", "2"]
+    assert cli.main(args) == 0, capsys.readouterr().err
+    rows = json.loads((run_dir / "latency.json").read_text())["rows"]
+    assert [(r["model"], r["backend"], r["batch_size"]) for r in rows] == [
+        ("adasap", "torch", 1),
+        ("sgd", "torch", 1),
+    ]
+    with pytest.raises(UserError, match="holds detectors"):  # fresh weights would not be fair
+        run_latency(run_dir, batch_sizes=(1,), repeats=2)
+    monkeypatch.setenv("ADASAP_CACHE", str(tmp_path / "empty"))
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "dense detector" in err and "--resume" in err and "Traceback" not in err
 
 
 TIMINGS = ("seconds", "latency_ms", "latency_ratio", "latency_ratio_low", "latency_ratio_high",

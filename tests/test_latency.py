@@ -335,3 +335,38 @@ def test_training_imports_no_timing_and_timing_imports_no_onnx():
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_image_batch_repeats_the_given_images_in_turn_or_draws_random_ones():
+    images = torch.arange(2 * 3 * 4 * 4, dtype=torch.float64).reshape(2, 3, 4, 4)
+    batch = timing.image_batch(images, 5, (3, 4, 4))
+    assert batch.dtype == torch.float32 and batch.shape == (5, 3, 4, 4)
+    for k in range(5):
+        assert torch.equal(batch[k], images[k % 2].float())
+    random = timing.image_batch(None, 3, (3, 4, 4))
+    assert random.shape == (3, 3, 4, 4) and 0 <= random.min() and random.max() <= 1
+    with pytest.raises(UserError, match=r"do not fit inputs of shape \(3, 8, 8\)"):
+        timing.image_batch(images, 1, (3, 8, 8))
+
+
+class _InputRecorder(nn.Module):
+    """Reports the sum of every input it is called with (a stand-in for a detector, whose time
+    depends on what it sees); ``report`` is a function, which the timed deep copy shares."""
+
+    def __init__(self, report) -> None:
+        super().__init__()
+        self.report = report
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.report(round(float(x.sum()), 3))
+        return x
+
+
+def test_compare_latency_feeds_every_model_the_given_images():
+    seen: dict[str, set[float]] = {"dense": set(), "pruned": set()}
+    dense = _InputRecorder(lambda s: seen["dense"].add(s))
+    pruned = _InputRecorder(lambda s: seen["pruned"].add(s))
+    images = torch.rand(2, 3, 8, 8)
+    compare_latency(dense, pruned, (3, 8, 8), batch_sizes=(1, 3), images=images, **FAST)
+    expected = {round(float(timing.image_batch(images, b, (3, 8, 8)).sum()), 3) for b in (1, 3)}
+    assert seen["dense"] == seen["pruned"] == expected

@@ -17,18 +17,17 @@ from typing import Any, NoReturn
 
 from rich.console import Console
 
-from adasap.deploy.latency import run_latency
 from adasap.deploy.onnx import export_onnx, select_model
 from adasap.distributed import close, init_from_env, is_main, launched
 from adasap.errors import UserError
-from adasap.experiments.commands import evaluate_path, run_grid, train_dense_model
+from adasap.experiments import commands
 from adasap.experiments.config import SCHEMA, ExperimentConfig, from_flat, load_yaml
 from adasap.experiments.detection_bench import DETECTION_PRESETS
 from adasap.experiments.detection_run import check_detection_command, run_detection_experiment
 from adasap.experiments.presets import PRESETS
 from adasap.experiments.run import run_experiment
 from adasap.experiments.sweep_presets import SWEEP_PRESETS
-from adasap.io import atomic_write_json, read_json_mapping
+from adasap.io import read_json_mapping
 from adasap.method.importance import criteria
 from adasap.method.pruner import METHODS
 from adasap.training.checkpoint import RunInterrupted, TrainingDiverged
@@ -329,12 +328,12 @@ def main(argv: list[str] | None = None) -> int:
         init_from_env(config.prune.device)  # under torchrun: join its process group
         console = Console(quiet=not is_main())
         if args.command == "train":
-            train_dense_model(config, console)
+            commands.train_dense_model(config, console)
         elif args.command == "eval":
             if bool(args.official) != bool(args.official_dir):
                 raise UserError("--official and --official-dir go together: give both or neither")
             official = (args.official_dir, args.official) if args.official else None
-            evaluate_path(args.path, config, official, console, args.imagenet_v2)
+            commands.evaluate_path(args.path, config, official, console, args.imagenet_v2)
         elif config.task == "detection":
             run_detection_experiment(config, console, resume=resume)
         else:
@@ -381,12 +380,13 @@ def _deploy(args: argparse.Namespace) -> int:
             report = export_onnx(select_model(args.path, args.method), args.onnx, opset=args.opset)
             console.print(str(report))
             return 0 if report.passed else 1
-        comparison = run_latency(
-            args.path, batch_sizes=args.batch_sizes, device=args.device, repeats=args.repeats
+        commands.measure_path_latency(
+            args.path,
+            batch_sizes=args.batch_sizes,
+            device=args.device,
+            repeats=args.repeats,
+            console=console,
         )
-        console.print(comparison.table())
-        written = atomic_write_json(Path(args.path) / "latency.json", comparison.to_dict())
-        console.print(f"latency: {written}")
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -401,7 +401,7 @@ def _bench_or_sweep(args: argparse.Namespace) -> int:
     out = args.out or f"runs/{args.command}-{'detection-' if detection else ''}{args.preset}"
     console = Console()
     try:
-        run_grid(
+        commands.run_grid(
             args.command, args.preset, out, task="detection" if detection else None,
             jobs=args.jobs, ray=args.ray, report_only=args.report_only,
             check=getattr(args, "check", False), console=console,

@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from rich.table import Table
-from torch import nn
+from torch import Tensor, nn
 
 from adasap.deploy.onnx import find_models, onnx_runs_on
 from adasap.deploy.ratio import NOISY_WIDTH, LatencyRatio
-from adasap.deploy.serialization import load_model, read_description
+from adasap.deploy.serialization import is_detector, load_model, read_description
 from adasap.deploy.timing import BACKENDS, LatencyResult, machine_info, model_times
 from adasap.devices import resolve_device
+from adasap.errors import UserError
 from adasap.models.builders import build_model
 
 
@@ -79,8 +80,12 @@ def compare_latency(
     device: str = "cpu",
     warmup: int = 5,
     repeats: int = 20,
+    images: Tensor | None = None,
 ) -> LatencyComparison:
     """Time the dense model and each pruned one; ratio = pruned / dense, speedup = 1 / ratio.
+
+    Inputs are random, or batches of real ``images`` (``N x *input_shape``), the same for
+    every model, which a detector's timing needs (:func:`~adasap.deploy.timing.image_batch`).
 
     With PyTorch the models take turns at each repeat (dense, pruned 1, pruned 2, dense, ...),
     so that a change in machine load hits them alike, and the ratio is the median over the
@@ -99,6 +104,7 @@ def compare_latency(
             device=device,
             warmup=warmup,
             repeats=repeats,
+            images=images,
         )
         for name, times in zip(models, others, strict=True):
             for batch, dense_t, pruned_t in zip(batch_sizes, base, times, strict=True):
@@ -146,6 +152,12 @@ def run_latency(
         backends = BACKENDS if onnx_runs_on(device) else ("torch",)
     models = find_models(run_dir)
     architecture = read_description(next(iter(models.values())))["architecture"]
+    if is_detector(architecture):
+        raise UserError(
+            f"{run_dir} holds detectors, whose time depends on their weights and input: time "
+            "them with adasap latency, or adasap.experiments.detection_saved."
+            "run_detection_latency"
+        )
     pruned = {name: load_model(path) for name, path in models.items()}
     size = int(architecture["image_size"])
     return compare_latency(

@@ -74,6 +74,7 @@ def forward_runner(
     device: torch.device,
     onnx_path: Path | None = None,
     inputs: dict[tuple[int, ...], Tensor] | None = None,
+    images: Tensor | None = None,
 ) -> Callable[[int], Callable[[], object]]:
     """For a batch size, a call that runs one forward pass of ``model`` on ``backend``.
 
@@ -82,6 +83,7 @@ def forward_runner(
     for small inputs, is fast in it only with channel counts in multiples of 8: see
     docs/deployment.md); onnxruntime runs an export written to ``onnx_path``. Calls given the
     same ``inputs`` dict share their input tensors (for layers, which never write to them).
+    The input is random unless ``images`` (``N x *shape``) are given: :func:`image_batch`.
     """
     if backend == "onnxruntime":
         if onnx_path is None:
@@ -89,7 +91,7 @@ def forward_runner(
         session = onnx_session(write_onnx(model, onnx_path, tuple(shape)), device.type)
 
         def onnx_at(batch: int) -> Callable[[], object]:
-            feed = {INPUT_NAME: np.random.rand(batch, *shape).astype(np.float32)}
+            feed = {INPUT_NAME: image_batch(images, batch, shape).numpy()}
             return lambda: session.run(None, feed)
 
         return onnx_at
@@ -102,7 +104,7 @@ def forward_runner(
         key = (batch, *shape)
         x = inputs.get(key) if inputs is not None else None
         if x is None:
-            x = torch.rand(batch, *shape, device=device)
+            x = image_batch(images, batch, shape).to(device)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             if inputs is not None:
@@ -110,6 +112,25 @@ def forward_runner(
         return lambda: timed(x)
 
     return torch_at
+
+
+def image_batch(images: Tensor | None, batch: int, shape: Sequence[int]) -> Tensor:
+    """A float32 CPU batch of ``batch`` inputs of ``shape``: the first of ``images``, repeated
+    in turn when there are fewer, or uniform random ones without ``images``.
+
+    A classifier's time does not depend on its input's values, a detector's does: its
+    post-processing (top-k, NMS) grows with the boxes above the score threshold, many more
+    on noise than on a real image for some models (docs/detection.md).
+    """
+    if images is None:
+        return torch.rand(batch, *shape)
+    if images.ndim != len(shape) + 1 or tuple(images.shape[1:]) != tuple(shape) or not len(images):
+        raise UserError(
+            f"timing images of shape {tuple(images.shape)} do not fit inputs of shape "
+            f"{tuple(shape)}: pass N x {' x '.join(map(str, shape))} images"
+        )
+    picks = torch.arange(batch) % len(images)
+    return images.detach().cpu().float()[picks].contiguous()
 
 
 @dataclass(frozen=True)
@@ -183,18 +204,20 @@ def model_times(
     device: str,
     warmup: int,
     repeats: int,
+    images: Tensor | None = None,
 ) -> list[list[list[float]]]:
     """Per model and batch size, the milliseconds of each timed pass.
 
     PyTorch models take turns at each repeat (``times[m][b][i]`` of every model ``m`` come from
-    one round ``i``); onnxruntime sessions are timed one after the other.
+    one round ``i``); onnxruntime sessions are timed one after the other. Inputs are random,
+    or real ``images`` (:func:`image_batch`).
     """
     check_timing(backend, batch_sizes, warmup, repeats)
     dev = resolve_device(device)
     times: list[list[list[float]]] = [[] for _ in models]
     with tempfile.TemporaryDirectory(prefix="adasap-latency-") as tmp:
         forwards = [
-            forward_runner(model, shape, backend, dev, Path(tmp) / f"model{k}.onnx")
+            forward_runner(model, shape, backend, dev, Path(tmp) / f"model{k}.onnx", images=images)
             for k, model in enumerate(models)
         ]
         for batch in batch_sizes:

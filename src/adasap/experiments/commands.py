@@ -1,8 +1,10 @@
-"""The smaller jobs: ``adasap train`` (the dense model alone) and ``adasap eval`` (saved models)."""
+"""The smaller jobs: ``adasap train`` (the dense model alone), ``adasap eval`` and ``adasap
+latency`` (saved models)."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -10,6 +12,8 @@ from typing import Any
 from rich.console import Console
 
 from adasap.data import DataBundle, training_source
+from adasap.deploy.comparison import LatencyComparison, run_latency
+from adasap.deploy.onnx import find_models
 from adasap.deploy.serialization import is_detector, load_model, read_description, save_model
 from adasap.devices import resolve_device
 from adasap.distributed import broadcast_value, is_main, on_main, shard
@@ -18,7 +22,7 @@ from adasap.experiments.bench import run_bench
 from adasap.experiments.bench_report import write_report
 from adasap.experiments.config import ExperimentConfig
 from adasap.experiments.detection_bench import run_detection_bench
-from adasap.experiments.detection_run import evaluate_detectors
+from adasap.experiments.detection_saved import evaluate_detectors, run_detection_latency
 from adasap.experiments.grid import Parallel
 from adasap.experiments.reporting import results_table
 from adasap.experiments.results import ResultRow
@@ -35,6 +39,7 @@ from adasap.experiments.run import (
 from adasap.experiments.sweep import run_sweep, sweep_report
 from adasap.experiments.sweep_check import check_sweep
 from adasap.experiments.sweep_presets import SWEEP_PRESETS
+from adasap.io import atomic_write_json
 from adasap.method.pruning import measure_size
 from adasap.robustness.official import load_imagenet_v2
 from adasap.training.evaluate import evaluate_accuracy
@@ -96,6 +101,35 @@ def evaluate_path(
         rows.append(replace(row, params=size.params, macs=size.macs))
     console.print(results_table(rows, title=f"adasap eval: {path}"))
     return rows
+
+
+def measure_path_latency(
+    path: str | Path,
+    *,
+    batch_sizes: Sequence[int] = (1, 64),
+    device: str = "cpu",
+    repeats: int = 20,
+    console: Console | None = None,
+) -> LatencyComparison:
+    """``adasap latency``: a run's pruned models (or one model directory) beside the dense one,
+    printed as a table and written to ``<path>/latency.json``.
+
+    Classifiers go through :func:`~adasap.deploy.comparison.run_latency` (fresh dense weights,
+    random inputs: their time depends on neither); detectors through
+    :func:`~adasap.experiments.detection_saved.run_detection_latency` (the run's trained dense
+    detector and test images: their post-processing time depends on both).
+    """
+    console = console or Console()
+    models = find_models(path)
+    timing = dict(batch_sizes=batch_sizes, device=device, repeats=repeats)
+    if is_detector(read_description(next(iter(models.values())))["architecture"]):
+        comparison = run_detection_latency(path, **timing, console=console)
+    else:
+        comparison = run_latency(path, **timing)
+    console.print(comparison.table())
+    written = atomic_write_json(Path(path) / "latency.json", comparison.to_dict())
+    console.print(f"latency: {written}")
+    return comparison
 
 
 def _check_fits(architecture: dict[str, Any], data: DataBundle, directory: Path) -> None:

@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from adasap.data.detection import AnyDetectionSet, DetectionBundle, FileDetectionSet
 from adasap.data.detection_canvas import load_canvas_detection
@@ -86,6 +87,18 @@ def _drawn(data: AnyDetectionSet, limit: int | None, seed: int) -> AnyDetectionS
         return data
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
     return data.subset(sorted(order[:limit].tolist()))
+
+
+def timing_images(config: ExperimentConfig, data: DetectionBundle, count: int = 1) -> torch.Tensor:
+    """The first ``count`` test images, resized to the detector's square input side: what
+    detectors are timed on. Random images would not do: a detector's post-processing time
+    grows with the boxes above its score threshold, which noise inflates for some models."""
+    side = image_side(config)
+    images = [data.test[k][0] for k in range(min(count, len(data.test)))]
+    return torch.cat(
+        [F.interpolate(image[None], size=(side, side), mode="bilinear", antialias=True)
+         for image in images]
+    )  # fmt: skip
 
 
 def data_key(config: ExperimentConfig) -> str:

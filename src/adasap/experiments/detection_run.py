@@ -25,12 +25,11 @@ from adasap.data.detection import DetectionBatches, DetectionBundle, training_ba
 from adasap.deploy.serialization import (
     detection_architecture,
     load_model,
-    read_description,
     save_model,
 )
 from adasap.distributed import launched
 from adasap.errors import UserError
-from adasap.experiments.config import ExperimentConfig, from_flat
+from adasap.experiments.config import ExperimentConfig
 from adasap.experiments.dense import cached_dense_model, folder_label
 from adasap.experiments.detection_data import (
     data_key,
@@ -38,6 +37,7 @@ from adasap.experiments.detection_data import (
     load_detection_data,
     on_canvases,
     reduced_note,
+    timing_images,
     training_workers,
 )
 from adasap.experiments.reporting import DETECTION_COLUMNS, results_markdown, results_table
@@ -97,19 +97,18 @@ def _training_batches(config: ExperimentConfig, data: DetectionBundle) -> Detect
     )
 
 
-def _example(config: ExperimentConfig) -> list[torch.Tensor]:
+def example_image(config: ExperimentConfig) -> list[torch.Tensor]:
     """The image every row's size is measured on: one square of the detector's input side
     (training images may differ in shape; the same random one for every model)."""
     side = image_side(config)
     return [torch.rand(3, side, side, generator=torch.Generator().manual_seed(0))]
 
 
-def dense_detector(config: ExperimentConfig, data: DetectionBundle, console: Console):
-    """The dense detector trained with the config's recipe, or the cached one (as loaded)."""
+def dense_recipe(config: ExperimentConfig, data: DetectionBundle) -> dict[str, Any]:
+    """What the dense detector depends on: its cache key."""
     s = config.prune
-    architecture = architecture_of(config, data)
     recipe = dict(
-        architecture=architecture,
+        architecture=architecture_of(config, data),
         dataset=config.dataset,
         train=len(data.train),
         epochs=config.dense_epochs,
@@ -119,8 +118,20 @@ def dense_detector(config: ExperimentConfig, data: DetectionBundle, console: Con
     )
     if not on_canvases(config):  # the canvases keep the key they had before VOC and COCO
         recipe["data"] = data_key(config)
+    return recipe
+
+
+def dense_directory(config: ExperimentConfig, recipe: dict[str, Any]) -> Path:
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
-    directory = cache_root(config.cache_dir) / "dense" / f"{folder_label(config)}-{key}"
+    return cache_root(config.cache_dir) / "dense" / f"{folder_label(config)}-{key}"
+
+
+def dense_detector(config: ExperimentConfig, data: DetectionBundle, console: Console):
+    """The dense detector trained with the config's recipe, or the cached one (as loaded)."""
+    s = config.prune
+    recipe = dense_recipe(config, data)
+    architecture = recipe["architecture"]
+    directory = dense_directory(config, recipe)
 
     def build():
         steps = _steps(config.dense_epochs, data, s.batch_size)
@@ -208,7 +219,7 @@ def pruned_detector_row(
     model = model.cpu()
     method_dir = run_dir / method
     save_model(method_dir, model, architecture_of(config, data), result.pruning_history)
-    size = measure_size(model, _example(config))  # as the dense row's, not the pruner's
+    size = measure_size(model, example_image(config))  # as the dense row's, not the pruner's
     row = replace(
         evaluate_detector(model, data, config, run_dir, method),
         params=size.params,
@@ -219,51 +230,6 @@ def pruned_detector_row(
                "ignored_layers": result.ignored_layers}  # fmt: skip
     atomic_write_json(method_dir / "summary.json", summary)
     return row
-
-
-def evaluate_detectors(
-    models: dict[str, Any],
-    directories: dict[str, Path],
-    config: ExperimentConfig,
-    console: Console | None = None,
-) -> list[ResultRow]:
-    """``adasap eval`` on saved detectors: P, mPC and rPC of each, reports next to each model.
-
-    The data are those of ``config`` when it is a detection config (a run's ``config.json``
-    with the eval flags), else of the run directory holding the model, else the detection
-    defaults at the model's image size.
-    """
-    console = console or Console()
-    if config.task != "detection":
-        first = next(iter(directories.values()))
-        saved = first.parent / "config.json"
-        values = (
-            read_json_mapping(saved, "restore it, or pass a run directory")
-            if saved.is_file()
-            else {"task": "detection", "image_size": read_description(first)["architecture"][
-                "image_size"]}
-        )  # fmt: skip
-        config = from_flat(values, source=str(saved) if saved.is_file() else None)
-    config = config.validate()
-    data = load_detection_data(config)
-    rows = []
-    for label, directory in directories.items():
-        architecture = read_description(directory)["architecture"]
-        wanted = architecture_of(config, data)
-        if {k: architecture.get(k) for k in wanted} != wanted:
-            raise UserError(
-                f"the detector in {directory} was built for {architecture.get('num_classes')} "
-                f"classes at {architecture.get('image_size')} px, the data have "
-                f"{wanted['num_classes']} at {wanted['image_size']} px: evaluate it with the "
-                "config of its run (adasap eval <run directory>)"
-            )
-        model = models[label]
-        row = evaluate_detector(model, data, config, directory.parent, label)
-        size = measure_size(model, _example(config))
-        rows.append(replace(row, params=size.params, macs=size.macs))
-    title = f"adasap eval: {next(iter(directories.values())).parent}"
-    console.print(results_table(rows, title=title, columns=DETECTION_COLUMNS))
-    return rows
 
 
 def finished_detector_row(method_dir: Path, console: Console) -> ResultRow | None:
@@ -332,7 +298,7 @@ def _rows(
 ) -> list[ResultRow]:
     """The dense row, then one per method (finished ones reused), with their latencies."""
     dense, dense_info = dense_detector(config, data, console)
-    dense_size = measure_size(dense, _example(config))
+    dense_size = measure_size(dense, example_image(config))
     rows = [
         replace(
             evaluate_detector(dense, data, config, run_dir, "dense"),
@@ -345,4 +311,5 @@ def _rows(
         row = finished_detector_row(run_dir / method, console)
         rows.append(row or pruned_detector_row(method, dense, data, config, run_dir, console))
     side = image_side(config)
-    return timed_rows(rows, dense, None, run_dir, input_shape=(3, side, side))
+    images = timing_images(config, data)
+    return timed_rows(rows, dense, None, run_dir, input_shape=(3, side, side), images=images)

@@ -118,9 +118,10 @@ def timed_rows(
     data: DataBundle | None,
     run_dir: Path,
     input_shape: tuple[int, ...] | None = None,
+    images: torch.Tensor | None = None,
 ) -> list[ResultRow]:
     """``rows`` (dense first, then one per method) with their batch-1 CPU latency, on images of
-    ``input_shape`` (C, H, W; default: the data's test images).
+    ``input_shape`` (C, H, W; default: the data's test images), random unless ``images``.
 
     The dense model and every pruned one (read back from ``run_dir/<method>``) are timed in
     one session, taking turns at each round, so that a change in machine load hits them alike;
@@ -135,6 +136,7 @@ def timed_rows(
         batch_sizes=(1,),
         warmup=LATENCY_WARMUP,
         repeats=LATENCY_ROUNDS,
+        images=images,
     )
     timed = [replace(rows[0], latency_ms=comparison.rows[0]["dense_ms"])]
     for row, r in zip(rows[1:], comparison.rows, strict=True):
