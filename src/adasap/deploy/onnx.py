@@ -151,11 +151,18 @@ class ExportReport:
     max_abs_diff: float | None
     tolerance: float
     batch_sizes: tuple[int, ...]
+    detections_compared: int | None = None  # a detector's; None for a classifier
 
     @property
     def passed(self) -> bool:
-        """True when checked and every output is within ``tolerance`` of PyTorch's."""
-        return self.checked and self.max_abs_diff is not None and self.max_abs_diff < self.tolerance
+        """True when checked and every output is within ``tolerance`` of PyTorch's (for a
+        detector: with at least one detection compared)."""
+        return (
+            self.checked
+            and self.max_abs_diff is not None
+            and self.max_abs_diff < self.tolerance
+            and self.detections_compared != 0
+        )
 
     @classmethod
     def written(
@@ -166,6 +173,7 @@ class ExportReport:
         diff: float | None,
         tolerance: float,
         batch_sizes: tuple[int, ...],
+        detections_compared: int | None = None,
     ) -> ExportReport:
         """The report of a file just written: its size read from disk, checked when ``diff``
         (onnxruntime against PyTorch over ``batch_sizes``) was measured."""
@@ -178,6 +186,7 @@ class ExportReport:
             max_abs_diff=diff,
             tolerance=tolerance,
             batch_sizes=batch_sizes if diff is not None else (),
+            detections_compared=detections_compared,
         )
 
     def to_dict(self) -> dict:
@@ -188,11 +197,19 @@ class ExportReport:
         head = f"{self.path} ({self.file_bytes / 1e6:.2f} MB, opset {self.opset}, input Nx{shape})"
         if not self.checked:
             return f"{head}: not checked"
+        if self.detections_compared == 0:
+            return (
+                f"{head}: UNVERIFIED: no detection to compare on the random image (none, or all "
+                "within the tolerance of the weakest score); check it on your own images"
+            )
         verdict = "passed" if self.passed else "FAILED"
         batches = ", ".join(map(str, self.batch_sizes))
+        compared = self.detections_compared
         return (
             f"{head}: onnxruntime vs PyTorch max |diff| {self.max_abs_diff:.2e} at batch "
-            f"{batches} (tolerance {self.tolerance:.0e}): {verdict}"
+            f"{batches}"
+            + (f" over {compared} detections" if compared else "")
+            + f" (tolerance {self.tolerance:.0e}): {verdict}"
         )
 
 

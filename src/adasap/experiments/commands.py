@@ -189,11 +189,11 @@ def run_grid(
     unfinished cells; none with ``report_only``) and write its report; ``task="detection"``
     runs the detection benchmark (:mod:`adasap.experiments.detection_bench`)."""
     console = console or Console()
-    if task == "detection":
-        sequential = not (jobs or ray or report_only)
-        console.print(f"report: {run_detection_bench(preset, out, console, sequential)}")
-        return
     parallel = Parallel(jobs=jobs, ray=ray).validate()
+    if task == "detection":
+        report = run_detection_bench(preset, out, console, parallel, report_only)
+        console.print(f"report: {report}")
+        return
     if command == "bench":
         if not report_only:
             run_bench(preset, out, console=console, parallel=parallel)

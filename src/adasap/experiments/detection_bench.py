@@ -2,13 +2,16 @@
 
 Every seed trains (or reuses) its dense detector, then each (keep, method) cell prunes and
 evaluates it as :mod:`adasap.experiments.detection_run` does; a finished cell's row is
-appended to ``<out>/results.jsonl`` and reused when the command is run again. The report
-(``<out>/report.md``) gives mean +- std over the seeds of P (mAP@0.5), mPC and rPC, and the
-differences from ``sgd`` at the same keep and seed (mean +- std of the paired differences).
+appended to ``<out>/results.jsonl`` and reused when the command is run again. The cells run
+one after another or several at once (``--jobs``, ``--ray``: :mod:`adasap.experiments.grid`,
+as the classification benchmark's). The report (``<out>/report.md``) gives mean +- std over
+the seeds of P (mAP@0.5), mPC and rPC, and the differences from ``sgd`` at the same keep and
+seed (mean +- std of the paired differences).
 """
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import time
 from collections.abc import Sequence
@@ -28,7 +31,8 @@ from adasap.experiments.detection_run import (
     pruned_detector_row,
     reduced_note,
 )
-from adasap.experiments.results import append_jsonl, read_jsonl
+from adasap.experiments.grid import Parallel, connected, run_cells
+from adasap.experiments.results import append_jsonl, read_jsonl, report_failure
 from adasap.io import atomic_write_text
 
 RESULTS_FILE = "results.jsonl"
@@ -92,53 +96,99 @@ def _cell_id(method: str, keep: float, seed: int) -> str:
     return f"{method}-keep{keep:g}-seed{seed}"
 
 
+def _resolve_preset(preset: str | DetectionBenchPreset) -> DetectionBenchPreset:
+    if isinstance(preset, DetectionBenchPreset):
+        return preset
+    if preset not in DETECTION_PRESETS:
+        raise UserError(
+            f"no detection bench preset {preset!r}: choose one of "
+            f"{', '.join(DETECTION_PRESETS)} with --task detection"
+        )
+    return DETECTION_PRESETS[preset]
+
+
 def run_detection_bench(
     preset: str | DetectionBenchPreset,
     out: str | Path,
     console: Console | None = None,
-    sequential: bool = True,
+    parallel: Parallel | None = None,
+    report_only: bool = False,
 ) -> Path:
-    """Run every cell not yet in ``<out>/results.jsonl``; returns the report's path.
+    """Run every cell not yet in ``<out>/results.jsonl`` (none with ``report_only``), then
+    write the report; returns its path.
 
-    ``sequential=False`` (the command's --jobs, --ray or --report-only) is refused: the
-    cells run one after the other, and the report is rewritten by running again.
+    The dense detector of each seed comes first (trained, or found in the cache), then the
+    pruned cells, which load it from the cache. With ``parallel`` (local processes or Ray
+    tasks, :mod:`adasap.experiments.grid`) several run at once; the rows still follow the
+    grid's order and each cell's numbers are those of the serial run at the same threads per
+    cell. A cell that fails with a :class:`UserError` is reported, logged to
+    ``failures.jsonl`` and skipped: the next run tries it again.
     """
-    if not sequential:
-        raise UserError(
-            "the detection benchmark runs its cells one after the other and rewrites its "
-            "report each time: drop --jobs, --ray and --report-only"
-        )
-    if isinstance(preset, str):
-        if preset not in DETECTION_PRESETS:
-            raise UserError(
-                f"no detection bench preset {preset!r}: choose one of "
-                f"{', '.join(DETECTION_PRESETS)} with --task detection"
-            )
-        preset = DETECTION_PRESETS[preset]
     console = console or Console()
-    out = Path(out)
+    parallel = (parallel or Parallel()).validate()
+    preset = _resolve_preset(preset)
+    if not parallel.serial:  # progress bars of cells running at once would be garbled
+        preset = replace(preset, base={**preset.base, "progress": False})
+    # absolute: the cells of a cluster run elsewhere (the folder must be shared with them)
+    out = Path(out).resolve()
+    configs = [preset.config(k, s, out) for s in preset.seeds for k in preset.keeps]
     out.mkdir(parents=True, exist_ok=True)
     done = {row["cell"] for row in read_jsonl(out / RESULTS_FILE)}
-    for seed in preset.seeds:
-        todo = [(k, m) for k in preset.keeps for m in preset.methods]
-        todo = [(k, m) for k, m in todo if _cell_id(m, k, seed) not in done]
-        if not todo:
-            continue
-        config = preset.config(preset.keeps[0], seed, out)
-        data = load_detection_data(config)
-        dense, _ = dense_detector(config, data, console)
-        for keep, method in todo:
-            cell = _cell_id(method, keep, seed)
-            started = time.perf_counter()
-            cell_config = replace(config, prune=replace(config.prune, keep=keep))
-            row = pruned_detector_row(method, dense, data, cell_config, out / cell, console)
-            append_jsonl(
-                out / RESULTS_FILE,
-                {**row.to_dict(), "cell": cell, "keep": keep, "seed": seed,
-                 "cell_seconds": time.perf_counter() - started},
-            )  # fmt: skip
-    note = reduced_note(preset.config(preset.keeps[0], preset.seeds[0], out))
-    return write_detection_report(out, preset, note)
+    grid = [(m, k, s) for s in preset.seeds for k in preset.keeps for m in preset.methods]
+    todo = [] if report_only else [cell for cell in grid if _cell_id(*cell) not in done]
+    device = configs[0].prune.device
+    with connected(parallel) if todo else contextlib.nullcontext():
+        seeds = dict.fromkeys(seed for _, _, seed in todo)
+        dense = [(f"dense-seed{seed}", (preset, seed, out)) for seed in seeds]
+        for _, outcome in run_cells(
+            dense_cell, dense, parallel, console, lambda _: "dense detector ready", device=device
+        ):
+            if isinstance(outcome, UserError):  # no cell of its seed can run: stop
+                raise outcome
+        tasks = [(_cell_id(*cell), (preset, *cell, out)) for cell in todo]
+        for name, outcome in run_cells(
+            detection_cell, tasks, parallel, console, _describe, device=device
+        ):
+            if isinstance(outcome, UserError):
+                report_failure(out, name, outcome, console)
+                continue
+            append_jsonl(out / RESULTS_FILE, outcome)
+    return write_detection_report(out, preset, reduced_note(configs[0]))
+
+
+def dense_cell(
+    preset: DetectionBenchPreset, seed: int, out: Path, console: Console | None = None
+) -> None:
+    """The dense detector of ``seed``, trained into the cache unless it is there already."""
+    config = preset.config(preset.keeps[0], seed, out)
+    dense_detector(config, load_detection_data(config), console or Console(quiet=True))
+
+
+def detection_cell(
+    preset: DetectionBenchPreset,
+    method: str,
+    keep: float,
+    seed: int,
+    out: Path,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """One pruned cell, run in this process from the seed's cached dense detector: its
+    ``results.jsonl`` row (the model and reports go to ``<out>/<cell>/``)."""
+    console = console or Console(quiet=True)
+    started = time.perf_counter()
+    config = preset.config(keep, seed, out)
+    data = load_detection_data(config)
+    dense, _ = dense_detector(config, data, console)
+    cell = _cell_id(method, keep, seed)
+    row = pruned_detector_row(method, dense, data, config, out / cell, console)
+    return {**row.to_dict(), "cell": cell, "keep": keep, "seed": seed,
+            "threads": torch.get_num_threads(),
+            "cell_seconds": time.perf_counter() - started}  # fmt: skip
+
+
+def _describe(row: dict[str, Any]) -> str:
+    mpc = row["corruption_accuracy"]
+    return f"P {row['clean_accuracy']:.2%}" + (f", mPC {mpc:.2%}" if mpc is not None else "")
 
 
 def _pct(stats: tuple[float | None, float | None]) -> str:
@@ -168,7 +218,7 @@ def report_markdown(rows: Sequence[dict], preset: DetectionBenchPreset, setting:
         f"# Detection benchmark: preset {preset.name}",
         "",
         f"Command: `adasap bench --task detection --preset {preset.name}`. {preset.description}.",
-        f"Machine: {platform.platform()}, {torch.get_num_threads()} threads; report written "
+        f"Machine: {platform.platform()}, {_threads(rows)}; report written "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Seeds: "
         f"{', '.join(map(str, seeds))}.",
         "",
@@ -205,6 +255,12 @@ def report_markdown(rows: Sequence[dict], preset: DetectionBenchPreset, setting:
                 f"{deltas[0]} | {deltas[1]} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _threads(rows: Sequence[dict]) -> str:
+    """The cells' torch threads (rows written before they were recorded: this process's)."""
+    counts = sorted({r["threads"] for r in rows if "threads" in r}) or [torch.get_num_threads()]
+    return f"torch threads per cell: {', '.join(map(str, counts))}"
 
 
 def write_detection_report(out: str | Path, preset: DetectionBenchPreset, setting: str) -> Path:

@@ -1,0 +1,123 @@
+"""ONNX export of detectors: the order-free comparison, and every torchvision detector
+exported with real detections and checked against PyTorch (``-m slow``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torchvision.models.detection.fcos import FCOSRegressionHead
+
+from adasap.deploy.detection_onnx import detection_difference
+from adasap.deploy.onnx import ExportReport, export_onnx
+from adasap.deploy.serialization import detection_architecture, save_model
+from adasap.method.output_layers import detector_output_layers, layer_names
+from adasap.models.detection import build_detector
+from test_detection import TORCHVISION_DETECTORS
+
+TOLERANCE = 1e-3
+
+
+def detections(boxes, scores, labels) -> dict[str, np.ndarray]:
+    return {
+        "boxes": np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+        "scores": np.asarray(scores, dtype=np.float32),
+        "labels": np.asarray(labels, dtype=np.int64),
+    }
+
+
+THREE = detections([[0, 0, 10, 10], [20, 20, 40, 40], [5, 50, 30, 60]], [0.9, 0.8, 0.3], [1, 2, 1])
+
+
+def test_detections_in_another_order_match():
+    swapped = {name: value[[1, 0, 2]] for name, value in THREE.items()}
+    assert detection_difference(THREE, swapped, 100, TOLERANCE) == (0.0, 2)
+
+
+def test_a_moved_box_a_changed_score_or_label_shows():
+    moved = {**THREE, "boxes": THREE["boxes"] + np.array([[0, 0, 0, 0], [0, 0, 5, 0], [0] * 4])}
+    assert detection_difference(THREE, moved, 100, TOLERANCE)[0] == pytest.approx(0.05)
+    rescored = {**THREE, "scores": np.array([0.9, 0.7, 0.3], dtype=np.float32)}
+    assert detection_difference(THREE, rescored, 100, TOLERANCE)[0] == pytest.approx(0.1)
+    relabelled = {**THREE, "labels": np.array([1, 1, 1])}
+    assert detection_difference(THREE, relabelled, 100, TOLERANCE)[0] == float("inf")
+
+
+def test_only_near_ties_with_the_weakest_detection_may_differ():
+    # the last place went to another candidate scoring within rounding of it: legitimate
+    cut = detections(
+        [[0, 0, 10, 10], [20, 20, 40, 40], [60, 60, 70, 70]], [0.9, 0.8, 0.3005], [1, 2, 1]
+    )
+    assert detection_difference(THREE, cut, 100, TOLERANCE)[0] == 0.0
+    # a strong detection missing is not
+    missing = {name: value[[0, 2]] for name, value in THREE.items()}
+    assert detection_difference(THREE, missing, 100, TOLERANCE)[0] == float("inf")
+    empty = detections([], [], [])
+    assert detection_difference(THREE, empty, 100, TOLERANCE)[0] == float("inf")
+    assert detection_difference(empty, empty, 100, TOLERANCE) == (0.0, 0)
+
+
+def test_an_export_with_no_detection_to_compare_is_unverified(tmp_path):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"onnx")
+    report = ExportReport.written(path, 17, (3, 64, 64), 0.0, TOLERANCE, (1,), 0)
+    assert not report.passed and "UNVERIFIED: no detection to compare" in str(report)
+    checked = ExportReport.written(path, 17, (3, 64, 64), 1e-5, TOLERANCE, (1,), 7)
+    assert checked.passed and "over 7 detections" in str(checked)
+
+
+def give_confident_detections(model: nn.Module, side: int) -> nn.Module:
+    """Make an untrained detector's outputs worth comparing, without training.
+
+    Untrained, its scores tie (SSDlite: all 1/3; SSD300: saturated at 1) or stay under the
+    score threshold (RetinaNet, FCOS: the 0.01 prior), and FCOS's boxes have no size, so
+    a check would compare nothing or only break ties. Here BatchNorm's statistics are those
+    of random images, each classification output layer is rescaled to logits of mean 0 and
+    std 1 on them, and FCOS's box sizes are offset: hundreds of boxes with distinct scores.
+    """
+    generator = torch.Generator().manual_seed(1)
+    images = [torch.rand(3, side, side, generator=generator) for _ in range(4)]
+    targets = [{"boxes": torch.tensor([[10.0, 10.0, 60.0, 60.0]]), "labels": torch.tensor([1])}]
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # the plain average over the batch
+    layers = detector_output_layers(model)
+    names = layer_names(model, layers)
+    scoring = [m for m, n in zip(layers, names, strict=True) if "cls" in n or "classification" in n]
+    logits: dict[nn.Module, list[torch.Tensor]] = {m: [] for m in scoring}
+    hooks = [m.register_forward_hook(lambda m, _, out: logits[m].append(out)) for m in scoring]
+    with torch.no_grad():
+        model.train()(images, targets * len(images))  # BatchNorm statistics
+        for log in logits.values():
+            log.clear()
+        model.eval()(images)
+        for layer, outputs in logits.items():
+            values = torch.cat([out.flatten() for out in outputs])
+            layer.weight.div_(values.std())
+            layer.bias.sub_(values.mean()).div_(values.std())
+        for head in model.modules():
+            if isinstance(head, FCOSRegressionHead):  # ReLU'd sizes, zero untrained
+                head.bbox_reg.bias.add_(0.5)
+    for hook in hooks:
+        hook.remove()
+    return model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TORCHVISION_DETECTORS)
+def test_torchvision_detector_exports_and_onnxruntime_reproduces_its_detections(name, tmp_path):
+    side = 268 if name == "ssd300_vgg16" else 128
+    torch.manual_seed(0)
+    model = give_confident_detections(build_detector(name, num_classes=3, image_size=side), side)
+    save_model(tmp_path / "model", model, detection_architecture(name, 3, side), [])
+    report = export_onnx(tmp_path / "model", tmp_path / "model.onnx")
+    assert report.passed and report.tolerance == TOLERANCE, str(report)
+    assert report.detections_compared >= 50
+    # the image the check ran on (export_detector_onnx's) gave many distinct detections
+    image = torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        scores = model(image)[0]["scores"]
+    assert len(scores) >= 50 and len(set(scores.tolist())) >= 0.9 * len(scores)
+    assert float(scores.max()) - float(scores.min()) > 0.1
