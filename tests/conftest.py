@@ -10,3 +10,15 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def local_ray(tmp_path, monkeypatch):
+    """A 2-CPU local Ray cluster whose workers share this test's adasap cache (skipped without
+    ray), shut down after the test."""
+    ray = pytest.importorskip("ray")
+    monkeypatch.setenv("ADASAP_CACHE", str(tmp_path / "cache"))
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={
+        "env_vars": {"ADASAP_CACHE": str(tmp_path / "cache")}})  # fmt: skip
+    yield
+    ray.shutdown()

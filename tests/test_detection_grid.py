@@ -92,16 +92,9 @@ def test_jobs_give_the_serial_rows(serial, smoke, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_ray_gives_the_serial_rows(serial, smoke, tmp_path, monkeypatch):
-    ray = pytest.importorskip("ray")
-    monkeypatch.setenv("ADASAP_CACHE", str(tmp_path / "cache"))
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={
-        "env_vars": {"ADASAP_CACHE": str(tmp_path / "cache")}})  # fmt: skip
-    try:
-        console = Console(record=True, width=200)
-        run_detection_bench(smoke, tmp_path / "out", console, Parallel(ray="auto"))
-    finally:
-        ray.shutdown()
+def test_ray_gives_the_serial_rows(serial, smoke, tmp_path, local_ray):
+    console = Console(record=True, width=200)
+    run_detection_bench(smoke, tmp_path / "out", console, Parallel(ray="auto"))
     assert rows_without_timing(tmp_path / "out") == rows_without_timing(serial)
     assert "1 CPU per cell" in console.export_text()
     rows = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").open()]

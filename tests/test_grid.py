@@ -211,16 +211,9 @@ def test_jobs_give_the_serial_report(serial, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_ray_gives_the_serial_report(serial, tmp_path, monkeypatch):
-    ray = pytest.importorskip("ray")
-    monkeypatch.setenv("ADASAP_CACHE", str(tmp_path / "cache"))
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={
-        "env_vars": {"ADASAP_CACHE": str(tmp_path / "cache")}})  # fmt: skip
-    try:
-        console = Console(record=True, width=200)
-        run_bench(tiny_smoke(), tmp_path / "out", console=console, parallel=Parallel(ray="auto"))
-    finally:
-        ray.shutdown()
+def test_ray_gives_the_serial_report(serial, tmp_path, local_ray):
+    console = Console(record=True, width=200)
+    run_bench(tiny_smoke(), tmp_path / "out", console=console, parallel=Parallel(ray="auto"))
     assert rows_without_timing(tmp_path / "out") == rows_without_timing(serial)
     assert report(tmp_path / "out") == report(serial)
     assert "1 CPU per cell" in console.export_text()
