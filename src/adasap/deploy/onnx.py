@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from adasap.deploy.serialization import DESCRIPTION_FILE, load_model, read_description
+from adasap.deploy.serialization import DESCRIPTION_FILE, is_detector, load_model, read_description
 from adasap.errors import UserError
 from adasap.io import atomic_write
 
@@ -279,7 +279,7 @@ def export_onnx(
     _check_opset(opset)
     if not isinstance(model_or_dir, nn.Module):
         directory = select_model(model_or_dir)
-        if read_description(directory)["architecture"].get("task") == "detection":
+        if is_detector(read_description(directory)["architecture"]):
             from adasap.deploy.detection_onnx import export_detector_onnx  # imports this module
 
             return export_detector_onnx(directory, path, opset=opset, check=check)
