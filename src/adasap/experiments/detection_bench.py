@@ -131,12 +131,12 @@ def run_detection_bench(
         preset = replace(preset, base={**preset.base, "progress": False})
     # absolute: the cells of a cluster run elsewhere (the folder must be shared with them)
     out = Path(out).resolve()
-    configs = [preset.config(k, s, out) for s in preset.seeds for k in preset.keeps]
+    first = preset.config(preset.keeps[0], preset.seeds[0], out)  # the device and the note
     out.mkdir(parents=True, exist_ok=True)
     done = {row["cell"] for row in read_jsonl(out / RESULTS_FILE)}
     grid = [(m, k, s) for s in preset.seeds for k in preset.keeps for m in preset.methods]
     todo = [] if report_only else [cell for cell in grid if _cell_id(*cell) not in done]
-    device = configs[0].prune.device
+    device = first.prune.device
     with connected(parallel) if todo else contextlib.nullcontext():
         seeds = dict.fromkeys(seed for _, _, seed in todo)
         dense = [(f"dense-seed{seed}", (preset, seed, out)) for seed in seeds]
@@ -153,7 +153,7 @@ def run_detection_bench(
                 report_failure(out, name, outcome, console)
                 continue
             append_jsonl(out / RESULTS_FILE, outcome)
-    return write_detection_report(out, preset, reduced_note(configs[0]))
+    return write_detection_report(out, preset, reduced_note(first))
 
 
 def dense_cell(
