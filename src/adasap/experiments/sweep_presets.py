@@ -133,6 +133,21 @@ SWEEP_PRESETS: dict[str, SweepPreset] = {
             {"methods": [["sgd"]], "criterion": CRITERIA},
         ),  # fmt: skip
     ),
+    "finetune-wide": SweepPreset(
+        name="finetune-wide",
+        description="Phase-3 ASAM beyond the `finetune` grid's edge, whose best radius was its "
+        "largest (2.0): finetune_rho 3 and 4 for adasap and the sam baseline at Taylor scores, "
+        "the default criterion; the `small` sweep's base otherwise.",
+        base=KEEP_HALF,
+        grid=(
+            {
+                "methods": [["adasap", "sam"]],
+                "criterion": ["taylor"],
+                "finetune_sharpness": ["asam"],
+                "finetune_rho": [3.0, 4.0],
+            },
+        ),  # fmt: skip
+    ),
     "long": SweepPreset(
         name="long",
         description="3x the fine-tuning (15 epochs instead of 5) against the current 5, for "
