@@ -115,7 +115,8 @@ def test_the_step_without_cheaper_options_is_the_reference_adasap_step_bitwise()
 
 @pytest.mark.parametrize("options", [{}, *NEUTRAL], ids=["defaults", "p=1", "k=1", "fraction=1"])
 def test_neutral_options_are_the_reference_sam_step_bitwise(options):
-    pruner = make(PhaseSchedule(0, 0, 4, removals=0), method="sam", keep=1.0, **options)
+    schedule = PhaseSchedule(0, 0, 4, removals=0)  # phase 3 only: SAM there, not ASAM
+    pruner = make(schedule, method="sam", keep=1.0, finetune_sharpness="sam", **options)
     twin = copy.deepcopy(pruner.model)
     reference = SAM(parameter_groups(twin, 0.0), torch.optim.SGD, rho=0.05, lr=0.05, momentum=0.9)
     for i in range(4):
@@ -304,8 +305,9 @@ def test_the_built_in_loop_gives_the_ascent_a_sub_batch():
     result = adasap.prune(model, TensorDataset(images, labels), (images, labels), method="sam",
                           keep=0.6, warmup_epochs=0, prune_epochs=1, finetune_epochs=1,
                           prune_steps=1, batch_size=16, ascent_fraction=0.25,
-                          progress=False)  # fmt: skip
-    assert seen.count(4) == 4 and seen.count(16) == 4  # 4 sharpness-aware steps: 4 + 16 rows
+                          criterion="magnitude", progress=False)  # fmt: skip
+    # 4 sharpness-aware steps: 4 + 16 rows (magnitude scores: no gradient pass before removal)
+    assert seen.count(4) == 4 and seen.count(16) == 4
     assert all(0 <= r["train_accuracy"] <= 1 and math.isfinite(r["train_loss"])
                for r in result.history)  # fmt: skip
 

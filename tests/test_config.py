@@ -136,4 +136,4 @@ def test_phase3_settings_reach_the_pruner_from_yaml_and_flags(tmp_path):
     config, _ = config_from_args(build_parser().parse_args(flags))
     s = pruner_settings(config.validate().prune)
     assert (s.finetune_sharpness, s.finetune_rho) == (None, 0.2)  # flags override the file
-    assert PruneSettings().optimizer.finetune_sharpness is None  # default: as phases 1-2
+    assert PruneSettings().optimizer.finetune_sharpness == "asam"  # docs/tuning.md

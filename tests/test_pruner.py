@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import threading
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,8 +14,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import adasap
 from adasap.errors import UserError
+from adasap.method.base_optimizer import phase_sharpness
 from adasap.method.optim import SAM, AdaSAP
-from adasap.method.pruner import Pruner
+from adasap.method.pruner import Pruner, PrunerSettings
 from adasap.method.schedule import PhaseSchedule
 
 
@@ -308,7 +310,7 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
 
 @pytest.mark.parametrize("method", ["adasap", "sam"])
 def test_phase3_settings_equal_to_phases_1_2_change_nothing(method):
-    default = make(PHASES, method=method)
+    default = make(PHASES, method=method, finetune_sharpness=None)  # as phases 1-2
     explicit = make(PHASES, method=method, finetune_sharpness="sam", finetune_rho=0.05)
     optimizers = []
     for i in range(7):
@@ -321,7 +323,8 @@ def test_phase3_settings_equal_to_phases_1_2_change_nothing(method):
 
 @pytest.mark.parametrize("method", ["adasap", "sam"])
 def test_phase3_asam_perturbs_by_its_own_radius_and_leaves_phases_1_2_alone(method):
-    plain, asam = make(PHASES, method=method), make(PHASES, method=method, **ASAM3)
+    plain = make(PHASES, method=method, finetune_sharpness=None)
+    asam = make(PHASES, method=method, **ASAM3)
     for i in range(PHASES.finetune_start):
         step(plain, i), step(asam, i)
         assert not asam.finetuning and not asam.optimizer.param_groups[0]["adaptive"]
@@ -351,6 +354,25 @@ def test_phase3_asam_perturbs_by_its_own_radius_and_leaves_phases_1_2_alone(meth
         expected = 0.5 * t[n] ** 2 * grads[n] / norm  # e = rho T^2 g / ||T g||
         torch.testing.assert_close(seen[1][n] - before[n], expected, rtol=1e-4, atol=1e-6)
     assert not torch.equal(model.features[0].weight, plain.model.features[0].weight)
+
+
+@pytest.mark.parametrize(
+    "overrides, phases_1_2, phase_3",
+    [
+        ({}, (0.05, False), (2.0, True)),  # the defaults: SAM, then ASAM at its own radius
+        (dict(rho=0.1), (0.1, False), (2.0, True)),  # SAM's radius is not ASAM's
+        (dict(finetune_sharpness=None, rho=0.1), (0.1, False), (0.1, False)),
+        (dict(finetune_sharpness="sam", rho=0.1), (0.1, False), (0.1, False)),
+        (dict(asam=True, rho=0.5), (0.5, True), (0.5, True)),  # ASAM throughout: one radius
+        (dict(asam=True, rho=0.5, finetune_sharpness="sam"), (0.5, True), (0.05, False)),
+        (dict(finetune_rho=0.7), (0.05, False), (0.7, True)),
+        (dict(finetune_sharpness="sam", finetune_rho=0.0), (0.05, False), (0.0, False)),
+    ],
+)
+def test_phase3_radius_is_rho_only_when_it_perturbs_as_phases_1_2(overrides, phases_1_2, phase_3):
+    settings = replace(PrunerSettings(), **overrides)
+    assert phase_sharpness(settings, finetuning=False) == phases_1_2
+    assert phase_sharpness(settings, finetuning=True) == phase_3
 
 
 @pytest.mark.parametrize("stop", [3, 4, 5])  # before, at and after the start of phase 3

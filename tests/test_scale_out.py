@@ -84,7 +84,8 @@ def test_a_syncbatchnorm_model_is_pruned_like_its_batchnorm_twin():
         )
         if sync:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        pruner = Pruner(model, example, PhaseSchedule(0, 1, 0, removals=1), keep=0.5)
+        schedule = PhaseSchedule(0, 1, 0, removals=1)
+        pruner = Pruner(model, example, schedule, keep=0.5, criterion="magnitude")
         pruner.remove(1.0)
         model.train()(example)  # the training forward runs outside a process group
         return model

@@ -52,13 +52,18 @@ def test_finetune_sweeps_asam_radii_beside_sam_for_adasap_and_sam():
             assert all(c["rho"] == planned[0][1]["rho"] for c in mine)  # phases 1-2 unchanged
 
 
-def test_long_sweep_has_three_times_the_fine_tuning():
+def test_long_sweep_has_three_times_the_fine_tuning_at_the_chosen_phase_3():
     planned = runs("long")
-    assert len(planned) == 16
-    epochs = {c["finetune_epochs"] for _, c in planned}
-    assert epochs == {SMALL_BASE["finetune_epochs"], 3 * SMALL_BASE["finetune_epochs"]}
-    long = {(m, c["criterion"]) for m, c in planned if c["finetune_epochs"] == 15.0}
-    assert long == {(m, c) for m in ("sgd", "sam", "adasap") for c in ("magnitude", "taylor")}
+    assert len(planned) == 12
+    pairs = {(m, c) for m in ("sgd", "sam", "adasap") for c in ("magnitude", "taylor")}
+    for epochs in (SMALL_BASE["finetune_epochs"], 3 * SMALL_BASE["finetune_epochs"]):
+        assert {(m, c["criterion"]) for m, c in planned if c["finetune_epochs"] == epochs} == pairs
+    assert {c["finetune_sharpness"] for _, c in planned} == {"asam"}
+
+
+def test_sweeps_run_before_phase_3_was_chosen_keep_their_phase_3():
+    for name in ("small", "small-schedule", "radii"):
+        assert {c["finetune_sharpness"] for _, c in runs(name)} == {None}, name
 
 
 def test_sweep_estimate_by_hand():

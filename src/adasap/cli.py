@@ -63,8 +63,8 @@ RUN_OPTIONS: tuple[tuple[str, str, str], ...] = (
     ("--lr", "lr", "peak learning rate of the pruning phases"),
     ("--rho", "rho", "uniform SAM radius (phase 3 and the sam method)"),
     ("--finetune-sharpness", "finetune_sharpness", "phase 3 (fine-tuning) of adasap, sam and "
-                                                   "sgd-sam: sam, asam, or none (as --asam)"),
-    ("--finetune-rho", "finetune_rho", "phase 3's radius ('none': --rho); ASAM's is ~10x SAM's"),
+                                                   "sgd-sam: asam, sam, or none (as --asam)"),
+    ("--finetune-rho", "finetune_rho", "phase 3's radius (none: --rho, or 2.0 for ASAM after SAM)"),
     ("--rho-min", "rho_min", "AdaSAP radius of the most important neurons"),
     ("--rho-max", "rho_max", "AdaSAP radius of the least important neurons"),
     ("--normalization", "normalization", "AdaSAP perturbation normalisation: global or neuron"),

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from adasap.errors import UserError
-from adasap.method.importance import Importance
+from adasap.method.importance import DEFAULT_CRITERION, Importance
 from adasap.method.pruner import Pruner, PrunerSettings
 from adasap.method.schedule import PhaseSchedule
 from adasap.method.target import PruningTarget
@@ -164,7 +164,7 @@ class AdaSAPCallback(pl.Callback):
         example_inputs: Tensor | None = None,
         method: str = "adasap",
         keep: float | PruningTarget = 0.5,
-        criterion: str | Importance = "magnitude",
+        criterion: str | Importance = DEFAULT_CRITERION,
         lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
         ignored_layers: Sequence[nn.Module] | None = None,
         settings: PrunerSettings | None = None,

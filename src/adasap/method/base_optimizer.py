@@ -19,6 +19,9 @@ from adasap.errors import UserError
 from adasap.method.optim import SAM, AdaSAP
 
 OptimizerKind = Literal["sgd", "sam", "adasap"]
+# A sharpness-aware kind's radius where none is given, chosen on validation data
+# (docs/tuning.md): SAM's by the `small` sweep, phase-3 ASAM's by the `finetune` sweeps.
+DEFAULT_RADIUS: dict[str, float] = {"sam": 0.05, "asam": 2.0}
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -54,12 +57,17 @@ def check_finetune_settings(settings: Any) -> None:
 
 def phase_sharpness(settings: Any, finetuning: bool) -> tuple[float, bool]:
     """The uniform radius and whether the perturbation is ASAM's, in phases 1-2 or in phase 3
-    (``finetune_rho`` and ``finetune_sharpness`` where set)."""
+    (``finetune_sharpness`` where set; ``finetune_rho`` where set, else ``rho`` when phase 3
+    perturbs as phases 1-2 do, else :data:`DEFAULT_RADIUS` of phase 3's kind)."""
     s = settings
     if not finetuning:
         return s.rho, s.asam
     asam = s.asam if s.finetune_sharpness is None else s.finetune_sharpness == "asam"
-    return (s.rho if s.finetune_rho is None else s.finetune_rho), asam
+    if s.finetune_rho is not None:
+        return s.finetune_rho, asam
+    # ASAM's radius is on another scale than SAM's (~40x here), so rho only carries over to a
+    # phase 3 of the same kind
+    return (s.rho if asam == s.asam else DEFAULT_RADIUS["asam" if asam else "sam"]), asam
 
 
 def finetune_differs(settings: Any) -> bool:

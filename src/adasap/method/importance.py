@@ -24,6 +24,9 @@ from adasap.errors import UserError
 from adasap.method.neurons import NeuronLayout, ParamSlice
 
 ScoreNormalization = Literal["mean", "max", "none"]
+# The criterion when none is named: first-order Taylor scores beat weight magnitude for sgd,
+# sam and adasap alike in the validation sweeps (docs/tuning.md, "The radii sweep").
+DEFAULT_CRITERION = "taylor"
 
 
 @runtime_checkable

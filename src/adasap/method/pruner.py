@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from adasap.errors import UserError
 from adasap.method.base_optimizer import (
+    DEFAULT_RADIUS,
     BaseOptimizer,
     OptimizerKind,
     base_of,
@@ -39,6 +40,7 @@ from adasap.method.cheap_sam import (
 from adasap.method.data_parallel import DataParallel
 from adasap.method.examples import Example, check_example
 from adasap.method.importance import (
+    DEFAULT_CRITERION,
     Importance,
     check_scores,
     make_importance,
@@ -79,15 +81,15 @@ class PrunerSettings:
     """The method's scalar knobs; the defaults are the documented choices (docs/method.md)."""
 
     keep_kind: Literal["params", "macs"] = "params"
-    # chosen by `adasap sweep --preset small` (docs/tuning.md): validation data, extra corruptions
-    rho: float = 0.05
+    # chosen on validation data by `adasap sweep` (docs/tuning.md)
+    rho: float = DEFAULT_RADIUS["sam"]
     rho_min: float = 0.05
     rho_max: float = 0.1
     normalization: Literal["global", "neuron"] = "global"
     asam: bool = False
-    # Phase 3 of a method whose phase 3 is sharpness-aware (adasap, sam, sgd-sam): SAM or
-    # ASAM and its radius (ASAM's is ~10x SAM's); None: as phases 1-2 (asam, rho).
-    finetune_sharpness: Literal["sam", "asam"] | None = None
+    # Phase 3 of a method whose phase 3 is sharpness-aware (adasap, sam, sgd-sam): SAM, ASAM
+    # or None (as phases 1-2), and its radius (None: base_optimizer.phase_sharpness).
+    finetune_sharpness: Literal["sam", "asam"] | None = "asam"
     finetune_rho: float | None = None
     max_grad_norm: float | None = None
     score_refresh: int = 10
@@ -152,7 +154,7 @@ class Pruner:
         *,
         method: str = "adasap",
         keep: float | PruningTarget = 0.5,
-        criterion: str | Importance = "magnitude",
+        criterion: str | Importance = DEFAULT_CRITERION,
         optimizer: type[torch.optim.Optimizer] | torch.optim.Optimizer = torch.optim.SGD,
         optimizer_kwargs: Mapping[str, Any] | None = None,
         lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,

@@ -10,7 +10,7 @@ from adasap.devices import check_amp, resolve_device
 from adasap.distributed import is_distributed
 from adasap.errors import UserError
 from adasap.method.base_optimizer import base_optimizer_class
-from adasap.method.importance import criteria
+from adasap.method.importance import DEFAULT_CRITERION, criteria
 from adasap.method.pruner import METHODS, PrunerSettings
 from adasap.settings import check_field_types
 from adasap.training.loop import OptimizerSettings
@@ -24,7 +24,7 @@ class PruneSettings:
     """
 
     method: str = "adasap"
-    criterion: str = "magnitude"
+    criterion: str = DEFAULT_CRITERION
     keep: float = 0.5
     keep_kind: str = "params"
     warmup_epochs: float = 1.0
