@@ -9,6 +9,8 @@ from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
 from adasap.errors import UserError
+from adasap.experiments.config import from_flat
+from adasap.method.base_optimizer import phase_sharpness
 from adasap.method.neurons import NeuronLayout
 from adasap.method.output_layers import detector_output_layers, layer_names
 from adasap.method.pruner import Pruner
@@ -385,3 +387,25 @@ def test_groupnorm_of_several_groups_keeps_its_channels_and_one_group_is_pruned(
     )  # fmt: skip
     layout = NeuronLayout(model, torch.rand(2, 3, 12, 12), [model[6]])
     assert [g.name for g in layout.groups] == ["3"]
+
+
+@pytest.mark.parametrize(
+    "given, phase_3", [({}, (0.05, False)), ({"finetune_sharpness": "asam"}, (2.0, True))]
+)
+def test_detectors_keep_sam_in_phase_3_unless_asked(monkeypatch, given, phase_3):
+    """The classification sweeps chose phase-3 ASAM; detection, not swept, keeps SAM."""
+    built: list[Pruner] = []
+
+    class Recorded(Pruner):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr("adasap.training.detection.Pruner", Recorded)
+    model = build_detector("tiny_ssd", num_classes=3, image_size=64)
+    prune_detector(model, [synthetic_batch(size=64)], PhaseSchedule(0, 0, 1), method="sam",
+                   keep=1.0, device="cpu", **given)  # fmt: skip
+    assert phase_sharpness(built[0].settings, finetuning=True) == phase_3
+    config = from_flat({"task": "detection", **given}).validate()
+    assert config.prune.criterion == "magnitude"
+    assert config.prune.optimizer.finetune_sharpness == given.get("finetune_sharpness")

@@ -36,11 +36,12 @@ COCO_SPLITS = ("train2017", "val2017")
 # ``--task detection``'s defaults in place of the classification ones: tiny_ssd on a reduced
 # canvas set, sized so that the whole job fits 15 minutes on a 2-core CPU (README, Detection).
 # train_limit and test_limit are the numbers of canvases made; corruption_limit the number
-# of test canvases corrupted. The criterion stays magnitude: the sweeps that chose Taylor for
-# classification (docs/tuning.md) have no detection counterpart yet.
+# of test canvases corrupted. Criterion and phase 3 stay as before the classification sweeps
+# chose Taylor and phase-3 ASAM (docs/tuning.md): no sweep has tuned them for detectors.
 DETECTION_DEFAULTS: dict[str, Any] = {
     "task": "detection",
     "criterion": "magnitude",
+    "finetune_sharpness": None,
     "dataset": CANVAS_DATASET,
     "model": "tiny_ssd",
     "image_size": 96,

@@ -152,6 +152,7 @@ def prune_detector(
     device: str = "auto",
     amp: str = "off",
     progress: ProgressLog | None = None,
+    finetune_sharpness: Literal["sam", "asam"] | None = None,
     **pruner_settings: Any,
 ) -> tuple[nn.Module, DetectionPruneResult]:
     """Train and prune ``model`` (in place) over ``schedule.total_steps`` batches of ``data``.
@@ -162,9 +163,11 @@ def prune_detector(
     ``ignored_layers``; with ``keep_reference="backbone"`` nothing outside ``model.backbone``
     loses neurons and ``keep`` is the fraction of the backbone's size kept. ``amp`` as in
     :func:`adasap.devices.autocast_dtype` (``off`` by default: the effect of reduced
-    precision on box regression has not been measured). ``pruner_settings`` are
-    :class:`~adasap.method.pruner.PrunerSettings` fields. Returns the model, in eval mode,
-    and what was done (:class:`DetectionPruneResult`).
+    precision on box regression has not been measured). ``criterion`` and
+    ``finetune_sharpness`` (None: phase 3 as phases 1-2) keep their values from before the
+    classification sweeps chose Taylor scores and phase-3 ASAM: no sweep has tuned them for
+    detectors. ``pruner_settings`` are other :class:`~adasap.method.pruner.PrunerSettings`
+    fields. Returns the model, in eval mode, and what was done (:class:`DetectionPruneResult`).
     """
     started = time.perf_counter()
     dev = resolve_device(device)
@@ -189,6 +192,7 @@ def prune_detector(
         lr_scheduler=cosine_lr(schedule.total_steps, lr_warmup_steps),
         ignored_layers=ignored,
         scaler=grad_scaler(dev, dtype),
+        finetune_sharpness=finetune_sharpness,
         **pruner_settings,
     )
     dense, reference_dense = pruner.size, target.dense
