@@ -13,7 +13,7 @@ from adasap.experiments.config import from_flat
 from adasap.method.base_optimizer import phase_sharpness
 from adasap.method.neurons import NeuronLayout
 from adasap.method.output_layers import detector_output_layers, layer_names
-from adasap.method.pruner import Pruner
+from adasap.method.pruner import Pruner, PrunerSettings
 from adasap.method.schedule import PhaseSchedule
 from adasap.models.detection import build_detector, list_detectors, unfreeze_batchnorm
 from adasap.training.detection import check_detection_batch, prune_detector
@@ -390,9 +390,14 @@ def test_groupnorm_of_several_groups_keeps_its_channels_and_one_group_is_pruned(
 
 
 @pytest.mark.parametrize(
-    "given, phase_3", [({}, (0.05, False)), ({"finetune_sharpness": "asam"}, (2.0, True))]
+    "given, settings, phase_3",
+    [
+        ({}, None, (0.05, False)),
+        ({"finetune_sharpness": "asam"}, None, (2.0, True)),
+        ({}, PrunerSettings(), (2.0, True)),  # a whole PrunerSettings is the caller's choice
+    ],
 )
-def test_detectors_keep_sam_in_phase_3_unless_asked(monkeypatch, given, phase_3):
+def test_detectors_keep_sam_in_phase_3_unless_asked(monkeypatch, given, settings, phase_3):
     """The classification sweeps chose phase-3 ASAM; detection, not swept, keeps SAM."""
     built: list[Pruner] = []
 
@@ -403,8 +408,9 @@ def test_detectors_keep_sam_in_phase_3_unless_asked(monkeypatch, given, phase_3)
 
     monkeypatch.setattr("adasap.training.detection.Pruner", Recorded)
     model = build_detector("tiny_ssd", num_classes=3, image_size=64)
+    chosen = {} if settings is None else {"settings": settings}
     prune_detector(model, [synthetic_batch(size=64)], PhaseSchedule(0, 0, 1), method="sam",
-                   keep=1.0, device="cpu", **given)  # fmt: skip
+                   keep=1.0, device="cpu", **given, **chosen)  # fmt: skip
     assert phase_sharpness(built[0].settings, finetuning=True) == phase_3
     config = from_flat({"task": "detection", **given}).validate()
     assert config.prune.criterion == "magnitude"

@@ -214,7 +214,6 @@ def pruned_detector_row(
         device=s.device,
         amp=s.amp,
         progress=ProgressLog(enabled=config.progress, console=console),
-        finetune_sharpness=s.optimizer.finetune_sharpness,
         settings=pruner_settings(s),
     )
     model = model.cpu()

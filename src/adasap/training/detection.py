@@ -26,7 +26,7 @@ from adasap.devices import autocast_dtype, resolve_device
 from adasap.errors import UserError, exception_summary
 from adasap.method.importance import Importance
 from adasap.method.output_layers import detector_output_layers, layer_names, modules_outside
-from adasap.method.pruner import Pruner
+from adasap.method.pruner import Pruner, PrunerSettings
 from adasap.method.pruning import ModelSize
 from adasap.method.schedule import PHASES, PhaseSchedule
 from adasap.method.target import PartSizeTarget, SizeTarget
@@ -135,6 +135,10 @@ def _target(
     return PartSizeTarget(keep, kind, model, backbone, example)
 
 
+# The Pruner's defaults less phase-3 ASAM, which only the classification sweeps chose.
+DETECTOR_SETTINGS = PrunerSettings(finetune_sharpness=None)
+
+
 def prune_detector(
     model: nn.Module,
     data: Iterable[Any],
@@ -152,7 +156,6 @@ def prune_detector(
     device: str = "auto",
     amp: str = "off",
     progress: ProgressLog | None = None,
-    finetune_sharpness: Literal["sam", "asam"] | None = None,
     **pruner_settings: Any,
 ) -> tuple[nn.Module, DetectionPruneResult]:
     """Train and prune ``model`` (in place) over ``schedule.total_steps`` batches of ``data``.
@@ -163,11 +166,12 @@ def prune_detector(
     ``ignored_layers``; with ``keep_reference="backbone"`` nothing outside ``model.backbone``
     loses neurons and ``keep`` is the fraction of the backbone's size kept. ``amp`` as in
     :func:`adasap.devices.autocast_dtype` (``off`` by default: the effect of reduced
-    precision on box regression has not been measured). ``criterion`` and
-    ``finetune_sharpness`` (None: phase 3 as phases 1-2) keep their values from before the
-    classification sweeps chose Taylor scores and phase-3 ASAM: no sweep has tuned them for
-    detectors. ``pruner_settings`` are other :class:`~adasap.method.pruner.PrunerSettings`
-    fields. Returns the model, in eval mode, and what was done (:class:`DetectionPruneResult`).
+    precision on box regression has not been measured). ``pruner_settings`` are
+    :class:`~adasap.method.pruner.PrunerSettings` fields, or ``settings=`` a whole one
+    (default: :data:`DETECTOR_SETTINGS`). ``criterion`` and phase 3 keep their values from
+    before the classification sweeps chose Taylor scores and phase-3 ASAM: no sweep has tuned
+    them for detectors. Returns the model, in eval mode, and what was done
+    (:class:`DetectionPruneResult`).
     """
     started = time.perf_counter()
     dev = resolve_device(device)
@@ -192,8 +196,7 @@ def prune_detector(
         lr_scheduler=cosine_lr(schedule.total_steps, lr_warmup_steps),
         ignored_layers=ignored,
         scaler=grad_scaler(dev, dtype),
-        finetune_sharpness=finetune_sharpness,
-        **pruner_settings,
+        **{"settings": DETECTOR_SETTINGS, **pruner_settings},
     )
     dense, reference_dense = pruner.size, target.dense
     losses = _train(pruner, first, batches, dev, dtype, progress or ProgressLog(enabled=False))
