@@ -349,6 +349,24 @@ def test_report_marks_the_resolved_differences():
     )
 
 
+def test_adasap_is_also_compared_with_sam_seed_by_seed():
+    rows = HAND_MADE + [
+        row("sam", "magnitude", 0.5, 0, 0.84, 0.56),
+        row("sam", "magnitude", 0.5, 1, 0.88, 0.56),
+    ]
+    (delta,) = differences(rows, "sam", methods=("adasap",))
+    assert (delta["method"], delta["seeds"]) == ("adasap", 2)
+    # per seed: corrupted -0.01 and +0.03, clean +0.02 and -0.02
+    assert delta["corruption_accuracy"] == pytest.approx((0.01, 0.0282842712))
+    assert delta["clean_accuracy"] == pytest.approx((0.0, 0.0282842712))
+    assert sorted(d["method"] for d in differences(rows)) == ["adasap", "sam"]
+    text = report_markdown(rows)
+    section = text.split("## adasap vs sam")[1]
+    assert "| adasap | magnitude | 0.5 | 2 | 1.00 ± 2.83 |" in section
+    assert "| sam |" not in section
+    assert "## adasap vs sam" not in report_markdown(HAND_MADE)
+
+
 def test_report_from_hand_made_results(tmp_path):
     for record in HAND_MADE:
         append_jsonl(tmp_path / RESULTS_FILE, record.to_dict())

@@ -1,5 +1,6 @@
 """The benchmark report: Markdown tables of mean +- std over seeds, the differences from
-``sgd``, and the plots (:mod:`adasap.experiments.plots`), from ``<out>/results.jsonl``.
+``sgd`` (and adasap's from ``sam``), and the plots (:mod:`adasap.experiments.plots`), from
+``<out>/results.jsonl``.
 
 Result folders written by earlier versions are read back as they are: a field a row lacks
 counts as not measured.
@@ -52,6 +53,8 @@ DELTA_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("clean_accuracy", "clean acc delta (pts)", "pct"),
 )
 BASELINE = "sgd"
+# adasap's claim is also against uniform SAM, the baseline that pays the same extra cost
+SHARPNESS_BASELINE = "sam"
 CONFIDENCE = 0.95
 
 GroupKey = tuple[str, str | None, float]
@@ -128,16 +131,18 @@ def resolved(interval: Sequence[float] | None) -> bool:
     return interval is not None and (interval[0] > 0 or interval[1] < 0)
 
 
-def differences(rows: Sequence[BenchRow]) -> list[dict[str, Any]]:
-    """Per-seed differences from ``sgd`` at the same criterion and keep: ``(mean, std)`` of each
-    delta, and its 95% t-interval over the paired seeds as ``<key>_interval`` (None with one
-    seed)."""
+def differences(
+    rows: Sequence[BenchRow], baseline: str = BASELINE, methods: Sequence[str] | None = None
+) -> list[dict[str, Any]]:
+    """Per-seed differences from ``baseline`` at the same criterion and keep, for ``methods``
+    (default: every pruning method but the baseline): ``(mean, std)`` of each delta, and its
+    95% t-interval over the paired seeds as ``<key>_interval`` (None with one seed)."""
     by_cell = {(*_key(r), r.seed): r for r in rows}
     out = []
     for (method, criterion, keep), group in _ordered_groups(rows).items():
-        if method in ("dense", BASELINE):
+        if method in ("dense", baseline) or (methods is not None and method not in methods):
             continue
-        pairs = [(r, by_cell.get((BASELINE, criterion, keep, r.seed))) for r in group]
+        pairs = [(r, by_cell.get((baseline, criterion, keep, r.seed))) for r in group]
         pairs = [(r, b) for r, b in pairs if b is not None]
         if not pairs:
             continue
@@ -236,7 +241,8 @@ def _differences_table(entries: list[dict[str, Any]]) -> list[str]:
 
 
 def report_markdown(rows: Sequence[BenchRow], failures: Sequence[Mapping] = ()) -> str:
-    """The benchmark report: accuracy, cost and sharpness, and differences from sgd."""
+    """The benchmark report: accuracy, cost and sharpness, and differences from sgd (and
+    adasap's from sam)."""
     summary = summarize(rows)
     seeds = sorted({r.seed for r in rows})
     sources = sorted({r.corruption_source for r in rows if r.corruption_source})
@@ -278,6 +284,17 @@ def report_markdown(rows: Sequence[BenchRow], failures: Sequence[Mapping] = ()) 
         *_differences_table(differences(rows)),
         "",
     ]
+    against_sam = differences(rows, SHARPNESS_BASELINE, methods=("adasap",))
+    if against_sam:
+        lines += [
+            f"## adasap vs {SHARPNESS_BASELINE} with the same criterion and keep",
+            "",
+            f"As above, with {SHARPNESS_BASELINE} (uniform perturbations, the same extra cost) "
+            "as the baseline.",
+            "",
+            *_differences_table(against_sam),
+            "",
+        ]
     if sources:
         lines += [f"Corrupted images: {'; '.join(sources)}.", ""]
     if failures:
@@ -305,6 +322,13 @@ def write_report(out_dir: str | Path) -> Path:
     plot_size(summary, report / "corruption_vs_size.png")
     plot_scatter(rows, report / "clean_vs_corrupted.png")
     plot_per_corruption(*per_corruption_means(rows), report / "per_corruption.png")
-    atomic_write_json(report / "summary.json", {"summary": summary, "deltas": differences(rows)})
+    atomic_write_json(
+        report / "summary.json",
+        {
+            "summary": summary,
+            "deltas": differences(rows),
+            f"adasap_vs_{SHARPNESS_BASELINE}": differences(rows, SHARPNESS_BASELINE, ("adasap",)),
+        },
+    )
     atomic_write_text(report / "report.md", report_markdown(rows, failed))
     return report
