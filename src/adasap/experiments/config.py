@@ -20,6 +20,7 @@ from adasap.data import get_spec
 from adasap.errors import UserError, exception_reason
 from adasap.models.builders import build_model
 from adasap.models.detection import list_detectors
+from adasap.training.detection import DETECTOR_CRITERION, DETECTOR_SETTINGS
 from adasap.training.settings import PruneSettings
 
 # PruneSettings.method is one run's; an experiment compares several (``methods``).
@@ -36,12 +37,11 @@ COCO_SPLITS = ("train2017", "val2017")
 # ``--task detection``'s defaults in place of the classification ones: tiny_ssd on a reduced
 # canvas set, sized so that the whole job fits 15 minutes on a 2-core CPU (README, Detection).
 # train_limit and test_limit are the numbers of canvases made; corruption_limit the number
-# of test canvases corrupted. Criterion and phase 3 stay as before the classification sweeps
-# chose Taylor and phase-3 ASAM (docs/tuning.md): no sweep has tuned them for detectors.
+# of test canvases corrupted. Criterion and phase 3 are prune_detector's.
 DETECTION_DEFAULTS: dict[str, Any] = {
     "task": "detection",
-    "criterion": "magnitude",
-    "finetune_sharpness": None,
+    "criterion": DETECTOR_CRITERION,
+    "finetune_sharpness": DETECTOR_SETTINGS.finetune_sharpness,
     "dataset": CANVAS_DATASET,
     "model": "tiny_ssd",
     "image_size": 96,

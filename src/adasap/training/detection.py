@@ -135,7 +135,9 @@ def _target(
     return PartSizeTarget(keep, kind, model, backbone, example)
 
 
-# The Pruner's defaults less phase-3 ASAM, which only the classification sweeps chose.
+# Magnitude scores and the Pruner's defaults less phase-3 ASAM: only the classification sweeps
+# chose Taylor scores and ASAM (docs/tuning.md); no sweep has tuned detectors.
+DETECTOR_CRITERION = "magnitude"
 DETECTOR_SETTINGS = PrunerSettings(finetune_sharpness=None)
 
 
@@ -148,7 +150,7 @@ def prune_detector(
     keep: float = 0.5,
     keep_kind: Literal["params", "macs"] = "params",
     keep_reference: KeepReference = "model",
-    criterion: str | Importance = "magnitude",
+    criterion: str | Importance = DETECTOR_CRITERION,
     optimizer: type[torch.optim.Optimizer] = torch.optim.SGD,
     optimizer_kwargs: Mapping[str, Any] | None = None,
     lr_warmup_steps: int = 0,
