@@ -46,8 +46,8 @@ def test_prunes_to_half_then_exports_and_reloads(name, size, tmp_path):
 
     # 8 training images, batch 8: the single removal step happens at the one training step.
     # Magnitude scores: after one step from scratch, Taylor scores left timm:efficientnet_b0
-    # so ill-conditioned that PyTorch's own float32 and float64 logits differed by 1.7e-4 of
-    # their size, more than the ONNX check allows; the shapes are what this test is about.
+    # so ill-conditioned that PyTorch's own float32 and float64 logits differed by more than
+    # the ONNX check allows (seen in a slow-set run); the shapes are what this test is about.
     result = adasap.prune(
         model, data, keep=0.5, warmup_epochs=0, prune_epochs=1, finetune_epochs=0, prune_steps=1,
         batch_size=8, method="sgd", criterion="magnitude", device="cpu", amp="off",
