@@ -17,7 +17,7 @@ import contextlib
 import itertools
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -122,13 +122,7 @@ class _Seed:
         evaluated = evaluate_model(self.dense, self.data, config, self.out / "runs", cell.id)
         measured = self.measure(self.dense, config)
         size = measure_size(self.dense.cpu(), self.probe[0][0][:1].cpu())
-        row = replace(
-            evaluated,
-            method="dense",
-            params=size.params,
-            macs=size.macs,
-            seconds=info.get("seconds"),
-        )
+        row = evaluated.with_cost(size, method="dense", seconds=info.get("seconds"))
         return BenchRow(
             **{**row.to_dict(), **measured},
             cell=cell.id,

@@ -98,7 +98,7 @@ def evaluate_path(
             shift = evaluate_accuracy(model, shifted, device=device, sharded=True)
             row = replace(row, shift_accuracy=shift)
         size = measure_size(model, example_images(data))
-        rows.append(replace(row, params=size.params, macs=size.macs))
+        rows.append(row.with_cost(size))
     console.print(results_table(rows, title=f"adasap eval: {path}"))
     return rows
 

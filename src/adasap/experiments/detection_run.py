@@ -220,11 +220,8 @@ def pruned_detector_row(
     method_dir = run_dir / method
     save_model(method_dir, model, architecture_of(config, data), result.pruning_history)
     size = measure_size(model, example_image(config))  # as the dense row's, not the pruner's
-    row = replace(
-        evaluate_detector(model, data, config, run_dir, method),
-        params=size.params,
-        macs=size.macs,
-        seconds=result.seconds,
+    row = evaluate_detector(model, data, config, run_dir, method).with_cost(
+        size, seconds=result.seconds
     )
     summary = {**row.to_dict(), "kept": result.kept, "phase_losses": result.phase_losses,
                "ignored_layers": result.ignored_layers}  # fmt: skip
@@ -299,14 +296,8 @@ def _rows(
     """The dense row, then one per method (finished ones reused), with their latencies."""
     dense, dense_info = dense_detector(config, data, console)
     dense_size = measure_size(dense, example_image(config))
-    rows = [
-        replace(
-            evaluate_detector(dense, data, config, run_dir, "dense"),
-            params=dense_size.params,
-            macs=dense_size.macs,
-            seconds=dense_info.get("seconds"),
-        )
-    ]
+    evaluated = evaluate_detector(dense, data, config, run_dir, "dense")
+    rows = [evaluated.with_cost(dense_size, seconds=dense_info.get("seconds"))]
     for method in config.methods:
         row = finished_detector_row(run_dir / method, console)
         rows.append(row or pruned_detector_row(method, dense, data, config, run_dir, console))

@@ -8,7 +8,6 @@ the dense cache.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +114,7 @@ def evaluate_detectors(
         model = models[label]
         row = evaluate_detector(model, data, config, directory.parent, label)
         size = measure_size(model, example_image(config))
-        rows.append(replace(row, params=size.params, macs=size.macs))
+        rows.append(row.with_cost(size))
     title = f"adasap eval: {next(iter(directories.values())).parent}"
     console.print(results_table(rows, title=title, columns=DETECTION_COLUMNS))
     return rows

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,6 +20,7 @@ from rich.console import Console
 from adasap.deploy.latency import machine_info
 from adasap.errors import UserError
 from adasap.io import atomic_write_json, read_json_mapping, writing
+from adasap.method.pruning import ModelSize
 
 RESULTS_FILE = "results.jsonl"
 ROW_FILE = "row.json"  # a finished cell's own copy of its line, in its run folder
@@ -57,6 +58,11 @@ class ResultRow:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def with_cost(self: Row, size: ModelSize, **values: Any) -> Row:
+        """This row with its model's size (params and MACs) and any other field ``values``
+        (``seconds=``: its training time)."""
+        return replace(self, params=size.params, macs=size.macs, **values)
 
     @classmethod
     def from_dict(cls: type[Row], data: dict[str, Any]) -> Row:

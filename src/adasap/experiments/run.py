@@ -283,14 +283,8 @@ def new_run_dir(config: ExperimentConfig) -> Path:
 def _rows(config: ExperimentConfig, data: DataBundle, run_dir: Path, console) -> list[ResultRow]:
     dense, dense_info = dense_model(config, data, console)
     dense_size = measure_size(dense.cpu(), example_images(data))
-    rows = [
-        replace(
-            evaluate_model(dense, data, config, run_dir, "dense"),
-            params=dense_size.params,
-            macs=dense_size.macs,
-            seconds=dense_info.get("seconds"),
-        )
-    ]
+    evaluated = evaluate_model(dense, data, config, run_dir, "dense")
+    rows = [evaluated.with_cost(dense_size, seconds=dense_info.get("seconds"))]
     for method in config.methods:
         rows.append(pruned_row(method, dense, data, config, run_dir, console))
     # timed on rank 0 alone: the other ranks would compete for the same cores
@@ -338,12 +332,8 @@ def pruned_row(
     model = result.model.cpu()
     architecture = model_architecture(config, data)
     on_main(lambda: save_model(method_dir, model, architecture, result.pruning_history))
-    row = replace(
-        evaluate_model(model, data, config, run_dir, method, official),
-        params=result.size.params,
-        macs=result.size.macs,
-        seconds=result.seconds,
-        latency=result.latency,
+    row = evaluate_model(model, data, config, run_dir, method, official).with_cost(
+        result.size, seconds=result.seconds, latency=result.latency
     )
 
     def publish() -> None:
