@@ -24,6 +24,7 @@ from adasap.experiments.results import (
     BenchRow,
     ResultRow,
     append_jsonl,
+    prepare_out,
     read_bench_rows,
     read_jsonl,
 )
@@ -120,6 +121,15 @@ def test_identity_records_every_resolved_setting():
     resolved = PRESETS["small"].identity()["resolved"]
     assert set(resolved) == set(SCHEMA) - {"progress"}
     assert resolved["rho_max"] == OptimizerSettings().rho_max
+
+
+def test_a_reworded_description_continues_the_folder_a_changed_setting_does_not(tmp_path):
+    preset = PRESETS["smoke"]
+    out = prepare_out(tmp_path / "out", preset.identity(), "preset")
+    reworded = replace(preset, description="Ran in a minute.")
+    assert prepare_out(out, reworded.identity(), "preset") == out
+    with pytest.raises(UserError, match="holds results of another preset"):
+        prepare_out(out, preset.with_base(lr=0.5).identity(), "preset")
 
 
 def test_bad_presets_fail_before_any_work(tmp_path):

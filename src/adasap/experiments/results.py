@@ -128,8 +128,20 @@ def read_bench_rows(out: Path) -> list[BenchRow]:
     return [BenchRow.from_dict(record) for record in read_jsonl(out / RESULTS_FILE)]
 
 
+# Prose in a preset's or sweep's definition: rewording it (say, "planned" to "ran in 9 h")
+# changes no result, so a rerun still continues the folder.
+PROSE_KEYS = ("description",)
+
+
+def _results_part(definition: Any) -> Any:
+    if not isinstance(definition, dict):
+        return definition
+    return {k: v for k, v in definition.items() if k not in PROSE_KEYS}
+
+
 def prepare_out(out_dir: str | Path, definition: dict[str, Any], what: str) -> Path:
-    """Create ``out_dir``, or check that it holds results of the same definition."""
+    """Create ``out_dir``, or check that it holds results of the same definition (its
+    description may differ)."""
     out = Path(out_dir)
     path = out / PRESET_FILE
     with writing(out, "choose a writable --out"):
@@ -141,7 +153,7 @@ def prepare_out(out_dir: str | Path, definition: dict[str, Any], what: str) -> P
         out.mkdir(parents=True, exist_ok=True)
     if path.is_file():
         saved = read_json_mapping(path, "restore it, or choose another --out")
-        if saved.get(what) != definition:
+        if _results_part(saved.get(what)) != _results_part(definition):
             raise UserError(
                 f"{out} holds results of another {what}: choose another --out to keep both"
             )
