@@ -167,13 +167,13 @@ PRESETS: dict[str, BenchPreset] = {
     ),
     "medium": BenchPreset(
         name="medium",
-        description="Enough seeds and images to resolve a 1-2 point difference (planned, not "
-        "run yet: 9-15 hours on 2 CPU cores, docs/benchmark.md): Fashion-MNIST (27000 training "
+        description="Enough seeds and images to resolve a 1-2 point difference (about 9-10 hours "
+        "on 2 CPU cores with --jobs 2, docs/benchmark.md): Fashion-MNIST (27000 training "
         "images, 3000 for validation, all 10000 test images for clean accuracy and the first "
         "2000 for the 19 corruptions x 5 severities), ResNet-20, the small preset's schedule; keep "
         "50/30/20% of the parameters; sgd, sam and adasap with magnitude and with Taylor "
         "scores, so every comparison is at one criterion; 4 seeds, reported as paired "
-        "differences from sgd with 95% intervals.",
+        "differences from sgd (and adasap's from sam) with 95% intervals.",
         base={**SMALL_BASE, "train_limit": 30000, "test_limit": None, "corruption_limit": 2000},
         pairs=tuple((m, c) for c in ("magnitude", "taylor") for m in ("sgd", "sam", "adasap")),
         keeps=(0.5, 0.3, 0.2),
