@@ -167,7 +167,7 @@ PRESETS: dict[str, BenchPreset] = {
     ),
     "medium": BenchPreset(
         name="medium",
-        description="Enough seeds and images to resolve a 1-2 point difference (about 9-10 hours "
+        description="Enough seeds and images to resolve a 1-2 point difference (about 9 hours "
         "on 2 CPU cores with --jobs 2, docs/benchmark.md): Fashion-MNIST (27000 training "
         "images, 3000 for validation, all 10000 test images for clean accuracy and the first "
         "2000 for the 19 corruptions x 5 severities), ResNet-20, the small preset's schedule; keep "
