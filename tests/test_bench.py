@@ -9,13 +9,13 @@ import adasap.experiments.run as experiment
 import adasap.experiments.sweep as sweep
 from adasap.errors import UserError
 from adasap.experiments.bench import run_bench
-from adasap.experiments.bench_report import (
+from adasap.experiments.bench_report import report_markdown, write_report
+from adasap.experiments.bench_stats import (
     differences,
+    family_differences,
     paired_interval,
-    report_markdown,
     resolved,
     summarize,
-    write_report,
 )
 from adasap.experiments.config import SCHEMA, from_flat
 from adasap.experiments.presets import PRESETS, VAL_FRACTION, estimate_seconds
@@ -353,7 +353,8 @@ def test_report_marks_the_resolved_differences():
     # corrupted +0.05, +0.07, +0.06: 0.06 ± 4.30265 x 0.01 / sqrt(3) = [0.0352, 0.0848]
     assert delta["corruption_accuracy_interval"] == pytest.approx((0.0351586, 0.0848414))
     # clean +0.01, -0.01, +0.01: 0.0033 ± 4.30265 x 0.011547 / sqrt(3) = [-0.0254, 0.0320]
-    line = [x for x in report_markdown(rows).splitlines() if x.startswith("| adasap |")][-1]
+    section = report_markdown(rows).split("## Differences vs sgd")[1].split("\n## ")[0]
+    line = [x for x in section.splitlines() if x.startswith("| adasap |")][-1]
     assert line.endswith(
         "| 6.00 ± 1.00 | [3.52, 8.48] | **yes** | 0.33 ± 1.15 | [-2.54, 3.20] | no |"
     )
@@ -371,10 +372,45 @@ def test_adasap_is_also_compared_with_sam_seed_by_seed():
     assert delta["clean_accuracy"] == pytest.approx((0.0, 0.0282842712))
     assert sorted(d["method"] for d in differences(rows)) == ["adasap", "sam"]
     text = report_markdown(rows)
-    section = text.split("## adasap vs sam")[1]
+    section = text.split("## adasap vs sam")[1].split("\n## ")[0]
     assert "| adasap | magnitude | 0.5 | 2 | 1.00 ± 2.83 |" in section
     assert "| sam |" not in section
     assert "## adasap vs sam" not in report_markdown(HAND_MADE)
+
+
+def test_family_differences_show_where_a_difference_lies():
+    def measured(r, noise, snow, spatter):
+        per = {
+            "gaussian_noise": noise,
+            "shot_noise": noise + 0.02,
+            "snow": snow,
+            "spatter": spatter,
+        }
+        return replace(r, per_corruption=per)
+
+    sgd = [measured(row("sgd", "taylor", 0.5, s, 0.9, 0.6), 0.50, 0.40, 0.80) for s in range(3)]
+    adasap = [
+        measured(row("adasap", "taylor", 0.5, seed, 0.9, 0.6), *values)
+        for seed, values in enumerate(
+            [(0.60, 0.39, 0.82), (0.58, 0.37, 0.80), (0.59, 0.41, 0.81), (0.9, 0.9, 0.9)]
+        )
+    ]  # seed 3 has no sgd run to pair with
+    (entry,) = family_differences(sgd + adasap)
+    assert (entry["method"], entry["seeds"]) == ("adasap", 3)
+    families = entry["families"]
+    assert list(families) == ["noise", "weather", "extra"]  # no blur or digital measured
+    # noise: the family mean moves +0.10, +0.08, +0.09; sd 0.01, t(2) 4.30265: ± 0.0248414
+    assert families["noise"]["delta"] == pytest.approx((0.09, 0.01))
+    assert families["noise"]["interval"] == pytest.approx((0.0651586, 0.1148414))
+    # weather (snow): -0.01, -0.03, +0.01; extra (spatter): +0.02, 0, +0.01
+    assert families["weather"]["delta"] == pytest.approx((-0.01, 0.02))
+    assert families["extra"]["delta"] == pytest.approx((0.01, 0.01))
+    section = report_markdown(sgd + adasap).split("by family")[1]
+    assert "| method | criterion | keep | seeds | noise | weather | extra |" in section
+    assert (
+        "| adasap | taylor | 0.5 | 3 | **9.00 [6.52, 11.48]** | -1.00 [-5.97, 3.97] | "
+        "1.00 [-1.48, 3.48] |" in section
+    )
 
 
 def test_report_from_hand_made_results(tmp_path):

@@ -16,7 +16,8 @@ from adasap.deploy import timing
 from adasap.deploy.latency import LatencyComparison, LatencyRatio, compare_latency
 from adasap.deploy.ratio import median_ranks
 from adasap.experiments import run
-from adasap.experiments.bench_report import report_markdown, summarize
+from adasap.experiments.bench_report import report_markdown
+from adasap.experiments.bench_stats import summarize
 from adasap.experiments.reporting import results_markdown, results_table
 from adasap.experiments.results import BenchRow, ResultRow
 

@@ -1,6 +1,7 @@
-"""The benchmark report: Markdown tables of mean +- std over seeds, the differences from
-``sgd`` (and adasap's from ``sam``), and the plots (:mod:`adasap.experiments.plots`), from
-``<out>/results.jsonl``.
+"""The benchmark report from ``<out>/results.jsonl``: Markdown tables of the statistics of
+:mod:`adasap.experiments.bench_stats` (mean +- std over seeds; the differences from ``sgd``,
+adasap's from ``sam``, and by corruption family) and the plots of
+:mod:`adasap.experiments.plots`.
 
 Result folders written by earlier versions are read back as they are: a field a row lacks
 counts as not measured.
@@ -8,16 +9,25 @@ counts as not measured.
 
 from __future__ import annotations
 
-import math
-import statistics
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from scipy import stats
-
 from adasap.deploy.ratio import NOISY_WIDTH
 from adasap.errors import UserError
+from adasap.experiments.bench_stats import (
+    ACCURACY_COLUMNS,
+    BASELINE,
+    CONFIDENCE,
+    COST_COLUMNS,
+    DELTA_COLUMNS,
+    SHARPNESS_BASELINE,
+    differences,
+    family_differences,
+    mean_std,
+    resolved,
+    summarize,
+)
 from adasap.experiments.plots import plot_per_corruption, plot_scatter, plot_size, run_label
 from adasap.experiments.results import (
     RESULTS_FILE,
@@ -28,137 +38,6 @@ from adasap.experiments.results import (
 from adasap.io import atomic_write_json, atomic_write_text
 
 REPORT_DIR = "report"
-
-# (key, title, kind): kind picks the formatting
-ACCURACY_COLUMNS: tuple[tuple[str, str, str], ...] = (
-    ("keep_achieved", "size kept", "ratio"),
-    ("clean_accuracy", "clean acc (%)", "pct"),
-    ("corruption_accuracy", "corruption acc (%)", "pct"),
-    ("extra_accuracy", "extra corruption acc (%)", "pct"),
-    ("relative_robustness", "relative robustness", "ratio"),
-)
-COST_COLUMNS: tuple[tuple[str, str, str], ...] = (
-    ("params", "params", "count"),
-    ("macs", "MACs", "count"),
-    ("latency_ms", "CPU latency b1 (ms)", "ms"),
-    ("latency_ratio", "latency / dense", "ratio"),
-    ("dense_loss_increase", "loss increase before", "sharp"),
-    ("loss_increase", "loss increase after", "sharp"),
-    ("dense_hessian_eigenvalue", "top eigenvalue before", "sharp"),
-    ("hessian_eigenvalue", "top eigenvalue after", "sharp"),
-    ("seconds", "train time (min)", "min"),
-)
-DELTA_COLUMNS: tuple[tuple[str, str, str], ...] = (
-    ("corruption_accuracy", "corruption acc delta (pts)", "pct"),
-    ("clean_accuracy", "clean acc delta (pts)", "pct"),
-)
-BASELINE = "sgd"
-# adasap's claim is also against uniform SAM, the baseline that pays the same extra cost
-SHARPNESS_BASELINE = "sam"
-CONFIDENCE = 0.95
-
-GroupKey = tuple[str, str | None, float]
-
-
-def mean_std(values: Iterable[float | None]) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation (None with fewer than 2 values) of the non-None."""
-    present = [v for v in values if v is not None]
-    if not present:
-        return None, None
-    return statistics.fmean(present), statistics.stdev(present) if len(present) > 1 else None
-
-
-def _key(row: BenchRow) -> GroupKey:
-    return row.method, row.criterion, float(row.keep)
-
-
-def _ordered_groups(rows: Sequence[BenchRow]) -> dict[GroupKey, list[BenchRow]]:
-    """Rows grouped by (method, criterion, keep): dense first, then by size, criterion, method."""
-    first_seen: dict[Any, int] = {}
-    for row in rows:
-        first_seen.setdefault(row.method, len(first_seen))
-        first_seen.setdefault(("criterion", row.criterion), len(first_seen))
-    groups: dict[GroupKey, list[BenchRow]] = {}
-    for row in rows:
-        groups.setdefault(_key(row), []).append(row)
-
-    def order(key: GroupKey) -> tuple:
-        method, criterion, keep = key
-        return method != "dense", -keep, first_seen[("criterion", criterion)], first_seen[method]
-
-    return {key: groups[key] for key in sorted(groups, key=order)}
-
-
-def _value(row: BenchRow, key: str) -> Any:
-    """A row's ``key``; a latency ratio too noisy to trust counts as not measured."""
-    if key == "latency_ratio" and row.latency_noisy:
-        return None
-    return getattr(row, key)
-
-
-def summarize(rows: Sequence[BenchRow]) -> list[dict[str, Any]]:
-    """Per (method, criterion, keep): ``seeds``, ``(mean, std)`` of every reported metric, and
-    ``noisy_latency``, the seeds whose latency ratio was too noisy to count."""
-    keys = {k for k, _, _ in ACCURACY_COLUMNS + COST_COLUMNS}
-    return [
-        {
-            "method": method,
-            "criterion": criterion,
-            "keep": keep,
-            "seeds": len(group),
-            **{k: mean_std(_value(r, k) for r in group) for k in sorted(keys)},
-            "noisy_latency": sum(bool(r.latency_noisy) for r in group),
-        }
-        for (method, criterion, keep), group in _ordered_groups(rows).items()
-    ]
-
-
-def paired_interval(
-    deltas: Sequence[float], confidence: float = CONFIDENCE
-) -> tuple[float, float] | None:
-    """The t-interval of the mean of paired per-seed differences: mean ± t(n-1) sd / sqrt(n);
-    None with fewer than 2 pairs."""
-    n = len(deltas)
-    if n < 2:
-        return None
-    mean, sd = statistics.fmean(deltas), statistics.stdev(deltas)
-    half = float(stats.t.ppf((1 + confidence) / 2, n - 1)) * sd / math.sqrt(n)
-    return mean - half, mean + half
-
-
-def resolved(interval: Sequence[float] | None) -> bool:
-    """Whether a difference's interval excludes 0."""
-    return interval is not None and (interval[0] > 0 or interval[1] < 0)
-
-
-def differences(
-    rows: Sequence[BenchRow], baseline: str = BASELINE, methods: Sequence[str] | None = None
-) -> list[dict[str, Any]]:
-    """Per-seed differences from ``baseline`` at the same criterion and keep, for ``methods``
-    (default: every pruning method but the baseline): ``(mean, std)`` of each delta, and its
-    95% t-interval over the paired seeds as ``<key>_interval`` (None with one seed)."""
-    by_cell = {(*_key(r), r.seed): r for r in rows}
-    out = []
-    for (method, criterion, keep), group in _ordered_groups(rows).items():
-        if method in ("dense", baseline) or (methods is not None and method not in methods):
-            continue
-        pairs = [(r, by_cell.get((baseline, criterion, keep, r.seed))) for r in group]
-        pairs = [(r, b) for r, b in pairs if b is not None]
-        if not pairs:
-            continue
-        entry: dict[str, Any] = {
-            "method": method, "criterion": criterion, "keep": keep, "seeds": len(pairs)
-        }  # fmt: skip
-        for key, _, _ in DELTA_COLUMNS:
-            deltas = [
-                getattr(r, key) - getattr(b, key)
-                for r, b in pairs
-                if None not in (getattr(r, key), getattr(b, key))
-            ]
-            entry[key] = mean_std(deltas)
-            entry[f"{key}_interval"] = paired_interval(deltas)
-        out.append(entry)
-    return out
 
 
 def per_corruption_means(
@@ -240,6 +119,26 @@ def _differences_table(entries: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _family_table(entries: list[dict[str, Any]]) -> list[str]:
+    families = list(dict.fromkeys(f for e in entries for f in e["families"]))
+    header = ["method", "criterion", "keep", "seeds", *families]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for e in entries:
+        cells = [e["method"], e["criterion"] or "-", f"{e['keep']:g}", str(e["seeds"])]
+        for family in families:
+            found = e["families"].get(family)
+            if found is None:
+                cells.append("-")
+                continue
+            text = format_number("pct", found["delta"][0])
+            if found["interval"] is not None:
+                low, high = (format_number("pct", v) for v in found["interval"])
+                text += f" [{low}, {high}]"
+            cells.append(f"**{text}**" if resolved(found["interval"]) else text)
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def report_markdown(rows: Sequence[BenchRow], failures: Sequence[Mapping] = ()) -> str:
     """The benchmark report: accuracy, cost and sharpness, and differences from sgd (and
     adasap's from sam)."""
@@ -295,6 +194,18 @@ def report_markdown(rows: Sequence[BenchRow], failures: Sequence[Mapping] = ()) 
             *_differences_table(against_sam),
             "",
         ]
+    by_family = family_differences(rows)
+    if by_family:
+        lines += [
+            f"## Where the corruption differences vs {BASELINE} lie, by family",
+            "",
+            f"Per seed: the method's mean accuracy over a family's corruptions (5 severities "
+            f"each) minus {BASELINE}'s; the mean over the seeds and its {CONFIDENCE:.0%} "
+            "interval, in points, **bold** where resolved. `extra`: the 4 extra corruptions.",
+            "",
+            *_family_table(by_family),
+            "",
+        ]
     if sources:
         lines += [f"Corrupted images: {'; '.join(sources)}.", ""]
     if failures:
@@ -328,6 +239,7 @@ def write_report(out_dir: str | Path) -> Path:
             "summary": summary,
             "deltas": differences(rows),
             f"adasap_vs_{SHARPNESS_BASELINE}": differences(rows, SHARPNESS_BASELINE, ("adasap",)),
+            "family_deltas": family_differences(rows),
         },
     )
     atomic_write_text(report / "report.md", report_markdown(rows, failed))

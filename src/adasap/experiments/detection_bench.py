@@ -23,7 +23,7 @@ import torch
 from rich.console import Console
 
 from adasap.errors import UserError
-from adasap.experiments.bench_report import mean_std
+from adasap.experiments.bench_stats import mean_std
 from adasap.experiments.config import DETECTION_DEFAULTS, ExperimentConfig, from_flat
 from adasap.experiments.detection_run import (
     dense_detector,
