@@ -9,7 +9,7 @@ counts as not measured.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -90,53 +90,64 @@ def _noisy(entry: dict[str, Any], key: str) -> str:
     return f" ({count} noisy)" if count else ""
 
 
-def _table(entries: list[dict[str, Any]], columns: tuple[tuple[str, str, str], ...]) -> list[str]:
-    header = ["method", "criterion", "keep", "seeds", *(title for _, title, _ in columns)]
+def _markdown_table(
+    entries: list[dict[str, Any]], titles: Sequence[str], cells: Callable[[dict], list[str]]
+) -> list[str]:
+    """One row per (method, criterion, keep) entry: its labels, then ``cells(entry)``."""
+    header = ["method", "criterion", "keep", "seeds", *titles]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for e in entries:
-        cells = [e["method"], e["criterion"] or "-", f"{e['keep']:g}", str(e["seeds"])]
-        cells += [_cell(kind, e[key]) + _noisy(e, key) for key, _, kind in columns]
-        lines.append("| " + " | ".join(cells) + " |")
+        labels = [e["method"], e["criterion"] or "-", f"{e['keep']:g}", str(e["seeds"])]
+        lines.append("| " + " | ".join(labels + cells(e)) + " |")
     return lines
+
+
+def _interval_text(kind: str, interval: Sequence[float]) -> str:
+    low, high = (format_number(kind, v) for v in interval)
+    return f"[{low}, {high}]"
+
+
+def _table(entries: list[dict[str, Any]], columns: tuple[tuple[str, str, str], ...]) -> list[str]:
+    return _markdown_table(
+        entries,
+        [title for _, title, _ in columns],
+        lambda e: [_cell(kind, e[key]) + _noisy(e, key) for key, _, kind in columns],
+    )
+
+
+def _delta_cells(entry: dict[str, Any]) -> list[str]:
+    cells = []
+    for key, _, kind in DELTA_COLUMNS:
+        interval = entry[f"{key}_interval"]
+        cells.append(_cell(kind, entry[key]))
+        if interval is None:
+            cells += ["-", "-"]
+        else:
+            cells += [_interval_text(kind, interval), "**yes**" if resolved(interval) else "no"]
+    return cells
 
 
 def _differences_table(entries: list[dict[str, Any]]) -> list[str]:
-    header = ["method", "criterion", "keep", "seeds"]
+    titles = []
     for _, title, _ in DELTA_COLUMNS:
-        header += [title, f"{CONFIDENCE:.0%} interval", "resolved"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for e in entries:
-        cells = [e["method"], e["criterion"] or "-", f"{e['keep']:g}", str(e["seeds"])]
-        for key, _, kind in DELTA_COLUMNS:
-            interval = e[f"{key}_interval"]
-            cells.append(_cell(kind, e[key]))
-            if interval is None:
-                cells += ["-", "-"]
-            else:
-                low, high = (format_number(kind, v) for v in interval)
-                cells += [f"[{low}, {high}]", "**yes**" if resolved(interval) else "no"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+        titles += [title, f"{CONFIDENCE:.0%} interval", "resolved"]
+    return _markdown_table(entries, titles, _delta_cells)
+
+
+def _family_cell(found: dict[str, Any] | None) -> str:
+    if found is None:
+        return "-"
+    text = format_number("pct", found["delta"][0])
+    if found["interval"] is not None:
+        text += " " + _interval_text("pct", found["interval"])
+    return f"**{text}**" if resolved(found["interval"]) else text
 
 
 def _family_table(entries: list[dict[str, Any]]) -> list[str]:
     families = list(dict.fromkeys(f for e in entries for f in e["families"]))
-    header = ["method", "criterion", "keep", "seeds", *families]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for e in entries:
-        cells = [e["method"], e["criterion"] or "-", f"{e['keep']:g}", str(e["seeds"])]
-        for family in families:
-            found = e["families"].get(family)
-            if found is None:
-                cells.append("-")
-                continue
-            text = format_number("pct", found["delta"][0])
-            if found["interval"] is not None:
-                low, high = (format_number("pct", v) for v in found["interval"])
-                text += f" [{low}, {high}]"
-            cells.append(f"**{text}**" if resolved(found["interval"]) else text)
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+    return _markdown_table(
+        entries, families, lambda e: [_family_cell(e["families"].get(f)) for f in families]
+    )
 
 
 def report_markdown(rows: Sequence[BenchRow], failures: Sequence[Mapping] = ()) -> str:

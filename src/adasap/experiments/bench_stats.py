@@ -175,10 +175,11 @@ def family_differences(rows: Sequence[BenchRow], baseline: str = BASELINE) -> li
     """Where a difference from ``baseline`` lies: per method, criterion and keep, and per
     corruption family (:func:`corruption_groups`), the per-seed difference of the family's mean
     accuracy, as ``families[family] = {"delta": (mean, std), "interval": ...}``."""
+    groups = corruption_groups()
     out = []
     for (method, criterion, keep), pairs in _pairs(rows, baseline, None):
         families = {}
-        for family, names in corruption_groups().items():
+        for family, names in groups.items():
             delta, interval = _paired_delta(pairs, lambda row, n=names: _group_accuracy(row, n))
             if delta[0] is not None:
                 families[family] = {"delta": delta, "interval": interval}
