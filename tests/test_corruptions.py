@@ -27,12 +27,12 @@ from adasap.robustness.corruptions import (
     corrupt,
     get_corruption_names,
     image_ops,
+    opencv_ops,
     register_corruption,
     registry,
     render_cache,
     render_cached,
     select_param_table,
-    weather,
 )
 
 SIZES = (8, 28, 32, 64, 224)
@@ -470,14 +470,14 @@ def test_spatter_helpers_match_opencv() -> None:
     liquid = torch.from_numpy(rng.normal(0.65, 0.3, (1, 1, 96, 96))).float()
     liquid = image_ops.gaussian(liquid, 2.0)
     u8 = torch.floor(torch.where(liquid < 0.68, 0.0, liquid).clamp(0, 1) * 255)
-    edges = weather._canny(u8, 50, 150)[0, 0].numpy()
+    edges = opencv_ops.canny(u8, 50, 150)[0, 0].numpy()
     expected = cv2.Canny(u8[0, 0].numpy().astype(np.uint8), 50, 150) > 0
     assert expected.sum() > 50 and (edges == expected).all()
     dist = cv2.distanceTransform((~expected).astype(np.uint8) * 255, cv2.DIST_L2, 5)
-    got = weather._chamfer_distance(torch.from_numpy(expected)[None, None], 20.0)[0, 0].numpy()
+    got = opencv_ops.chamfer_distance(torch.from_numpy(expected)[None, None], 20.0)[0, 0].numpy()
     assert np.allclose(got, np.minimum(dist, 20), atol=1e-4)
     img = np.clip(got * 10, 0, 255).astype(np.uint8)
-    eq = weather._equalize_hist(torch.from_numpy(img).float()[None, None])[0, 0].numpy()
+    eq = opencv_ops.equalize_hist(torch.from_numpy(img).float()[None, None])[0, 0].numpy()
     assert (eq == cv2.equalizeHist(img)).all()
 
 

@@ -10,8 +10,8 @@ image size or by name. Randomness comes only from an explicit ``torch.Generator`
 
 Layout: ``registry`` (the ``Corruption`` records and :func:`register_corruption`), one module per
 family (``noise``, ``blur``, ``weather``, ``digital``; ``cbar`` and ``cbar_warps`` for the
-held-out family), ``image_ops`` (shared filters, padding,
-resampling), ``apply`` (:func:`corrupt`) and ``render_cache`` (:func:`render_cached`).
+held-out family), ``image_ops`` (shared filters, padding, resampling), ``opencv_ops`` (spatter's
+OpenCV operations), ``apply`` (:func:`corrupt`) and ``render_cache`` (:func:`render_cached`).
 ``CORRUPTIONS``, ``CATEGORIES``, ``PARAM_TABLES`` and the other lists are derived from the
 registry on every access, so a newly registered corruption is in them at once.
 
