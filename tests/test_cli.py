@@ -89,7 +89,7 @@ def test_existing_run_directory_needs_overwrite(isolated, capsys):
 
 def test_bad_input_has_no_traceback_in_a_real_process(isolated):
     result = subprocess.run(
-        [sys.executable, "-m", "adasap.cli", "run", "--keep", "2"],
+        [sys.executable, "-m", "adasap", "run", "--keep", "2"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 2

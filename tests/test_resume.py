@@ -129,7 +129,7 @@ def test_divergence_stops_with_step_phase_and_cause(tmp_path, data, dense):
 
 
 CLI_RUN = [
-    sys.executable, "-m", "adasap.cli", "run",
+    sys.executable, "-m", "adasap", "run",
     "--dataset", "synthetic", "--dense-epochs", "1", "--methods", "adasap",
     "--criterion", "taylor", "--warmup-epochs", "2", "--prune-epochs", "2",
     "--finetune-epochs", "2", "--prune-steps", "2", "--batch-size", "50",
@@ -167,7 +167,7 @@ def test_kill_9_in_each_phase_then_resume_gives_identical_model(tmp_path, monkey
         time.sleep(0.3)  # into the next epoch
         process.send_signal(signal.SIGKILL)
         process.wait()
-        subprocess.run([sys.executable, "-m", "adasap.cli", "run", "--resume", str(out / name)],
+        subprocess.run([sys.executable, "-m", "adasap", "run", "--resume", str(out / name)],
                        check=True, capture_output=True, timeout=600)  # fmt: skip
         resumed = (out / name / "adasap" / "model.safetensors").read_bytes()
         assert resumed == expected, name

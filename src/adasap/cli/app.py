@@ -1,11 +1,5 @@
-"""``adasap`` command line: a thin layer over :mod:`adasap.experiments`.
-
-Flags, YAML files and run directories share one flat key space (``--rho-max`` is ``rho_max``).
-User errors print one line (``error: ...``) and exit with code 2, no traceback; a diverged run
-exits with 3 and an interrupted one with 130, both keeping their checkpoint. Started by
-torchrun (``torchrun --nproc_per_node N -m adasap run ...``), ``run``, ``train`` and ``eval``
-join its process group and train data-parallel; rank 0 alone prints (docs/distributed.md).
-"""
+"""The subcommands: parse the flags, build the config, call one function of the experiments
+layer, and turn its errors into exit codes (the package docstring says which)."""
 
 from __future__ import annotations
 
@@ -17,125 +11,19 @@ from typing import Any, NoReturn
 
 from rich.console import Console
 
+from adasap.cli.options import EVAL_KEYS, RUN_OPTIONS, RUN_SWITCHES, TRAIN_KEYS, add_options
 from adasap.deploy.onnx import export_onnx, select_model
 from adasap.distributed import close, init_from_env, is_main, launched
 from adasap.errors import UserError
 from adasap.experiments import commands
-from adasap.experiments.config import SCHEMA, ExperimentConfig, from_flat, load_yaml
+from adasap.experiments.config import ExperimentConfig, from_flat, load_yaml
 from adasap.experiments.detection_bench import DETECTION_PRESETS
 from adasap.experiments.detection_run import check_detection_command, run_detection_experiment
 from adasap.experiments.presets import PRESETS
 from adasap.experiments.run import run_experiment
 from adasap.experiments.sweep_presets import SWEEP_PRESETS
 from adasap.io import read_json_mapping
-from adasap.method.importance import criteria
-from adasap.method.pruner import METHODS
 from adasap.training.checkpoint import RunInterrupted, TrainingDiverged
-
-DEFAULTS = ExperimentConfig().to_flat()
-
-# (flag, config key, help); the type comes from the config schema
-RUN_OPTIONS: tuple[tuple[str, str, str], ...] = (
-    ("--task", "task", "classification, or detection (own defaults: README, Detection)"),
-    ("--dataset", "dataset", "fashion-mnist, mnist, cifar10, cifar100, digits, synthetic or "
-                             "imagefolder:<path>; detection: canvas, voc[:<year>+<year>] or "
-                             "coco[:<train split>,<test split>]"),
-    ("--data-dir", "data_dir", "where the dataset's files are (voc: the folder holding "
-                               "VOCdevkit/; coco: annotations/ and the split folders)"),
-    ("--model", "model", "resnet20/32/56, a torchvision classifier or timm:<name>"),
-    ("--methods", "methods", f"pruning methods to compare: {', '.join(METHODS)}"),
-    ("--criterion", "criterion", f"neuron importance: {', '.join(criteria())}"),
-    ("--keep", "keep", "fraction of the dense size to keep, in (0, 1]"),
-    ("--keep-kind", "keep_kind", "what --keep counts: params, macs or latency (measured here)"),
-    ("--train-limit", "train_limit", "training images to use ('none' for all)"),
-    ("--test-limit", "test_limit", "test images to use ('none' for all)"),
-    ("--corruption-limit", "corruption_limit", "test images to corrupt ('none' for all)"),
-    ("--corruptions", "corruptions", "all (19 x 5), quick (2 x 5) or none"),
-    ("--dense-epochs", "dense_epochs", "epochs to train the dense model"),
-    ("--dense-lr", "dense_lr", "learning rate of dense training"),
-    ("--warmup-epochs", "warmup_epochs", "phase 1: adaptive warm-up"),
-    ("--prune-epochs", "prune_epochs", "phase 2: neuron removal"),
-    ("--finetune-epochs", "finetune_epochs", "phase 3: uniform sharpness-aware fine-tuning"),
-    ("--prune-steps", "prune_steps", "removal steps spread over phase 2"),
-    ("--batch-size", "batch_size", "training batch size"),
-    ("--base-optimizer", "base_optimizer", "the optimizer SAM/AdaSAP wrap: any torch.optim "
-                                           "class by name (sgd, adamw ...)"),
-    ("--lr", "lr", "peak learning rate of the pruning phases"),
-    ("--rho", "rho", "uniform SAM radius (phase 3 and the sam method)"),
-    ("--finetune-sharpness", "finetune_sharpness", "phase 3 (fine-tuning) of adasap, sam and "
-                                                   "sgd-sam: asam, sam, or none (as --asam)"),
-    ("--finetune-rho", "finetune_rho", "phase 3's radius (none: --rho, or 2.0 for ASAM after SAM)"),
-    ("--rho-min", "rho_min", "AdaSAP radius of the most important neurons"),
-    ("--rho-max", "rho_max", "AdaSAP radius of the least important neurons"),
-    ("--normalization", "normalization", "AdaSAP perturbation normalisation: global or neuron"),
-    ("--score-refresh", "score_refresh", "steps between AdaSAP radius updates"),
-    ("--sam-probability", "sam_probability", "cheaper SAM (RST): the chance that a step is "
-                                             "sharpness-aware; otherwise a plain step"),
-    ("--sam-probability-end", "sam_probability_end", "move --sam-probability linearly to this "
-                                                     "over training ('none': constant)"),
-    ("--sam-every", "sam_every", "cheaper SAM (LookSAM): the ascent every k-th step; the steps "
-                                 "between reuse its direction in one pass"),
-    ("--looksam-alpha", "looksam_alpha", "weight of the reused LookSAM direction"),
-    ("--ascent-fraction", "ascent_fraction", "cheaper SAM: the first (ascent) pass on this "
-                                             "fraction of the batch"),
-    ("--round-to", "round_to", "keep channel counts that are multiples of this (16 suits "
-                               "onnxruntime)"),
-    ("--seed", "seed", "random seed"),
-    ("--device", "device", "auto, cpu or cuda[:N]"),
-    ("--workers", "workers", "loader processes per training process for image folders "
-                             "('none': the machine's cores shared by its processes, at most 8)"),
-    ("--amp", "amp", "mixed precision: auto (fp16 on CUDA, bf16 on a CPU with native bf16), "
-                     "bf16, fp16 or off"),
-    ("--out", "out_dir", "parent folder of run directories"),
-    ("--name", "name", "run directory name (default: date-dataset-model)"),
-    ("--cache-dir", "cache_dir", "dense models and corrupted test sets (default ~/.cache/adasap)"),
-    ("--image-size", "image_size", "detection: the detector's input side (and the canvases')"),
-)  # fmt: skip
-RUN_SWITCHES: tuple[tuple[str, str, bool, str], ...] = (
-    ("--asam", "asam", True, "scale-invariant (ASAM) perturbations (phase 3: see --finetune-*)"),
-    ("--sync-ascent", "sync_ascent", True, "torchrun: average the ascent gradient over the ranks"),
-    (
-        "--sync-bn",
-        "sync_bn",
-        True,
-        "torchrun on GPUs: SyncBatchNorm (statistics of the global batch)",
-    ),
-    ("--compile", "compile", True, "torch.compile the model (compiled again after removals)"),
-    ("--overwrite", "overwrite", True, "replace an existing run directory of the same name"),
-    ("--no-progress", "progress", False, "no progress bars"),
-)
-
-
-TRAIN_KEYS = {
-    "dataset", "data_dir", "model", "train_limit", "test_limit", "dense_epochs", "dense_lr",
-    "batch_size", "seed", "device", "out_dir", "name", "cache_dir", "overwrite", "progress",
-    "compile", "amp", "workers", "sync_bn",
-}  # fmt: skip
-
-
-EVAL_KEYS = {
-    "dataset", "data_dir", "test_limit", "corruptions", "corruption_limit", "seed", "device",
-    "cache_dir", "progress", "workers",
-}  # fmt: skip
-
-
-def _parse_value(key: str):
-    types = SCHEMA[key]
-
-    def parse(text: str) -> Any:
-        if type(None) in types and text.lower() in ("none", "null", "all"):
-            return None
-        for t in (int, float):
-            if t in types:
-                try:
-                    return t(text)
-                except ValueError:
-                    raise argparse.ArgumentTypeError(
-                        f"{text!r} is not {'an integer' if t is int else 'a number'}"
-                    ) from None
-        return text
-
-    return parse
 
 
 class _Parser(argparse.ArgumentParser):
@@ -159,12 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", nargs="?", help="YAML file with any of the options below")
     run.add_argument("--resume", metavar="RUN_DIR",
                      help="continue an interrupted run from its directory")  # fmt: skip
-    _add_options(run, RUN_OPTIONS, RUN_SWITCHES)
+    add_options(run, RUN_OPTIONS, RUN_SWITCHES)
     train = commands.add_parser(
         "train", help="train (or reuse the cached) dense model and save it in a run directory"
     )
     train.add_argument("config", nargs="?", help="YAML file with any of the options below")
-    _add_options(
+    add_options(
         train,
         [o for o in RUN_OPTIONS if o[1] in TRAIN_KEYS],
         [o for o in RUN_SWITCHES if o[1] in TRAIN_KEYS],
@@ -189,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="also report the accuracy on an ImageNet-V2 folder (<DIR>/<class index>/<image>)",
     )
-    _add_options(
+    add_options(
         evaluate,
         [o for o in RUN_OPTIONS if o[1] in EVAL_KEYS],
         [o for o in RUN_SWITCHES if o[1] in EVAL_KEYS],
@@ -239,23 +127,6 @@ def build_parser() -> argparse.ArgumentParser:
                 "score (<out>/check/check.md; never used for the choice)",
             )  # fmt: skip
     return parser
-
-
-def _add_options(parser: argparse.ArgumentParser, options, switches) -> None:
-    for flag, key, text in options:
-        default = DEFAULTS[key]
-        shown = " ".join(default) if isinstance(default, list) else default
-        parser.add_argument(
-            flag,
-            dest=key,
-            default=argparse.SUPPRESS,
-            nargs="+" if key == "methods" else None,
-            type=None if key == "methods" else _parse_value(key),
-            help=f"{text} (default: {shown})",
-        )
-    for flag, key, value, text in switches:
-        action = "store_true" if value else "store_false"
-        parser.add_argument(flag, dest=key, action=action, default=argparse.SUPPRESS, help=text)
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[ExperimentConfig, bool]:
@@ -413,7 +284,3 @@ def _bench_or_sweep(args: argparse.Namespace) -> int:
         print(f"interrupted; rerun the same command to continue ({out})", file=sys.stderr)
         return 130
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
