@@ -9,7 +9,8 @@ import adasap.devices as devices
 from adasap.data import load_dataset
 from adasap.devices import autocast_dtype
 from adasap.errors import UserError
-from adasap.method.optim import SAM, sharpness_aware_step
+from adasap.method.optim import SAM
+from adasap.method.step import sharpness_aware_step
 from adasap.models.builders import build_model
 from adasap.training.pipeline import prune
 

@@ -25,10 +25,11 @@ from adasap.method.cheap_sam import (
     store_direction,
     sub_batch,
 )
-from adasap.method.optim import SAM, AdaSAP, NeuronOwnership, frozen_bn_statistics
-from adasap.method.optim import sharpness_aware_step as step_with
+from adasap.method.optim import SAM, AdaSAP, NeuronOwnership
 from adasap.method.pruner import Pruner, PrunerSettings
 from adasap.method.schedule import PhaseSchedule
+from adasap.method.step import frozen_bn_statistics
+from adasap.method.step import sharpness_aware_step as step_with
 from adasap.training.loop import EpochLoop
 from adasap.training.progress import ProgressLog
 from adasap.training.settings import PruneSettings, pruner_settings, with_overrides

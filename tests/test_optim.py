@@ -5,13 +5,8 @@ import torch
 from torch import nn
 
 from adasap.method.importance import radii_from_scores
-from adasap.method.optim import (
-    SAM,
-    AdaSAP,
-    NeuronOwnership,
-    frozen_bn_statistics,
-    sharpness_aware_step,
-)
+from adasap.method.optim import SAM, AdaSAP, NeuronOwnership
+from adasap.method.step import frozen_bn_statistics, sharpness_aware_step
 
 
 def quadratic_setup():

@@ -2,9 +2,10 @@
 
 from adasap.deploy.serialization import load_model, save_model
 from adasap.errors import UserError
-from adasap.method.optim import SAM, AdaSAP, sharpness_aware_step
+from adasap.method.optim import SAM, AdaSAP
 from adasap.method.pruner import Pruner, PrunerSettings
 from adasap.method.schedule import PhaseSchedule
+from adasap.method.step import sharpness_aware_step
 from adasap.robustness.detection_report import DetectionCorruptionReport
 from adasap.robustness.evaluation import CorruptionReport, evaluate_corruptions
 from adasap.training.detection import DetectionPruneResult

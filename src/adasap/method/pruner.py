@@ -49,7 +49,7 @@ from adasap.method.importance import (
     radii_from_scores,
 )
 from adasap.method.neurons import NeuronLayout
-from adasap.method.optim import SAM, AdaSAP, sharpness_aware_step
+from adasap.method.optim import SAM, AdaSAP
 from adasap.method.output_layers import default_ignored_layers
 from adasap.method.pruning import (
     is_channels_last,
@@ -60,6 +60,7 @@ from adasap.method.pruning import (
     transfer_optimizer_state,
 )
 from adasap.method.schedule import PhaseSchedule
+from adasap.method.step import sharpness_aware_step
 from adasap.method.target import PruningTarget, SizeTarget
 
 # The optimizer in phases 1-2 (warm-up and removal), then in phase 3 (fine-tuning); "sgd"
