@@ -3,6 +3,7 @@
 import multiprocessing
 import os
 import re
+import shutil
 import signal
 from concurrent.futures import Future
 from dataclasses import replace
@@ -11,6 +12,7 @@ import pytest
 import torch
 from rich.console import Console
 
+import adasap.experiments.bench as bench
 import adasap.experiments.dense as experiment
 import adasap.experiments.grid as grid
 from adasap.cli import main
@@ -187,6 +189,33 @@ def test_damaged_dense_cache_is_trained_again(tmp_path, monkeypatch):
     assert trained == [1]
 
 
+def test_a_resume_without_the_dense_cache_trains_the_dense_model_first(
+    serial, tmp_path, monkeypatch
+):
+    """The output folder on a machine without the dense cache: the finished seed's dense model
+    is trained again before any pruned cell, and the pruned rows come out the same."""
+    out = tmp_path / "out"
+    shutil.copytree(serial, out)
+    shutil.rmtree(out / "runs")
+    dense_row = (serial / RESULTS_FILE).read_text().splitlines(keepends=True)[0]
+    (out / RESULTS_FILE).write_text(dense_row)
+    monkeypatch.setenv("ADASAP_CACHE", str(tmp_path / "new-machine"))
+    calls = []
+    for name in ("refill_dense_cache", "pruned_row"):
+        original = getattr(bench, name)
+
+        def recorded(*args, _name=name, _original=original, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(bench, name, recorded)
+    console = Console(record=True, width=200)
+    run_bench(tiny_smoke(), out, console=console)
+    assert calls == ["refill_dense_cache", "pruned_row", "pruned_row"]
+    assert "dense models missing from the cache: dense-seed0" in console.export_text()
+    assert rows_without_timing(out) == rows_without_timing(serial)
+
+
 # --------------------------------------------------------------------------- many processes
 
 
@@ -208,6 +237,14 @@ def test_jobs_give_the_serial_report(serial, tmp_path, monkeypatch):
     before = (out / RESULTS_FILE).read_text()
     run_bench(tiny_smoke(), out, console=quiet(), parallel=Parallel(jobs=2))
     assert (out / RESULTS_FILE).read_text() == before
+    # on another machine (no dense cache) a worker trains the dense model again, the same one
+    monkeypatch.setenv("ADASAP_CACHE", str(tmp_path / "new-machine"))
+    shutil.rmtree(out / "runs")
+    (out / RESULTS_FILE).write_text(before.splitlines(keepends=True)[0])
+    console = Console(record=True, width=200)
+    run_bench(tiny_smoke(), out, console=console, parallel=Parallel(jobs=2))
+    assert rows_without_timing(out) == rows_without_timing(serial)
+    assert "dense-seed0: dense model cached" in console.export_text()
 
 
 @pytest.mark.slow

@@ -32,6 +32,7 @@ from adasap.devices import resolve_device
 from adasap.errors import UserError
 from adasap.experiments.bench_report import write_report
 from adasap.experiments.config import ExperimentConfig
+from adasap.experiments.dense import is_dense_cached
 from adasap.experiments.grid import Parallel, connected, run_cells
 from adasap.experiments.presets import PRESETS, BenchPreset, Cell
 from adasap.experiments.results import (
@@ -200,6 +201,33 @@ def bench_cell(
     return row
 
 
+def refill_dense_cache(preset: BenchPreset, cell: Cell, console: Console | None = None) -> Cell:
+    """Train the dense model of ``cell`` (a seed's dense reference) into the dense cache."""
+    config = preset.config(cell)
+    dense_model(config, load_data(config), console or Console(quiet=True))
+    return cell
+
+
+def _is_cached(preset: BenchPreset, reference: Cell) -> bool:
+    config = preset.config(reference)
+    return is_dense_cached(config, load_data(config))
+
+
+def _refill_dense_cache(
+    preset: BenchPreset, references: list[Cell], parallel: Parallel, console: Console
+) -> None:
+    if not references:
+        return
+    console.print(f"dense models missing from the cache: {', '.join(r.id for r in references)}")
+    tasks = [(reference.id, (preset, reference)) for reference in references]
+    device = preset.config(references[0]).prune.device
+    for _, outcome in run_cells(
+        refill_dense_cache, tasks, parallel, console, lambda _: "dense model cached", device=device
+    ):
+        if isinstance(outcome, UserError):
+            raise outcome
+
+
 def _describe(row: BenchRow) -> str:
     if row.method == "dense":
         return f"dense model evaluated, clean {row.clean_accuracy:.2%}"
@@ -285,9 +313,15 @@ def run_bench(
     _adopt_rows(out, references + cells, done)
     try:
         todo = [c for c in cells if c.id not in done]
-        needed = {_reference(c) for c in todo}
-        dense = [r for r in references if r in needed and r.id not in done]
+        wanted = {_reference(c) for c in todo}
+        needed = [r for r in references if r in wanted]
+        dense = [r for r in needed if r.id not in done]
+        # A finished reference whose model left the cache (a resume on another machine) is
+        # trained again here, all seeds at once, not by its seed's first cell while the
+        # seed's other cells wait for it.
+        refill = [r for r in needed if r.id in done and not _is_cached(preset, r)]
         with connected(parallel) if todo else contextlib.nullcontext():
+            _refill_dense_cache(preset, refill, parallel, console)
             _run_phase(preset, dense, done, out, parallel, console)
             _run_phase(preset, todo, done, out, parallel, console)
     except RunInterrupted as exc:

@@ -20,7 +20,7 @@ from rich.console import Console
 from torch import nn
 
 from adasap.data import DataBundle, dataset_options, load_dataset
-from adasap.deploy.serialization import load_model, save_model
+from adasap.deploy.serialization import DESCRIPTION_FILE, load_model, save_model
 from adasap.devices import autocast_dtype, resolve_device
 from adasap.distributed import any_rank, is_distributed, on_main
 from adasap.errors import UserError
@@ -59,18 +59,11 @@ def model_architecture(config: ExperimentConfig, data: DataBundle) -> dict[str, 
     )
 
 
-def dense_model(config: ExperimentConfig, data: DataBundle, console: Console):
-    """Train the dense starting model, or reuse the cached one trained with the same recipe.
-
-    Processes that ask for the same recipe at once (a parallel benchmark's cells) train it
-    once: the others wait for the cache entry (:func:`adasap.io.cached`). A damaged entry
-    (its weights not matching their checksum) is trained again. The model is always the one
-    loaded from the cache, on the CPU.
-    """
-    architecture = model_architecture(config, data)
+def dense_recipe(config: ExperimentConfig, data: DataBundle) -> dict[str, Any]:
+    """What makes a dense model what it is: the key of its cache entry."""
     s = config.prune
     recipe = dict(
-        architecture=architecture,
+        architecture=model_architecture(config, data),
         dataset=config.dataset,
         train_limit=config.train_limit,
         epochs=config.dense_epochs,
@@ -84,8 +77,32 @@ def dense_model(config: ExperimentConfig, data: DataBundle, console: Console):
         recipe["precision"] = str(precision)
     if s.sync_bn and is_distributed():  # other statistics, another model
         recipe["sync_bn"] = True
+    return recipe
+
+
+def dense_cache_directory(config: ExperimentConfig, recipe: dict[str, Any]) -> Path:
+    """The dense cache entry of ``recipe`` (:func:`dense_recipe`)."""
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
-    directory = cache_root(config.cache_dir) / "dense" / f"{folder_label(config)}-{key}"
+    return cache_root(config.cache_dir) / "dense" / f"{folder_label(config)}-{key}"
+
+
+def is_dense_cached(config: ExperimentConfig, data: DataBundle) -> bool:
+    """Whether the dense model of ``config`` is in the cache (without reading it)."""
+    return (dense_cache_directory(config, dense_recipe(config, data)) / DESCRIPTION_FILE).is_file()
+
+
+def dense_model(config: ExperimentConfig, data: DataBundle, console: Console):
+    """Train the dense starting model, or reuse the cached one trained with the same recipe.
+
+    Processes that ask for the same recipe at once (a parallel benchmark's cells) train it
+    once: the others wait for the cache entry (:func:`adasap.io.cached`). A damaged entry
+    (its weights not matching their checksum) is trained again. The model is always the one
+    loaded from the cache, on the CPU.
+    """
+    recipe = dense_recipe(config, data)
+    architecture = recipe["architecture"]
+    s = config.prune
+    directory = dense_cache_directory(config, recipe)
 
     def train_dense():
         console.print(f"dense model: training {config.model} for {config.dense_epochs} epochs")
@@ -130,14 +147,14 @@ def dense_model(config: ExperimentConfig, data: DataBundle, console: Console):
 def load_cached_model(directory: Path, console: Console) -> tuple[nn.Module, dict[str, Any]]:
     """The model saved in ``directory`` and its training info; ``CacheMiss`` when there is none
     or it cannot be read."""
-    if not (directory / "model.json").is_file():
+    if not (directory / DESCRIPTION_FILE).is_file():
         raise CacheMiss()
     try:
         model = load_model(directory)
     except UserError as exc:
         raise CacheMiss(str(exc)) from exc
     console.print(f"dense model: reusing {directory}")
-    return model, json.loads((directory / "model.json").read_text()).get("train", {})
+    return model, json.loads((directory / DESCRIPTION_FILE).read_text()).get("train", {})
 
 
 def cached_dense_model(
