@@ -5,8 +5,13 @@ import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
+import threading
+import time
 from concurrent.futures import Future
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,9 +109,11 @@ def test_local_workers_take_the_visible_gpus_in_turn_and_ctrl_c_stops_busy_ones(
     assert grid._visible_gpus() == ["2", "5"]
     counter = multiprocessing.get_context("spawn").Value("i", 0)
     previous, threads, seen = signal.getsignal(signal.SIGINT), torch.get_num_threads(), []
+    followed = []
+    monkeypatch.setattr(grid, "_follow_parent", followed.append)
     try:
         for _ in range(3):
-            grid._start_worker(threads, ["2", "5"], counter)
+            grid._start_worker(threads, ["2", "5"], counter, 4242)
             seen.append(os.environ["CUDA_VISIBLE_DEVICES"])
         interrupt = signal.getsignal(signal.SIGINT)
         interrupt(signal.SIGINT, None)  # an idle worker: nothing happens
@@ -115,7 +122,7 @@ def test_local_workers_take_the_visible_gpus_in_turn_and_ctrl_c_stops_busy_ones(
             interrupt(signal.SIGINT, None)
     finally:
         signal.signal(signal.SIGINT, previous)
-    assert seen == ["2", "5", "2"]
+    assert seen == ["2", "5", "2"] and followed == [4242] * 3
 
 
 def finished(value=None, error=None):
@@ -167,6 +174,36 @@ def test_a_serial_grid_runs_here_and_keeps_user_errors():
 
     outcomes = list(run_cells(cell, [("1", (1,)), ("2", (2,))], Parallel(), quiet(), str))
     assert outcomes[0] == ("1", 1) and isinstance(outcomes[1][1], UserError)
+
+
+class Exited(Exception):
+    pass
+
+
+def test_a_worker_whose_parent_is_gone_stops_its_cell_and_starts_no_other(monkeypatch):
+    events = []
+
+    def deliver(pid, signum):
+        events.append(signum)  # as Ctrl-C: a training cell saves its checkpoint and stops
+
+    def exit_process(code):
+        events.append(("exit", code))
+        raise Exited
+
+    monkeypatch.setattr(grid, "_busy", True)
+    monkeypatch.setattr(grid, "_orphaned", threading.Event())
+    monkeypatch.setattr(grid, "STOP_GRACE_SECONDS", 0.0)
+    monkeypatch.setattr(grid.os, "getppid", lambda: 1)  # adopted by init: the parent died
+    monkeypatch.setattr(grid.os, "kill", deliver)
+    monkeypatch.setattr(grid.os, "_exit", exit_process)
+    with pytest.raises(Exited):
+        grid._follow_parent(parent=4242)
+    assert events == [signal.SIGINT, ("exit", 1)]
+    # a cell still queued does not start
+    started = []
+    with pytest.raises(Exited):
+        grid._in_worker(started.append, (1,))
+    assert started == [] and events[-1] == ("exit", 1)
 
 
 def test_damaged_dense_cache_is_trained_again(tmp_path, monkeypatch):
@@ -245,6 +282,63 @@ def test_jobs_give_the_serial_report(serial, tmp_path, monkeypatch):
     run_bench(tiny_smoke(), out, console=console, parallel=Parallel(jobs=2))
     assert rows_without_timing(out) == rows_without_timing(serial)
     assert "dense-seed0: dense model cached" in console.export_text()
+
+
+def _live_children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` and that have not ended (zombies count as ended)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, parent = stat.read_text().rsplit(")", 1)[1].split()[:2]
+        except (OSError, IndexError):
+            continue
+        if int(parent) == pid and state != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _is_worker(pid: int) -> bool:
+    try:
+        return b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads /proc (Linux)")
+def test_workers_end_when_the_grid_process_is_killed(tmp_path):
+    """Killed (not interrupted), the parent cannot stop its pool: the workers notice, stop
+    their cells and exit instead of running the queued cells for no one."""
+    env = {**os.environ, "ADASAP_CACHE": str(tmp_path / "cache")}
+    command = [sys.executable, "-m", "adasap", "bench", "--preset", "smoke", "--jobs", "2"]
+    parent = subprocess.Popen(
+        [*command, "--out", str(tmp_path / "out")],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        workers: list[int] = []
+        while len(workers) < 2 and time.monotonic() < deadline:  # the pruned cells' pool
+            time.sleep(0.2)
+            workers = [pid for pid in _live_children(parent.pid) if _is_worker(pid)]
+        assert len(workers) == 2
+        time.sleep(1.0)  # into their cells, or still importing: either way they must end
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 60
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in workers)
 
 
 @pytest.mark.slow

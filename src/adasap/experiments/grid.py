@@ -13,6 +13,8 @@ import contextlib
 import multiprocessing
 import os
 import signal
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -114,7 +116,7 @@ def run_cells(
         min(jobs, len(tasks)),
         mp_context=context,
         initializer=_start_worker,
-        initargs=(threads, devices, counter),
+        initargs=(threads, devices, counter, os.getpid()),
     ) as pool:
         futures = [pool.submit(_in_worker, function, args) for _, args in tasks]
         yield from _in_order(tasks, futures, console, describe, lambda f: f.cancel())
@@ -134,8 +136,9 @@ def _visible_gpus() -> list[str]:
 _busy = False  # a worker is running a cell
 
 
-def _start_worker(threads: int, devices: list[str], counter: Any) -> None:
-    """A local worker: its share of the threads, its GPU, and Ctrl-C for running cells only."""
+def _start_worker(threads: int, devices: list[str], counter: Any, parent: int) -> None:
+    """A local worker: its share of the threads, its GPU, Ctrl-C for running cells only, and
+    an end when ``parent`` (the grid's process) is gone."""
     with counter.get_lock():
         index = counter.value
         counter.value += 1
@@ -150,15 +153,41 @@ def _start_worker(threads: int, devices: list[str], counter: Any) -> None:
             raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, interrupt)
+    # the pid from the parent itself: it may have died while this worker was starting
+    threading.Thread(target=_follow_parent, args=(parent,), daemon=True).start()
+
+
+# how often a worker looks for its parent, and how long a running cell then has to stop
+PARENT_POLL_SECONDS = 1.0
+STOP_GRACE_SECONDS = 120.0
+_orphaned = threading.Event()  # the grid's process is gone: no cell is for anyone
+
+
+def _follow_parent(parent: int) -> None:
+    """End this worker once the grid's process is gone (killed, so it could not shut the pool
+    down); otherwise the worker would finish its cell for no one, then start the queued ones.
+    A running cell is first interrupted as by Ctrl-C, so a training cell saves its checkpoint
+    for the next run (:func:`_in_worker` then exits)."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_SECONDS)
+    _orphaned.set()
+    if _busy:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(STOP_GRACE_SECONDS)
+    os._exit(1)
 
 
 def _in_worker(function: Callable[..., Any], args: tuple[Any, ...]) -> Any:
     global _busy
+    if _orphaned.is_set():
+        os._exit(1)
     _busy = True
     try:
         return function(*args)
     finally:
         _busy = False
+        if _orphaned.is_set():
+            os._exit(1)
 
 
 def _in_order(
