@@ -1,5 +1,6 @@
 """The grid on many processes: cells at once (--jobs, Ray) give the serial grid's results."""
 
+import json
 import multiprocessing
 import os
 import re
@@ -251,6 +252,25 @@ def test_a_resume_without_the_dense_cache_trains_the_dense_model_first(
     assert calls == ["refill_dense_cache", "pruned_row", "pruned_row"]
     assert "dense models missing from the cache: dense-seed0" in console.export_text()
     assert rows_without_timing(out) == rows_without_timing(serial)
+
+
+def test_a_seed_never_mixes_two_dense_models(serial, tmp_path, monkeypatch):
+    """Every row of a seed records the dense model's weights; a dense model trained again
+    differently (other hardware) is refused for the seed's remaining cells."""
+    monkeypatch.setenv("ADASAP_CACHE", str(tmp_path / "cache"))
+    rows = read_jsonl(serial / RESULTS_FILE)
+    out = tmp_path / "out"
+    shutil.copytree(serial, out)
+    shutil.rmtree(out / "runs")
+    dense_row = {**rows[0], "dense_sha256": "f" * 64}  # as if from another machine
+    (out / RESULTS_FILE).write_text(json.dumps(dense_row) + "\n")
+    with pytest.raises(UserError, match="dense model of seed 0 in the cache .* not the one"):
+        run_bench(tiny_smoke(), out, console=quiet())
+    assert len(read_jsonl(out / RESULTS_FILE)) == 1
+    # the model trained again here is the serial run's, which all its rows name
+    (description,) = (tmp_path / "cache" / "dense").glob("*/model.json")
+    weights = json.loads(description.read_text())["weights_sha256"]
+    assert {r["dense_sha256"] for r in rows} == {weights}
 
 
 # --------------------------------------------------------------------------- many processes

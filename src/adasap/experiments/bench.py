@@ -32,7 +32,7 @@ from adasap.devices import resolve_device
 from adasap.errors import UserError
 from adasap.experiments.bench_report import write_report
 from adasap.experiments.config import ExperimentConfig
-from adasap.experiments.dense import is_dense_cached
+from adasap.experiments.dense import cached_dense_sha256, dense_cache_directory, dense_recipe
 from adasap.experiments.grid import Parallel, connected, run_cells
 from adasap.experiments.presets import PRESETS, BenchPreset, Cell
 from adasap.experiments.results import (
@@ -80,6 +80,7 @@ class _Seed:
     dense: nn.Module
     probe: list[tuple[Tensor, Tensor]]
     console: Console
+    dense_sha256: str | None
 
     def measure(self, model: nn.Module, config: ExperimentConfig) -> dict[str, Any]:
         """Sharpness on the probe batches and CPU latency at batch 1 (:class:`BenchRow` fields)."""
@@ -137,6 +138,7 @@ class _Seed:
             dense_loss_increase=measured["loss_increase"],
             dense_hessian_eigenvalue=measured["hessian_eigenvalue"],
             cell_seconds=time.perf_counter() - start,
+            dense_sha256=self.dense_sha256,
         )
 
     def pruned_row(self, cell: Cell, config: ExperimentConfig, dense_row: BenchRow) -> BenchRow:
@@ -158,6 +160,7 @@ class _Seed:
             dense_loss_increase=dense_row.loss_increase,
             dense_hessian_eigenvalue=dense_row.hessian_eigenvalue,
             cell_seconds=time.perf_counter() - start,
+            dense_sha256=self.dense_sha256,
         )
 
 
@@ -192,7 +195,7 @@ def bench_cell(
     probe = probe_batches(
         data, preset.sharpness_batches, preset.sharpness_batch_size, cell.seed, device
     )
-    shared = _Seed(preset, out, data, dense, probe, console)
+    shared = _Seed(preset, out, data, dense, probe, console, cached_dense_sha256(reference, data))
     if dense_row is None:
         row = shared.dense_row(cell, reference, info)
     else:
@@ -208,9 +211,29 @@ def refill_dense_cache(preset: BenchPreset, cell: Cell, console: Console | None 
     return cell
 
 
-def _is_cached(preset: BenchPreset, reference: Cell) -> bool:
+def _cached_sha256(preset: BenchPreset, reference: Cell) -> str | None:
     config = preset.config(reference)
-    return is_dense_cached(config, load_data(config))
+    return cached_dense_sha256(config, load_data(config))
+
+
+def _check_dense_models(
+    preset: BenchPreset, references: list[Cell], done: dict[str, BenchRow], out: Path
+) -> None:
+    """Refuse to add cells to a seed whose finished rows came from another dense model than
+    the cached one (trained again elsewhere): the paired differences would mix two models."""
+    for reference in references:
+        recorded = done[reference.id].dense_sha256
+        current = _cached_sha256(preset, reference)
+        if recorded is None or current is None or recorded == current:
+            continue  # rows of earlier versions record no model
+        config = preset.config(reference)
+        directory = dense_cache_directory(config, dense_recipe(config, load_data(config)))
+        raise UserError(
+            f"the dense model of seed {reference.seed} in the cache (weights {current[:12]}) is "
+            f"not the one its finished rows used ({recorded[:12]}): it was trained again, on "
+            f"other hardware or software. Put that model back into {directory}, or remove seed "
+            f"{reference.seed}'s rows from {out / RESULTS_FILE} to run the seed again"
+        )
 
 
 def _refill_dense_cache(
@@ -319,9 +342,10 @@ def run_bench(
         # A finished reference whose model left the cache (a resume on another machine) is
         # trained again here, all seeds at once, not by its seed's first cell while the
         # seed's other cells wait for it.
-        refill = [r for r in needed if r.id in done and not _is_cached(preset, r)]
+        refill = [r for r in needed if r.id in done and _cached_sha256(preset, r) is None]
         with connected(parallel) if todo else contextlib.nullcontext():
             _refill_dense_cache(preset, refill, parallel, console)
+            _check_dense_models(preset, [r for r in needed if r.id in done], done, out)
             _run_phase(preset, dense, done, out, parallel, console)
             _run_phase(preset, todo, done, out, parallel, console)
     except RunInterrupted as exc:

@@ -86,9 +86,14 @@ def dense_cache_directory(config: ExperimentConfig, recipe: dict[str, Any]) -> P
     return cache_root(config.cache_dir) / "dense" / f"{folder_label(config)}-{key}"
 
 
-def is_dense_cached(config: ExperimentConfig, data: DataBundle) -> bool:
-    """Whether the dense model of ``config`` is in the cache (without reading it)."""
-    return (dense_cache_directory(config, dense_recipe(config, data)) / DESCRIPTION_FILE).is_file()
+def cached_dense_sha256(config: ExperimentConfig, data: DataBundle) -> str | None:
+    """The sha256 of the cached dense model's weights file (as its description records it), or
+    None when the model is not in the cache."""
+    path = dense_cache_directory(config, dense_recipe(config, data)) / DESCRIPTION_FILE
+    try:
+        return json.loads(path.read_text()).get("weights_sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def dense_model(config: ExperimentConfig, data: DataBundle, console: Console):

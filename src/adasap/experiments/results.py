@@ -91,6 +91,8 @@ class BenchRow(ResultRow):
     dense_loss_increase: float | None = None
     dense_hessian_eigenvalue: float | None = None
     cell_seconds: float | None = None
+    # sha256 of the dense model's weights file: a seed's rows all come from one dense model
+    dense_sha256: str | None = None
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
