@@ -49,6 +49,7 @@ from adasap.method.importance import (
     radii_from_scores,
 )
 from adasap.method.neurons import NeuronLayout
+from adasap.method.onednn_guard import guard_strided_pointwise_convs
 from adasap.method.optim import SAM, AdaSAP
 from adasap.method.output_layers import default_ignored_layers
 from adasap.method.pruning import (
@@ -196,6 +197,7 @@ class Pruner:
         self.ddp: DataParallel | None = None  # set by distribute()
 
     def _trace(self) -> NeuronLayout:
+        guard_strided_pointwise_convs(self.model)  # pruning may have made such layers
         layout = NeuronLayout(self.model, self.example, self.ignored)
         if not layout.groups:
             raise UserError(
