@@ -117,7 +117,9 @@ def test_local_workers_take_the_visible_gpus_in_turn_and_ctrl_c_stops_busy_ones(
             grid._start_worker(threads, ["2", "5"], counter, 4242)
             seen.append(os.environ["CUDA_VISIBLE_DEVICES"])
         interrupt = signal.getsignal(signal.SIGINT)
-        interrupt(signal.SIGINT, None)  # an idle worker: nothing happens
+        monkeypatch.setattr(grid, "_interrupted", threading.Event())
+        interrupt(signal.SIGINT, None)  # an idle worker: no exception, but no new cell either
+        assert grid._interrupted.is_set()
         monkeypatch.setattr(grid, "_busy", True)
         with pytest.raises(KeyboardInterrupt):
             interrupt(signal.SIGINT, None)
@@ -175,6 +177,22 @@ def test_a_serial_grid_runs_here_and_keeps_user_errors():
 
     outcomes = list(run_cells(cell, [("1", (1,)), ("2", (2,))], Parallel(), quiet(), str))
     assert outcomes[0] == ("1", 1) and isinstance(outcomes[1][1], UserError)
+
+
+def test_after_ctrl_c_a_worker_starts_none_of_its_queued_cells(monkeypatch):
+    """The pool queues a cell per worker ahead, which the parent cannot cancel: after Ctrl-C
+    it must not start, or the parent would wait for it to run to its end."""
+    monkeypatch.setattr(grid, "_interrupted", threading.Event())
+
+    def training_cell():
+        raise RunInterrupted(None)  # its own handler took Ctrl-C and saved a checkpoint
+
+    with pytest.raises(RunInterrupted):
+        grid._in_worker(training_cell, ())
+    started = []
+    with pytest.raises(KeyboardInterrupt):
+        grid._in_worker(started.append, (1,))
+    assert started == []
 
 
 class Exited(Exception):

@@ -149,6 +149,7 @@ def _start_worker(threads: int, devices: list[str], counter: Any, parent: int) -
     def interrupt(signum: int, frame: Any) -> None:
         # Ctrl-C reaches every process of the terminal's group: a training cell saves its
         # checkpoint (its own handler is active then); an idle worker stays quiet.
+        _interrupted.set()
         if _busy:
             raise KeyboardInterrupt
 
@@ -161,6 +162,9 @@ def _start_worker(threads: int, devices: list[str], counter: Any, parent: int) -
 PARENT_POLL_SECONDS = 1.0
 STOP_GRACE_SECONDS = 120.0
 _orphaned = threading.Event()  # the grid's process is gone: no cell is for anyone
+# Ctrl-C came: the cells the pool had already queued for this worker (which the parent cannot
+# cancel any more) must not start, or the parent would wait for them to finish
+_interrupted = threading.Event()
 
 
 def _follow_parent(parent: int) -> None:
@@ -181,9 +185,14 @@ def _in_worker(function: Callable[..., Any], args: tuple[Any, ...]) -> Any:
     global _busy
     if _orphaned.is_set():
         os._exit(1)
+    if _interrupted.is_set():
+        raise KeyboardInterrupt
     _busy = True
     try:
         return function(*args)
+    except (KeyboardInterrupt, RunInterrupted):  # a training cell's own handler took Ctrl-C
+        _interrupted.set()
+        raise
     finally:
         _busy = False
         if _orphaned.is_set():
