@@ -195,7 +195,8 @@ def bench_cell(
     probe = probe_batches(
         data, preset.sharpness_batches, preset.sharpness_batch_size, cell.seed, device
     )
-    shared = _Seed(preset, out, data, dense, probe, console, cached_dense_sha256(reference, data))
+    sha256 = cached_dense_sha256(dense_cache_directory(reference, dense_recipe(reference, data)))
+    shared = _Seed(preset, out, data, dense, probe, console, sha256)
     if dense_row is None:
         row = shared.dense_row(cell, reference, info)
     else:
@@ -211,23 +212,22 @@ def refill_dense_cache(preset: BenchPreset, cell: Cell, console: Console | None 
     return cell
 
 
-def _cached_sha256(preset: BenchPreset, reference: Cell) -> str | None:
+def _dense_entry(preset: BenchPreset, reference: Cell) -> tuple[Path, str | None]:
+    """The dense cache directory of a seed and the sha256 of the model there (None: none)."""
     config = preset.config(reference)
-    return cached_dense_sha256(config, load_data(config))
+    directory = dense_cache_directory(config, dense_recipe(config, load_data(config)))
+    return directory, cached_dense_sha256(directory)
 
 
 def _check_dense_models(
-    preset: BenchPreset, references: list[Cell], done: dict[str, BenchRow], out: Path
+    entries: dict[Cell, tuple[Path, str | None]], done: dict[str, BenchRow], out: Path
 ) -> None:
     """Refuse to add cells to a seed whose finished rows came from another dense model than
     the cached one (trained again elsewhere): the paired differences would mix two models."""
-    for reference in references:
+    for reference, (directory, current) in entries.items():
         recorded = done[reference.id].dense_sha256
-        current = _cached_sha256(preset, reference)
         if recorded is None or current is None or recorded == current:
             continue  # rows of earlier versions record no model
-        config = preset.config(reference)
-        directory = dense_cache_directory(config, dense_recipe(config, load_data(config)))
         raise UserError(
             f"the dense model of seed {reference.seed} in the cache (weights {current[:12]}) is "
             f"not the one its finished rows used ({recorded[:12]}): it was trained again, on "
@@ -342,10 +342,12 @@ def run_bench(
         # A finished reference whose model left the cache (a resume on another machine) is
         # trained again here, all seeds at once, not by its seed's first cell while the
         # seed's other cells wait for it.
-        refill = [r for r in needed if r.id in done and _cached_sha256(preset, r) is None]
+        entries = {r: _dense_entry(preset, r) for r in needed if r.id in done}
+        refill = [r for r, (_, sha256) in entries.items() if sha256 is None]
         with connected(parallel) if todo else contextlib.nullcontext():
             _refill_dense_cache(preset, refill, parallel, console)
-            _check_dense_models(preset, [r for r in needed if r.id in done], done, out)
+            entries.update({r: _dense_entry(preset, r) for r in refill})
+            _check_dense_models(entries, done, out)
             _run_phase(preset, dense, done, out, parallel, console)
             _run_phase(preset, todo, done, out, parallel, console)
     except RunInterrupted as exc:

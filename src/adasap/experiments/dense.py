@@ -86,12 +86,11 @@ def dense_cache_directory(config: ExperimentConfig, recipe: dict[str, Any]) -> P
     return cache_root(config.cache_dir) / "dense" / f"{folder_label(config)}-{key}"
 
 
-def cached_dense_sha256(config: ExperimentConfig, data: DataBundle) -> str | None:
-    """The sha256 of the cached dense model's weights file (as its description records it), or
-    None when the model is not in the cache."""
-    path = dense_cache_directory(config, dense_recipe(config, data)) / DESCRIPTION_FILE
+def cached_dense_sha256(directory: Path) -> str | None:
+    """The sha256 of the weights file of the dense model cached in ``directory``
+    (:func:`dense_cache_directory`), as its description records it; None when there is none."""
     try:
-        return json.loads(path.read_text()).get("weights_sha256")
+        return json.loads((directory / DESCRIPTION_FILE).read_text()).get("weights_sha256")
     except (OSError, ValueError, AttributeError):
         return None
 
