@@ -150,10 +150,30 @@ def _family_table(entries: list[dict[str, Any]]) -> list[str]:
     )
 
 
-def report_markdown(rows: Sequence[BenchRow], failures: Sequence[Mapping] = ()) -> str:
+AGAINST_SAM = f"adasap_vs_{SHARPNESS_BASELINE}"
+
+
+def report_statistics(rows: Sequence[BenchRow]) -> dict[str, list[dict[str, Any]]]:
+    """What the report shows, as written to ``summary.json``: the per-setting ``summary``, the
+    ``deltas`` from sgd, adasap's from sam and the ``family_deltas``."""
+    return {
+        "summary": summarize(rows),
+        "deltas": differences(rows),
+        AGAINST_SAM: differences(rows, SHARPNESS_BASELINE, ("adasap",)),
+        "family_deltas": family_differences(rows),
+    }
+
+
+def report_markdown(
+    rows: Sequence[BenchRow],
+    failures: Sequence[Mapping] = (),
+    statistics: Mapping[str, list[dict[str, Any]]] | None = None,
+) -> str:
     """The benchmark report: accuracy, cost and sharpness, and differences from sgd (and
-    adasap's from sam)."""
-    summary = summarize(rows)
+    adasap's from sam). ``statistics``: :func:`report_statistics` of ``rows`` when the caller
+    has it already."""
+    statistics = report_statistics(rows) if statistics is None else statistics
+    summary = statistics["summary"]
     seeds = sorted({r.seed for r in rows})
     sources = sorted({r.corruption_source for r in rows if r.corruption_source})
     lines = [
@@ -191,10 +211,10 @@ def report_markdown(rows: Sequence[BenchRow], failures: Sequence[Mapping] = ()) 
         "sqrt(n)). **yes**: the interval excludes 0, so the difference is resolved at this "
         "confidence; no interval with one seed.",
         "",
-        *_differences_table(differences(rows)),
+        *_differences_table(statistics["deltas"]),
         "",
     ]
-    against_sam = differences(rows, SHARPNESS_BASELINE, methods=("adasap",))
+    against_sam = statistics[AGAINST_SAM]
     if against_sam:
         lines += [
             f"## adasap vs {SHARPNESS_BASELINE} with the same criterion and keep",
@@ -205,7 +225,7 @@ def report_markdown(rows: Sequence[BenchRow], failures: Sequence[Mapping] = ()) 
             *_differences_table(against_sam),
             "",
         ]
-    by_family = family_differences(rows)
+    by_family = statistics["family_deltas"]
     if by_family:
         lines += [
             f"## Where the corruption differences vs {BASELINE} lie, by family",
@@ -240,18 +260,10 @@ def write_report(out_dir: str | Path) -> Path:
         raise UserError(f"{out / RESULTS_FILE} holds no results: run the benchmark first")
     failed = unfinished_failures(out, {r.cell for r in rows})
     report = out / REPORT_DIR
-    summary = summarize(rows)
-    plot_size(summary, report / "corruption_vs_size.png")
+    statistics = report_statistics(rows)
+    plot_size(statistics["summary"], report / "corruption_vs_size.png")
     plot_scatter(rows, report / "clean_vs_corrupted.png")
     plot_per_corruption(*per_corruption_means(rows), report / "per_corruption.png")
-    atomic_write_json(
-        report / "summary.json",
-        {
-            "summary": summary,
-            "deltas": differences(rows),
-            f"adasap_vs_{SHARPNESS_BASELINE}": differences(rows, SHARPNESS_BASELINE, ("adasap",)),
-            "family_deltas": family_differences(rows),
-        },
-    )
-    atomic_write_text(report / "report.md", report_markdown(rows, failed))
+    atomic_write_json(report / "summary.json", statistics)
+    atomic_write_text(report / "report.md", report_markdown(rows, failed, statistics))
     return report
