@@ -26,12 +26,13 @@ from rich.console import Console
 from rich.table import Table
 
 from adasap.experiments.config import ExperimentConfig, from_flat, load_yaml
-from adasap.experiments.run import dense_model, evaluate_model, load_data
+from adasap.experiments.dense import dense_model, load_data
+from adasap.experiments.run import evaluate_model
 from adasap.method.pruner import Pruner
 from adasap.method.schedule import PHASES
 from adasap.training import pipeline
 
-# name -> (method, optimizer settings that make it cheaper)
+# name -> (method, pruner settings that make it cheaper)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "sgd": ("sgd", {}),
     "sam": ("sam", {}),
@@ -58,9 +59,7 @@ class CountingPruner(Pruner):
 
 def measure(name: str, dense: torch.nn.Module, data, config: ExperimentConfig, out: Path) -> dict:
     method, options = VARIANTS[name]
-    settings = replace(
-        config.prune, method=method, optimizer=replace(config.prune.optimizer, **options)
-    )
+    settings = replace(config.prune, method=method, pruner=replace(config.prune.pruner, **options))
     records: list[dict[str, Any]] = []
     CountingPruner.batches = 0.0
     with mock.patch.object(pipeline, "Pruner", CountingPruner):

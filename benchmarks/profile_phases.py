@@ -37,7 +37,7 @@ from rich.console import Console
 from rich.table import Table
 
 from adasap.experiments.config import from_flat, load_yaml
-from adasap.experiments.run import dense_model, load_data
+from adasap.experiments.dense import dense_model, load_data
 from adasap.method import optim
 from adasap.method.pruner import Pruner
 from adasap.method.schedule import PHASES

@@ -31,10 +31,9 @@ from adasap.experiments.results import (
 from adasap.experiments.sweep import run_sweep, sweep_report
 from adasap.experiments.sweep_presets import SWEEP_PRESETS
 from adasap.method.importance import criteria
-from adasap.method.pruner import METHODS
+from adasap.method.pruner import METHODS, PrunerSettings
 from adasap.robustness.corruptions import BENCHMARK_CORRUPTIONS, CBAR_CORRUPTIONS, EXTRA_CORRUPTIONS
 from adasap.training.checkpoint import RunInterrupted
-from adasap.training.loop import OptimizerSettings
 
 TINY = dict(
     train_limit=300,
@@ -108,9 +107,9 @@ def test_medium_preset_has_the_power_the_issue_asks_for():
 
 
 def test_small_preset_uses_the_tuned_radii():
-    optimizer = PRESETS["small"].config(PRESETS["small"].cells()[0]).prune.optimizer
-    tuned = OptimizerSettings()
-    assert (optimizer.rho, optimizer.rho_min, optimizer.rho_max) == (
+    pruner = PRESETS["small"].config(PRESETS["small"].cells()[0]).prune.pruner
+    tuned = PrunerSettings()
+    assert (pruner.rho, pruner.rho_min, pruner.rho_max) == (
         tuned.rho,
         tuned.rho_min,
         tuned.rho_max,
@@ -120,7 +119,7 @@ def test_small_preset_uses_the_tuned_radii():
 def test_identity_records_every_resolved_setting():
     resolved = PRESETS["small"].identity()["resolved"]
     assert set(resolved) == set(SCHEMA) - {"progress"}
-    assert resolved["rho_max"] == OptimizerSettings().rho_max
+    assert resolved["rho_max"] == PrunerSettings().rho_max
 
 
 def test_a_reworded_description_continues_the_folder_a_changed_setting_does_not(tmp_path):
@@ -516,6 +515,42 @@ def test_sweep_scores_on_validation_cbar_and_extras_only(cache, tmp_path, monkey
     run_sweep(base, grid, tmp_path, console=quiet())
     assert prunes == []
     assert sweep_report(tmp_path).name == "sweep.md"
+
+
+def test_sweep_adopts_rows_that_missed_sweep_jsonl_and_retries_failures(tmp_path, monkeypatch):
+    """A run whose row.json exists but whose line never reached sweep.jsonl (the sweep stopped
+    in between) is taken from there, not run again; a failed run is logged to failures.jsonl,
+    and the next sweep tries it again."""
+    ran, failing = [], {"adasap-rho_max=0.2"}
+
+    def cell(run, out, console=None):  # no training: a finished run's row
+        ran.append(run.id)
+        if run.id in failing:
+            raise UserError("training diverged")
+        scores = dict(val_accuracy=0.9, val_extra_accuracy=0.5, val_images=1, per_corruption={},
+                      params=1, keep_achieved=0.5, seconds=1.0)  # fmt: skip
+        row = sweep.SweepRow(run=run.id, method=run.method, settings=run.settings, **scores)
+        return sweep.SWEEP_FILES.save(out, row)
+
+    monkeypatch.setattr(sweep, "sweep_cell", cell)
+    grid = {"methods": [["adasap"]], "rho_max": [0.1, 0.2, 0.5]}
+    ids = ["adasap-rho_max=0.1", "adasap-rho_max=0.2", "adasap-rho_max=0.5"]
+    run_sweep(tiny_smoke().base, grid, tmp_path, console=quiet())
+    assert ran == ids
+    lines = (tmp_path / sweep.SWEEP_FILE).read_text().splitlines(keepends=True)
+    assert [json.loads(line)["run"] for line in lines] == [ids[0], ids[2]]
+    assert [f["run"] for f in read_jsonl(tmp_path / "failures.jsonl")] == [ids[1]]
+    assert f"- {ids[1]}: training diverged" in (tmp_path / "sweep.md").read_text()
+
+    (tmp_path / sweep.SWEEP_FILE).write_text(lines[0])  # the last line lost in a crash
+    ran.clear()
+    failing.clear()
+    run_sweep(tiny_smoke().base, grid, tmp_path, console=quiet())
+    assert ran == [ids[1]]
+    rows = read_jsonl(tmp_path / sweep.SWEEP_FILE)
+    assert [r["run"] for r in rows] == [ids[0], ids[2], ids[1]]  # adopted before the new run
+    assert rows[1] == json.loads(lines[1])
+    assert "Failed runs" not in (tmp_path / "sweep.md").read_text()
 
 
 def test_sweep_report_ranks_by_the_mean_of_cbar_and_extras(tmp_path):

@@ -30,9 +30,10 @@ from adasap.method.pruner import Pruner, PrunerSettings
 from adasap.method.schedule import PhaseSchedule
 from adasap.method.step import frozen_bn_statistics
 from adasap.method.step import sharpness_aware_step as step_with
+from adasap.tasks import ClassificationTask
 from adasap.training.loop import EpochLoop
 from adasap.training.progress import ProgressLog
-from adasap.training.settings import PruneSettings, pruner_settings, with_overrides
+from adasap.training.settings import PruneSettings, with_overrides
 from test_pruner import DATA, Net, make, params
 
 NEUTRAL = [
@@ -265,7 +266,7 @@ def test_resume_is_exact_with_each_option(name):
         (dict(sam_probability_end=-0.1), "sam_probability_end must be in \\[0, 1\\]"),
         (dict(sam_probability="half"), "sam_probability must be a number"),
         (dict(sam_every=0), "sam_every must be an integer >= 1"),
-        (dict(sam_every=2.5), "sam_every must be an integer >= 1"),
+        (dict(sam_every=2.5), "sam_every must be an integer, got 2.5 \\(float\\)"),
         (dict(looksam_alpha=-1), "looksam_alpha must be >= 0"),
         (dict(ascent_fraction=0), "ascent_fraction must be in \\(0, 1\\]"),
         (dict(ascent_fraction=True), "ascent_fraction must be a number"),
@@ -283,10 +284,10 @@ def test_options_are_yaml_keys_and_flags_and_reach_the_pruner(capsys):
     flags = ["run", "--sam-probability", "0.5", "--sam-probability-end", "0.1", "--sam-every",
              "4", "--looksam-alpha", "0.3", "--ascent-fraction", "0.25", "--compile"]  # fmt: skip
     config, _ = config_from_args(build_parser().parse_args(flags))
-    s = pruner_settings(config.prune)
+    s = config.prune.pruner
     assert (s.sam_probability, s.sam_probability_end, s.sam_every) == (0.5, 0.1, 4)
     assert (s.looksam_alpha, s.ascent_fraction, s.seed) == (0.3, 0.25, config.prune.seed)
-    assert config.prune.compile and from_flat({"sam_every": 2}).prune.optimizer.sam_every == 2
+    assert config.prune.compile and from_flat({"sam_every": 2}).prune.pruner.sam_every == 2
     with pytest.raises(SystemExit):
         build_parser().parse_args(["run", "--help"])
     shown = " ".join(capsys.readouterr().out.split())
@@ -320,8 +321,8 @@ def compiled_run(compile: bool) -> tuple[EpochLoop, list[int]]:
     source = training_source(TensorDataset(images, labels), batch_size=16, seed=0)
     pruner = Pruner(model, images[:2], PhaseSchedule(3, 3, 3, removals=2), keep=0.5,
                     optimizer_kwargs=dict(lr=0.05, momentum=0.9))  # fmt: skip
-    loop = EpochLoop(pruner, source, (images, labels), torch.device("cpu"), False, None, 0.0,
-                     compile=compile)  # fmt: skip
+    loop = EpochLoop(pruner, source, (images, labels), torch.device("cpu"), False, None,
+                     ClassificationTask(), compile=compile)  # fmt: skip
     compiled = []  # after each removal: is the compiled model gone?
     pruner.register_removal_hook(lambda p: compiled.append(loop._compiled is None))
     with ProgressLog(enabled=False) as progress:

@@ -44,8 +44,14 @@ def run_cli(args, capsys):
         (["--criterion", "hessian"], "unknown criterion 'hessian'"),
         (["--keep", "0"], "keep fraction must be in (0, 1]"),
         (["--keep", "1.5"], "keep fraction must be in (0, 1]"),
-        (["--keep-kind", "flops"], "keep kind"),
-        (["--corruptions", "some"], "corruptions must be"),
+        (
+            ["--keep-kind", "flops"],
+            "config key 'keep_kind' must be one of 'params', 'macs', 'latency', got 'flops'",
+        ),
+        (
+            ["--corruptions", "some"],
+            "config key 'corruptions' must be one of 'all', 'quick', 'none', got 'some'",
+        ),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_no_run_dir(isolated, capsys, args, message):
@@ -229,8 +235,8 @@ def test_train_writes_a_loadable_dense_model(isolated, capsys):
 
 
 def test_config_is_validated_once_per_run(isolated, capsys, monkeypatch):
-    import adasap.experiments.run as run_module
     from adasap.errors import UserError
+    from adasap.experiments.classification_job import ClassificationJob
     from adasap.experiments.config import ExperimentConfig
 
     calls = []
@@ -240,11 +246,11 @@ def test_config_is_validated_once_per_run(isolated, capsys, monkeypatch):
         calls.append(self.prune.keep)
         return original(self)
 
-    def stop(config):
+    def stop(job, config):
         raise UserError("stopped after validation")
 
     monkeypatch.setattr(ExperimentConfig, "validate", counted)
-    monkeypatch.setattr(run_module, "load_data", stop)
+    monkeypatch.setattr(ClassificationJob, "load_data", stop)
     config = isolated / "exp.yaml"
     config.write_text("keep: 0.7\n")
     args = ["run", str(config), *TINY, "--keep", "0.6", "--out", str(isolated / "runs")]

@@ -1,13 +1,22 @@
 from dataclasses import dataclass, field, fields
+from typing import Literal, get_args, get_origin
 
 import pytest
+import torch
+from torch import nn
 
 from adasap import settings
 from adasap.cli import build_parser, config_from_args
+from adasap.data import load_dataset
 from adasap.errors import UserError
 from adasap.experiments.config import SCHEMA, ExperimentConfig, dump_yaml, from_flat, load_yaml
+from adasap.method.pruner import Pruner, PrunerSettings
+from adasap.training import pipeline
 from adasap.training.loop import OptimizerSettings
-from adasap.training.settings import PruneSettings, pruner_settings
+from adasap.training.settings import PruneSettings, with_overrides
+
+# The pruner's keep_kind and seed are the run's own keys (the run sets them on the pruner).
+RUN_SETS = {"keep_kind", "seed"}
 
 
 def test_schema_covers_every_flat_key():
@@ -15,9 +24,9 @@ def test_schema_covers_every_flat_key():
 
 
 def test_every_settings_field_is_a_config_key():
-    sections = {"prune", "optimizer"}
+    sections = {"prune", "optimizer", "pruner"}
     per_run = {"method"}  # an experiment's `methods` replaces it
-    for cls in (ExperimentConfig, PruneSettings, OptimizerSettings):
+    for cls in (ExperimentConfig, PruneSettings, OptimizerSettings, PrunerSettings):
         for f in fields(cls):
             if f.name not in sections | per_run:
                 assert f.name in SCHEMA, f"{cls.__name__}.{f.name}"
@@ -28,7 +37,7 @@ def test_every_settings_field_is_a_config_key():
 @dataclass(frozen=True)
 class Inner:
     rate: float = 0.1
-    mode: str = "a"
+    mode: Literal["a", "b"] = "a"
 
 
 @dataclass(frozen=True)
@@ -66,6 +75,81 @@ def test_instance_types_are_checked_with_python_spelling():
         settings.check_field_types(Outer(inner=3))
     with pytest.raises(UserError, match=r"^dense_epochs must be a number, got True"):
         ExperimentConfig(dense_epochs=True).validate()
+    with pytest.raises(UserError, match=r"^rate must be a number, got 'x' \(str\)"):
+        settings.check_field_types(Outer(inner=Inner(rate="x")))  # sections field by field
+    with pytest.raises(UserError, match=r"^pruner must be a PrunerSettings, got \{\} \(dict\)$"):
+        PruneSettings(pruner={}).validate()
+
+
+@dataclass(frozen=True)
+class Parent:
+    mode: str = "own"
+    inner: Inner = settings.section(Inner, omit=("mode",))
+
+
+def test_a_section_may_leave_fields_to_its_parent():
+    assert list(settings.flat_schema(Parent)) == ["mode", "rate"]
+    built = settings.from_flat(Parent(), {"mode": "b", "rate": 0.5})
+    assert built == Parent(mode="b", inner=Inner(rate=0.5))  # the section's mode is untouched
+    assert settings.to_flat(built) == {"mode": "b", "rate": 0.5}
+    assert settings.replace_flat(Parent(), {"mode": "x"}).inner.mode == "a"
+
+
+def test_literal_fields_are_checked_by_value():
+    assert settings.flat_schema(Outer)["mode"] == (Literal["a", "b"],)
+    assert settings.from_flat(Outer(), {"mode": "b"}).inner.mode == "b"
+    with pytest.raises(UserError) as info:
+        settings.check_field_types(Inner(mode="c"))
+    assert str(info.value) == "mode must be one of 'a', 'b', got 'c'"
+    with pytest.raises(UserError) as info:
+        settings.from_flat(Outer(), {"mode": True}, source="in.yaml")
+    assert str(info.value) == "in.yaml: config key 'mode' must be one of 'a', 'b', got True"
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"keep_kind": "flops"},
+         "keep_kind must be one of 'params', 'macs', 'latency', got 'flops'"),
+        ({"normalization": "layer"},
+         "normalization must be one of 'global', 'neuron', got 'layer'"),
+        ({"score_normalization": "sum"},
+         "score_normalization must be one of 'mean', 'max', 'none', got 'sum'"),
+        ({"taylor_form": "full"}, "taylor_form must be one of 'group', 'bn', got 'full'"),
+        ({"finetune_sharpness": "ASAM"},
+         "finetune_sharpness must be one of 'sam', 'asam' or None, got 'ASAM'"),
+    ],
+)  # fmt: skip
+def test_literal_settings_are_checked_by_value_from_python(values, message):
+    with pytest.raises(UserError) as info:
+        with_overrides(PruneSettings(), values).validate()
+    assert str(info.value) == message
+    (name, value), *_ = values.items()
+    if name != "keep_kind":  # the method's own: the Pruner's settings check it too
+        with pytest.raises(UserError) as info:
+            PrunerSettings(**{name: value})
+        assert str(info.value) == message
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("keep_kind: flops\n",
+         "config key 'keep_kind' must be one of 'params', 'macs', 'latency', got 'flops'"),
+        ("finetune_sharpness: ASAM\n",
+         "config key 'finetune_sharpness' must be one of 'sam', 'asam' or null, got 'ASAM'"),
+        ("corruptions: some\n",
+         "config key 'corruptions' must be one of 'all', 'quick', 'none', got 'some'"),
+        ("taylor_form: 1\n", "config key 'taylor_form' must be one of 'group', 'bn', got 1"),
+    ],
+)  # fmt: skip
+def test_literal_settings_are_checked_by_value_from_yaml(tmp_path, text, message):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError) as info:
+        from_flat(load_yaml(path), source=str(path))
+    assert str(info.value) == f"{path}: {message}"
+    assert from_flat({"keep_kind": "macs", "finetune_sharpness": None}).validate()
 
 
 def test_flat_round_trip_through_yaml(tmp_path):
@@ -74,7 +158,7 @@ def test_flat_round_trip_through_yaml(tmp_path):
     path.write_text(dump_yaml(config))
     again = from_flat(load_yaml(path))
     assert again == config
-    assert again.prune.keep == 0.3 and again.prune.optimizer.rho_max == 0.4
+    assert again.prune.keep == 0.3 and again.prune.pruner.rho_max == 0.4
     assert again.methods == ("sgd", "sam") and again.prune.seed == 7
 
 
@@ -130,10 +214,57 @@ def test_phase3_settings_reach_the_pruner_from_yaml_and_flags(tmp_path):
     path = tmp_path / "asam.yaml"
     path.write_text("finetune_sharpness: asam\nfinetune_rho: 1\n")
     config, _ = config_from_args(build_parser().parse_args(["run", str(path)]))
-    s = pruner_settings(config.validate().prune)
+    s = config.validate().prune.pruner
     assert (s.finetune_sharpness, s.finetune_rho, s.asam, s.rho) == ("asam", 1.0, False, 0.05)
     flags = ["run", str(path), "--finetune-sharpness", "none", "--finetune-rho", "0.2"]
     config, _ = config_from_args(build_parser().parse_args(flags))
-    s = pruner_settings(config.validate().prune)
+    s = config.validate().prune.pruner
     assert (s.finetune_sharpness, s.finetune_rho) == (None, 0.2)  # flags override the file
-    assert PruneSettings().optimizer.finetune_sharpness == "asam"  # docs/tuning.md
+    assert PruneSettings().pruner.finetune_sharpness == "asam"  # docs/tuning.md
+
+
+def _changed(allowed: settings.Types, default: object) -> object:
+    """A valid value other than ``default`` for a field of these types, whatever the field."""
+    for form in allowed:
+        if get_origin(form) is Literal:
+            return next(v for v in get_args(form) if v != default)
+    if bool in allowed:
+        return not default
+    if default is None:
+        return 0.5 if float in allowed else 2
+    return default + 1 if int in allowed else default / 2
+
+
+class _Built(Exception):
+    """Stops prune() once the Pruner has its settings."""
+
+
+def test_every_pruner_setting_is_a_flat_key_that_reaches_the_pruner(tmp_path, monkeypatch):
+    """A new PrunerSettings field is a config key, a YAML key and an override of prune() with
+    no other edit; the pruner's keep_kind and seed are the run's."""
+    changed = {
+        f.name: _changed(SCHEMA[f.name], f.default)
+        for f in fields(PrunerSettings)
+        if f.name not in RUN_SETS
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_yaml(from_flat({**changed, "keep_kind": "macs", "seed": 3})))
+    config = from_flat(load_yaml(path)).validate()
+    expected = PrunerSettings(**changed, keep_kind="macs", seed=3)
+    assert config.prune.pruner == expected
+    assert with_overrides(config.prune, {"keep_kind": "latency"}).pruner.keep_kind == "params"
+    built: list[PrunerSettings] = []
+
+    class Recorded(Pruner):
+        def __init__(self, *args, settings, **kwargs):
+            built.append(settings)
+            raise _Built
+
+    monkeypatch.setattr(pipeline, "Pruner", Recorded)
+    data = load_dataset("synthetic", num_train=8, num_test=4, image_size=8, channels=1)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(144, data.spec.num_classes))  # fmt: skip
+    torch.manual_seed(0)
+    with pytest.raises(_Built):
+        pipeline.prune(model, data, settings=config.prune, batch_size=4, progress=False)
+    assert built == [expected]

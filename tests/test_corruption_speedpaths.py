@@ -30,6 +30,7 @@ from adasap.robustness.corruptions import (
     register_corruption,
     registry,
 )
+from test_registry import scratch_copy
 
 TOY_ROWS = {table: (0.1, 0.2, 0.3, 0.4, 0.5) for table in PARAM_TABLES}
 
@@ -60,7 +61,8 @@ def test_chunks_cover_a_large_batch(monkeypatch) -> None:
         calls.append(x.shape[0])
         return real.function(x, c, ctx)
 
-    monkeypatch.setitem(registry._REGISTRY, "contrast", replace(real, function=counting))
+    swapped = scratch_copy(registry._REGISTRY, contrast=replace(real, function=counting))
+    monkeypatch.setattr(registry, "_REGISTRY", swapped)
     x = images(70, 3, 224)
     out = corrupt(x, "contrast", 2)
     per_chunk = apply.CHUNK_VALUES // x[0].numel()
@@ -70,7 +72,7 @@ def test_chunks_cover_a_large_batch(monkeypatch) -> None:
 
 
 def test_draw_is_for_random_corruptions_only(monkeypatch) -> None:
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_REGISTRY", scratch_copy(registry._REGISTRY))
     with pytest.raises(UserError, match="draw= is for random corruptions"):
         register_corruption(
             "toy_fixed", family="noise", params=TOY_ROWS, deterministic=True, draw=lambda *a: ()
@@ -94,7 +96,7 @@ def test_draw_is_for_random_corruptions_only(monkeypatch) -> None:
 
 
 def test_a_uint8_result_is_taken_as_levels(monkeypatch) -> None:
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_REGISTRY", scratch_copy(registry._REGISTRY))
     register_corruption("toy_levels", family="digital", params=TOY_ROWS, deterministic=True)(
         lambda x, c, ctx: torch.full(x.shape, 51, dtype=torch.uint8)
     )

@@ -34,6 +34,7 @@ from adasap.robustness.corruptions import (
     render_cached,
     select_param_table,
 )
+from test_registry import scratch_copy
 
 SIZES = (8, 28, 32, 64, 224)
 RANDOM_CORRUPTIONS = tuple(n for n in CORRUPTIONS if n not in DETERMINISTIC_CORRUPTIONS)
@@ -142,7 +143,7 @@ TOY_ROWS = {
 def scratch_registry(monkeypatch: pytest.MonkeyPatch):
     """Corruptions registered in the test are gone afterwards."""
     before = (C.CORRUPTIONS, C.CATEGORIES, C.PARAM_TABLES)
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_REGISTRY", scratch_copy(registry._REGISTRY))
     yield
     monkeypatch.undo()
     assert (C.CORRUPTIONS, C.CATEGORIES, C.PARAM_TABLES) == before

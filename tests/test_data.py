@@ -18,6 +18,7 @@ from adasap.data import (
 from adasap.data import files as data
 from adasap.data.files import IDX_FILES, locate_idx_files, read_idx
 from adasap.errors import UserError
+from test_registry import scratch_copy
 
 
 def write_idx(path: Path, array: np.ndarray, *, gz: bool = False) -> Path:
@@ -398,10 +399,10 @@ def test_channels_last_and_set_to_device():
     assert sub.labels.tolist() == [3, 1] and torch.equal(sub.float_images()[0], x[3])
 
 
-def test_a_registered_dataset_loads_like_the_built_ins():
-    from adasap.data import DatasetSpec, register_dataset
-    from adasap.data.datasets import _REGISTRY
+def test_a_registered_dataset_loads_like_the_built_ins(monkeypatch):
+    from adasap.data import DatasetSpec, datasets, register_dataset
 
+    monkeypatch.setattr(datasets, "_REGISTRY", scratch_copy(datasets._REGISTRY))
     spec = DatasetSpec("tiny-test", 2, 1, 4, (0.5,), (0.5,))
 
     @register_dataset("tiny-test", spec, options={"count": 10})
@@ -414,13 +415,10 @@ def test_a_registered_dataset_loads_like_the_built_ins():
             TensorImageSet(images, torch.arange(n) % 2),
         )
 
-    try:
-        bundle = load_dataset("tiny-test", count=20, val_fraction=0.5)
-        assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (10, 10, 20)
-        assert bundle.spec is spec and bundle.train.num_classes == 2
-        with pytest.raises(UserError, match="takes only count, not size"):
-            get_spec("tiny-test", size=3)
-        with pytest.raises(UserError, match="tiny-test"):
-            get_spec("nope")
-    finally:
-        del _REGISTRY["tiny-test"]
+    bundle = load_dataset("tiny-test", count=20, val_fraction=0.5)
+    assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (10, 10, 20)
+    assert bundle.spec is spec and bundle.train.num_classes == 2
+    with pytest.raises(UserError, match="takes only count, not size"):
+        get_spec("tiny-test", size=3)
+    with pytest.raises(UserError, match="tiny-test"):
+        get_spec("nope")

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -62,6 +64,15 @@ def test_export_of_a_module_needs_the_image_size(run_dir, tmp_path):
     report = export_onnx(model, tmp_path / "m.onnx", image_size=32, check=False)
     assert report.input_shape == (3, 32, 32) and not report.checked and not report.passed
     assert "not checked" in str(report)
+
+
+def test_a_nan_output_fails_the_check(run_dir, tmp_path):
+    model = load_model(run_dir / "adasap")
+    with torch.no_grad():
+        next(model.parameters())[0] = float("nan")  # NaN in both runtimes' outputs
+    report = export_onnx(model, tmp_path / "m.onnx", image_size=32)
+    assert report.checked and math.isnan(report.max_abs_diff)
+    assert not report.passed and "FAILED" in str(report)
 
 
 def test_unwritable_onnx_path_is_a_user_error_and_leaves_nothing(run_dir, tmp_path):

@@ -8,15 +8,17 @@ import torchvision
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
+import adasap
+from adasap.data.detection import check_detection_batch
 from adasap.errors import UserError
 from adasap.experiments.config import from_flat
 from adasap.method.base_optimizer import phase_sharpness
 from adasap.method.neurons import NeuronLayout
 from adasap.method.output_layers import detector_output_layers, layer_names
-from adasap.method.pruner import Pruner, PrunerSettings
+from adasap.method.pruner import Pruner
 from adasap.method.schedule import PhaseSchedule
 from adasap.models.detection import build_detector, list_detectors, unfreeze_batchnorm
-from adasap.training.detection import check_detection_batch, prune_detector
+from adasap.training.settings import PruneSettings
 
 TORCHVISION_DETECTORS = [
     "ssdlite320_mobilenet_v3_large",
@@ -194,27 +196,38 @@ def test_tiny_ssd_is_pruned_to_the_target_with_the_same_anchors(kind):
     assert head_output_shapes(model, images) == shapes  # same anchors, classes, box values
 
 
+def prune_detector(model, batches, epochs=(1, 1, 1), **settings):
+    """``adasap.prune`` of a detector on a list of batches: one step per batch and epoch."""
+    warmup, prune, finetune = epochs
+    return adasap.prune(model, batches, task="detection", warmup_epochs=warmup,
+                        prune_epochs=prune, finetune_epochs=finetune, device="cpu",
+                        progress=False, **settings)  # fmt: skip
+
+
+def phase_loss(result, phase: str) -> float:
+    losses = [r["train_loss"] for r in result.history if r["phase"] == phase]
+    return sum(losses) / len(losses)
+
+
 @pytest.mark.parametrize("criterion", ["magnitude", "taylor"])
 def test_tiny_ssd_phases_overfit_a_batch_and_reach_the_target(criterion):
     torch.manual_seed(0)
     model = build_detector("tiny_ssd", num_classes=3, image_size=128)
     batch = synthetic_batch()
-    pruned, result = prune_detector(
-        model,
-        [batch],
-        PhaseSchedule(8, 4, 12, removals=2),
-        keep=0.5,
-        criterion=criterion,
-        optimizer_kwargs={"lr": 0.02, "momentum": 0.9},
-        device="cpu",
-    )
-    assert pruned is model
-    assert result.keep_reference == "model" and result.reference_dense == result.dense
+    result = prune_detector(
+        model, [batch], (8, 4, 12), prune_steps=2, keep=0.5, criterion=criterion, lr=0.02,
+        lr_warmup_epochs=0, weight_decay=0.0,
+    )  # fmt: skip
+    pruned = result.model
+    assert pruned is not model  # a copy is pruned
     assert result.kept == pytest.approx(0.5, abs=0.02)
-    assert result.pruned.params == sum(p.numel() for p in model.parameters())
+    assert result.size.params == sum(p.numel() for p in pruned.parameters())
     assert result.ignored_layers == TINY_SSD_OUTPUTS
-    assert list(result.phase_losses) == ["warmup", "prune", "finetune"]
-    assert result.phase_losses["finetune"] < 0.7 * result.phase_losses["warmup"]
+    assert [r["phase"] for r in result.history] == ["warmup"] * 8 + ["prune"] * 4 + [
+        "finetune"
+    ] * 12
+    assert all(r["train_accuracy"] is None for r in result.history)  # no accuracy in detection
+    assert phase_loss(result, "finetune") < 0.7 * phase_loss(result, "warmup")
     assert set(pruned.eval()(batch[0])[0]) == {"boxes", "scores", "labels"}
 
 
@@ -223,37 +236,32 @@ def test_a_backbone_reference_prunes_only_the_backbone_to_its_fraction(kind):
     torch.manual_seed(0)
     model = build_detector("tiny_ssd", num_classes=3, image_size=128)
     head_params = sum(p.numel() for p in model.head.parameters())
-    backbone_params = sum(p.numel() for p in model.backbone.parameters())
     batch = synthetic_batch()
-    _, result = prune_detector(
-        model,
-        [batch],
-        PhaseSchedule(0, 1, 1),
-        keep=0.5,
-        keep_kind=kind,
-        keep_reference="backbone",
-        device="cpu",
+    result = prune_detector(
+        model, [batch], (0, 1, 1), keep=0.5, keep_kind=kind, keep_reference="backbone"
     )
-    assert result.keep_reference == "backbone" and result.keep_kind == kind
-    assert result.reference_dense.params == backbone_params
-    assert result.reference_pruned.params == sum(p.numel() for p in model.backbone.parameters())
-    assert result.reference_dense.macs < result.dense.macs
+    pruned = result.model
     assert result.kept == pytest.approx(0.5, abs=0.02)
+    if kind == "params":
+        backbone_params = sum(p.numel() for p in model.backbone.parameters())
+        kept = sum(p.numel() for p in pruned.backbone.parameters()) / backbone_params
+        assert kept == pytest.approx(0.5, abs=0.02)
+    assert result.size.params / result.dense_size.params > 0.5  # the head is mostly kept
     # the head keeps its output widths; only its inputs follow the backbone
-    assert [m.out_channels for m in detector_output_layers(model)] == [12, 12, 12, 16, 16, 16]
-    assert 0 < head_params - sum(p.numel() for p in model.head.parameters()) < head_params
+    assert [m.out_channels for m in detector_output_layers(pruned)] == [12, 12, 12, 16, 16, 16]
+    assert 0 < head_params - sum(p.numel() for p in pruned.head.parameters()) < head_params
 
 
 def test_an_unknown_keep_reference_is_a_user_error():
     model = build_detector("tiny_ssd", num_classes=3)
     with pytest.raises(UserError, match="keep_reference must be model or backbone"):
-        prune_detector(model, [synthetic_batch()], PhaseSchedule(0, 1, 0), keep_reference="neck")
+        prune_detector(model, [synthetic_batch()], (0, 1, 0), keep_reference="neck")
 
 
 def test_empty_detection_data_is_a_user_error():
     model = build_detector("tiny_ssd", num_classes=3)
     with pytest.raises(UserError, match="yield no batch"):
-        prune_detector(model, [], PhaseSchedule(0, 1, 0))
+        prune_detector(model, [], (0, 1, 0))
 
 
 @pytest.mark.parametrize(
@@ -307,7 +315,7 @@ def test_a_training_failure_inside_the_detector_is_a_user_error():
     image = torch.rand(3, 32, 32)
     target = {"boxes": torch.tensor([[2.0, 2, 20, 20]]), "labels": torch.tensor([1])}
     with pytest.raises(UserError, match="failed on a training batch in phase warmup.*2 images"):
-        prune_detector(model, [([image], [target])], PhaseSchedule(1, 1, 0), device="cpu")
+        prune_detector(model, [([image], [target])], (1, 1, 0))
 
 
 def test_a_pruned_detector_state_is_replayed_on_a_fresh_copy():
@@ -348,15 +356,10 @@ def test_tiny_ssd_pruned_to_half_learns_to_localize_squares():
     held_out = synthetic_batch(32, seed=999)
     model = build_detector("tiny_ssd", num_classes=3)
     untrained = localized(model, *held_out)
-    model, result = prune_detector(
-        model,
-        data,
-        PhaseSchedule(150, 75, 75),
-        keep=0.5,
-        optimizer_kwargs={"lr": 0.05, "momentum": 0.9},
-        device="cpu",
-        rho_max=0.1,
+    result = prune_detector(
+        model, data, (150 / 20, 75 / 20, 75 / 20), keep=0.5, lr=0.05, rho_max=0.1
     )
+    model = result.model
     assert result.kept == pytest.approx(0.5, abs=0.02)
     hits = localized(model, *held_out)
     assert hits >= 0.55 * 64 and hits > 1.5 * untrained
@@ -369,12 +372,10 @@ def test_tiny_ssd_trains_under_bfloat16_autocast_with_float32_weights():
     model.backbone.stage3.register_forward_hook(
         lambda module, _i, out: dtypes.add(out.dtype) if module.training else None
     )
-    _, result = prune_detector(
-        model, [synthetic_batch()], PhaseSchedule(2, 1, 2), keep=0.5, device="cpu", amp="bf16"
-    )
+    result = prune_detector(model, [synthetic_batch()], (2, 1, 2), keep=0.5, amp="bf16")
     assert dtypes == {torch.bfloat16}
-    assert all(p.dtype == torch.float32 for p in model.parameters())
-    assert all(torch.isfinite(torch.tensor(v)) for v in result.phase_losses.values())
+    assert all(p.dtype == torch.float32 for p in result.model.parameters())
+    assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in result.history)
     assert result.kept == pytest.approx(0.5, abs=0.02)
 
 
@@ -394,7 +395,7 @@ def test_groupnorm_of_several_groups_keeps_its_channels_and_one_group_is_pruned(
     [
         ({}, None, (0.05, False)),
         ({"finetune_sharpness": "asam"}, None, (2.0, True)),
-        ({}, PrunerSettings(), (2.0, True)),  # a whole PrunerSettings is the caller's choice
+        ({}, PruneSettings(), (2.0, True)),  # a whole PruneSettings is the caller's choice
     ],
 )
 def test_detectors_keep_sam_in_phase_3_unless_asked(monkeypatch, given, settings, phase_3):
@@ -406,12 +407,12 @@ def test_detectors_keep_sam_in_phase_3_unless_asked(monkeypatch, given, settings
             super().__init__(*args, **kwargs)
             built.append(self)
 
-    monkeypatch.setattr("adasap.training.detection.Pruner", Recorded)
+    monkeypatch.setattr("adasap.training.pipeline.Pruner", Recorded)
     model = build_detector("tiny_ssd", num_classes=3, image_size=64)
     chosen = {} if settings is None else {"settings": settings}
-    prune_detector(model, [synthetic_batch(size=64)], PhaseSchedule(0, 0, 1), method="sam",
-                   keep=1.0, device="cpu", **given, **chosen)  # fmt: skip
+    prune_detector(model, [synthetic_batch(size=64)], (0, 0, 1), method="sam", keep=1.0,
+                   **given, **chosen)  # fmt: skip
     assert phase_sharpness(built[0].settings, finetuning=True) == phase_3
     config = from_flat({"task": "detection", **given}).validate()
     assert config.prune.criterion == "magnitude"
-    assert config.prune.optimizer.finetune_sharpness == given.get("finetune_sharpness")
+    assert config.prune.pruner.finetune_sharpness == given.get("finetune_sharpness")

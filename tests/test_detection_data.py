@@ -14,6 +14,7 @@ from adasap.data import detection_canvas
 from adasap.data.detection import (
     DetectionBatches,
     DetectionSet,
+    DetectionSource,
     DetectionSpec,
     detection_collate,
     flip_horizontal,
@@ -184,7 +185,7 @@ def toy_set(n: int = 6) -> DetectionSet:
     return DetectionSet(images, targets, SPEC)
 
 
-def test_batches_follow_the_contract_and_are_seeded():
+def test_batches_follow_the_contract_and_training_epochs_are_seeded():
     data = toy_set()
     batches = list(DetectionBatches(data, 4))
     assert [len(images) for images, _ in batches] == [4, 2]
@@ -192,19 +193,32 @@ def test_batches_follow_the_contract_and_are_seeded():
     assert [x.shape for x in images] == [(3, 16 + i, 20) for i in range(4)]
     assert images[1].dtype == torch.float32 and targets[1]["labels"].tolist() == [2]
 
-    def epoch(seed):
-        gen = torch.Generator().manual_seed(seed)
-        return [t["boxes"] for _, ts in DetectionBatches(data, 3, shuffle=True, hflip=True,
-                                                         generator=gen) for t in ts]  # fmt: skip
+    def epoch(seed, index=0):
+        source = DetectionSource(data, 3, seed=seed)
+        return [t["boxes"] for _, ts in source.epoch(index) for t in ts]
 
     assert all(torch.equal(a, b) for a, b in zip(epoch(1), epoch(1), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(epoch(1), epoch(1, 1), strict=True))
     boxes = torch.cat(epoch(1))
     originals = torch.cat([t["boxes"] for t in data.targets])
     assert not torch.equal(boxes, originals)  # shuffled or flipped
     widths = boxes[:, 2] - boxes[:, 0]
     assert (widths == 4).all() and (boxes[:, 2] <= 20).all()
+    assert len(DetectionSource(data, 4)) == 1  # the last short batch is dropped in training
     images, targets = detection_collate([data[0], data[1]])
     assert len(images) == len(targets) == 2
+
+
+def test_every_rank_trains_on_its_rows_of_each_global_batch():
+    data = toy_set(8)
+    whole = [t["boxes"] for _, ts in DetectionSource(data, 4, seed=3).epoch(0) for t in ts]
+    parts = [
+        [t["boxes"] for _, ts in DetectionSource(data, 2, seed=3).sharded((r, 2)).epoch(0)
+         for t in ts]
+        for r in range(2)
+    ]  # fmt: skip
+    merged = [b for step in range(2) for r in range(2) for b in parts[r][2 * step : 2 * step + 2]]
+    assert all(torch.equal(a, b) for a, b in zip(merged, whole, strict=True))  # flips too
 
 
 # --------------------------------------------------------------------------- VOC

@@ -13,8 +13,9 @@ from torch import nn
 from adasap.data.detection import DetectionSet, DetectionSpec, make_target
 from adasap.errors import UserError
 from adasap.robustness import corruptions as C
-from adasap.robustness.detection import evaluate_detection, evaluate_detection_corruptions
+from adasap.robustness.detection import evaluate_detection_corruptions
 from adasap.robustness.detection_report import DetectionCorruptionReport
+from adasap.tasks.detection import evaluate_detection
 
 SPEC = DetectionSpec("toy", ("a", "b"))
 
@@ -240,3 +241,70 @@ def test_render_parts_keep_the_order(tmp_path, monkeypatch):
     single = seen(tmp_path / "single")
     assert len(list((tmp_path / "single").glob("toy-*"))) == 4
     assert all(torch.equal(x, y) for x, y in zip(whole, single, strict=True))
+
+
+class RecordingBar:
+    """Stands in for the cell progress bar: records what it shows and how far it gets."""
+
+    def __init__(self, console, disable):
+        self.shown, self.total, self.done = [], None, 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def add_task(self, description, total):
+        self.shown.append(description)
+        self.total = total
+
+    def update(self, task, description):
+        self.shown.append(description)
+
+    def advance(self, task):
+        self.done += 1
+
+
+def test_classification_and_detection_run_through_one_cell_loop(tmp_path, monkeypatch):
+    """Both evaluations are CorruptionEvaluator's loop: the same cells in the same order, the
+    same progress, renders through the same render_cached call, read back from its cache."""
+    from adasap.robustness import evaluate_corruptions, evaluation
+
+    rendered, bars, corrupt_calls = [], [], []
+    real_render, real_corrupt = evaluation.render_cached, C.corrupt
+
+    def render(images, key, name, severity, *args, **kwargs):
+        rendered.append((key, name, severity))
+        return real_render(images, key, name, severity, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "render_cached", render)
+    monkeypatch.setattr(
+        evaluation, "cell_progress", lambda *a, **k: bars.append(RecordingBar(*a, **k)) or bars[-1]
+    )
+    monkeypatch.setattr(
+        C.render_cache, "corrupt", lambda *a, **k: corrupt_calls.append(1) or real_corrupt(*a, **k)
+    )
+    cells = dict(corruptions=["fog", "contrast"], severities=[2, 1], cache_dir=tmp_path)
+    detection = four_images()  # two sizes: two render parts a cell
+    classification = (torch.stack([detection.uint8_image(i) for i in (0, 2)]), torch.tensor([0, 1]))
+    classifier = nn.Sequential(nn.Flatten(), nn.Linear(3 * 40 * 48, 2))
+    detector = Fixed([prediction([], [], [])])
+
+    def both():
+        rendered.clear()
+        evaluate_corruptions(classifier, *classification, dataset_key="cls", **cells)
+        evaluate_detection_corruptions(detector, detection, dataset_key="det", **cells)
+        return list(rendered)
+
+    order = [("fog", 2), ("fog", 1), ("contrast", 2), ("contrast", 1)]
+    first = both()
+    assert first == [("cls", n, s) for n, s in order] + [
+        (f"det-{size}-0", n, s) for n, s in order for size in ("40x48", "48x40")
+    ]
+    rendering = len(corrupt_calls)
+    assert rendering > 0 and both() == first and len(corrupt_calls) == rendering  # cached
+    assert len(bars) == 4  # one bar an evaluation, each over the clean images and the 4 cells
+    for bar in bars:
+        assert bar.shown == ["clean", *(f"{n} s{s}" for n, s in order)]
+        assert bar.total == bar.done == 5

@@ -9,11 +9,12 @@ import torch
 from torch import nn
 from torchvision.models.detection.fcos import FCOSRegressionHead
 
-from adasap.deploy.detection_onnx import detection_difference
-from adasap.deploy.onnx import ExportReport, export_onnx
+from adasap.deploy.onnx import ExportReport, export_onnx, onnx_session
 from adasap.deploy.serialization import detection_architecture, save_model
 from adasap.method.output_layers import detector_output_layers, layer_names
+from adasap.models.builders import build_model
 from adasap.models.detection import build_detector
+from adasap.tasks.detection import detection_difference
 from test_detection import TORCHVISION_DETECTORS
 
 TOLERANCE = 1e-3
@@ -67,6 +68,34 @@ def test_an_export_with_no_detection_to_compare_is_unverified(tmp_path):
     assert checked.passed and "over 7 detections" in str(checked)
 
 
+def test_classifiers_and_detectors_export_through_the_one_function(tmp_path):
+    torch.manual_seed(0)
+    classifier = dict(
+        name="resnet20",
+        num_classes=10,
+        in_channels=3,
+        image_size=32,
+        mean=[0.5] * 3,
+        std=[0.25] * 3,
+    )
+    save_model(tmp_path / "classifier", build_model(**classifier), classifier, [])
+    detector = build_detector("tiny_ssd", num_classes=3, image_size=64)
+    save_model(tmp_path / "detector", detector, detection_architecture("tiny_ssd", 3, 64), [])
+    reports = {
+        name: export_onnx(tmp_path / name, tmp_path / f"{name}.onnx")
+        for name in ("classifier", "detector")
+    }
+    outputs = {
+        name: [o.name for o in onnx_session(r.path).get_outputs()] for name, r in reports.items()
+    }
+    assert outputs == {"classifier": ["logits"], "detector": ["boxes", "scores", "labels"]}
+    classified, detected = reports["classifier"], reports["detector"]
+    assert classified.passed and classified.batch_sizes == (1, 5) and classified.tolerance == 1e-4
+    assert classified.detections_compared is None
+    assert detected.passed and detected.batch_sizes == (1,) and detected.tolerance == TOLERANCE
+    assert detected.detections_compared > 0
+
+
 def give_confident_detections(model: nn.Module, side: int) -> nn.Module:
     """Make an untrained detector's outputs worth comparing, without training.
 
@@ -115,7 +144,7 @@ def test_torchvision_detector_exports_and_onnxruntime_reproduces_its_detections(
     report = export_onnx(tmp_path / "model", tmp_path / "model.onnx")
     assert report.passed and report.tolerance == TOLERANCE, str(report)
     assert report.detections_compared >= 50
-    # the image the check ran on (export_detector_onnx's) gave many distinct detections
+    # the image the check ran on (export_onnx's) gave many distinct detections
     image = torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         scores = model(image)[0]["scores"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -14,13 +15,10 @@ from adasap.data.detection import DetectionSet, make_target
 from adasap.deploy.comparison import run_latency
 from adasap.deploy.serialization import detection_architecture, load_model, save_model
 from adasap.errors import UserError
-from adasap.experiments import detection_run as detection_job
-from adasap.experiments import run as classification_run
+from adasap.experiments import run as run_driver
 from adasap.experiments.config import from_flat
-from adasap.method.schedule import PhaseSchedule
 from adasap.models.detection import build_detector
 from adasap.robustness.detection_report import DetectionCorruptionReport
-from adasap.training.detection import DetectionPruneResult
 from test_data import write_fashion
 from test_detection import synthetic_batch
 
@@ -41,8 +39,8 @@ def detection_run(tmp_path_factory):
         patch.setenv("ADASAP_CACHE", str(root / "cache"))
         fashion = write_fashion(root / "fashion", 60, 30)
         # a few latency rounds: the test checks the columns, not the timing
-        patch.setattr(classification_run, "LATENCY_ROUNDS", 3)
-        patch.setattr(classification_run, "LATENCY_WARMUP", 1)
+        patch.setattr(run_driver, "LATENCY_ROUNDS", 3)
+        patch.setattr(run_driver, "LATENCY_WARMUP", 1)
         import io
         from contextlib import redirect_stdout
 
@@ -109,12 +107,14 @@ def test_latency_times_the_runs_detectors_beside_its_trained_dense_one(
         ("adasap", "torch", 1),
         ("sgd", "torch", 1),
     ]
-    with pytest.raises(UserError, match="holds detectors"):  # fresh weights would not be fair
-        run_latency(run_dir, batch_sizes=(1,), repeats=2)
+    # the run's own dense detector: the cache is not needed, and adasap.load reads it
+    assert isinstance(adasap.load(run_dir / "dense"), torch.nn.Module)
     monkeypatch.setenv("ADASAP_CACHE", str(tmp_path / "empty"))
-    assert cli.main(args) == 2
-    err = capsys.readouterr().err
-    assert "dense detector" in err and "--resume" in err and "Traceback" not in err
+    assert cli.main(args) == 0, capsys.readouterr().err
+    older = tmp_path / "older-run"  # written before runs kept their dense model
+    shutil.copytree(run_dir, older, ignore=shutil.ignore_patterns("dense"))
+    with pytest.raises(UserError, match="holds detection models.*no dense model.*--resume"):
+        run_latency(older, batch_sizes=(1,), repeats=2)  # fresh weights would not be fair
 
 
 TIMINGS = ("seconds", "latency_ms", "latency_ratio", "latency_ratio_low", "latency_ratio_high",
@@ -124,17 +124,17 @@ TIMINGS = ("seconds", "latency_ms", "latency_ratio", "latency_ratio_low", "laten
 def test_resume_finishes_an_interrupted_run_with_the_same_rows(detection_run, monkeypatch, capsys):
     _, _, run_dir, root = detection_run
     monkeypatch.setenv("ADASAP_CACHE", str(root / "cache"))
-    monkeypatch.setattr(classification_run, "LATENCY_ROUNDS", 3)
-    monkeypatch.setattr(classification_run, "LATENCY_WARMUP", 1)
-    prune, pruned = detection_job.prune_detector, []
+    monkeypatch.setattr(run_driver, "LATENCY_ROUNDS", 3)
+    monkeypatch.setattr(run_driver, "LATENCY_WARMUP", 1)
+    prune, pruned = run_driver.prune, []
 
-    def prune_until_adasap(model, data, schedule, *, method, **kwargs):
-        pruned.append(method)
-        if method == "adasap" and len(pruned) == 2:  # the first attempt stops in its second method
+    def prune_until_adasap(model, data, *, settings, **kwargs):
+        pruned.append(settings.method)
+        if settings.method == "adasap" and len(pruned) == 2:  # stops in its second method
             raise KeyboardInterrupt
-        return prune(model, data, schedule, method=method, **kwargs)
+        return prune(model, data, settings=settings, **kwargs)
 
-    monkeypatch.setattr(detection_job, "prune_detector", prune_until_adasap)
+    monkeypatch.setattr(run_driver, "prune", prune_until_adasap)
     args = [*TINY_RUN, "--out", str(root / "runs"), "--data-dir", str(root / "fashion")]
     args[args.index("det")] = "det-resumed"
     resumed = root / "runs" / "det-resumed"
@@ -164,16 +164,15 @@ def test_resume_of_a_missing_run_is_a_one_line_error(tmp_path, capsys):
 def pruned_tiny_detector():
     model = build_detector("tiny_ssd", num_classes=3, image_size=64)
     batch = synthetic_batch(2, 64)
-    pruned, result = adasap.prune(
-        model, [batch], task="detection", schedule=PhaseSchedule(1, 2, 1, 2), keep=0.5
-    )
-    return model, pruned, result
+    result = adasap.prune(model, [batch], task="detection", warmup_epochs=1, prune_epochs=2,
+                          finetune_epochs=1, prune_steps=2, keep=0.5, progress=False)  # fmt: skip
+    return model, result.model, result
 
 
-def test_prune_dispatches_to_detection_and_the_saved_model_round_trips(tmp_path):
+def test_prune_takes_the_detection_task_and_the_saved_model_round_trips(tmp_path):
     dense, pruned, result = pruned_tiny_detector()
-    assert isinstance(result, DetectionPruneResult) and result.pruning_history
-    assert sum(p.numel() for p in dense.parameters()) == result.dense.params  # a copy is pruned
+    assert isinstance(result, adasap.PruneResult) and result.pruning_history
+    assert sum(p.numel() for p in dense.parameters()) == result.dense_size.params  # a copy
     save_model(tmp_path, pruned, detection_architecture("tiny_ssd", 3, 64), result.pruning_history)
     loaded = load_model(tmp_path)
     images = synthetic_batch(2, 64, seed=1)[0]
@@ -183,24 +182,31 @@ def test_prune_dispatches_to_detection_and_the_saved_model_round_trips(tmp_path)
         assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["scores"], b["scores"])
 
 
-def test_prune_for_detection_needs_a_schedule():
+def test_an_unknown_task_is_a_one_line_error():
     model = build_detector("tiny_ssd", num_classes=3, image_size=64)
-    with pytest.raises(UserError, match="needs schedule=PhaseSchedule"):
-        adasap.prune(model, [synthetic_batch(2, 64)], task="detection", keep=0.5)
+    with pytest.raises(UserError, match="unknown task 'segmentation': choose one of") as info:
+        adasap.prune(model, [synthetic_batch(2, 64)], task="segmentation", keep=0.5)
+    assert "classification, detection" in str(info.value) and "\n" not in str(info.value)
 
 
-def test_evaluate_corruptions_gives_the_detection_report_for_a_detection_set(tmp_path):
+def test_a_detection_set_is_evaluated_by_evaluate_detection_corruptions(tmp_path):
+    from adasap.robustness import evaluate_detection_corruptions
+
     model = build_detector("tiny_ssd", num_classes=3, image_size=64).eval()
     images, targets = synthetic_batch(2, 64)
     uint8 = [(x * 255).round().to(torch.uint8) for x in images]
     data = DetectionSet(uint8, [make_target(t["boxes"], t["labels"]) for t in targets],
                         adasap_spec())  # fmt: skip
     kwargs = dict(dataset_key="two", corruptions=["gaussian_noise"], severities=[1])
-    report = adasap.evaluate_corruptions(model, data, **kwargs, cache_dir=tmp_path, progress=False)
+    report = evaluate_detection_corruptions(
+        model, data, **kwargs, cache_dir=tmp_path, progress=False
+    )
     assert isinstance(report, DetectionCorruptionReport)
     assert set(report.results) == {"gaussian_noise"} and report.num_images == 2
-    with pytest.raises(UserError, match="labels do"):
-        adasap.evaluate_corruptions(model, data, torch.zeros(2), **kwargs, task="detection")
+    # evaluate_corruptions scores classifiers: a detection set is refused with the fix
+    with pytest.raises(UserError, match=r"^evaluate_corruptions scores classifiers: .*"
+                       r"evaluate_detection_corruptions\(model, data"):  # fmt: skip
+        adasap.evaluate_corruptions(model, data, **kwargs, cache_dir=tmp_path)
 
 
 def adasap_spec():
@@ -214,7 +220,10 @@ def adasap_spec():
     [
         ({"task": "detection", "model": "resnet20"}, "resnet20 is not a detector"),
         ({"model": "tiny_ssd"}, "tiny_ssd is a detector: pass --task detection"),
-        ({"task": "segmentation"}, "task must be classification or detection"),
+        (
+            {"task": "segmentation"},
+            "unknown task .segmentation.: choose one of classification, detection",
+        ),
         ({"task": "detection", "dataset": "fashion-mnist"}, "runs on canvas, voc"),
         ({"task": "detection", "dataset": "voc:07"}, "VOC years as four digits"),
         ({"task": "detection", "dataset": "coco:train2017"}, "name the COCO training and test"),
@@ -235,9 +244,6 @@ def test_cli_refuses_bad_detection_commands(capsys, monkeypatch):
     assert cli.main(["run", "--task", "detection", "--model", "resnet20"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: model resnet20 is not a detector") and err.count("\n") == 1
-    monkeypatch.setattr(detection_job, "launched", lambda: True)
-    assert cli.main(["run", "--task", "detection"]) == 2
-    assert "torchrun does not run detection" in capsys.readouterr().err
 
 
 def test_detection_defaults_are_the_documented_job():
@@ -283,13 +289,14 @@ def test_bench_smoke_reports_means_and_deltas_vs_sgd(tmp_path, monkeypatch, caps
     ]  # fmt: skip
     report = (out / "report.md").read_text()
     assert "adasap bench --task detection --preset smoke" in report
-    adasap_line = next(line for line in report.splitlines() if line.startswith("| adasap |"))
+    differences = report.split("## Differences vs sgd")[1].splitlines()
+    adasap_line = next(line for line in differences if line.startswith("| adasap |"))
     by = {(r["method"], r["seed"]): r for r in rows}
     deltas = [by["adasap", s]["clean_accuracy"] - by["sgd", s]["clean_accuracy"] for s in (0, 1)]
     mean = 100 * sum(deltas) / 2
-    assert f"{mean:.2f} +- " in adasap_line.split("|")[7]  # P - sgd: the paired mean
+    assert adasap_line.split(" | ")[4].startswith(f"{mean:.2f} ± ")  # P - sgd: the paired mean
     # a second call finds every cell done and only rewrites the report
-    monkeypatch.setattr(detection_bench, "pruned_detector_row", None)
+    monkeypatch.setattr(detection_bench, "pruned_row", None)
     assert cli.main(args) == 0
 
 

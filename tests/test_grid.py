@@ -24,10 +24,10 @@ import adasap.experiments.grid as grid
 from adasap.cli import main
 from adasap.errors import UserError
 from adasap.experiments.bench import run_bench
+from adasap.experiments.dense import dense_model, load_data
 from adasap.experiments.grid import Parallel, fair_threads, run_cells
 from adasap.experiments.presets import PRESETS
 from adasap.experiments.results import RESULTS_FILE, read_jsonl
-from adasap.experiments.run import dense_model, load_data
 from adasap.experiments.sweep import run_sweep
 from adasap.training.checkpoint import RunInterrupted
 

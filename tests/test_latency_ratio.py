@@ -8,7 +8,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 from rich.console import Console
 from torch import nn
 
@@ -182,9 +181,8 @@ def test_run_table_times_every_model_with_the_dense_one(monkeypatch):
 
     monkeypatch.setattr(run, "compare_latency", fake_compare)
     monkeypatch.setattr(run, "load_model", lambda path: tiny())
-    monkeypatch.setattr(run, "example_images", lambda data: torch.rand(2, 1, 6, 6))
     rows = [ResultRow(method=m, macs=100) for m in ("dense", "sgd", "adasap")]
-    dense, sgd, adasap = run.timed_rows(rows, tiny(), None, Path("run"))
+    dense, sgd, adasap = run.timed_rows(rows, tiny(), Path("run"), (1, 6, 6))
     assert seen["models"] == ["sgd", "adasap"] and seen["batch_sizes"] == (1,)
     assert seen["repeats"] == run.LATENCY_ROUNDS
     assert dense.latency_ms == 2.0 and dense.latency_ratio is None

@@ -5,6 +5,7 @@ from torch import nn
 
 from adasap.errors import UserError
 from adasap.models.builders import Normalize, build_model, find_classifier, list_models
+from test_registry import scratch_copy
 
 
 def make(name, channels=3, size=32, classes=10, **kwargs):
@@ -204,7 +205,7 @@ def test_unknown_family_is_a_user_error():
 def test_a_registered_family_builds_by_prefix(monkeypatch):
     from adasap.models import ModelRequest, register_family, registry
 
-    monkeypatch.setattr(registry, "_FAMILIES", dict(registry._FAMILIES))
+    monkeypatch.setattr(registry, "_FAMILIES", scratch_copy(registry._FAMILIES))
     seen = []
 
     @register_family("tiny", names=lambda: ["mlp"])

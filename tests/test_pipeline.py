@@ -120,7 +120,10 @@ def test_model_without_prunable_layers_is_a_user_error(data):
         (dict(keep=1.5), "keep fraction"),
         (dict(method="magic"), "unknown method"),
         (dict(criterion="hessian"), "unknown criterion"),
-        (dict(keep_kind="flops"), "keep kind"),
+        (
+            dict(keep_kind="flops"),
+            "keep_kind must be one of 'params', 'macs', 'latency', got 'flops'",
+        ),
         (dict(rho_min=0.5, rho_max=0.1), "rho_min <= rho_max"),
         (dict(prune_steps=0), "prune_steps"),
         (dict(round_to=0), "round_to must be >= 1"),

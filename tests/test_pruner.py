@@ -396,9 +396,12 @@ def test_phase3_asam_resumes_exactly(stop):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (dict(finetune_sharpness="ASAM"), "finetune_sharpness must be sam, asam or none"),
+        (
+            dict(finetune_sharpness="ASAM"),
+            "finetune_sharpness must be one of 'sam', 'asam' or None, got 'ASAM'",
+        ),
         (dict(finetune_rho=-0.1), "finetune_rho must be a number >= 0"),
-        (dict(finetune_rho="0.5"), "finetune_rho must be a number >= 0"),
+        (dict(finetune_rho="0.5"), "finetune_rho must be a number or None, got '0.5' \\(str\\)"),
     ],
 )
 def test_bad_phase3_settings_are_one_line_user_errors(overrides, message):

@@ -147,27 +147,84 @@ def wait_for_records(path, count, process, timeout=300):
     raise AssertionError(f"no {count} records in {path}")
 
 
-@pytest.mark.slow
-def test_kill_9_in_each_phase_then_resume_gives_identical_model(tmp_path, monkeypatch):
-    monkeypatch.setenv("ADASAP_CACHE", str(tmp_path / "cache"))
-    out = tmp_path / "runs"
-    subprocess.run([*CLI_RUN, "--out", str(out), "--name", "straight"], check=True,
+def assert_kill_9_then_resume_is_exact(command: list[str], out, pause: float) -> None:
+    """``command`` (an ``adasap run`` of one method, adasap) run straight, then killed with
+    SIGKILL ``pause`` s after its 1st, 3rd and 5th epoch records (in warm-up epoch 2, removal
+    epoch 2 and fine-tuning epoch 2) and resumed: the same weights, byte for byte."""
+    subprocess.run([*command, "--out", str(out), "--name", "straight"], check=True,
                    capture_output=True, timeout=600)  # fmt: skip
     expected = (out / "straight" / "adasap" / "model.safetensors").read_bytes()
-    # records written before the kill: 1 -> killed in warm-up epoch 2, 3 -> in removal
-    # epoch 2, 5 -> in fine-tuning epoch 2
     for records in (1, 3, 5):
         name = f"killed-after-{records}"
         process = subprocess.Popen(
-            [*CLI_RUN, "--out", str(out), "--name", name],
+            [*command, "--out", str(out), "--name", name],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         wait_for_records(out / name / "adasap" / "metrics.jsonl", records, process)
-        time.sleep(0.3)  # into the next epoch
+        time.sleep(pause)  # into the next epoch
         process.send_signal(signal.SIGKILL)
         process.wait()
         subprocess.run([sys.executable, "-m", "adasap", "run", "--resume", str(out / name)],
                        check=True, capture_output=True, timeout=600)  # fmt: skip
         resumed = (out / name / "adasap" / "model.safetensors").read_bytes()
         assert resumed == expected, name
+
+
+@pytest.mark.slow
+def test_kill_9_in_each_phase_then_resume_gives_identical_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADASAP_CACHE", str(tmp_path / "cache"))
+    assert_kill_9_then_resume_is_exact(CLI_RUN, tmp_path / "runs", pause=0.3)
+
+
+@pytest.fixture(scope="module")
+def detection_data():
+    from adasap.data.detection import DetectionSet, DetectionSpec, make_target
+    from test_detection import synthetic_batch
+
+    images, targets = synthetic_batch(8, 64)
+    uint8 = [(x * 255).round().to(torch.uint8) for x in images]
+    labelled = [make_target(t["boxes"], t["labels"]) for t in targets]
+    return DetectionSet(uint8, labelled, DetectionSpec("squares", ("small", "large"), 64))
+
+
+DETECTION = dict(FAST, batch_size=2, lr=0.01, device="cpu", task="detection")
+
+
+# 4 steps per epoch, as above: stopped in each phase
+@pytest.mark.parametrize("stop_at", [2, 5, 10])
+def test_resumed_detection_prune_equals_uninterrupted(
+    tmp_path, monkeypatch, detection_data, stop_at
+):
+    from adasap.models.detection import build_detector
+
+    torch.manual_seed(0)
+    dense = build_detector("tiny_ssd", num_classes=3, image_size=64)
+    reference = prune(dense, detection_data, detection_data, **DETECTION)
+    assert [r["phase"] for r in reference.history] == ["warmup", "prune", "finetune"]
+    assert all(0 <= r["val_map_50"] <= 1 for r in reference.history)  # validated every epoch
+    with monkeypatch.context() as patch:
+        stop_after(patch, stop_at)
+        with pytest.raises(RunInterrupted):
+            prune(dense, detection_data, detection_data, checkpoint_dir=tmp_path, **DETECTION)
+    assert (tmp_path / CHECKPOINT_FILE).is_file()
+    resumed = prune(dense, detection_data, detection_data, checkpoint_dir=tmp_path, **DETECTION)
+    assert_same_weights(resumed.model, reference.model)
+    assert comparable(resumed.history) == comparable(reference.history)
+    assert resumed.pruning_history == reference.pruning_history
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_detection_run_then_resume_gives_identical_model(tmp_path, monkeypatch):
+    from test_data import write_fashion
+
+    monkeypatch.setenv("ADASAP_CACHE", str(tmp_path / "cache"))
+    fashion = write_fashion(tmp_path / "fashion", 60, 30)
+    command = [
+        sys.executable, "-m", "adasap", "run", "--task", "detection", "--data-dir", str(fashion),
+        "--train-limit", "16", "--test-limit", "4", "--corruptions", "none",
+        "--image-size", "48", "--dense-epochs", "1", "--batch-size", "4", "--methods", "adasap",
+        "--warmup-epochs", "2", "--prune-epochs", "2", "--finetune-epochs", "2",
+        "--prune-steps", "2", "--no-progress",
+    ]  # fmt: skip
+    assert_kill_9_then_resume_is_exact(command, tmp_path / "runs", pause=0.1)

@@ -32,7 +32,7 @@ from adasap.robustness.official import (
     official_sets,
 )
 from adasap.robustness.report import ALEXNET_ERRORS, SOURCE_RENDERED, CorruptionReport
-from adasap.training.evaluate import evaluate_accuracy
+from adasap.tasks.evaluate import evaluate_accuracy
 
 
 class LevelClassifier(nn.Module):

@@ -33,8 +33,8 @@ from adasap.method.schedule import PhaseSchedule
 from adasap.models.builders import build_model
 from adasap.robustness.official import load_imagenet_v2
 from adasap.robustness.report import SOURCE_RENDERED
+from adasap.tasks.evaluate import evaluate_accuracy
 from adasap.training import pipeline
-from adasap.training.evaluate import evaluate_accuracy
 from adasap.training.settings import PruneSettings
 from test_distributed import ROOT, bn_net, plain_net, run_ranks, tiny_data
 

@@ -16,7 +16,7 @@ from adasap.data import (
     training_source,
 )
 from adasap.errors import UserError
-from adasap.training.evaluate import evaluate_accuracy
+from adasap.tasks.evaluate import evaluate_accuracy
 
 
 def indexed_images(n: int = 10, size: int = 4) -> tuple[torch.Tensor, torch.Tensor]:

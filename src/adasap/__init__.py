@@ -8,7 +8,6 @@ from adasap.method.schedule import PhaseSchedule
 from adasap.method.step import sharpness_aware_step
 from adasap.robustness.detection_report import DetectionCorruptionReport
 from adasap.robustness.evaluation import CorruptionReport, evaluate_corruptions
-from adasap.training.detection import DetectionPruneResult
 from adasap.training.pipeline import PruneResult, prune, train
 from adasap.training.settings import PruneSettings
 
@@ -21,7 +20,6 @@ __all__ = [
     "AdaSAP",
     "CorruptionReport",
     "DetectionCorruptionReport",
-    "DetectionPruneResult",
     "PhaseSchedule",
     "PruneResult",
     "PruneSettings",

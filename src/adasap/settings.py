@@ -1,14 +1,16 @@
 """Settings dataclasses as flat key spaces, typed by their own annotations.
 
-A settings dataclass (``PruneSettings`` holding an ``OptimizerSettings``, say) is read through
+A settings dataclass (``PruneSettings`` holding a ``PrunerSettings``, say) is read through
 :func:`dataclasses.fields` and :func:`typing.get_type_hints`: a new field is a new key, with no
 schema to edit. A field annotated with a dataclass is a section: its fields join the parent's
-flat key space, so ``{"keep": 0.3, "rho_max": 0.4}`` sets fields at two depths.
+flat key space, so ``{"keep": 0.3, "rho_max": 0.4}`` sets fields at two depths. A section
+declared with :func:`section` may leave some of its fields out of that key space, for the
+parent to set (a run's ``seed`` is also its pruner's).
 
 Values are checked the same way from Python (:func:`check_field_types`, messages spelled
 ``True``/``None``) and from config files or flags (:func:`check_flat`, spelled ``true``/``null``):
-ints count as floats, ``bool`` never counts as a number, and a ``tuple[str, ...]`` field takes a
-list or tuple of strings.
+ints count as floats, ``bool`` never counts as a number, a ``tuple[str, ...]`` field takes a
+list or tuple of strings, and a ``Literal[...]`` field takes only its values.
 """
 
 from __future__ import annotations
@@ -23,9 +25,12 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 from adasap.errors import UserError
 
 NoneType = type(None)
-# What a field may hold: classes (NoneType for None), or list[X] / tuple[X, ...] for sequences.
+# What a field may hold: classes (NoneType for None), list[X] / tuple[X, ...] for sequences, or
+# Literal[...] for a set of values.
 Types = tuple[Any, ...]
 Settings = TypeVar("Settings")
+# dataclasses.field metadata: the fields of a section left out of the flat key space
+_OMIT = "adasap.settings.omit"
 
 _SEQUENCES = (list, tuple, collections.abc.Sequence)
 _NAMES = {str: "a string", int: "an integer", float: "a number"}
@@ -37,13 +42,11 @@ _SPELLING = {
 
 
 def allowed_types(hint: Any) -> Types:
-    """The types a value annotated with ``hint`` may have (``Literal`` values give theirs)."""
+    """The types a value annotated with ``hint`` may have (a ``Literal`` is kept whole)."""
     origin = get_origin(hint)
     if origin in (Union, types.UnionType):
         return tuple(dict.fromkeys(t for arg in get_args(hint) for t in allowed_types(arg)))
-    if origin is Literal:
-        return tuple(dict.fromkeys(type(value) for value in get_args(hint)))
-    if origin in _SEQUENCES:
+    if origin in (Literal, *_SEQUENCES):
         return (hint,)
     if hint is Any:
         return (object,)
@@ -52,17 +55,25 @@ def allowed_types(hint: Any) -> Types:
     return (origin or hint,)
 
 
+def section(cls: type, *, omit: Collection[str] = ()) -> Any:
+    """A section field holding ``cls()`` by default, with the fields named in ``omit`` left out of
+    the flat key space: the parent holds keys of the same names and sets those fields itself."""
+    return dataclasses.field(default_factory=cls, metadata={_OMIT: frozenset(omit)})
+
+
 @functools.cache
-def field_types(cls: type) -> dict[str, Types]:
-    """Field name -> allowed types, for one dataclass (nested sections not expanded)."""
+def _fields(cls: type) -> tuple[tuple[str, Types, type | None, frozenset[str]], ...]:
+    """Per field of one dataclass: its name, allowed types, and when it is a section, the
+    section's dataclass and the fields that :func:`section` leaves out (else None and none)."""
     hints = get_type_hints(cls)
-    return {f.name: allowed_types(hints[f.name]) for f in dataclasses.fields(cls)}
-
-
-def _section(allowed: Types) -> type | None:
-    """The settings dataclass a field holds, when it is a section of the flat key space."""
-    (only, *rest) = allowed
-    return only if not rest and isinstance(only, type) and dataclasses.is_dataclass(only) else None
+    rows = []
+    for f in dataclasses.fields(cls):
+        allowed = allowed_types(hints[f.name])
+        (only, *rest) = allowed
+        is_section = not rest and isinstance(only, type) and dataclasses.is_dataclass(only)
+        hidden = f.metadata.get(_OMIT, frozenset())
+        rows.append((f.name, allowed, only if is_section else None, hidden))
+    return tuple(rows)
 
 
 def _items(form: Any) -> Types:
@@ -70,6 +81,8 @@ def _items(form: Any) -> Types:
 
 
 def _accepts(form: Any, value: Any) -> bool:
+    if get_origin(form) is Literal:  # by value, and of the value's own type (True is not 1)
+        return any(type(value) is type(v) and value == v for v in get_args(form))
     if form is NoneType:
         return value is None
     if form in (int, float) and isinstance(value, bool):
@@ -93,6 +106,8 @@ def _name(form: Any, config: bool) -> str:
     spelled = _SPELLING[config].get(form) or _NAMES.get(form)
     if spelled is not None:
         return spelled
+    if get_origin(form) is Literal:
+        return "one of " + ", ".join(map(repr, get_args(form)))
     if get_origin(form) in _SEQUENCES:
         items = _items(form)
         if items and all(t in _PLURALS for t in items):
@@ -108,27 +123,31 @@ def describe(allowed: Types, *, config: bool = False) -> str:
 
 
 def check_field_types(settings: Any) -> None:
-    """Raise :class:`UserError` naming the first field of ``settings`` whose value has the
-    wrong type; a section is checked to be its dataclass, not field by field."""
-    for f in dataclasses.fields(settings):
-        allowed = field_types(type(settings))[f.name]
-        value = getattr(settings, f.name)
+    """Raise :class:`UserError` naming the first field of ``settings`` (or of its sections) whose
+    value has the wrong type, or is not one of a ``Literal`` field's values."""
+    defaults = {f.name: f.default for f in dataclasses.fields(settings)}
+    for name, allowed, section, _ in _fields(type(settings)):
+        value = getattr(settings, name)
         if not accepts(allowed, value):
-            example = f.default is not dataclasses.MISSING
+            example = defaults[name] is not dataclasses.MISSING
+            # a Literal's values are named already: its type and an example would only repeat them
+            literal = any(get_origin(form) is Literal for form in allowed)
             raise UserError(
-                f"{f.name} must be {describe(allowed)}, got {value!r} ({type(value).__name__})"
-                + (f": pass e.g. {f.name}={f.default!r}" if example else "")
+                f"{name} must be {describe(allowed)}, got {value!r}"
+                + ("" if literal else f" ({type(value).__name__})")
+                + (f": pass e.g. {name}={defaults[name]!r}" if example and not literal else "")
             )
+        if section is not None:
+            check_field_types(value)
 
 
 def flat_schema(cls: type, omit: Collection[str] = ()) -> dict[str, Types]:
     """Key -> allowed types for ``cls`` and its sections, less the fields named in ``omit``."""
     schema: dict[str, Types] = {}
-    for name, allowed in field_types(cls).items():
+    for name, allowed, section, hidden in _fields(cls):
         if name in omit:
             continue
-        section = _section(allowed)
-        entries = flat_schema(section, omit) if section is not None else {name: allowed}
+        entries = flat_schema(section, {*omit, *hidden}) if section else {name: allowed}
         clash = entries.keys() & schema.keys()
         if clash:
             raise TypeError(f"{cls.__name__}: two fields make the flat key(s) {sorted(clash)}")
@@ -139,12 +158,12 @@ def flat_schema(cls: type, omit: Collection[str] = ()) -> dict[str, Types]:
 def to_flat(settings: Any, omit: Collection[str] = ()) -> dict[str, Any]:
     """``settings`` as one flat mapping of JSON/YAML values (sequences become lists)."""
     flat: dict[str, Any] = {}
-    for name, allowed in field_types(type(settings)).items():
+    for name, _, section, hidden in _fields(type(settings)):
         if name in omit:
             continue
         value = getattr(settings, name)
-        if _section(allowed) is not None:
-            flat.update(to_flat(value, omit))
+        if section is not None:
+            flat.update(to_flat(value, {*omit, *hidden}))
         else:
             flat[name] = list(value) if isinstance(value, list | tuple) else value
     return flat
@@ -165,8 +184,8 @@ def check_flat(
     values: Mapping[str, Any], schema: Mapping[str, Types], source: str | None = None
 ) -> dict[str, Any]:
     """``values`` with known keys and allowed types, converted (ints to floats for numbers,
-    lists to tuples for tuples); :class:`UserError` for an unknown key or a wrong type, prefixed
-    with ``source`` (say, the file) when given."""
+    lists to tuples for tuples); :class:`UserError` for an unknown key, a wrong type or a value
+    not among a ``Literal``'s, prefixed with ``source`` (say, the file) when given."""
     try:
         unknown = sorted(set(values) - set(schema))
         if unknown:
@@ -187,11 +206,17 @@ def check_flat(
         raise UserError(f"{source}: {exc}") from None
 
 
-def _replace(settings: Settings, values: Mapping[str, Any]) -> Settings:
+def replace_flat(
+    settings: Settings, values: Mapping[str, Any], omit: Collection[str] = ()
+) -> Settings:
+    """``settings`` with the flat ``values`` (keys of :func:`flat_schema`) put in place at any
+    depth, unchecked; fields left out by ``omit`` or by a :func:`section` are not set."""
     changes = {}
-    for name, allowed in field_types(type(settings)).items():
-        if _section(allowed) is not None:
-            changes[name] = _replace(getattr(settings, name), values)
+    for name, _, section, hidden in _fields(type(settings)):
+        if name in omit:
+            continue
+        if section is not None:
+            changes[name] = replace_flat(getattr(settings, name), values, {*omit, *hidden})
         elif name in values:
             changes[name] = values[name]
     return dataclasses.replace(settings, **changes)
@@ -205,6 +230,7 @@ def from_flat(
 ) -> Settings:
     """``base`` with the flat ``values`` put in place, at any depth, after :func:`check_flat`.
 
-    Only keys and types are checked here; ranges are the settings' own ``validate()``.
+    Only keys and types are checked here; ranges are the settings' own ``validate()`` (or a
+    section's ``__post_init__``, which runs as it is rebuilt here).
     """
-    return _replace(base, check_flat(values, flat_schema(type(base), omit), source))
+    return replace_flat(base, check_flat(values, flat_schema(type(base), omit), source), omit)

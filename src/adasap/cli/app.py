@@ -17,9 +17,7 @@ from adasap.distributed import close, init_from_env, is_main, launched
 from adasap.errors import UserError
 from adasap.experiments import commands
 from adasap.experiments.config import ExperimentConfig, from_flat, load_yaml
-from adasap.experiments.detection_bench import DETECTION_PRESETS
-from adasap.experiments.detection_run import check_detection_command, run_detection_experiment
-from adasap.experiments.presets import PRESETS
+from adasap.experiments.job import JOBS
 from adasap.experiments.run import run_experiment
 from adasap.experiments.sweep_presets import SWEEP_PRESETS
 from adasap.io import read_json_mapping
@@ -94,16 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
     latency.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
     latency.add_argument("--device", default="cpu", help="cpu or cuda (PyTorch eager)")
     latency.add_argument("--repeats", type=int, default=20)
+    bench_presets = [n for task in JOBS for n in JOBS.get(task).bench_presets]
     for name, what, presets in (
-        ("bench", "the benchmark grid (methods x criteria x keeps x seeds)", PRESETS),
+        ("bench", "the benchmark grid (methods x criteria x keeps x seeds)", bench_presets),
         ("sweep", "the tuning sweep (validation data, held-out cbar + 4 extra corruptions)",
-         SWEEP_PRESETS),
+         list(SWEEP_PRESETS)),
     ):  # fmt: skip
         command = commands.add_parser(name, help=f"run {what}; resumable: rerun to continue")
-        names = list(dict.fromkeys([*presets, *(DETECTION_PRESETS if name == "bench" else ())]))
-        command.add_argument("--preset", choices=names, help=f"default: {next(iter(presets))}")
+        command.add_argument("--preset", choices=list(dict.fromkeys(presets)),
+                             help=f"default: {presets[0]}")  # fmt: skip
         if name == "bench":
-            command.add_argument("--task", choices=("classification", "detection"),
+            command.add_argument("--task", choices=JOBS.names(), default=JOBS.names()[0],
                                  help="detection: tiny_ssd, P/mPC/rPC")  # fmt: skip
         command.add_argument("--out", help=f"output folder (default: runs/{name}-<preset>)")
         command.add_argument("--report-only", action="store_true",
@@ -195,7 +194,6 @@ def main(argv: list[str] | None = None) -> int:
         if _restarted_run(args, config):  # torchrun --max-restarts: continue the named run
             args.resume = str(Path(config.out_dir) / str(config.name))
             config, resume = config_from_args(args)
-        check_detection_command(config, args.command)
         init_from_env(config.prune.device)  # under torchrun: join its process group
         console = Console(quiet=not is_main())
         if args.command == "train":
@@ -205,8 +203,6 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError("--official and --official-dir go together: give both or neither")
             official = (args.official_dir, args.official) if args.official else None
             commands.evaluate_path(args.path, config, official, console, args.imagenet_v2)
-        elif config.task == "detection":
-            run_detection_experiment(config, console, resume=resume)
         else:
             run_experiment(config, console, resume=resume)
     except TrainingDiverged as exc:
@@ -265,15 +261,15 @@ def _deploy(args: argparse.Namespace) -> int:
 
 
 def _bench_or_sweep(args: argparse.Namespace) -> int:
-    detection = getattr(args, "task", None) == "detection"
-    presets = {"bench": PRESETS, "sweep": SWEEP_PRESETS, "detection": DETECTION_PRESETS}
-    presets = presets["detection" if detection else args.command]
+    task = getattr(args, "task", JOBS.names()[0])
+    presets = JOBS.get(task).bench_presets if args.command == "bench" else SWEEP_PRESETS
     args.preset = args.preset or next(iter(presets))
-    out = args.out or f"runs/{args.command}-{'detection-' if detection else ''}{args.preset}"
+    kind = "" if task == JOBS.names()[0] else f"{task}-"  # the default task keeps short names
+    out = args.out or f"runs/{args.command}-{kind}{args.preset}"
     console = Console()
     try:
         commands.run_grid(
-            args.command, args.preset, out, task="detection" if detection else None,
+            args.command, args.preset, out, task=task,
             jobs=args.jobs, ray=args.ray, report_only=args.report_only,
             check=getattr(args, "check", False), console=console,
         )  # fmt: skip

@@ -16,7 +16,6 @@ from adasap.data.detection import (
     DetectionSpec,
     FileDetectionSet,
     detection_collate,
-    training_batches,
 )
 from adasap.data.detection_canvas import load_canvas_detection
 from adasap.data.detection_files import load_coco, load_coco_detection, load_voc, load_voc_detection
@@ -54,6 +53,5 @@ __all__ = [
     "load_voc_detection",
     "num_batches",
     "register_dataset",
-    "training_batches",
     "training_source",
 ]

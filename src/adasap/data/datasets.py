@@ -22,6 +22,7 @@ from adasap.data.image_sets import DataBundle, ImageSet, TensorImageSet
 from adasap.data.specs import DatasetSpec
 from adasap.data.splits import balanced_subset, stratified_split
 from adasap.errors import UserError
+from adasap.registry import Registry
 
 Splits = tuple[DatasetSpec, ImageSet, ImageSet]
 Loader = Callable[[DatasetSpec, dict[str, Any], "str | Path | None"], Splits]
@@ -39,7 +40,7 @@ class _Registered:
     takes_path: bool
 
 
-_REGISTRY: dict[str, _Registered] = {}
+_REGISTRY: Registry[_Registered] = Registry("dataset")
 
 
 def register_dataset(
@@ -58,14 +59,14 @@ def register_dataset(
     """
 
     def register(load: Loader) -> Loader:
-        _REGISTRY[name] = _Registered(spec, load, dict(options or {}), takes_path)
+        _REGISTRY.add(name, _Registered(spec, load, dict(options or {}), takes_path))
         return load
 
     return register
 
 
 def _usage(name: str) -> str:
-    return f"{name}:<path>" if _REGISTRY[name].takes_path else name
+    return f"{name}:<path>" if _REGISTRY.get(name).takes_path else name
 
 
 # --------------------------------------------------------------------------- loaders
@@ -242,13 +243,16 @@ def _check_options(
 
 def _resolve(name: str, options: dict[str, Any]) -> tuple[_Registered, DatasetSpec, dict]:
     key, colon, path = name.strip().partition(":")
-    entry = _REGISTRY.get(key.lower())
-    if entry is None or (colon and not entry.takes_path):
+    key = key.lower()
+    # Not the registry's message: it shows how to write a dataset that takes a path, and a
+    # path after a name that takes none is unknown too.
+    if key not in _REGISTRY or (colon and not _REGISTRY.get(key).takes_path):
         choices = ", ".join(_usage(n) for n in _REGISTRY)
         raise UserError(f"unknown dataset {name!r}: choose one of {choices}")
-    merged = _check_options(key.lower(), options, entry.options)
+    entry = _REGISTRY.get(key)
+    merged = _check_options(key, options, entry.options)
     if entry.takes_path and not path:
-        raise UserError(f"{key.lower()} needs a path: write {key.lower()}:<path>")
+        raise UserError(f"{key} needs a path: write {key}:<path>")
     if isinstance(entry.spec, DatasetSpec):
         return entry, entry.spec, merged
     return entry, entry.spec(path if entry.takes_path else None, merged), merged
@@ -256,8 +260,8 @@ def _resolve(name: str, options: dict[str, Any]) -> tuple[_Registered, DatasetSp
 
 def dataset_options(name: str) -> dict[str, Any]:
     """The options dataset ``name`` takes and their defaults ({} for an unknown name)."""
-    entry = _REGISTRY.get(name.strip().partition(":")[0].lower())
-    return dict(entry.options) if entry is not None else {}
+    key = name.strip().partition(":")[0].lower()
+    return dict(_REGISTRY.get(key).options) if key in _REGISTRY else {}
 
 
 def get_spec(name: str, **options: Any) -> DatasetSpec:

@@ -10,16 +10,18 @@ crowds), which torchvision's detectors do not read. The sets themselves live in
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset
 
+from adasap.data.batching import SINGLE, Shard, num_batches
 from adasap.data.folders import read_image
+from adasap.data.sources import BatchSource, IterableSource, epoch_generator
 from adasap.errors import UserError
 
 Target = dict[str, Tensor]
@@ -199,58 +201,179 @@ def detection_collate(items: Sequence[tuple[Tensor, Target]]) -> DetectionBatch:
 
 
 class DetectionBatches:
-    """Batches ``(images, targets)`` of a detection set, re-iterable (one pass = one epoch).
+    """Batches ``(images, targets)`` of a detection set, in order (one pass = one epoch), for
+    evaluation; ``num_workers`` processes decode image files. Training batches, shuffled and
+    flipped per epoch: :class:`DetectionSource`."""
 
-    ``shuffle`` and ``hflip`` (each image mirrored with probability 1/2, boxes too) draw from
-    ``generator``, in this process, so the batches do not depend on ``num_workers``.
+    def __init__(self, data: Dataset, batch_size: int, *, num_workers: int = 0) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise UserError(f"batch size {batch_size!r} is invalid: use a positive integer")
+        self.loader = DataLoader(
+            data, batch_size=batch_size, num_workers=num_workers, collate_fn=detection_collate
+        )
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[DetectionBatch]:
+        return iter(self.loader)
+
+
+_CONTRACT = (
+    "yield (images, targets): a list of C x H x W tensors and a list of dicts with boxes "
+    "[N, 4] (x1, y1, x2, y2) and int64 labels [N] >= 1"
+)
+
+
+def check_detection_batch(batch: Any) -> DetectionBatch:
+    """``batch`` itself if it follows the contract in the module docstring; else UserError."""
+    if not (isinstance(batch, list | tuple) and len(batch) == 2):
+        raise UserError(
+            f"a detection batch is a {type(batch).__name__}, not (images, targets): {_CONTRACT}"
+        )
+    images, targets = batch
+    if not images or len(images) != len(targets):
+        raise UserError(
+            f"a detection batch has {len(images)} images, {len(targets)} targets: {_CONTRACT}"
+        )
+    for image, target in zip(images, targets, strict=True):
+        if not isinstance(image, Tensor) or image.dim() != 3 or not image.is_floating_point():
+            raise UserError(f"a detection image is not a float C x H x W tensor: {_CONTRACT}")
+        boxes, labels = target.get("boxes"), target.get("labels")
+        if not isinstance(boxes, Tensor) or boxes.dim() != 2 or boxes.shape[-1] != 4:
+            raise UserError(f"a target's boxes are not an [N, 4] tensor: {_CONTRACT}")
+        if not isinstance(labels, Tensor) or labels.shape != boxes.shape[:1]:
+            raise UserError(f"a target's labels are not one per box: {_CONTRACT}")
+        if len(labels) and int(labels.min()) < 1:
+            raise UserError(
+                f"a target has label {int(labels.min())}, but 0 is the background: {_CONTRACT}"
+            )
+        if bool((boxes[:, 2:] <= boxes[:, :2]).any()):
+            raise UserError(f"a target has a box of zero or negative width or height: {_CONTRACT}")
+    return list(images), list(targets)
+
+
+def detection_to_device(batch: DetectionBatch, device: torch.device | None) -> DetectionBatch:
+    images, targets = batch
+    if device is None:
+        return list(images), list(targets)
+    return (
+        [image.to(device, non_blocking=True) for image in images],
+        [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets],
+    )
+
+
+class DetectionSource(BatchSource):
+    """Training batches of a map-style detection set: shuffled and flipped per epoch.
+
+    Epoch ``e``'s order and flips are drawn up front from :func:`epoch_generator` (seed, e), in
+    this process, so they do not depend on ``num_workers``; with ``shard`` each rank loads its
+    rows of every global batch, flipped as a single process would flip them. The last short
+    batch is dropped (BatchNorm in training needs more than one image).
     """
+
+    what = "the detection set"
+    drop_last = True
 
     def __init__(
         self,
         data: Dataset,
         batch_size: int,
         *,
-        shuffle: bool = False,
-        hflip: bool = False,
-        generator: torch.Generator | None = None,
+        seed: int = 0,
+        hflip: bool = True,
         num_workers: int = 0,
-        drop_last: bool = False,
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise UserError(f"batch size {batch_size!r} is invalid: use a positive integer")
-        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
-        order = RandomSampler(data, generator=self.generator) if shuffle else None
-        sampler = BatchSampler(order or SequentialSampler(data), batch_size, drop_last)
-        self.loader = DataLoader(
-            data, batch_sampler=sampler, num_workers=num_workers, collate_fn=detection_collate
-        )
-        self.hflip = hflip
+        self.data, self.batch_size, self.seed = data, batch_size, seed
+        self.hflip, self.num_workers = hflip, num_workers
 
     def __len__(self) -> int:
-        return len(self.loader)
+        return num_batches(range(len(self.data)), self.batch_size, drop_last=True, shard=self.shard)
 
-    def __iter__(self) -> Iterator[DetectionBatch]:
-        for images, targets in self.loader:
+    def epoch(self, index: int, device: torch.device | None = None) -> Iterator[DetectionBatch]:
+        generator = epoch_generator(self.seed, index)
+        order = torch.randperm(len(self.data), generator=generator).tolist()
+        flips = torch.rand(len(self.data), generator=generator) < 0.5
+        (rank, world), size = self.shard, self.batch_size
+        parts = [
+            order[start + rank * size : start + (rank + 1) * size]
+            for start in range(0, len(self) * size * world, size * world)
+        ]
+        loader = DataLoader(
+            self.data,
+            batch_sampler=parts,
+            num_workers=self.num_workers,
+            collate_fn=detection_collate,
+        )
+        for part, (images, targets) in zip(parts, loader, strict=True):
             if self.hflip:
-                flips = torch.rand(len(images), generator=self.generator) < 0.5
                 pairs = [
-                    flip_horizontal(x, t) if flip else (x, t)
-                    for x, t, flip in zip(images, targets, flips.tolist(), strict=True)
+                    flip_horizontal(x, t) if bool(flips[i]) else (x, t)
+                    for i, x, t in zip(part, images, targets, strict=True)
                 ]
                 images, targets = detection_collate(pairs)
-            yield images, targets
+            yield detection_to_device((images, targets), device)
+
+    def example(self, count: int = 1) -> list[Tensor]:
+        return [self.data[i][0] for i in range(min(count, len(self.data)))]
+
+    def _raw(self) -> Iterable[Any]:
+        return [detection_collate([self.data[0]])] if len(self.data) else []
+
+    def check(self) -> None:
+        first = self._first()
+        if first is None:
+            raise UserError(f"{self.what} is empty: give it at least one image")
+        check_detection_batch(first)
 
 
-def training_batches(
-    data: Dataset, batch_size: int, *, seed: int = 0, num_workers: int = 0
-) -> DetectionBatches:
-    """Shuffled, flipped batches for training, drawn from a generator seeded with ``seed``."""
-    generator = torch.Generator().manual_seed(seed)
-    return DetectionBatches(
-        data,
-        batch_size,
-        shuffle=True,
-        hflip=True,
-        generator=generator,
-        num_workers=num_workers,
-    )
+class DetectionBatchList(IterableSource):
+    """A DataLoader or list of ``(images, targets)`` batches, used as given."""
+
+    what = "the loader or list of detection batches"
+
+    def __init__(self, data: Iterable[Any]) -> None:
+        super().__init__(data, train=True)
+
+    def epoch(self, index: int, device: torch.device | None = None) -> Iterator[DetectionBatch]:
+        rank, world = self.shard
+        for number, batch in enumerate(self.data):
+            if number // world >= len(self):
+                break  # every rank trains on as many batches
+            if number % world == rank:
+                yield detection_to_device(check_detection_batch(batch), device)
+
+    def example(self, count: int = 1) -> list[Tensor]:
+        images, _ = check_detection_batch(next(iter(self.data)))
+        return [image.cpu() for image in images[:count]]
+
+    def check(self) -> None:
+        first = self._first()
+        if first is None:
+            raise UserError(f"{self.what} is empty: give it at least one batch")
+        check_detection_batch(first)
+
+
+def detection_source(
+    data: Any, *, batch_size: int, seed: int = 0, num_workers: int = 0, shard: Shard = SINGLE
+) -> BatchSource:
+    """Training batches of any detection data: a detection set (or any map-style Dataset of
+    ``(image, target)`` items), or a DataLoader / list of ``(images, targets)`` batches."""
+    if isinstance(data, DetectionBundle):
+        raise UserError(
+            "a whole DetectionBundle was passed: pass its .train to train, its .val or .test "
+            "to evaluate"
+        )
+    if isinstance(data, Dataset) and hasattr(data, "__len__"):
+        source: BatchSource = DetectionSource(data, batch_size, seed=seed, num_workers=num_workers)
+    elif isinstance(data, Iterable) and not isinstance(data, str | bytes | dict | Tensor):
+        source = DetectionBatchList(data)
+    else:
+        raise UserError(
+            f"cannot read detection batches from a {type(data).__name__}: pass a detection "
+            "set, a map-style Dataset of (image, target) items, or a DataLoader / list of "
+            "(images, targets) batches"
+        )
+    return source.sharded(shard)

@@ -275,7 +275,7 @@ class _DatasetSource(BatchSource):
         return [collate_items([item])]
 
 
-class _IterableSource(BatchSource):
+class IterableSource(BatchSource):
     what = "the loader or list of batches"
 
     def __init__(self, data: Iterable[Any], train: bool) -> None:
@@ -361,7 +361,7 @@ def _source(
     if isinstance(data, Dataset):
         return _DatasetSource(data, batch_size, train=train, seed=seed, drop_last=drop_last)
     if isinstance(data, Iterable) and not isinstance(data, str | bytes | dict):
-        return _IterableSource(data, train)
+        return IterableSource(data, train)
     raise UserError(f"cannot read batches from a {type(data).__name__}: pass {_SUPPORTED}")
 
 

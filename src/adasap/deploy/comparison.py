@@ -17,11 +17,11 @@ from torch import Tensor, nn
 
 from adasap.deploy.onnx import find_models, onnx_runs_on
 from adasap.deploy.ratio import NOISY_WIDTH, LatencyRatio
-from adasap.deploy.serialization import is_detector, load_model, read_description
+from adasap.deploy.serialization import DENSE, load_model, read_description, saved_task
 from adasap.deploy.timing import BACKENDS, LatencyResult, machine_info, model_times
 from adasap.devices import resolve_device
 from adasap.errors import UserError
-from adasap.models.builders import build_model
+from adasap.tasks import make_task
 
 
 def row_ratio(row: Mapping[str, Any]) -> LatencyRatio:
@@ -140,28 +140,38 @@ def run_latency(
     device: str = "cpu",
     warmup: int = 5,
     repeats: int = 20,
+    images: Tensor | None = None,
 ) -> LatencyComparison:
-    """Every pruned model of a run directory beside its dense architecture.
+    """Every pruned model of a run directory beside its dense model, on ``images`` (default:
+    random ones of the saved input shape).
 
-    ``backends`` defaults to PyTorch, and onnxruntime where it runs on ``device``. The dense
-    model is rebuilt with fresh weights from the saved architecture: latency does not depend
-    on the weight values, and the trained dense model lives in a cache the run does not point
-    to.
+    ``backends`` defaults to PyTorch, and onnxruntime where it runs on ``device`` (and the
+    task's ONNX graph takes batches). The dense
+    model is the run's own (``<run>/dense``); a run without one (written before runs kept it)
+    gets a dense model rebuilt with fresh weights from the saved architecture where the task's
+    time does not depend on the weights.
     """
-    if backends is None:
-        backends = BACKENDS if onnx_runs_on(device) else ("torch",)
     models = find_models(run_dir)
-    architecture = read_description(next(iter(models.values())))["architecture"]
-    if is_detector(architecture):
+    dense_dir = models.pop(DENSE, None)
+    if not models:
+        raise UserError(f"{run_dir} holds no pruned model beside its dense one: time a run")
+    description = read_description(next(iter(models.values())))
+    architecture, task = description["architecture"], make_task(saved_task(description))
+    if backends is None:
+        backends = BACKENDS if onnx_runs_on(device) and task.onnx_timing else ("torch",)
+    if dense_dir is not None:
+        dense = load_model(dense_dir)
+    elif task.timed_by_architecture:
+        dense = task.build_saved(architecture)
+    else:
         raise UserError(
-            f"{run_dir} holds detectors, whose time depends on their weights and input: time "
-            "them with adasap latency, or adasap.experiments.detection_saved."
-            "run_detection_latency"
+            f"{run_dir} holds {task.name} models, whose time depends on their weights and "
+            f"input, but no dense model: adasap run --resume {run_dir} saves it there"
         )
     pruned = {name: load_model(path) for name, path in models.items()}
     size = int(architecture["image_size"])
     return compare_latency(
-        build_model(**architecture),
+        dense,
         pruned,
         (int(architecture["in_channels"]), size, size),
         batch_sizes=batch_sizes,
@@ -169,4 +179,5 @@ def run_latency(
         device=device,
         warmup=warmup,
         repeats=repeats,
+        images=images,
     )

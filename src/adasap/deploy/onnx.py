@@ -3,14 +3,17 @@
 onnx and onnxruntime are imported by the functions that use them, so that importing this
 module (and the timing built on it) stays cheap.
 
-The export uses PyTorch's TorchScript-based exporter, which needs no extra package (the newer
-``dynamo`` exporter needs ``onnxscript``), with a dynamic batch dimension. Every export can be
-checked with onnxruntime against PyTorch on random images at two batch sizes.
+One export path serves every task: the model's :class:`~adasap.tasks.Task` supplies the
+graph's outputs by name, its dynamic axes and how to compare onnxruntime's outputs with
+PyTorch's. The export uses PyTorch's TorchScript-based exporter, which needs no extra package
+(the newer ``dynamo`` exporter needs ``onnxscript``), and can be checked with onnxruntime
+against PyTorch on random images.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -21,18 +24,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from adasap.deploy.serialization import DESCRIPTION_FILE, is_detector, load_model, read_description
-from adasap.errors import UserError
+from adasap.deploy.serialization import DESCRIPTION_FILE, load_model, read_description, saved_task
+from adasap.errors import UserError, exception_summary
 from adasap.io import atomic_write
+from adasap.tasks import Task, make_task
 
 if TYPE_CHECKING:
     import onnxruntime as ort
 
 MIN_OPSET = 17
 MAX_OPSET = 20  # the newest the TorchScript-based exporter writes
-INPUT_NAME = "images"
-OUTPUT_NAME = "logits"
-CHECK_BATCH_SIZES = (1, 5)
 
 InputShape = tuple[int, int, int]
 
@@ -75,13 +76,16 @@ def select_model(run_dir: str | Path, method: str | None = None) -> Path:
 
 
 def resolve_model(
-    model_or_dir: nn.Module | str | Path, image_size: int | Sequence[int] | None = None
-) -> tuple[nn.Module, InputShape]:
-    """A model and its per-sample input shape ``(C, H, W)``.
+    model_or_dir: nn.Module | str | Path,
+    image_size: int | Sequence[int] | None = None,
+    task: str | Task = "classification",
+) -> tuple[nn.Module, InputShape, Task]:
+    """A model, its per-sample input shape ``(C, H, W)`` and its task.
 
-    A directory (a model's, or a run's holding one model) is loaded with :func:`load_model`
-    and its architecture gives the shape; ``image_size`` (one side or ``(H, W)``) overrides
-    it. A module needs ``image_size``, and its first convolution tells the number of channels.
+    A directory (a model's, or a run's holding one model) is loaded with :func:`load_model`;
+    its description gives the shape and the task, ``image_size`` (one side or ``(H, W)``)
+    overrides the shape. A module needs ``image_size``, its first convolution tells the
+    number of channels, and ``task`` is its task.
     """
     if isinstance(model_or_dir, nn.Module):
         model = model_or_dir
@@ -93,12 +97,13 @@ def resolve_model(
         channels = first.in_channels
     else:
         directory = select_model(model_or_dir)
-        architecture = read_description(directory)["architecture"]
+        description = read_description(directory)
+        architecture, task = description["architecture"], saved_task(description)
         model = load_model(directory)
         channels = int(architecture["in_channels"])
         image_size = image_size if image_size is not None else int(architecture["image_size"])
     height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
-    return model, (channels, int(height), int(width))
+    return model, (channels, int(height), int(width)), make_task(task)
 
 
 def _check_opset(opset: int) -> None:
@@ -107,36 +112,52 @@ def _check_opset(opset: int) -> None:
 
 
 def write_onnx(
-    model: nn.Module, path: str | Path, input_shape: InputShape, opset: int = MIN_OPSET
+    model: nn.Module,
+    path: str | Path,
+    input_shape: InputShape,
+    opset: int = MIN_OPSET,
+    task: str | Task = "classification",
 ) -> Path:
-    """Export ``model`` (a CPU copy, in eval mode) to ``path`` with a dynamic batch size.
+    """Export ``model`` (a CPU copy, in eval mode) to ``path`` with ``task``'s outputs and
+    dynamic axes.
 
-    The file appears complete or not at all; a path that cannot be written is a
-    :class:`UserError`.
+    The file appears complete or not at all; a path that cannot be written, or a model the
+    exporter cannot trace, is a :class:`UserError`.
     """
     _check_opset(opset)
+    task = make_task(task)
     path = Path(path)
     if path.is_dir():
         raise UserError(f"cannot write {path}: it is a directory; give a file path like out.onnx")
-    copy_ = copy.deepcopy(model).cpu().eval()
-    example = torch.rand(2, *input_shape)
+    exported = task.onnx_module(copy.deepcopy(model).cpu().eval()).eval()
+    # seeded as the check's first batch: a detector is checked on the image it was traced on
+    generator = torch.Generator().manual_seed(0)
+    example = torch.rand(max(task.onnx_check_batches), *input_shape, generator=generator)
 
     def export(tmp: Path) -> None:
         with warnings.catch_warnings():
-            # The deprecation notice points at the dynamo exporter, which needs onnxscript.
-            warnings.simplefilter("ignore", DeprecationWarning)
+            # the deprecation notice points at the dynamo exporter (it needs onnxscript); the
+            # tracer's warnings (a detector's box decoding loops in Python) concern the trace,
+            # which the check verifies
+            warnings.simplefilter("ignore")
             torch.onnx.export(
-                copy_,
+                exported,
                 (example,),
                 str(tmp),
                 dynamo=False,
                 opset_version=opset,
-                input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                input_names=[task.onnx_input],
+                output_names=list(task.onnx_outputs),
+                dynamic_axes=task.onnx_dynamic_axes,
             )
 
-    return atomic_write(path, export, fix="choose a writable file path for --onnx")
+    try:
+        return atomic_write(path, export, fix="choose a writable file path for --onnx")
+    except (RuntimeError, TypeError, ValueError, NotImplementedError) as exc:
+        raise UserError(
+            f"ONNX export of {type(model).__name__} is not supported ({exception_summary(exc)}): "
+            "PyTorch's exporter cannot trace it (docs/detection.md lists the detectors that export)"
+        ) from exc
 
 
 @dataclass(frozen=True)
@@ -234,29 +255,34 @@ def onnx_session(path: str | Path, device: str = "cpu") -> ort.InferenceSession:
 
 
 def max_onnx_difference(
-    model: nn.Module,
-    path: str | Path,
-    input_shape: InputShape,
-    batch_sizes: Sequence[int] = CHECK_BATCH_SIZES,
-    seed: int = 0,
-) -> float:
-    """The largest |onnxruntime - PyTorch| output difference on random images in [0, 1]."""
+    model: nn.Module, path: str | Path, input_shape: InputShape, task: Task, tolerance: float
+) -> tuple[float, int | None]:
+    """The largest difference between onnxruntime's and PyTorch's outputs (``task``'s
+    :meth:`~adasap.tasks.Task.onnx_difference`) over its check batches, and how many outputs
+    that compared (``None``: all). A NaN in any output makes it NaN, which fails the check."""
     import onnx
 
     onnx.checker.check_model(str(path))
     session = onnx_session(path)
-    reference = copy.deepcopy(model).cpu().eval()
-    generator = torch.Generator().manual_seed(seed)
-    worst = 0.0
-    for batch in batch_sizes:
-        x = torch.rand(batch, *input_shape, generator=generator)
+    reference = task.onnx_module(copy.deepcopy(model).cpu().eval()).eval()
+    names = task.onnx_outputs
+    generator = torch.Generator().manual_seed(0)
+    diffs, counts = [], []
+    for batch in task.onnx_check_batches:
+        images = torch.rand(batch, *input_shape, generator=generator)
         with torch.inference_mode():
-            expected = reference(x).numpy()
-        (got,) = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})
-        if got.shape != expected.shape:
-            raise RuntimeError(f"onnxruntime output {got.shape} != PyTorch {expected.shape}")
-        worst = max(worst, float(np.abs(got - expected).max()))
-    return worst
+            outputs = reference(images)
+        outputs = (outputs,) if isinstance(outputs, torch.Tensor) else outputs
+        expected = {name: out.numpy() for name, out in zip(names, outputs, strict=True)}
+        got = session.run(list(names), {task.onnx_input: images.numpy()})
+        got = dict(zip(names, got, strict=True))
+        diff, count = task.onnx_difference(images, expected, got, tolerance)
+        arrays = [*expected.values(), *got.values()]
+        nan = any(a.dtype.kind == "f" and np.isnan(a).any() for a in arrays)
+        diffs.append(math.nan if nan else diff)
+        counts.append(count)
+    compared = None if None in counts else sum(counts)
+    return float(np.max(diffs)), compared  # np.max keeps a NaN, Python's max may drop it
 
 
 def export_onnx(
@@ -266,24 +292,26 @@ def export_onnx(
     opset: int = MIN_OPSET,
     image_size: int | Sequence[int] | None = None,
     check: bool = True,
-    tolerance: float = 1e-4,
+    tolerance: float | None = None,
+    task: str | Task = "classification",
 ) -> ExportReport:
-    """Export a model (or a saved model directory) to ONNX with a dynamic batch size.
+    """Export a model (or a saved model directory) to ONNX, the graph its task's
+    (:class:`~adasap.tasks.Task`: a classifier's ``images`` to ``logits`` with a dynamic batch
+    size, a detector's one image to ``boxes``, ``scores``, ``labels``).
 
-    With ``check``, the file is validated by ``onnx.checker`` and run with onnxruntime on
-    random images at batch sizes 1 and 5; the report says whether the largest absolute
-    output difference from PyTorch stays below ``tolerance``. A failed check keeps the file
-    (for inspection) and reports ``passed=False``. A saved detector goes through
-    :func:`adasap.deploy.detection_onnx.export_detector_onnx`.
+    A directory's task comes from its description; a module's is ``task``. With ``check``,
+    the file is validated by ``onnx.checker`` and run with onnxruntime on random images (a
+    classifier at batch sizes 1 and 5, a detector on one image); the report says whether the
+    largest output difference from PyTorch stays below ``tolerance`` (default: the task's,
+    1e-4 for a classifier, 1e-3 for a detector). A failed check keeps the file (for
+    inspection) and reports ``passed=False``.
     """
     _check_opset(opset)
-    if not isinstance(model_or_dir, nn.Module):
-        directory = select_model(model_or_dir)
-        if is_detector(read_description(directory)["architecture"]):
-            from adasap.deploy.detection_onnx import export_detector_onnx  # imports this module
-
-            return export_detector_onnx(directory, path, opset=opset, check=check)
-    model, input_shape = resolve_model(model_or_dir, image_size)
-    written = write_onnx(model, path, input_shape, opset)
-    diff = max_onnx_difference(model, written, input_shape) if check else None
-    return ExportReport.written(written, opset, input_shape, diff, tolerance, CHECK_BATCH_SIZES)
+    model, input_shape, task = resolve_model(model_or_dir, image_size, task)
+    tolerance = task.onnx_tolerance if tolerance is None else tolerance
+    written = write_onnx(model, path, input_shape, opset, task)
+    batches = task.onnx_check_batches
+    if not check:
+        return ExportReport.written(written, opset, input_shape, None, tolerance, batches)
+    diff, compared = max_onnx_difference(model, written, input_shape, task, tolerance)
+    return ExportReport.written(written, opset, input_shape, diff, tolerance, batches, compared)

@@ -2,9 +2,10 @@
 
 The JSON names the base architecture (as :func:`adasap.models.build_model` arguments, or for a
 detector ``task: detection`` with :func:`adasap.models.detection.build_detector`'s) and the
-pruning history; loading rebuilds the base model, replays the pruning with Torch-Pruning (a
-detector's head output layers protected, as when it was pruned) and loads the weights. A
-checksum of the weights file guards against truncation and tampering.
+pruning history; loading rebuilds the base model, replays the pruning with Torch-Pruning as
+its task traced it (:meth:`~adasap.tasks.Task.replay_inputs`: a detector's head output layers
+protected) and loads the weights. A checksum of the weights file guards against truncation
+and tampering.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
@@ -21,13 +21,12 @@ from torch import nn
 
 from adasap.errors import UserError
 from adasap.io import atomic_write_bytes, atomic_write_json, file_sha256
-from adasap.method.output_layers import detector_output_layers
 from adasap.method.pruning import replay_pruning
-from adasap.models.builders import build_model
-from adasap.models.detection import build_detector
+from adasap.tasks import make_task
 
 WEIGHTS_FILE = "model.safetensors"
 DESCRIPTION_FILE = "model.json"
+DENSE = "dense"  # the dense model's folder in a run directory (and its row's method)
 FORMAT_VERSION = 1
 # what every reader needs (the input shape); build_model's other arguments are checked on load
 _ARCHITECTURE_KEYS = ("in_channels", "image_size")
@@ -77,24 +76,10 @@ def detection_architecture(name: str, num_classes: int, image_size: int) -> dict
     }
 
 
-def is_detector(architecture: dict[str, Any]) -> bool:
-    return architecture.get("task") == "detection"
-
-
-def _base_and_example(
-    architecture: dict[str, Any], base_model: nn.Module | None
-) -> tuple[nn.Module, Any, list[nn.Module]]:
-    """The unpruned model, the example input it was traced with and the layers never pruned."""
-    size, channels = architecture["image_size"], architecture["in_channels"]
-    if is_detector(architecture):
-        model = base_model or build_detector(
-            architecture["name"],
-            num_classes=architecture["num_classes"],
-            image_size=architecture["image_size"],
-        )
-        return model, [torch.rand(channels, size, size)], detector_output_layers(model)
-    model = base_model if base_model is not None else build_model(**architecture)
-    return model, torch.rand(1, channels, size, size), []
+def saved_task(description: dict[str, Any]) -> str:
+    """The task of a saved model: the one place that reads it from its description (a
+    classifier's architecture, :func:`build_model`'s arguments, names none)."""
+    return description["architecture"].get("task", "classification")
 
 
 def read_description(directory: str | Path) -> dict[str, Any]:
@@ -149,8 +134,9 @@ def load_model(directory: str | Path, base_model: nn.Module | None = None) -> nn
     architecture = description["architecture"]
     history = description.get("pruning_history") or []
     try:
-        model, example, ignored = _base_and_example(architecture, base_model)
-        replay_pruning(model, history, example, ignored)
+        task = make_task(saved_task(description))
+        model = base_model if base_model is not None else task.build_saved(architecture)
+        replay_pruning(model, history, *task.replay_inputs(model, architecture))
     except UserError as exc:
         raise UserError(
             f"{directory / DESCRIPTION_FILE} describes a model adasap cannot build ({exc}); "

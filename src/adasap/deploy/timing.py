@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from adasap.deploy.onnx import INPUT_NAME, onnx_session, resolve_model, write_onnx
+from adasap.deploy.onnx import onnx_session, resolve_model, write_onnx
 from adasap.devices import resolve_device
 from adasap.errors import UserError
 
@@ -89,9 +89,10 @@ def forward_runner(
         if onnx_path is None:
             raise ValueError("timing onnxruntime needs onnx_path to export the model to")
         session = onnx_session(write_onnx(model, onnx_path, tuple(shape)), device.type)
+        (graph_input,) = session.get_inputs()
 
         def onnx_at(batch: int) -> Callable[[], object]:
-            feed = {INPUT_NAME: image_batch(images, batch, shape).numpy()}
+            feed = {graph_input.name: image_batch(images, batch, shape).numpy()}
             return lambda: session.run(None, feed)
 
         return onnx_at
@@ -280,7 +281,7 @@ def measure_latency(
     (``"torch"``) on the CPU or CUDA, or onnxruntime (``"onnxruntime"``) on an ONNX export.
     """
     image_size = None if input_shape is None else tuple(input_shape[1:])
-    model, shape = resolve_model(model, image_size)
+    model, shape, _ = resolve_model(model, image_size)
     (results,) = time_models(
         [model],
         shape,

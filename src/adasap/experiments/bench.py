@@ -13,11 +13,10 @@ model's timed in turns with the dense one, with its pruned/dense ratio) and wall
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,23 +31,26 @@ from adasap.devices import resolve_device
 from adasap.errors import UserError
 from adasap.experiments.bench_report import write_report
 from adasap.experiments.config import ExperimentConfig
-from adasap.experiments.dense import cached_dense_sha256, dense_cache_directory, dense_recipe
-from adasap.experiments.grid import Parallel, connected, run_cells
-from adasap.experiments.presets import PRESETS, BenchPreset, Cell
-from adasap.experiments.results import (
-    RESULTS_FILE,
-    ROW_FILE,
-    BenchRow,
-    append_jsonl,
-    prepare_out,
-    read_bench_rows,
-    report_failure,
+from adasap.experiments.dense import (
+    cached_dense_sha256,
+    dense_cache_directory,
+    dense_model,
+    dense_recipe,
+    load_data,
 )
-from adasap.experiments.run import dense_model, evaluate_model, load_data, pruned_row
-from adasap.io import atomic_write_json
+from adasap.experiments.grid import Grid, Parallel, Task
+from adasap.experiments.presets import BenchPreset, Cell, resolve_preset
+from adasap.experiments.results import (
+    BENCH_FILES,
+    RESULTS_FILE,
+    RUNS_DIR,
+    BenchRow,
+    cell_dir,
+    save_row,
+)
+from adasap.experiments.run import evaluate_model, pruned_row
 from adasap.method.pruning import measure_size
 from adasap.robustness.sharpness import top_hessian_eigenvalue, worst_case_loss_increase
-from adasap.training.checkpoint import RunInterrupted
 
 
 def probe_batches(
@@ -85,7 +87,7 @@ class _Seed:
     def measure(self, model: nn.Module, config: ExperimentConfig) -> dict[str, Any]:
         """Sharpness on the probe batches and CPU latency at batch 1 (:class:`BenchRow` fields)."""
         model.to(self.probe[0][0].device)
-        rho = config.prune.optimizer.rho
+        rho = config.prune.pruner.rho
         return {
             "loss_increase": worst_case_loss_increase(model, self.probe, rho),
             "hessian_eigenvalue": top_hessian_eigenvalue(
@@ -121,7 +123,7 @@ class _Seed:
 
     def dense_row(self, cell: Cell, config: ExperimentConfig, info: dict) -> BenchRow:
         start = time.perf_counter()
-        evaluated = evaluate_model(self.dense, self.data, config, self.out / "runs", cell.id)
+        evaluated = evaluate_model(self.dense, self.data, config, self.out / RUNS_DIR, cell.id)
         measured = self.measure(self.dense, config)
         size = measure_size(self.dense.cpu(), self.probe[0][0][:1].cpu())
         row = evaluated.with_cost(size, method="dense", seconds=info.get("seconds"))
@@ -133,7 +135,7 @@ class _Seed:
             seed=cell.seed,
             keep_kind=config.prune.keep_kind,
             keep_achieved=1.0,
-            per_corruption=_per_corruption(self.out / "runs" / cell.id),
+            per_corruption=_per_corruption(cell_dir(self.out, cell.id)),
             # before = after for the unpruned model, so every row has both columns
             dense_loss_increase=measured["loss_increase"],
             dense_hessian_eigenvalue=measured["hessian_eigenvalue"],
@@ -144,7 +146,7 @@ class _Seed:
     def pruned_row(self, cell: Cell, config: ExperimentConfig, dense_row: BenchRow) -> BenchRow:
         """Prune (or resume, or reuse a finished run's summary), then evaluate and measure."""
         start = time.perf_counter()
-        run_dir = self.out / "runs" / cell.id
+        run_dir = cell_dir(self.out, cell.id)
         row = pruned_row(cell.method, self.dense, self.data, config, run_dir, self.console)
         model = load_model(run_dir / cell.method)
         kind = config.prune.keep_kind
@@ -164,17 +166,30 @@ class _Seed:
         )
 
 
-def _resolve_preset(preset: str | BenchPreset) -> BenchPreset:
-    if isinstance(preset, BenchPreset):
-        return preset
-    if preset not in PRESETS:
-        raise UserError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
-    return PRESETS[preset]
+@dataclass
+class BenchGrid(Grid[BenchRow]):
+    """A benchmark's grid (:func:`open_grid`): its cells are the preset's pruned cells."""
+
+    preset: BenchPreset  # with progress bars off when cells run at once
 
 
-def _reference(cell: Cell) -> Cell:
-    """The dense reference of the cell's seed."""
-    return Cell("dense", None, 1.0, cell.seed)
+def open_grid(
+    preset: BenchPreset, out_dir: str | Path, console: Console, parallel: Parallel
+) -> BenchGrid:
+    """The grid of ``preset`` in ``out_dir`` (:meth:`GridFiles.open`), every cell's config
+    validated before any work; rows are adopted for the seeds' dense references first."""
+    parallel = parallel.validate()
+    cells = preset.cells()
+    if not cells:
+        raise UserError(f"preset {preset.name} has an empty grid: give pairs, keeps and seeds")
+    for cell in cells:
+        preset.config(cell)
+    if not parallel.serial:  # progress bars of cells running at once would be garbled
+        preset = preset.with_base(progress=False)
+    references = list(dict.fromkeys(cell.reference for cell in cells))
+    out, done = BENCH_FILES.open(out_dir, preset.identity(), [c.id for c in references + cells])
+    device = preset.config(cells[0]).prune.device
+    return BenchGrid(BENCH_FILES, out, cells, done, parallel, console, device, preset)
 
 
 def bench_cell(
@@ -188,7 +203,7 @@ def bench_cell(
     pruned model measured against ``dense_row``. The row also goes to
     ``<out>/runs/<cell>/row.json``, so that it outlives the process that asked for it."""
     console = console or Console(quiet=True)
-    reference = preset.config(_reference(cell))
+    reference = preset.config(cell.reference)
     data = load_data(reference)
     dense, info = dense_model(reference, data, console)
     device = resolve_device(reference.prune.device)
@@ -201,15 +216,13 @@ def bench_cell(
         row = shared.dense_row(cell, reference, info)
     else:
         row = shared.pruned_row(cell, preset.config(cell), dense_row)
-    atomic_write_json(out / "runs" / cell.id / ROW_FILE, row.to_dict())
-    return row
+    return save_row(out, replace(row, threads=torch.get_num_threads()))
 
 
-def refill_dense_cache(preset: BenchPreset, cell: Cell, console: Console | None = None) -> Cell:
+def refill_dense_cache(preset: BenchPreset, cell: Cell, console: Console | None = None) -> None:
     """Train the dense model of ``cell`` (a seed's dense reference) into the dense cache."""
     config = preset.config(cell)
     dense_model(config, load_data(config), console or Console(quiet=True))
-    return cell
 
 
 def _dense_entry(preset: BenchPreset, reference: Cell) -> tuple[Path, str | None]:
@@ -236,21 +249,6 @@ def _check_dense_models(
         )
 
 
-def _refill_dense_cache(
-    preset: BenchPreset, references: list[Cell], parallel: Parallel, console: Console
-) -> None:
-    if not references:
-        return
-    console.print(f"dense models missing from the cache: {', '.join(r.id for r in references)}")
-    tasks = [(reference.id, (preset, reference)) for reference in references]
-    device = preset.config(references[0]).prune.device
-    for _, outcome in run_cells(
-        refill_dense_cache, tasks, parallel, console, lambda _: "dense model cached", device=device
-    ):
-        if isinstance(outcome, UserError):
-            raise outcome
-
-
 def _describe(row: BenchRow) -> str:
     if row.method == "dense":
         return f"dense model evaluated, clean {row.clean_accuracy:.2%}"
@@ -259,48 +257,10 @@ def _describe(row: BenchRow) -> str:
     )
 
 
-def _adopt_rows(out: Path, cells: list[Cell], done: dict[str, BenchRow]) -> None:
-    """Rows that cells wrote (``runs/<cell>/row.json``) but that never reached
-    ``results.jsonl`` (the grid stopped first) join it, in grid order."""
-    for cell in cells:
-        path = out / "runs" / cell.id / ROW_FILE
-        if cell.id not in done and path.is_file():
-            try:
-                done[cell.id] = BenchRow.from_dict(json.loads(path.read_text()))
-            except (ValueError, TypeError):
-                continue  # the cell runs again and rewrites it
-            append_jsonl(out / RESULTS_FILE, done[cell.id].to_dict())
-
-
-def _run_phase(
-    preset: BenchPreset,
-    cells: list[Cell],
-    done: dict[str, BenchRow],
-    out: Path,
-    parallel: Parallel,
-    console: Console,
-) -> None:
-    """Run ``cells`` (dense references, or pruned cells whose reference is done)."""
-    if not cells:
-        return
-    tasks = [
-        (
-            cell.id,
-            (preset, cell, out, None if cell.method == "dense" else done[_reference(cell).id]),
-        )
-        for cell in cells
-    ]
-    by_id = {cell.id: cell for cell in cells}
-    for name, outcome in run_cells(
-        bench_cell, tasks, parallel, console, _describe, device=preset.config(cells[0]).prune.device
-    ):
-        if isinstance(outcome, UserError):
-            if by_id[name].method == "dense":  # no cell of its seed can run: stop
-                raise outcome
-            report_failure(out, name, outcome, console)
-            continue
-        append_jsonl(out / RESULTS_FILE, outcome.to_dict())
-        done[name] = outcome
+def _tasks(grid: BenchGrid, cells: list[Cell]) -> list[Task]:
+    """``bench_cell``'s arguments: a pruned cell is measured against its seed's dense row; a
+    dense reference, not done yet, gets None."""
+    return [(c.id, (grid.preset, c, grid.out, grid.done.get(c.reference.id))) for c in cells]
 
 
 def run_bench(
@@ -320,39 +280,24 @@ def run_bench(
     ``out_dir``.
     """
     console = console or Console()
-    parallel = (parallel or Parallel()).validate()
-    preset = _resolve_preset(preset_or_config)
-    cells = preset.cells()
-    if not cells:
-        raise UserError(f"preset {preset.name} has an empty grid: give pairs, keeps and seeds")
-    for cell in cells:
-        preset.config(cell)
-    if not parallel.serial:  # progress bars of cells running at once would be garbled
-        preset = preset.with_base(progress=False)
-    # absolute: the cells of a cluster run elsewhere (the folder must be shared with them)
-    out = prepare_out(out_dir, preset.identity(), "preset").resolve()
-    done = {row.cell: row for row in read_bench_rows(out)}
-    references = list(dict.fromkeys(_reference(cell) for cell in cells))
-    _adopt_rows(out, references + cells, done)
-    try:
-        todo = [c for c in cells if c.id not in done]
-        wanted = {_reference(c) for c in todo}
-        needed = [r for r in references if r in wanted]
-        dense = [r for r in needed if r.id not in done]
-        # A finished reference whose model left the cache (a resume on another machine) is
-        # trained again here, all seeds at once, not by its seed's first cell while the
-        # seed's other cells wait for it.
-        entries = {r: _dense_entry(preset, r) for r in needed if r.id in done}
-        refill = [r for r, (_, sha256) in entries.items() if sha256 is None]
-        with connected(parallel) if todo else contextlib.nullcontext():
-            _refill_dense_cache(preset, refill, parallel, console)
-            entries.update({r: _dense_entry(preset, r) for r in refill})
-            _check_dense_models(entries, done, out)
-            _run_phase(preset, dense, done, out, parallel, console)
-            _run_phase(preset, todo, done, out, parallel, console)
-    except RunInterrupted as exc:
-        exc.run_dir = out
-        raise
-    report = write_report(out)
+    grid = open_grid(resolve_preset(preset_or_config), out_dir, console, parallel or Parallel())
+    todo = grid.todo()
+    needed = list(dict.fromkeys(c.reference for c in todo))
+    dense = [r for r in needed if r.id not in grid.done]
+    # A finished reference whose model left the cache (a resume on another machine) is
+    # trained again here, all seeds at once, not by its seed's first cell while the
+    # seed's other cells wait for it.
+    entries = {r: _dense_entry(grid.preset, r) for r in needed if r.id in grid.done}
+    refill = [r for r, (_, sha256) in entries.items() if sha256 is None]
+    with grid.running(todo):
+        if refill:
+            console.print(f"dense models missing from the cache: {', '.join(r.id for r in refill)}")
+            tasks = [(r.id, (grid.preset, r)) for r in refill]
+            grid.run(refill_dense_cache, tasks, lambda _: "dense model cached", fatal=True)
+            entries.update({r: _dense_entry(grid.preset, r) for r in refill})
+        _check_dense_models(entries, grid.done, grid.out)
+        grid.run(bench_cell, _tasks(grid, dense), _describe, fatal=True)
+        grid.run(bench_cell, _tasks(grid, todo), _describe)
+    report = write_report(grid.out)
     console.print(f"benchmark report: {report / 'report.md'}")
     return Path(out_dir)

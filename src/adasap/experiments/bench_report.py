@@ -1,7 +1,8 @@
 """The benchmark report from ``<out>/results.jsonl``: Markdown tables of the statistics of
 :mod:`adasap.experiments.bench_stats` (mean +- std over seeds; the differences from ``sgd``,
 adasap's from ``sam``, and by corruption family) and the plots of
-:mod:`adasap.experiments.plots`.
+:mod:`adasap.experiments.plots`. The detection benchmark's report
+(:mod:`adasap.experiments.detection_bench`) is made of the same tables.
 
 Result folders written by earlier versions are read back as they are: a field a row lacks
 counts as not measured.
@@ -22,6 +23,7 @@ from adasap.experiments.bench_stats import (
     COST_COLUMNS,
     DELTA_COLUMNS,
     SHARPNESS_BASELINE,
+    Columns,
     differences,
     family_differences,
     mean_std,
@@ -107,7 +109,8 @@ def _interval_text(kind: str, interval: Sequence[float]) -> str:
     return f"[{low}, {high}]"
 
 
-def _table(entries: list[dict[str, Any]], columns: tuple[tuple[str, str, str], ...]) -> list[str]:
+def summary_table(entries: list[dict[str, Any]], columns: Columns) -> list[str]:
+    """:func:`~adasap.experiments.bench_stats.summarize` entries: mean ± std of ``columns``."""
     return _markdown_table(
         entries,
         [title for _, title, _ in columns],
@@ -115,9 +118,9 @@ def _table(entries: list[dict[str, Any]], columns: tuple[tuple[str, str, str], .
     )
 
 
-def _delta_cells(entry: dict[str, Any]) -> list[str]:
+def _delta_cells(entry: dict[str, Any], columns: Columns) -> list[str]:
     cells = []
-    for key, _, kind in DELTA_COLUMNS:
+    for key, _, kind in columns:
         interval = entry[f"{key}_interval"]
         cells.append(_cell(kind, entry[key]))
         if interval is None:
@@ -127,11 +130,36 @@ def _delta_cells(entry: dict[str, Any]) -> list[str]:
     return cells
 
 
-def _differences_table(entries: list[dict[str, Any]]) -> list[str]:
+def _differences_table(entries: list[dict[str, Any]], columns: Columns) -> list[str]:
     titles = []
-    for _, title, _ in DELTA_COLUMNS:
+    for _, title, _ in columns:
         titles += [title, f"{CONFIDENCE:.0%} interval", "resolved"]
-    return _markdown_table(entries, titles, _delta_cells)
+    return _markdown_table(entries, titles, lambda e: _delta_cells(e, columns))
+
+
+def differences_section(
+    entries: list[dict[str, Any]], columns: Columns = DELTA_COLUMNS
+) -> list[str]:
+    """The paired differences from sgd (:func:`~adasap.experiments.bench_stats.differences`),
+    ``columns`` titling the keys of :data:`~adasap.experiments.bench_stats.DELTA_COLUMNS`."""
+    return [
+        f"## Differences vs {BASELINE} with the same criterion and keep",
+        "",
+        f"Per seed: method minus {BASELINE}; then mean ± std over the seeds, and the "
+        f"{CONFIDENCE:.0%} t-interval of the mean over the paired seeds (mean ± t(n-1) std / "
+        "sqrt(n)). **yes**: the interval excludes 0, so the difference is resolved at this "
+        "confidence; no interval with one seed.",
+        "",
+        *_differences_table(entries, columns),
+        "",
+    ]
+
+
+def failures_section(failures: Sequence[Mapping]) -> list[str]:
+    """The cells whose last run failed and that have not finished since (none: no section)."""
+    if not failures:
+        return []
+    return ["## Failed runs", "", *(f"- {f['run']}: {f['error']}" for f in failures), ""]
 
 
 def _family_cell(found: dict[str, Any] | None) -> str:
@@ -189,7 +217,7 @@ def report_markdown(
         "(15 x 5 with `corruptions: all`); the 4 extra corruptions are averaged separately. "
         "Relative robustness = corruption accuracy / clean accuracy.",
         "",
-        *_table(summary, ACCURACY_COLUMNS),
+        *summary_table(summary, ACCURACY_COLUMNS),
         "",
         "## Size, speed, sharpness and cost",
         "",
@@ -202,17 +230,9 @@ def report_markdown(
         "of radius rho and the top Hessian eigenvalue, of the dense model (before) and of the "
         "pruned model (after). Train time: the dense training or the pruning run.",
         "",
-        *_table(summary, COST_COLUMNS),
+        *summary_table(summary, COST_COLUMNS),
         "",
-        f"## Differences vs {BASELINE} with the same criterion and keep",
-        "",
-        f"Per seed: method minus {BASELINE}; then mean ± std over the seeds, and the "
-        f"{CONFIDENCE:.0%} t-interval of the mean over the paired seeds (mean ± t(n-1) std / "
-        "sqrt(n)). **yes**: the interval excludes 0, so the difference is resolved at this "
-        "confidence; no interval with one seed.",
-        "",
-        *_differences_table(statistics["deltas"]),
-        "",
+        *differences_section(statistics["deltas"]),
     ]
     against_sam = statistics[AGAINST_SAM]
     if against_sam:
@@ -222,7 +242,7 @@ def report_markdown(
             f"As above, with {SHARPNESS_BASELINE} (uniform perturbations, the same extra cost) "
             "as the baseline.",
             "",
-            *_differences_table(against_sam),
+            *_differences_table(against_sam, DELTA_COLUMNS),
             "",
         ]
     by_family = statistics["family_deltas"]
@@ -239,10 +259,7 @@ def report_markdown(
         ]
     if sources:
         lines += [f"Corrupted images: {'; '.join(sources)}.", ""]
-    if failures:
-        lines += ["## Failed runs", ""]
-        lines += [f"- {f['run']}: {f['error']}" for f in failures]
-        lines.append("")
+    lines += failures_section(failures)
     lines += [
         "![corruption accuracy vs size](corruption_vs_size.png)",
         "![clean vs corrupted accuracy](clean_vs_corrupted.png)",

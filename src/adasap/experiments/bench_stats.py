@@ -15,15 +15,15 @@ from scipy import stats
 from adasap.experiments.results import BenchRow
 from adasap.robustness.corruptions import CATEGORIES, EXTRA_CORRUPTIONS
 
-# (key, title, kind): kind picks the formatting
-ACCURACY_COLUMNS: tuple[tuple[str, str, str], ...] = (
+Columns = tuple[tuple[str, str, str], ...]  # (key, title, kind): kind picks the formatting
+ACCURACY_COLUMNS: Columns = (
     ("keep_achieved", "size kept", "ratio"),
     ("clean_accuracy", "clean acc (%)", "pct"),
     ("corruption_accuracy", "corruption acc (%)", "pct"),
     ("extra_accuracy", "extra corruption acc (%)", "pct"),
     ("relative_robustness", "relative robustness", "ratio"),
 )
-COST_COLUMNS: tuple[tuple[str, str, str], ...] = (
+COST_COLUMNS: Columns = (
     ("params", "params", "count"),
     ("macs", "MACs", "count"),
     ("latency_ms", "CPU latency b1 (ms)", "ms"),
@@ -34,7 +34,7 @@ COST_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("hessian_eigenvalue", "top eigenvalue after", "sharp"),
     ("seconds", "train time (min)", "min"),
 )
-DELTA_COLUMNS: tuple[tuple[str, str, str], ...] = (
+DELTA_COLUMNS: Columns = (
     ("corruption_accuracy", "corruption acc delta (pts)", "pct"),
     ("clean_accuracy", "clean acc delta (pts)", "pct"),
 )

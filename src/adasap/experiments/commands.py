@@ -5,45 +5,34 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 
-from adasap.data import DataBundle, training_source
-from adasap.deploy.comparison import LatencyComparison, run_latency
+from adasap.deploy.comparison import LatencyComparison
 from adasap.deploy.onnx import find_models
-from adasap.deploy.serialization import is_detector, load_model, read_description, save_model
+from adasap.deploy.serialization import (
+    DENSE,
+    load_model,
+    read_description,
+    save_model,
+    saved_task,
+)
 from adasap.devices import resolve_device
-from adasap.distributed import broadcast_value, is_main, on_main, shard
+from adasap.distributed import broadcast_value, is_main, on_main
 from adasap.errors import UserError
-from adasap.experiments.bench import run_bench
-from adasap.experiments.bench_report import write_report
 from adasap.experiments.config import ExperimentConfig
-from adasap.experiments.detection_bench import run_detection_bench
-from adasap.experiments.detection_saved import evaluate_detectors, run_detection_latency
+from adasap.experiments.dense import dense_model, folder_label
 from adasap.experiments.grid import Parallel
+from adasap.experiments.job import JOBS, job_of
 from adasap.experiments.reporting import results_table
 from adasap.experiments.results import ResultRow
-from adasap.experiments.run import (
-    dense_model,
-    evaluate_model,
-    example_images,
-    folder_label,
-    load_data,
-    loader_workers,
-    model_architecture,
-    prepare_run_dir,
-)
+from adasap.experiments.run import prepare_run_dir
 from adasap.experiments.sweep import run_sweep, sweep_report
 from adasap.experiments.sweep_check import check_sweep
 from adasap.experiments.sweep_presets import SWEEP_PRESETS
 from adasap.io import atomic_write_json
 from adasap.method.pruning import measure_size
-from adasap.robustness.official import load_imagenet_v2
-from adasap.training.evaluate import evaluate_accuracy
-from adasap.training.loop import steps_per_epoch
 
 
 def evaluate_path(
@@ -56,9 +45,11 @@ def evaluate_path(
     """``adasap eval``: evaluate one saved model directory, or every model of a run directory.
 
     Reports are written next to each model (``corruptions.{json,md,png}``) and a table of
-    all of them is printed. ``imagenet_v2`` is an ImageNet-V2 style folder
-    (``<root>/<class index>/<image>``), resized and centre-cropped as the validation images
-    are; its accuracy is the table's ImageNet-V2 column.
+    all of them is printed. The saved models' task decides the data and the scores: a
+    classifier's are those of ``config`` (the flags); a detector's those of its run's
+    ``config.json`` unless ``config`` is a detection config. ``imagenet_v2`` is an
+    ImageNet-V2 style folder (``<root>/<class index>/<image>``, classifiers only), its
+    accuracy the table's ImageNet-V2 column.
     """
     console = console or Console(quiet=not is_main())
     path = Path(path)
@@ -71,35 +62,21 @@ def evaluate_path(
     if not models:
         raise UserError(f"{path} holds no saved model: pass a run directory or a model directory")
     loaded = {label: load_model(directory) for label, directory in models.items()}  # fail fast
-    detectors = [is_detector(read_description(d)["architecture"]) for d in models.values()]
-    if any(detectors):
-        if not all(detectors):
-            raise UserError(f"{path} holds both classifiers and detectors: evaluate them apart")
-        return evaluate_detectors(loaded, models, config, console)
-    config = config.validate()
-    data = load_data(config)
+    tasks = {saved_task(read_description(d)) for d in models.values()}
+    if len(tasks) > 1:
+        raise UserError(f"{path} holds both classifiers and detectors: evaluate them apart")
+    job = JOBS.get(tasks.pop())
+    config = job.eval_config(config, next(iter(models.values()))).validate()
+    data = job.load_data(config)
     for directory in models.values():
-        _check_fits(read_description(directory)["architecture"], data, directory)
-    shifted = None
-    if imagenet_v2 is not None:
-        size = data.spec.image_size
-        shifted = load_imagenet_v2(
-            imagenet_v2,
-            resize=round(size * 256 / 224),
-            crop=size,
-            num_workers=loader_workers(config),
-        )
-    device = resolve_device(config.prune.device)
+        job.check_fits(read_description(directory)["architecture"], config, data, directory)
+    shifted = None if imagenet_v2 is None else job.shifted_data(config, data, imagenet_v2)
     rows = []
     for label, directory in models.items():
         model = loaded[label]
-        row = evaluate_model(model, data, config, directory.parent, label, official)
-        if shifted is not None:
-            shift = evaluate_accuracy(model, shifted, device=device, sharded=True)
-            row = replace(row, shift_accuracy=shift)
-        size = measure_size(model, example_images(data))
-        rows.append(row.with_cost(size))
-    console.print(results_table(rows, title=f"adasap eval: {path}"))
+        row = job.evaluate(model, data, config, directory.parent, label, official, shifted)
+        rows.append(row.with_cost(measure_size(model, job.example(config, data))))
+    console.print(results_table(rows, title=f"adasap eval: {path}", columns=job.columns))
     return rows
 
 
@@ -112,64 +89,42 @@ def measure_path_latency(
     console: Console | None = None,
 ) -> LatencyComparison:
     """``adasap latency``: a run's pruned models (or one model directory) beside the dense one,
-    printed as a table and written to ``<path>/latency.json``.
-
-    Classifiers go through :func:`~adasap.deploy.comparison.run_latency` (fresh dense weights,
-    random inputs: their time depends on neither); detectors through
-    :func:`~adasap.experiments.detection_saved.run_detection_latency` (the run's trained dense
-    detector and test images: their post-processing time depends on both).
-    """
+    printed as a table and written to ``<path>/latency.json``. How the dense model and the
+    inputs are made is the task's (:meth:`~adasap.experiments.job.Job.latency`)."""
     console = console or Console()
     models = find_models(path)
-    timing = dict(batch_sizes=batch_sizes, device=device, repeats=repeats)
-    if is_detector(read_description(next(iter(models.values())))["architecture"]):
-        comparison = run_detection_latency(path, **timing, console=console)
-    else:
-        comparison = run_latency(path, **timing)
+    job = JOBS.get(saved_task(read_description(next(iter(models.values())))))
+    comparison = job.latency(
+        Path(path), models, batch_sizes=batch_sizes, device=device, repeats=repeats,
+        console=console,
+    )  # fmt: skip
     console.print(comparison.table())
     written = atomic_write_json(Path(path) / "latency.json", comparison.to_dict())
     console.print(f"latency: {written}")
     return comparison
 
 
-def _check_fits(architecture: dict[str, Any], data: DataBundle, directory: Path) -> None:
-    """The model in ``directory`` was built for the data's image shape and classes."""
-    spec = data.spec
-    model_side = (
-        int(architecture["in_channels"]),
-        int(architecture["image_size"]),
-        architecture.get("num_classes"),
-    )
-    data_side = (spec.channels, spec.image_size, spec.num_classes)
-    if model_side != data_side:
-        raise UserError(
-            f"the model in {directory} takes {_images_and_classes(*model_side)}, but dataset "
-            f"{spec.name} has {_images_and_classes(*data_side)}: pass the --dataset the model "
-            "was trained on"
-        )
-
-
-def _images_and_classes(channels: int, size: int, classes: Any) -> str:
-    return f"{channels}x{size}x{size} images (channels x height x width) and {classes} classes"
-
-
 def train_dense_model(config: ExperimentConfig, console: Console | None = None) -> Path:
     """``adasap train``: the dense model (trained, or reused from the cache) in a run directory."""
     console = console or Console(quiet=not is_main())
     config = config.validate()
-    data = load_data(config)
-    steps_per_epoch(training_source(data.train, batch_size=config.prune.batch_size, shard=shard()))
+    job = job_of(config)
+    data = job.load_data(config)
+    job.check(config, data)  # before the run directory exists
     name = config.name or time.strftime("%Y%m%d-%H%M%S") + f"-{folder_label(config)}-dense"
     name = broadcast_value(name)  # under torchrun rank 0 names the run and writes its files
     run_dir = on_main(lambda: prepare_run_dir(config.out_dir, name, config.overwrite))
     model, info = dense_model(config, data, console)
-    device = resolve_device(config.prune.device)
-    accuracy = evaluate_accuracy(model.to(device), data.test, device=device, sharded=True)
-    architecture = model_architecture(config, data)
-    on_main(lambda: save_model(run_dir / "dense", model.cpu(), architecture, extra={"train": info}))
-    console.print(
-        f"dense {config.model}: test accuracy {accuracy:.2%}; model in {run_dir / 'dense'}"
+    score = job.training_task(config, data).score(
+        model.to(resolve_device(config.prune.device)),
+        data.test,
+        device=resolve_device(config.prune.device),
+        sharded=True,
     )
+    architecture = job.architecture(config, data)
+    on_main(lambda: save_model(run_dir / DENSE, model.cpu(), architecture, extra={"train": info}))
+    headline = ", ".join(f"{k} {v:.2%}" for k, v in score.items())
+    console.print(f"dense {config.model}: test {headline}; model in {run_dir / DENSE}")
     return run_dir
 
 
@@ -178,26 +133,20 @@ def run_grid(
     preset: str,
     out: str | Path,
     *,
-    task: str | None = None,
+    task: str = "classification",
     jobs: int | None = None,
     ray: str | None = None,
     report_only: bool = False,
     check: bool = False,
     console: Console | None = None,
 ) -> None:
-    """``adasap bench`` and ``adasap sweep``: run the grid of ``preset`` into ``out`` (the
-    unfinished cells; none with ``report_only``) and write its report; ``task="detection"``
-    runs the detection benchmark (:mod:`adasap.experiments.detection_bench`)."""
+    """``adasap bench`` (of ``task``) and ``adasap sweep``: run the grid of ``preset`` into
+    ``out`` (the unfinished cells; none with ``report_only``) and write its report."""
     console = console or Console()
     parallel = Parallel(jobs=jobs, ray=ray).validate()
-    if task == "detection":
-        report = run_detection_bench(preset, out, console, parallel, report_only)
-        console.print(f"report: {report}")
-        return
     if command == "bench":
-        if not report_only:
-            run_bench(preset, out, console=console, parallel=parallel)
-        console.print(f"report: {write_report(out) / 'report.md'}")
+        report = JOBS.get(task).bench(preset, Path(out), console, parallel, report_only)
+        console.print(f"report: {report}")
         return
     if not report_only:
         chosen = SWEEP_PRESETS[preset]

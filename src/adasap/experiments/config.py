@@ -1,9 +1,10 @@
 """The experiment config: one flat key space for YAML files, CLI flags and run directories.
 
 One flat key space (``keep``, ``rho_max``, ``dataset`` ...) covers :class:`ExperimentConfig`,
-its :class:`PruneSettings` and their :class:`OptimizerSettings`; :data:`SCHEMA` is derived from
-their fields (:mod:`adasap.settings`), so a new field is a new key. :func:`from_flat` checks keys
-and types; ranges are checked once, by :meth:`ExperimentConfig.validate`, when a job starts.
+its :class:`PruneSettings` and their sections (the base optimizer's, the pruner's);
+:data:`SCHEMA` is derived from their fields (:mod:`adasap.settings`), so a new field is a new
+key. :func:`from_flat` checks keys, types and ``Literal`` values; ranges are checked by
+:meth:`ExperimentConfig.validate` when a job starts (the pruner's, when its section is built).
 """
 
 from __future__ import annotations
@@ -11,21 +12,17 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from adasap import settings
-from adasap.data import get_spec
 from adasap.errors import UserError, exception_reason
-from adasap.models.builders import build_model
-from adasap.models.detection import list_detectors
-from adasap.training.detection import DETECTOR_CRITERION, DETECTOR_SETTINGS
+from adasap.tasks.detection import DetectionTask
 from adasap.training.settings import PruneSettings
 
 # PruneSettings.method is one run's; an experiment compares several (``methods``).
 PER_RUN = ("method",)
-TASKS = ("classification", "detection")
 # The detection data set of ``adasap run --task detection``: Fashion-MNIST garments on canvases
 CANVAS_DATASET = "canvas"
 # Its other data sets (``--data-dir``: the folder holding them): Pascal VOC, trained on the
@@ -37,11 +34,10 @@ COCO_SPLITS = ("train2017", "val2017")
 # ``--task detection``'s defaults in place of the classification ones: tiny_ssd on a reduced
 # canvas set, sized so that the whole job fits 15 minutes on a 2-core CPU (README, Detection).
 # train_limit and test_limit are the numbers of canvases made; corruption_limit the number
-# of test canvases corrupted. Criterion and phase 3 are prune_detector's.
+# of test canvases corrupted. Criterion, phase 3 and precision are the detection task's.
 DETECTION_DEFAULTS: dict[str, Any] = {
+    **DetectionTask.defaults,
     "task": "detection",
-    "criterion": DETECTOR_CRITERION,
-    "finetune_sharpness": DETECTOR_SETTINGS.finetune_sharpness,
     "dataset": CANVAS_DATASET,
     "model": "tiny_ssd",
     "image_size": 96,
@@ -56,7 +52,6 @@ DETECTION_DEFAULTS: dict[str, Any] = {
     "prune_epochs": 2.0,
     "finetune_epochs": 2.0,
     "prune_steps": 4,
-    "amp": "off",
 }
 
 
@@ -77,7 +72,7 @@ class ExperimentConfig:
     train_limit: int | None = 12000
     test_limit: int | None = None
     corruption_limit: int | None = 1000
-    corruptions: str = "all"
+    corruptions: Literal["all", "quick", "none"] = "all"
     dense_epochs: float = 8.0
     dense_lr: float = 0.1
     prune: PruneSettings = field(
@@ -109,22 +104,13 @@ class ExperimentConfig:
     def validate(self) -> ExperimentConfig:
         """Raise :class:`UserError` for the first bad value, naming it and what is allowed."""
         settings.check_field_types(self)
-        if self.task not in TASKS:
-            raise UserError(f"task must be classification or detection, got {self.task!r}")
-        if self.task == "detection":
-            check_detection_config(self)
-        elif self.model.strip().lower() in list_detectors():
-            raise UserError(
-                f"{self.model} is a detector: pass --task detection, or a classifier as --model"
-            )
-        else:
-            self._validate_classification()
+        from adasap.experiments.job import JOBS  # the jobs import this module
+
+        JOBS.get(self.task).validate(self)
         if not self.methods:
             raise UserError("no methods given: pass e.g. --methods sgd adasap")
         for method in self.methods:
             replace(self.prune, method=method).validate()
-        if self.corruptions not in ("all", "quick", "none"):
-            raise UserError(f"corruptions must be all, quick or none, got {self.corruptions!r}")
         if self.dense_epochs <= 0:
             raise UserError(
                 f"dense epochs must be > 0, got {self.dense_epochs}: e.g. --dense-epochs 8"
@@ -141,52 +127,6 @@ class ExperimentConfig:
                 "(e.g. --corruption-limit 1000) or none for all"
             )
         return self
-
-    def _validate_classification(self) -> None:
-        if self.image_size is not None:
-            raise UserError("image_size is a detection setting: drop it, or pass --task detection")
-        kind = self.dataset.strip().partition(":")[0].lower()
-        if kind in DETECTION_KINDS:
-            raise UserError(
-                f"{self.dataset} is a detection data set: pass --task detection, or a "
-                "classification --dataset"
-            )
-        spec = get_spec(self.dataset)
-        build_model(
-            self.model,
-            num_classes=spec.num_classes,
-            in_channels=spec.channels,
-            image_size=spec.image_size,
-            mean=spec.mean,
-            std=spec.std,
-        )
-
-
-def check_detection_config(config: ExperimentConfig) -> None:
-    """The settings that only make sense, or only work, for ``--task detection``."""
-    detectors = list_detectors()
-    if config.model.strip().lower() not in detectors:
-        raise UserError(
-            f"model {config.model} is not a detector: with --task detection use one of "
-            f"{', '.join(detectors)}"
-        )
-    kind, _ = detection_dataset(config.dataset)
-    if config.prune.keep_kind == "latency":
-        raise UserError("--keep-kind latency is not supported for detection: use params or macs")
-    for key in ("train_limit", "test_limit"):
-        value, flag = getattr(config, key), f"--{key.replace('_', '-')}"
-        if kind == CANVAS_DATASET and (value is None or value < 2):
-            raise UserError(
-                f"{key}={value!r}: for detection it is the number of canvases to make; "
-                f"give a number >= 2 (e.g. {flag} 200)"
-            )
-        if value is not None and value < 1:
-            raise UserError(
-                f"{key}={value!r}: it is the number of {kind} images to use; give a positive "
-                f"number (e.g. {flag} 200) or none for all"
-            )
-    if config.image_size is not None and config.image_size < 32:
-        raise UserError(f"image_size={config.image_size} is too small: use 32 px or more")
 
 
 def detection_dataset(name: str) -> tuple[str, tuple[str, ...]]:

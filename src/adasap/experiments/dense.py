@@ -19,65 +19,35 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from adasap.data import DataBundle, dataset_options, load_dataset
+from adasap.data import default_workers
 from adasap.deploy.serialization import DESCRIPTION_FILE, load_model, save_model
-from adasap.devices import autocast_dtype, resolve_device
 from adasap.distributed import any_rank, is_distributed, on_main
 from adasap.errors import UserError
 from adasap.experiments.config import ExperimentConfig
+from adasap.experiments.job import job_of
 from adasap.io import CacheMiss, cache_root, cached
-from adasap.models.builders import build_model
 from adasap.training.checkpoint import CHECKPOINT_FILE
 from adasap.training.pipeline import train
 
 
-def load_data(config: ExperimentConfig) -> DataBundle:
-    """The config's dataset, split and limited as the config says."""
-    options = {}
-    if config.workers is not None and "num_workers" in dataset_options(config.dataset):
-        options["num_workers"] = config.workers
-    return load_dataset(
-        config.dataset,
-        data_dir=config.data_dir,
-        seed=config.prune.seed,
-        train_limit=config.train_limit,
-        test_limit=config.test_limit,
-        **options,
-    )
+def load_data(config: ExperimentConfig) -> Any:
+    """The config's data (its task's), split and limited as the config says."""
+    return job_of(config).load_data(config)
 
 
-def model_architecture(config: ExperimentConfig, data: DataBundle) -> dict[str, Any]:
-    """The model-building arguments of the config's model for the data's images and classes."""
-    spec = data.spec
-    return dict(
-        name=config.model,
-        num_classes=spec.num_classes,
-        in_channels=spec.channels,
-        image_size=spec.image_size,
-        mean=list(spec.mean),
-        std=list(spec.std),
-    )
+def loader_workers(config: ExperimentConfig) -> int:
+    """DataLoader processes for image files: the config's ``workers``, else the default."""
+    return default_workers() if config.workers is None else config.workers
 
 
-def dense_recipe(config: ExperimentConfig, data: DataBundle) -> dict[str, Any]:
+def model_architecture(config: ExperimentConfig, data: Any) -> dict[str, Any]:
+    """The model-building arguments of the config's model for the data (``model.json``)."""
+    return job_of(config).architecture(config, data)
+
+
+def dense_recipe(config: ExperimentConfig, data: Any) -> dict[str, Any]:
     """What makes a dense model what it is: the key of its cache entry."""
-    s = config.prune
-    recipe = dict(
-        architecture=model_architecture(config, data),
-        dataset=config.dataset,
-        train_limit=config.train_limit,
-        epochs=config.dense_epochs,
-        lr=config.dense_lr,
-        batch_size=s.batch_size,
-        label_smoothing=s.label_smoothing,
-        seed=s.seed,
-    )
-    precision = autocast_dtype(s.amp, resolve_device(s.device))
-    if precision is not None:  # float32 keeps the earlier key, so its cached models still count
-        recipe["precision"] = str(precision)
-    if s.sync_bn and is_distributed():  # other statistics, another model
-        recipe["sync_bn"] = True
-    return recipe
+    return job_of(config).recipe(config, data)
 
 
 def dense_cache_directory(config: ExperimentConfig, recipe: dict[str, Any]) -> Path:
@@ -95,15 +65,17 @@ def cached_dense_sha256(directory: Path) -> str | None:
         return None
 
 
-def dense_model(config: ExperimentConfig, data: DataBundle, console: Console):
+def dense_model(config: ExperimentConfig, data: Any, console: Console):
     """Train the dense starting model, or reuse the cached one trained with the same recipe.
 
     Processes that ask for the same recipe at once (a parallel benchmark's cells) train it
     once: the others wait for the cache entry (:func:`adasap.io.cached`). A damaged entry
     (its weights not matching their checksum) is trained again. The model is always the one
-    loaded from the cache, on the CPU.
+    loaded from the cache, on the CPU. ``info["val_accuracy"]`` is the last epoch's
+    validation score in the task's headline metric.
     """
-    recipe = dense_recipe(config, data)
+    job = job_of(config)
+    recipe = job.recipe(config, data)
     architecture = recipe["architecture"]
     s = config.prune
     directory = dense_cache_directory(config, recipe)
@@ -112,13 +84,14 @@ def dense_model(config: ExperimentConfig, data: DataBundle, console: Console):
         console.print(f"dense model: training {config.model} for {config.dense_epochs} epochs")
         torch.manual_seed(s.seed)  # the same initial weights on every rank
         result = train(
-            build_model(**architecture),
+            job.build(architecture),
             data,
             epochs=config.dense_epochs,
             settings=s,
             lr=config.dense_lr,
             checkpoint_dir=directory,
             progress=config.progress,
+            task=job.training_task(config, data),
         )
         info = {"seconds": result.seconds, "val_accuracy": result.val_accuracy, "recipe": recipe}
 

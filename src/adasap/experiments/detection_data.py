@@ -16,14 +16,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from adasap.data.detection import AnyDetectionSet, DetectionBundle, FileDetectionSet
+from adasap.data.detection import AnyDetectionSet, DetectionBundle
 from adasap.data.detection_canvas import load_canvas_detection
 from adasap.data.detection_files import load_coco_detection, load_voc_detection
 from adasap.data.files import data_root
 from adasap.errors import UserError
 from adasap.experiments.config import CANVAS_DATASET, ExperimentConfig, detection_dataset
 from adasap.experiments.dense import safe_name
-from adasap.experiments.run import loader_workers
 
 CANVAS_SIDE = 128  # the canvases' side when the config leaves image_size unset
 # what --data-dir must hold, by kind of dataset
@@ -107,12 +106,6 @@ def data_key(config: ExperimentConfig) -> str:
     if on_canvases(config):
         return f"canvas{image_side(config)}"
     return safe_name(f"{config.dataset}-{_root(config)}")
-
-
-def training_workers(config: ExperimentConfig, data: DetectionBundle) -> int:
-    """DataLoader processes for the training batches: image files are decoded by the config's
-    ``workers`` (as for classification image folders), canvases in memory need none."""
-    return loader_workers(config) if isinstance(data.train, FileDetectionSet) else 0
 
 
 def reduced_note(config: ExperimentConfig, data: DetectionBundle | None = None) -> str:

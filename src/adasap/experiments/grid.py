@@ -1,4 +1,5 @@
-"""Running a grid's cells (the benchmark's, the sweep's): one after another, in local processes
+"""The one grid engine of the benchmark, the detection benchmark and the sweep: a :class:`Grid`
+is an output folder of resumable results; its cells run one after another, in local processes
 (``jobs``), or as tasks on a Ray cluster (``ray``).
 
 A cell is a call of a module-level function that writes its own result into the output folder,
@@ -18,12 +19,14 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Generic
 
 import torch
 from rich.console import Console
 
 from adasap.errors import UserError
+from adasap.experiments.results import GridFiles, R, report_failure
 from adasap.training.checkpoint import RunInterrupted
 
 Task = tuple[str, tuple[Any, ...]]  # (cell name, arguments of the cell function)
@@ -53,6 +56,57 @@ class Parallel:
     @property
     def serial(self) -> bool:
         return self.ray is None and (self.jobs or 1) == 1
+
+
+@dataclass
+class Grid(Generic[R]):
+    """A grid's output folder, its finished rows (``done``, by cell: :meth:`GridFiles.open`) and
+    how its cells run."""
+
+    files: GridFiles[R]
+    out: Path
+    cells: list[Any]  # in grid order, each named by its ``id``
+    done: dict[str, R]
+    parallel: Parallel
+    console: Console
+    device: str  # the cells' device setting: with auto or cuda each cell gets a GPU
+
+    def todo(self) -> list[Any]:
+        """The cells not finished yet, in grid order."""
+        return [cell for cell in self.cells if cell.id not in self.done]
+
+    @contextlib.contextmanager
+    def running(self, todo: list[Any]) -> Iterator[None]:
+        """Connected to the Ray cluster (if any, and if there is work); an interrupted grid
+        names its folder, which a rerun continues."""
+        try:
+            with connected(self.parallel) if todo else contextlib.nullcontext():
+                yield
+        except RunInterrupted as exc:
+            exc.run_dir = self.out
+            raise
+
+    def run(
+        self,
+        function: Callable[..., Any],
+        tasks: list[Task],
+        describe: Callable[[Any], str],
+        fatal: bool = False,
+    ) -> None:
+        """Run ``tasks``, appending their rows (if any: a dense model trained into the cache has
+        none) to the results file in the tasks' order. A :class:`UserError` stops the grid when
+        ``fatal`` (say, no cell of a seed could run); otherwise the cell is reported, logged to
+        ``failures.jsonl`` and skipped: the next run tries it again."""
+        for name, outcome in run_cells(
+            function, tasks, self.parallel, self.console, describe, device=self.device
+        ):
+            if isinstance(outcome, UserError):
+                if fatal:
+                    raise outcome
+                report_failure(self.out, name, outcome, self.console)
+            elif isinstance(outcome, self.files.row):
+                self.files.append(self.out, outcome)
+                self.done[name] = outcome
 
 
 def available_cores() -> int:

@@ -26,7 +26,8 @@ VAL_FRACTION = 0.1  # load_dataset's default validation split
 
 @dataclass(frozen=True)
 class Cell:
-    """One run of the grid; ``method == "dense"`` is the seed's unpruned reference."""
+    """One run of the grid; ``method == "dense"`` is the seed's unpruned reference, and
+    ``criterion`` None the base config's criterion (the detection grid's cells)."""
 
     method: str
     criterion: str | None
@@ -37,7 +38,13 @@ class Cell:
     def id(self) -> str:
         if self.method == "dense":
             return f"dense-seed{self.seed}"
-        return f"{self.method}-{self.criterion}-keep{self.keep:g}-seed{self.seed}"
+        criterion = "" if self.criterion is None else f"{self.criterion}-"
+        return f"{self.method}-{criterion}keep{self.keep:g}-seed{self.seed}"
+
+    @property
+    def reference(self) -> Cell:
+        """The dense reference of the cell's seed."""
+        return Cell("dense", None, 1.0, self.seed)
 
 
 @dataclass(frozen=True)
@@ -45,14 +52,16 @@ class BenchPreset:
     """A benchmark: a base flat config and the grid (method, criterion) x keeps x seeds.
 
     ``pairs`` lists (method, criterion) combinations, since not every method runs with every
-    criterion. Sharpness is measured on ``sharpness_batches`` fixed training batches of
-    ``sharpness_batch_size`` images at the base config's ``rho``.
+    criterion. A base with ``task: detection`` starts from the detection defaults
+    (:mod:`adasap.experiments.detection_bench`). Sharpness (classification only) is measured
+    on ``sharpness_batches`` fixed training batches of ``sharpness_batch_size`` images at the
+    base config's ``rho``.
     """
 
     name: str
     description: str
     base: Mapping[str, Any]
-    pairs: tuple[tuple[str, str], ...]
+    pairs: tuple[tuple[str, str | None], ...]
     keeps: tuple[float, ...]
     seeds: tuple[int, ...]
     sharpness_batches: int = 4
@@ -77,7 +86,9 @@ class BenchPreset:
         """The cell's config, validated."""
         values = {**self.base, "seed": cell.seed}
         if cell.method != "dense":
-            values.update(methods=[cell.method], criterion=cell.criterion, keep=cell.keep)
+            values.update(methods=[cell.method], keep=cell.keep)
+        if cell.criterion is not None:
+            values["criterion"] = cell.criterion
         return from_flat(values).validate()
 
     def identity(self) -> dict[str, Any]:
@@ -109,7 +120,7 @@ SMALL_BASE: dict[str, Any] = {
     "prune_steps": 4,
     "batch_size": 128,
     "lr": 0.05,
-    # rho, rho_min and rho_max are OptimizerSettings' defaults: the `small` sweep chose them.
+    # rho, rho_min and rho_max are PrunerSettings' defaults: the `small` sweep chose them.
 }
 
 PRESETS: dict[str, BenchPreset] = {
@@ -236,6 +247,17 @@ PRESETS: dict[str, BenchPreset] = {
         sharpness_batch_size=64,
     ),
 }
+
+
+def resolve_preset(
+    preset: str | BenchPreset, presets: Mapping[str, BenchPreset] = PRESETS, what: str = "preset"
+) -> BenchPreset:
+    """``preset`` itself, or the one of ``presets`` it names (``what``, in the error)."""
+    if isinstance(preset, BenchPreset):
+        return preset
+    if preset not in presets:
+        raise UserError(f"no {what} {preset!r}: choose one of {', '.join(presets)}")
+    return presets[preset]
 
 
 def estimate_seconds(

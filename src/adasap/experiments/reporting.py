@@ -95,9 +95,11 @@ def results_table(
 
 def results_markdown(
     rows: Sequence[ResultRow],
-    reduced: bool = False,
+    note: str | None = None,
     columns: Sequence[tuple[str, str]] = COLUMNS,
 ) -> str:
+    """The table of :func:`results_table` in Markdown, with its notes (``note``: the reduced
+    setting in words)."""
     columns = _present(rows, columns)
     lines = [
         "| " + " | ".join(name for _, name in columns) + " |",
@@ -105,9 +107,7 @@ def results_markdown(
     ]
     for row in rows:
         lines.append("| " + " | ".join(_format(row, key) for key, _ in columns) + " |")
-    notes = []
-    if reduced:
-        notes.append("Reduced setting (subsets of the data, few epochs): a quick comparison.")
+    notes = [note] if note else []
     if any(row.latency_ratio is not None for row in rows):
         notes.append(LATENCY_NOTE)
     sources = {row.corruption_source for row in rows} - {None}

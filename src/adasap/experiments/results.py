@@ -2,8 +2,9 @@
 
 A :class:`ResultRow` is one evaluated model, as result tables show it and ``results.json``
 holds it; a :class:`BenchRow` adds what the benchmark grid measures. Rows become dicts only
-when written: :meth:`ResultRow.to_dict` and :meth:`ResultRow.from_dict` are the JSON form, and
-:meth:`from_dict` reads rows written before a field existed (it is ``None`` there).
+when written: :meth:`Row.to_dict` and :meth:`Row.from_dict` are the JSON form, and
+:meth:`from_dict` reads rows written before a field existed (it is ``None`` there). A grid's
+folder (:class:`GridFiles`) holds a JSON line per finished cell and each cell's own run folder.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from rich.console import Console
 
@@ -23,15 +25,29 @@ from adasap.io import atomic_write_json, read_json_mapping, writing
 from adasap.method.pruning import ModelSize
 
 RESULTS_FILE = "results.jsonl"
+RUNS_DIR = "runs"  # <out>/runs/<cell>/: a benchmark cell's models, reports and row
 ROW_FILE = "row.json"  # a finished cell's own copy of its line, in its run folder
 FAILURES_FILE = "failures.jsonl"
 PRESET_FILE = "bench.json"
 
-Row = TypeVar("Row", bound="ResultRow")
+R = TypeVar("R", bound="Row")
+
+
+class Row:
+    """The JSON form of a row dataclass."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls: type[R], data: dict[str, Any]) -> R:
+        """A row from its JSON form; keys that are not fields (e.g. ``history``) are left out."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 @dataclass(kw_only=True)
-class ResultRow:
+class ResultRow(Row):
     """One model: size, clean and corruption accuracy, speed and cost (None: not measured)."""
 
     method: str
@@ -56,25 +72,21 @@ class ResultRow:
     # with keep_kind latency: the pruned model's measured latency against its budget
     latency: dict[str, float] | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def with_cost(self: Row, size: ModelSize, **values: Any) -> Row:
+    def with_cost(self: R, size: ModelSize, **values: Any) -> R:
         """This row with its model's size (params and MACs) and any other field ``values``
         (``seconds=``: its training time)."""
         return replace(self, params=size.params, macs=size.macs, **values)
-
-    @classmethod
-    def from_dict(cls: type[Row], data: dict[str, Any]) -> Row:
-        """A row from its JSON form; keys that are not fields (e.g. ``history``) are left out."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 @dataclass(kw_only=True)
 class BenchRow(ResultRow):
     """One cell of the benchmark grid: its identity, the row of its model, and sharpness of the
-    dense model (``dense_*``, before pruning) and of this one (after)."""
+    dense model (``dense_*``, before pruning) and of this one (after).
+
+    A detection cell's row has the detection meaning of :class:`ResultRow`'s fields, as
+    ``adasap run --task detection`` gives them: ``clean_accuracy`` is P (mAP@0.5),
+    ``corruption_accuracy`` mPC, ``relative_robustness`` rPC; it measures no sharpness.
+    """
 
     cell: str
     criterion: str | None
@@ -91,6 +103,8 @@ class BenchRow(ResultRow):
     dense_loss_increase: float | None = None
     dense_hessian_eigenvalue: float | None = None
     cell_seconds: float | None = None
+    # torch threads the cell computed with: its numbers are the serial grid's at this count
+    threads: int | None = None
     # sha256 of the dense model's weights file: a seed's rows all come from one dense model
     dense_sha256: str | None = None
 
@@ -125,9 +139,61 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-def read_bench_rows(out: Path) -> list[BenchRow]:
-    """The benchmark's finished cells in ``<out>/results.jsonl``."""
-    return [BenchRow.from_dict(record) for record in read_jsonl(out / RESULTS_FILE)]
+@dataclass(frozen=True)
+class GridFiles(Generic[R]):
+    """Where a grid (the benchmark's, the sweep's) keeps its rows: a line of ``<out>/<results>``
+    per finished cell, and the cell's run in ``<out>/<runs>/<cell>/`` with its own copy of its
+    row (``row.json``). ``key`` is the row field that names the cell, ``what`` the key of the
+    grid's definition in ``bench.json`` (:func:`prepare_out`)."""
+
+    results: str
+    runs: str
+    row: type[R]
+    key: str
+    what: str
+
+    def run_dir(self, out: Path, cell: str) -> Path:
+        """The folder of a cell: ``<out>/<runs>/<cell>``."""
+        return out / self.runs / cell
+
+    def read(self, out: Path) -> list[R]:
+        """The finished cells, from the results file."""
+        return [self.row.from_dict(record) for record in read_jsonl(out / self.results)]
+
+    def append(self, out: Path, row: R) -> None:
+        append_jsonl(out / self.results, row.to_dict())
+
+    def save(self, out: Path, row: R) -> R:
+        """Write ``row`` to its cell's ``row.json`` too, so that it outlives the process that
+        computed it (:meth:`open`); returns it."""
+        atomic_write_json(self.run_dir(out, getattr(row, self.key)) / ROW_FILE, row.to_dict())
+        return row
+
+    def open(
+        self, out_dir: str | Path, definition: dict[str, Any], cells: Iterable[str]
+    ) -> tuple[Path, dict[str, R]]:
+        """The folder (absolute: the cells of a cluster run elsewhere, and it must be shared
+        with them), created or checked to hold results of ``definition``, and its finished rows
+        by cell; rows that ``cells`` saved (:meth:`save`) but that never reached the results
+        file (the grid stopped first) join it, in the order of ``cells``."""
+        out = prepare_out(out_dir, definition, self.what).resolve()
+        done = {getattr(row, self.key): row for row in self.read(out)}
+        for cell in cells:
+            path = self.run_dir(out, cell) / ROW_FILE
+            if cell not in done and path.is_file():
+                try:
+                    done[cell] = self.row.from_dict(json.loads(path.read_text()))
+                except (ValueError, TypeError):
+                    continue  # the cell runs again and rewrites it
+                self.append(out, done[cell])
+        return out, done
+
+
+BENCH_FILES = GridFiles(RESULTS_FILE, RUNS_DIR, BenchRow, key="cell", what="preset")
+# the benchmark's own names for them, as its reports and the detection benchmark use them
+cell_dir = BENCH_FILES.run_dir
+read_bench_rows = BENCH_FILES.read
+save_row = BENCH_FILES.save
 
 
 # Prose in a preset's or sweep's definition: rewording it (say, "planned" to "ran in 9 h")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,20 +24,13 @@ from adasap.errors import UserError
 from adasap.experiments.bench_report import format_number
 from adasap.experiments.config import ExperimentConfig, from_flat
 from adasap.experiments.dense import dense_model, load_data, model_architecture
-from adasap.experiments.grid import Parallel, run_cells
-from adasap.experiments.results import (
-    ROW_FILE,
-    append_jsonl,
-    prepare_out,
-    read_jsonl,
-    report_failure,
-    unfinished_failures,
-)
+from adasap.experiments.grid import Grid, Parallel
+from adasap.experiments.results import GridFiles, Row, unfinished_failures
 from adasap.experiments.sweep_presets import sweep_settings
 from adasap.io import atomic_write_json, atomic_write_text, cache_root
 from adasap.robustness.corruptions import CBAR_CORRUPTIONS, EXTRA_CORRUPTIONS
 from adasap.robustness.evaluation import evaluate_corruptions
-from adasap.training.checkpoint import CHECKPOINT_FILE, RunInterrupted
+from adasap.training.checkpoint import CHECKPOINT_FILE
 from adasap.training.pipeline import prune
 
 SWEEP_FILE = "sweep.jsonl"
@@ -45,7 +38,7 @@ CHOICE_FILE = "choice.json"
 
 
 @dataclass
-class SweepRow:
+class SweepRow(Row):
     """One finished sweep run, scored on validation data (a line of ``sweep.jsonl``)."""
 
     run: str
@@ -68,34 +61,36 @@ class SweepRow:
         return sum(scores) / len(scores) if scores else 0.0
 
 
-def tuning_corruptions() -> tuple[str, ...]:
-    """The corruptions a sweep scores on: the held-out cbar family, then the 4 extras."""
-    return (*CBAR_CORRUPTIONS, *EXTRA_CORRUPTIONS)
+# a run's row is a line of sweep.jsonl and its sweep_runs/<run>/row.json
+SWEEP_FILES = GridFiles(SWEEP_FILE, "sweep_runs", SweepRow, key="run", what="sweep")
 
 
-def _sweep_id(method: str, settings: Mapping[str, Any]) -> str:
-    return "-".join([method, *(f"{k}={v}" for k, v in settings.items() if k != "methods")])
+@dataclass
+class SweepRun:
+    """One run of the sweep: a method under one combination of the grid's ``settings``."""
+
+    method: str
+    settings: dict[str, Any]  # less ``methods``
+    config: ExperimentConfig
+
+    @property
+    def id(self) -> str:
+        return "-".join([self.method, *(f"{k}={v}" for k, v in self.settings.items())])
 
 
-def sweep_cell(
-    run_id: str,
-    method: str,
-    settings: dict[str, Any],
-    config: ExperimentConfig,
-    out: Path,
-    console: Console | None = None,
-) -> SweepRow:
+def sweep_cell(run: SweepRun, out: Path, console: Console | None = None) -> SweepRow:
     """One run, in this process: prune, then score on the validation split under the cbar and
     extra corruptions only. The row also goes to ``<out>/sweep_runs/<run>/row.json``."""
     console = console or Console(quiet=True)
-    run_dir = out / "sweep_runs" / run_id
+    config = run.config
+    run_dir = SWEEP_FILES.run_dir(out, run.id)
     data = load_data(config)
     dense, _ = dense_model(config, data, console)
-    console.print(f"[bold]{run_id}[/bold]: pruning")
+    console.print(f"[bold]{run.id}[/bold]: pruning")
     result = prune(
         dense,
         data,
-        settings=replace(config.prune, method=method),
+        settings=replace(config.prune, method=run.method),
         checkpoint_dir=run_dir,
         progress=config.progress,
     )
@@ -104,7 +99,7 @@ def sweep_cell(
         result.model.to(device),
         data.val,
         dataset_key=f"{config.dataset}-val{len(data.val)}",
-        corruptions=tuning_corruptions(),
+        corruptions=(*CBAR_CORRUPTIONS, *EXTRA_CORRUPTIONS),
         device=device,
         seed=config.prune.seed,
         cache_dir=cache_root(config.cache_dir) / "corruptions",
@@ -113,37 +108,22 @@ def sweep_cell(
     report.save(run_dir)
     model = result.model.cpu()
     save_model(run_dir, model, model_architecture(config, data), result.pruning_history)
-    kind = config.prune.keep_kind
     row = SweepRow(
-        run=run_id,
-        method=method,
-        settings={k: v for k, v in settings.items() if k != "methods"},
+        run=run.id,
+        method=run.method,
+        settings=run.settings,
         val_accuracy=report.clean_accuracy,
         val_extra_accuracy=report.extra_accuracy,
         val_cbar_accuracy=report.cbar_accuracy,
         val_images=len(data.val),
         per_corruption=report.per_corruption,
         params=result.size.params,
-        keep_achieved=result.keep_fraction(kind),
+        keep_achieved=result.keep_fraction(config.prune.keep_kind),
         seconds=result.seconds,
     )
-    atomic_write_json(run_dir / ROW_FILE, asdict(row))
+    SWEEP_FILES.save(out, row)
     (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
     return row
-
-
-def _adopt_rows(out: Path, run_ids: list[str], done: set[str]) -> None:
-    """Rows that runs wrote (``sweep_runs/<run>/row.json``) but that never reached
-    ``sweep.jsonl`` (the sweep stopped first) join it, in grid order."""
-    for run_id in run_ids:
-        path = out / "sweep_runs" / run_id / ROW_FILE
-        if run_id not in done and path.is_file():
-            try:
-                row = SweepRow(**json.loads(path.read_text()))
-            except (ValueError, TypeError):
-                continue  # the run goes again and rewrites it
-            append_jsonl(out / SWEEP_FILE, asdict(row))
-            done.add(run_id)
 
 
 def run_sweep(
@@ -162,13 +142,20 @@ def run_sweep(
     Finished runs are lines of ``<out>/sweep.jsonl`` and are skipped; an interrupted one
     resumes from ``<out>/sweep_runs/<run>/``. With ``parallel``
     (:class:`~adasap.experiments.grid.Parallel`) several runs go at once; runs that share a
-    dense model wait for the first to train it. Writes ``sweep.md`` and returns ``out_dir``.
+    dense model wait for the first to train it. A run that fails with a :class:`UserError` is
+    reported, logged to ``failures.jsonl`` and skipped; the next sweep tries it again. Writes
+    ``sweep.md`` and returns ``out_dir``.
     """
     console = console or Console()
     parallel = (parallel or Parallel()).validate()
     base = base_config if isinstance(base_config, ExperimentConfig) else from_flat(base_config)
+    quiet = not parallel.serial  # progress bars of runs going at once would be garbled
     runs = [
-        (_sweep_id(method, settings), method, settings, config)
+        SweepRun(
+            method,
+            {k: v for k, v in settings.items() if k != "methods"},
+            replace(config, progress=False) if quiet else config,
+        )
         for settings in sweep_settings(grid)
         for config in [from_flat(settings, base).validate()]
         for method in config.methods
@@ -176,34 +163,13 @@ def run_sweep(
     if not runs:
         raise UserError("the sweep grid is empty: give each key at least one value")
     flat = {k: v for k, v in base.to_flat().items() if k != "progress"}
-    definition = {"base": flat, "runs": [r[0] for r in runs]}
-    # absolute: the runs of a cluster go elsewhere (the folder must be shared with them)
-    out = prepare_out(out_dir, json.loads(json.dumps(definition, default=str)), "sweep").resolve()
-    path = out / SWEEP_FILE
-    done = {row["run"] for row in read_jsonl(path)}
-    _adopt_rows(out, [r[0] for r in runs], done)
-    quiet = not parallel.serial  # progress bars of runs going at once would be garbled
-    tasks = [
-        (
-            run_id,
-            (run_id, method, settings, replace(config, progress=False) if quiet else config, out),
-        )
-        for run_id, method, settings, config in runs
-        if run_id not in done
-    ]
-    try:
-        for run_id, outcome in run_cells(
-            sweep_cell, tasks, parallel, console, _describe, device=base.prune.device
-        ):
-            if isinstance(outcome, UserError):
-                report_failure(out, run_id, outcome, console)
-            else:
-                append_jsonl(path, asdict(outcome))
-    except RunInterrupted as exc:
-        exc.run_dir = out
-        raise
-    report = sweep_report(out)
-    console.print(f"sweep report: {report}")
+    definition = json.loads(json.dumps({"base": flat, "runs": [r.id for r in runs]}, default=str))
+    out, done = SWEEP_FILES.open(out_dir, definition, [run.id for run in runs])
+    sweep = Grid(SWEEP_FILES, out, runs, done, parallel, console, base.prune.device)
+    todo = sweep.todo()
+    with sweep.running(todo):
+        sweep.run(sweep_cell, [(run.id, (run, out)) for run in todo], _describe)
+    console.print(f"sweep report: {sweep_report(out)}")
     return Path(out_dir)
 
 
@@ -215,7 +181,7 @@ def ranked_rows(out_dir: str | Path) -> list[SweepRow]:
     """The sweep's finished runs, best first: by validation score, then clean validation
     accuracy. Validation numbers only: nothing else is read."""
     out = Path(out_dir)
-    rows = [SweepRow(**record) for record in read_jsonl(out / SWEEP_FILE)]
+    rows = SWEEP_FILES.read(out)
     if not rows:
         raise UserError(f"{out / SWEEP_FILE} holds no results: run the sweep first")
     return sorted(rows, key=lambda r: (-r.score, -r.val_accuracy))

@@ -47,11 +47,10 @@ def base_optimizer_class(name: str) -> type[torch.optim.Optimizer]:
 
 
 def check_finetune_settings(settings: Any) -> None:
-    """Raise :class:`UserError` for a bad ``finetune_sharpness`` or ``finetune_rho``."""
-    kind, rho = settings.finetune_sharpness, settings.finetune_rho
-    if kind not in (None, "sam", "asam"):
-        raise UserError(f"finetune_sharpness must be sam, asam or none, got {kind!r}: e.g. asam")
-    if rho is not None and (isinstance(rho, bool) or not isinstance(rho, int | float) or rho < 0):
+    """Raise :class:`UserError` for a negative ``finetune_rho`` (its type and
+    ``finetune_sharpness``: :class:`~adasap.method.pruner.PrunerSettings` checks them first)."""
+    rho = settings.finetune_rho
+    if rho is not None and rho < 0:
         raise UserError(f"finetune_rho must be a number >= 0 or none (rho), got {rho!r}: e.g. 0.5")
 
 

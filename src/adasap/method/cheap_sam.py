@@ -35,26 +35,17 @@ DIRECTION = "looksam_direction"
 
 
 def check_cheap_settings(settings: Any) -> None:
-    """Raise :class:`UserError` for a bad ``sam_probability``, ``sam_every`` ... of settings."""
+    """Raise :class:`UserError` for a ``sam_probability``, ``sam_every`` ... of settings out of
+    range (their types: :class:`~adasap.method.pruner.PrunerSettings` checks them first)."""
     s = settings
-
-    def number(name: str, value: Any, kinds: tuple[type, ...] = (int, float)) -> None:
-        if isinstance(value, bool) or not isinstance(value, kinds):
-            raise UserError(f"{name} must be a number, got {value!r}")
-
     for name in ("sam_probability", "sam_probability_end"):
         value = getattr(s, name)
-        if value is None and name.endswith("end"):
-            continue
-        number(name, value)
-        if not 0 <= value <= 1:
+        if value is not None and not 0 <= value <= 1:
             raise UserError(f"{name} must be in [0, 1], got {value}: e.g. {name}=0.5")
-    if isinstance(s.sam_every, bool) or not isinstance(s.sam_every, int) or s.sam_every < 1:
+    if s.sam_every < 1:
         raise UserError(f"sam_every must be an integer >= 1, got {s.sam_every!r}: e.g. 5")
-    number("looksam_alpha", s.looksam_alpha)
     if s.looksam_alpha < 0:
         raise UserError(f"looksam_alpha must be >= 0, got {s.looksam_alpha}: e.g. 0.7")
-    number("ascent_fraction", s.ascent_fraction)
     if not 0 < s.ascent_fraction <= 1:
         raise UserError(f"ascent_fraction must be in (0, 1], got {s.ascent_fraction}: e.g. 0.5")
 

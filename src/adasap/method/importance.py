@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from adasap.errors import UserError
 from adasap.method.neurons import NeuronLayout, ParamSlice
+from adasap.registry import Registry
 
 ScoreNormalization = Literal["mean", "max", "none"]
 # The criterion when none is named: first-order Taylor scores beat weight magnitude for sgd,
@@ -52,24 +53,17 @@ class GradientImportance(Importance, Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-_CRITERIA: dict[str, Callable[..., Importance]] = {}
+_CRITERIA: Registry[Callable[..., Importance]] = Registry("criterion")
 
 
-def register_criterion(name: str) -> Callable:
+def register_criterion(name: str) -> Callable[[Callable], Callable]:
     """Register a criterion under ``name``: a scoring function, or a class built with options."""
-
-    def register(factory: Callable) -> Callable:
-        if name in _CRITERIA:
-            raise ValueError(f"criterion {name!r} is registered already")
-        _CRITERIA[name] = factory
-        return factory
-
-    return register
+    return _CRITERIA.register(name)
 
 
 def criteria() -> tuple[str, ...]:
     """The names of the registered criteria."""
-    return tuple(_CRITERIA)
+    return _CRITERIA.names()
 
 
 def make_importance(criterion: str | Importance, **options: Any) -> Importance:
@@ -84,9 +78,7 @@ def make_importance(criterion: str | Importance, **options: Any) -> Importance:
                 f"layout -> scores, got {type(criterion).__name__}"
             )
         return criterion
-    if criterion not in _CRITERIA:
-        raise UserError(f"unknown criterion {criterion!r}: choose one of {', '.join(_CRITERIA)}")
-    factory = _CRITERIA[criterion]
+    factory = _CRITERIA.get(criterion)
     if isinstance(factory, type):
         accepted = factory.__init__.__code__.co_varnames
         return factory(**{k: v for k, v in options.items() if k in accepted})

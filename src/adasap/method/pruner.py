@@ -63,6 +63,7 @@ from adasap.method.pruning import (
 from adasap.method.schedule import PhaseSchedule
 from adasap.method.step import sharpness_aware_step
 from adasap.method.target import PruningTarget, SizeTarget
+from adasap.settings import check_field_types
 
 # The optimizer in phases 1-2 (warm-up and removal), then in phase 3 (fine-tuning); "sgd"
 # means the base optimizer alone, whatever its class.
@@ -80,7 +81,11 @@ _OWN_KEYS = ("params", "rho", "adaptive", "eta")
 
 @dataclass(frozen=True)
 class PrunerSettings:
-    """The method's scalar knobs; the defaults are the documented choices (docs/method.md)."""
+    """The method's scalar knobs; the defaults are the documented choices (docs/method.md).
+
+    A run's settings hold them as one section (``PruneSettings.pruner``), so a new field here
+    is a new config key and flag name of ``adasap run`` with no other edit.
+    """
 
     keep_kind: Literal["params", "macs"] = "params"
     # chosen on validation data by `adasap sweep` (docs/tuning.md)
@@ -111,6 +116,7 @@ class PrunerSettings:
     sync_ascent: bool = False  # under DDP: average the ascent gradient too (docs/distributed.md)
 
     def __post_init__(self) -> None:
+        check_field_types(self)  # the Literal fields by value
         check_cheap_settings(self)
         check_finetune_settings(self)
 

@@ -23,6 +23,7 @@ from torchvision.models.detection.ssd import SSD, SSDHead
 from torchvision.ops import Conv2dNormActivation, FrozenBatchNorm2d
 
 from adasap.errors import UserError
+from adasap.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -35,17 +36,12 @@ class DetectorRequest:
 
 
 DetectorBuilder = Callable[[DetectorRequest], nn.Module]
-_DETECTORS: dict[str, DetectorBuilder] = {}
+_DETECTORS: Registry[DetectorBuilder] = Registry("detector")
 
 
 def register_detector(name: str) -> Callable[[DetectorBuilder], DetectorBuilder]:
     """Register ``build(request)`` as the detector ``name``."""
-
-    def decorate(build: DetectorBuilder) -> DetectorBuilder:
-        _DETECTORS[name] = build
-        return build
-
-    return decorate
+    return _DETECTORS.register(name)
 
 
 def list_detectors() -> list[str]:
@@ -56,8 +52,6 @@ def build_detector(name: str, *, num_classes: int, image_size: int | None = None
     """The detector ``name`` for ``num_classes`` classes (background included), untrained,
     with trainable BatchNorm throughout (:func:`unfreeze_batchnorm`)."""
     build = _DETECTORS.get(name.strip().lower())
-    if build is None:
-        raise UserError(f"unknown detector {name!r}: choose one of {', '.join(_DETECTORS)}")
     if num_classes < 2 or (image_size is not None and image_size < 32):
         raise UserError(
             f"cannot build {name} for {num_classes} classes at {image_size} px: use "

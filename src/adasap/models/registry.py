@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from adasap.errors import UserError
+from adasap.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class ModelFamily:
     bare: bool
 
 
-_FAMILIES: dict[str, ModelFamily] = {}
+_FAMILIES: Registry[ModelFamily] = Registry("model family")
 
 
 def register_family(
@@ -54,14 +55,14 @@ def register_family(
     """
 
     def decorate(build: Builder) -> Builder:
-        _FAMILIES[prefix] = ModelFamily(prefix, build, names, bare)
+        _FAMILIES.add(prefix, ModelFamily(prefix, build, names, bare))
         return build
 
     return decorate
 
 
 def families() -> dict[str, ModelFamily]:
-    return dict(_FAMILIES)
+    return {prefix: _FAMILIES.get(prefix) for prefix in _FAMILIES}
 
 
 def resolve(name: str) -> tuple[ModelFamily, str] | None:
@@ -69,14 +70,14 @@ def resolve(name: str) -> tuple[ModelFamily, str] | None:
     key = name.strip()
     prefix, sep, rest = key.partition(":")
     if sep:
-        family = _FAMILIES.get(prefix.lower())
-        if family is None:
+        # Not the registry's message: prefixes as written ("timm:"), bare names offered too.
+        if prefix.lower() not in _FAMILIES:
             raise UserError(
                 f"unknown model family {prefix!r} in {name!r}: use one of "
                 f"{', '.join(f + ':' for f in _FAMILIES)} or a bare name such as resnet18"
             )
-        return family, rest.strip()
-    for family in _FAMILIES.values():
+        return _FAMILIES.get(prefix.lower()), rest.strip()
+    for family in map(_FAMILIES.get, _FAMILIES):
         if family.bare and key.lower() in family.names():
             return family, key.lower()
     return None

@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from adasap.robustness import corruptions as C
-from adasap.robustness.corruptions import SEVERITIES
-from adasap.robustness.report import (
-    SOURCE_RENDERED,
-    SeverityTableReport,
-    _category,
-    _kind_suffix,
-    _mean,
-    _pct,
-    _ratio,
-)
-from adasap.robustness.report import heatmap_png as _heatmap_png
+from adasap.robustness.report import SOURCE_RENDERED, SeverityTableReport, _pct, _ratio
 
 # The metrics a report can be headed by: VOC's mAP at IoU 0.5, COCO's mean over 0.50:0.95.
 METRICS = ("map_50", "map")
@@ -52,14 +42,8 @@ class DetectionCorruptionReport(SeverityTableReport):
         key = metric or self.metric
         return {n: {s: cell[key] for s, cell in sev.items()} for n, sev in self.results.items()}
 
-    def _names(self) -> list[str]:
-        order = (*C.CORRUPTIONS, *C.HELD_OUT_CORRUPTIONS)
-        known = [n for n in order if n in self.results]
-        return known + [n for n in self.results if n not in order]
-
-    def _entries(self, names: Sequence[str]) -> list[float]:
-        values = self.values()
-        return [v for n in names for v in values.get(n, {}).values()]
+    def _clean_value(self) -> float:
+        return self.performance
 
     @property
     def performance(self) -> float:
@@ -69,37 +53,20 @@ class DetectionCorruptionReport(SeverityTableReport):
     @property
     def mpc(self) -> float | None:
         """mPC: the mean of the metric over the benchmark corruptions and severities."""
-        return _mean(self._entries(C.BENCHMARK_CORRUPTIONS))
+        return self._mean_of(C.BENCHMARK_CORRUPTIONS)
 
     @property
     def rpc(self) -> float | None:
         """rPC = mPC / P."""
-        if self.mpc is None or self.performance <= 0:
-            return None
-        return self.mpc / self.performance
+        return self._relative()
 
     @property
     def extra_mpc(self) -> float | None:
-        return _mean(self._entries(C.EXTRA_CORRUPTIONS))
+        return self._mean_of(C.EXTRA_CORRUPTIONS)
 
     @property
     def cbar_mpc(self) -> float | None:
-        return _mean(self._entries(C.CBAR_CORRUPTIONS))
-
-    @property
-    def is_complete(self) -> bool:
-        """All 15 benchmark corruptions at all 5 severities were evaluated."""
-        return all(set(self.results.get(n, {})) == set(SEVERITIES) for n in C.BENCHMARK_CORRUPTIONS)
-
-    @property
-    def per_corruption(self) -> dict[str, float]:
-        return {n: sum(s.values()) / len(s) for n, s in self.values().items() if s}
-
-    @property
-    def per_category(self) -> dict[str, float]:
-        """The mean of each category's benchmark corruptions."""
-        means = {c: _mean(self._entries(names)) for c, names in C.CATEGORIES.items()}
-        return {c: m for c, m in means.items() if m is not None}
+        return self._mean_of(C.CBAR_CORRUPTIONS)
 
     def to_dict(self) -> dict[str, Any]:
         """The inputs and every derived number, JSON-ready."""
@@ -143,48 +110,29 @@ class DetectionCorruptionReport(SeverityTableReport):
         )
 
     def _summary_rows(self) -> list[tuple[str, str]]:
-        name = METRIC_NAMES[self.metric]
-        rows = [
-            (f"P: clean {name} (%)", _pct(self.performance)),
-            (f"mPC: mean of {len(self._entries(C.BENCHMARK_CORRUPTIONS))} (%)", _pct(self.mpc)),
+        n_bench = len(self._entries(C.BENCHMARK_CORRUPTIONS))
+        return [
+            (f"P: clean {self._metric_label()} (%)", _pct(self.performance)),
+            (f"mPC: mean of {n_bench} (%)", _pct(self.mpc)),
             ("rPC: mPC / P", _ratio(self.rpc)),
-            (f"extra corruptions, mean of {len(self._entries(C.EXTRA_CORRUPTIONS))} (%)",
-             _pct(self.extra_mpc)),
-        ]  # fmt: skip
-        n_cbar = len(self._entries(C.CBAR_CORRUPTIONS))
-        if n_cbar:
-            rows.append((f"held-out cbar corruptions, mean of {n_cbar} (%)", _pct(self.cbar_mpc)))
-        rows += [(f"{c} (%)", _pct(v)) for c, v in self.per_category.items()]
-        return rows
+            *self._apart_rows(),
+            *self._category_rows(),
+        ]
 
-    def _corruption_rows(self) -> list[list[str]]:
-        rows, values, means = [], self.values(), self.per_corruption
-        for name in self._names():
-            sev = values[name]
-            cells = [_pct(sev[s]) if s in sev else "-" for s in SEVERITIES]
-            mean = _pct(means.get(name))
-            rows.append([name + _kind_suffix(name), _category(name), *cells, mean])
-        return rows
-
-    def _header_lines(self) -> list[str]:
-        lines = [
+    def _about_lines(self) -> list[str]:
+        return [
             f"Dataset: {self.dataset_key}, {self.num_images} test images ({self.source}); "
             f"corruptions {SOURCE_RENDERED}, boxes unchanged.",
             f"Severity parameters: {self.params_table} table, seed {self.seed}.",
         ]
-        if not self.is_complete:
-            lines.append("Not all 15 benchmark corruptions x 5 severities were evaluated.")
-        return lines
 
     def _metric_label(self) -> str:
         return METRIC_NAMES[self.metric]
 
     def heatmap_png(self) -> bytes:
         """The metric per corruption x severity as a heatmap, PNG bytes."""
-        name = METRIC_NAMES[self.metric]
         title = (
             f"{self.dataset_key}: P {_pct(self.performance)}, mPC {_pct(self.mpc)}, "
             f"rPC {_ratio(self.rpc)}"
         )
-        values = self.values()
-        return _heatmap_png({n: values[n] for n in self._names()}, title, f"{name} (%)")
+        return self._heatmap(title, f"{self._metric_label()} (%)")

@@ -5,7 +5,7 @@ Each loader returns an adasap image set whose ``source`` names the files, for th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +15,7 @@ from adasap.data.folders import FolderImageSet, ImageFolderFiles
 from adasap.data.image_sets import ImageSet, TensorImageSet
 from adasap.errors import UserError
 from adasap.robustness import corruptions as C
-from adasap.robustness.corruptions import SEVERITIES, get_corruption
+from adasap.robustness.corruptions.apply import check_severity
 
 OFFICIAL_DATASETS = ("cifar10-c", "cifar100-c", "tinyimagenet-c", "imagenet-c")
 
@@ -23,26 +23,6 @@ OFFICIAL_DATASETS = ("cifar10-c", "cifar100-c", "tinyimagenet-c", "imagenet-c")
 def check_corruption(name: str) -> None:
     if name not in C.CORRUPTIONS:
         raise UserError(f"unknown corruption {name!r}: choose one of {', '.join(C.CORRUPTIONS)}")
-
-
-def check_severity(severity: int) -> None:
-    if isinstance(severity, bool) or not isinstance(severity, int) or severity not in SEVERITIES:
-        raise UserError(f"severity must be an integer from 1 to 5, got {severity!r}")
-
-
-def check_request(
-    corruptions: Sequence[str] | None, severities: Sequence[int], batch_size: int
-) -> tuple[str, ...]:
-    """The corruptions to evaluate (default: the benchmark and extra ones), every name, severity
-    and the batch size checked, as one-line :class:`UserError`s."""
-    corruptions = C.CORRUPTIONS if corruptions is None else tuple(corruptions)
-    for name in corruptions:
-        get_corruption(name)
-    for s in severities:
-        check_severity(s)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise UserError(f"batch size {batch_size!r} is invalid: use a positive integer")
-    return corruptions
 
 
 def load_cifar_c(

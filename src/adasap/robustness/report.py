@@ -1,21 +1,19 @@
-"""The corruption report: accuracy per corruption x severity, summary numbers, mCE, files."""
+"""The corruption reports: what every task's report shares (:class:`SeverityTableReport`: the
+means, the tables, the heatmap, the files) and the classification report (accuracy, mCE)."""
 
 from __future__ import annotations
 
-import io
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from adasap.errors import UserError
 from adasap.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from adasap.robustness import corruptions as C
 from adasap.robustness.corruptions import SEVERITIES
+from adasap.robustness.heatmap import heatmap_png
 
 SOURCE_RENDERED = "rendered on the fly by adasap"
 
@@ -57,26 +55,138 @@ def _pct(value: float | None) -> str:
 
 
 class SeverityTableReport(ABC):
-    """What a corruption report shares, whatever its metric: the Markdown, the rich table and the
-    files. Subclasses give the rows, ``to_dict``, ``heatmap_png``, and these two names."""
+    """What a corruption report shares, whatever its metric: the means over the benchmark
+    corruptions, the extras and the held-out family, the ratio to the clean value, the means per
+    corruption, category and severity; the Markdown, the rich table, the heatmap and the files.
+
+    A subclass gives :meth:`values` (its metric per corruption x severity, in [0, 1]), the clean
+    value, ``to_dict``, its summary and header lines, and the names below.
+    """
 
     title = ""  # the Markdown heading: "Corruption robustness", "Detection robustness"
     file_stem = ""  # the saved files' default stem
     dataset_key: str
 
     @abstractmethod
+    def values(self) -> dict[str, dict[int, float]]:
+        """The metric per corruption and severity."""
+
+    @abstractmethod
+    def _clean_value(self) -> float: ...
+
+    @abstractmethod
     def _metric_label(self) -> str: ...
 
-    def _extra_columns(self) -> list[str]:
-        return []
+    @abstractmethod
+    def _about_lines(self) -> list[str]:
+        """The lines above the summary: the data, where the images came from, the parameters."""
+
+    @abstractmethod
+    def _summary_rows(self) -> list[tuple[str, str]]: ...
+
+    @abstractmethod
+    def to_dict(self) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def heatmap_png(self) -> bytes: ...
+
+    def _extra_columns(self) -> dict[str, Mapping[str, float]]:
+        """Columns after the mean: header -> value per corruption ("-" where absent)."""
+        return {}
 
     def _footer_lines(self) -> list[str]:
         return []
 
+    def _names(self) -> list[str]:
+        """Evaluated corruptions in the standard order, then held-out ones, any others after."""
+        values = self.values()
+        order = (*C.CORRUPTIONS, *C.HELD_OUT_CORRUPTIONS)
+        return [n for n in order if n in values] + [n for n in values if n not in order]
+
+    def _entries(self, names: Sequence[str]) -> list[float]:
+        values = self.values()
+        return [v for n in names for v in values.get(n, {}).values()]
+
+    def _mean_of(self, names: Sequence[str]) -> float | None:
+        return _mean(self._entries(names))
+
+    def _relative(self) -> float | None:
+        """The benchmark mean over the clean value (None without either)."""
+        mean, clean = self._mean_of(C.BENCHMARK_CORRUPTIONS), self._clean_value()
+        return None if mean is None or clean <= 0 else mean / clean
+
+    @property
+    def is_complete(self) -> bool:
+        """All 15 benchmark corruptions at all 5 severities were evaluated."""
+        values = self.values()
+        return all(set(values.get(n, {})) == set(SEVERITIES) for n in C.BENCHMARK_CORRUPTIONS)
+
+    @property
+    def per_corruption(self) -> dict[str, float]:
+        return {n: sum(s.values()) / len(s) for n, s in self.values().items() if s}
+
+    @property
+    def per_category(self) -> dict[str, float]:
+        """The mean of each category's benchmark corruptions (extras excluded)."""
+        means = {c: self._mean_of(names) for c, names in C.CATEGORIES.items()}
+        return {c: m for c, m in means.items() if m is not None}
+
+    @property
+    def per_severity(self) -> dict[int, float]:
+        """The mean over the benchmark corruptions at each severity."""
+        values = self.values()
+        means = {
+            s: _mean(values[n][s] for n in C.BENCHMARK_CORRUPTIONS if s in values.get(n, {}))
+            for s in SEVERITIES
+        }
+        return {s: m for s, m in means.items() if m is not None}
+
+    def _apart_rows(self) -> list[tuple[str, str]]:
+        """Summary rows of the means kept out of the headline: the extras, the held-out family."""
+        rows = [
+            (
+                f"extra corruptions, mean of {len(self._entries(C.EXTRA_CORRUPTIONS))} (%)",
+                _pct(self._mean_of(C.EXTRA_CORRUPTIONS)),
+            )
+        ]
+        n_cbar = len(self._entries(C.CBAR_CORRUPTIONS))
+        if n_cbar:
+            label = f"held-out cbar corruptions, mean of {n_cbar} (%)"
+            rows.append((label, _pct(self._mean_of(C.CBAR_CORRUPTIONS))))
+        return rows
+
+    def _category_rows(self) -> list[tuple[str, str]]:
+        return [(f"{c} (%)", _pct(v)) for c, v in self.per_category.items()]
+
+    def _header_lines(self) -> list[str]:
+        lines = self._about_lines()
+        if not self.is_complete:
+            lines.append("Not all 15 benchmark corruptions x 5 severities were evaluated.")
+        return lines
+
     def _table_header(self) -> list[str]:
-        return ["corruption", "category", *(f"s{s}" for s in SEVERITIES), "mean"] + (
-            self._extra_columns()
-        )
+        severities = [f"s{s}" for s in SEVERITIES]
+        return ["corruption", "category", *severities, "mean", *self._extra_columns()]
+
+    def _corruption_rows(self) -> list[list[str]]:
+        values, means, extra = self.values(), self.per_corruption, self._extra_columns()
+        rows = []
+        for name in self._names():
+            sev = values[name]
+            rows.append(
+                [
+                    name + _kind_suffix(name),
+                    _category(name),
+                    *(_pct(sev[s]) if s in sev else "-" for s in SEVERITIES),
+                    _pct(means.get(name)),
+                    *(_pct(column[name]) if name in column else "-" for column in extra.values()),
+                ]
+            )
+        return rows
+
+    def _heatmap(self, title: str, label: str) -> bytes:
+        values = self.values()
+        return heatmap_png({n: values[n] for n in self._names()}, title, label)
 
     def to_markdown(self) -> str:
         """A Markdown report: summary, the metric per corruption x severity."""
@@ -118,21 +228,6 @@ class SeverityTableReport(ABC):
             table.add_row(*row)
         console.print(table)
 
-    @abstractmethod
-    def _header_lines(self) -> list[str]: ...
-
-    @abstractmethod
-    def _summary_rows(self) -> list[tuple[str, str]]: ...
-
-    @abstractmethod
-    def _corruption_rows(self) -> list[list[str]]: ...
-
-    @abstractmethod
-    def to_dict(self) -> dict[str, Any]: ...
-
-    @abstractmethod
-    def heatmap_png(self) -> bytes: ...
-
 
 @dataclass
 class CorruptionReport(SeverityTableReport):
@@ -156,66 +251,31 @@ class CorruptionReport(SeverityTableReport):
     seed: int | None = None
     imagenet: bool = False
 
-    def _names(self) -> list[str]:
-        """Evaluated corruptions in the standard order, then held-out ones, any others after."""
-        order = (*C.CORRUPTIONS, *C.HELD_OUT_CORRUPTIONS)
-        known = [n for n in order if n in self.accuracy]
-        return known + [n for n in self.accuracy if n not in order]
+    def values(self) -> dict[str, dict[int, float]]:
+        """:attr:`accuracy` itself."""
+        return self.accuracy
 
-    def _entries(self, names: Sequence[str]) -> list[float]:
-        return [a for n in names for a in self.accuracy.get(n, {}).values()]
-
-    @property
-    def is_complete(self) -> bool:
-        """All 15 benchmark corruptions at all 5 severities were evaluated."""
-        return all(
-            set(self.accuracy.get(n, {})) == set(SEVERITIES) for n in C.BENCHMARK_CORRUPTIONS
-        )
+    def _clean_value(self) -> float:
+        return self.clean_accuracy
 
     @property
     def corruption_accuracy(self) -> float | None:
         """The headline: mean accuracy over the benchmark corruptions and severities evaluated."""
-        return _mean(self._entries(C.BENCHMARK_CORRUPTIONS))
+        return self._mean_of(C.BENCHMARK_CORRUPTIONS)
 
     @property
     def extra_accuracy(self) -> float | None:
-        return _mean(self._entries(C.EXTRA_CORRUPTIONS))
+        return self._mean_of(C.EXTRA_CORRUPTIONS)
 
     @property
     def cbar_accuracy(self) -> float | None:
         """Mean over the held-out ImageNet-C-bar / CIFAR-10-C-bar corruptions evaluated."""
-        return _mean(self._entries(C.CBAR_CORRUPTIONS))
+        return self._mean_of(C.CBAR_CORRUPTIONS)
 
     @property
     def relative_robustness(self) -> float | None:
         """Corruption accuracy / clean accuracy."""
-        if self.corruption_accuracy is None or self.clean_accuracy <= 0:
-            return None
-        return self.corruption_accuracy / self.clean_accuracy
-
-    @property
-    def per_corruption(self) -> dict[str, float]:
-        return {n: sum(s.values()) / len(s) for n, s in self.accuracy.items() if s}
-
-    @property
-    def per_category(self) -> dict[str, float]:
-        """Mean accuracy of each category's benchmark corruptions (extras excluded)."""
-        means = {c: _mean(self._entries(names)) for c, names in C.CATEGORIES.items()}
-        return {c: m for c, m in means.items() if m is not None}
-
-    @property
-    def per_severity(self) -> dict[int, float]:
-        """Mean accuracy over the benchmark corruptions at each severity."""
-        out = {}
-        for s in SEVERITIES:
-            values = [
-                self.accuracy[n][s]
-                for n in C.BENCHMARK_CORRUPTIONS
-                if s in self.accuracy.get(n, {})
-            ]
-            if values:
-                out[s] = sum(values) / len(values)
-        return out
+        return self._relative()
 
     @property
     def corruption_errors(self) -> dict[str, float] | None:
@@ -272,42 +332,17 @@ class CorruptionReport(SeverityTableReport):
 
     def _summary_rows(self) -> list[tuple[str, str]]:
         n_bench = len(self._entries(C.BENCHMARK_CORRUPTIONS))
-        n_extra = len(self._entries(C.EXTRA_CORRUPTIONS))
-        n_cbar = len(self._entries(C.CBAR_CORRUPTIONS))
         rows = [
             ("clean accuracy (%)", _pct(self.clean_accuracy)),
             (f"corruption accuracy, mean of {n_bench} (%)", _pct(self.corruption_accuracy)),
-            (f"extra corruptions, mean of {n_extra} (%)", _pct(self.extra_accuracy)),
+            *self._apart_rows(),
+            ("relative robustness (corruption / clean)", _ratio(self.relative_robustness)),
         ]
-        if n_cbar:
-            rows.append(
-                (f"held-out cbar corruptions, mean of {n_cbar} (%)", _pct(self.cbar_accuracy))
-            )
-        rows.append(("relative robustness (corruption / clean)", _ratio(self.relative_robustness)))
         if self.imagenet:
             rows.append(("mCE vs AlexNet (%)", _pct(self.mce)))
-        rows += [(f"{c} (%)", _pct(a)) for c, a in self.per_category.items()]
-        return rows
+        return rows + self._category_rows()
 
-    def _corruption_rows(self) -> list[list[str]]:
-        errors = self.corruption_errors or {}
-        rows = []
-        for name in self._names():
-            sev = self.accuracy[name]
-            cells = [_pct(sev.get(s)) if s in sev else "-" for s in SEVERITIES]
-            ce = _pct(errors[name]) if name in errors else "-"
-            rows.append(
-                [
-                    name + _kind_suffix(name),
-                    _category(name),
-                    *cells,
-                    _pct(self.per_corruption[name]),
-                    ce,
-                ]
-            )
-        return rows
-
-    def _header_lines(self) -> list[str]:
+    def _about_lines(self) -> list[str]:
         lines = [f"Dataset: {self.dataset_key}, {self.num_images} images. Source: {self.source}."]
         if self.source == SOURCE_RENDERED:
             lines.append(
@@ -316,15 +351,13 @@ class CorruptionReport(SeverityTableReport):
             )
         if self.params_table:
             lines.append(f"Severity parameters: {self.params_table} table, seed {self.seed}.")
-        if not self.is_complete:
-            lines.append("Not all 15 benchmark corruptions x 5 severities were evaluated.")
         return lines
 
     def _metric_label(self) -> str:
         return "Accuracy"
 
-    def _extra_columns(self) -> list[str]:
-        return ["CE"]
+    def _extra_columns(self) -> dict[str, Mapping[str, float]]:
+        return {"CE": self.corruption_errors or {}}
 
     def _footer_lines(self) -> list[str]:
         if self.mce is None:
@@ -337,8 +370,7 @@ class CorruptionReport(SeverityTableReport):
             f"{self.dataset_key}: clean {_pct(self.clean_accuracy)}%, "
             f"corrupted {_pct(self.corruption_accuracy)}%"
         )
-        names = self._names()
-        return heatmap_png({n: self.accuracy[n] for n in names}, title, "top-1 accuracy (%)")
+        return self._heatmap(title, "top-1 accuracy (%)")
 
 
 def _kind_suffix(name: str) -> str:
@@ -357,32 +389,3 @@ def _category(name: str) -> str:
 
 def _ratio(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
-
-
-def heatmap_png(values: Mapping[str, Mapping[int, float]], title: str, label: str) -> bytes:
-    """A corruption x severity heatmap of ``values[name][severity]`` (fractions in [0, 1], shown
-    in %, rows in the order given) as PNG bytes (matplotlib, Agg canvas)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    names = list(values)
-    grid = np.full((max(len(names), 1), len(SEVERITIES)), np.nan)
-    for i, name in enumerate(names):
-        for j, s in enumerate(SEVERITIES):
-            grid[i, j] = values[name].get(s, np.nan)
-    fig = Figure(figsize=(6.5, 1.6 + 0.32 * len(grid)))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    image = ax.imshow(100 * grid, cmap="viridis", vmin=0, vmax=100, aspect="auto")
-    for (i, j), value in np.ndenumerate(grid):
-        if not math.isnan(value):
-            colour = "white" if value < 0.6 else "black"
-            ax.text(j, i, f"{100 * value:.1f}", ha="center", va="center", fontsize=7, color=colour)
-    ax.set_xticks(range(len(SEVERITIES)), [f"severity {s}" for s in SEVERITIES], fontsize=8)
-    ax.set_yticks(range(len(names)), names, fontsize=8)
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(image, ax=ax, label=label)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    return buffer.getvalue()

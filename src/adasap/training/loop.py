@@ -9,47 +9,28 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from adasap.checks import check_input, check_labels
 from adasap.data import BatchSource
 from adasap.distributed import all_reduce_sum, is_main
 from adasap.errors import UserError
-from adasap.method.cheap_sam import sub_batch
-from adasap.method.pruner import PrunerSettings
+from adasap.tasks.base import StepOutput, Task
 from adasap.training.checkpoint import RunInterrupted, TrainingDiverged, save_checkpoint
-from adasap.training.evaluate import evaluate_accuracy
 from adasap.training.progress import ProgressLog
-
-_METHOD = PrunerSettings()
 
 
 @dataclass(frozen=True)
 class OptimizerSettings:
-    """The base optimizer (any ``torch.optim`` class by name) and the sharpness radii."""
+    """The base optimizer (any ``torch.optim`` class by name); the sharpness-aware optimizer
+    around it is the method's (``PrunerSettings``)."""
 
     base_optimizer: str = "sgd"
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    # the method's own knobs: their defaults live in PrunerSettings
-    rho: float = _METHOD.rho
-    rho_min: float = _METHOD.rho_min
-    rho_max: float = _METHOD.rho_max
-    normalization: Literal["global", "neuron"] = _METHOD.normalization
-    asam: bool = _METHOD.asam
-    finetune_sharpness: Literal["sam", "asam"] | None = _METHOD.finetune_sharpness
-    finetune_rho: float | None = _METHOD.finetune_rho
-    max_grad_norm: float | None = _METHOD.max_grad_norm
-    sam_probability: float = _METHOD.sam_probability
-    sam_probability_end: float | None = _METHOD.sam_probability_end
-    sam_every: int = _METHOD.sam_every
-    looksam_alpha: float = _METHOD.looksam_alpha
-    ascent_fraction: float = _METHOD.ascent_fraction
-    sync_ascent: bool = _METHOD.sync_ascent
 
 
 @dataclass(frozen=True)
@@ -134,11 +115,12 @@ def steps_per_epoch(source: BatchSource) -> int:
 class EpochLoop:
     """Epoch-by-epoch training through a :class:`~adasap.method.pruner.Pruner`.
 
-    Dense training and every pruning phase run here. With a checkpoint path it saves its
-    owner's state after every epoch and when a stop is requested (SIGINT/SIGTERM) between
-    two steps, so a run continues where it stopped and, on the CPU, ends with the same
-    weights as an uninterrupted run. With ``compile`` the model trains and is evaluated
-    through ``torch.compile``, compiled afresh after each removal.
+    Dense training and every pruning phase of every task run here; the ``task``
+    (:class:`~adasap.tasks.Task`) supplies the loss of a step and the validation score. With
+    a checkpoint path it saves its owner's state after every epoch and when a stop is
+    requested (SIGINT/SIGTERM) between two steps, so a run continues where it stopped and, on
+    the CPU, ends with the same weights as an uninterrupted run. With ``compile`` the model
+    trains and is evaluated through ``torch.compile``, compiled afresh after each removal.
     """
 
     pruner: Any
@@ -147,7 +129,7 @@ class EpochLoop:
     device: torch.device
     channels_last: bool
     amp: torch.dtype | None
-    label_smoothing: float
+    task: Task
     checkpoint: Path | None = None
     compile: bool = False
     owner_state: Callable[[], dict[str, Any]] = dict
@@ -214,7 +196,7 @@ class EpochLoop:
         while self.step < end:
             count = min(spe, end - self.step)
             try:
-                stats = self._train_steps(count, progress, f"{label} ep{self.epoch + 1}")
+                stats = self._train_steps(count, progress, f"{label} ep{self.epoch + 1}", phase)
             except FloatingPointError as exc:
                 kept = (
                     f"; the last good checkpoint is {self.checkpoint}"
@@ -235,14 +217,15 @@ class EpochLoop:
             ddp = self.pruner.ddp
             if ddp is not None:
                 ddp.sync_buffers()  # rank 0's BatchNorm statistics, which the checkpoint holds
+            headline = self.task.headline
             val = (
-                evaluate_accuracy(
+                self.task.score(
                     self.model,
                     self.val,
                     device=self.device,
                     channels_last=self.channels_last,
                     sharded=ddp is not None,
-                )
+                )[headline]
                 if self.val is not None
                 else None
             )
@@ -253,9 +236,9 @@ class EpochLoop:
                 "step": self.step,
                 "lr": self.pruner.optimizer.param_groups[0]["lr"],
                 "train_loss": stats.loss,
-                "train_accuracy": stats.accuracy,
+                "train_accuracy": stats.accuracy if self.task.training_accuracy else None,
                 "images_per_second": stats.images_per_second,
-                "val_accuracy": val,
+                f"val_{headline}": val,
                 "optimizer": self.pruner.kind,
                 "params": size.params,
                 "macs": size.macs,
@@ -266,9 +249,11 @@ class EpochLoop:
             progress.epoch_done(record)
             log(record)
 
-    def _train_steps(self, steps: int, progress: ProgressLog, description: str) -> EpochStats:
+    def _train_steps(
+        self, steps: int, progress: ProgressLog, description: str, phase: str
+    ) -> EpochStats:
         """The first ``steps`` batches of the current epoch (resuming a partial one)."""
-        criterion = nn.CrossEntropyLoss(label_smoothing=self.label_smoothing)
+        task_ = self.task
         self.pruner.model.train()
         stats = copy.copy(self.partial) if self.partial is not None else EpochStats()
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
@@ -278,52 +263,55 @@ class EpochLoop:
         task = progress.start(description, steps)
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         done_before, images_before = stats.steps, stats.images
-        # checked at the first forward, before the loss (on CUDA a bad label is a bare assert)
-        labels_checked = False
-        for index, (x, y) in enumerate(self.source.epoch(self.epoch, self.device)):
+        checked = False  # the targets are checked against the model's output once per call
+        for index, batch in enumerate(self.source.epoch(self.epoch, self.device)):
             if index < done_before:
                 continue  # drawn again to keep the epoch's random stream in step
             if index >= steps or self.should_stop():
                 break
-            x = x.contiguous(memory_format=memory_format)
-            outputs: list[tuple[Tensor, Tensor]] = []
+            batch = task_.prepare(batch, memory_format)
+            outputs: list[StepOutput] = []
 
             def compute_loss(
-                fraction: float = 1.0, x: Tensor = x, y: Tensor = y, outputs: list = outputs
+                fraction: float = 1.0, batch: Any = batch, outputs: list = outputs
             ) -> Tensor:
-                nonlocal labels_checked
-                images, labels = sub_batch(fraction, x, y)
+                nonlocal checked
                 with autocast_for(self.device, self.amp):
-                    logits = (self.pruner.ddp or self.model)(images)
+                    output = task_.forward(self.pruner.ddp or self.model, batch, fraction)
+                step = task_.loss(output, batch, fraction, check=not checked)
+                checked = True
                 if not outputs:
-                    outputs.append((logits.detach(), labels))
-                if not labels_checked:
-                    check_labels(y, logits.shape[-1], "the training labels")
-                    labels_checked = True
-                return criterion(logits.float(), labels)
+                    outputs.append(step)
+                return step.loss
 
             try:
                 loss = self.pruner.step(compute_loss)
-            except (RuntimeError, ValueError):
-                check_input(self.pruner.model, x, "the training images")
+            except Exception as exc:
+                task_.failed(self.pruner.model, batch, phase, exc)
                 raise
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"non-finite loss {loss.item()} at step {self.step + index}"
                 )
-            logits, labels = outputs[0]
-            loss_sum += loss.double() * len(labels)
-            correct += (logits.argmax(1) == labels).sum()
-            scored += len(labels)
+            first = outputs[0]
+            loss_sum += loss.double() * first.scored
+            if first.correct is not None:
+                correct += first.correct
+            scored += first.scored
             stats.steps += 1
-            stats.images += len(y)
+            stats.images += task_.images(batch)
             if index % 10 == 0 or index == steps - 1:
                 elapsed = stats.seconds + time.perf_counter() - start
+                seen = stats.scored + scored
+                accuracy = (
+                    f"acc {(stats.correct + correct.item()) / seen:.3f} "
+                    if task_.training_accuracy
+                    else ""
+                )
                 progress.update(
                     task,
                     index + 1,
-                    f"loss {(stats.loss_sum + loss_sum.item()) / (stats.scored + scored):.3f} "
-                    f"acc {(stats.correct + correct.item()) / (stats.scored + scored):.3f} "
+                    f"loss {(stats.loss_sum + loss_sum.item()) / seen:.3f} {accuracy}"
                     f"{stats.images / elapsed:.0f} img/s {self.pruner.describe()}",
                 )
         progress.finish(task, stats.steps)

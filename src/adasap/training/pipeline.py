@@ -11,41 +11,37 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from adasap.data import BatchSource, DataBundle, training_source
+from adasap.data import BatchSource
 from adasap.devices import autocast_dtype, prepare_model, resolve_device, wants_channels_last
 from adasap.distributed import any_rank, is_distributed, is_main, shard, world_size
 from adasap.errors import UserError
 from adasap.method.neurons import NeuronLayout
-from adasap.method.output_layers import default_ignored_layers
+from adasap.method.output_layers import layer_names
 from adasap.method.pruner import Pruner
 from adasap.method.pruning import ModelSize
 from adasap.method.schedule import PHASES, PhaseSchedule
 from adasap.method.target import LatencyTarget, PruningTarget, SizeTarget
-from adasap.models.builders import find_classifier
+from adasap.tasks import Task, make_task, task_options
 from adasap.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, stop_requests
-from adasap.training.detection import DetectionPruneResult, prune_detector_copy
 from adasap.training.loop import EpochLoop, cosine_lr, grad_scaler, steps_per_epoch
 from adasap.training.progress import ProgressLog
-from adasap.training.settings import (
-    PruneSettings,
-    base_optimizer,
-    pruner_settings,
-    with_overrides,
-)
+from adasap.training.settings import PruneSettings, base_optimizer, with_overrides
 
 Log = Callable[[dict[str, Any]], None]
 
 
 @dataclass
 class PruneResult:
-    """A pruned model and how it was obtained."""
+    """A pruned model and how it was obtained. ``val_accuracy`` is the last epoch's validation
+    score in the task's headline metric (top-1 accuracy; a detector's mAP@0.5); ``kept`` the
+    measured fraction of what ``keep`` refers to (the model, or a detector's backbone)."""
 
     model: nn.Module
     dense_size: ModelSize
@@ -55,6 +51,8 @@ class PruneResult:
     pruning_history: list[list[Any]]
     seconds: float
     val_accuracy: float
+    kept: float = 1.0
+    ignored_layers: list[str] = field(default_factory=list)
 
     latency: dict[str, float] | None = None
 
@@ -68,19 +66,6 @@ class TrainResult:
     history: list[dict[str, Any]]
     seconds: float
     val_accuracy: float
-
-
-def _ignored_layers(model: nn.Module, example: torch.Tensor, num_classes: int | None) -> list:
-    if num_classes is None:
-        return default_ignored_layers(model, example)
-    classifier = find_classifier(model, num_classes)
-    if classifier is None:
-        raise UserError(
-            f"found no classifier with {num_classes} outputs (the dataset's classes) to "
-            "protect from pruning: pass ignored_layers=[the output layer], or a model with "
-            "one output per class"
-        )
-    return [classifier]
 
 
 def _latency_target(layout: NeuronLayout, example: torch.Tensor, s: PruneSettings) -> LatencyTarget:
@@ -105,7 +90,7 @@ def check_target_reachable(
     else:
         target = SizeTarget(s.keep, s.keep_kind)
         target.bind(dense)
-    target.check(layout, s.min_channels, s.round_to)
+    target.check(layout, s.pruner.min_channels, s.pruner.round_to)
 
 
 def sync_batchnorm(model: nn.Module, settings: PruneSettings) -> None:
@@ -124,24 +109,28 @@ class _Setup:
     """What dense training and pruning build the same way: device, data, loop, schedule."""
 
     s: PruneSettings
+    task: Task
     source: BatchSource
     device: torch.device
     channels_last: bool
     amp: torch.dtype | None
-    example: torch.Tensor
+    example: Any
 
     @classmethod
-    def of(cls, model: nn.Module, train_data: Any, s: PruneSettings) -> _Setup:
+    def of(cls, model: nn.Module, train_data: Any, s: PruneSettings, task: Task) -> _Setup:
         device = resolve_device(s.device)
         channels_last = wants_channels_last(s.channels_last, device)
         # data-parallel: batch_size per rank, each rank its part of every global batch
-        source = training_source(train_data, batch_size=s.batch_size, seed=s.seed, shard=shard())
+        source = task.training_source(
+            train_data, batch_size=s.batch_size, seed=s.seed, shard=shard()
+        )
         steps_per_epoch(source)  # enough training images for one batch?
         source.check()
         sync_batchnorm(model, s)  # before the Pruner traces the model
         prepare_model(model, device, channels_last)
         amp = autocast_dtype(s.amp, device)
-        return cls(s, source, device, channels_last, amp, source.example().to(device))
+        example = task.to_device(source.example(), device)
+        return cls(s, task, source, device, channels_last, amp, example)
 
     def cosine(self, total_steps: int) -> Callable[[torch.optim.Optimizer], Any]:
         """The learning rate per step: linear warm-up, then cosine decay to zero."""
@@ -157,7 +146,7 @@ class _Setup:
             optimizer_kwargs=optimizer_kwargs,
             lr_scheduler=self.cosine(schedule.total_steps),
             scaler=grad_scaler(self.device, self.amp),
-            settings=pruner_settings(self.s),
+            settings=self.s.pruner,
             **kwargs,
         )
 
@@ -188,7 +177,7 @@ class _Setup:
             self.device,
             self.channels_last,
             self.amp,
-            self.s.label_smoothing,
+            self.task,
             checkpoint=checkpoint,
             compile=self.s.compile,
             owner_state=lambda: {
@@ -235,13 +224,6 @@ class _Setup:
         return loop
 
 
-def _split(data: Any, val: Any) -> tuple[Any, Any, int | None]:
-    """Training data, validation data and the number of classes, from what the user gave."""
-    if isinstance(data, DataBundle):
-        return data.train, data.val if val is None else val, data.spec.num_classes
-    return data, val, None
-
-
 def prune(
     model: nn.Module,
     train_data: Any,
@@ -252,58 +234,56 @@ def prune(
     log: Log | None = None,
     checkpoint_dir: str | Path | None = None,
     progress: bool = True,
-    task: str = "classification",
+    task: str | Task = "classification",
     **overrides: Any,
-) -> PruneResult | tuple[nn.Module, DetectionPruneResult]:
+) -> PruneResult:
     """Prune a dense model with AdaSAP (or a baseline) and return the smaller model.
-
-    ``task="detection"`` prunes a copy of a torchvision-style detector with
-    :func:`~adasap.training.detection.prune_detector` and returns ``(model, result)``:
-    ``train_data`` is a detection set, bundle or iterable of ``(images, targets)`` batches,
-    ``schedule=PhaseSchedule(warmup, prune, finetune)`` (in steps) is required and the other
-    keywords are ``prune_detector``'s (``batch_size`` for a set: 8), e.g.
-    ``prune(detector, data, task="detection", schedule=PhaseSchedule(100, 200, 200), keep=0.5)``.
 
     Args:
         model: a trained dense model (not modified; a copy is pruned). Any ``nn.Module``
-            that Torch-Pruning can trace works.
+            that Torch-Pruning can trace works; with ``task="detection"`` a torchvision-style
+            detector (docs/detection.md).
         train_data: a :class:`adasap.data.DataBundle` (its ``train`` split trains, its ``val``
             split monitors), or any data :func:`adasap.data.training_source` reads: a
             ``Dataset`` of (image, label), a ``DataLoader`` or other re-iterable of batches
             (used as it is, with its own sampler and augmentations), ``(images, labels)``.
-        val_data: accuracy after every epoch is measured on it (any such kind); optional.
+            Detection: a :class:`~adasap.data.detection.DetectionBundle`, a detection set (or
+            any Dataset of ``(image, target)`` items) or a list / DataLoader of
+            ``(images, targets)`` batches.
+        val_data: the task's validation score after every epoch is measured on it (any such
+            kind; detection: mAP@0.5); optional.
         settings: a :class:`PruneSettings`; keyword ``overrides`` replace single fields,
-            e.g. ``prune(model, data, method="sgd", keep=0.3)``.
-        ignored_layers: modules whose outputs are never pruned; by default the classifier
-            (the last layer with one output per class).
+            e.g. ``prune(model, data, method="sgd", keep=0.3)``. Without ``settings`` a task's
+            own defaults come first (detection: magnitude scores, no phase-3 ASAM, float32).
+        ignored_layers: modules whose outputs are never pruned; by default the task's output
+            layers (the classifier; a detector's head outputs).
         log: called with one dict per epoch (phase, losses, accuracies, size, speed).
         checkpoint_dir: save a checkpoint there after every epoch and on SIGINT/SIGTERM; a
             checkpoint found there is resumed (with the same settings and dense model).
         progress: a live bar on a terminal, one line per epoch otherwise; False: silent.
+        task: ``"classification"``, ``"detection"`` or a :class:`~adasap.tasks.Task` (e.g.
+            ``DetectionTask(keep_reference="backbone")``).
 
     Returns:
         A :class:`PruneResult` with the pruned model, its measured size, per-epoch history and
         the pruning history (to replay the pruning on a fresh copy of the base model).
     """
-    if task == "detection":
-        return prune_detector_copy(model, train_data, ignored_layers, progress, overrides)
-    if task != "classification":
-        raise UserError(f"task must be classification or detection, got {task!r}")
-    s = with_overrides(settings or PruneSettings(), overrides).validate()
+    task, s = _task_settings(task, settings, overrides)
     log = log or (lambda record: None)
-    train_data, val_data, num_classes = _split(train_data, val_data)
+    train_data, val_data, num_classes = task.split(train_data, val_data)
     reference = model
     model = copy.deepcopy(model)
-    setup = _Setup.of(model, train_data, s)
-    if ignored_layers is None:
-        ignored = _ignored_layers(model, setup.example, num_classes)
-    else:
+    setup = _Setup.of(model, train_data, s, task)
+    given = None
+    if ignored_layers is not None:  # the user's layers, followed into the copy
         by_id = dict(zip(map(id, reference.modules()), model.modules(), strict=True))
-        ignored = [by_id[id(m)] for m in ignored_layers]
+        given = [by_id[id(m)] for m in ignored_layers]
+    ignored = task.ignored_layers(model, setup.example, num_classes, given)
     schedule = PhaseSchedule.from_epochs(
         s.warmup_epochs, s.prune_epochs, s.finetune_epochs, len(setup.source), s.prune_steps
     )
-    target: float | PruningTarget = s.keep
+    target = task.target(model, setup.example, s.keep, s.keep_kind)
+    ignored += task.outside_target(model, target)
     if s.keep_kind == "latency":
         target = _latency_target(NeuronLayout(model, setup.example, ignored), setup.example, s)
     pruner = setup.pruner(
@@ -311,7 +291,7 @@ def prune(
     )
     dense_size = pruner.size
     phases = [(phase, schedule.phase_end(phase)) for phase in PHASES]
-    identity = {"settings": s.to_dict()}
+    identity = {"settings": s.to_dict(), "task": task.name}
     loop = setup.run(pruner, val_data, phases, s.method, identity, checkpoint_dir, log, progress)
     history = loop.history
     latency = _final_latency(reference, pruner, setup) if s.keep_kind == "latency" else None
@@ -326,9 +306,28 @@ def prune(
         history=history,
         pruning_history=pruner.pruning_history,
         seconds=loop.elapsed(),
-        val_accuracy=history[-1]["val_accuracy"] if history else float("nan"),
+        val_accuracy=_val_score(history, task),
+        kept=pruner.target.fraction(),
+        ignored_layers=layer_names(model, pruner.ignored),
         latency=latency,
     )
+
+
+def _task_settings(
+    task: str | Task, settings: PruneSettings | None, overrides: dict[str, Any]
+) -> tuple[Task, PruneSettings]:
+    """The task and the validated settings: without ``settings``, the task's defaults under
+    the ``overrides``; the task's own options (``keep_reference`` ...) come from them too."""
+    overrides = dict(overrides)
+    options = {k: overrides.pop(k) for k in task_options(task) if k in overrides}
+    if settings is None:
+        overrides = {**make_task(task, **options).defaults, **overrides}
+    s = with_overrides(settings or PruneSettings(), overrides).validate()
+    return make_task(task, label_smoothing=s.label_smoothing, **options), s
+
+
+def _val_score(history: list[dict[str, Any]], task: Task) -> float:
+    return history[-1][f"val_{task.headline}"] if history else float("nan")
 
 
 def _final_latency(reference: nn.Module, pruner: Pruner, setup: _Setup) -> dict[str, float]:
@@ -367,27 +366,28 @@ def train(
     log: Log | None = None,
     checkpoint_dir: str | Path | None = None,
     progress: bool = True,
+    task: str | Task = "classification",
     **overrides: Any,
 ) -> TrainResult:
     """Train a dense model with the base optimizer: the starting point that :func:`prune` takes.
 
     It uses the same loop, schedule and settings as pruning (lr, batch size, label smoothing,
     seed, device ...), so a dense model and its pruned versions are trained alike.
-    ``train_data``, ``val_data``, ``checkpoint_dir`` and ``progress`` are as for
+    ``train_data``, ``val_data``, ``checkpoint_dir``, ``progress`` and ``task`` are as for
     :func:`prune`.
     """
-    s = with_overrides(settings or PruneSettings(), overrides).validate()
+    task, s = _task_settings(task, settings, overrides)
     if epochs <= 0:
         raise UserError(f"epochs must be > 0, got {epochs}")
     log = log or (lambda record: None)
     torch.manual_seed(s.seed)
-    train_data, val_data, num_classes = _split(train_data, val_data)
-    setup = _Setup.of(model, train_data, s)
+    train_data, val_data, num_classes = task.split(train_data, val_data)
+    setup = _Setup.of(model, train_data, s, task)
     schedule = PhaseSchedule(0, 0, round(epochs * len(setup.source)), removals=0)
-    ignored = _ignored_layers(model, setup.example, num_classes)
+    ignored = task.ignored_layers(model, setup.example, num_classes, None)
     pruner = setup.pruner(model, schedule, method="sgd", keep=1.0, ignored_layers=ignored)
-    identity = {"settings": s.to_dict(), "epochs": epochs}
+    identity = {"settings": s.to_dict(), "epochs": epochs, "task": task.name}
     phases = [("dense", schedule.total_steps)]
     loop = setup.run(pruner, val_data, phases, "", identity, checkpoint_dir, log, progress)
     history = loop.history
-    return TrainResult(model, history, loop.elapsed(), history[-1]["val_accuracy"])
+    return TrainResult(model, history, loop.elapsed(), _val_score(history, task))

@@ -73,12 +73,14 @@ class ProgressLog:
     def epoch_done(self, record: dict[str, Any]) -> None:
         if not self.lines:
             return
-        val = record.get("val_accuracy")
+        # the task's headline validation score: val_accuracy, val_map_50 ...
+        val = next((v for k, v in record.items() if k.startswith("val_")), None)
+        accuracy = record.get("train_accuracy")
         parts = [
             self._label,
             f"step {record['step']}",
             f"loss {record['train_loss']:.3f}",
-            f"acc {record['train_accuracy']:.3f}",
+            f"acc {accuracy:.3f}" if accuracy is not None else "",
             f"val {val:.3f}" if val is not None else "",
             f"{record['images_per_second']:.0f} img/s",
             f"{record['seconds']:.0f} s",

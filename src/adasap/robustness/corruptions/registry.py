@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from adasap.errors import UserError
+from adasap.registry import Registry
 
 SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
 
@@ -163,7 +164,7 @@ class Corruption:
     )
 
 
-_REGISTRY: dict[str, Corruption] = {}
+_REGISTRY: Registry[Corruption] = Registry("corruption")
 
 
 def _check_params(name: str, params: Mapping[str, Sequence[Any]]) -> dict[str, tuple[Any, ...]]:
@@ -244,18 +245,23 @@ def register_corruption(
     def register(function: CorruptionFunction) -> CorruptionFunction:
         if not callable(function):
             raise UserError(f"corruption {name!r}: register a function, got {function!r}")
+        # Users register corruptions of their own: a clash is theirs to fix, so a UserError
+        # rather than the registry's ValueError.
         if name in _REGISTRY:
             raise UserError(f"corruption {name!r} is already registered: choose another name")
-        _REGISTRY[name] = Corruption(
-            name=name,
-            family=family,
-            benchmark=bool(benchmark),
-            deterministic=bool(deterministic),
-            params=MappingProxyType(rows),
-            function=function,
-            held_out=bool(held_out),
-            sources=MappingProxyType(dict(sources or PARAM_TABLE_SOURCES)),
-            draw=draw,
+        _REGISTRY.add(
+            name,
+            Corruption(
+                name=name,
+                family=family,
+                benchmark=bool(benchmark),
+                deterministic=bool(deterministic),
+                params=MappingProxyType(rows),
+                function=function,
+                held_out=bool(held_out),
+                sources=MappingProxyType(dict(sources or PARAM_TABLE_SOURCES)),
+                draw=draw,
+            ),
         )
         return function
 
@@ -264,11 +270,12 @@ def register_corruption(
 
 def get_corruption(name: str) -> Corruption:
     """The registered corruption ``name``; an unknown name is a :class:`UserError`."""
-    corruption = _REGISTRY.get(name) if isinstance(name, str) else None
-    if corruption is None:
+    try:
+        return _REGISTRY.get(name)
+    except UserError:
+        # The choices in report order (benchmark, extras, held out), not registration order.
         known = ", ".join((*corruptions(), *held_out_corruptions()))
-        raise UserError(f"unknown corruption {name!r}: choose one of {known}")
-    return corruption
+        raise UserError(f"unknown corruption {name!r}: choose one of {known}") from None
 
 
 # --------------------------------------------------------------------------- derived lists
@@ -276,9 +283,10 @@ def get_corruption(name: str) -> Corruption:
 
 def _in_report_order() -> list[Corruption]:
     """By family (FAMILIES, then new families as first registered), then registration order."""
-    registered = dict.fromkeys(c.family for c in _REGISTRY.values())
+    entries = [_REGISTRY.get(name) for name in _REGISTRY]
+    registered = dict.fromkeys(c.family for c in entries)
     families = [*FAMILIES, *(family for family in registered if family not in FAMILIES)]
-    return sorted(_REGISTRY.values(), key=lambda c: families.index(c.family))
+    return sorted(entries, key=lambda c: families.index(c.family))
 
 
 def categories() -> dict[str, tuple[str, ...]]:
@@ -312,22 +320,22 @@ def held_out_families() -> dict[str, tuple[str, ...]]:
     """Held-out corruptions by family (e.g. "cbar")."""
     grouped: dict[str, list[str]] = {}
     for name in held_out_corruptions():
-        grouped.setdefault(_REGISTRY[name].family, []).append(name)
+        grouped.setdefault(_REGISTRY.get(name).family, []).append(name)
     return {family: tuple(names) for family, names in grouped.items()}
 
 
 def category_of() -> dict[str, str]:
-    return {name: _REGISTRY[name].family for name in corruptions()}
+    return {name: _REGISTRY.get(name).family for name in corruptions()}
 
 
 def deterministic_corruptions() -> tuple[str, ...]:
-    return tuple(name for name in corruptions() if _REGISTRY[name].deterministic)
+    return tuple(name for name in corruptions() if _REGISTRY.get(name).deterministic)
 
 
 def param_tables() -> dict[str, dict[str, tuple[Any, ...]]]:
     """Severity rows by table, then corruption."""
     return {
-        table: {name: _REGISTRY[name].params[table] for name in corruptions()}
+        table: {name: _REGISTRY.get(name).params[table] for name in corruptions()}
         for table in PARAM_TABLE_SOURCES
     }
 
