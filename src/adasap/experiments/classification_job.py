@@ -13,7 +13,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from adasap.data import DataBundle, dataset_options, evaluation_source, load_dataset
+from adasap.data import DataBundle, dataset_options, evaluation_source, get_spec, load_dataset
 from adasap.deploy.comparison import LatencyComparison, run_latency
 from adasap.deploy.latency import TimingSettings, latency_budget
 from adasap.devices import autocast_dtype, resolve_device
@@ -21,7 +21,7 @@ from adasap.distributed import is_distributed, on_main, shard
 from adasap.errors import UserError
 from adasap.experiments.bench import run_bench
 from adasap.experiments.bench_report import write_report
-from adasap.experiments.config import DETECTION_KINDS, ExperimentConfig
+from adasap.experiments.config import ExperimentConfig
 from adasap.experiments.dense import loader_workers, safe_name
 from adasap.experiments.grid import Parallel
 from adasap.experiments.job import JOBS, Job
@@ -32,7 +32,6 @@ from adasap.io import cache_root
 from adasap.method.neurons import NeuronLayout
 from adasap.method.pruning import measure_size
 from adasap.models.builders import build_model, find_classifier
-from adasap.models.detection import list_detectors
 from adasap.robustness.corruptions import CORRUPTIONS
 from adasap.robustness.evaluation import evaluate_corruptions
 from adasap.robustness.official import load_imagenet_v2, official_sets
@@ -111,21 +110,13 @@ class ClassificationJob(Job):
     title = "adasap results"
     bench_presets = PRESETS
 
+    def claims(self, config: ExperimentConfig) -> str | None:
+        """Any model or dataset name may be a classifier's: the other tasks' say no first."""
+        return None
+
     def validate(self, config: ExperimentConfig) -> None:
-        if config.model.strip().lower() in list_detectors():
-            raise UserError(
-                f"{config.model} is a detector: pass --task detection, or a classifier as --model"
-            )
         if config.image_size is not None:
             raise UserError("image_size is a detection setting: drop it, or pass --task detection")
-        kind = config.dataset.strip().partition(":")[0].lower()
-        if kind in DETECTION_KINDS:
-            raise UserError(
-                f"{config.dataset} is a detection data set: pass --task detection, or a "
-                "classification --dataset"
-            )
-        from adasap.data import get_spec
-
         spec = get_spec(config.dataset)
         build_model(
             config.model,

@@ -9,7 +9,6 @@ key. :func:`from_flat` checks keys, types and ``Literal`` values; ranges are che
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -18,41 +17,10 @@ import yaml
 
 from adasap import settings
 from adasap.errors import UserError, exception_reason
-from adasap.tasks.detection import DetectionTask
 from adasap.training.settings import PruneSettings
 
 # PruneSettings.method is one run's; an experiment compares several (``methods``).
 PER_RUN = ("method",)
-# The detection data set of ``adasap run --task detection``: Fashion-MNIST garments on canvases
-CANVAS_DATASET = "canvas"
-# Its other data sets (``--data-dir``: the folder holding them): Pascal VOC, trained on the
-# trainval sets of the years (default: 2007, and 2012 when present) and tested on VOC2007
-# test; a COCO-format folder, trained on one split and tested on another.
-DETECTION_KINDS = (CANVAS_DATASET, "voc", "coco")
-DETECTION_DATASETS = (CANVAS_DATASET, "voc[:<year>+<year>]", "coco[:<train split>,<test split>]")
-COCO_SPLITS = ("train2017", "val2017")
-# ``--task detection``'s defaults in place of the classification ones: tiny_ssd on a reduced
-# canvas set, sized so that the whole job fits 15 minutes on a 2-core CPU (README, Detection).
-# train_limit and test_limit are the numbers of canvases made; corruption_limit the number
-# of test canvases corrupted. Criterion, phase 3 and precision are the detection task's.
-DETECTION_DEFAULTS: dict[str, Any] = {
-    **DetectionTask.defaults,
-    "task": "detection",
-    "dataset": CANVAS_DATASET,
-    "model": "tiny_ssd",
-    "image_size": 96,
-    "train_limit": 2000,
-    "test_limit": 100,
-    "corruption_limit": 100,
-    "dense_epochs": 10.0,
-    "dense_lr": 0.02,
-    "batch_size": 16,
-    "lr": 0.01,
-    "warmup_epochs": 2.0,
-    "prune_epochs": 2.0,
-    "finetune_epochs": 2.0,
-    "prune_steps": 4,
-}
 
 
 @dataclass(frozen=True)
@@ -88,7 +56,7 @@ class ExperimentConfig:
     # DataLoader processes per training process for lazily decoded image folders (None: the
     # machine's cores shared by the processes on it, at most 8; adasap.data.default_workers)
     workers: int | None = None
-    # detection: the side of the canvases and of the detector's input (None: the task's default)
+    # detection: the side of the canvases and of the detector's input (None: the job's default)
     image_size: int | None = None
 
     @property
@@ -106,6 +74,10 @@ class ExperimentConfig:
         settings.check_field_types(self)
         from adasap.experiments.job import JOBS  # the jobs import this module
 
+        for task in JOBS:  # a model or dataset of another task: name the task to pass
+            claim = JOBS.get(task).claims(self) if task != self.task else None
+            if claim is not None:
+                raise UserError(f"{claim}: pass --task {task}, or a {self.task} one")
         JOBS.get(self.task).validate(self)
         if not self.methods:
             raise UserError("no methods given: pass e.g. --methods sgd adasap")
@@ -129,35 +101,6 @@ class ExperimentConfig:
         return self
 
 
-def detection_dataset(name: str) -> tuple[str, tuple[str, ...]]:
-    """A detection ``dataset`` as its kind and parts: ``("canvas", ())``, ``("voc", years)``
-    (none given: the loader's default) or ``("coco", (train split, test split))``."""
-    kind, colon, rest = name.strip().partition(":")
-    kind = kind.lower()
-    if kind == CANVAS_DATASET and not colon:
-        return kind, ()
-    if kind == "voc":
-        years = tuple(rest.split("+")) if colon else ()
-        if not all(re.fullmatch(r"\d{4}", year) for year in years):
-            raise UserError(
-                f"dataset {name!r}: give VOC years as four digits joined by +, e.g. "
-                "voc:2007+2012 (or voc for 2007, and 2012 when present)"
-            )
-        return kind, years
-    if kind == "coco":
-        splits = tuple(rest.split(",")) if colon else COCO_SPLITS
-        if len(splits) != 2 or not all(splits):
-            raise UserError(
-                f"dataset {name!r}: name the COCO training and test splits, e.g. "
-                f"coco:{','.join(COCO_SPLITS)} (or coco for those two)"
-            )
-        return kind, splits
-    raise UserError(
-        f"--task detection runs on {', '.join(DETECTION_DATASETS)}, not {name!r}: pass one "
-        "of them as --dataset (docs/detection.md)"
-    )
-
-
 # key -> accepted types (float keys take ints too; bool is never taken for a number)
 SCHEMA: dict[str, settings.Types] = settings.flat_schema(ExperimentConfig, omit=PER_RUN)
 
@@ -165,14 +108,16 @@ SCHEMA: dict[str, settings.Types] = settings.flat_schema(ExperimentConfig, omit=
 def from_flat(
     values: dict[str, Any], base: ExperimentConfig | None = None, source: str | None = None
 ) -> ExperimentConfig:
-    """``base`` (the defaults; with ``task: detection`` those of :data:`DETECTION_DEFAULTS`)
-    with a flat mapping applied; keys and types are checked, with
-    ``source`` (say, the file) named in the message. Ranges: :meth:`ExperimentConfig.validate`.
+    """``base`` (the defaults: :class:`ExperimentConfig`'s under the task's own, its job's
+    ``defaults``) with a flat mapping applied; keys and types are checked, with ``source``
+    (say, the file) named in the message. Ranges: :meth:`ExperimentConfig.validate`.
     """
     if base is None:
-        base = ExperimentConfig()
-        if values.get("task") == "detection":
-            base = settings.from_flat(base, DETECTION_DEFAULTS, omit=PER_RUN)
+        from adasap.experiments.job import JOBS  # the jobs import this module
+
+        task = values.get("task", ExperimentConfig.task)
+        defaults = JOBS.get(task).defaults if isinstance(task, str) else {}
+        base = settings.from_flat(ExperimentConfig(), defaults, omit=PER_RUN)
     return settings.from_flat(base, values, omit=PER_RUN, source=source)
 
 

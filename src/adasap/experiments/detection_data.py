@@ -10,8 +10,10 @@ them to ``image_size`` themselves.
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +23,41 @@ from adasap.data.detection_canvas import load_canvas_detection
 from adasap.data.detection_files import load_coco_detection, load_voc_detection
 from adasap.data.files import data_root
 from adasap.errors import UserError
-from adasap.experiments.config import CANVAS_DATASET, ExperimentConfig, detection_dataset
+from adasap.experiments.config import ExperimentConfig
 from adasap.experiments.dense import safe_name
+from adasap.tasks.detection import DetectionTask
+
+# The detection data set of ``adasap run --task detection``: Fashion-MNIST garments on canvases
+CANVAS_DATASET = "canvas"
+# Its other data sets (``--data-dir``: the folder holding them): Pascal VOC, trained on the
+# trainval sets of the years (default: 2007, and 2012 when present) and tested on VOC2007
+# test; a COCO-format folder, trained on one split and tested on another.
+DETECTION_KINDS = (CANVAS_DATASET, "voc", "coco")
+DETECTION_DATASETS = (CANVAS_DATASET, "voc[:<year>+<year>]", "coco[:<train split>,<test split>]")
+COCO_SPLITS = ("train2017", "val2017")
+# ``--task detection``'s defaults in place of the classification ones: tiny_ssd on a reduced
+# canvas set, sized so that the whole job fits 15 minutes on a 2-core CPU (README, Detection).
+# train_limit and test_limit are the numbers of canvases made; corruption_limit the number
+# of test canvases corrupted. Criterion, phase 3 and precision are the detection task's.
+DETECTION_DEFAULTS: dict[str, Any] = {
+    **DetectionTask.defaults,
+    "task": "detection",
+    "dataset": CANVAS_DATASET,
+    "model": "tiny_ssd",
+    "image_size": 96,
+    "train_limit": 2000,
+    "test_limit": 100,
+    "corruption_limit": 100,
+    "dense_epochs": 10.0,
+    "dense_lr": 0.02,
+    "batch_size": 16,
+    "lr": 0.01,
+    "warmup_epochs": 2.0,
+    "prune_epochs": 2.0,
+    "finetune_epochs": 2.0,
+    "prune_steps": 4,
+}
+
 
 CANVAS_SIDE = 128  # the canvases' side when the config leaves image_size unset
 # what --data-dir must hold, by kind of dataset
@@ -30,6 +65,35 @@ _LAYOUTS = {
     "voc": "VOCdevkit/VOC<year>/ (torchvision's VOCDetection layout)",
     "coco": "annotations/instances_<split>.json and a folder <split>/ of images per split",
 }
+
+
+def detection_dataset(name: str) -> tuple[str, tuple[str, ...]]:
+    """A detection ``dataset`` as its kind and parts: ``("canvas", ())``, ``("voc", years)``
+    (none given: the loader's default) or ``("coco", (train split, test split))``."""
+    kind, colon, rest = name.strip().partition(":")
+    kind = kind.lower()
+    if kind == CANVAS_DATASET and not colon:
+        return kind, ()
+    if kind == "voc":
+        years = tuple(rest.split("+")) if colon else ()
+        if not all(re.fullmatch(r"\d{4}", year) for year in years):
+            raise UserError(
+                f"dataset {name!r}: give VOC years as four digits joined by +, e.g. "
+                "voc:2007+2012 (or voc for 2007, and 2012 when present)"
+            )
+        return kind, years
+    if kind == "coco":
+        splits = tuple(rest.split(",")) if colon else COCO_SPLITS
+        if len(splits) != 2 or not all(splits):
+            raise UserError(
+                f"dataset {name!r}: name the COCO training and test splits, e.g. "
+                f"coco:{','.join(COCO_SPLITS)} (or coco for those two)"
+            )
+        return kind, splits
+    raise UserError(
+        f"--task detection runs on {', '.join(DETECTION_DATASETS)}, not {name!r}: pass one "
+        "of them as --dataset (docs/detection.md)"
+    )
 
 
 def on_canvases(config: ExperimentConfig) -> bool:

@@ -22,16 +22,15 @@ from adasap.deploy.serialization import detection_architecture, read_description
 from adasap.distributed import on_main
 from adasap.errors import UserError
 from adasap.experiments.classification_job import corruption_names
-from adasap.experiments.config import (
-    CANVAS_DATASET,
-    ExperimentConfig,
-    detection_dataset,
-    from_flat,
-)
+from adasap.experiments.config import ExperimentConfig, from_flat
 from adasap.experiments.dense import loader_workers
 from adasap.experiments.detection_bench import DETECTION_PRESETS, run_detection_bench
 from adasap.experiments.detection_data import (
+    CANVAS_DATASET,
+    DETECTION_DEFAULTS,
+    DETECTION_KINDS,
     data_key,
+    detection_dataset,
     image_side,
     load_detection_data,
     on_canvases,
@@ -56,6 +55,14 @@ class DetectionJob(Job):
     columns = DETECTION_COLUMNS
     title = "adasap detection results"
     bench_presets = DETECTION_PRESETS
+    defaults = DETECTION_DEFAULTS
+
+    def claims(self, config: ExperimentConfig) -> str | None:
+        if config.model.strip().lower() in list_detectors():
+            return f"{config.model} is a detector"
+        if config.dataset.strip().partition(":")[0].lower() in DETECTION_KINDS:
+            return f"{config.dataset} is a detection data set"
+        return None
 
     def validate(self, config: ExperimentConfig) -> None:
         detectors = list_detectors()

@@ -36,6 +36,13 @@ class Job(ABC):
     title: ClassVar[str]
     # adasap bench --task <task> --preset <name>: the task's benchmark grids
     bench_presets: ClassVar[Mapping[str, BenchPreset]]
+    # the task's own experiment defaults, over ExperimentConfig's (flat keys)
+    defaults: ClassVar[Mapping[str, Any]] = {}
+
+    @abstractmethod
+    def claims(self, config: ExperimentConfig) -> str | None:
+        """Why ``config``, set for another task, holds this task's model or data (e.g.
+        "tiny_ssd is a detector"); None when it does not."""
 
     @abstractmethod
     def validate(self, config: ExperimentConfig) -> None:
