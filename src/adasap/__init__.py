@@ -8,6 +8,7 @@ from adasap.method.schedule import PhaseSchedule
 from adasap.method.step import sharpness_aware_step
 from adasap.robustness.detection_report import DetectionCorruptionReport
 from adasap.robustness.evaluation import CorruptionReport, evaluate_corruptions
+from adasap.tasks import TASKS, ClassificationTask, DetectionTask, Task
 from adasap.training.pipeline import PruneResult, prune, train
 from adasap.training.settings import PruneSettings
 
@@ -17,14 +18,18 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SAM",
+    "TASKS",
     "AdaSAP",
+    "ClassificationTask",
     "CorruptionReport",
     "DetectionCorruptionReport",
+    "DetectionTask",
     "PhaseSchedule",
     "PruneResult",
     "PruneSettings",
     "Pruner",
     "PrunerSettings",
+    "Task",
     "UserError",
     "__version__",
     "evaluate_corruptions",

@@ -181,10 +181,9 @@ def make_task(task: str | Task, **options: Any) -> Task:
 
 
 def task_options(task: str | Task) -> tuple[str, ...]:
-    """The options a task is built with that are not run settings (``keep_reference`` ...)."""
-    if isinstance(task, Task):
-        return ()
-    return tuple(name for name in _fields(TASKS.get(task)) if name != "label_smoothing")
+    """The options a task by name is built with (``keep_reference``, ``label_smoothing`` ...);
+    none for a task built already."""
+    return () if isinstance(task, Task) else tuple(_fields(TASKS.get(task)))
 
 
 def _fields(cls: type) -> Sequence[str]:

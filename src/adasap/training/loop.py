@@ -253,14 +253,14 @@ class EpochLoop:
         self, steps: int, progress: ProgressLog, description: str, phase: str
     ) -> EpochStats:
         """The first ``steps`` batches of the current epoch (resuming a partial one)."""
-        task_ = self.task
+        task = self.task
         self.pruner.model.train()
         stats = copy.copy(self.partial) if self.partial is not None else EpochStats()
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         scored = 0
         start = time.perf_counter()
-        task = progress.start(description, steps)
+        bar = progress.start(description, steps)
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         done_before, images_before = stats.steps, stats.images
         checked = False  # the targets are checked against the model's output once per call
@@ -269,7 +269,7 @@ class EpochLoop:
                 continue  # drawn again to keep the epoch's random stream in step
             if index >= steps or self.should_stop():
                 break
-            batch = task_.prepare(batch, memory_format)
+            batch = task.prepare(batch, memory_format)
             outputs: list[StepOutput] = []
 
             def compute_loss(
@@ -277,8 +277,8 @@ class EpochLoop:
             ) -> Tensor:
                 nonlocal checked
                 with autocast_for(self.device, self.amp):
-                    output = task_.forward(self.pruner.ddp or self.model, batch, fraction)
-                step = task_.loss(output, batch, fraction, check=not checked)
+                    output = task.forward(self.pruner.ddp or self.model, batch, fraction)
+                step = task.loss(output, batch, fraction, check=not checked)
                 checked = True
                 if not outputs:
                     outputs.append(step)
@@ -287,7 +287,7 @@ class EpochLoop:
             try:
                 loss = self.pruner.step(compute_loss)
             except Exception as exc:
-                task_.failed(self.pruner.model, batch, phase, exc)
+                task.failed(self.pruner.model, batch, phase, exc)
                 raise
             if not torch.isfinite(loss):
                 raise FloatingPointError(
@@ -299,22 +299,22 @@ class EpochLoop:
                 correct += first.correct
             scored += first.scored
             stats.steps += 1
-            stats.images += task_.images(batch)
+            stats.images += task.images(batch)
             if index % 10 == 0 or index == steps - 1:
                 elapsed = stats.seconds + time.perf_counter() - start
                 seen = stats.scored + scored
                 accuracy = (
                     f"acc {(stats.correct + correct.item()) / seen:.3f} "
-                    if task_.training_accuracy
+                    if task.training_accuracy
                     else ""
                 )
                 progress.update(
-                    task,
+                    bar,
                     index + 1,
                     f"loss {(stats.loss_sum + loss_sum.item()) / seen:.3f} {accuracy}"
                     f"{stats.images / elapsed:.0f} img/s {self.pruner.describe()}",
                 )
-        progress.finish(task, stats.steps)
+        progress.finish(bar, stats.steps)
         new = [loss_sum.item(), correct.item(), scored, stats.images - images_before]
         sums = torch.tensor(new, dtype=torch.float64)
         if self.pruner.ddp is not None:  # the sums over every rank's part of the batches

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -319,7 +319,10 @@ def _task_settings(
     """The task and the validated settings: without ``settings``, the task's defaults under
     the ``overrides``; the task's own options (``keep_reference`` ...) come from them too."""
     overrides = dict(overrides)
-    options = {k: overrides.pop(k) for k in task_options(task) if k in overrides}
+    run_settings = {f.name for f in fields(PruneSettings)}  # label_smoothing: the run's
+    options = {
+        k: overrides.pop(k) for k in task_options(task) if k in overrides and k not in run_settings
+    }
     if settings is None:
         overrides = {**make_task(task, **options).defaults, **overrides}
     s = with_overrides(settings or PruneSettings(), overrides).validate()
