@@ -1,5 +1,6 @@
 """Atomic file writes (a reader never sees a half-written file, a crash leaves the old one),
-and cache entries that processes running at once build only once (:func:`cached`)."""
+cache entries that processes running at once build only once (:func:`cached`), and locks that
+name their holder (:func:`hold_lock`: a run directory's)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import errno
 import hashlib
 import json
 import os
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +23,9 @@ T = TypeVar("T")
 
 _NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 WRITABLE_FIX = "make it writable or choose another location"
+# Marks a directory that adasap made as a run directory (the only kind --overwrite deletes) and
+# names the process holding its lock, <RUN_MARKER>.lock (:func:`hold_lock`).
+RUN_MARKER = ".adasap-run"
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -162,6 +167,45 @@ def cached(
         return build()
     finally:
         lock.release()
+
+
+def hold_lock(path: str | Path, subject: str, fix: str) -> FileLock:
+    """Take the lock ``<path>.lock`` without waiting and record this process in ``path``; a
+    :class:`UserError` "<subject> is in use by another adasap process (pid N): wait for it, or
+    <fix>" when another process holds it. The caller releases the lock it returns.
+
+    An operating-system lock (``flock``): the holder's death, even by ``kill -9``, releases it,
+    so a crashed process never blocks the next one. The pid goes to ``path``, not to the lock
+    file, which some filelock versions truncate on every attempt to take it; it is written in
+    place, as a mere hint for the message (a half-written one reads as "pid unknown").
+    """
+    path = Path(path)
+    lock = FileLock(path.with_name(path.name + ".lock"))
+    with writing(path):
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise UserError(
+                f"{subject} is in use by another adasap process ({_holder(path)}): wait for it, "
+                f"or {fix}"
+            ) from None
+        try:
+            with open(path, "w") as record:
+                json.dump({"pid": os.getpid(), "host": socket.gethostname()}, record)
+        except BaseException:
+            lock.release()
+            raise
+    return lock
+
+
+def _holder(record: Path) -> str:
+    """The holder named by a lock's record: "pid N", with its host when that is another's."""
+    try:
+        holder = json.loads(record.read_text())
+        pid, host = int(holder["pid"]), str(holder["host"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return "pid unknown"
+    return f"pid {pid}" if host == socket.gethostname() else f"pid {pid} on {host}"
 
 
 def file_sha256(path: str | Path) -> str:

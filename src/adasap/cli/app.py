@@ -142,7 +142,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[ExperimentConfig, bool]:
     if args.command == "eval" and run_config.is_file():
         values, source = _read_run_config(run_config), str(run_config)
     if getattr(args, "resume", None):
-        run_dir = Path(args.resume)
+        run_dir = Path(os.path.abspath(args.resume))  # "." and ".." name their folder
         saved = run_dir / "config.json"
         if not saved.is_file():
             raise UserError(f"{run_dir} holds no config.json: pass the directory of an adasap run")

@@ -26,7 +26,7 @@ from torch import nn
 
 from adasap.deploy.serialization import DESCRIPTION_FILE, load_model, read_description, saved_task
 from adasap.errors import UserError, exception_summary
-from adasap.io import atomic_write
+from adasap.io import RUN_MARKER, atomic_write
 from adasap.tasks import Task, make_task
 
 if TYPE_CHECKING:
@@ -104,6 +104,23 @@ def resolve_model(
         image_size = image_size if image_size is not None else int(architecture["image_size"])
     height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
     return model, (channels, int(height), int(width)), make_task(task)
+
+
+def check_export_path(path: str | Path, model_dir: str | Path) -> None:
+    """Refuse an export onto a file of the saved model in ``model_dir`` or of the run holding
+    it: any file already in their folders but an earlier export (``.onnx``) would be replaced."""
+    model_dir = Path(model_dir).resolve()
+    run = model_dir.parent
+    is_run = (run / RUN_MARKER).is_file() or (run / "config.json").is_file()
+    owner = run if is_run else model_dir
+    path = Path(path)
+    # the folder resolved, not the name: the export replaces a link there, it does not follow it
+    target = path.parent.resolve() / path.name
+    if target.is_relative_to(owner) and target.is_file() and target.suffix != ".onnx":
+        raise UserError(
+            f"{path} is one of the files of {owner}, which the export would replace: write the "
+            f"ONNX file elsewhere, e.g. --onnx {model_dir.name}.onnx"
+        )
 
 
 def _check_opset(opset: int) -> None:
@@ -304,9 +321,12 @@ def export_onnx(
     classifier at batch sizes 1 and 5, a detector on one image); the report says whether the
     largest output difference from PyTorch stays below ``tolerance`` (default: the task's,
     1e-4 for a classifier, 1e-3 for a detector). A failed check keeps the file (for
-    inspection) and reports ``passed=False``.
+    inspection) and reports ``passed=False``. A directory's own files, and its run's, are
+    never overwritten (:func:`check_export_path`).
     """
     _check_opset(opset)
+    if not isinstance(model_or_dir, nn.Module):
+        check_export_path(path, select_model(model_or_dir))
     model, input_shape, task = resolve_model(model_or_dir, image_size, task)
     tolerance = task.onnx_tolerance if tolerance is None else tolerance
     written = write_onnx(model, path, input_shape, opset, task)

@@ -3,7 +3,7 @@ latency`` (saved models)."""
 
 from __future__ import annotations
 
-import time
+import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,7 +19,7 @@ from adasap.deploy.serialization import (
     saved_task,
 )
 from adasap.devices import resolve_device
-from adasap.distributed import broadcast_value, is_main, on_main
+from adasap.distributed import is_main, on_main
 from adasap.errors import UserError
 from adasap.experiments.config import ExperimentConfig
 from adasap.experiments.dense import dense_model, folder_label
@@ -111,18 +111,19 @@ def train_dense_model(config: ExperimentConfig, console: Console | None = None) 
     job = job_of(config)
     data = job.load_data(config)
     job.check(config, data)  # before the run directory exists
-    name = config.name or time.strftime("%Y%m%d-%H%M%S") + f"-{folder_label(config)}-dense"
-    name = broadcast_value(name)  # under torchrun rank 0 names the run and writes its files
-    run_dir = on_main(lambda: prepare_run_dir(config.out_dir, name, config.overwrite))
-    model, info = dense_model(config, data, console)
-    score = job.training_task(config, data).score(
-        model.to(resolve_device(config.prune.device)),
-        data.test,
-        device=resolve_device(config.prune.device),
-        sharded=True,
-    )
-    architecture = job.architecture(config, data)
-    on_main(lambda: save_model(run_dir / DENSE, model.cpu(), architecture, extra={"train": info}))
+    label = f"{folder_label(config)}-dense"
+    with contextlib.ExitStack() as held:  # rank 0's lock on the run, until the model is saved
+        run_dir = on_main(  # rank 0 names the run and tells the others
+            lambda: prepare_run_dir(config.out_dir, config.name, config.overwrite, held, label)
+        )
+        model, info = dense_model(config, data, console)
+        device = resolve_device(config.prune.device)
+        score = job.training_task(config, data).score(
+            model.to(device), data.test, device=device, sharded=True
+        )
+        architecture = job.architecture(config, data)
+        extra = {"train": info}
+        on_main(lambda: save_model(run_dir / DENSE, model.cpu(), architecture, extra=extra))
     headline = ", ".join(f"{k} {v:.2%}" for k, v in score.items())
     console.print(f"dense {config.model}: test {headline}; model in {run_dir / DENSE}")
     return run_dir

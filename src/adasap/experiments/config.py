@@ -72,6 +72,12 @@ class ExperimentConfig:
     def validate(self) -> ExperimentConfig:
         """Raise :class:`UserError` for the first bad value, naming it and what is allowed."""
         settings.check_field_types(self)
+        name = self.name  # one folder inside out_dir, so that --overwrite never reaches outside
+        if name is not None and (name in ("", ".", "..") or any(c in name for c in "/\\\0")):
+            raise UserError(
+                f"name {name!r} is not one plain folder name (it is empty, '.' or '..', or holds "
+                "a '/'): pass e.g. --name my-run; the run directory goes inside --out"
+            )
         from adasap.experiments.job import JOBS  # the jobs import this module
 
         for task in JOBS:  # a model or dataset of another task: name the task to pass

@@ -30,7 +30,7 @@ from adasap.experiments.dense import dense_model, folder_label
 from adasap.experiments.job import Job, job_of
 from adasap.experiments.reporting import results_markdown, results_table
 from adasap.experiments.results import ResultRow
-from adasap.io import atomic_write_json, atomic_write_text, writing
+from adasap.io import RUN_MARKER, atomic_write_json, atomic_write_text, hold_lock, writing
 from adasap.method.pruning import measure_size
 from adasap.training.checkpoint import CHECKPOINT_FILE, RunInterrupted
 from adasap.training.pipeline import prune
@@ -41,27 +41,79 @@ LATENCY_WARMUP = 10
 LATENCY_ROUNDS = 100
 
 
-def prepare_run_dir(out_dir: str, name: str, overwrite: bool) -> Path:
-    """Create an empty run directory, or fail with a clear message before any work starts."""
-    run_dir = Path(out_dir) / name
-    with writing(run_dir, "choose a writable --out directory"):
-        if run_dir.is_dir() and any(run_dir.iterdir()):
-            if not overwrite:
-                resume = (
-                    f", --resume {run_dir} to continue it"
-                    if (run_dir / "config.json").is_file()
-                    else ""
-                )
-                raise UserError(
-                    f"{run_dir} already exists and is not empty: pass --overwrite to replace "
-                    f"it{resume}, or another --name"
-                )
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
+def prepare_run_dir(
+    out_dir: str, name: str | None, overwrite: bool, held: contextlib.ExitStack, label: str
+) -> Path:
+    """The run directory ``out_dir/name``, empty but for its marker and locked until ``held``
+    closes; or a one-line error, before anything on disk changes, saying what to do instead.
+
+    Without ``name`` the run gets a new directory ``<date>-<time>-<label>`` (``-2``, ``-3``, ...
+    when taken), made by an exclusive ``mkdir``: runs started in the same second never share
+    one. A named one may exist empty; with ``overwrite`` it may hold an earlier run, deleted
+    only if adasap made it (it holds :data:`RUN_MARKER`), it is a directory inside ``out_dir``
+    (not a link to one elsewhere) and no other process holds its lock.
+    """
+    out = Path(out_dir)
+    with writing(out / name if name else out, "choose a writable --out directory"):
+        out.mkdir(parents=True, exist_ok=True)
+        if name is None:
+            run_dir = _new_dir(out, time.strftime("%Y%m%d-%H%M%S") + f"-{label}")
+        else:
+            run_dir = out / name
+            _check_replaceable(run_dir, overwrite)  # before the lock: it writes in the folder
+            run_dir.mkdir(exist_ok=True)
+        held.callback(hold_lock(run_dir / RUN_MARKER, str(run_dir), "pass another --name").release)
+        _check_replaceable(run_dir, overwrite)  # again: another process may have written there
+        for entry in _contents(run_dir):  # what the checks allowed: an earlier adasap run
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
     return run_dir
+
+
+def _new_dir(out: Path, stem: str) -> Path:
+    """A directory made now in ``out``: ``stem``, or ``stem-2``, ``stem-3``, ... when taken."""
+    run_dir, number = out / stem, 1
+    while True:
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            number += 1
+            run_dir = out / f"{stem}-{number}"
+
+
+def _contents(run_dir: Path) -> list[Path]:
+    """What ``run_dir`` holds besides its marker and lock."""
+    own = (RUN_MARKER, RUN_MARKER + ".lock")
+    return [entry for entry in run_dir.iterdir() if entry.name not in own]
+
+
+def _check_replaceable(run_dir: Path, overwrite: bool) -> None:
+    """Raise unless ``run_dir`` is absent (a file there fails its ``mkdir``), empty, or, with
+    ``overwrite``, a run directory adasap made, in place (not a link)."""
+    if not run_dir.is_dir() or not _contents(run_dir):
+        return
+    ours = (run_dir / RUN_MARKER).is_file()
+    if not overwrite:
+        resumable = (run_dir / "config.json").is_file()
+        resume = f", --resume {run_dir} to continue it" if resumable else ""
+        if ours:
+            fix = f"pass --overwrite to replace it{resume}, or another --name"
+        else:
+            fix = f"pass another --name{resume} (--overwrite replaces only a run adasap made)"
+        raise UserError(f"{run_dir} already exists and is not empty: {fix}")
+    if run_dir.is_symlink():
+        raise UserError(
+            f"{run_dir} is a link to {run_dir.resolve()}: --overwrite replaces only a run "
+            "directory inside --out; pass another --name"
+        )
+    if not ours:
+        raise UserError(
+            f"{run_dir} was not made by adasap (it holds no {RUN_MARKER}), so --overwrite leaves "
+            "it alone: move it away yourself, or pass another --name"
+        )
 
 
 def timed_rows(
@@ -133,38 +185,35 @@ def run_experiment(
     resolve_device(config.prune.device)
     job = job_of(config)
     data = job.load_data(config)
-    if resume:
-        run_dir = Path(config.out_dir) / str(config.name)
-        if not run_dir.is_dir():
-            raise UserError(f"{run_dir} does not exist: there is nothing to resume")
-    else:
+    if not resume:
         job.check(config, data)
-        name = config.name or time.strftime("%Y%m%d-%H%M%S") + f"-{folder_label(config)}"
-        config = replace(config, name=broadcast_value(name))  # rank 0's clock names the run
-        run_dir = on_main(lambda: new_run_dir(config))
-    note = job.note(config, data)
-    if note is not None:
-        console.print(f"[bold yellow]{note}[/bold yellow]")
-    try:
-        rows = _rows(job, config, data, run_dir, console)
-    except (RunInterrupted, KeyboardInterrupt) as exc:
-        interrupted = exc if isinstance(exc, RunInterrupted) else RunInterrupted(None)
-        interrupted.run_dir = run_dir
-        raise interrupted from None
-    seconds = time.perf_counter() - started
+    with contextlib.ExitStack() as held:  # rank 0's lock on the run, until it ends or fails
+        claim = resumed_run_dir if resume else new_run_dir
+        run_dir = on_main(lambda: claim(config, held))  # rank 0 names the run, tells the others
+        config = replace(config, name=run_dir.name)
+        note = job.note(config, data)
+        if note is not None:
+            console.print(f"[bold yellow]{note}[/bold yellow]")
+        try:
+            rows = _rows(job, config, data, run_dir, console)
+        except (RunInterrupted, KeyboardInterrupt) as exc:
+            interrupted = exc if isinstance(exc, RunInterrupted) else RunInterrupted(None)
+            interrupted.run_dir = run_dir
+            raise interrupted from None
+        seconds = time.perf_counter() - started
 
-    def write_results() -> None:
-        results = {
-            "config": config.to_flat(),
-            "machine": machine_description(),
-            "seconds": seconds,
-            "setting": note,
-            "rows": [row.to_dict() for row in rows],
-        }
-        atomic_write_json(run_dir / "results.json", results)
-        atomic_write_text(run_dir / "results.md", results_markdown(rows, note, job.columns))
+        def write_results() -> None:
+            results = {
+                "config": config.to_flat(),
+                "machine": machine_description(),
+                "seconds": seconds,
+                "setting": note,
+                "rows": [row.to_dict() for row in rows],
+            }
+            atomic_write_json(run_dir / "results.json", results)
+            atomic_write_text(run_dir / "results.md", results_markdown(rows, note, job.columns))
 
-    on_main(write_results)
+        on_main(write_results)
     console.print(results_table(rows, title=job.title, columns=job.columns))
     console.print(f"results: {run_dir / 'results.md'}")
     minutes, rest = divmod(round(seconds), 60)
@@ -172,14 +221,26 @@ def run_experiment(
     return run_dir
 
 
-def new_run_dir(config: ExperimentConfig) -> Path:
-    """The new, empty run directory holding the run's config (nothing left behind on failure)."""
-    run_dir = prepare_run_dir(config.out_dir, str(config.name), config.overwrite)
+def resumed_run_dir(config: ExperimentConfig, held: contextlib.ExitStack) -> Path:
+    """The run directory to continue, locked until ``held`` closes."""
+    run_dir = Path(config.out_dir) / str(config.name)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir} does not exist: there is nothing to resume")
+    held.callback(hold_lock(run_dir / RUN_MARKER, str(run_dir), "stop it first").release)
+    return run_dir
+
+
+def new_run_dir(config: ExperimentConfig, held: contextlib.ExitStack) -> Path:
+    """The new run directory (:func:`prepare_run_dir`) holding the run's config, locked until
+    ``held`` closes; nothing is left behind on failure."""
+    label = folder_label(config)
+    run_dir = prepare_run_dir(config.out_dir, config.name, config.overwrite, held, label)
+    config = replace(config, name=run_dir.name)
     try:
         atomic_write_json(run_dir / "config.json", config.to_flat())
         atomic_write_text(run_dir / "config.yaml", dump_yaml(config))
     except BaseException:
-        shutil.rmtree(run_dir, ignore_errors=True)  # just created: leave nothing behind
+        shutil.rmtree(run_dir, ignore_errors=True)  # just emptied or made, and ours: no trace
         raise
     return run_dir
 
