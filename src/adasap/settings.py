@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import functools
+import reprlib
 import types
 from collections.abc import Collection, Mapping
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -35,6 +36,11 @@ _OMIT = "adasap.settings.omit"
 _SEQUENCES = (list, tuple, collections.abc.Sequence)
 _NAMES = {str: "a string", int: "an integer", float: "a number"}
 _PLURALS = {str: "strings", int: "integers", float: "numbers"}
+# a bad value as messages quote it: reprlib stops early, so a huge value is never formatted whole
+_QUOTE = reprlib.Repr()  # attributes, not arguments: Python 3.10 and 3.11 take none
+_QUOTE.maxlevel, _QUOTE.maxstring, _QUOTE.maxother = 2, 40, 40
+_QUOTE.maxlist = _QUOTE.maxtuple = _QUOTE.maxdict = _QUOTE.maxset = 4
+_MAX_KEYS = 10  # unknown keys a message lists
 _SPELLING = {
     False: {bool: "True or False", NoneType: "None"},  # Python values
     True: {bool: "true or false", NoneType: "null"},  # config files and flags
@@ -102,6 +108,12 @@ def accepts(allowed: Types, value: Any) -> bool:
     return any(_accepts(form, value) for form in allowed)
 
 
+def quote(value: Any) -> str:
+    """``repr(value)`` cut short (``...``) for a message: a long list or string, however big,
+    costs a few dozen characters."""
+    return _QUOTE.repr(value)
+
+
 def _name(form: Any, config: bool) -> str:
     spelled = _SPELLING[config].get(form) or _NAMES.get(form)
     if spelled is not None:
@@ -133,7 +145,7 @@ def check_field_types(settings: Any) -> None:
             # a Literal's values are named already: its type and an example would only repeat them
             literal = any(get_origin(form) is Literal for form in allowed)
             raise UserError(
-                f"{name} must be {describe(allowed)}, got {value!r}"
+                f"{name} must be {describe(allowed)}, got {quote(value)}"
                 + ("" if literal else f" ({type(value).__name__})")
                 + (f": pass e.g. {name}={defaults[name]!r}" if example and not literal else "")
             )
@@ -190,14 +202,15 @@ def check_flat(
         unknown = sorted(set(values) - set(schema))
         if unknown:
             raise UserError(
-                f"unknown config key(s) {', '.join(map(repr, unknown))}: allowed keys are "
-                f"{', '.join(sorted(schema))}"
+                f"unknown config key(s) {', '.join(map(quote, unknown[:_MAX_KEYS]))}"
+                + (f" and {len(unknown) - _MAX_KEYS} more" if len(unknown) > _MAX_KEYS else "")
+                + f": allowed keys are {', '.join(sorted(schema))}"
             )
         for key, value in values.items():
             if not accepts(schema[key], value):
                 raise UserError(
                     f"config key {key!r} must be {describe(schema[key], config=True)}, "
-                    f"got {value!r}"
+                    f"got {quote(value)}"
                 )
         return {key: _convert(schema[key], value) for key, value in values.items()}
     except UserError as exc:

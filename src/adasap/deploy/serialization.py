@@ -11,6 +11,7 @@ and tampering.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
+from torch_pruning import ops
+from torch_pruning.pruner.function import PrunerBox
 
 from adasap.errors import UserError
 from adasap.io import atomic_write_bytes, atomic_write_json, file_sha256
@@ -30,6 +33,10 @@ DENSE = "dense"  # the dense model's folder in a run directory (and its row's me
 FORMAT_VERSION = 1
 # what every reader needs (the input shape); build_model's other arguments are checked on load
 _ARCHITECTURE_KEYS = ("in_channels", "image_size")
+# Bounds on what a model file may ask for, checked before anything is built: the file is input,
+# and an edited size or history otherwise costs gigabytes or minutes before any other check.
+_LIMITS = {"image_size": 2048, "in_channels": 64, "num_classes": 100_000}
+_MAX_HISTORY = 20_000  # entries; a run records one per pruned group per removal step
 
 
 def save_model(
@@ -109,7 +116,82 @@ def read_description(directory: str | Path) -> dict[str, Any]:
             else "a pruning_history that is not a list"
         )
         raise UserError(f"{path} is damaged ({what}): restore it or re-run")
+    _check_bounds(path, architecture, description.get("pruning_history", []))
     return description
+
+
+def _check_bounds(path: Path, architecture: dict[str, Any], history: list[Any]) -> None:
+    """:class:`UserError` for sizes or a history beyond :data:`_LIMITS`, or for pretrained
+    weights (which would make loading a file reach the network)."""
+    for key, limit in _LIMITS.items():
+        value = architecture.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+            raise UserError(
+                f"{path}: architecture {key} must be an integer from 1 to {limit}, got "
+                f"{str(value)[:40]}: the file is damaged or was edited; restore it or re-run"
+            )
+    if architecture.get("pretrained"):
+        raise UserError(
+            f"{path}: architecture pretrained is set, but a saved model's weights are its own "
+            "and loading never downloads any: remove the key"
+        )
+    if len(history) > _MAX_HISTORY:
+        raise UserError(
+            f"{path}: pruning_history has {len(history)} entries, more than {_MAX_HISTORY}: the "
+            "file is damaged or was edited; restore it or re-run"
+        )
+    for i, entry in enumerate(history):
+        if not (
+            isinstance(entry, list)
+            and len(entry) == 3
+            and isinstance(entry[0], str)
+            and isinstance(entry[1], bool)
+            and isinstance(entry[2], list)
+            and entry[2]
+            and all(isinstance(j, int) and not isinstance(j, bool) and j >= 0 for j in entry[2])
+            and len(set(entry[2])) == len(entry[2])
+        ):
+            raise UserError(
+                f"{path}: pruning_history[{i}] is not [layer name, true/false, distinct channel "
+                "indices]: the file is damaged or was edited; restore it or re-run"
+            )
+
+
+class _CheckedHistory(list):
+    """A pruning history that checks each entry against the model as Torch-Pruning replays it
+    (the earlier entries applied): Torch-Pruning ignores indices beyond a layer's channels and
+    so rebuilds a wrong model from a damaged file without a word."""
+
+    def __init__(self, history: list[list[Any]], model: nn.Module) -> None:
+        super().__init__(history)
+        self.model = model
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        for i, entry in enumerate(super().__iter__()):
+            name, is_out, indices = entry
+            size = _channels(self.model, name, is_out)
+            if size is None:
+                raise ValueError(f"pruning_history[{i}] names {name[:80]!r}, no prunable layer")
+            if max(indices) >= size or len(indices) >= size:
+                raise ValueError(
+                    f"pruning_history[{i}] removes {len(indices)} channel(s), up to "
+                    f"{max(indices)}, of {name[:80]!r}, which has {size} left"
+                )
+            yield entry
+
+
+def _channels(model: nn.Module, name: str, is_out: bool) -> int | None:
+    """The output (or input) channels of the layer ``name`` of ``model``; None where it names
+    no layer Torch-Pruning prunes."""
+    layer: Any = model
+    for part in name.split("."):
+        layer = getattr(layer, part, None)
+    if isinstance(layer, nn.Parameter):  # an unwrapped parameter: pruned along one of its dims
+        return max(layer.shape, default=0)
+    pruner = PrunerBox.get(ops.module2type(layer)) if isinstance(layer, nn.Module) else None
+    if pruner is None:
+        return None
+    return pruner.get_out_channels(layer) if is_out else pruner.get_in_channels(layer)
 
 
 def load_model(directory: str | Path, base_model: nn.Module | None = None) -> nn.Module:
@@ -136,7 +218,8 @@ def load_model(directory: str | Path, base_model: nn.Module | None = None) -> nn
     try:
         task = make_task(saved_task(description))
         model = base_model if base_model is not None else task.build_saved(architecture)
-        replay_pruning(model, history, *task.replay_inputs(model, architecture))
+        checked = _CheckedHistory(history, model)
+        replay_pruning(model, checked, *task.replay_inputs(model, architecture))
     except UserError as exc:
         raise UserError(
             f"{directory / DESCRIPTION_FILE} describes a model adasap cannot build ({exc}); "

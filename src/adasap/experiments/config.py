@@ -127,13 +127,34 @@ def from_flat(
     return settings.from_flat(base, values, omit=PER_RUN, source=source)
 
 
+class _AliasFound(yaml.YAMLError):
+    def __init__(self, event: yaml.AliasEvent) -> None:
+        super().__init__(f"*{event.anchor[:40]} at line {event.start_mark.line + 1}")
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` refusing aliases: a few hundred bytes of nested aliases (a "billion
+    laughs" file) expand into gigabytes once anything walks the loaded value, and a config
+    never needs them."""
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            raise _AliasFound(self.get_event())
+        return super().compose_node(parent, index)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file into a flat mapping (not yet checked)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file {path} does not exist: check the path")
     try:
-        values = yaml.safe_load(path.read_text())
+        values = yaml.load(path.read_text(), Loader=_NoAliasLoader)
+    except _AliasFound as exc:
+        raise UserError(
+            f"config file {path} uses a YAML alias ({exc}): adasap reads no aliases, write the "
+            "value out in full"
+        ) from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         reason = exception_reason(exc, 160)
         raise UserError(f"config file {path} is not valid YAML ({reason}): fix the syntax") from exc
