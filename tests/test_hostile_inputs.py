@@ -4,7 +4,6 @@ values in a config, and model files that ask for huge sizes, long histories or t
 from __future__ import annotations
 
 import json
-import time
 import tracemalloc
 from pathlib import Path
 
@@ -28,16 +27,14 @@ SMALL = dict(name="resnet20", num_classes=10, in_channels=1, image_size=16, mean
 
 
 def cheaply(action) -> None:
-    """Run ``action`` (which must fail) in well under a second and a few MB of Python memory."""
+    """Run ``action`` (which must fail) within a few MB of Python memory: the bomb is never
+    expanded (time is the benchmarks' business: a busy machine makes any bound flaky)."""
     tracemalloc.start()
-    start = time.perf_counter()
     try:
         action()
     finally:
-        seconds = time.perf_counter() - start
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
-    assert seconds < 1, seconds
     assert peak < 50e6, peak
 
 

@@ -141,30 +141,36 @@ def test_overwrite_does_not_follow_a_link_out_of_out(isolated):
 # --------------------------------------------------------------------------- naming
 
 
-def stop_before_training(monkeypatch) -> None:
-    """The run fails where it would start training: after its directory is made."""
+def stop_before_training(monkeypatch) -> list[str]:
+    """The run fails where it would start training, after its directory is made; the names
+    of the runs stopped so."""
+    stopped: list[str] = []
 
-    def stop(*args, **kwargs):
+    def stop(config, *args, **kwargs):
+        stopped.append(config.name)
         raise UserError("stopped before training")
 
     monkeypatch.setattr(run_module, "dense_model", stop)
+    return stopped
 
 
 def test_runs_started_in_the_same_second_get_their_own_directories(isolated, capsys,
                                                                    monkeypatch):  # fmt: skip
     monkeypatch.setattr(time, "strftime", lambda *args: NOW)
-    stop_before_training(monkeypatch)
+    stopped = stop_before_training(monkeypatch)
     out = isolated / "runs"
-    first = out / f"{NOW}-synthetic-resnet20"
-    cli_fails(capsys, ["run", *TINY, "--out", str(out)], "stopped before training")
-    (first / "results.md").write_text("the first run's")  # still running, say
-    cli_fails(capsys, ["run", *TINY, "--out", str(out)], "stopped before training")
+    first = out / f"{NOW}-synthetic-resnet20"  # another run, started this second, in progress
+    first.mkdir(parents=True)
+    (first / RUN_MARKER).write_text("")
+    (first / "results.md").write_text("the first run's")
+    with contextlib.ExitStack() as held:
+        held.callback(hold_lock(first / RUN_MARKER, "the first run", "wait").release)
+        cli_fails(capsys, ["run", *TINY, "--out", str(out)], "stopped before training")
     second = out / f"{NOW}-synthetic-resnet20-2"
-    assert json.loads((second / "config.json").read_text())["name"] == second.name
-    assert (second / RUN_MARKER).is_file()
+    assert stopped == [second.name]
     assert (first / "results.md").read_text() == "the first run's"
-    # a failed run lets go of its directory
-    hold_lock(second / RUN_MARKER, "the run", "wait").release()
+    # the failed run finished no method: it took its directory away again
+    assert not second.exists()
 
 
 def test_runs_named_at_the_same_moment_never_share_a_directory(isolated, monkeypatch):

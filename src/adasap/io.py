@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from filelock import FileLock, Timeout
 
-from adasap.errors import UserError
+from adasap.errors import UserError, exception_reason
 
 T = TypeVar("T")
 
@@ -36,6 +36,19 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
     return Path(root).expanduser() if root else Path.home() / ".cache" / "adasap"
 
 
+def check_cache_dir(cache_dir: str | Path | None) -> None:
+    """Raise :class:`UserError` when :func:`cache_root` of ``cache_dir`` cannot be a folder: it,
+    or the nearest of its parents that exists, is a file (say, ``/dev/null``). Checked before
+    a run directory is made, since the cache is first written after it."""
+    root = cache_root(cache_dir).absolute()
+    existing = next((p for p in (root, *root.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise UserError(
+            f"cache directory {root} cannot be made: {existing} is not a folder; pass "
+            "--cache-dir a folder (created if missing) or set ADASAP_CACHE to one"
+        )
+
+
 def _file_mode() -> int:
     """The mode a plain ``open(path, "w")`` would give (mkstemp's temp files are 0600)."""
     umask = os.umask(0)
@@ -43,16 +56,71 @@ def _file_mode() -> int:
     return 0o666 & ~umask
 
 
-def read_json_mapping(path: str | Path, fix: str) -> dict[str, Any]:
-    """The JSON object in ``path``; a :class:`UserError` ``"<path> is damaged (why): <fix>"``
-    when the file is not valid JSON or holds something other than an object."""
+# Bounds for JSON that adasap did not just write (model descriptions, run configs, cache
+# manifests, summaries): a hostile or damaged file fails with one line instead of exhausting
+# memory or the stack. adasap's own files are far below them.
+MAX_JSON_BYTES = 64 << 20
+MAX_JSON_DEPTH = 64
+
+
+class BadJSON(ValueError):
+    """Why a JSON file cannot be used, in a few words (a ``ValueError``, as ``json`` raises)."""
+
+
+def load_json(path: str | Path, *, mapping: bool = True) -> Any:
+    """The JSON value in ``path`` (an object when ``mapping``), read within
+    :data:`MAX_JSON_BYTES` and :data:`MAX_JSON_DEPTH`; :class:`BadJSON` when the file is not
+    valid JSON, too big, too deeply nested, holds an integer too long for Python to convert, or
+    (``mapping``) is no object. An unreadable file raises its ``OSError``."""
+    with open(path, "rb") as handle:
+        data = handle.read(MAX_JSON_BYTES + 1)
+    if len(data) > MAX_JSON_BYTES:
+        raise BadJSON(f"larger than {MAX_JSON_BYTES >> 20} MiB")
+    value = parse_json(data)
+    if mapping and not isinstance(value, dict):
+        raise BadJSON("not a mapping")
+    return value
+
+
+def parse_json(data: str | bytes) -> Any:
+    """:func:`json.loads` within :data:`MAX_JSON_DEPTH`; :class:`BadJSON` (one line) for
+    anything it cannot use: invalid JSON, too deep, an integer over Python's 4300 digits."""
     try:
-        values = json.loads(Path(path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        value = json.loads(data)
+    except RecursionError:
+        raise BadJSON(f"nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as exc:  # also UnicodeDecodeError and int's 4300-digit limit
+        raise BadJSON(exception_reason(exc, 160)) from None
+    _check_depth(value)
+    return value
+
+
+def _check_depth(value: Any) -> None:
+    """:class:`BadJSON` when ``value`` nests deeper than :data:`MAX_JSON_DEPTH`: code that later
+    walks it recursively (``json.dumps``, comparisons) would overflow the stack. Iterative, so
+    the check itself cannot."""
+    level = [value]
+    for _ in range(MAX_JSON_DEPTH + 1):
+        level = [
+            child
+            for item in level
+            if isinstance(item, dict | list)
+            for child in (item.values() if isinstance(item, dict) else item)
+        ]
+        if not level:
+            return
+    raise BadJSON(f"nested deeper than {MAX_JSON_DEPTH} levels")
+
+
+def read_json_mapping(path: str | Path, fix: str) -> dict[str, Any]:
+    """The JSON object in ``path`` (:func:`load_json`); a :class:`UserError`
+    ``"<path> is damaged (why): <fix>"`` when it cannot be used."""
+    try:
+        return load_json(path)
+    except BadJSON as exc:
         raise UserError(f"{path} is damaged ({exc}): {fix}") from exc
-    if not isinstance(values, dict):
-        raise UserError(f"{path} is damaged (not a mapping): {fix}")
-    return values
+    except OSError as exc:
+        raise UserError(f"{path} cannot be read ({exc.strerror or exc}): {fix}") from exc
 
 
 def write_error(path: str | Path, exc: OSError, fix: str = WRITABLE_FIX) -> UserError:
@@ -233,10 +301,10 @@ def read_checked_json(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CacheMiss()
     try:
-        data = json.loads(path.read_text())
+        data = load_json(path)
     except (OSError, ValueError) as exc:
         raise CacheMiss(f"unreadable ({exc})") from exc
-    if not isinstance(data, dict) or "sha256" not in data:
+    if "sha256" not in data:
         raise CacheMiss("no checksum")
     digest = data.pop("sha256")
     if digest != _json_sha256(data):

@@ -11,7 +11,14 @@ from typing import Any, NoReturn
 
 from rich.console import Console
 
-from adasap.cli.options import EVAL_KEYS, RUN_OPTIONS, RUN_SWITCHES, TRAIN_KEYS, add_options
+from adasap.cli.options import (
+    EVAL_KEYS,
+    RUN_OPTIONS,
+    RUN_SWITCHES,
+    TRAIN_KEYS,
+    add_options,
+    integer,
+)
 from adasap.deploy.onnx import export_onnx, select_model
 from adasap.distributed import close, init_from_env, is_main, launched
 from adasap.errors import UserError
@@ -84,14 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("path", help="a run directory or a model directory")
     export.add_argument("--onnx", required=True, help="the .onnx file to write")
     export.add_argument("--method", help="which model of the run (when it holds several)")
-    export.add_argument("--opset", type=int, default=17, help="ONNX opset, >= 17")
+    export.add_argument("--opset", type=integer, default=17, help="ONNX opset, >= 17")
     latency = commands.add_parser(
         "latency", help="latency and throughput of a run's models beside the dense one"
     )
     latency.add_argument("path", help="a run directory (or a model directory)")
-    latency.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
+    latency.add_argument("--batch-sizes", type=integer, nargs="+", default=[1, 64])
     latency.add_argument("--device", default="cpu", help="cpu or cuda (PyTorch eager)")
-    latency.add_argument("--repeats", type=int, default=20)
+    latency.add_argument("--repeats", type=integer, default=20)
     bench_presets = [n for task in JOBS for n in JOBS.get(task).bench_presets]
     for name, what, presets in (
         ("bench", "the benchmark grid (methods x criteria x keeps x seeds)", bench_presets),
@@ -108,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--report-only", action="store_true",
                              help="rewrite the report from the results so far")  # fmt: skip
         command.add_argument(
-            "--jobs", type=int, metavar="N",
+            "--jobs", type=integer, metavar="N",
             help="run N cells at once, each in its own process with 1/N of the cores (with "
             "--ray: each with 1/N of the cluster's CPUs; default there: 1 CPU per cell, as many "
             "cells as the cluster fits)",

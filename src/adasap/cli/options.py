@@ -13,8 +13,11 @@ from typing import Any
 from adasap.experiments.config import SCHEMA, ExperimentConfig
 from adasap.method.importance import criteria
 from adasap.method.pruner import METHODS
+from adasap.settings import quote
 
 DEFAULTS = ExperimentConfig().to_flat()
+# seeds, limits and sizes reach torch and numpy as 64-bit integers
+MAX_INT = 2**63 - 1
 
 # (flag, config key, help); the type comes from the config schema
 RUN_OPTIONS: tuple[tuple[str, str, str], ...] = (
@@ -109,15 +112,27 @@ def _parse_value(key: str):
             return None
         for t in (int, float):
             if t in types:
+                if t is int:
+                    return integer(text, "{} is not an integer")
                 try:
-                    return t(text)
+                    return float(text)
                 except ValueError:
-                    raise argparse.ArgumentTypeError(
-                        f"{text!r} is not {'an integer' if t is int else 'a number'}"
-                    ) from None
+                    raise argparse.ArgumentTypeError(f"{quote(text)} is not a number") from None
         return text
 
     return parse
+
+
+def integer(text: str, invalid: str = "invalid int value: {}") -> int:
+    """An integer flag's value within :data:`MAX_INT`; one short line for anything else (the
+    text, however long, quoted short: ``int`` refuses over 4300 digits with a long message)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(invalid.format(quote(text))) from None
+    if abs(value) > MAX_INT:
+        raise argparse.ArgumentTypeError(f"{quote(text)} is too large: at most {MAX_INT}")
+    return value
 
 
 def add_options(

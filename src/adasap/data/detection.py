@@ -49,12 +49,22 @@ class DetectionSpec:
 def check_target(
     boxes: Tensor, labels: Tensor, width: int, height: int, num_labels: int, where: str
 ) -> None:
-    """A :class:`UserError` for boxes outside the ``width`` x ``height`` image, boxes without
-    area, or labels outside 1..``num_labels``; ``where`` names the image or file."""
+    """A :class:`UserError` for non-finite boxes, boxes outside the ``width`` x ``height``
+    image, boxes without area, or labels outside 1..``num_labels``; ``where`` names the image
+    or file."""
     if boxes.dim() != 2 or boxes.shape[1] != 4 or labels.shape != (boxes.shape[0],):
         raise UserError(
             f"{where}: boxes of shape {tuple(boxes.shape)} and labels of shape "
             f"{tuple(labels.shape)} do not match: give boxes [N, 4] (xyxy) and N labels"
+        )
+    # NaN compares false, so a NaN box would pass the checks below and surface only as a
+    # diverged training run; an infinite one would be reported as outside with a useless box.
+    finite = torch.isfinite(boxes).all(dim=1)
+    if not finite.all():
+        box = [round(float(v), 1) for v in boxes[~finite][0]]
+        raise UserError(
+            f"{where}: box {box} has a NaN or infinite coordinate: fix the annotation "
+            "(finite xyxy in absolute pixels)"
         )
     bad_label = (labels < 1) | (labels > num_labels)
     if bad_label.any():

@@ -13,7 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from PIL import Image, UnidentifiedImageError
 
+from adasap.data.coco_checks import FIX as COCO_FIX
+from adasap.data.coco_checks import CocoObject, parse_coco, short
 from adasap.data.detection import (
     DetectionBundle,
     DetectionSpec,
@@ -51,6 +54,36 @@ def detection_set(
     return FileDetectionSet([p for p, _ in records], targets, spec, source=source, fix=fix)
 
 
+def inside(folder: Path, name: str, where: str) -> Path:
+    """``folder / name``, when it stays inside ``folder``: names come from annotation files,
+    and an absolute name, ``..`` or a link out of the folder would read any file on the disk."""
+    path = folder / name
+    if "\x00" in name or not path.resolve().is_relative_to(folder.resolve()):
+        raise UserError(
+            f"{where}: file name {short(name)} points outside {folder}: give a path inside "
+            "that folder (relative, no '..', no link out of it)"
+        )
+    return path
+
+
+def check_image_size(path: Path, width: int, height: int, where: str) -> None:
+    """A :class:`UserError` when the image at ``path`` is not ``width`` x ``height``: boxes are
+    checked against the declared size, so a wrong one would let boxes outside the image pass.
+    Pillow reads the header only; a missing image is left to :class:`FileDetectionSet`."""
+    if not path.is_file():
+        return
+    try:
+        with Image.open(path) as img:
+            real = img.size
+    except (OSError, UnidentifiedImageError) as exc:
+        raise UserError(f"cannot decode {path}: {exc}: replace or delete the file") from None
+    if real != (width, height):
+        raise UserError(
+            f"{where}: declared size {short(width, 12)}x{short(height, 12)} differs from the "
+            f"{real[0]}x{real[1]} of image {path}: fix the annotation's size"
+        )
+
+
 def _voc_folder(root: Path, year: str) -> Path:
     for folder in (root / "VOCdevkit" / f"VOC{year}", root / f"VOC{year}", root):
         if folder.name == f"VOC{year}" and (folder / "Annotations").is_dir():
@@ -61,13 +94,16 @@ def _voc_folder(root: Path, year: str) -> Path:
     )
 
 
-def _voc_record(folder: Path, image_id: str) -> Record:
-    xml_path = folder / "Annotations" / f"{image_id}.xml"
+def _voc_record(folder: Path, image_id: str, listing: Path) -> Record:
+    xml_path = inside(folder / "Annotations", f"{image_id}.xml", str(listing))
+    image_path = inside(folder / "JPEGImages", f"{image_id}.jpg", str(listing))
     fix = "restore it from the VOC archive"
     try:
         tree = ET.parse(xml_path).getroot()
     except FileNotFoundError:
         raise UserError(f"annotation file {xml_path} is missing: {fix}") from None
+    except OSError as exc:
+        raise UserError(f"cannot read annotation file {xml_path} ({exc.strerror}): {fix}") from None
     except ET.ParseError as exc:
         raise UserError(f"annotation file {xml_path} is empty or not XML ({exc}): {fix}") from None
     try:
@@ -86,13 +122,14 @@ def _voc_record(folder: Path, image_id: str) -> Record:
             boxes.append([box[0] - 1, box[1] - 1, box[2], box[3]])
             labels.append(VOC_CLASSES.index(name) + 1)
             difficult.append(int(obj.findtext("difficult") or 0))
-    except ValueError as exc:
+    except (ValueError, OverflowError) as exc:  # int(float("inf")) overflows
         raise UserError(
-            f"{xml_path} has a missing or non-numeric size or box ({exc}): {fix}"
+            f"{xml_path} has a missing or non-numeric size or box ({str(exc)[:80]}): {fix}"
         ) from None
+    check_image_size(image_path, width, height, str(xml_path))
     target = make_target(boxes, labels, difficult)
     check_target(target["boxes"], target["labels"], width, height, len(VOC_CLASSES), str(xml_path))
-    return folder / "JPEGImages" / f"{image_id}.jpg", target
+    return image_path, target
 
 
 def voc_records(root: str | Path, year: str, image_set: str) -> list[Record]:
@@ -107,7 +144,7 @@ def voc_records(root: str | Path, year: str, image_set: str) -> list[Record]:
     ids = [line.split()[0] for line in listing.read_text().splitlines() if line.strip()]
     if not ids:
         raise UserError(f"{listing} lists no images: restore it from the VOC archive")
-    return [_voc_record(folder, image_id) for image_id in ids]
+    return [_voc_record(folder, image_id, listing) for image_id in ids]
 
 
 def load_voc(
@@ -125,7 +162,7 @@ def load_voc(
     )
 
 
-def _coco_box(bbox: Sequence[float], width: int, height: int) -> list[float]:
+def _coco_box(bbox: tuple[float, ...], width: int, height: int) -> list[float]:
     """COCO's [x, y, w, h] as xyxy, clipped to the image when it is within the slack."""
     x1, y1, x2, y2 = bbox[0], bbox[1], bbox[0] + bbox[2], bbox[1] + bbox[3]
     if (
@@ -144,45 +181,46 @@ def coco_records(
     1..K in the order of the category ids). Boxes without area are dropped, as torchvision's
     COCO reference does."""
     path, images_dir = Path(annotation_file).expanduser(), Path(images_dir).expanduser()
-    fix = "give the instances JSON of a COCO-format data set"
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise UserError(f"annotation file {path} is missing: {fix}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"annotation file {path} is empty or not JSON ({exc}): {fix}") from None
-    if not isinstance(data, dict) or not data.get("images") or not data.get("categories"):
-        raise UserError(f"annotation file {path} has no images or no categories: {fix}")
-    categories = sorted(data["categories"], key=lambda c: c["id"])
-    label_of = {c["id"]: i + 1 for i, c in enumerate(categories)}
-    images = {image["id"]: image for image in data["images"]}
-    objects: dict[int, list[dict]] = {image_id: [] for image_id in images}
-    for ann in data.get("annotations", []):
-        if ann["image_id"] not in images:
+        raise UserError(f"annotation file {path} is missing: {COCO_FIX}") from None
+    except OSError as exc:
+        raise UserError(
+            f"cannot read annotation file {path} ({exc.strerror}): {COCO_FIX}"
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        reason = str(exc)[:80] if isinstance(exc, ValueError) else "nested too deeply"
+        raise UserError(
+            f"annotation file {path} is empty or not JSON ({reason}): {COCO_FIX}"
+        ) from None
+    images, categories, objects = parse_coco(data, path)
+    label_of = {category_id: i + 1 for i, (category_id, _) in enumerate(sorted(categories))}
+    found: dict[int, list[CocoObject]] = {image.id: [] for image in images}
+    for obj in objects:
+        if obj.category_id not in label_of:
             raise UserError(
-                f"{path}: annotation {ann.get('id')} names unknown image id "
-                f"{ann['image_id']}: fix the annotation file"
+                f"{path}: annotation {short(obj.id)} has class id {obj.category_id}, out of "
+                f"range (not among the {len(label_of)} categories): fix its category_id"
             )
-        if ann["category_id"] not in label_of:
-            raise UserError(
-                f"{path}: annotation {ann.get('id')} has class id {ann['category_id']}, "
-                f"out of range (not among the {len(label_of)} categories): fix its category_id"
-            )
-        if ann["bbox"][2] > 0 and ann["bbox"][3] > 0:
-            objects[ann["image_id"]].append(ann)
+        if obj.bbox[2] > 0 and obj.bbox[3] > 0:
+            found[obj.image_id].append(obj)
     records = []
-    for image_id, image in images.items():
-        width, height = int(image["width"]), int(image["height"])
-        found = objects[image_id]
+    for image in images:
+        where = f"{path} image {short(image.file_name)}"
+        image_path = inside(images_dir, image.file_name, where)
+        check_image_size(image_path, image.width, image.height, where)
+        objs = found[image.id]
         target = make_target(
-            [_coco_box(a["bbox"], width, height) for a in found],
-            [label_of[a["category_id"]] for a in found],
-            [int(a.get("iscrowd", 0)) for a in found],
+            [_coco_box(o.bbox, image.width, image.height) for o in objs],
+            [label_of[o.category_id] for o in objs],
+            [o.iscrowd for o in objs],
         )
-        where = f"{path} image {image['file_name']}"
-        check_target(target["boxes"], target["labels"], width, height, len(label_of), where)
-        records.append((images_dir / image["file_name"], target))
-    return records, tuple(str(c["name"]) for c in categories)
+        check_target(
+            target["boxes"], target["labels"], image.width, image.height, len(label_of), where
+        )
+        records.append((image_path, target))
+    return records, tuple(name for _, name in sorted(categories))
 
 
 def load_coco(

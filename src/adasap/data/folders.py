@@ -7,6 +7,7 @@ One reader serves training folders (``imagefolder:<path>``) and the official tes
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,26 +15,31 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from adasap.errors import UserError
+from adasap.errors import UserError, exception_reason
 
 # DataLoader processes per training process: more rarely pay for a ResNet-50's step, and 8
 # GPU processes x 8 already ask for 64 cores (docs/paper.md, benchmarks/bench_loader.py)
 MAX_DEFAULT_WORKERS = 8
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".ppm", ".pgm", ".webp", ".gif")
+# Folders of at most this many bytes have every image opened and verified when listed, before
+# a run directory exists: a few seconds of reading. A larger one (ImageNet's 140 GB) would wait
+# minutes first; its damaged files are named by the loader (:class:`UnreadableImage`) instead.
+CHECK_BYTES = 256 * 2**20
 
 
 class ImageFolderFiles:
     """The image files of ``<root>/<class>/<image>``; sorted class folder names give the labels.
 
     With ``digit_labels``, folders named only by digits ("0".."999", ImageNet-V2) are read as
-    the class index itself. Files without an image suffix are skipped.
+    the class index itself. Files without an image suffix are skipped; an unreadable folder or
+    (in a folder of at most :data:`CHECK_BYTES`) a damaged image raises :class:`UserError`.
     """
 
     def __init__(self, root: str | Path, *, digit_labels: bool = False) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise UserError(f"missing image folder {self.root}: check the dataset path")
-        classes = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        classes = sorted(p.name for p in _entries(self.root) if p.is_dir())
         if not classes:
             raise UserError(f"no class folders in {self.root}: expected <root>/<class>/<image>")
         numeric = digit_labels and all(c.isdigit() for c in classes)
@@ -42,9 +48,15 @@ class ImageFolderFiles:
         self.classes = classes
         self.samples: list[tuple[Path, int]] = []
         empty = []
+        total_bytes = 0
         for index, name in enumerate(classes):
             label = int(name) if numeric else index
-            files = [f for f in sorted((self.root / name).iterdir()) if _is_image(f)]
+            files = []
+            for path in _entries(self.root / name):
+                size = _image_size(path)
+                if size is not None:
+                    files.append(path)
+                    total_bytes += size
             self.samples += [(f, label) for f in files]
             if not files:
                 empty.append(name)
@@ -53,7 +65,73 @@ class ImageFolderFiles:
                 f"{self.root} lacks images (none in {', '.join(empty[:5])}): put .jpg/.png files "
                 "in every class folder"
             )
+        if total_bytes <= CHECK_BYTES:
+            for path, _ in self.samples:
+                check_image(path)
         self.targets = [label for _, label in self.samples]
+
+
+class UnreadableImage(UserError):
+    """An image file that cannot be read or decoded, as one line naming it.
+
+    A ``DataLoader`` worker's exception comes back as ``type(exc)(message)`` with the worker's
+    whole traceback as the message; the one line, the traceback's last, is taken back out of
+    it so that the user sees the file and the fix, not 30 lines of worker frames.
+    """
+
+    def __init__(self, message: str) -> None:
+        marker = f"{type(self).__name__}: "
+        if message.startswith(f"Caught {type(self).__name__} ") and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
+
+
+def _unreadable(path: Path | str, exc: BaseException) -> UnreadableImage:
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(exc, PermissionError):
+        return UnreadableImage(f"cannot read {path} (permission denied): make it readable")
+    if isinstance(exc, Image.DecompressionBombError):
+        return UnreadableImage(
+            f"{path} is too large to decode ({exception_reason(exc, 120)}): shrink or delete it"
+        )
+    # Pillow's message for a file it cannot identify repeats the path
+    identified = not isinstance(exc, UnidentifiedImageError)
+    reason = exception_reason(exc, 120) if identified else "not an image format Pillow reads"
+    return UnreadableImage(f"cannot decode {path} ({reason}): replace or delete the file")
+
+
+def _entries(folder: Path) -> list[Path]:
+    """The sorted entries of a dataset folder; an unreadable folder is the user's to fix."""
+    try:
+        return sorted(folder.iterdir())
+    except OSError as exc:
+        raise UserError(
+            f"cannot list {folder} ({exc.strerror or exc}): make the folder readable"
+        ) from None
+
+
+def _image_size(path: Path) -> int | None:
+    """The byte size of an image file, or None for another file (no image suffix, a folder)."""
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        return None
+    try:
+        status = path.stat()
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
+    return status.st_size if stat.S_ISREG(status.st_mode) else None
+
+
+def check_image(path: Path | str) -> None:
+    """Raise :class:`UnreadableImage` unless ``path`` opens as an image whose size Pillow
+    accepts and whose data is intact (as far as Pillow's ``verify`` reads: every PNG chunk)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.verify()
+    except Exception as exc:  # a damaged file raises one of many types in Pillow's plugins
+        raise _unreadable(path, exc) from None
 
 
 def default_workers() -> int:
@@ -63,19 +141,15 @@ def default_workers() -> int:
     return max(1, min(MAX_DEFAULT_WORKERS, (os.cpu_count() or 1) // processes))
 
 
-def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
-
-
 def read_image(path: str | Path, channels: int = 3) -> Tensor:
     """Decode one image file into a uint8 CHW tensor with 3 (RGB) or 1 (grey) channels."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
         with Image.open(path) as img:
             array = np.asarray(img.convert("RGB" if channels == 3 else "L"))
-    except (OSError, UnidentifiedImageError) as exc:
-        raise UserError(f"cannot decode {path}: {exc}: replace or delete the file") from exc
+    except Exception as exc:  # a damaged file raises one of many types in Pillow's plugins
+        raise _unreadable(path, exc) from None
     return torch.from_numpy(array.reshape(*array.shape[:2], -1).copy()).permute(2, 0, 1)
 
 

@@ -10,7 +10,6 @@ and tampering.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from torch_pruning import ops
 from torch_pruning.pruner.function import PrunerBox
 
 from adasap.errors import UserError
-from adasap.io import atomic_write_bytes, atomic_write_json, file_sha256
+from adasap.io import atomic_write_bytes, atomic_write_json, file_sha256, load_json
 from adasap.method.pruning import replay_pruning
 from adasap.tasks import make_task
 
@@ -95,8 +94,8 @@ def read_description(directory: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{path} does not exist: point at a run directory that holds a model")
     try:
-        description = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        description = load_json(path, mapping=False)
+    except ValueError as exc:
         raise UserError(f"{path} is not valid JSON ({exc}): the file is damaged, re-run") from exc
     if not isinstance(description, dict) or description.get("format") != "adasap-model":
         raise UserError(f"{path} is not an adasap model description: use a file adasap wrote")

@@ -26,6 +26,8 @@ from adasap.devices import resolve_device
 from adasap.errors import UserError
 
 BACKENDS = ("torch", "onnxruntime")
+# a latency batch beyond this is no deployment setting, and its input alone could fill memory
+MAX_BATCH_SIZE = 4096
 
 
 def _no_sync() -> None:
@@ -166,6 +168,10 @@ def check_timing(backend: str, batch_sizes: Sequence[int], warmup: int, repeats:
         raise UserError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if not batch_sizes or any(b < 1 for b in batch_sizes):
         raise UserError(f"batch sizes must be >= 1, got {list(batch_sizes)}: e.g. 1 64")
+    if max(batch_sizes) > MAX_BATCH_SIZE:  # each batch is allocated at once, on the device
+        raise UserError(
+            f"batch sizes must be <= {MAX_BATCH_SIZE}, got {max(batch_sizes)}: e.g. 1 64"
+        )
     if warmup < 0 or repeats < 1:
         raise UserError(f"need warmup >= 0 and repeats >= 1, got {warmup} and {repeats}")
 

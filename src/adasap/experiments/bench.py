@@ -14,7 +14,6 @@ model's timed in turns with the dense one, with its pruned/dense ratio) and wall
 from __future__ import annotations
 
 import itertools
-import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -49,6 +48,7 @@ from adasap.experiments.results import (
     save_row,
 )
 from adasap.experiments.run import evaluate_model, pruned_row
+from adasap.io import load_json
 from adasap.method.pruning import measure_size
 from adasap.robustness.sharpness import top_hessian_eigenvalue, worst_case_loss_increase
 
@@ -69,7 +69,7 @@ def probe_batches(
 
 def _per_corruption(directory: Path) -> dict[str, float] | None:
     path = directory / "corruptions.json"
-    return json.loads(path.read_text())["per_corruption"] if path.is_file() else None
+    return load_json(path)["per_corruption"] if path.is_file() else None
 
 
 @dataclass

@@ -17,6 +17,7 @@ import yaml
 
 from adasap import settings
 from adasap.errors import UserError, exception_reason
+from adasap.io import check_cache_dir
 from adasap.training.settings import PruneSettings
 
 # PruneSettings.method is one run's; an experiment compares several (``methods``).
@@ -98,6 +99,7 @@ class ExperimentConfig:
                 f"workers must be >= 0, got {self.workers}: e.g. --workers 8, or none for the "
                 "default"
             )
+        check_cache_dir(self.cache_dir)
         limit = self.corruption_limit  # train_limit and test_limit: checked by load_dataset
         if limit is not None and limit < 1:
             raise UserError(
@@ -162,6 +164,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(values, dict):
         raise UserError(f"config file {path} must hold a mapping of keys to values")
+    # YAML reads `1: 2` or `null: x` as non-string keys, which the key checks cannot compare
+    odd = [key for key in values if not isinstance(key, str)]
+    if odd:
+        raise UserError(
+            f"config file {path} has a key that is not a name ({settings.quote(odd[0])}): "
+            "write option names as keys, e.g. 'keep: 0.5'"
+        )
     return values
 
 

@@ -25,7 +25,7 @@ from adasap.distributed import any_rank, is_distributed, on_main
 from adasap.errors import UserError
 from adasap.experiments.config import ExperimentConfig
 from adasap.experiments.job import job_of
-from adasap.io import CacheMiss, cache_root, cached
+from adasap.io import CacheMiss, cache_root, cached, load_json
 from adasap.training.checkpoint import CHECKPOINT_FILE
 from adasap.training.pipeline import train
 
@@ -60,7 +60,7 @@ def cached_dense_sha256(directory: Path) -> str | None:
     """The sha256 of the weights file of the dense model cached in ``directory``
     (:func:`dense_cache_directory`), as its description records it; None when there is none."""
     try:
-        return json.loads((directory / DESCRIPTION_FILE).read_text()).get("weights_sha256")
+        return load_json(directory / DESCRIPTION_FILE).get("weights_sha256")
     except (OSError, ValueError, AttributeError):
         return None
 
@@ -131,7 +131,7 @@ def load_cached_model(directory: Path, console: Console) -> tuple[nn.Module, dic
     except UserError as exc:
         raise CacheMiss(str(exc)) from exc
     console.print(f"dense model: reusing {directory}")
-    return model, json.loads((directory / DESCRIPTION_FILE).read_text()).get("train", {})
+    return model, load_json(directory / DESCRIPTION_FILE).get("train", {})
 
 
 def cached_dense_model(

@@ -21,7 +21,7 @@ from rich.console import Console
 
 from adasap.deploy.latency import machine_info
 from adasap.errors import UserError
-from adasap.io import atomic_write_json, read_json_mapping, writing
+from adasap.io import atomic_write_json, load_json, parse_json, read_json_mapping, writing
 from adasap.method.pruning import ModelSize
 
 RESULTS_FILE = "results.jsonl"
@@ -116,8 +116,8 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     records = []
     for line in path.read_text().splitlines():
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+            records.append(parse_json(line))
+        except ValueError:
             continue
     return records
 
@@ -182,7 +182,7 @@ class GridFiles(Generic[R]):
             path = self.run_dir(out, cell) / ROW_FILE
             if cell not in done and path.is_file():
                 try:
-                    done[cell] = self.row.from_dict(json.loads(path.read_text()))
+                    done[cell] = self.row.from_dict(load_json(path))
                 except (ValueError, TypeError):
                     continue  # the cell runs again and rewrites it
                 self.append(out, done[cell])

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,16 @@ from adasap.experiments.dense import dense_model, folder_label
 from adasap.experiments.job import Job, job_of
 from adasap.experiments.reporting import results_markdown, results_table
 from adasap.experiments.results import ResultRow
-from adasap.io import RUN_MARKER, atomic_write_json, atomic_write_text, hold_lock, writing
+from adasap.io import (
+    RUN_MARKER,
+    atomic_write_json,
+    atomic_write_text,
+    hold_lock,
+    read_json_mapping,
+    writing,
+)
 from adasap.method.pruning import measure_size
-from adasap.training.checkpoint import CHECKPOINT_FILE, RunInterrupted
+from adasap.training.checkpoint import CHECKPOINT_FILE, RunInterrupted, TrainingDiverged
 from adasap.training.pipeline import prune
 
 # The run table's latency: batch 1 on the CPU, the models taking turns for this many rounds
@@ -187,9 +195,37 @@ def run_experiment(
     data = job.load_data(config)
     if not resume:
         job.check(config, data)
+    claimed: list[Path] = []  # the run directory, once it exists
+    try:
+        rows, run_dir = _run(job, config, data, console, resume, claimed, started)
+    except UserError as exc:
+        # bad input found late (an image only a loader worker could decode): a new run that
+        # finished no method leaves nothing behind; a diverged one keeps its checkpoint
+        if claimed and not resume and not isinstance(exc, TrainingDiverged):
+            on_main(lambda: _discard_unfinished(claimed[0], config.methods))
+        raise
+    console.print(results_table(rows, title=job.title, columns=job.columns))
+    console.print(f"results: {run_dir / 'results.md'}")
+    minutes, rest = divmod(round(time.perf_counter() - started), 60)
+    console.print(f"total time: {minutes} min {rest:02d} s (this command, evaluation included)")
+    return run_dir
+
+
+def _run(
+    job: Job,
+    config: ExperimentConfig,
+    data: Any,
+    console: Console,
+    resume: bool,
+    claimed: list[Path],
+    started: float,
+) -> tuple[list[ResultRow], Path]:
+    """Claim (or reopen) the run directory, appended to ``claimed``, and hold its lock while
+    the rows are made and written; the rows and the directory."""
     with contextlib.ExitStack() as held:  # rank 0's lock on the run, until it ends or fails
         claim = resumed_run_dir if resume else new_run_dir
         run_dir = on_main(lambda: claim(config, held))  # rank 0 names the run, tells the others
+        claimed.append(run_dir)
         config = replace(config, name=run_dir.name)
         note = job.note(config, data)
         if note is not None:
@@ -214,11 +250,13 @@ def run_experiment(
             atomic_write_text(run_dir / "results.md", results_markdown(rows, note, job.columns))
 
         on_main(write_results)
-    console.print(results_table(rows, title=job.title, columns=job.columns))
-    console.print(f"results: {run_dir / 'results.md'}")
-    minutes, rest = divmod(round(seconds), 60)
-    console.print(f"total time: {minutes} min {rest:02d} s (this command, evaluation included)")
-    return run_dir
+    return rows, run_dir
+
+
+def _discard_unfinished(run_dir: Path, methods: Sequence[str]) -> None:
+    """Remove a new run's directory unless a method finished there (its summary written)."""
+    if not any((run_dir / method / "summary.json").is_file() for method in methods):
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def resumed_run_dir(config: ExperimentConfig, held: contextlib.ExitStack) -> Path:
@@ -283,7 +321,9 @@ def pruned_row(
     summary = method_dir / "summary.json"
     if broadcast_value(summary.is_file() and (method_dir / "model.json").is_file()):
         console.print(f"[bold]{method}[/bold]: finished earlier, reusing {summary}")
-        return ResultRow.from_dict(json.loads(summary.read_text()))
+        return ResultRow.from_dict(
+            read_json_mapping(summary, f"delete {method_dir} to run {method} again")
+        )
     console.print(
         f"[bold]{method}[/bold]: pruning to keep {config.prune.keep:.0%} of the "
         f"{config.prune.keep_kind}"

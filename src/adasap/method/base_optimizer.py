@@ -34,6 +34,13 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+# torch.optim classes whose step adasap's training loop cannot make: why, for the message
+UNDRIVABLE: dict[str, str] = {
+    "lbfgs": "its step needs a closure that re-evaluates the model",
+    "sparseadam": "it takes only sparse gradients",
+}
+
+
 def base_optimizer_class(name: str) -> type[torch.optim.Optimizer]:
     """A ``torch.optim`` class by case-insensitive name (``sgd``, ``adamw``, ``rmsprop`` ...)."""
     classes = {
@@ -41,8 +48,14 @@ def base_optimizer_class(name: str) -> type[torch.optim.Optimizer]:
         for n, c in vars(torch.optim).items()
         if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and n != "Optimizer"
     }
+    choices = ", ".join(sorted(set(classes) - set(UNDRIVABLE)))
+    if name.lower() in UNDRIVABLE:
+        raise UserError(
+            f"optimizer {name!r} cannot be used as adasap's base optimizer "
+            f"({UNDRIVABLE[name.lower()]}): choose one of {choices}"
+        )
     if name.lower() not in classes:
-        raise UserError(f"unknown optimizer {name!r}: choose one of {', '.join(sorted(classes))}")
+        raise UserError(f"unknown optimizer {name!r}: choose one of {choices}")
     return classes[name.lower()]
 
 

@@ -108,6 +108,25 @@ def _adapt_small_images(net: nn.Module, image_size: int, num_classes: int) -> No
         net.classifier = nn.Linear(width, num_classes)
 
 
+def _check_vit_size(name: str, request: ModelRequest, pretrained_size: int) -> None:
+    """A :class:`UserError` for images a vision transformer cannot take, which torchvision
+    reports with a bare ``AssertionError``: a side that is no multiple of its patch size (the
+    name's last number), or (pretrained) another side than its weights were trained at."""
+    patch = int(name.rsplit("_", 1)[-1])
+    size = request.image_size
+    if request.pretrained and size != pretrained_size:
+        raise UserError(
+            f"pretrained {name} takes {pretrained_size} px images, not {size} px: use a dataset "
+            f"of {pretrained_size} px images, or train from scratch (no --pretrained)"
+        )
+    if size % patch:
+        raise UserError(
+            f"{name} cuts images into {patch} px patches and cannot take {size} px images: use a "
+            f"dataset whose image side is a multiple of {patch} (e.g. cifar10, 32 px), or another "
+            "model (e.g. resnet18)"
+        )
+
+
 @register_family("torchvision", names=torchvision_names, bare=True)
 def build_torchvision(name: str, request: ModelRequest) -> nn.Module:
     import torchvision.models as tvm
@@ -117,6 +136,8 @@ def build_torchvision(name: str, request: ModelRequest) -> nn.Module:
             f"unknown torchvision model {name!r}: choose one of torchvision.models.list_models()"
         )
     kwargs = dict(_EXTRA_KWARGS.get(name, {}))
+    if name.startswith(_TAKES_IMAGE_SIZE):
+        _check_vit_size(name, request, tvm.get_model_weights(name).DEFAULT.meta["min_size"][0])
     if not request.pretrained:
         if name.startswith(_TAKES_IMAGE_SIZE):
             kwargs["image_size"] = request.image_size

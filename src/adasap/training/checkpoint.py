@@ -44,15 +44,25 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     atomic_write_bytes(path, buffer.getvalue(), fix="choose another --out")
 
 
+# what an EpochLoop checkpoint holds besides its owner's identity (training/pipeline.py)
+STATE_KEYS = ("loop", "model", "pruner")
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Read a checkpoint with ``weights_only=True``: tensors and plain data, never code."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, OSError) as exc:
         reason = exception_reason(exc, 160)
         raise UserError(
             f"checkpoint {path} cannot be read ({reason}): delete it to start that part afresh"
         ) from exc
+    if not (isinstance(state, dict) and all(isinstance(state.get(k), dict) for k in STATE_KEYS)):
+        raise UserError(
+            f"checkpoint {path} is not an adasap training state (no {', '.join(STATE_KEYS)}): "
+            "delete it to start that part afresh"
+        )
+    return state
 
 
 @contextlib.contextmanager

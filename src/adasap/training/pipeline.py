@@ -21,7 +21,7 @@ from torch import nn
 from adasap.data import BatchSource
 from adasap.devices import autocast_dtype, prepare_model, resolve_device, wants_channels_last
 from adasap.distributed import any_rank, is_distributed, is_main, shard, world_size
-from adasap.errors import UserError
+from adasap.errors import UserError, exception_reason
 from adasap.method.neurons import NeuronLayout
 from adasap.method.output_layers import layer_names
 from adasap.method.pruner import Pruner
@@ -203,9 +203,15 @@ class _Setup:
                     f"{checkpoint} was written by {written_by} process(es), not {world_size()}: "
                     f"resume {how}, or delete the checkpoint to start afresh"
                 )
-            pruner.load_state_dict(state["pruner"])
-            pruner.model.load_state_dict(state["model"])
-            loop.restore(state["loop"])
+            try:
+                pruner.load_state_dict(state["pruner"])
+                pruner.model.load_state_dict(state["model"])
+                loop.restore(state["loop"])
+            except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+                raise UserError(
+                    f"checkpoint {checkpoint} is damaged ({exception_reason(exc, 120)}): delete "
+                    "it to start that part afresh"
+                ) from exc
             for record in loop.history:  # a resumed run reports its earlier epochs too
                 log(record)
         if is_distributed():

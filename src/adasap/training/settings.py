@@ -60,6 +60,8 @@ class PruneSettings:
         """Raise :class:`UserError` naming the first bad value and what is allowed (the
         pruner's own checks ran when it was built)."""
         check_field_types(self)
+        if not 0 <= self.seed < 2**32:  # a generator's seed, also scaled per epoch
+            raise UserError(f"seed must be in 0..{2**32 - 1}, got {self.seed:.3g}: e.g. --seed 0")
         if self.method not in METHODS:
             raise UserError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
         if self.criterion not in criteria():

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from adasap.errors import UserError
-from adasap.io import CacheMiss, atomic_write, atomic_write_json, cache_root, cached
+from adasap.io import CacheMiss, atomic_write, atomic_write_json, cache_root, cached, load_json
 from adasap.robustness.corruptions.apply import check_images, check_severity, corrupt
 from adasap.robustness.corruptions.image_ops import to_uint8
 from adasap.robustness.corruptions.registry import (
@@ -60,7 +60,7 @@ def _load_cached(data_path: Path, manifest_path: Path, expected: dict[str, Any])
     if not data_path.exists() or not manifest_path.exists():
         return CacheMiss.MISSING
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = load_json(manifest_path)
     except (OSError, ValueError) as exc:
         return f"unreadable manifest ({exc})"
     changed = [k for k, v in expected.items() if manifest.get(k) != v]
