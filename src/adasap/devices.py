@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from adasap.distributed import launched, local_rank
-from adasap.errors import UserError
+from adasap.errors import UserError, quote
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -21,7 +21,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     try:
         return torch.device(name)
     except RuntimeError as exc:
-        raise UserError(f"unknown device {name!r}: use auto, cpu or cuda[:N]") from exc
+        raise UserError(f"unknown device {quote(name)}: use auto, cpu or cuda[:N]") from exc
 
 
 def wants_channels_last(requested: bool, device: torch.device) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
-from adasap.errors import UserError
+from adasap.errors import UserError, quote
 
 T = TypeVar("T")
 
@@ -38,7 +38,7 @@ class Registry(Generic[T]):
             return self._entries[name]
         except (KeyError, TypeError):
             raise UserError(
-                f"unknown {self.kind} {name!r}: choose one of {', '.join(self._entries)}"
+                f"unknown {self.kind} {quote(name)}: choose one of {', '.join(self._entries)}"
             ) from None
 
     def names(self) -> tuple[str, ...]:

@@ -18,12 +18,11 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import functools
-import reprlib
 import types
 from collections.abc import Collection, Mapping
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
-from adasap.errors import UserError
+from adasap.errors import UserError, quote
 
 NoneType = type(None)
 # What a field may hold: classes (NoneType for None), list[X] / tuple[X, ...] for sequences, or
@@ -36,10 +35,6 @@ _OMIT = "adasap.settings.omit"
 _SEQUENCES = (list, tuple, collections.abc.Sequence)
 _NAMES = {str: "a string", int: "an integer", float: "a number"}
 _PLURALS = {str: "strings", int: "integers", float: "numbers"}
-# a bad value as messages quote it: reprlib stops early, so a huge value is never formatted whole
-_QUOTE = reprlib.Repr()  # attributes, not arguments: Python 3.10 and 3.11 take none
-_QUOTE.maxlevel, _QUOTE.maxstring, _QUOTE.maxother = 2, 40, 40
-_QUOTE.maxlist = _QUOTE.maxtuple = _QUOTE.maxdict = _QUOTE.maxset = 4
 _MAX_KEYS = 10  # unknown keys a message lists
 _SPELLING = {
     False: {bool: "True or False", NoneType: "None"},  # Python values
@@ -106,12 +101,6 @@ def _accepts(form: Any, value: Any) -> bool:
 def accepts(allowed: Types, value: Any) -> bool:
     """Whether ``value`` is one of the ``allowed`` types."""
     return any(_accepts(form, value) for form in allowed)
-
-
-def quote(value: Any) -> str:
-    """``repr(value)`` cut short (``...``) for a message: a long list or string, however big,
-    costs a few dozen characters."""
-    return _QUOTE.repr(value)
 
 
 def _name(form: Any, config: bool) -> str:

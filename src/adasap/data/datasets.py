@@ -21,7 +21,7 @@ from adasap.data.folders import FolderImageSet, ImageFolderFiles, default_worker
 from adasap.data.image_sets import DataBundle, ImageSet, TensorImageSet
 from adasap.data.specs import DatasetSpec
 from adasap.data.splits import balanced_subset, stratified_split
-from adasap.errors import UserError
+from adasap.errors import UserError, quote
 from adasap.registry import Registry
 
 Splits = tuple[DatasetSpec, ImageSet, ImageSet]
@@ -248,7 +248,7 @@ def _resolve(name: str, options: dict[str, Any]) -> tuple[_Registered, DatasetSp
     # path after a name that takes none is unknown too.
     if key not in _REGISTRY or (colon and not _REGISTRY.get(key).takes_path):
         choices = ", ".join(_usage(n) for n in _REGISTRY)
-        raise UserError(f"unknown dataset {name!r}: choose one of {choices}")
+        raise UserError(f"unknown dataset {quote(name)}: choose one of {choices}")
     entry = _REGISTRY.get(key)
     merged = _check_options(key, options, entry.options)
     if entry.takes_path and not path:

@@ -21,7 +21,7 @@ from torch import nn
 from torch_pruning import ops
 from torch_pruning.pruner.function import PrunerBox
 
-from adasap.errors import UserError
+from adasap.errors import UserError, quote
 from adasap.io import atomic_write_bytes, atomic_write_json, file_sha256, load_json
 from adasap.method.pruning import replay_pruning
 from adasap.tasks import make_task
@@ -101,7 +101,7 @@ def read_description(directory: str | Path) -> dict[str, Any]:
         raise UserError(f"{path} is not an adasap model description: use a file adasap wrote")
     if description.get("version") != FORMAT_VERSION:
         raise UserError(
-            f"{path} has format version {description.get('version')}, this adasap reads "
+            f"{path} has format version {quote(description.get('version'))}, this adasap reads "
             f"{FORMAT_VERSION}: load it with the adasap version that wrote it"
         )
     architecture = description.get("architecture")

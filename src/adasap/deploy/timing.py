@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from adasap.deploy.onnx import onnx_session, resolve_model, write_onnx
 from adasap.devices import resolve_device
-from adasap.errors import UserError
+from adasap.errors import UserError, quote
 
 BACKENDS = ("torch", "onnxruntime")
 # a latency batch beyond this is no deployment setting, and its input alone could fill memory
@@ -165,7 +165,7 @@ class LatencyResult:
 
 def check_timing(backend: str, batch_sizes: Sequence[int], warmup: int, repeats: int) -> None:
     if backend not in BACKENDS:
-        raise UserError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+        raise UserError(f"unknown backend {quote(backend)}: choose one of {', '.join(BACKENDS)}")
     if not batch_sizes or any(b < 1 for b in batch_sizes):
         raise UserError(f"batch sizes must be >= 1, got {list(batch_sizes)}: e.g. 1 64")
     if max(batch_sizes) > MAX_BATCH_SIZE:  # each batch is allocated at once, on the device

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from adasap.errors import UserError
+from adasap.errors import UserError, quote
 from adasap.method.optim import SAM, AdaSAP
 
 OptimizerKind = Literal["sgd", "sam", "adasap"]
@@ -55,7 +55,7 @@ def base_optimizer_class(name: str) -> type[torch.optim.Optimizer]:
             f"({UNDRIVABLE[name.lower()]}): choose one of {choices}"
         )
     if name.lower() not in classes:
-        raise UserError(f"unknown optimizer {name!r}: choose one of {choices}")
+        raise UserError(f"unknown optimizer {quote(name)}: choose one of {choices}")
     return classes[name.lower()]
 
 

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from adasap.errors import UserError
+from adasap.errors import UserError, quote
 from adasap.method.base_optimizer import (
     DEFAULT_RADIUS,
     BaseOptimizer,
@@ -176,7 +176,7 @@ class Pruner:
             raise UserError(f"unknown pruner setting(s) {', '.join(unknown)}")
         self.settings = s = replace(settings or PrunerSettings(), **overrides)
         if method not in METHODS:
-            raise UserError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+            raise UserError(f"unknown method {quote(method)}: choose one of {', '.join(METHODS)}")
         check_example(example_inputs)
         self.model, self.example, self.schedule = model, example_inputs, schedule
         self.method, self.kinds, self.kind = method, METHODS[method], METHODS[method][0]

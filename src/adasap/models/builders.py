@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from adasap.checks import find_classifier
-from adasap.errors import UserError, exception_reason
+from adasap.errors import UserError, exception_reason, quote
 from adasap.models.cifar_resnet import CifarResNet, cifar_resnet_names
 from adasap.models.registry import ModelRequest, resolve
 from adasap.models.timm_models import timm_names
@@ -81,7 +81,8 @@ def build_model(
     found = resolve(name)
     if found is None:
         raise UserError(
-            f"unknown model {name!r}: choose one of {', '.join(list_models())}, any torchvision "
+            f"unknown model {quote(name)}: choose one of {', '.join(list_models())}, any "
+            "torchvision "
             "classifier name (torchvision.models.list_models()) or timm:<name>"
         )
     family, key = found

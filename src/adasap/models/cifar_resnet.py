@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from adasap.errors import UserError
+from adasap.errors import UserError, quote
 from adasap.models.registry import ModelRequest, register_family
 
 CIFAR_RESNET_DEPTHS = (20, 32, 44, 56, 110)
@@ -78,6 +78,6 @@ def build_cifar_resnet(name: str, request: ModelRequest) -> nn.Module:
         raise UserError(f"{name} has no pretrained weights: drop --pretrained")
     if name not in cifar_resnet_names():
         raise UserError(
-            f"unknown CIFAR ResNet {name!r}: choose one of {', '.join(cifar_resnet_names())}"
+            f"unknown CIFAR ResNet {quote(name)}: choose one of {', '.join(cifar_resnet_names())}"
         )
     return CifarResNet(int(name.removeprefix("resnet")), request.num_classes, request.in_channels)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from adasap.errors import UserError
+from adasap.errors import UserError, quote
 from adasap.registry import Registry
 
 
@@ -73,7 +73,7 @@ def resolve(name: str) -> tuple[ModelFamily, str] | None:
         # Not the registry's message: prefixes as written ("timm:"), bare names offered too.
         if prefix.lower() not in _FAMILIES:
             raise UserError(
-                f"unknown model family {prefix!r} in {name!r}: use one of "
+                f"unknown model family {quote(prefix)} in {quote(name)}: use one of "
                 f"{', '.join(f + ':' for f in _FAMILIES)} or a bare name such as resnet18"
             )
         return _FAMILIES.get(prefix.lower()), rest.strip()

@@ -7,7 +7,7 @@ from types import ModuleType
 
 from torch import nn
 
-from adasap.errors import UserError, exception_reason
+from adasap.errors import UserError, exception_reason, quote
 from adasap.models.registry import ModelRequest, register_family
 
 
@@ -33,7 +33,7 @@ def build_timm(name: str, request: ModelRequest) -> nn.Module:
     if not timm.is_model(name.partition(".")[0]):  # names may carry a weights tag
         close = difflib.get_close_matches(name, timm.list_models(), n=3)
         hint = f"did you mean {', '.join('timm:' + c for c in close)}?" if close else ""
-        raise UserError(f"unknown timm model {name!r}: {hint or 'see timm.list_models()'}")
+        raise UserError(f"unknown timm model {quote(name)}: {hint or 'see timm.list_models()'}")
     try:
         # exportable: layers that trace and export to ONNX (no scripted or fused ops)
         return timm.create_model(

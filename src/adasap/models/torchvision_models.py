@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.shufflenetv2 import InvertedResidual
 
-from adasap.errors import UserError, exception_reason
+from adasap.errors import UserError, exception_reason, quote
 from adasap.models.registry import ModelRequest, register_family
 
 # torchvision models whose stems we adapt to small images; any other torchvision name also works.
@@ -133,7 +133,8 @@ def build_torchvision(name: str, request: ModelRequest) -> nn.Module:
 
     if name not in torchvision_names():
         raise UserError(
-            f"unknown torchvision model {name!r}: choose one of torchvision.models.list_models()"
+            f"unknown torchvision model {quote(name)}: choose one of "
+            "torchvision.models.list_models()"
         )
     kwargs = dict(_EXTRA_KWARGS.get(name, {}))
     if name.startswith(_TAKES_IMAGE_SIZE):

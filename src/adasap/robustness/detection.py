@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from adasap.data.detection import DetectionBatch, Target
-from adasap.errors import UserError
+from adasap.errors import UserError, quote
 from adasap.robustness.corruptions import SEVERITIES, image_fingerprint, to_uint8
 from adasap.robustness.detection_report import METRICS, DetectionCorruptionReport
 from adasap.robustness.evaluation import CorruptionEvaluator, RenderPart, TaskImages
@@ -138,7 +138,7 @@ def evaluate_detection_corruptions(
     ("auto": by the median shorter image side) picks one severity table for the whole set.
     """
     if metric not in METRICS:
-        raise UserError(f"unknown metric {metric!r}: choose one of {', '.join(METRICS)}")
+        raise UserError(f"unknown metric {quote(metric)}: choose one of {', '.join(METRICS)}")
     evaluator = CorruptionEvaluator(
         dataset_key, corruptions, severities, seed, cache_dir, params, progress, console
     )

@@ -13,7 +13,7 @@ import torch
 
 from adasap.data.folders import FolderImageSet, ImageFolderFiles
 from adasap.data.image_sets import ImageSet, TensorImageSet
-from adasap.errors import UserError
+from adasap.errors import UserError, quote
 from adasap.robustness import corruptions as C
 from adasap.robustness.corruptions.apply import check_severity
 
@@ -22,7 +22,9 @@ OFFICIAL_DATASETS = ("cifar10-c", "cifar100-c", "tinyimagenet-c", "imagenet-c")
 
 def check_corruption(name: str) -> None:
     if name not in C.CORRUPTIONS:
-        raise UserError(f"unknown corruption {name!r}: choose one of {', '.join(C.CORRUPTIONS)}")
+        raise UserError(
+            f"unknown corruption {quote(name)}: choose one of {', '.join(C.CORRUPTIONS)}"
+        )
 
 
 def load_cifar_c(
@@ -134,7 +136,8 @@ def official_sets(
     }
     if dataset not in OFFICIAL_DATASETS:
         raise UserError(
-            f"unknown official dataset {dataset!r}: choose one of {', '.join(OFFICIAL_DATASETS)}"
+            f"unknown official dataset {quote(dataset)}: choose one of "
+            f"{', '.join(OFFICIAL_DATASETS)}"
         )
     return loaders[dataset]
 

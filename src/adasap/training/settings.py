@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from adasap.devices import check_amp, resolve_device
 from adasap.distributed import is_distributed
-from adasap.errors import UserError
+from adasap.errors import UserError, quote
 from adasap.method.base_optimizer import base_optimizer_class
 from adasap.method.importance import DEFAULT_CRITERION, criteria
 from adasap.method.pruner import METHODS, PrunerSettings
@@ -63,10 +63,12 @@ class PruneSettings:
         if not 0 <= self.seed < 2**32:  # a generator's seed, also scaled per epoch
             raise UserError(f"seed must be in 0..{2**32 - 1}, got {self.seed:.3g}: e.g. --seed 0")
         if self.method not in METHODS:
-            raise UserError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+            raise UserError(
+                f"unknown method {quote(self.method)}: choose one of {', '.join(METHODS)}"
+            )
         if self.criterion not in criteria():
             raise UserError(
-                f"unknown criterion {self.criterion!r}: choose one of {', '.join(criteria())}"
+                f"unknown criterion {quote(self.criterion)}: choose one of {', '.join(criteria())}"
             )
         if not 0 < self.keep <= 1:
             raise UserError(f"keep fraction must be in (0, 1], got {self.keep}: e.g. --keep 0.5")

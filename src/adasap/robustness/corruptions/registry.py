@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adasap.errors import UserError
+from adasap.errors import UserError, quote
 from adasap.registry import Registry
 
 SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
@@ -275,7 +275,7 @@ def get_corruption(name: str) -> Corruption:
     except UserError:
         # The choices in report order (benchmark, extras, held out), not registration order.
         known = ", ".join((*corruptions(), *held_out_corruptions()))
-        raise UserError(f"unknown corruption {name!r}: choose one of {known}") from None
+        raise UserError(f"unknown corruption {quote(name)}: choose one of {known}") from None
 
 
 # --------------------------------------------------------------------------- derived lists
@@ -355,7 +355,9 @@ def get_corruption_names(subset: str = "benchmark") -> tuple[str, ...]:
         **held_out_families(),
     }
     if subset not in subsets:
-        raise UserError(f"unknown corruption subset {subset!r}: choose one of {', '.join(subsets)}")
+        raise UserError(
+            f"unknown corruption subset {quote(subset)}: choose one of {', '.join(subsets)}"
+        )
     return subsets[subset]
 
 
@@ -379,6 +381,6 @@ def resolve_param_table(params: str, height: int, width: int) -> str:
     """Check ``params`` ("auto" or a table name) and return the table it means for this size."""
     if params not in PARAM_CHOICES:
         raise UserError(
-            f"unknown parameter table {params!r}: choose one of {', '.join(PARAM_CHOICES)}"
+            f"unknown parameter table {quote(params)}: choose one of {', '.join(PARAM_CHOICES)}"
         )
     return select_param_table(height, width) if params == "auto" else params
