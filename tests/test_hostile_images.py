@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adasap.cli import main
 from adasap.data import FolderImageSet, ImageFolderFiles
 from adasap.data import folders as folders_module
 from adasap.data.batching import batches
 from adasap.errors import UserError
+from test_bad_input import cli_fails
 
 TINY = ["--train-limit", "8", "--test-limit", "4", "--dense-epochs", "1", "--warmup-epochs", "0",
         "--prune-epochs", "1", "--finetune-epochs", "0", "--batch-size", "4",
@@ -68,19 +68,6 @@ HOSTILE: dict[str, tuple[Callable[[], bytes], list[str]]] = {
     "truncated": (lambda: png_bytes(64, 64)[:4000], ["cannot decode", "replace or delete"]),
     "decompression-bomb": (bomb_png, ["too large to decode", "shrink or delete"]),
 }
-
-
-def cli_fails(capsys, args: list[str], *words: str) -> str:
-    code = main(args)
-    out, err = capsys.readouterr()
-    assert code == 2, (out, err)
-    assert "Traceback" not in out + err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: "), err
-    for word in words:
-        assert word in lines[0], (word, lines[0])
-    return lines[0]
 
 
 @pytest.mark.parametrize("case", list(HOSTILE))

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import adasap
-from adasap.cli import main
 from adasap.deploy.serialization import DESCRIPTION_FILE, save_model
 from adasap.errors import UserError
 from adasap.method.pruning import replay_pruning
 from adasap.models.builders import build_model
+from test_bad_input import cli_fails
 
 # 9 levels of 9 aliases: 9**9 (387 million) strings once expanded, about 400 bytes on disk
 BOMB = "\n".join(
@@ -36,17 +36,6 @@ def cheaply(action) -> None:
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
     assert peak < 50e6, peak
-
-
-def cli_fails(capsys, args: list[str], *words: str) -> str:
-    code = main(args)
-    out, err = capsys.readouterr()
-    assert code == 2, (out, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for word in words:
-        assert word in lines[0], (word, lines[0])
-    return lines[0]
 
 
 @pytest.fixture
