@@ -37,6 +37,7 @@ from adasap.method.importance import magnitude_scores, normalize_scores
 from adasap.method.neurons import NeuronLayout
 from adasap.method.pruning import measure_size, remove_neurons, select_neurons, size_predictor
 from adasap.models.builders import build_model, find_classifier
+from test_hostile_annotations import coco_data
 
 MAX_MESSAGE = 300  # "one line": a message quotes at most a prefix of a bad value
 # An unknown config key's message lists every allowed key (~750 characters): one line, by design.
@@ -278,21 +279,6 @@ def test_fuzzed_model_files_load_or_fail_in_one_line_long(model_sandbox, data):
 
 
 # --- 3. COCO annotations --------------------------------------------------------------------
-
-
-def coco_data() -> dict:
-    """As test_hostile_annotations.py's: two 30x20 images, two categories, two boxes."""
-    return {
-        "images": [
-            {"id": 1, "file_name": "a.png", "width": 30, "height": 20},
-            {"id": 2, "file_name": "b.png", "width": 30, "height": 20},
-        ],
-        "categories": [{"id": 7, "name": "kite"}, {"id": 3, "name": "car"}],
-        "annotations": [
-            {"id": 1, "image_id": 1, "category_id": 7, "bbox": [2, 3, 10, 5], "iscrowd": 0},
-            {"id": 2, "image_id": 2, "category_id": 3, "bbox": [4, 4, 6, 6]},
-        ],
-    }
 
 
 @pytest.fixture(scope="module")

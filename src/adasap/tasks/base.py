@@ -102,9 +102,12 @@ class Task(ABC):
         loop's autocast)."""
 
     @abstractmethod
-    def loss(self, output: Any, batch: Any, fraction: float, check: bool) -> StepOutput:
+    def loss(
+        self, output: Any, batch: Any, fraction: float, check: bool, count: bool
+    ) -> StepOutput:
         """The loss of ``output`` (in float32) on the same part of ``batch``; ``check``: first
-        step of an epoch, validate the targets against the output."""
+        step of an epoch, validate the targets against the output; ``count``: the step's first
+        pass, whose right answers the epoch's training accuracy counts."""
 
     @abstractmethod
     def failed(self, model: nn.Module, batch: Any, phase: str, exc: Exception) -> None:

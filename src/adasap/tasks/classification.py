@@ -69,14 +69,16 @@ class ClassificationTask(Task):
         images, _ = sub_batch(fraction, *batch)
         return model(images)
 
-    def loss(self, output: Tensor, batch: Batch, fraction: float, check: bool) -> StepOutput:
+    def loss(
+        self, output: Tensor, batch: Batch, fraction: float, check: bool, count: bool
+    ) -> StepOutput:
         _, labels = sub_batch(fraction, *batch)
         if check:  # before the loss: on CUDA a bad label is a bare assert
             check_labels(batch[1], output.shape[-1], "the training labels")
         loss = nn.functional.cross_entropy(
             output.float(), labels, label_smoothing=self.label_smoothing
         )
-        correct = (output.detach().argmax(1) == labels).sum()
+        correct = (output.detach().argmax(1) == labels).sum() if count else None
         return StepOutput(loss, len(labels), correct)
 
     def failed(self, model: nn.Module, batch: Batch, phase: str, exc: Exception) -> None:

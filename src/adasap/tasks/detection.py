@@ -128,7 +128,12 @@ class DetectionTask(Task):
         return model(images, targets)
 
     def loss(
-        self, output: Mapping[str, Tensor], batch: DetectionBatch, fraction: float, check: bool
+        self,
+        output: Mapping[str, Tensor],
+        batch: DetectionBatch,
+        fraction: float,
+        check: bool,
+        count: bool,
     ) -> StepOutput:
         return StepOutput(sum(v.float() for v in output.values()), len(_part(batch, fraction)[0]))
 

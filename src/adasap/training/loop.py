@@ -278,7 +278,7 @@ class EpochLoop:
                 nonlocal checked
                 with autocast_for(self.device, self.amp):
                     output = task.forward(self.pruner.ddp or self.model, batch, fraction)
-                step = task.loss(output, batch, fraction, check=not checked)
+                step = task.loss(output, batch, fraction, check=not checked, count=not outputs)
                 checked = True
                 if not outputs:
                     outputs.append(step)
