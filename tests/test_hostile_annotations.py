@@ -215,3 +215,12 @@ def test_cli_reports_a_hostile_coco_file_in_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert err.startswith(f"error: {instances} image '/etc/passwd': file name '/etc/passwd'")
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_file_name_too_long_for_the_file_system_is_one_line(tmp_path):
+    # found by test_fuzz.py: the file system refuses the name itself (ENAMETOOLONG)
+    from adasap.data.detection_files import inside
+
+    with pytest.raises(UserError, match="is not a usable path") as info:
+        inside(tmp_path, "x" * 1000, "instances.json: images[0]")
+    assert "\n" not in str(info.value) and len(str(info.value)) < 300

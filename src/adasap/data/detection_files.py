@@ -63,6 +63,13 @@ def inside(folder: Path, name: str, where: str) -> Path:
             f"{where}: file name {short(name)} points outside {folder}: give a path inside "
             "that folder (relative, no '..', no link out of it)"
         )
+    try:
+        path.exists()  # a name the file system cannot hold (too long, say) fails here, once
+    except OSError as exc:
+        raise UserError(
+            f"{where}: file name {short(name)} is not a usable path ({exc.strerror}): give the "
+            "image's file name"
+        ) from None
     return path
 
 
