@@ -9,7 +9,7 @@ FASHION_DIR := /usr/share/datasets/fashion-mnist
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,timm,lightning,ray]'
+	$(BIN)/pip install --quiet -e '.[dev,timm,lightning,ray,openvino]'
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -53,7 +53,9 @@ def test_prunes_to_half_then_exports_and_reloads(name, size, tmp_path):
         batch_size=8, method="sgd", criterion="magnitude", device="cpu", amp="off",
         channels_last=False, progress=False,
     )  # fmt: skip
-    assert 0.48 <= result.keep_fraction("params") <= 0.505
+    # the default target: half the MACs, in the default runtime's channel blocks, which
+    # leave it at most a block's worth under
+    assert 0.44 <= result.keep_fraction("macs") <= 0.505
     pruned = result.model.eval()
     assert sum(p.numel() for p in pruned.parameters()) == result.size.params
     with torch.no_grad():

@@ -151,6 +151,11 @@ RUN_FLAG_CASES = [
      ["without emptying a layer", "keep a larger fraction of the latency"]),
     ("keep-empties-a-layer", ["--keep", "0.0001"],
      ["without emptying a layer", "smallest reachable", "keep a larger fraction"]),
+    # deployment: the runtime, the channel rounding it suits
+    ("runtime-unknown", ["--runtime", "tpu"], ["unknown runtime 'tpu'", "choose one of", "ort"]),
+    ("round-to-a-word", ["--round-to", "many"],
+     ["config key 'round_to' must be an integer or 'auto', got 'many'"]),
+    ("round-to-0", ["--round-to", "0"], ["round_to must be >= 1 or auto", "got 0"]),
 ]  # fmt: skip
 
 
@@ -170,6 +175,27 @@ def test_run_on_a_missing_gpu(isolated, capsys):
         pytest.skip("this machine has CUDA")
     cli_fails(capsys, ["run", *TINY, "--device", "cuda", "--out", str(isolated / "runs")],
               "CUDA is not available", "--device cpu")  # fmt: skip
+    assert not (isolated / "runs").exists()
+
+
+def _without_openvino(monkeypatch):
+    from adasap.deploy import runtimes
+
+    fix = "install it with pip install 'adasap[openvino]'"
+    monkeypatch.setattr(runtimes.OpenVinoRuntime, "missing", lambda self: fix)
+
+
+def test_run_in_a_runtime_that_is_not_installed(isolated, capsys, monkeypatch):
+    _without_openvino(monkeypatch)
+    cli_fails(capsys, ["run", *TINY, "--runtime", "openvino", "--out", str(isolated / "runs")],
+              "runtime 'openvino' cannot run here", "pip install 'adasap[openvino]'")  # fmt: skip
+    assert not (isolated / "runs").exists()
+
+
+def test_int8_run_of_detectors(isolated, capsys):
+    args = ["run", "--task", "detection", "--int8", "--out", str(isolated / "runs")]
+    cli_fails(capsys, args, "detection models are evaluated and timed in torch only",
+              "drop --int8")  # fmt: skip
     assert not (isolated / "runs").exists()
 
 
@@ -587,6 +613,43 @@ def test_command_on_a_path_that_does_not_exist(isolated, capsys, command):
     assert not (isolated / "runs").exists()
 
 
+@pytest.mark.parametrize(
+    "command,words",
+    [
+        (["eval", "{run}", "--runtime", "tpu"], ["unknown runtime 'tpu'", "choose one of"]),
+        (["latency", "{run}", "--runtime", "torch", "tpu"], ["unknown runtime 'tpu'"]),
+        (["eval", "{run}", "--runtime", "openvino"], ["runtime 'openvino' cannot run here"]),
+        (["latency", "{run}", "--runtime", "openvino"], ["runtime 'openvino' cannot run here"]),
+        (["export", "{model}", "--int8", "--onnx", "{out}"],
+         ["not in a run directory", "no training images to calibrate", "model of an adasap run"]),
+    ],
+    ids=["eval-unknown", "latency-unknown", "eval-missing", "latency-missing", "export-int8-bare"],
+)  # fmt: skip
+def test_runtime_of_a_saved_model(run_dir, capsys, monkeypatch, command, words):
+    _without_openvino(monkeypatch)
+    model = write_model(run_dir.parent / "model")  # outside a run
+    out = run_dir.parent / "int8.onnx"
+    before = snapshot(run_dir.parent)
+    paths = {"run": run_dir, "model": model, "out": out}
+    cli_fails(capsys, [part.format(**paths) for part in command], *words)
+    assert snapshot(run_dir.parent) == before
+
+
+def test_a_detector_runs_in_torch_only(isolated, capsys):
+    from adasap.deploy.serialization import detection_architecture
+    from adasap.models.detection import build_detector
+
+    model_dir = isolated / "detector"
+    save_model(model_dir, build_detector("tiny_ssd", num_classes=3, image_size=48),
+               detection_architecture("tiny_ssd", 3, 48))  # fmt: skip
+    before = snapshot(model_dir)
+    for command in (["eval", str(model_dir), "--runtime", "ort"],
+                    ["latency", str(model_dir), "--runtime", "ort-int8"]):  # fmt: skip
+        cli_fails(capsys, command, "detection models are evaluated and timed in torch only",
+                  "pass --runtime torch")  # fmt: skip
+    assert snapshot(model_dir) == before
+
+
 def test_eval_with_a_damaged_run_config(run_dir, capsys):
     (run_dir / "config.json").write_text('{"dataset": "synth')
     before = snapshot(run_dir)
@@ -654,7 +717,9 @@ def test_prune_large_images_with_a_small_mlp(gray):
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 3))
     with pytest.raises(UserError, match=r"takes 64 values per image.*1x16x16 = 256 values"):
         prune(mlp, large, **FAST)
-    assert prune(mlp, data, **FAST).size.params < 64 * 32  # the same model on 8x8 images works
+    # the same model on 8x8 images works (any channel count: half of its 32 hidden units in
+    # multiples of 16 would leave it above half its MACs)
+    assert prune(mlp, data, **FAST, round_to=1).size.params < 64 * 32
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from adasap.alignment import channel_alignment
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -68,3 +70,60 @@ def test_bench_loader_measures_workers_and_cores_per_gpu(tmp_path):
     per_core = record["images_per_second_per_core"]
     assert record["cores_per_gpu"] == pytest.approx(1000 / per_core["1"])
     assert not record["gpu_images_per_second_is_an_estimate"]
+
+
+def test_bench_channels_times_each_count_and_finds_the_alignment(tmp_path):
+    bench = _script("bench_channels")
+    out = tmp_path / "channels.json"
+    record = bench.main(["--quick", "--json", str(out)])
+    assert json.loads(out.read_text())["summary"] == record["summary"]
+    assert {s["runtime"] for s in record["series"]} == {"torch", "ort"}
+    for series in record["series"]:
+        assert series["counts"] == list(range(1, 10)) and all(t > 0 for t in series["ms"])
+    assert record["summary"]["ort"]["auto"] in (4, 8, 16)
+    # slower off the multiples of a block: the time drops at each of them
+    counts = bench.channel_counts(128, 8)
+    assert counts[:32] == list(range(1, 33)) and counts[32:36] == [39, 40, 47, 48]
+    for block in (8, 16):
+        ms = [float(c if c % block == 0 else 1.5 * c) for c in counts]
+        assert bench.drop_alignment(counts, ms) == block
+        assert bench.drops(counts, ms) == [c for c in counts if c % block == 0]
+    assert bench.drop_alignment(counts, [float(c) for c in counts]) == 1  # no steps
+    # padded to blocks of 16: a count costs its block's time, so rounding up to 16 is free
+    padded = [float(-(-c // 16)) for c in counts]
+    assert bench.free_rounding(counts, padded) == 16
+    assert bench.rounding_cost(counts, padded, 32) > 1
+
+
+def test_bench_deploy_quick_times_dense_beside_pruned_in_every_runtime(tmp_path):
+    bench = _script("bench_deploy")
+    out, md = tmp_path / "deploy.json", tmp_path / "deploy.md"
+    record = bench.main(["--quick", "--runtimes", "torch", "ort", "ort-int8",
+                         "--json", str(out), "--markdown", str(md)])  # fmt: skip
+    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(record["rows"]))
+    rows = record["rows"]
+    # ResNet-20, each runtime with any channel counts and its own multiple, at batch 1 and 32
+    assert [(r["runtime"], r["round_to"], r["batch_size"]) for r in rows] == [
+        (runtime, round_to, batch)
+        for runtime in ("torch", "ort", "ort-int8")
+        for round_to in (1, channel_alignment(runtime))
+        for batch in (1, 32)
+    ]
+    for r in rows:
+        assert 0.45 < r["macs_ratio"] <= 0.5 and r["rounds"] == 6
+        assert r["efficiency"] == pytest.approx(r["macs_ratio"] / r["ratio"])
+        assert ("int8_speedup_dense" in r) == (r["runtime"] == "ort-int8")
+    assert md.read_text().count("| resnet20 (28 px) |") == len(rows)
+
+
+def test_bench_deploy_sets_int8_against_the_fp32_runtime():
+    bench = _script("bench_deploy")
+    key = {"model": "resnet20", "round_to": 16, "batch_size": 1}
+    rows = [
+        {**key, "runtime": "ort", "dense_ms": 2.0, "pruned_ms": 1.0},
+        {**key, "runtime": "ort-int8", "dense_ms": 0.5, "pruned_ms": 0.4},
+        {**key, "runtime": "openvino-int8", "dense_ms": 0.5, "pruned_ms": 0.4},  # no fp32 row
+    ]
+    bench.add_int8_speed(rows)
+    assert rows[1]["int8_speedup_dense"] == 4.0 and rows[1]["int8_speedup_pruned"] == 2.5
+    assert "int8_speedup_dense" not in rows[0] and "int8_speedup_dense" not in rows[2]

@@ -105,7 +105,13 @@ def test_bad_input_has_no_traceback_in_a_real_process(isolated):
     )
 
 
-def test_run_end_to_end_writes_table_and_models(isolated, capsys):
+def test_run_end_to_end_writes_table_and_models(isolated, capsys, monkeypatch):
+    from adasap.alignment import channel_alignment
+    from adasap.experiments import speed
+
+    monkeypatch.setattr(speed, "LATENCY_ROUNDS", 6)  # the columns are checked, not the timing
+    monkeypatch.setattr(speed, "LATENCY_WARMUP", 1)
+    monkeypatch.setattr(speed, "THROUGHPUT_ROUNDS", 6)
     out = isolated / "runs"
     code, stdout, err = run_cli(["run", *TINY, "--out", str(out), "--name", "demo"], capsys)
     assert code == 0, err
@@ -113,20 +119,34 @@ def test_run_end_to_end_writes_table_and_models(isolated, capsys):
     results = json.loads((run_dir / "results.json").read_text())
     methods = [row["method"] for row in results["rows"]]
     assert methods == ["dense", "sgd", "adasap"]
+    assert results["runtime"] == "ort" and results["int8"] == []
     dense, *pruned = results["rows"]
-    assert dense["latency_ms"] > 0 and dense["latency_ratio"] is None
+    assert dense["runtime"] == "ort" and dense["macs_ratio"] == 1.0
+    assert dense["time_b1"]["ms"] > 0 and dense["time_b64"]["ms"] > 0
+    assert "ratio" not in dense["time_b1"] and dense["efficiency_b64"] is None
+    # round_to auto: what it became, in the rows and in the run's own config
+    rounding = channel_alignment("ort")
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["round_to"] == results["config"]["round_to"] == rounding
     for row in pruned:
-        assert row["latency_ratio_low"] <= row["latency_ratio"] <= row["latency_ratio_high"]
-        assert isinstance(row["latency_noisy"], bool)
-        assert 0.48 <= row["params"] / dense["params"] <= 0.505
+        assert row["round_to"] == rounding and row["runtime"] == "ort"
+        assert row["macs_ratio"] == row["macs"] / dense["macs"]
+        assert 0.4 <= row["macs_ratio"] <= 0.5  # keep 0.5 of the MACs, at or under
+        for batch in (1, 64):
+            timed = row[f"time_b{batch}"]
+            assert timed["ratio_low"] <= timed["ratio"] <= timed["ratio_high"]
+            assert isinstance(timed["noisy"], bool) and timed["rounds"] == 6
+            assert row[f"efficiency_b{batch}"] == row["macs_ratio"] / timed["ratio"]
         assert 0.0 <= row["clean_accuracy"] <= 1.0
         assert 0.0 <= row["corruption_accuracy"] <= 1.0
         assert (run_dir / row["method"] / "model.safetensors").is_file()
         assert (run_dir / row["method"] / "metrics.jsonl").read_text().count("\n") == 3
     table = (run_dir / "results.md").read_text()
-    header = "| method | params | MACs | clean acc | corrupted acc | extra corr. acc |"
-    assert header + " CPU latency (b1) |" in table
+    assert "| method | params | MACs | clean | corrupted | extra | wall time |" in table
+    assert "**Speed in ort, pruned/dense**" in table
+    assert "| method | MACs | time b1 | time b64 | efficiency |" in table
     assert "adasap results" in stdout and "results.md" in stdout.replace("\n", "")
+    assert "Speed in ort" in stdout
     minutes, seconds = re.search(r"total time: (\d+) min (\d\d) s", stdout).groups()
     assert abs(int(minutes) * 60 + int(seconds) - results["seconds"]) <= 1
     # adasap eval re-evaluates every model of the run, here with the official-set path off
@@ -136,6 +156,16 @@ def test_run_end_to_end_writes_table_and_models(isolated, capsys):
     assert code == 0, err
     assert (run_dir / "sgd" / "corruptions.json").is_file()
     assert "adasap eval" in stdout
+    # ... and in ONNX Runtime: the same scores as PyTorch's, within fp32 rounding
+    code, stdout, err = run_cli(["eval", str(run_dir), "--runtime", "ort", "--no-progress"],
+                                capsys)  # fmt: skip
+    assert code == 0, err
+    assert "computed in ort" in stdout
+    for method in methods:
+        torch_report = json.loads((run_dir / method / "corruptions.json").read_text())
+        ort_report = json.loads((run_dir / method / "ort" / "corruptions.json").read_text())
+        for key in ("clean_accuracy", "corruption_accuracy", "extra_accuracy"):
+            assert ort_report[key] == pytest.approx(torch_report[key], abs=0.02), (method, key)
     code, _, err = run_cli(["eval", str(isolated)], capsys)
     assert code == 2 and "holds no saved model" in err
     code, _, err = run_cli(["eval", str(run_dir), "--official", "cifar10-c"], capsys)
@@ -152,10 +182,16 @@ def test_run_end_to_end_writes_table_and_models(isolated, capsys):
     assert code == 2 and err.startswith("error: ")
     code, _, err = run_cli(["export", str(run_dir), "--onnx", str(onnx)], capsys)
     assert code == 2 and "--method" in err
-    code, _, err = run_cli(["latency", str(run_dir), "--batch-sizes", "1", "--repeats", "2"],
-                           capsys)  # fmt: skip
+    code, stdout, err = run_cli(["latency", str(run_dir), "--batch-sizes", "1", "--repeats", "2",
+                                 "--runtime", "torch"], capsys)  # fmt: skip
     assert code == 0, err
-    assert json.loads((run_dir / "latency.json").read_text())["rows"]
+    assert "Speed in torch" in stdout
+    rows = json.loads((run_dir / "latency.json").read_text())["rows"]
+    assert {(r["model"], r["runtime"]) for r in rows} == {("sgd", "torch"), ("adasap", "torch")}
+    by_model = {r["method"]: r for r in results["rows"]}
+    for r in rows:  # MACs ratio and efficiency, as in the run's speed table
+        assert r["macs_ratio"] == pytest.approx(by_model[r["model"]]["macs_ratio"])
+        assert r["efficiency"] == pytest.approx(r["macs_ratio"] / r["ratio"])
     # the dense model is cached: a second run reuses it
     code, stdout, _ = run_cli(["run", *TINY, "--out", str(out), "--name", "again",
                                "--methods", "sgd"], capsys)  # fmt: skip

@@ -141,6 +141,7 @@ def test_literal_settings_are_checked_by_value_from_python(values, message):
         ("corruptions: some\n",
          "config key 'corruptions' must be one of 'all', 'quick', 'none', got 'some'"),
         ("taylor_form: 1\n", "config key 'taylor_form' must be one of 'group', 'bn', got 1"),
+        ("round_to: fast\n", "config key 'round_to' must be an integer or 'auto', got 'fast'"),
     ],
 )  # fmt: skip
 def test_literal_settings_are_checked_by_value_from_yaml(tmp_path, text, message):
@@ -223,14 +224,21 @@ def test_phase3_settings_reach_the_pruner_from_yaml_and_flags(tmp_path):
     assert PruneSettings().pruner.finetune_sharpness == "asam"  # docs/tuning.md
 
 
-def _changed(allowed: settings.Types, default: object) -> object:
+# fields whose valid values their types do not tell: checked against a list of names
+OTHER_VALUES = {"runtime": "torch"}
+
+
+def _changed(name: str, allowed: settings.Types, default: object) -> object:
     """A valid value other than ``default`` for a field of these types, whatever the field."""
+    if name in OTHER_VALUES:
+        return OTHER_VALUES[name]
     for form in allowed:
-        if get_origin(form) is Literal:
-            return next(v for v in get_args(form) if v != default)
+        others = [v for v in get_args(form) if v != default] if get_origin(form) is Literal else []
+        if others:
+            return others[0]
     if bool in allowed:
         return not default
-    if default is None:
+    if not isinstance(default, int | float):  # None, or a Literal's only value ("auto")
         return 0.5 if float in allowed else 2
     return default + 1 if int in allowed else default / 2
 
@@ -243,14 +251,14 @@ def test_every_pruner_setting_is_a_flat_key_that_reaches_the_pruner(tmp_path, mo
     """A new PrunerSettings field is a config key, a YAML key and an override of prune() with
     no other edit; the pruner's keep_kind and seed are the run's."""
     changed = {
-        f.name: _changed(SCHEMA[f.name], f.default)
+        f.name: _changed(f.name, SCHEMA[f.name], f.default)
         for f in fields(PrunerSettings)
         if f.name not in RUN_SETS
     }
     path = tmp_path / "config.yaml"
-    path.write_text(dump_yaml(from_flat({**changed, "keep_kind": "macs", "seed": 3})))
+    path.write_text(dump_yaml(from_flat({**changed, "keep_kind": "params", "seed": 3})))
     config = from_flat(load_yaml(path)).validate()
-    expected = PrunerSettings(**changed, keep_kind="macs", seed=3)
+    expected = PrunerSettings(**changed, keep_kind="params", seed=3)
     assert config.prune.pruner == expected
     assert with_overrides(config.prune, {"keep_kind": "latency"}).pruner.keep_kind == "params"
     built: list[PrunerSettings] = []
@@ -268,3 +276,21 @@ def test_every_pruner_setting_is_a_flat_key_that_reaches_the_pruner(tmp_path, mo
     with pytest.raises(_Built):
         pipeline.prune(model, data, settings=config.prune, batch_size=4, progress=False)
     assert built == [expected]
+
+
+def test_the_default_target_is_rounded_macs_for_onnxruntime(tmp_path):
+    """MACs, not parameters (a parameter target on Taylor scores kept 63% of the MACs and gave
+    no speed), in channel counts the deployment runtime's kernels like (docs/deployment.md)."""
+    s = PruneSettings()
+    assert (s.keep_kind, s.pruner.keep_kind) == ("macs", "macs")
+    assert (s.pruner.runtime, s.pruner.round_to) == ("ort", "auto")
+    path = tmp_path / "config.yaml"
+    path.write_text("round_to: auto\nruntime: openvino\nkeep_kind: params\n")
+    config = from_flat(load_yaml(path)).validate()
+    assert (config.prune.pruner.round_to, config.prune.pruner.runtime) == ("auto", "openvino")
+    assert config.prune.pruner.keep_kind == "params"
+    assert from_flat({"round_to": 1}).validate().prune.pruner.round_to == 1
+    with pytest.raises(UserError) as caught:
+        from_flat({"runtime": "tensorrt"})
+    assert str(caught.value).startswith("unknown runtime 'tensorrt': choose one of torch, ort")
+    assert "\n" not in str(caught.value)

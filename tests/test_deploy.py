@@ -1,8 +1,10 @@
 import math
 
+import onnx
 import pytest
 import torch
 
+from adasap.deploy import int8
 from adasap.deploy.onnx import (
     export_onnx,
     find_models,
@@ -115,3 +117,48 @@ def test_find_and_select_models(run_dir, tmp_path):
     with pytest.raises(UserError, match=r"several models \(adasap, sgd\).*--method"):
         select_model(tmp_path)
     assert select_model(tmp_path, "sgd") == tmp_path / "sgd"
+
+
+def test_int8_export_is_smaller_loads_in_onnxruntime_and_is_checked(run_dir, tmp_path):
+    calibration = torch.rand(40, 3, 32, 32)
+    fp32 = export_onnx(run_dir, tmp_path / "fp32.onnx", check=False)
+    report = export_onnx(run_dir, tmp_path / "int8.onnx", int8=True, calibration=calibration)
+    assert report.int8 and report.file_bytes < fp32.file_bytes / 2
+    # a fifth of the images held back: the check ran on images the ranges did not come from
+    assert report.batch_sizes == (8,) and report.tolerance == 0.1
+    assert report.passed and 0.9 <= report.agreement <= 1 and report.max_abs_diff < 0.1
+    assert "INT8" in str(report) and "top-1 agreement" in str(report)
+    assert report.to_dict()["int8"] is True
+    session = onnx_session(report.path)
+    (logits,) = session.run(None, {"images": torch.rand(3, 3, 32, 32).numpy()})
+    assert logits.shape == (3, 10)
+    ops = {node.op_type for node in onnx.load(str(report.path)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fp32.onnx", "int8.onnx"]
+
+
+def test_int8_export_needs_fitting_calibration_images(run_dir, tmp_path):
+    path = tmp_path / "int8.onnx"
+    with pytest.raises(UserError, match="needs calibration images") as info:
+        export_onnx(run_dir, path, int8=True)
+    assert "\n" not in str(info.value)
+    with pytest.raises(UserError, match=r"do not fit the model: pass N x 3 x 32 x 32"):
+        export_onnx(run_dir, path, int8=True, calibration=torch.rand(10, 3, 16, 16))
+    assert not path.exists()
+
+
+def test_a_failed_quantization_is_a_user_error_and_leaves_the_old_file(
+    run_dir, tmp_path, monkeypatch
+):
+    path = tmp_path / "int8.onnx"
+    path.write_bytes(b"an earlier export")
+
+    def fail(*args, **kwargs):
+        raise ValueError("No data is collected.")
+
+    monkeypatch.setattr(int8, "quantize_static", fail)
+    with pytest.raises(UserError, match="cannot quantize .* to INT8 .*No data") as info:
+        export_onnx(run_dir, path, int8=True, calibration=torch.rand(10, 3, 32, 32))
+    assert "\n" not in str(info.value)
+    assert path.read_bytes() == b"an earlier export"
+    assert [p.name for p in tmp_path.iterdir()] == ["int8.onnx"]  # no temporary file left

@@ -186,7 +186,9 @@ def test_tiny_ssd_is_pruned_to_the_target_with_the_same_anchors(kind):
     model = build_detector("tiny_ssd", num_classes=3, image_size=128)
     images, targets = synthetic_batch()
     shapes = head_output_shapes(model, images)
-    pruner = Pruner(model, images[:1], PhaseSchedule(0, 1, 0, removals=1), keep=0.4, keep_kind=kind)
+    pruner = Pruner(
+        model, images[:1], PhaseSchedule(0, 1, 0, removals=1), keep=0.4, keep_kind=kind, round_to=1
+    )
     dense = pruner.size
     assert layer_names(model, pruner.ignored) == TINY_SSD_OUTPUTS
     model.train()
@@ -277,7 +279,9 @@ def test_torchvision_detector_is_pruned_to_the_target_with_the_same_outputs(name
     model = build_detector(name, num_classes=3, image_size=size)
     images, targets = synthetic_batch(size=size)
     shapes = head_output_shapes(model, images[:1])
-    pruner = Pruner(model, images[:1], PhaseSchedule(0, 1, 0, removals=1), keep=0.5)
+    pruner = Pruner(
+        model, images[:1], PhaseSchedule(0, 1, 0, removals=1), keep=0.5, keep_kind="params"
+    )
     assert pruner.ignored == detector_output_layers(model)
     dense = pruner.size
     model.train()

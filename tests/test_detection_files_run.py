@@ -11,7 +11,7 @@ from PIL import Image
 from adasap import cli
 from adasap.data.detection import FileDetectionSet
 from adasap.errors import UserError
-from adasap.experiments import run as run_driver
+from adasap.experiments import speed
 from adasap.experiments.config import from_flat
 from adasap.experiments.detection_data import load_detection_data
 from test_detection_data import voc_xml, write_voc
@@ -97,8 +97,8 @@ def test_missing_folders_are_one_line_errors_naming_the_path(tmp_path, capsys):
 def few_latency_rounds(monkeypatch, tmp_path):
     monkeypatch.setenv("ADASAP_CACHE", str(tmp_path / "cache"))
     # a few latency rounds: the tests check the rows, not the timing
-    monkeypatch.setattr(run_driver, "LATENCY_ROUNDS", 3)
-    monkeypatch.setattr(run_driver, "LATENCY_WARMUP", 1)
+    monkeypatch.setattr(speed, "LATENCY_ROUNDS", 3)
+    monkeypatch.setattr(speed, "LATENCY_WARMUP", 1)
 
 
 def rows_of(run_dir: Path) -> dict[str, dict]:

@@ -10,7 +10,9 @@ from torch import nn
 from torchvision.models.detection.fcos import FCOSRegressionHead
 
 from adasap.deploy.onnx import ExportReport, export_onnx, onnx_session
+from adasap.deploy.runtimes import get_runtime
 from adasap.deploy.serialization import detection_architecture, save_model
+from adasap.errors import UserError
 from adasap.method.output_layers import detector_output_layers, layer_names
 from adasap.models.builders import build_model
 from adasap.models.detection import build_detector
@@ -150,3 +152,63 @@ def test_torchvision_detector_exports_and_onnxruntime_reproduces_its_detections(
         scores = model(image)[0]["scores"]
     assert len(scores) >= 50 and len(set(scores.tolist())) >= 0.9 * len(scores)
     assert float(scores.max()) - float(scores.min()) > 0.1
+
+
+def without_detections(model: nn.Module) -> nn.Module:
+    """The detector keeping no detection at all: its score threshold above any score."""
+    for module in model.modules():
+        if hasattr(module, "score_thresh"):
+            module.score_thresh = 1.01
+    return model
+
+
+def test_a_detector_exports_in_int8_and_runs_with_and_without_detections(tmp_path):
+    torch.manual_seed(0)
+    detector = give_confident_detections(
+        build_detector("tiny_ssd", num_classes=3, image_size=64), 64
+    )
+    save_model(tmp_path / "detector", detector, detection_architecture("tiny_ssd", 3, 64), [])
+    calibration = torch.rand(10, 3, 64, 64)
+    report = export_onnx(
+        tmp_path / "detector", tmp_path / "int8.onnx", int8=True, calibration=calibration
+    )
+    # two held-back images, compared as detection sets at INT8's looser tolerance
+    assert report.int8 and report.checked and report.batch_sizes == (2,) and report.tolerance == 0.1
+    assert report.agreement is None and report.detections_compared > 0
+    assert "INT8" in str(report) and "held-back" in str(report) and "detections" in str(report)
+    image = {"images": torch.rand(1, 3, 64, 64).numpy()}
+    assert onnx_session(report.path).run(None, image)[1].size > 0  # scores
+    # an image without detections: onnxruntime's INT8 kernels once crashed on the empty tensors
+    runtime = get_runtime("ort-int8")
+    empty = runtime.deploy(without_detections(detector), (3, 64, 64), task="detection",
+                           workdir=tmp_path, calibration=calibration)  # fmt: skip
+    boxes, scores, labels = empty(torch.rand(1, 3, 64, 64))
+    assert boxes.shape == (0, 4) and scores.shape == labels.shape == (0,)
+
+
+def test_openvino_refuses_detectors(tmp_path):
+    pytest.importorskip("openvino")
+    detector = build_detector("tiny_ssd", num_classes=3, image_size=64)
+    with pytest.raises(UserError, match="does not run detection models.*spurious detection"):
+        get_runtime("openvino").deploy(detector, (3, 64, 64), task="detection", workdir=tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TORCHVISION_DETECTORS)
+def test_every_torchvision_detector_runs_in_int8_with_and_without_detections(name, tmp_path):
+    side = 268 if name == "ssd300_vgg16" else 128
+    torch.manual_seed(0)
+    model = give_confident_detections(build_detector(name, num_classes=3, image_size=side), side)
+    calibration = torch.rand(8, 3, side, side)
+    image = torch.rand(1, 3, side, side)
+    deploy = get_runtime("ort-int8").deploy
+    kept = deploy(model, (3, side, side), task="detection", workdir=tmp_path / "kept",
+                  calibration=calibration)  # fmt: skip
+    assert len(kept(image)[1]) > 0
+    with torch.no_grad():
+        assert len(model(image)[0]["scores"]) > 0
+    # RetinaNet and Faster R-CNN crashed onnxruntime here when it quantized their
+    # post-processing (adasap.deploy.int8.QUANTIZED_OPS)
+    none = deploy(without_detections(model), (3, side, side), task="detection",
+                  workdir=tmp_path / "none", calibration=calibration)  # fmt: skip
+    assert [len(out) for out in none(image)] == [0, 0, 0]

@@ -16,6 +16,7 @@ from adasap.deploy.comparison import run_latency
 from adasap.deploy.serialization import detection_architecture, load_model, save_model
 from adasap.errors import UserError
 from adasap.experiments import run as run_driver
+from adasap.experiments import speed
 from adasap.experiments.config import from_flat
 from adasap.models.detection import build_detector
 from adasap.robustness.detection_report import DetectionCorruptionReport
@@ -39,8 +40,9 @@ def detection_run(tmp_path_factory):
         patch.setenv("ADASAP_CACHE", str(root / "cache"))
         fashion = write_fashion(root / "fashion", 60, 30)
         # a few latency rounds: the test checks the columns, not the timing
-        patch.setattr(run_driver, "LATENCY_ROUNDS", 3)
-        patch.setattr(run_driver, "LATENCY_WARMUP", 1)
+        patch.setattr(speed, "LATENCY_ROUNDS", 3)
+        patch.setattr(speed, "LATENCY_WARMUP", 1)
+        patch.setattr(speed, "THROUGHPUT_ROUNDS", 3)
         import io
         from contextlib import redirect_stdout
 
@@ -53,9 +55,9 @@ def detection_run(tmp_path_factory):
 def test_detection_run_writes_its_table_and_files(detection_run):
     code, out, run_dir, _ = detection_run
     assert code == 0
-    # (a terminal of 80 columns wraps the headers: their words are checked)
-    for column in ("(mAP@0.5)", "mPC", "rPC", "latency", "wall", "Reduced setting"):
+    for column in ("P (mAP@0.5)", "mPC", "rPC", "wall time", "Reduced setting", "time b64"):
         assert column in out
+    assert "Speed in torch, pruned/dense (detection models time in PyTorch)" in out
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["task"] == "detection" and config["model"] == "tiny_ssd"
     results = json.loads((run_dir / "results.json").read_text())
@@ -64,7 +66,7 @@ def test_detection_run_writes_its_table_and_files(detection_run):
     for method in ("sgd", "adasap"):
         kept = rows[method]["params"] / rows["dense"]["params"]
         assert 0.45 <= kept <= 0.55  # keep 0.5 of the parameters, within 5 points
-        assert rows[method]["latency_ratio"] is not None
+        assert rows[method]["runtime"] == "torch" and rows[method]["time_b1"]["ratio"] > 0
         assert (run_dir / method / "model.json").is_file()
         report = json.loads((run_dir / method / "detection-corruptions.json").read_text())
         assert report["num_images"] == 2 and set(report["results"]) == {
@@ -72,8 +74,9 @@ def test_detection_run_writes_its_table_and_files(detection_run):
             "gaussian_blur",
         }
         assert rows[method]["clean_accuracy"] == report["P"]
-    header = (run_dir / "results.md").read_text().splitlines()[0]
-    assert header.startswith("| method | params | MACs | P (mAP@0.5) | mPC |")
+    table = (run_dir / "results.md").read_text()
+    assert "| method | params | MACs | P (mAP@0.5) | mPC | rPC | wall time |" in table
+    assert "| method | MACs | time b1 | time b64 | efficiency |" in table
 
 
 def test_eval_recomputes_the_runs_numbers(detection_run, capsys, monkeypatch):
@@ -103,7 +106,7 @@ def test_latency_times_the_runs_detectors_beside_its_trained_dense_one(
     args = ["latency", str(run_dir), "--batch-sizes", "1", "--repeats", "2"]
     assert cli.main(args) == 0, capsys.readouterr().err
     rows = json.loads((run_dir / "latency.json").read_text())["rows"]
-    assert [(r["model"], r["backend"], r["batch_size"]) for r in rows] == [
+    assert [(r["model"], r["runtime"], r["batch_size"]) for r in rows] == [
         ("adasap", "torch", 1),
         ("sgd", "torch", 1),
     ]
@@ -117,15 +120,15 @@ def test_latency_times_the_runs_detectors_beside_its_trained_dense_one(
         run_latency(older, batch_sizes=(1,), repeats=2)  # fresh weights would not be fair
 
 
-TIMINGS = ("seconds", "latency_ms", "latency_ratio", "latency_ratio_low", "latency_ratio_high",
-           "latency_noisy")  # fmt: skip
+TIMINGS = ("seconds", "time_b1", "time_b64", "efficiency_b1", "efficiency_b64")
 
 
 def test_resume_finishes_an_interrupted_run_with_the_same_rows(detection_run, monkeypatch, capsys):
     _, _, run_dir, root = detection_run
     monkeypatch.setenv("ADASAP_CACHE", str(root / "cache"))
-    monkeypatch.setattr(run_driver, "LATENCY_ROUNDS", 3)
-    monkeypatch.setattr(run_driver, "LATENCY_WARMUP", 1)
+    monkeypatch.setattr(speed, "LATENCY_ROUNDS", 3)
+    monkeypatch.setattr(speed, "LATENCY_WARMUP", 1)
+    monkeypatch.setattr(speed, "THROUGHPUT_ROUNDS", 3)
     prune, pruned = run_driver.prune, []
 
     def prune_until_adasap(model, data, *, settings, **kwargs):

@@ -27,6 +27,7 @@ from adasap.deploy.latency import (
     prune_to_latency,
     run_latency,
 )
+from adasap.deploy.runtimes import DEFAULT_RUNTIME, image_batch
 from adasap.deploy.serialization import save_model
 from adasap.errors import UserError
 from adasap.method.importance import magnitude_scores, normalize_scores
@@ -76,14 +77,14 @@ def pruned_pair() -> tuple[nn.Module, nn.Module, NeuronLayout]:
     return dense, pruned, layout
 
 
-@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
-def test_measure_latency_results(backend):
+@pytest.mark.parametrize("runtime", ["torch", "ort"])
+def test_measure_latency_results(runtime):
     results = measure_latency(
-        resnet20(), (3, 32, 32), batch_sizes=(1, 3), backend=backend, warmup=1, repeats=3
+        resnet20(), (3, 32, 32), batch_sizes=(1, 3), runtime=runtime, warmup=1, repeats=3
     )
     assert [r.batch_size for r in results] == [1, 3]
     for r in results:
-        assert r.backend == backend and r.device == "cpu" and r.repeats == 3
+        assert r.runtime == runtime and r.device == "cpu" and r.repeats == 3
         assert 0 < r.p10_ms <= r.median_ms <= r.p90_ms
         assert math.isclose(r.images_per_second, r.batch_size * 1e3 / r.median_ms)
         assert json.dumps(r.to_dict())
@@ -99,8 +100,8 @@ def test_measure_latency_leaves_the_model_alone():
 
 
 def test_bad_timing_input_is_a_user_error(tmp_path):
-    with pytest.raises(UserError, match="unknown backend"):
-        measure_latency(resnet20(), (3, 32, 32), backend="tensorrt")
+    with pytest.raises(UserError, match="unknown runtime 'tensorrt': choose one of torch"):
+        measure_latency(resnet20(), (3, 32, 32), runtime="tensorrt")
     with pytest.raises(UserError, match="repeats"):
         measure_latency(resnet20(), (3, 32, 32), repeats=0)
     with pytest.raises(UserError, match="batch sizes"):
@@ -114,13 +115,13 @@ def test_bad_timing_input_is_a_user_error(tmp_path):
 def test_compare_latency_and_run_directory(pruned_pair, tmp_path):
     dense, pruned, layout = pruned_pair
     comparison = compare_latency(
-        dense, pruned, (3, 32, 32), batch_sizes=(1, 2), backends=("torch", "onnxruntime"), **FAST
+        dense, pruned, (3, 32, 32), batch_sizes=(1, 2), runtimes=("torch", "ort"), **FAST
     )
-    assert [(r["backend"], r["batch_size"]) for r in comparison.rows] == [
+    assert [(r["runtime"], r["batch_size"]) for r in comparison.rows] == [
         ("torch", 1),
         ("torch", 2),
-        ("onnxruntime", 1),
-        ("onnxruntime", 2),
+        ("ort", 1),
+        ("ort", 2),
     ]
     for r in comparison.rows:
         assert math.isclose(r["speedup"], 1 / r["ratio"])
@@ -132,8 +133,10 @@ def test_compare_latency_and_run_directory(pruned_pair, tmp_path):
     assert "pruned/dense" in console.export_text()
 
     save_model(tmp_path / "adasap", pruned, ARCHITECTURE, layout.graph.pruning_history())
-    rows = run_latency(tmp_path, batch_sizes=(1,), backends=("torch",), **FAST).rows
+    rows = run_latency(tmp_path, batch_sizes=(1,), runtimes=("torch",), **FAST).rows
     assert [(r["model"], r["batch_size"]) for r in rows] == [("adasap", 1)]
+    default = run_latency(tmp_path, batch_sizes=(1,), **FAST).rows  # a classifier: in ORT
+    assert [(r["model"], r["runtime"]) for r in default] == [("adasap", DEFAULT_RUNTIME)]
     (result,) = measure_latency(tmp_path / "adasap", batch_sizes=(1,), **FAST)
     assert result.median_ms > 0
 
@@ -147,7 +150,7 @@ def test_table_is_cached_per_machine(table, monkeypatch):
         calls.append(runs)
         return [[1.0]] * len(runs)
 
-    monkeypatch.setattr(latency_table, "time_interleaved", count)
+    monkeypatch.setattr(latency_table, "time_runs", count)
     cached = replace(TABLE, cache_dir=table.path.parent)
     again = LatencyTable.measure(layout_of(resnet20()), torch.rand(1, 3, 32, 32), cached)
     assert calls == [] and again.measured == 0
@@ -314,6 +317,7 @@ def test_unreachable_budget_is_a_user_error(table):
         ("repeats", 0, "repeats >= 1"),
         ("warmup", -1, "warmup >= 0"),
         ("points", 1, ">= 2 points per axis"),
+        ("runtime", "tensorrt", "unknown runtime 'tensorrt'"),
     ],
 )
 def test_bad_timing_settings_are_a_user_error(field, value, words):
@@ -339,14 +343,14 @@ def test_training_imports_no_timing_and_timing_imports_no_onnx():
 
 def test_image_batch_repeats_the_given_images_in_turn_or_draws_random_ones():
     images = torch.arange(2 * 3 * 4 * 4, dtype=torch.float64).reshape(2, 3, 4, 4)
-    batch = timing.image_batch(images, 5, (3, 4, 4))
+    batch = image_batch(images, 5, (3, 4, 4))
     assert batch.dtype == torch.float32 and batch.shape == (5, 3, 4, 4)
     for k in range(5):
         assert torch.equal(batch[k], images[k % 2].float())
-    random = timing.image_batch(None, 3, (3, 4, 4))
+    random = image_batch(None, 3, (3, 4, 4))
     assert random.shape == (3, 3, 4, 4) and 0 <= random.min() and random.max() <= 1
     with pytest.raises(UserError, match=r"do not fit inputs of shape \(3, 8, 8\)"):
-        timing.image_batch(images, 1, (3, 8, 8))
+        image_batch(images, 1, (3, 8, 8))
 
 
 class _InputRecorder(nn.Module):
@@ -367,6 +371,8 @@ def test_compare_latency_feeds_every_model_the_given_images():
     dense = _InputRecorder(lambda s: seen["dense"].add(s))
     pruned = _InputRecorder(lambda s: seen["pruned"].add(s))
     images = torch.rand(2, 3, 8, 8)
-    compare_latency(dense, pruned, (3, 8, 8), batch_sizes=(1, 3), images=images, **FAST)
-    expected = {round(float(timing.image_batch(images, b, (3, 8, 8)).sum()), 3) for b in (1, 3)}
+    compare_latency(
+        dense, pruned, (3, 8, 8), batch_sizes=(1, 3), runtimes=("torch",), images=images, **FAST
+    )
+    expected = {round(float(image_batch(images, b, (3, 8, 8)).sum()), 3) for b in (1, 3)}
     assert seen["dense"] == seen["pruned"] == expected

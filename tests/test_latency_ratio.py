@@ -5,20 +5,17 @@ real measurement, so these tests hold on a busy machine.
 """
 
 import math
-from pathlib import Path
 
 import pytest
 from rich.console import Console
 from torch import nn
 
 from adasap.deploy import timing
-from adasap.deploy.latency import LatencyComparison, LatencyRatio, compare_latency
+from adasap.deploy.latency import LatencyRatio, compare_latency
 from adasap.deploy.ratio import median_ranks
-from adasap.experiments import run
 from adasap.experiments.bench_report import report_markdown
 from adasap.experiments.bench_stats import summarize
-from adasap.experiments.reporting import results_markdown, results_table
-from adasap.experiments.results import BenchRow, ResultRow
+from adasap.experiments.results import BenchRow
 
 
 def binomial_below(n: int, k: int) -> float:
@@ -133,7 +130,7 @@ FAKE_ROUNDS = [
 def fake_timer(monkeypatch):
     calls = []
 
-    def fake(runs, warmup, repeats, sync=None, clock=None):
+    def fake(runs, warmup, repeats, clock=None):
         calls.append(len(runs))
         return [list(t) for t in FAKE_ROUNDS[: len(runs)]]
 
@@ -147,8 +144,9 @@ def tiny() -> nn.Module:
 
 def test_compare_latency_times_all_models_in_one_session(fake_timer):
     comparison = compare_latency(
-        tiny(), {"steady": tiny(), "uneven": tiny()}, (1, 6, 6), batch_sizes=(1,)
-    )
+        tiny(), {"steady": tiny(), "uneven": tiny()}, (1, 6, 6), batch_sizes=(1,),
+        runtimes=("torch",),
+    )  # fmt: skip
     assert fake_timer == [3]  # dense and both pruned models take turns in the same rounds
     steady, uneven = comparison.rows
     assert steady["dense_ms"] == pytest.approx(5.0) and steady["pruned_ms"] == pytest.approx(4.0)
@@ -161,50 +159,11 @@ def test_compare_latency_times_all_models_in_one_session(fake_timer):
     assert "0.80x (0.80-0.80)" in text and "noisy (0.25-3.00x)" in text
 
 
-def test_run_table_times_every_model_with_the_dense_one(monkeypatch):
-    seen = {}
-
-    def fake_compare(dense, pruned, input_shape, **kwargs):
-        seen.update(kwargs, models=list(pruned))
-        keys = ("ratio", "ratio_low", "ratio_high", "noisy")
-        ratios = {"sgd": (1.3, 0.6, 2.2, True), "adasap": (0.8, 0.78, 0.83, False)}
-        rows = [
-            {
-                "model": name,
-                "dense_ms": 2.0,
-                "pruned_ms": 2.0 * ratios[name][0],
-                **dict(zip(keys, ratios[name], strict=True)),
-            }
-            for name in pruned
-        ]
-        return LatencyComparison(rows, {})
-
-    monkeypatch.setattr(run, "compare_latency", fake_compare)
-    monkeypatch.setattr(run, "load_model", lambda path: tiny())
-    rows = [ResultRow(method=m, macs=100) for m in ("dense", "sgd", "adasap")]
-    dense, sgd, adasap = run.timed_rows(rows, tiny(), Path("run"), (1, 6, 6))
-    assert seen["models"] == ["sgd", "adasap"] and seen["batch_sizes"] == (1,)
-    assert seen["repeats"] == run.LATENCY_ROUNDS
-    assert dense.latency_ms == 2.0 and dense.latency_ratio is None
-    assert (sgd.latency_ratio, sgd.latency_noisy) == (1.3, True)
-    assert adasap.latency_ms == pytest.approx(1.6) and adasap.latency_noisy is False
-    assert adasap.to_dict()["latency_ratio_low"] == 0.78  # results.json keeps the interval
-
-    text = results_markdown([dense, sgd, adasap])
-    lines = text.splitlines()
-    assert lines[2].endswith("| 2.00 ms |")
-    assert lines[3].endswith("| noisy (0.60-2.20x) |") and "2.60 ms" not in text
-    assert lines[4].endswith("| 1.60 ms (0.80x) |")
-    assert "too busy to tell" in text
-    console = Console(record=True, width=300)
-    console.print(results_table([dense, sgd, adasap]))
-    assert "noisy (0.60-2.20x)" in console.export_text()
-
-
-def test_rows_without_a_ratio_print_as_before():
-    old = ResultRow(method="sgd", latency_ms=1.234)
-    text = results_markdown([old])
-    assert "| 1.23 ms |" in text and "too busy" not in text
+def test_a_runtime_that_cannot_take_turns_times_one_model_after_the_other(fake_timer):
+    # onnxruntime's threads spin on after a run: interleaved, its sessions would slow each other
+    rows = compare_latency(tiny(), tiny(), (1, 6, 6), batch_sizes=(1, 2), runtimes=("ort",)).rows
+    assert fake_timer == [1, 1, 1, 1]  # per batch size: the dense model, then the pruned one
+    assert [(r["runtime"], r["batch_size"]) for r in rows] == [("ort", 1), ("ort", 2)]
 
 
 def bench_row(seed: int, ratio: float, noisy: bool) -> BenchRow:

@@ -100,7 +100,8 @@ def fit(module, callbacks, max_steps, ckpt_path=None, **trainer_options):
 def test_callback_prunes_to_the_target_with_two_passes_per_step():
     module = TinyNet()
     dense = parameter_count(module)
-    adasap = AdaSAPCallback(SCHEDULE, keep=0.5)
+    # a parameter target in any channel counts: this tiny net is what the fractions measure
+    adasap = AdaSAPCallback(SCHEDULE, keep=0.5, keep_kind="params", round_to=1)
     watch = OptimizerWatch(adasap)
     trainer = fit(module, [adasap, watch], SCHEDULE.total_steps)
     pruner = adasap.pruner
@@ -243,6 +244,8 @@ class ManualNet(TinyNet):
                 torch.zeros(1, 3, 8, 8, device=self.device),
                 self.schedule,
                 keep=0.5,
+                keep_kind="params",
+                round_to=1,
                 optimizer=torch.optim.SGD,
                 optimizer_kwargs={"lr": 0.05, "momentum": 0.9},
             )

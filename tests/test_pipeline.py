@@ -3,6 +3,8 @@ import torch
 from torch import nn
 
 import adasap.training.pipeline as pipeline
+from adasap import alignment
+from adasap.alignment import channel_alignment
 from adasap.data import load_dataset
 from adasap.deploy.serialization import WEIGHTS_FILE, load_model, save_model
 from adasap.errors import UserError
@@ -58,10 +60,11 @@ def dense(data):
 )
 def test_prune_reaches_target_with_the_methods_optimizers(data, dense, method, phases):
     before = {k: v.clone() for k, v in dense.state_dict().items()}
-    result = prune(dense, data, method=method, keep=0.5, **FAST)
+    result = prune(dense, data, method=method, keep=0.5, **FAST)  # of the MACs, rounded
     assert [h["optimizer"] for h in result.history] == phases
     assert [h["phase"] for h in result.history] == ["warmup", "prune", "finetune"]
-    assert 0.48 <= result.keep_fraction("params") <= 0.505
+    assert 0.48 <= result.keep_fraction("macs") <= 0.505
+    assert result.round_to == channel_alignment("ort", "cpu")
     assert result.history[-1]["params"] == result.size.params
     out = result.model(torch.rand(2, 1, 12, 12))
     assert out.shape == (2, 3)
@@ -84,7 +87,7 @@ def test_same_seed_gives_identical_weights(data, dense):
 
 
 def test_saved_pruned_model_reloads_without_pickle(tmp_path, data, dense):
-    result = prune(dense, data, keep=0.4, **FAST)
+    result = prune(dense, data, keep=0.6, **FAST)
     save_model(tmp_path, result.model, architecture(data), result.pruning_history)
     loaded = load_model(tmp_path)
     x = torch.rand(4, 1, 12, 12)
@@ -127,12 +130,15 @@ def test_model_without_prunable_layers_is_a_user_error(data):
         (dict(rho_min=0.5, rho_max=0.1), "rho_min <= rho_max"),
         (dict(prune_steps=0), "prune_steps"),
         (dict(round_to=0), "round_to must be >= 1"),
+        (dict(round_to="fast"), "round_to must be an integer or 'auto', got 'fast'"),
+        (dict(runtime="tensorrt"), "unknown runtime 'tensorrt': choose one of"),
         (dict(colour="red"), "unknown setting"),
     ],
 )
 def test_bad_settings_are_user_errors(overrides, message):
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(UserError, match=message) as caught:
         with_overrides(PruneSettings(), overrides).validate()
+    assert "\n" not in str(caught.value)
 
 
 def test_prune_to_a_latency_budget(tmp_path, monkeypatch, data, dense):
@@ -145,11 +151,19 @@ def test_prune_to_a_latency_budget(tmp_path, monkeypatch, data, dense):
     assert result.size.params < result.dense_size.params
 
 
-def test_round_to_keeps_channel_multiples_through_every_pruning_step(data, dense):
-    result = prune(dense, data, method="sgd", keep=0.5, round_to=8, **FAST)
-    assert result.size.params <= result.target
+@pytest.mark.parametrize(
+    "round_to, instructions, multiple",
+    [(8, "avx512", 8), ("auto", "avx512", 16), ("auto", "avx2", 8)],
+)
+def test_round_to_keeps_channel_multiples_through_every_pruning_step(
+    monkeypatch, data, dense, round_to, instructions, multiple
+):
+    monkeypatch.setattr(alignment, "cpu_instruction_set", lambda: instructions)
+    result = prune(dense, data, method="sgd", keep=0.5, round_to=round_to, **FAST)
+    assert result.round_to == multiple
+    assert 0.47 * result.dense_size.macs <= result.size.macs <= result.target
     widths = [m.out_channels for m in result.model.modules() if isinstance(m, nn.Conv2d)]
-    assert all(w % 8 == 0 for w in widths), widths
+    assert all(w % multiple == 0 for w in widths), widths
     dense_widths = [m.out_channels for m in dense.modules() if isinstance(m, nn.Conv2d)]
     assert sum(widths) < sum(dense_widths)
 

@@ -13,11 +13,13 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import adasap
+from adasap import alignment
 from adasap.errors import UserError
 from adasap.method.base_optimizer import phase_sharpness
 from adasap.method.optim import SAM, AdaSAP
 from adasap.method.pruner import Pruner, PrunerSettings
 from adasap.method.schedule import PhaseSchedule
+from adasap.models.builders import build_model
 
 
 class Net(nn.Module):
@@ -44,12 +46,14 @@ def batches(count: int = 8, size: int = 8, seed: int = 0):
 
 DATA = batches()
 SGD = dict(optimizer=torch.optim.SGD, optimizer_kwargs=dict(lr=0.05, momentum=0.9))
+# The net's first layer has 16 channels: rounded to a runtime's 16 it could not be pruned.
+ANY_COUNT = dict(round_to=1)
 
 
 def make(schedule: PhaseSchedule, seed: int = 0, **kwargs) -> Pruner:
     torch.manual_seed(seed)
     model = Net()
-    return Pruner(model, DATA[0][0][:2], schedule, **{**SGD, **kwargs})
+    return Pruner(model, DATA[0][0][:2], schedule, **{**SGD, **ANY_COUNT, **kwargs})
 
 
 def step(pruner: Pruner, index: int) -> torch.Tensor:
@@ -86,7 +90,7 @@ def test_bad_schedules_are_user_errors(kwargs, message):
 
 
 def test_adasap_phases_optimizers_and_exact_removal_steps():
-    pruner = make(PhaseSchedule(2, 4, 2, removals=2), keep=0.5)
+    pruner = make(PhaseSchedule(2, 4, 2, removals=2), keep=0.5, keep_kind="params")
     dense = params(pruner.model)
     kinds, sizes = [], []
     for i in range(8):
@@ -139,7 +143,10 @@ def test_state_dict_resumes_exactly_on_a_fresh_dense_model():
 
 
 def test_the_sam_baseline_takes_taylor_scores():
-    pruner = make(PhaseSchedule(1, 2, 1, removals=2), method="sam", criterion="taylor", keep=0.6)
+    pruner = make(
+        PhaseSchedule(1, 2, 1, removals=2), method="sam", criterion="taylor", keep=0.6,
+        keep_kind="params",
+    )  # fmt: skip
     dense = params(pruner.model)
     for i in range(4):
         step(pruner, i)
@@ -228,12 +235,66 @@ def test_a_user_criterion_decides_what_goes():
         (dict(keep=0.0001), "without emptying a layer"),
         (dict(keep=1.5), "keep fraction must be in"),
         (dict(criterion=lambda layout: torch.ones(3)), "one score per neuron"),
+        (dict(runtime="tensorrt"), "unknown runtime 'tensorrt': choose one of torch, ort, "),
+        (dict(round_to=0), "round_to must be >= 1 or auto, got 0"),
+        (dict(round_to="16"), "round_to must be an integer or 'auto', got '16'"),
+        (dict(round_to=16, keep=0.3), "multiples of 16 .*--round-to 1"),
     ],
 )
-def test_bad_pruner_input_is_one_clear_error(kwargs, message):
-    with pytest.raises(UserError, match=message):
+def test_bad_pruner_input_is_one_clear_error(monkeypatch, kwargs, message):
+    monkeypatch.setattr(alignment, "cpu_instruction_set", lambda: "avx512")
+    with pytest.raises(UserError, match=message) as caught:
         pruner = make(PhaseSchedule(0, 1, 1, removals=1), **kwargs)
         step(pruner, 0)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "instructions, runtime, multiple",
+    [("avx512", "ort", 16), ("avx2", "ort", 8), ("avx512", "openvino", 16),
+     ("avx512", "torch", 8)],
+)  # fmt: skip
+def test_auto_round_to_keeps_the_runtimes_channel_multiples(
+    monkeypatch, instructions, runtime, multiple
+):
+    monkeypatch.setattr(alignment, "cpu_instruction_set", lambda: instructions)
+    torch.manual_seed(0)
+    model = build_model("resnet20", num_classes=4, in_channels=3, image_size=16,
+                        mean=(0.5,) * 3, std=(0.5,) * 3)  # fmt: skip
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    dense_widths = [m.out_channels for m in convs]
+    pruner = Pruner(model, torch.rand(2, 3, 16, 16), PhaseSchedule(0, 1, 0, removals=1),
+                    method="sgd", criterion="magnitude", keep=0.5, runtime=runtime)  # fmt: skip
+    assert (pruner.settings.round_to, pruner.round_to) == ("auto", multiple)
+    pruner.remove(1.0)
+    widths = [m.out_channels for m in convs]
+    assert sum(widths) < sum(dense_widths)
+    for width, dense in zip(widths, dense_widths, strict=True):
+        assert width % multiple == 0 or width == dense
+    # the MACs target is met, and the rounding gives back what it need not take
+    assert 0.46 <= pruner.target.fraction() <= 0.5
+
+
+def test_auto_takes_smaller_blocks_where_the_runtimes_cannot_reach_the_target(monkeypatch):
+    # blocks of 16 cannot take this net to 30%: auto halves the block until they can, while a
+    # block the user chose stays an error (the case above)
+    monkeypatch.setattr(alignment, "cpu_instruction_set", lambda: "avx512")
+    pruner = make(PhaseSchedule(0, 1, 1, removals=1), keep=0.3, round_to="auto")
+    assert pruner.round_to == 8
+    with pytest.raises(UserError, match="multiples of 16"):
+        make(PhaseSchedule(0, 1, 1, removals=1), keep=0.3, round_to=16)
+    assert make(PhaseSchedule(0, 1, 1, removals=1), keep=0.7, round_to="auto").round_to == 16
+
+
+def test_a_resumed_pruner_keeps_the_channel_multiple_it_started_with(monkeypatch):
+    monkeypatch.setattr(alignment, "cpu_instruction_set", lambda: "avx512")
+    started = make(PhaseSchedule(0, 1, 1, removals=1), keep=0.7, round_to="auto")
+    assert started.round_to == 16
+    monkeypatch.setattr(alignment, "cpu_instruction_set", lambda: "avx2")
+    resumed = make(PhaseSchedule(0, 1, 1, removals=1), keep=0.7, round_to="auto")
+    assert resumed.round_to == 8
+    resumed.load_state_dict(started.state_dict())
+    assert resumed.round_to == 16
 
 
 def test_a_closure_that_returns_no_scalar_is_a_user_error():
@@ -259,8 +320,9 @@ def test_prune_takes_a_users_dataloader_and_dataset():
     images, labels = torch.rand(64, 3, 8, 8), torch.randint(0, 4, (64,))
     dataset = TensorDataset(images, labels)
     loader = DataLoader(dataset, batch_size=16, shuffle=True, drop_last=True)
-    common = dict(keep=0.6, warmup_epochs=1, prune_epochs=1, finetune_epochs=1, prune_steps=1,
-                  batch_size=16, progress=False)  # fmt: skip
+    common = dict(keep=0.6, keep_kind="params", warmup_epochs=1, prune_epochs=1,
+                  finetune_epochs=1, prune_steps=1, batch_size=16, progress=False,
+                  **ANY_COUNT)  # fmt: skip
     for train in (loader, dataset):
         result = adasap.prune(Net(), train, dataset, **common)
         assert 0.55 <= result.keep_fraction("params") <= 0.605

@@ -290,7 +290,8 @@ def test_round_to_keeps_multiples_and_still_meets_the_target(round_to, keep):
             assert group_scores[lost].max() <= group_scores[~lost].min()
     remove_neurons(layout, chosen)
     params = measure_size(model, x).params
-    assert params <= target
+    # at or under the target, and not by much: blocks that fit are given back
+    assert 0.95 * target <= params <= target
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             assert m.out_channels % round_to == 0
@@ -301,7 +302,7 @@ def test_round_to_larger_than_a_group_leaves_it_whole():
     layout = NeuronLayout(model, X, [model.fc])
     dense = measure_size(model, X)
     predict = size_predictor(layout, dense, "params")
-    with pytest.raises(UnreachableTarget, match="multiples of 16") as caught:
+    with pytest.raises(UnreachableTarget, match="multiples of 16 .*--round-to 1") as caught:
         select_neurons(layout, magnitude_scores(layout), 0.9 * dense.params, predict, round_to=16)
     assert caught.value.smallest == dense.params
     chosen = select_neurons(

@@ -11,6 +11,7 @@ import torch
 import adasap.training.pipeline as pipeline
 from adasap.data import load_dataset
 from adasap.errors import UserError
+from adasap.method.onednn_guard import needs_guard
 from adasap.models.builders import build_model
 from adasap.training.checkpoint import CHECKPOINT_FILE, RunInterrupted, TrainingDiverged
 from adasap.training.pipeline import prune, train
@@ -92,6 +93,22 @@ def test_resumed_prune_equals_uninterrupted(
     assert comparable(resumed.history) == comparable(reference.history)
     assert comparable(logged) == comparable(reference.history)
     assert resumed.pruning_history == reference.pruning_history
+
+
+def test_resume_is_exact_through_a_layer_computed_contiguously(tmp_path, monkeypatch, data, dense):
+    """channels_last and bfloat16 (where native) as by default, but any channel counts: a
+    shortcut keeps fewer than 16 input channels, so the oneDNN guard computes it contiguously
+    and returns its output in channels_last, before and after the resume alike."""
+    settings = dict(FAST, method="sgd", criterion="magnitude", round_to=1, channels_last=True)
+    reference = prune(dense, data, **settings)
+    assert any(needs_guard(module) for module in reference.model.modules())
+    with monkeypatch.context() as patch:
+        stop_after(patch, 5)  # after the first removal
+        with pytest.raises(RunInterrupted):
+            prune(dense, data, checkpoint_dir=tmp_path, **settings)
+    resumed = prune(dense, data, checkpoint_dir=tmp_path, **settings)
+    assert_same_weights(resumed.model, reference.model)
+    assert comparable(resumed.history) == comparable(reference.history)
 
 
 def test_resumed_dense_training_equals_uninterrupted(tmp_path, monkeypatch, data, dense):

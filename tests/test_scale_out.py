@@ -85,7 +85,7 @@ def test_a_syncbatchnorm_model_is_pruned_like_its_batchnorm_twin():
         if sync:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         schedule = PhaseSchedule(0, 1, 0, removals=1)
-        pruner = Pruner(model, example, schedule, keep=0.5, criterion="magnitude")
+        pruner = Pruner(model, example, schedule, keep=0.5, criterion="magnitude", round_to=1)
         pruner.remove(1.0)
         model.train()(example)  # the training forward runs outside a process group
         return model
@@ -207,9 +207,8 @@ def test_eval_reads_imagenet_c_and_imagenet_v2_folders_from_the_command_line(
         str(tmp_path / "c"), "--imagenet-v2", str(tmp_path / "v2"), "--workers", "0",
         "--cache-dir", str(tmp_path / "cache"), "--no-progress",
     ]  # fmt: skip
-    monkeypatch.setenv("COLUMNS", "200")  # the table's headers on one line
     assert cli.main(args) == 0, capsys.readouterr().err
-    assert "ImageNet-V2 acc" in capsys.readouterr().out
+    assert "ImageNet-V2" in capsys.readouterr().out
     report = json.loads((tmp_path / "model" / "corruptions.json").read_text())
     assert report["source"] == "ImageNet-C official files"
     parsed = cli.build_parser().parse_args(args)

@@ -108,7 +108,8 @@ def _name(form: Any, config: bool) -> str:
     if spelled is not None:
         return spelled
     if get_origin(form) is Literal:
-        return "one of " + ", ".join(map(repr, get_args(form)))
+        values = get_args(form)
+        return repr(values[0]) if len(values) == 1 else "one of " + ", ".join(map(repr, values))
     if get_origin(form) in _SEQUENCES:
         items = _items(form)
         if items and all(t in _PLURALS for t in items):

@@ -19,7 +19,7 @@ from adasap.cli.options import (
     add_options,
     integer,
 )
-from adasap.deploy.onnx import export_onnx, select_model
+from adasap.deploy.runtimes import RUNTIMES
 from adasap.distributed import close, init_from_env, is_main, launched
 from adasap.errors import UserError
 from adasap.experiments import commands
@@ -82,6 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="also report the accuracy on an ImageNet-V2 folder (<DIR>/<class index>/<image>)",
     )
+    evaluate.add_argument(
+        "--runtime",
+        dest="eval_runtime",
+        metavar="NAME",
+        default="torch",
+        help="compute the scores with the model deployed to this runtime (default: torch; "
+        f"{', '.join(RUNTIMES.names())}): a quantized model's robustness on itself",
+    )
     add_options(
         evaluate,
         [o for o in RUN_OPTIONS if o[1] in EVAL_KEYS],
@@ -92,12 +100,25 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--onnx", required=True, help="the .onnx file to write")
     export.add_argument("--method", help="which model of the run (when it holds several)")
     export.add_argument("--opset", type=integer, default=17, help="ONNX opset, >= 17")
+    export.add_argument(
+        "--int8",
+        action="store_true",
+        help="quantize to INT8 (ONNX Runtime, static; calibrated on the run's training images)",
+    )
     latency = commands.add_parser(
         "latency", help="latency and throughput of a run's models beside the dense one"
     )
     latency.add_argument("path", help="a run directory (or a model directory)")
     latency.add_argument("--batch-sizes", type=integer, nargs="+", default=[1, 64])
-    latency.add_argument("--device", default="cpu", help="cpu or cuda (PyTorch eager)")
+    latency.add_argument("--device", default="cpu", help="cpu or cuda")
+    latency.add_argument(
+        "--runtime",
+        dest="runtimes",
+        metavar="NAME",
+        nargs="+",
+        help=f"one or more of {', '.join(RUNTIMES.names())} (default: the run's runtime and "
+        "torch; a detector's: torch)",
+    )
     latency.add_argument("--repeats", type=integer, default=20)
     bench_presets = [n for task in JOBS for n in JOBS.get(task).bench_presets]
     for name, what, presets in (
@@ -141,7 +162,16 @@ def config_from_args(args: argparse.Namespace) -> tuple[ExperimentConfig, bool]:
     Keys and types are checked here, naming the file (flags are typed by the parser); ranges
     are checked once, when the job starts.
     """
-    own = ("command", "config", "resume", "path", "official", "official_dir", "imagenet_v2")
+    own = (
+        "command",
+        "config",
+        "resume",
+        "path",
+        "official",
+        "official_dir",
+        "imagenet_v2",
+        "eval_runtime",
+    )
     flags = {k: v for k, v in vars(args).items() if k not in own}
     values: dict[str, Any] = {}
     source = None
@@ -209,7 +239,9 @@ def main(argv: list[str] | None = None) -> int:
             if bool(args.official) != bool(args.official_dir):
                 raise UserError("--official and --official-dir go together: give both or neither")
             official = (args.official_dir, args.official) if args.official else None
-            commands.evaluate_path(args.path, config, official, console, args.imagenet_v2)
+            commands.evaluate_path(
+                args.path, config, official, console, args.imagenet_v2, args.eval_runtime
+            )
         else:
             run_experiment(config, console, resume=resume)
     except TrainingDiverged as exc:
@@ -251,12 +283,15 @@ def _deploy(args: argparse.Namespace) -> int:
     console = Console()
     try:
         if args.command == "export":
-            report = export_onnx(select_model(args.path, args.method), args.onnx, opset=args.opset)
+            report = commands.export_path(
+                args.path, args.onnx, method=args.method, opset=args.opset, int8=args.int8
+            )
             console.print(str(report))
             return 0 if report.passed else 1
         commands.measure_path_latency(
             args.path,
             batch_sizes=args.batch_sizes,
+            runtimes=args.runtimes,
             device=args.device,
             repeats=args.repeats,
             console=console,

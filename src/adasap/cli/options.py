@@ -10,6 +10,7 @@ import argparse
 from collections.abc import Iterable
 from typing import Any
 
+from adasap.deploy.runtimes import RUNTIMES
 from adasap.experiments.config import SCHEMA, ExperimentConfig
 from adasap.method.importance import criteria
 from adasap.method.pruner import METHODS
@@ -63,8 +64,10 @@ RUN_OPTIONS: tuple[tuple[str, str, str], ...] = (
     ("--looksam-alpha", "looksam_alpha", "weight of the reused LookSAM direction"),
     ("--ascent-fraction", "ascent_fraction", "cheaper SAM: the first (ascent) pass on this "
                                              "fraction of the batch"),
-    ("--round-to", "round_to", "keep channel counts that are multiples of this (16 suits "
-                               "onnxruntime)"),
+    ("--round-to", "round_to", "keep channel counts that are multiples of this, or auto: "
+                               "what suits --runtime (16 for ort)"),
+    ("--runtime", "runtime", f"where the models are deployed and timed (the speed table; what "
+                             f"--round-to auto suits): {', '.join(RUNTIMES.names())}"),
     ("--seed", "seed", "random seed"),
     ("--device", "device", "auto, cpu or cuda[:N]"),
     ("--workers", "workers", "loader processes per training process for image folders "
@@ -86,6 +89,13 @@ RUN_SWITCHES: tuple[tuple[str, str, bool, str], ...] = (
         "torchrun on GPUs: SyncBatchNorm (statistics of the global batch)",
     ),
     ("--compile", "compile", True, "torch.compile the model (compiled again after removals)"),
+    (
+        "--int8",
+        "int8",
+        True,
+        "after the methods: every model quantized to INT8 (ONNX Runtime, "
+        "calibrated on training images), evaluated and timed",
+    ),
     ("--overwrite", "overwrite", True, "replace an existing run directory of the same name"),
     ("--no-progress", "progress", False, "no progress bars"),
 )
@@ -113,6 +123,11 @@ def _parse_value(key: str):
         for t in (int, float):
             if t in types:
                 if t is int:
+                    # a key that also takes a word (round_to: auto) gets the word; the
+                    # config's type check names the words it takes
+                    words = [t for t in types if t not in (int, float, type(None))]
+                    if words and not text.lstrip("+-").isdigit():
+                        return text
                     return integer(text, "{} is not an integer")
                 try:
                     return float(text)

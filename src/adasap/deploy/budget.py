@@ -6,16 +6,19 @@ anchored on its measured latency (see :func:`latency_predictor`); neurons are ra
 importance per millisecond they save, and :func:`adasap.method.pruning.select_neurons` removes
 the lowest-ranked ones until the prediction meets the budget.
 
+Latency is that of the runtime the model will be deployed to (``TimingSettings.runtime``):
+the table, the dense model and the final check are all timed there.
+
 Wiring ``PruneSettings.keep_kind == "latency"`` into an iterative pipeline::
 
-    budget = latency_budget(layout, example_inputs, keep)  # once, on the dense model
+    budget = latency_budget(layout, example_inputs, keep, round_to=16)  # on the dense model
     target = budget.dense_ms - (budget.dense_ms - budget.target_ms) * step / steps
-    chosen = budget.select(layout, scores, target, min_channels)  # at each pruning step
+    chosen = budget.select(layout, scores, target, min_channels, 16)  # at each pruning step
     remove_neurons(layout, chosen)  # then rebuild the layout as for any other target
 
 ``budget.select`` calls ``select_neurons(layout, latency_ranking(layout, scores, table),
-target, latency_predictor(layout, table, budget.current_ms), "ms", min_channels)`` and keeps
-``budget.current_ms`` (the predicted latency of the pruned model) for the next step.
+target, latency_predictor(layout, table, budget.current_ms), "ms", min_channels, round_to)``
+and keeps ``budget.current_ms`` (the predicted latency of the pruned model) for the next step.
 """
 
 from __future__ import annotations
@@ -29,13 +32,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from adasap.alignment import RoundTo, check_rounding, resolve_round_to
 from adasap.deploy.table import LatencyTable
-from adasap.deploy.timing import (
-    DEFAULT_TIMING,
-    TimingSettings,
-    measure_latency,
-    time_models,
-)
+from adasap.deploy.timing import DEFAULT_TIMING, TimingSettings, measure_latency, time_models
 from adasap.errors import UserError
 from adasap.method.importance import magnitude_scores, normalize_scores
 from adasap.method.neurons import NeuronLayout
@@ -177,11 +176,14 @@ class LatencyBudget:
         try:
             chosen = select_neurons(layout, ranking, target, predict, "ms", min_channels, round_to)
         except UnreachableTarget as exc:
-            raise UserError(
+            rounded = f" in multiples of {round_to}" if round_to > 1 else ""
+            fix = ", or any channel count with --round-to 1" if round_to > 1 else ""
+            raise UnreachableTarget(
                 f"a latency of {target:.3g} ms ({target / self.dense_ms:.0%} of the dense "
-                f"{self.dense_ms:.3g} ms) cannot be reached without emptying a layer (the "
-                f"floor is {exc.smallest:.3g} ms, {exc.smallest / self.dense_ms:.0%}): keep a "
-                "larger fraction of the latency"
+                f"{self.dense_ms:.3g} ms) cannot be reached without emptying a layer{rounded} "
+                f"(the floor is {exc.smallest:.3g} ms, {exc.smallest / self.dense_ms:.0%}): "
+                f"keep a larger fraction of the latency{fix}",
+                exc.smallest,
             ) from exc
         removed = torch.zeros(layout.num_neurons, dtype=torch.bool)
         removed[chosen] = True
@@ -204,19 +206,23 @@ def latency_budget(
     *,
     timing: TimingSettings = DEFAULT_TIMING,
     table: LatencyTable | None = None,
+    round_to: int | None = None,
 ) -> LatencyBudget:
     """Measure the dense model (and its latency table, unless given) and set the budget.
 
-    Timing happens as ``timing`` says (by default on the CPU at batch 1), whatever device the
-    model trains on; a given ``table`` sets the batch size instead.
+    Timing happens as ``timing`` says (by default on the CPU at batch 1, in its runtime),
+    whatever device the model trains on; a given ``table`` sets the runtime and batch size
+    instead. ``round_to`` is the channel multiple the removals will keep, where the table's
+    grid points lie (:meth:`LatencyTable.measure`).
     """
     _check_keep(keep)
     if table is None:
-        table = LatencyTable.measure(layout, example_inputs, timing)
+        table = LatencyTable.measure(layout, example_inputs, timing, round_to)
     (dense,) = measure_latency(
         layout.model,
         tuple(example_inputs.shape[1:]),
         batch_sizes=(table.batch_size,),
+        runtime=table.runtime,
         device=timing.device,
         warmup=timing.warmup,
         repeats=timing.repeats,
@@ -267,6 +273,27 @@ class LatencyPruneReport:
         )
 
 
+def time_dense_and_pruned(
+    dense: nn.Module,
+    pruned: nn.Module,
+    input_shape: Sequence[int],
+    budget: LatencyBudget,
+    timing: TimingSettings = DEFAULT_TIMING,
+) -> tuple[float, float]:
+    """Median milliseconds of ``dense`` and ``pruned`` timed now as ``budget`` was: in its
+    table's runtime and at its batch size (taking turns where the runtime allows)."""
+    (dense_now,), (pruned_now,) = time_models(
+        [dense, pruned],
+        tuple(input_shape),
+        batch_sizes=(budget.table.batch_size,),
+        runtime=budget.table.runtime,
+        device=timing.device,
+        warmup=timing.warmup,
+        repeats=timing.repeats,
+    )
+    return dense_now.median_ms, pruned_now.median_ms
+
+
 def default_scores(layout: NeuronLayout) -> Tensor:
     """L2 magnitude, normalised by each group's mean (the pipeline's default criterion)."""
     return normalize_scores(magnitude_scores(layout), layout)
@@ -280,40 +307,39 @@ def prune_to_latency(
     scores_fn: Callable[[NeuronLayout], Tensor] = default_scores,
     ignored_layers: Sequence[nn.Module] | None = None,
     min_channels: int = 1,
-    round_to: int = 1,
+    round_to: RoundTo = "auto",
     timing: TimingSettings = DEFAULT_TIMING,
     table: LatencyTable | None = None,
 ) -> LatencyPruneReport:
     """Prune ``model`` in place, in one shot, to ``keep_latency`` x its measured latency.
 
-    ``ignored_layers`` defaults to the last linear layer (the classifier). The report compares
-    the pruned model's latency with the budget; both are timed again at the end, a copy of
-    the dense model and the pruned one taking turns, so that the machine's drift since the
-    first measurement does not count as error. Its ``pruning_history`` is what
-    :func:`adasap.deploy.serialization.save_model` stores.
+    ``ignored_layers`` defaults to the last linear layer (the classifier). ``round_to: auto``
+    keeps the channel multiple of ``timing.runtime`` on ``timing.device``
+    (:func:`adasap.alignment.channel_alignment`; 1: any count). The report compares the pruned
+    model's latency with the budget; both are timed again at the end, so that the machine's
+    drift since the first measurement does not count as error. Its ``pruning_history`` is
+    what :func:`adasap.deploy.serialization.save_model` stores.
     """
     _check_keep(keep_latency)
+    check_rounding(timing.runtime, round_to)
+    round_to = resolve_round_to(round_to, timing.runtime, timing.device)
     if ignored_layers is None:
         ignored_layers = [m for m in model.modules() if isinstance(m, nn.Linear)][-1:]
     dense = copy.deepcopy(model)
     layout = NeuronLayout(model, example_inputs, ignored_layers)
-    budget = latency_budget(layout, example_inputs, keep_latency, timing=timing, table=table)
+    budget = latency_budget(
+        layout, example_inputs, keep_latency, timing=timing, table=table, round_to=round_to
+    )
     chosen = budget.select(layout, scores_fn(layout), min_channels=min_channels, round_to=round_to)
     remove_neurons(layout, chosen)
-    (dense_now,), (pruned,) = time_models(
-        [dense, model],
-        tuple(example_inputs.shape[1:]),
-        batch_sizes=(budget.table.batch_size,),
-        backend="torch",
-        device=timing.device,
-        warmup=timing.warmup,
-        repeats=timing.repeats,
+    dense_ms, pruned_ms = time_dense_and_pruned(
+        dense, model, tuple(example_inputs.shape[1:]), budget, timing
     )
     return LatencyPruneReport(
-        dense_ms=dense_now.median_ms,
-        budget_ms=keep_latency * dense_now.median_ms,
-        predicted_ms=budget.current_ms / budget.dense_ms * dense_now.median_ms,
-        measured_ms=pruned.median_ms,
+        dense_ms=dense_ms,
+        budget_ms=keep_latency * dense_ms,
+        predicted_ms=budget.current_ms / budget.dense_ms * dense_ms,
+        measured_ms=pruned_ms,
         batch_size=budget.table.batch_size,
         removed=len(chosen),
         pruning_history=layout.graph.pruning_history(),

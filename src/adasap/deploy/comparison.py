@@ -1,8 +1,10 @@
 """Dense beside pruned: latency medians, the pruned/dense ratio and whether it can be trusted.
 
-The models take turns at each repeat (PyTorch), and each pruned model's ratio to the dense one
-comes from the rounds, one pair of passes at a time (:class:`~adasap.deploy.ratio.LatencyRatio`),
-with a confidence interval that says when the machine was too busy to trust it.
+The models are timed in each runtime asked for (:mod:`adasap.deploy.runtimes`), taking turns
+at each repeat where the runtime allows (PyTorch), and each pruned model's ratio to the dense
+one comes from the rounds, one pair of passes at a time
+(:class:`~adasap.deploy.ratio.LatencyRatio`), with a confidence interval that says when the
+machine was too busy to trust it.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from torch import Tensor, nn
 
 from adasap.deploy.onnx import find_models, onnx_runs_on
 from adasap.deploy.ratio import NOISY_WIDTH, LatencyRatio
+from adasap.deploy.runtimes import DEFAULT_RUNTIME
 from adasap.deploy.serialization import DENSE, load_model, read_description, saved_task
-from adasap.deploy.timing import BACKENDS, LatencyResult, machine_info, model_times
+from adasap.deploy.timing import LatencyResult, machine_info, model_times
 from adasap.devices import resolve_device
 from adasap.errors import UserError
 from adasap.tasks import make_task
@@ -31,7 +34,7 @@ def row_ratio(row: Mapping[str, Any]) -> LatencyRatio:
 
 @dataclass
 class LatencyComparison:
-    """Dense beside pruned latency, one row per (pruned model, backend, batch size).
+    """Dense beside pruned latency, one row per (pruned model, runtime, batch size).
 
     A row holds both medians with p10/p90 (``dense_ms``, ``pruned_ms``, ...), the pruned/dense
     ``ratio`` (median per-round ratio) with its 95% interval ``ratio_low``-``ratio_high``,
@@ -49,13 +52,13 @@ class LatencyComparison:
         if where == "cpu":
             where = f"{self.machine['cpu']}, {self.machine['threads']} threads"
         table = Table(title=f"{title} ({where})")
-        columns = ("model", "backend", "batch", "dense ms", "pruned ms", "pruned/dense", "img/s")
+        columns = ("model", "runtime", "batch", "dense ms", "pruned ms", "pruned/dense", "img/s")
         for column in columns:
-            table.add_column(column, justify="left" if column in ("model", "backend") else "right")
+            table.add_column(column, justify="left" if column in ("model", "runtime") else "right")
         for r in self.rows:
             table.add_row(
                 r["model"],
-                r["backend"],
+                r["runtime"],
                 str(r["batch_size"]),
                 f"{r['dense_ms']:.2f} ({r['dense_p10_ms']:.2f}-{r['dense_p90_ms']:.2f})",
                 f"{r['pruned_ms']:.2f} ({r['pruned_p10_ms']:.2f}-{r['pruned_p90_ms']:.2f})",
@@ -76,31 +79,33 @@ def compare_latency(
     input_shape: Sequence[int],
     *,
     batch_sizes: Sequence[int] = (1, 64),
-    backends: Sequence[str] = ("torch",),
+    runtimes: Sequence[str] = (DEFAULT_RUNTIME,),
     device: str = "cpu",
     warmup: int = 5,
     repeats: int = 20,
     images: Tensor | None = None,
 ) -> LatencyComparison:
-    """Time the dense model and each pruned one; ratio = pruned / dense, speedup = 1 / ratio.
+    """Time the dense model and each pruned one in each of ``runtimes``; ratio = pruned /
+    dense, speedup = 1 / ratio.
 
     Inputs are random, or batches of real ``images`` (``N x *input_shape``), the same for
-    every model, which a detector's timing needs (:func:`~adasap.deploy.timing.image_batch`).
+    every model, which a detector's timing needs (:func:`~adasap.deploy.runtimes.image_batch`).
 
-    With PyTorch the models take turns at each repeat (dense, pruned 1, pruned 2, dense, ...),
-    so that a change in machine load hits them alike, and the ratio is the median over the
-    rounds of ``pruned_i / dense_i``. onnxruntime sessions are timed one after the other (see
-    :func:`~adasap.deploy.timing.model_times`): their rounds are paired by index only.
+    In an interleaved runtime (``torch``) the models take turns at each repeat (dense, pruned
+    1, pruned 2, dense, ...), so that a change in machine load hits them alike, and the ratio
+    is the median over the rounds of ``pruned_i / dense_i``. The other runtimes time one model
+    after the other (see :func:`~adasap.deploy.timing.model_times`): their rounds are paired
+    by index only.
     """
     models = dict(pruned) if isinstance(pruned, Mapping) else {"pruned": pruned}
     where = str(resolve_device(device))
     rows = []
-    for backend in backends:
+    for runtime in runtimes:
         base, *others = model_times(
             [dense, *models.values()],
             input_shape,
             batch_sizes=batch_sizes,
-            backend=backend,
+            runtime=runtime,
             device=device,
             warmup=warmup,
             repeats=repeats,
@@ -108,13 +113,13 @@ def compare_latency(
         )
         for name, times in zip(models, others, strict=True):
             for batch, dense_t, pruned_t in zip(batch_sizes, base, times, strict=True):
-                d = LatencyResult.from_times(dense_t, backend, where, batch)
-                p = LatencyResult.from_times(pruned_t, backend, where, batch)
+                d = LatencyResult.from_times(dense_t, runtime, where, batch)
+                p = LatencyResult.from_times(pruned_t, runtime, where, batch)
                 ratio = LatencyRatio.from_times(dense_t, pruned_t)
                 rows.append(
                     {
                         "model": name,
-                        "backend": backend,
+                        "runtime": runtime,
                         "device": where,
                         "batch_size": batch,
                         "dense_ms": d.median_ms,
@@ -136,7 +141,7 @@ def run_latency(
     run_dir: str | Path,
     *,
     batch_sizes: Sequence[int] = (1, 64),
-    backends: Sequence[str] | None = None,
+    runtimes: Sequence[str] | None = None,
     device: str = "cpu",
     warmup: int = 5,
     repeats: int = 20,
@@ -145,8 +150,8 @@ def run_latency(
     """Every pruned model of a run directory beside its dense model, on ``images`` (default:
     random ones of the saved input shape).
 
-    ``backends`` defaults to PyTorch, and onnxruntime where it runs on ``device`` (and the
-    task's ONNX graph takes batches). The dense
+    ``runtimes`` defaults to :data:`~adasap.deploy.runtimes.DEFAULT_RUNTIME` (onnxruntime)
+    where it runs on ``device`` and the task's ONNX graph takes batches, else PyTorch. The dense
     model is the run's own (``<run>/dense``); a run without one (written before runs kept it)
     gets a dense model rebuilt with fresh weights from the saved architecture where the task's
     time does not depend on the weights.
@@ -157,8 +162,9 @@ def run_latency(
         raise UserError(f"{run_dir} holds no pruned model beside its dense one: time a run")
     description = read_description(next(iter(models.values())))
     architecture, task = description["architecture"], make_task(saved_task(description))
-    if backends is None:
-        backends = BACKENDS if onnx_runs_on(device) and task.onnx_timing else ("torch",)
+    if runtimes is None:
+        default = onnx_runs_on(device) and task.onnx_timing
+        runtimes = (DEFAULT_RUNTIME,) if default else ("torch",)
     if dense_dir is not None:
         dense = load_model(dense_dir)
     elif task.timed_by_architecture:
@@ -175,7 +181,7 @@ def run_latency(
         pruned,
         (int(architecture["in_channels"]), size, size),
         batch_sizes=batch_sizes,
-        backends=backends,
+        runtimes=runtimes,
         device=device,
         warmup=warmup,
         repeats=repeats,

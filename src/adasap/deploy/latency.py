@@ -1,5 +1,7 @@
 """Inference latency in one import: timing, the per-layer latency table and latency budgets.
 
+- :mod:`adasap.deploy.runtimes`: the runtimes models are timed in (:data:`RUNTIMES`,
+  :func:`get_runtime`, :data:`DEFAULT_RUNTIME`);
 - :mod:`adasap.deploy.timing`: :func:`measure_latency`, :func:`machine_info` and
   :class:`TimingSettings`;
 - :mod:`adasap.deploy.comparison`: :func:`compare_latency` and :func:`run_latency`, dense
@@ -8,7 +10,7 @@
 - :mod:`adasap.deploy.budget`: :func:`latency_budget`, :func:`prune_to_latency` and the
   HALP-style prediction and ranking behind them.
 
-None of them imports onnx or onnxruntime until a function needs it.
+None of them imports onnx, onnxruntime or openvino until a function needs it.
 """
 
 from adasap.deploy.budget import (
@@ -22,9 +24,9 @@ from adasap.deploy.budget import (
 )
 from adasap.deploy.comparison import LatencyComparison, compare_latency, run_latency
 from adasap.deploy.ratio import LatencyRatio
+from adasap.deploy.runtimes import DEFAULT_RUNTIME, RUNTIMES, get_runtime
 from adasap.deploy.table import LatencyTable, LayerGrid, LayerSpec, default_cache_dir, layer_specs
 from adasap.deploy.timing import (
-    BACKENDS,
     LatencyResult,
     TimingSettings,
     machine_info,
@@ -32,7 +34,8 @@ from adasap.deploy.timing import (
 )
 
 __all__ = [
-    "BACKENDS",
+    "DEFAULT_RUNTIME",
+    "RUNTIMES",
     "LatencyBudget",
     "LatencyComparison",
     "LatencyPruneReport",
@@ -45,6 +48,7 @@ __all__ = [
     "compare_latency",
     "default_cache_dir",
     "default_scores",
+    "get_runtime",
     "latency_budget",
     "latency_predictor",
     "latency_ranking",

@@ -1,4 +1,5 @@
-"""Deployment: find the models of a run, export them to ONNX and check the export.
+"""Deployment: find the models of a run, export them to ONNX (fp32, or INT8 through
+:mod:`adasap.deploy.int8`) and check the export.
 
 onnx and onnxruntime are imported by the functions that use them, so that importing this
 module (and the timing built on it) stays cheap.
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from adasap.deploy.serialization import DESCRIPTION_FILE, load_model, read_description, saved_task
 from adasap.errors import UserError, exception_summary
@@ -31,6 +32,11 @@ from adasap.tasks import Task, make_task
 
 if TYPE_CHECKING:
     import onnxruntime as ort
+
+# An INT8 classifier may disagree with PyTorch's top-1 class on a few images whose two best
+# classes nearly tie; losing more than a tenth of them means the quantization broke something
+# (an activation range spoilt by outliers in the calibration images).
+INT8_AGREEMENT = 0.9
 
 MIN_OPSET = 17
 MAX_OPSET = 20  # the newest the TorchScript-based exporter writes
@@ -190,16 +196,23 @@ class ExportReport:
     tolerance: float
     batch_sizes: tuple[int, ...]
     detections_compared: int | None = None  # a detector's; None for a classifier
+    # an INT8 model (adasap.deploy.int8), checked on held-back calibration images: for
+    # per-image outputs (a classifier's) ``max_abs_diff`` is relative to the largest |output|
+    # and ``agreement`` is the share of images whose top-1 class PyTorch's model agrees with
+    int8: bool = False
+    agreement: float | None = None
 
     @property
     def passed(self) -> bool:
         """True when checked and every output is within ``tolerance`` of PyTorch's (for a
-        detector: with at least one detection compared)."""
+        detector: with at least one detection compared; for INT8, with a top-1 agreement of
+        at least :data:`INT8_AGREEMENT` where there is one)."""
         return (
             self.checked
             and self.max_abs_diff is not None
             and self.max_abs_diff < self.tolerance
             and self.detections_compared != 0
+            and (self.agreement is None or self.agreement >= INT8_AGREEMENT)
         )
 
     @classmethod
@@ -212,6 +225,9 @@ class ExportReport:
         tolerance: float,
         batch_sizes: tuple[int, ...],
         detections_compared: int | None = None,
+        *,
+        int8: bool = False,
+        agreement: float | None = None,
     ) -> ExportReport:
         """The report of a file just written: its size read from disk, checked when ``diff``
         (onnxruntime against PyTorch over ``batch_sizes``) was measured."""
@@ -225,6 +241,8 @@ class ExportReport:
             tolerance=tolerance,
             batch_sizes=batch_sizes if diff is not None else (),
             detections_compared=detections_compared,
+            int8=int8,
+            agreement=agreement,
         )
 
     def to_dict(self) -> dict:
@@ -232,22 +250,34 @@ class ExportReport:
 
     def __str__(self) -> str:
         shape = "x".join(map(str, self.input_shape))
-        head = f"{self.path} ({self.file_bytes / 1e6:.2f} MB, opset {self.opset}, input Nx{shape})"
+        kind = "INT8, " if self.int8 else ""
+        head = (
+            f"{self.path} ({kind}{self.file_bytes / 1e6:.2f} MB, opset {self.opset}, "
+            f"input Nx{shape})"
+        )
         if not self.checked:
             return f"{head}: not checked"
         if self.detections_compared == 0:
+            images = "held-back calibration images" if self.int8 else "random image"
             return (
-                f"{head}: UNVERIFIED: no detection to compare on the random image (none, or all "
+                f"{head}: UNVERIFIED: no detection to compare on the {images} (none, or all "
                 "within the tolerance of the weakest score); check it on your own images"
             )
         verdict = "passed" if self.passed else "FAILED"
-        batches = ", ".join(map(str, self.batch_sizes))
         compared = self.detections_compared
+        detections = f" over {compared} detections" if compared else ""
+        if self.int8:
+            agreement = "" if self.agreement is None else f"top-1 agreement {self.agreement:.1%}, "
+            relative = " of the largest output" if self.agreement is not None else ""
+            return (
+                f"{head}: onnxruntime INT8 vs PyTorch on {sum(self.batch_sizes)} held-back "
+                f"calibration images{detections}: {agreement}max |diff| "
+                f"{self.max_abs_diff:.2e}{relative} (tolerance {self.tolerance:.0e}): {verdict}"
+            )
+        batches = ", ".join(map(str, self.batch_sizes))
         return (
             f"{head}: onnxruntime vs PyTorch max |diff| {self.max_abs_diff:.2e} at batch "
-            f"{batches}"
-            + (f" over {compared} detections" if compared else "")
-            + f" (tolerance {self.tolerance:.0e}): {verdict}"
+            f"{batches}{detections} (tolerance {self.tolerance:.0e}): {verdict}"
         )
 
 
@@ -260,7 +290,8 @@ def onnx_runs_on(device: str) -> bool:
 
 
 def onnx_session(path: str | Path, device: str = "cpu") -> ort.InferenceSession:
-    """An onnxruntime session on the CPU, or on CUDA when ``device`` says so."""
+    """An onnxruntime session on the CPU, or on CUDA when ``device`` says so, with PyTorch's
+    number of threads."""
     import onnxruntime as ort
 
     if not onnx_runs_on(device):
@@ -268,7 +299,17 @@ def onnx_session(path: str | Path, device: str = "cpu") -> ort.InferenceSession:
             "onnxruntime has no CUDA provider here: install onnxruntime-gpu or use the CPU"
         )
     provider = "CUDAExecutionProvider" if device.startswith("cuda") else "CPUExecutionProvider"
-    return ort.InferenceSession(str(path), providers=[provider])
+    options = ort.SessionOptions()
+    # as many threads as PyTorch uses (onnxruntime's default is one per core), so that the
+    # runtimes' times compare
+    options.intra_op_num_threads = torch.get_num_threads()
+    return ort.InferenceSession(str(path), options, providers=[provider])
+
+
+def any_nan(*outputs: dict[str, np.ndarray]) -> bool:
+    """Whether any float array of the outputs (by name) holds a NaN."""
+    arrays = [a for named in outputs for a in named.values()]
+    return any(a.dtype.kind == "f" and np.isnan(a).any() for a in arrays)
 
 
 def max_onnx_difference(
@@ -294,9 +335,7 @@ def max_onnx_difference(
         got = session.run(list(names), {task.onnx_input: images.numpy()})
         got = dict(zip(names, got, strict=True))
         diff, count = task.onnx_difference(images, expected, got, tolerance)
-        arrays = [*expected.values(), *got.values()]
-        nan = any(a.dtype.kind == "f" and np.isnan(a).any() for a in arrays)
-        diffs.append(math.nan if nan else diff)
+        diffs.append(math.nan if any_nan(expected, got) else diff)
         counts.append(count)
     compared = None if None in counts else sum(counts)
     return float(np.max(diffs)), compared  # np.max keeps a NaN, Python's max may drop it
@@ -311,6 +350,8 @@ def export_onnx(
     check: bool = True,
     tolerance: float | None = None,
     task: str | Task = "classification",
+    int8: bool = False,
+    calibration: Tensor | None = None,
 ) -> ExportReport:
     """Export a model (or a saved model directory) to ONNX, the graph its task's
     (:class:`~adasap.tasks.Task`: a classifier's ``images`` to ``logits`` with a dynamic batch
@@ -323,11 +364,29 @@ def export_onnx(
     1e-4 for a classifier, 1e-3 for a detector). A failed check keeps the file (for
     inspection) and reports ``passed=False``. A directory's own files, and its run's, are
     never overwritten (:func:`check_export_path`).
+
+    With ``int8``, the file holds the model quantized to INT8 (:mod:`adasap.deploy.int8`)
+    on ``calibration`` images (``N x C x H x W`` in [0, 1], a few hundred training images);
+    the check holds back a fifth of them and compares there (a classifier's top-1 agreement
+    and relative difference, tolerance 0.1: :func:`adasap.deploy.int8.export_int8`).
     """
     _check_opset(opset)
     if not isinstance(model_or_dir, nn.Module):
         check_export_path(path, select_model(model_or_dir))
     model, input_shape, task = resolve_model(model_or_dir, image_size, task)
+    if int8:
+        from adasap.deploy.int8 import export_int8
+
+        return export_int8(
+            model,
+            path,
+            input_shape,
+            task,
+            calibration,
+            opset=opset,
+            check=check,
+            tolerance=tolerance,
+        )
     tolerance = task.onnx_tolerance if tolerance is None else tolerance
     written = write_onnx(model, path, input_shape, opset, task)
     batches = task.onnx_check_batches

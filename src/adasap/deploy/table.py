@@ -1,8 +1,9 @@
 """The latency table: each prunable layer timed over a grid of (input, output) channel counts.
 
-Layers are timed as standalone modules on their own input size, cached on disk per machine,
-input shape and batch size (see :class:`LatencyTable`); :mod:`adasap.deploy.budget` predicts
-a pruned model's latency from the table.
+Layers are timed as standalone modules on their own input size, in the runtime the model will
+be deployed to (:mod:`adasap.deploy.runtimes`), cached on disk per machine, runtime, input
+shape and batch size (see :class:`LatencyTable`); :mod:`adasap.deploy.budget` predicts a
+pruned model's latency from the table.
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import tempfile
 import warnings
 from bisect import bisect_right
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,21 +22,16 @@ from typing import Any
 import numpy as np
 from torch import Tensor, nn
 
-from adasap.deploy.timing import (
-    DEFAULT_TIMING,
-    TimingSettings,
-    device_sync,
-    forward_runner,
-    machine_info,
-    time_interleaved,
-)
+from adasap.alignment import channel_alignment
+from adasap.deploy.runtimes import get_runtime
+from adasap.deploy.timing import DEFAULT_TIMING, TimingSettings, machine_info, time_runs
 from adasap.devices import resolve_device
 from adasap.io import CacheMiss, cache_root, cached, read_checked_json, write_checked_json
 from adasap.method.neurons import NeuronLayout
 from adasap.method.pruning import sliced_axes
 
 TABLE_FORMAT = "adasap-latency-table"
-TABLE_VERSION = 1
+TABLE_VERSION = 2  # 2: timed in a runtime, grids on multiples of round_to
 
 
 @dataclass(frozen=True)
@@ -59,8 +56,8 @@ class LayerSpec:
     depthwise: bool = False
     input_size: tuple[int, int] = (1, 1)
 
-    def key(self, points: int) -> str:
-        return json.dumps({**asdict(self), "points": points}, sort_keys=True)
+    def key(self, points: int, round_to: int) -> str:
+        return json.dumps({**asdict(self), "points": points, "round_to": round_to}, sort_keys=True)
 
     def build(self, cin: int, cout: int) -> nn.Module:
         if self.kind == "linear":
@@ -86,13 +83,21 @@ class LayerSpec:
             return (cin,)
         return (cout if self.depthwise else cin, *self.input_size)
 
-    def grid(self, points: int) -> tuple[list[int], list[int]]:
-        """Channel counts to time: ``points`` spread over 1..full on each prunable axis."""
+    def grid(self, points: int, round_to: int = 1) -> tuple[list[int], list[int]]:
+        """Channel counts to time on each prunable axis: 1, the full width, and between them
+        up to ``points`` - 2 multiples of ``round_to`` spread evenly.
+
+        A runtime's kernels work in blocks of channels, so latency steps up at each multiple
+        of the block and the counts between are slow (benchmarks/bench_channels.py). Pruning
+        with ``round_to`` keeps counts on the multiples: the grid times those, where a smooth
+        fit through odd counts would take the slow steps for the trend.
+        """
 
         def spread(size: int, pruned: bool) -> list[int]:
             if not pruned:
                 return [size]
-            return sorted({max(1, round(size * k / (points - 1))) for k in range(points)})
+            steps = (round(size * k / (points - 1) / round_to) for k in range(1, points - 1))
+            return sorted({1, size, *(n * round_to for n in steps if 0 < n * round_to < size)})
 
         return spread(self.in_channels, self.prune_in), spread(self.out_channels, self.prune_out)
 
@@ -187,44 +192,65 @@ def default_cache_dir() -> Path:
 
 
 def _cache_file(
-    cache_dir: str | Path | None, machine: dict[str, Any], input_shape: Sequence[int], batch: int
+    cache_dir: str | Path | None,
+    machine: dict[str, Any],
+    runtime: str,
+    input_shape: Sequence[int],
+    batch: int,
 ) -> Path:
     digest = hashlib.sha256(json.dumps(machine, sort_keys=True).encode()).hexdigest()[:12]
     shape = "x".join(map(str, input_shape))
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    return folder / f"{digest}-{shape}-b{batch}.json"
+    return folder / f"{digest}-{runtime}-{shape}-b{batch}.json"
 
 
-def _read_cache(path: Path, machine: dict[str, Any], batch: int) -> dict[str, LayerGrid]:
+def _read_cache(
+    path: Path, machine: dict[str, Any], runtime: str, batch: int
+) -> dict[str, LayerGrid]:
     """The grids of a cache file; :class:`CacheMiss` when it is absent or unusable."""
     data = read_checked_json(path)
     if (
         data.get("format") != TABLE_FORMAT
         or data.get("version") != TABLE_VERSION
         or data.get("machine") != machine
+        or data.get("runtime") != runtime
         or data.get("batch_size") != batch
     ):
-        raise CacheMiss("written for another machine, batch size or format")
+        raise CacheMiss("written for another machine, runtime, batch size or format")
     try:
         return {key: LayerGrid(**grid) for key, grid in data["grids"].items()}
     except (KeyError, TypeError, AttributeError) as exc:
         raise CacheMiss(f"bad grids ({exc})") from exc
 
 
-def _measure_grid(spec: LayerSpec, timing: TimingSettings) -> LayerGrid:
-    ins, outs = spec.grid(timing.points)
+def time_layers(
+    layers: Sequence[tuple[nn.Module, Sequence[int]]], timing: TimingSettings
+) -> list[list[float]]:
+    """Milliseconds of each timed pass of every ``(layer, its per-sample input shape)``
+    deployed to ``timing.runtime`` on ``timing.device``, at ``timing.batch_size``.
+
+    As :func:`~adasap.deploy.timing.model_times`, which takes one input shape for all its
+    models: where the runtime allows (PyTorch) the layers take turns, so that a burst of load
+    spoils one repeat of each (which a median ignores) rather than every repeat of one; an
+    onnxruntime or OpenVINO session keeps its threads spinning a while after a run and would
+    steal the cores from the next, so those are timed one after the other.
+    """
+    runtime = get_runtime(timing.runtime)
     device = resolve_device(timing.device)
-    shared: dict[tuple[int, ...], Tensor] = {}
-    runs = [
-        forward_runner(
-            spec.build(cin, cout), spec.input_shape(cin, cout), "torch", device, inputs=shared
-        )(timing.batch_size)
-        for cin in ins
-        for cout in outs
-    ]
-    # All grid points take turns, so that a burst of load spoils one repeat of each point
-    # (which the median ignores) rather than every repeat of one point.
-    times = time_interleaved(runs, timing.warmup, timing.repeats, device_sync("torch", device))
+    with tempfile.TemporaryDirectory(prefix="adasap-latency-") as tmp:
+        runs: list[Callable[[], object]] = []
+        for k, (layer, shape) in enumerate(layers):
+            workdir = Path(tmp) / str(k)  # each deployment writes its own model files
+            workdir.mkdir()
+            deployed = runtime.deploy(layer, shape, device=device, workdir=workdir)
+            runs.append(deployed.runner(timing.batch_size))
+        return time_runs(runs, timing.warmup, timing.repeats, interleaved=runtime.interleaved)
+
+
+def _measure_grid(spec: LayerSpec, timing: TimingSettings, round_to: int) -> LayerGrid:
+    ins, outs = spec.grid(timing.points, round_to)
+    layers = [(spec.build(cin, cout), spec.input_shape(cin, cout)) for cin in ins for cout in outs]
+    times = time_layers(layers, timing)
     ms = np.median(np.array(times), axis=1).reshape(len(ins), len(outs))
     # Load only ever adds time: a point slower than a larger layer is noise, so each point
     # takes the minimum over the layers at least as large (suffix minimum on both axes).
@@ -238,13 +264,16 @@ class LatencyTable:
 
     ``grids`` is keyed by layer spec (shared by identical layers, and across models, through
     the on-disk cache); ``layers`` maps module names to their spec's key. Names survive
-    pruning, so a table measured on the dense model serves every pruned version of it.
+    pruning, so a table measured on the dense model serves every pruned version of it. The
+    layers ran in ``runtime``, their grids on multiples of ``round_to``.
     """
 
     grids: dict[str, LayerGrid]
     layers: dict[str, str]
     machine: dict[str, Any]
     batch_size: int
+    runtime: str
+    round_to: int
     path: Path | None = None
     measured: int = 0  # grids timed by this call; the others came from the cache
 
@@ -254,41 +283,48 @@ class LatencyTable:
         layout: NeuronLayout,
         example_inputs: Tensor,
         timing: TimingSettings = DEFAULT_TIMING,
+        round_to: int | None = None,
     ) -> LatencyTable:
-        """Time every prunable layer of ``layout`` (cached per machine, input shape and batch).
+        """Time every prunable layer of ``layout`` in ``timing.runtime`` (cached per machine,
+        runtime, input shape and batch), on grids of multiples of ``round_to`` (default: the
+        runtime's :func:`~adasap.alignment.channel_alignment`, what ``round_to: auto`` keeps).
 
         Layers already in the cache file for this machine are not timed again; processes that
         measure at once time each layer once (:func:`adasap.io.cached`), and a damaged file
         (not matching its checksum) is measured again.
         """
+        if round_to is None:
+            round_to = channel_alignment(timing.runtime, resolve_device(timing.device))
         input_shape = tuple(example_inputs.shape[1:])
         specs = layer_specs(layout, input_shape)
-        machine = machine_info(timing.device)
-        path = _cache_file(timing.cache_dir, machine, input_shape, timing.batch_size)
-        needed = {spec.key(timing.points): spec for spec in dict.fromkeys(specs.values())}
+        machine, runtime, batch = machine_info(timing.device), timing.runtime, timing.batch_size
+        path = _cache_file(timing.cache_dir, machine, runtime, input_shape, batch)
+        keys = {name: spec.key(timing.points, round_to) for name, spec in specs.items()}
+        needed = {keys[name]: spec for name, spec in specs.items()}
         grids: dict[str, LayerGrid] = {}  # timed by this call
 
         def load() -> dict[str, LayerGrid]:
-            found = _read_cache(path, machine, timing.batch_size)
+            found = _read_cache(path, machine, runtime, batch)
             if not needed.keys() <= found.keys():
                 raise CacheMiss()  # complete the table: time the layers it lacks
             return found
 
         def complete() -> dict[str, LayerGrid]:
             try:
-                found = _read_cache(path, machine, timing.batch_size)
+                found = _read_cache(path, machine, runtime, batch)
             except CacheMiss:
                 found = {}
             for key, spec in needed.items():
                 if key not in found:
-                    found[key] = grids[key] = _measure_grid(spec, timing)
+                    found[key] = grids[key] = _measure_grid(spec, timing, round_to)
             write_checked_json(
                 path,
                 {
                     "format": TABLE_FORMAT,
                     "version": TABLE_VERSION,
                     "machine": machine,
-                    "batch_size": timing.batch_size,
+                    "runtime": runtime,
+                    "batch_size": batch,
                     "input_shape": list(input_shape),
                     "grids": {key: asdict(grid) for key, grid in found.items()},
                 },
@@ -301,9 +337,8 @@ class LatencyTable:
             )
 
         cached_grids = cached(path, load, complete, on_damaged=damaged)
-        layers = {name: spec.key(timing.points) for name, spec in specs.items()}
-        used = {key: cached_grids[key] for key in layers.values()}
-        return cls(used, layers, machine, timing.batch_size, path, measured=len(grids))
+        used = {key: cached_grids[key] for key in keys.values()}
+        return cls(used, keys, machine, batch, runtime, round_to, path, measured=len(grids))
 
     def layer_ms(self, name: str, cin: float, cout: float) -> float:
         return self.grids[self.layers[name]].at(cin, cout)

@@ -6,8 +6,9 @@ each seed, then the pruned cells, one after another or several at once
 appends one JSON line per finished cell to ``<out>/results.jsonl``, in grid order; an
 interrupted cell resumes from ``<out>/runs/<cell>/``, a finished one is skipped. Each line is a
 :class:`~adasap.experiments.results.BenchRow`: clean and corruption accuracy, sharpness of the
-dense model (before pruning) and of the pruned one (after), size, measured CPU latency (a pruned
-model's timed in turns with the dense one, with its pruned/dense ratio) and wall time.
+dense model (before pruning) and of the pruned one (after), size, measured CPU latency in the
+runtime the cell deploys to (a pruned model's timed in turns with the dense one, with its
+pruned/dense ratio) and wall time.
 :func:`~adasap.experiments.bench_report.write_report` turns the lines into the report.
 """
 
@@ -48,6 +49,7 @@ from adasap.experiments.results import (
     save_row,
 )
 from adasap.experiments.run import evaluate_model, pruned_row
+from adasap.experiments.speed import speed_runtime
 from adasap.io import load_json
 from adasap.method.pruning import measure_size
 from adasap.robustness.sharpness import top_hessian_eigenvalue, worst_case_loss_increase
@@ -85,7 +87,8 @@ class _Seed:
     dense_sha256: str | None
 
     def measure(self, model: nn.Module, config: ExperimentConfig) -> dict[str, Any]:
-        """Sharpness on the probe batches and CPU latency at batch 1 (:class:`BenchRow` fields)."""
+        """Sharpness on the probe batches and CPU latency at batch 1 in the runtime the cell
+        deploys to (:class:`BenchRow` fields)."""
         model.to(self.probe[0][0].device)
         rho = config.prune.pruner.rho
         return {
@@ -94,24 +97,31 @@ class _Seed:
                 model, self.probe, iterations=self.preset.hessian_iterations
             ),
             "sharpness_rho": rho,
-            **self.latency(model),
+            **self.latency(model, speed_runtime(config)),
         }
 
-    def latency(self, model: nn.Module) -> dict[str, Any]:
-        """Batch-1 CPU latency; a pruned model takes turns with the dense one, which gives its
-        pruned/dense ratio and whether that is too noisy to trust (:mod:`adasap.deploy.ratio`)."""
+    def latency(self, model: nn.Module, runtime: str) -> dict[str, Any]:
+        """Batch-1 CPU latency in ``runtime``; a pruned model takes turns with the dense one,
+        which gives its pruned/dense ratio and whether that is too noisy to trust
+        (:mod:`adasap.deploy.ratio`)."""
         spec = self.data.spec
         shape = (spec.channels, spec.image_size, spec.image_size)
         repeats = self.preset.latency_repeats
         if model is self.dense:
-            (alone,) = measure_latency(model, shape, batch_sizes=(1,), repeats=repeats)
+            (alone,) = measure_latency(
+                model, shape, batch_sizes=(1,), runtime=runtime, repeats=repeats
+            )
             return {
+                "runtime": runtime,
                 "latency_ms": alone.median_ms,
                 "latency_p10_ms": alone.p10_ms,
                 "latency_p90_ms": alone.p90_ms,
             }
-        (row,) = compare_latency(self.dense, model, shape, batch_sizes=(1,), repeats=repeats).rows
+        (row,) = compare_latency(
+            self.dense, model, shape, batch_sizes=(1,), runtimes=(runtime,), repeats=repeats
+        ).rows
         return {
+            "runtime": runtime,
             "latency_ms": row["pruned_ms"],
             "latency_p10_ms": row["pruned_p10_ms"],
             "latency_p90_ms": row["pruned_p90_ms"],

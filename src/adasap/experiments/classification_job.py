@@ -13,9 +13,15 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from adasap.data import DataBundle, dataset_options, evaluation_source, get_spec, load_dataset
+from adasap.data import (
+    DataBundle,
+    batches,
+    dataset_options,
+    evaluation_source,
+    get_spec,
+    load_dataset,
+)
 from adasap.deploy.comparison import LatencyComparison, run_latency
-from adasap.deploy.latency import TimingSettings, latency_budget
 from adasap.devices import autocast_dtype, resolve_device
 from adasap.distributed import is_distributed, on_main, shard
 from adasap.errors import UserError
@@ -26,7 +32,7 @@ from adasap.experiments.dense import loader_workers, safe_name
 from adasap.experiments.grid import Parallel
 from adasap.experiments.job import JOBS, Job
 from adasap.experiments.presets import PRESETS
-from adasap.experiments.reporting import COLUMNS
+from adasap.experiments.reporting import ACCURACY_SCORES
 from adasap.experiments.results import ResultRow
 from adasap.io import cache_root
 from adasap.method.neurons import NeuronLayout
@@ -38,9 +44,11 @@ from adasap.robustness.official import load_imagenet_v2, official_sets
 from adasap.tasks import ClassificationTask, Task
 from adasap.tasks.evaluate import evaluate_accuracy
 from adasap.training.loop import steps_per_epoch
-from adasap.training.pipeline import check_target_reachable
+from adasap.training.pipeline import check_target_reachable, latency_budget_for
 
 QUICK_CORRUPTIONS = ("gaussian_noise", "gaussian_blur")
+# training images that calibrate an INT8 model's activation ranges
+CALIBRATION_IMAGES = 256
 
 
 def corruption_names(config: ExperimentConfig) -> tuple[str, ...] | None:
@@ -99,14 +107,12 @@ def check_keep_reachable(config: ExperimentConfig, data: DataBundle) -> None:
     if s.keep_kind == "latency":
         with warnings.catch_warnings():  # a noisy machine: the run measures again and says so
             warnings.simplefilter("ignore")
-            budget = latency_budget(
-                layout, example[:1], s.keep, timing=TimingSettings(device=device.type)
-            )
+            budget = latency_budget_for(layout, example, s)
     check_target_reachable(layout, s, measure_size(model, example), budget)
 
 
 class ClassificationJob(Job):
-    columns = COLUMNS
+    scores = ACCURACY_SCORES
     title = "adasap results"
     bench_presets = PRESETS
 
@@ -265,18 +271,28 @@ class ClassificationJob(Job):
     ) -> tuple[tuple[int, ...], torch.Tensor | None]:
         return tuple(example_images(data).shape[1:]), None
 
+    def calibration_images(self, config: ExperimentConfig, data: DataBundle) -> torch.Tensor:
+        """The first :data:`CALIBRATION_IMAGES` of the training images in an order seeded by
+        the run's seed, without augmentation (as the test images are prepared)."""
+        order = torch.Generator().manual_seed(config.prune.seed)
+        images, _ = next(batches(data.train, CALIBRATION_IMAGES, shuffle=True, generator=order))
+        return images
+
     def latency(
         self,
         run_dir: Path,
         models: dict[str, Path],
         *,
         batch_sizes: Sequence[int],
+        runtimes: Sequence[str],
         device: str,
         repeats: int,
         console: Console,
     ) -> LatencyComparison:
         """Fresh dense weights and random inputs: a classifier's time depends on neither."""
-        return run_latency(run_dir, batch_sizes=batch_sizes, device=device, repeats=repeats)
+        return run_latency(
+            run_dir, batch_sizes=batch_sizes, runtimes=runtimes, device=device, repeats=repeats
+        )
 
     def bench(
         self, preset: str, out: Path, console: Console, parallel: Parallel, report_only: bool

@@ -59,6 +59,8 @@ class ExperimentConfig:
     workers: int | None = None
     # detection: the side of the canvases and of the detector's input (None: the job's default)
     image_size: int | None = None
+    # after the methods: every model quantized to INT8 (ONNX Runtime), evaluated and timed
+    int8: bool = False
 
     @property
     def reduced(self) -> bool:

@@ -39,7 +39,7 @@ from adasap.experiments.detection_data import (
 )
 from adasap.experiments.grid import Parallel
 from adasap.experiments.job import JOBS, Job
-from adasap.experiments.reporting import DETECTION_COLUMNS
+from adasap.experiments.reporting import DETECTION_SCORES
 from adasap.experiments.results import ResultRow
 from adasap.io import cache_root, read_json_mapping
 from adasap.models.detection import build_detector, list_detectors
@@ -52,7 +52,7 @@ EVAL_BATCH = 32
 
 
 class DetectionJob(Job):
-    columns = DETECTION_COLUMNS
+    scores = DETECTION_SCORES
     title = "adasap detection results"
     bench_presets = DETECTION_PRESETS
     defaults = DETECTION_DEFAULTS
@@ -219,18 +219,20 @@ class DetectionJob(Job):
         models: dict[str, Path],
         *,
         batch_sizes: Sequence[int],
+        runtimes: Sequence[str],
         device: str,
         repeats: int,
         console: Console,
     ) -> LatencyComparison:
-        """The pruned detectors beside the run's trained dense one, PyTorch only, all timed on
-        the run's first test images: a detector's post-processing grows with the boxes above
-        its score threshold, so neither fresh weights nor random images would be fair."""
+        """The pruned detectors beside the run's trained dense one, all timed on the run's
+        first test images: a detector's post-processing grows with the boxes above its score
+        threshold, so neither fresh weights nor random images would be fair."""
         config = saved_config(next(iter(models.values()))).validate()
         images = timing_images(config, self.load_data(config), max(batch_sizes))
         return run_latency(
-            run_dir, batch_sizes=batch_sizes, device=device, repeats=repeats, images=images
-        )
+            run_dir, batch_sizes=batch_sizes, runtimes=runtimes, device=device, repeats=repeats,
+            images=images,
+        )  # fmt: skip
 
     def bench(
         self, preset: str, out: Path, console: Console, parallel: Parallel, report_only: bool

@@ -17,6 +17,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
+from adasap.errors import UserError
 from adasap.registry import Registry
 from adasap.tasks import Task
 
@@ -31,8 +32,8 @@ if TYPE_CHECKING:
 class Job(ABC):
     """A task's part of every experiment command."""
 
-    # the results table: (ResultRow field, column title), and its title
-    columns: ClassVar[Sequence[tuple[str, str]]]
+    # the task's scores in the results tables: (ResultRow field, column title); the tables' title
+    scores: ClassVar[Sequence[tuple[str, str]]]
     title: ClassVar[str]
     # adasap bench --task <task> --preset <name>: the task's benchmark grids
     bench_presets: ClassVar[Mapping[str, BenchPreset]]
@@ -116,6 +117,11 @@ class Job(ABC):
         """The input shape (C, H, W) the run table times its models on, and the images (None:
         random ones)."""
 
+    def calibration_images(self, config: ExperimentConfig, data: Any) -> torch.Tensor:
+        """Training images (``N x C x H x W`` in [0, 1], a few hundred, drawn as the run draws
+        them, seeded) that calibrate a quantized model's activation ranges."""
+        raise UserError(f"{config.task} models are not quantized: drop --int8")
+
     @abstractmethod
     def latency(
         self,
@@ -123,11 +129,13 @@ class Job(ABC):
         models: dict[str, Path],
         *,
         batch_sizes: Sequence[int],
+        runtimes: Sequence[str],
         device: str,
         repeats: int,
         console: Console,
     ) -> LatencyComparison:
-        """``adasap latency``: the saved ``models`` beside their dense model."""
+        """``adasap latency``: the saved ``models`` beside their dense model, in each of
+        ``runtimes``."""
 
     @abstractmethod
     def bench(

@@ -25,6 +25,9 @@ from adasap.io import atomic_write_json, load_json, parse_json, read_json_mappin
 from adasap.method.pruning import ModelSize
 
 RESULTS_FILE = "results.jsonl"
+# The batch sizes a run times its models at: latency (1) and throughput; ResultRow's time_b<N>
+THROUGHPUT_BATCH = 64
+SPEED_BATCHES = (1, THROUGHPUT_BATCH)
 RUNS_DIR = "runs"  # <out>/runs/<cell>/: a benchmark cell's models, reports and row
 ROW_FILE = "row.json"  # a finished cell's own copy of its line, in its run folder
 FAILURES_FILE = "failures.jsonl"
@@ -60,17 +63,31 @@ class ResultRow(Row):
     shift_accuracy: float | None = None
     params: int | None = None
     macs: int | None = None
-    # batch-1 CPU latency (median ms); a pruned model's is timed in turns with the dense one,
-    # which gives its pruned/dense ratio, the ratio's 95% interval and whether that interval
-    # is too wide to trust (adasap.deploy.ratio)
-    latency_ms: float | None = None
-    latency_ratio: float | None = None
-    latency_ratio_low: float | None = None
-    latency_ratio_high: float | None = None
-    latency_noisy: bool | None = None
     seconds: float | None = None
     # with keep_kind latency: the pruned model's measured latency against its budget
     latency: dict[str, float] | None = None
+    # a pruned model's channel rounding as the pruner resolved it (round_to "auto": what it became)
+    round_to: int | None = None
+    # Speed in ``runtime`` (adasap.deploy.runtimes) against the dense model in the same session:
+    # ``macs_ratio`` is pruned/dense MACs; ``time_b<N>`` is a forward pass at batch N (1, and
+    # THROUGHPUT_BATCH): ``ms`` (median), and for a pruned model the pruned/dense ``ratio``
+    # (median per-round ratio), its 95% interval ``ratio_low``-``ratio_high``, ``rounds`` and
+    # ``noisy`` (the interval too wide to trust: adasap.deploy.ratio); ``efficiency_b<N>`` is
+    # macs_ratio / ratio. An INT8 row is timed against the dense fp32 model in ONNX Runtime.
+    runtime: str | None = None
+    macs_ratio: float | None = None
+    time_b1: dict[str, Any] | None = None
+    time_b64: dict[str, Any] | None = None
+    efficiency_b1: float | None = None
+    efficiency_b64: float | None = None
+    # an INT8 row: the size of its quantized ONNX file
+    file_bytes: int | None = None
+
+    @property
+    def times(self) -> dict[int, dict[str, Any]]:
+        """The ``time_b<N>`` entries measured, by batch size."""
+        entries = {b: getattr(self, f"time_b{b}") for b in SPEED_BATCHES}
+        return {b: entry for b, entry in entries.items() if entry}
 
     def with_cost(self: R, size: ModelSize, **values: Any) -> R:
         """This row with its model's size (params and MACs) and any other field ``values``
@@ -95,8 +112,16 @@ class BenchRow(ResultRow):
     keep_kind: str | None = None
     keep_achieved: float | None = None
     per_corruption: dict[str, float] | None = None
+    # batch-1 latency in the cell's runtime (median ms, p10, p90); a pruned model's is timed in
+    # turns with the dense one, which gives its pruned/dense ratio, the ratio's 95% interval
+    # and whether that interval is too wide to trust (adasap.deploy.ratio)
+    latency_ms: float | None = None
     latency_p10_ms: float | None = None
     latency_p90_ms: float | None = None
+    latency_ratio: float | None = None
+    latency_ratio_low: float | None = None
+    latency_ratio_high: float | None = None
+    latency_noisy: bool | None = None
     loss_increase: float | None = None
     hessian_eigenvalue: float | None = None
     sharpness_rho: float | None = None
@@ -201,10 +226,24 @@ save_row = BENCH_FILES.save
 PROSE_KEYS = ("description",)
 
 
+# Settings added after results were saved, with the value those results ran with (timing in
+# PyTorch, exact channel counts, no INT8 rows): a saved definition that lacks one is the same
+# as one that sets it so, and its folder continues.
+ADDED_SETTINGS: dict[str, Any] = {"round_to": 1, "runtime": "torch", "int8": False}
+
+
 def _results_part(definition: Any) -> Any:
     if not isinstance(definition, dict):
         return definition
-    return {k: v for k, v in definition.items() if k not in PROSE_KEYS}
+    part = {k: v for k, v in definition.items() if k not in PROSE_KEYS}
+    for settings in ("base", "resolved"):
+        if isinstance(part.get(settings), dict):
+            part[settings] = {
+                k: v
+                for k, v in part[settings].items()
+                if k not in ADDED_SETTINGS or ADDED_SETTINGS[k] != v
+            }
+    return part
 
 
 def prepare_out(out_dir: str | Path, definition: dict[str, Any], what: str) -> Path:

@@ -1,4 +1,5 @@
-"""The main job: dense model -> pruned by each method -> clean and corruption accuracy -> table.
+"""The main job: dense model -> pruned by each method -> scores on clean and corrupted images,
+speed -> tables.
 
 ``run_experiment`` is what ``adasap run`` (and so ``make demo``) does. Everything it needs is
 validated before the run directory is created, so bad input leaves nothing behind. Under
@@ -21,16 +22,22 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from adasap.deploy.latency import compare_latency
-from adasap.deploy.serialization import DENSE, load_model, save_model
+from adasap.deploy.serialization import DENSE, save_model
 from adasap.devices import resolve_device
 from adasap.distributed import broadcast_value, is_main, on_main
 from adasap.errors import UserError
-from adasap.experiments.config import ExperimentConfig, dump_yaml
+from adasap.experiments.config import ExperimentConfig, dump_yaml, from_flat
 from adasap.experiments.dense import dense_model, folder_label
 from adasap.experiments.job import Job, job_of
-from adasap.experiments.reporting import results_markdown, results_table
+from adasap.experiments.reporting import results_markdown, results_tables
 from adasap.experiments.results import ResultRow
+from adasap.experiments.speed import (
+    check_runtimes,
+    int8_rows,
+    speed_runtime,
+    speed_title,
+    timed_rows,
+)
 from adasap.io import (
     RUN_MARKER,
     atomic_write_json,
@@ -42,11 +49,6 @@ from adasap.io import (
 from adasap.method.pruning import measure_size
 from adasap.training.checkpoint import CHECKPOINT_FILE, RunInterrupted, TrainingDiverged
 from adasap.training.pipeline import prune
-
-# The run table's latency: batch 1 on the CPU, the models taking turns for this many rounds
-# (about 1 s in all for ResNet-20 on an idle 2-core CPU).
-LATENCY_WARMUP = 10
-LATENCY_ROUNDS = 100
 
 
 def prepare_run_dir(
@@ -124,46 +126,6 @@ def _check_replaceable(run_dir: Path, overwrite: bool) -> None:
         )
 
 
-def timed_rows(
-    rows: list[ResultRow],
-    dense,
-    run_dir: Path,
-    input_shape: tuple[int, ...],
-    images: torch.Tensor | None = None,
-) -> list[ResultRow]:
-    """``rows`` (dense first, then one per method) with their batch-1 CPU latency, on images of
-    ``input_shape`` (C, H, W), random unless ``images``.
-
-    The dense model and every pruned one (read back from ``run_dir/<method>``) are timed in
-    one session, taking turns at each round, so that a change in machine load hits them alike;
-    each pruned row also gets its pruned/dense ratio with its 95% interval and whether that
-    interval is too wide to trust (:mod:`adasap.deploy.ratio`).
-    """
-    pruned = {row.method: load_model(run_dir / row.method) for row in rows[1:]}
-    comparison = compare_latency(
-        dense.cpu(),
-        pruned,
-        input_shape,
-        batch_sizes=(1,),
-        warmup=LATENCY_WARMUP,
-        repeats=LATENCY_ROUNDS,
-        images=images,
-    )
-    timed = [replace(rows[0], latency_ms=comparison.rows[0]["dense_ms"])]
-    for row, r in zip(rows[1:], comparison.rows, strict=True):
-        timed.append(
-            replace(
-                row,
-                latency_ms=r["pruned_ms"],
-                latency_ratio=r["ratio"],
-                latency_ratio_low=r["ratio_low"],
-                latency_ratio_high=r["ratio_high"],
-                latency_noisy=r["noisy"],
-            )
-        )
-    return timed
-
-
 def evaluate_model(
     model,
     data: Any,
@@ -191,20 +153,25 @@ def run_experiment(
     console = console or Console(quiet=not is_main())
     config = config.validate()
     resolve_device(config.prune.device)
+    check_runtimes(config)
     job = job_of(config)
     data = job.load_data(config)
     if not resume:
         job.check(config, data)
     claimed: list[Path] = []  # the run directory, once it exists
     try:
-        rows, run_dir = _run(job, config, data, console, resume, claimed, started)
+        rows, int8, run_dir = _run(job, config, data, console, resume, claimed, started)
     except UserError as exc:
         # bad input found late (an image only a loader worker could decode): a new run that
         # finished no method leaves nothing behind; a diverged one keeps its checkpoint
         if claimed and not resume and not isinstance(exc, TrainingDiverged):
             on_main(lambda: _discard_unfinished(claimed[0], config.methods))
         raise
-    console.print(results_table(rows, title=job.title, columns=job.columns))
+    tables = results_tables(
+        rows, title=job.title, scores=job.scores, int8=int8, speed_title=speed_title(config)
+    )
+    for table in tables:
+        console.print(table)
     console.print(f"results: {run_dir / 'results.md'}")
     minutes, rest = divmod(round(time.perf_counter() - started), 60)
     console.print(f"total time: {minutes} min {rest:02d} s (this command, evaluation included)")
@@ -219,9 +186,9 @@ def _run(
     resume: bool,
     claimed: list[Path],
     started: float,
-) -> tuple[list[ResultRow], Path]:
+) -> tuple[list[ResultRow], list[ResultRow], Path]:
     """Claim (or reopen) the run directory, appended to ``claimed``, and hold its lock while
-    the rows are made and written; the rows and the directory."""
+    the rows are made and written; the rows, the INT8 rows and the directory."""
     with contextlib.ExitStack() as held:  # rank 0's lock on the run, until it ends or fails
         claim = resumed_run_dir if resume else new_run_dir
         run_dir = on_main(lambda: claim(config, held))  # rank 0 names the run, tells the others
@@ -232,25 +199,60 @@ def _run(
             console.print(f"[bold yellow]{note}[/bold yellow]")
         try:
             rows = _rows(job, config, data, run_dir, console)
+            int8 = int8_rows(job, config, data, rows, run_dir, console) if config.int8 else []
         except (RunInterrupted, KeyboardInterrupt) as exc:
             interrupted = exc if isinstance(exc, RunInterrupted) else RunInterrupted(None)
             interrupted.run_dir = run_dir
             raise interrupted from None
         seconds = time.perf_counter() - started
+        config = with_resolved_round_to(config, rows)
 
         def write_results() -> None:
+            record_round_to(run_dir, rows)
             results = {
                 "config": config.to_flat(),
                 "machine": machine_description(),
                 "seconds": seconds,
                 "setting": note,
+                "runtime": speed_runtime(config),
                 "rows": [row.to_dict() for row in rows],
+                "int8": [row.to_dict() for row in int8],
             }
             atomic_write_json(run_dir / "results.json", results)
-            atomic_write_text(run_dir / "results.md", results_markdown(rows, note, job.columns))
+            markdown = results_markdown(
+                rows, note, title=job.title, scores=job.scores, int8=int8,
+                speed_title=speed_title(config),
+            )  # fmt: skip
+            atomic_write_text(run_dir / "results.md", markdown)
 
         on_main(write_results)
-    return rows, run_dir
+    return rows, int8, run_dir
+
+
+def with_resolved_round_to(config: ExperimentConfig, rows: Sequence[ResultRow]) -> ExperimentConfig:
+    """``config`` with ``round_to: auto`` replaced by what the pruner resolved it to (the
+    same for every method of a run: it follows the runtime and the model)."""
+    resolved = {row.round_to for row in rows} - {None}
+    if config.prune.pruner.round_to != "auto" or len(resolved) != 1:
+        return config
+    pruner = replace(config.prune.pruner, round_to=resolved.pop())
+    return replace(config, prune=replace(config.prune, pruner=pruner))
+
+
+def record_round_to(run_dir: Path, rows: Sequence[ResultRow]) -> None:
+    """The run's saved config with ``round_to: auto`` replaced by what it became, so that a
+    reader sees it (and a resumed or repeated run prunes alike); otherwise as it was."""
+    path = run_dir / "config.json"
+    saved = from_flat(read_json_mapping(path, "restore it, or start a new run"), source=str(path))
+    resolved = with_resolved_round_to(saved, rows)
+    if resolved is not saved:
+        write_config(run_dir, resolved)
+
+
+def write_config(run_dir: Path, config: ExperimentConfig) -> None:
+    """The run's own config, as it reproduces (and resumes) the run."""
+    atomic_write_json(run_dir / "config.json", config.to_flat())
+    atomic_write_text(run_dir / "config.yaml", dump_yaml(config))
 
 
 def _discard_unfinished(run_dir: Path, methods: Sequence[str]) -> None:
@@ -275,8 +277,7 @@ def new_run_dir(config: ExperimentConfig, held: contextlib.ExitStack) -> Path:
     run_dir = prepare_run_dir(config.out_dir, config.name, config.overwrite, held, label)
     config = replace(config, name=run_dir.name)
     try:
-        atomic_write_json(run_dir / "config.json", config.to_flat())
-        atomic_write_text(run_dir / "config.yaml", dump_yaml(config))
+        write_config(run_dir, config)
     except BaseException:
         shutil.rmtree(run_dir, ignore_errors=True)  # just emptied or made, and ours: no trace
         raise
@@ -298,8 +299,9 @@ def _rows(
     for method in config.methods:
         rows.append(pruned_row(method, dense, data, config, run_dir, console))
     input_shape, images = job.timing_inputs(config, data)
+    runtime = speed_runtime(config)
     # timed on rank 0 alone: the other ranks would compete for the same cores
-    return on_main(lambda: timed_rows(rows, dense, run_dir, input_shape, images))
+    return on_main(lambda: timed_rows(rows, dense, run_dir, input_shape, images, runtime))
 
 
 def pruned_row(
@@ -314,7 +316,8 @@ def pruned_row(
     """Prune with ``method`` and evaluate, or reuse the summary of an earlier finished run.
 
     The model is saved in ``run_dir/method``, where its checkpoint lets an interrupted method
-    continue. The row has no latency: :func:`timed_rows` times all models of a run together.
+    continue. The row has no speed: :func:`~adasap.experiments.speed.timed_rows` times all
+    models of a run together.
     """
     job = job_of(config)
     method_dir = run_dir / method
@@ -350,7 +353,7 @@ def pruned_row(
     on_main(lambda: save_model(method_dir, model, architecture, result.pruning_history))
     size = measure_size(model, job.example(config, data))  # as the dense row's
     row = job.evaluate(model, data, config, run_dir, method, official).with_cost(
-        size, seconds=result.seconds, latency=result.latency
+        size, seconds=result.seconds, latency=result.latency, round_to=result.round_to
     )
 
     def publish() -> None:

@@ -16,24 +16,22 @@ scores (Taylor), the removal schedule, the physical removal, and the rebuild of 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields, replace
-from typing import Any, Literal
+from dataclasses import fields, replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from adasap.alignment import resolve_round_to
 from adasap.errors import UserError, quote
 from adasap.method.base_optimizer import (
-    DEFAULT_RADIUS,
     BaseOptimizer,
     OptimizerKind,
     base_of,
-    check_finetune_settings,
     finetune_differs,
 )
 from adasap.method.cheap_sam import (
     StepPlan,
-    check_cheap_settings,
     check_fraction_closure,
     has_direction,
 )
@@ -52,6 +50,7 @@ from adasap.method.neurons import NeuronLayout
 from adasap.method.onednn_guard import guard_strided_pointwise_convs
 from adasap.method.optim import SAM, AdaSAP
 from adasap.method.output_layers import default_ignored_layers
+from adasap.method.pruner_settings import METHODS, PrunerSettings
 from adasap.method.pruning import (
     is_channels_last,
     measure_size,
@@ -62,63 +61,11 @@ from adasap.method.pruning import (
 )
 from adasap.method.schedule import PhaseSchedule
 from adasap.method.step import sharpness_aware_step
-from adasap.method.target import PruningTarget, SizeTarget
-from adasap.settings import check_field_types
+from adasap.method.target import PruningTarget, SizeTarget, fitting_round_to
 
-# The optimizer in phases 1-2 (warm-up and removal), then in phase 3 (fine-tuning); "sgd"
-# means the base optimizer alone, whatever its class.
-METHODS: dict[str, tuple[OptimizerKind, OptimizerKind]] = {
-    "adasap": ("adasap", "sam"),
-    "sam": ("sam", "sam"),
-    "sgd": ("sgd", "sgd"),
-    "adasap-sgd": ("adasap", "sgd"),
-    "sgd-sam": ("sgd", "sam"),
-}
 Loss = Tensor | Mapping[str, Tensor]
 # parameter-group keys that belong to the optimizer kind, not carried over when it changes
 _OWN_KEYS = ("params", "rho", "adaptive", "eta")
-
-
-@dataclass(frozen=True)
-class PrunerSettings:
-    """The method's scalar knobs; the defaults are the documented choices (docs/method.md).
-
-    A run's settings hold them as one section (``PruneSettings.pruner``), so a new field here
-    is a new config key and flag name of ``adasap run`` with no other edit.
-    """
-
-    keep_kind: Literal["params", "macs"] = "params"
-    # chosen on validation data by `adasap sweep` (docs/tuning.md)
-    rho: float = DEFAULT_RADIUS["sam"]
-    rho_min: float = 0.05
-    rho_max: float = 0.1
-    normalization: Literal["global", "neuron"] = "global"
-    asam: bool = False
-    # Phase 3 of a method whose phase 3 is sharpness-aware (adasap, sam, sgd-sam): SAM, ASAM
-    # or None (as phases 1-2), and its radius (None: base_optimizer.phase_sharpness).
-    finetune_sharpness: Literal["sam", "asam"] | None = "asam"
-    finetune_rho: float | None = None
-    max_grad_norm: float | None = None
-    score_refresh: int = 10
-    score_normalization: Literal["mean", "max", "none"] = "mean"
-    per_layer_radii: bool = False
-    taylor_form: Literal["group", "bn"] = "group"
-    min_channels: int = 1
-    round_to: int = 1
-    # Cheaper sharpness-aware steps (adasap.method.cheap_sam, docs/performance.md); the
-    # defaults make every step of a SAM/AdaSAP phase a full two-pass step.
-    sam_probability: float = 1.0  # RST: chance that a step is sharpness-aware ...
-    sam_probability_end: float | None = None  # ... moving linearly to this over training
-    sam_every: int = 1  # LookSAM: the ascent runs every k-th step ...
-    looksam_alpha: float = 0.7  # ... and the steps between add alpha * the stored direction
-    ascent_fraction: float = 1.0  # the first (ascent) pass on this fraction of the batch
-    seed: int = 0  # of the pruner's own draws (which steps are sharpness-aware)
-    sync_ascent: bool = False  # under DDP: average the ascent gradient too (docs/distributed.md)
-
-    def __post_init__(self) -> None:
-        check_field_types(self)  # the Literal fields by value
-        check_cheap_settings(self)
-        check_finetune_settings(self)
 
 
 def loss_total(loss: Loss) -> Tensor:
@@ -152,6 +99,9 @@ class Pruner:
         ignored_layers: modules whose outputs are never pruned (default: the output layers).
         scaler: a ``torch.amp.GradScaler`` for float16 autocast on CUDA.
         settings: :class:`PrunerSettings`; keyword ``overrides`` replace single fields.
+
+    ``round_to`` is the channel multiple every removal keeps (``settings.round_to``, auto
+    resolved for ``settings.runtime`` on the model's device).
     """
 
     def __init__(
@@ -183,6 +133,7 @@ class Pruner:
         self.scaler, self.make_scheduler = scaler, lr_scheduler
         self.ignored = list(ignored_layers or default_ignored_layers(model, example_inputs))
         self.layout = self._trace()
+        self.round_to = resolve_round_to(s.round_to, s.runtime, next(model.parameters()).device)
         self.importance = make_importance(criterion, taylor_form=s.taylor_form)
         self._reset_importance()
         self.target = SizeTarget(keep, s.keep_kind) if isinstance(keep, int | float) else keep
@@ -190,7 +141,9 @@ class Pruner:
         if isinstance(self.target, SizeTarget):
             self.target.bind(self.size)
         if schedule.removal_count:
-            self.target.check(self.layout, s.min_channels, s.round_to)
+            self.round_to = fitting_round_to(
+                self.target, self.layout, s.min_channels, self.round_to, auto=s.round_to == "auto"
+            )
         self._base = BaseOptimizer.of(model, optimizer, optimizer_kwargs)
         self.finetuning = False  # whether the optimizer is phase 3's (finetune_* settings)
         self.optimizer = self._build_optimizer(self.kind)
@@ -242,10 +195,6 @@ class Pruner:
         for new_group, old_group in zip(self.optimizer.param_groups, old.param_groups, strict=True):
             new_group.update({k: v for k, v in old_group.items() if k not in _OWN_KEYS})
 
-    @property
-    def phase(self) -> str:
-        return self.schedule.phase_at(self.steps_done)
-
     def register_removal_hook(self, hook: Callable[[Pruner], None]) -> None:
         """Call ``hook(pruner)`` after each removal (to rebuild a DDP wrapper, recompile ...)."""
         self._removal_hooks.append(hook)
@@ -295,10 +244,8 @@ class Pruner:
             if closure is None:
                 raise UserError("gradient scores need a closure before the first removal")
             self._gradient_pass(closure)
-        s = self.settings
-        chosen = self.target.select(
-            self.layout, self.scores(), progress, s.min_channels, s.round_to
-        )
+        rules = (self.settings.min_channels, self.round_to)
+        chosen = self.target.select(self.layout, self.scores(), progress, *rules)
         channels_last = is_channels_last(self.model)
         old_state = named_optimizer_state(self.model, self.optimizer)
         kept = remove_neurons(self.layout, chosen)
@@ -380,6 +327,7 @@ class Pruner:
             "target": self.target.state_dict(),
             "radii_due": self._radii_due,
             "plan": self.plan.state_dict(),
+            "round_to": self.round_to,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -414,3 +362,4 @@ class Pruner:
             self.importance.load_state_dict(state["importance"])
         self.steps_done, self._radii_due = state["steps_done"], state["radii_due"]
         self.plan.load_state_dict(state["plan"])
+        self.round_to = state.get("round_to", self.round_to)  # auto as where the run began

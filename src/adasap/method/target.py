@@ -57,6 +57,24 @@ class PruningTarget(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+def fitting_round_to(
+    target: PruningTarget, layout: NeuronLayout, min_channels: int, round_to: int, *, auto: bool
+) -> int:
+    """``round_to`` once ``target`` is known to be reachable with it; with ``auto`` (the
+    runtime's channel block, not the user's choice) the largest of ``round_to``,
+    ``round_to / 2``, ... 1 that reaches it, since blocks of 16 cannot take a small network
+    (ResNet-20's 16-channel stage) below about half its MACs, and 8 or 4 still beat odd counts.
+    An unreachable target is :meth:`PruningTarget.check`'s one-line error."""
+    while auto and round_to > 1:
+        try:
+            target.check(layout, min_channels, round_to)
+            return round_to
+        except UserError:
+            round_to //= 2
+    target.check(layout, min_channels, round_to)
+    return round_to
+
+
 def check_keep(keep: float) -> None:
     if isinstance(keep, bool) or not isinstance(keep, int | float) or not 0 < keep <= 1:
         raise UserError(f"keep fraction must be in (0, 1], got {keep!r}: e.g. keep=0.5")

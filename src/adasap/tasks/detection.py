@@ -64,8 +64,12 @@ class DetectionTask(Task):
     # Magnitude scores and no phase-3 ASAM, float32: only the classification sweeps chose
     # Taylor scores and ASAM (docs/tuning.md), and the effect of reduced precision on box
     # regression has not been measured; no sweep has tuned detectors. Images of any size
-    # come as a list, in the contiguous layout.
+    # come as a list, in the contiguous layout. A detector is timed in PyTorch (its ONNX graph
+    # takes one image), where no speed was measured per target or channel block: it keeps the
+    # parameter target and exact channel counts its results were measured with.
     defaults: ClassVar[dict[str, Any]] = {
+        "keep_kind": "params",
+        "round_to": 1,
         "criterion": "magnitude",
         "finetune_sharpness": None,
         "amp": "off",

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from adasap.alignment import resolve_round_to
 from adasap.data import BatchSource
 from adasap.devices import autocast_dtype, prepare_model, resolve_device, wants_channels_last
 from adasap.distributed import any_rank, is_distributed, is_main, shard, world_size
@@ -27,7 +28,7 @@ from adasap.method.output_layers import layer_names
 from adasap.method.pruner import Pruner
 from adasap.method.pruning import ModelSize
 from adasap.method.schedule import PHASES, PhaseSchedule
-from adasap.method.target import LatencyTarget, PruningTarget, SizeTarget
+from adasap.method.target import LatencyTarget, PruningTarget, SizeTarget, fitting_round_to
 from adasap.tasks import Task, make_task, task_options
 from adasap.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, stop_requests
 from adasap.training.loop import EpochLoop, cosine_lr, grad_scaler, steps_per_epoch
@@ -41,7 +42,8 @@ Log = Callable[[dict[str, Any]], None]
 class PruneResult:
     """A pruned model and how it was obtained. ``val_accuracy`` is the last epoch's validation
     score in the task's headline metric (top-1 accuracy; a detector's mAP@0.5); ``kept`` the
-    measured fraction of what ``keep`` refers to (the model, or a detector's backbone)."""
+    measured fraction of what ``keep`` refers to (the model, or a detector's backbone);
+    ``round_to`` the channel multiple the removals kept (``auto`` resolved)."""
 
     model: nn.Module
     dense_size: ModelSize
@@ -52,6 +54,7 @@ class PruneResult:
     seconds: float
     val_accuracy: float
     kept: float = 1.0
+    round_to: int = 1
     ignored_layers: list[str] = field(default_factory=list)
 
     latency: dict[str, float] | None = None
@@ -68,12 +71,26 @@ class TrainResult:
     val_accuracy: float
 
 
-def _latency_target(layout: NeuronLayout, example: torch.Tensor, s: PruneSettings) -> LatencyTarget:
-    # timing code is needed only for this target
-    from adasap.deploy.latency import TimingSettings, latency_budget
+def _round_to(s: PruneSettings) -> int:
+    """The run's channel multiple, ``auto`` resolved on its training device (as the Pruner's)."""
+    return resolve_round_to(s.pruner.round_to, s.pruner.runtime, resolve_device(s.device))
 
-    timing = TimingSettings(device=resolve_device(s.device).type)
-    return LatencyTarget(latency_budget(layout, example[:1], s.keep, timing=timing))
+
+def _timing(s: PruneSettings) -> Any:
+    """How a latency budget is timed: on the training device, in the runtime the model will
+    be deployed to (``TimingSettings``; timing code is imported for this target only)."""
+    from adasap.deploy.latency import TimingSettings
+
+    return TimingSettings(device=resolve_device(s.device).type, runtime=s.pruner.runtime)
+
+
+def latency_budget_for(layout: NeuronLayout, example: torch.Tensor, s: PruneSettings) -> Any:
+    """The run's latency budget (``keep_kind: latency``, a ``LatencyBudget``) of the dense
+    ``layout``: timed as :func:`_timing` says, its table's grid on the channel multiple the
+    removals keep."""
+    from adasap.deploy.latency import latency_budget
+
+    return latency_budget(layout, example[:1], s.keep, timing=_timing(s), round_to=_round_to(s))
 
 
 def check_target_reachable(
@@ -90,7 +107,8 @@ def check_target_reachable(
     else:
         target = SizeTarget(s.keep, s.keep_kind)
         target.bind(dense)
-    target.check(layout, s.pruner.min_channels, s.pruner.round_to)
+    auto = s.pruner.round_to == "auto"
+    fitting_round_to(target, layout, s.pruner.min_channels, _round_to(s), auto=auto)
 
 
 def sync_batchnorm(model: nn.Module, settings: PruneSettings) -> None:
@@ -291,7 +309,8 @@ def prune(
     target = task.target(model, setup.example, s.keep, s.keep_kind)
     ignored += task.outside_target(model, target)
     if s.keep_kind == "latency":
-        target = _latency_target(NeuronLayout(model, setup.example, ignored), setup.example, s)
+        layout = NeuronLayout(model, setup.example, ignored)
+        target = LatencyTarget(latency_budget_for(layout, setup.example, s))
     pruner = setup.pruner(
         model, schedule, method=s.method, keep=target, criterion=s.criterion, ignored_layers=ignored
     )
@@ -314,6 +333,7 @@ def prune(
         seconds=loop.elapsed(),
         val_accuracy=_val_score(history, task),
         kept=pruner.target.fraction(),
+        round_to=pruner.round_to,
         ignored_layers=layer_names(model, pruner.ignored),
         latency=latency,
     )
@@ -346,22 +366,18 @@ def _final_latency(reference: nn.Module, pruner: Pruner, setup: _Setup) -> dict[
     a long run; timing both again now keeps that drift out of the error. The prediction is
     rescaled to the new dense time.
     """
-    from adasap.deploy.latency import compare_latency
+    from adasap.deploy.budget import time_dense_and_pruned
 
     budget = pruner.target.budget
-    (row,) = compare_latency(
-        reference,
-        pruner.model,
-        tuple(setup.example.shape[1:]),
-        batch_sizes=(budget.table.batch_size,),
-        device=setup.device.type,
-    ).rows
-    dense_ms = row["dense_ms"]
+    shape = tuple(setup.example.shape[1:])
+    dense_ms, pruned_ms = time_dense_and_pruned(
+        reference, pruner.model, shape, budget, _timing(setup.s)
+    )
     return {
         "dense_ms": dense_ms,
         "budget_ms": budget.keep * dense_ms,
         "predicted_ms": budget.current_ms / budget.dense_ms * dense_ms,
-        "measured_ms": row["pruned_ms"],
+        "measured_ms": pruned_ms,
     }
 
 

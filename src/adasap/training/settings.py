@@ -31,7 +31,7 @@ class PruneSettings:
     method: str = "adasap"
     criterion: str = DEFAULT_CRITERION
     keep: float = 0.5
-    keep_kind: Literal["params", "macs", "latency"] = "params"
+    keep_kind: Literal["params", "macs", "latency"] = "macs"  # params gave no speed (pruner)
     warmup_epochs: float = 1.0
     prune_epochs: float = 2.0
     finetune_epochs: float = 2.0
@@ -76,7 +76,7 @@ class PruneSettings:
         for name in ("warmup_epochs", "prune_epochs", "finetune_epochs", "lr_warmup_epochs"):
             if flat[name] < 0:
                 raise UserError(f"{name} must be >= 0, got {flat[name]}: e.g. {name}=1 (epochs)")
-        for name in ("prune_steps", "batch_size", "score_refresh", "min_channels", "round_to"):
+        for name in ("prune_steps", "batch_size", "score_refresh", "min_channels"):
             if flat[name] < 1:
                 raise UserError(f"{name} must be >= 1, got {flat[name]}: e.g. {name}=1")
         o, p = self.optimizer, self.pruner
