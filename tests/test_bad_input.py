@@ -199,6 +199,12 @@ def test_int8_run_of_detectors(isolated, capsys):
     assert not (isolated / "runs").exists()
 
 
+def test_distilled_run_of_detectors(isolated, capsys):
+    args = ["run", "--task", "detection", "--distill-weight", "0.5", "--out", str(isolated / "r")]
+    cli_fails(capsys, args, "distillation is not defined for detectors", "--distill-weight")
+    assert not (isolated / "r").exists()
+
+
 # --------------------------------------------------------------------------- adasap run: YAML
 
 FILE = "config file {config}"  # problems with the file itself name it

@@ -112,7 +112,7 @@ def test_literal_fields_are_checked_by_value():
         ({"keep_kind": "flops"},
          "keep_kind must be one of 'params', 'macs', 'latency', got 'flops'"),
         ({"normalization": "layer"},
-         "normalization must be one of 'global', 'neuron', got 'layer'"),
+         "normalization must be one of 'global', 'neuron', 'neuron-scaled', got 'layer'"),
         ({"score_normalization": "sum"},
          "score_normalization must be one of 'mean', 'max', 'none', got 'sum'"),
         ({"taylor_form": "full"}, "taylor_form must be one of 'group', 'bn', got 'full'"),

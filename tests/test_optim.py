@@ -1,4 +1,5 @@
 import copy
+import math
 
 import pytest
 import torch
@@ -169,6 +170,104 @@ def test_adasap_neuron_normalisation_matches_hand_computation():
     torch.testing.assert_close((layer.weight.detach() - w0).norm(dim=1), radii)
 
 
+def two_neurons():
+    """Neuron 0 owns row 0 (gradient norm 5), neuron 1 row 1 (norm 1); the bias is unowned."""
+    w = nn.Parameter(torch.zeros(2, 2))
+    b = nn.Parameter(torch.zeros(1))
+    w.grad = torch.tensor([[3.0, 4.0], [0.0, 1.0]])
+    b.grad = torch.tensor([2.0])
+    return w, b, NeuronOwnership(2, {w: (0, torch.arange(2))})
+
+
+def test_adasap_scaled_neuron_normalisation_matches_hand_computation():
+    w, b, ownership = two_neurons()
+    opt = AdaSAP([w, b], torch.optim.SGD, rho_min=0.05, rho_max=0.4,
+                 normalization="neuron-scaled", lr=0.1)  # fmt: skip
+    opt.set_radii(ownership, torch.tensor([0.4, 0.1]))
+    e = opt.perturbations()
+    # global form: ||e||^2 = sum rho_i^2 ||g_i||^2 / ||g||^2, ||g||^2 = 25 + 1 + 4
+    global_sq = (0.4**2 * 25 + 0.1**2 * 1 + 0.05**2 * 4) / 30
+    # per-neuron form: ||e||^2 = sum rho_i^2, the unowned bias being one block at rho_min
+    neuron_sq = 0.4**2 + 0.1**2 + 0.05**2
+    c = math.sqrt(global_sq / neuron_sq)
+    expected_w = torch.tensor([[0.4 * 0.6, 0.4 * 0.8], [0.0, 0.1]]) * c
+    torch.testing.assert_close(e[w], expected_w)
+    torch.testing.assert_close(e[b], torch.tensor([0.05 * c]))
+    total = torch.cat([e[w].flatten(), e[b]]).norm()
+    torch.testing.assert_close(total, torch.tensor(math.sqrt(global_sq)))
+
+
+def random_conv_model(seed):
+    """A conv + BN + linear model with random gradients; neurons = conv output channels.
+
+    Neuron 5 has no gradient at all (its per-neuron direction is zero); the BN bias and the
+    linear layer are owned by no neuron.
+    """
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.Flatten(), nn.Linear(24, 4))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * torch.rand(()) * 5
+    ids = torch.arange(6)
+    owners = {model[0].weight: (0, ids), model[0].bias: (0, ids), model[1].weight: (0, ids)}
+    for p in owners:
+        p.grad[5] = 0.0
+    return model, NeuronOwnership(6, owners)
+
+
+def adasap_perturbations(model, ownership, radii, normalization, adaptive=False):
+    opt = AdaSAP(model.parameters(), torch.optim.SGD, rho_min=0.02, rho_max=0.3,
+                 normalization=normalization, adaptive=adaptive, lr=0.1)  # fmt: skip
+    opt.set_radii(ownership, radii)
+    return opt.perturbations()
+
+
+def total_norm(perturbations):
+    return torch.cat([e.flatten() for e in perturbations.values()]).norm()
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("seed", range(4))
+def test_scaled_neuron_norm_equals_global_norm(seed, adaptive):
+    model, ownership = random_conv_model(seed)
+    radii = 0.02 + torch.rand(6) * 0.28
+    forms = {
+        n: adasap_perturbations(model, ownership, radii, n, adaptive)
+        for n in ("global", "neuron", "neuron-scaled")
+    }
+    torch.testing.assert_close(total_norm(forms["neuron-scaled"]), total_norm(forms["global"]))
+    # the unscaled per-neuron form is the larger one this fixes
+    assert total_norm(forms["neuron"]) > 1.5 * total_norm(forms["global"])
+
+
+def test_scaled_neuron_keeps_the_per_neuron_direction():
+    model, ownership = random_conv_model(0)
+    radii = torch.tensor([0.3, 0.02, 0.1, 0.2, 0.05, 0.15])
+    e = adasap_perturbations(model, ownership, radii, "neuron-scaled")
+    conv = model[0]
+    slices = [torch.cat([conv.weight.grad[i].flatten(), conv.bias.grad[i : i + 1],
+                         model[1].weight.grad[i : i + 1]]) for i in range(6)]  # fmt: skip
+    moves = [torch.cat([e[conv.weight][i].flatten(), e[conv.bias][i : i + 1],
+                        e[model[1].weight][i : i + 1]]) for i in range(6)]  # fmt: skip
+    # each neuron moves along its own gradient, by its radius times one shared factor
+    factors = []
+    for g, m, rho in zip(slices[:5], moves[:5], radii[:5], strict=True):
+        torch.testing.assert_close(m, g / g.norm() * m.norm())
+        factors.append(m.norm() / rho)
+    torch.testing.assert_close(torch.stack(factors), torch.full((5,), factors[0].item()))
+    assert factors[0] < 1  # shrunk: the per-neuron form's norm is ~sqrt(5 + 1) radii
+    assert not moves[5].any()  # no gradient, no move
+
+
+def test_scaled_neuron_with_equal_radii_has_sams_length():
+    model, ownership = random_conv_model(1)
+    opt = AdaSAP(model.parameters(), torch.optim.SGD, rho_min=0.3, rho_max=0.3,
+                 normalization="neuron-scaled", lr=0.1)  # fmt: skip
+    opt.set_radii(ownership, torch.full((6,), 0.3))
+    # SAM's step length with the per-neuron direction; unscaled it would be 0.3 * sqrt(5 + 1),
+    # and a factor from sqrt(sum rho_i^2) would count the gradient-free neuron 5
+    torch.testing.assert_close(total_norm(opt.perturbations()), torch.tensor(0.3))
+
+
 def test_lower_score_neurons_get_larger_perturbations():
     layer, ownership = owned_linear()
     with torch.no_grad():
@@ -225,7 +324,7 @@ def make_optimizer(kind, params, ownership=None):
         return torch.optim.SGD(params, **common)
     if kind in ("sam", "asam"):
         return SAM(params, torch.optim.SGD, rho=0.05, adaptive=kind == "asam", **common)
-    normalization = "neuron" if kind == "adasap-neuron" else "global"
+    normalization = kind.removeprefix("adasap-") if "neuron" in kind else "global"
     opt = AdaSAP(
         params,
         torch.optim.SGD,
@@ -239,7 +338,10 @@ def make_optimizer(kind, params, ownership=None):
     return opt
 
 
-@pytest.mark.parametrize("kind", ["sgd", "sam", "asam", "adasap", "adasap-neuron", "adasap-asam"])
+@pytest.mark.parametrize(
+    "kind",
+    ["sgd", "sam", "asam", "adasap", "adasap-neuron", "adasap-neuron-scaled", "adasap-asam"],
+)
 def test_loss_falls_on_toy_problem(kind):
     torch.manual_seed(0)
     x = torch.randn(128, 5)
@@ -269,14 +371,15 @@ def test_adasap_rejects_bad_arguments():
     p = [nn.Parameter(torch.ones(1))]
     with pytest.raises(ValueError, match="rho_min <= rho_max"):
         AdaSAP(p, torch.optim.SGD, rho_min=0.5, rho_max=0.1, lr=0.1)
-    with pytest.raises(ValueError, match="normalization"):
+    # one error that names every accepted value
+    with pytest.raises(ValueError, match="'global', 'neuron', 'neuron-scaled', got 'layer'"):
         AdaSAP(p, torch.optim.SGD, normalization="layer", lr=0.1)
     with pytest.raises(ValueError, match="shape"):
         opt = AdaSAP(p, torch.optim.SGD, lr=0.1)
         opt.set_radii(NeuronOwnership(3, {}), torch.ones(2))
 
 
-@pytest.mark.parametrize("normalization", ["global", "neuron"])
+@pytest.mark.parametrize("normalization", ["global", "neuron", "neuron-scaled"])
 def test_adasap_state_dict_carries_the_radii_and_ownership(normalization):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 2))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import warnings
 from dataclasses import replace
 
 import pytest
@@ -15,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import adasap
 from adasap import alignment
 from adasap.errors import UserError
+from adasap.method import pruner as pruner_module
 from adasap.method.base_optimizer import phase_sharpness
 from adasap.method.optim import SAM, AdaSAP
 from adasap.method.pruner import Pruner, PrunerSettings
@@ -284,6 +286,21 @@ def test_auto_takes_smaller_blocks_where_the_runtimes_cannot_reach_the_target(mo
     with pytest.raises(UserError, match="multiples of 16"):
         make(PhaseSchedule(0, 1, 1, removals=1), keep=0.3, round_to=16)
     assert make(PhaseSchedule(0, 1, 1, removals=1), keep=0.7, round_to="auto").round_to == 16
+
+
+@pytest.mark.parametrize("kind", ["params", "macs"])
+def test_a_removal_that_misses_its_predicted_size_says_so(monkeypatch, kind):
+    pruner = make(PhaseSchedule(0, 1, 1, removals=1), keep=0.5, keep_kind=kind,
+                  criterion="magnitude")  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a removal that lands as predicted says nothing
+        pruner.remove(0.5)
+    reached = pruner.size
+    # as if Torch-Pruning's count did not shrink as the prediction said
+    monkeypatch.setattr(pruner_module, "measure_size", lambda model, example: reached)
+    with pytest.warns(UserWarning, match=f"of the dense model's {kind}, not the 50.0% predicted"):
+        pruner.remove(1.0)
+    assert pruner.target.fraction() > 0.6  # the result records what was reached
 
 
 def test_a_resumed_pruner_keeps_the_channel_multiple_it_started_with(monkeypatch):

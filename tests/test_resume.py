@@ -111,6 +111,27 @@ def test_resume_is_exact_through_a_layer_computed_contiguously(tmp_path, monkeyp
     assert comparable(resumed.history) == comparable(reference.history)
 
 
+def test_resume_is_exact_with_distillation_from_the_dense_model(tmp_path, monkeypatch, data, dense):
+    """Stopped after the first removal, in a distilled phase: the teacher (the dense model it
+    resumes on) gives the same weights, byte for byte; another dense model is refused."""
+    settings = dict(FAST, method="adasap", criterion="taylor", distill_weight=0.5)
+    reference = prune(dense, data, **settings)
+    undistilled = prune(dense, data, **{**settings, "distill_weight": 0.0})
+    assert not torch.equal(reference.model[-1].fc.weight, undistilled.model[-1].fc.weight)
+    with monkeypatch.context() as patch:
+        stop_after(patch, 5)
+        with pytest.raises(RunInterrupted):
+            prune(dense, data, checkpoint_dir=tmp_path, **settings)
+    other = copy.deepcopy(dense)
+    with torch.no_grad():
+        other[-1].fc.weight.add_(1.0)
+    with pytest.raises(UserError, match="distilled from another teacher"):
+        prune(other, data, checkpoint_dir=tmp_path, **settings)
+    resumed = prune(dense, data, checkpoint_dir=tmp_path, **settings)
+    assert_same_weights(resumed.model, reference.model)
+    assert comparable(resumed.history) == comparable(reference.history)
+
+
 def test_resumed_dense_training_equals_uninterrupted(tmp_path, monkeypatch, data, dense):
     reference = train(copy.deepcopy(dense), data, epochs=2, **FAST)
     with monkeypatch.context() as patch:

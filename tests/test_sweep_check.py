@@ -19,6 +19,7 @@ from adasap.experiments.sweep_check import (
     CHECK_DIR,
     CHECK_FILE,
     check_sweep,
+    ranking_correlations,
     spearman,
     write_check_report,
 )
@@ -44,8 +45,8 @@ def test_spearman_by_hand(x, y, expected):
     assert found == (None if expected is None else pytest.approx(expected, abs=1e-12))
 
 
-def row(run: str, cbar: float, extra: float, clean: float) -> dict:
-    return dict(run=run, method="adasap", settings={"rho_max": run}, val_accuracy=clean,
+def row(run: str, cbar: float, extra: float, clean: float, method: str = "adasap") -> dict:
+    return dict(run=run, method=method, settings={"rho_max": run}, val_accuracy=clean,
                 val_extra_accuracy=extra, val_cbar_accuracy=cbar, val_images=100,
                 per_corruption={}, params=1000, keep_achieved=0.5, seconds=60.0)  # fmt: skip
 
@@ -114,11 +115,51 @@ def test_check_report_ranks_by_test_and_correlates(tmp_path):
     choice = json.loads((tmp_path / CHOICE_FILE).read_text())
     rows = {r["run"]: sweep.SweepRow(**r) for r in ROWS}
     text = write_check_report(tmp_path, choice, rows).read_text()
+    # no sgd run: the ranking is by corrupted score, so both correlations are the same one:
     # val ranks a1 c2 b3 d4 vs test ranks a2 c1 b3 d4: d = 1, 1, 0, 0 -> 1 - 6 * 2 / 60 = 0.8
-    assert "accuracy: **+0.800**" in text
-    assert "clean validation vs clean test accuracy: undefined" in text  # constant test clean
-    assert "the sweep's choice: a (test rank 2 of 4)" in text
-    assert "| 1 | 2 | a | 75.00 | 60.00 | 90.00 | 80.00 |" in text
+    assert "validation ranking vs test corruption accuracy: **+0.800**" in text
+    assert "(cbar + extras) vs test corruption accuracy: +0.800" in text
+    assert "validation ranking vs clean test accuracy: **undefined" in text  # constant test clean
+    assert "clean validation vs clean test accuracy: undefined" in text
+    assert "the sweep's choice: a (test rank 2 of 4 on corruption accuracy, 1 on clean)" in text
+    assert "| 1 | 2 | 1 | a | 75.00 | 60.00 | 90.00 | 80.00 |" in text
+
+
+# b, c and sgd are within 0.3 clean points of sgd, a and d are not: the sweep ranks b, c, sgd
+# (by corrupted score), then a, d, although a and d have the best corrupted scores.
+WITH_SGD = [row("sgd", 0.65, 0.65, 0.900, "sgd"), row("a", 0.80, 0.80, 0.895),
+            row("b", 0.70, 0.70, 0.898), row("c", 0.66, 0.66, 0.899),
+            row("d", 0.75, 0.75, 0.850)]  # fmt: skip
+# test corruption: a .70, d .65, b .62, c .60, sgd .55 (the validation corrupted score's order)
+# test clean: sgd .93, c .92, b .91, a .89, d .85 (the clean validation accuracy's order)
+TEST = {"sgd": (0.93, 0.55), "a": (0.89, 0.70), "b": (0.91, 0.62), "c": (0.92, 0.60),
+        "d": (0.85, 0.65)}  # fmt: skip
+
+
+def test_check_correlates_the_sweeps_ranking_with_clean_and_corrupted_test_accuracy(tmp_path):
+    for record in WITH_SGD:
+        append_jsonl(tmp_path / SWEEP_FILE, record)
+    sweep_report(tmp_path)
+    choice = json.loads((tmp_path / CHOICE_FILE).read_text())
+    assert choice["ranking"] == ["b", "c", "sgd", "a", "d"]
+    for run, (clean, corrupted) in TEST.items():
+        write_test_numbers(tmp_path, run, clean, corrupted)
+    rows = {r["run"]: sweep.SweepRow.from_dict(r) for r in WITH_SGD}
+    tests = {run: {"test_clean_accuracy": c, "test_corruption_accuracy": k}
+             for run, (c, k) in TEST.items()}  # fmt: skip
+    rho = ranking_correlations(choice["ranking"], rows, tests)
+    # standing b5 c4 sgd3 a2 d1; test corruption ranks b3 c2 sgd1 a5 d4:
+    # d = 2, 2, 2, -3, -3 -> 1 - 6 * 30 / (5 * 24) = -0.5
+    assert rho["ranking_corrupted"] == pytest.approx(-0.5)
+    # test clean ranks b3 c4 sgd5 a2 d1: d = 2, 0, -2, 0, 0 -> 1 - 6 * 8 / 120 = 0.6
+    assert rho["ranking_clean"] == pytest.approx(0.6)
+    # each validation number orders the runs exactly as its test counterpart
+    assert rho["corrupted"] == pytest.approx(1.0) and rho["clean"] == pytest.approx(1.0)
+    text = write_check_report(tmp_path, choice, rows).read_text()
+    assert "validation ranking vs test corruption accuracy: **-0.500**" in text
+    assert "validation ranking vs clean test accuracy: **+0.600**" in text
+    assert "the sweep's choice: b (test rank 3 of 5 on corruption accuracy, 3 on clean)" in text
+    assert "| 1 | 3 | 3 | b | 70.00 | 62.00 | 89.80 | 91.00 |" in text
 
 
 def test_check_evaluates_saved_models_on_the_test_corruptions(tmp_path, monkeypatch):

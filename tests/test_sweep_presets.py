@@ -88,3 +88,49 @@ def test_sweep_estimate_by_hand():
     scoring = 100 * (1 + 5 * 19) / 1000  # clean + (15 cbar + 4 extras) x 5 severities
     expected = dense + sgd + adasap + 2 * scoring
     assert estimate_sweep_seconds(preset, **rates) == pytest.approx(expected)
+
+
+def reference_runs(planned: list[tuple[str, dict]]) -> list[dict]:
+    return [c for m, c in planned if m == "sgd"]
+
+
+@pytest.mark.parametrize("name", ["distill", "finetune-clean", "neuron-scaled"])
+def test_issue_30_sweeps_build_on_the_chosen_defaults_with_their_sgd_reference(name):
+    base = from_flat(SWEEP_PRESETS[name].base).to_flat()
+    small = from_flat(SWEEP_PRESETS["small"].base).to_flat()
+    assert all(base[k] == small[k] for k in ("keep", "seed", "train_limit", "finetune_epochs"))
+    assert (base["criterion"], base["finetune_sharpness"], base["finetune_rho"]) == (
+        "taylor", "asam", 2.0
+    )  # fmt: skip
+    planned = runs(name)
+    assert {c["criterion"] for _, c in planned} == {"taylor"}
+    # plain sgd at the base, the same run in each of these sweeps
+    references = [{k: v for k, v in c.items() if k != "methods"} for c in reference_runs(planned)]
+    assert {k: v for k, v in base.items() if k != "methods"} in references
+
+
+def test_distill_sweep_distils_adasap_and_sgd_alike():
+    planned = runs("distill")
+    assert len(planned) == 10
+    for method in ("sgd", "adasap"):
+        settings = {(c["distill_weight"], c["distill_temperature"])
+                    for m, c in planned if m == method}  # fmt: skip
+        default_temperature = from_flat(SWEEP_PRESETS["distill"].base).to_flat()
+        assert settings == {(0.0, default_temperature["distill_temperature"]),
+                            (0.5, 2.0), (0.5, 4.0), (0.9, 2.0), (0.9, 4.0)}  # fmt: skip
+
+
+def test_finetune_clean_sweep_goes_down_to_plain_fine_tuning():
+    planned = runs("finetune-clean")
+    assert len(planned) == 8
+    radii = sorted(c["finetune_rho"] for m, c in planned if m == "adasap")
+    assert radii == [0.05, 0.1, 0.2, 0.5, 1.0, 2.0]
+    assert {m for m, _ in planned} == {"adasap", "adasap-sgd", "sgd"}
+
+
+def test_neuron_scaled_sweep_crosses_the_normalisation_with_rho_max():
+    planned = runs("neuron-scaled")
+    assert len(planned) == 7
+    crossed = {(c["normalization"], c["rho_max"]) for m, c in planned if m == "adasap"}
+    assert crossed == {(n, r) for n in ("global", "neuron-scaled") for r in (0.1, 0.2, 0.5)}
+    assert len(reference_runs(planned)) == 1

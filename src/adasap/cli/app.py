@@ -150,8 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument(
                 "--check", action="store_true",
                 help="after the sweep has chosen: evaluate its runs on the test set under the "
-                "15 benchmark corruptions and write the rank correlation with the validation "
-                "score (<out>/check/check.md; never used for the choice)",
+                "15 benchmark corruptions and write the rank correlations of the sweep's ranking "
+                "with clean and with corrupted test accuracy (<out>/check/check.md; never used "
+                "for the choice)",
             )  # fmt: skip
     return parser
 

@@ -53,7 +53,8 @@ RUN_OPTIONS: tuple[tuple[str, str, str], ...] = (
     ("--finetune-rho", "finetune_rho", "phase 3's radius (none: --rho, or 2.0 for ASAM after SAM)"),
     ("--rho-min", "rho_min", "AdaSAP radius of the most important neurons"),
     ("--rho-max", "rho_max", "AdaSAP radius of the least important neurons"),
-    ("--normalization", "normalization", "AdaSAP perturbation normalisation: global or neuron"),
+    ("--normalization", "normalization", "AdaSAP perturbation normalisation: global, neuron "
+                                         "or neuron-scaled (docs/method.md)"),
     ("--score-refresh", "score_refresh", "steps between AdaSAP radius updates"),
     ("--sam-probability", "sam_probability", "cheaper SAM (RST): the chance that a step is "
                                              "sharpness-aware; otherwise a plain step"),
@@ -64,6 +65,11 @@ RUN_OPTIONS: tuple[tuple[str, str, str], ...] = (
     ("--looksam-alpha", "looksam_alpha", "weight of the reused LookSAM direction"),
     ("--ascent-fraction", "ascent_fraction", "cheaper SAM: the first (ascent) pass on this "
                                              "fraction of the batch"),
+    ("--distill-weight", "distill_weight", "distil from the dense model: the teacher's share "
+                                           "of the loss in [0, 1] (0: off)"),
+    ("--distill-temperature", "distill_temperature", "the distillation's softmax temperature"),
+    ("--distill-from", "distill_from", "the first distilled phase (warmup, prune or finetune), "
+                                       "through to the end"),
     ("--round-to", "round_to", "keep channel counts that are multiples of this, or auto: "
                                "what suits --runtime (16 for ort)"),
     ("--runtime", "runtime", f"where the models are deployed and timed (the speed table; what "

@@ -76,6 +76,10 @@ class DetectionJob(Job):
             raise UserError(
                 "--keep-kind latency is not supported for detection: use params or macs"
             )
+        if config.prune.pruner.distill_weight > 0:
+            raise UserError(
+                "distillation is not defined for detectors: drop --distill-weight (or set 0)"
+            )
         for key in ("train_limit", "test_limit"):
             value, flag = getattr(config, key), f"--{key.replace('_', '-')}"
             if kind == CANVAS_DATASET and (value is None or value < 2):

@@ -227,9 +227,16 @@ PROSE_KEYS = ("description",)
 
 
 # Settings added after results were saved, with the value those results ran with (timing in
-# PyTorch, exact channel counts, no INT8 rows): a saved definition that lacks one is the same
-# as one that sets it so, and its folder continues.
-ADDED_SETTINGS: dict[str, Any] = {"round_to": 1, "runtime": "torch", "int8": False}
+# PyTorch, exact channel counts, no INT8 rows, no distillation): a saved definition that lacks
+# one is the same as one that sets it so, and its folder continues.
+ADDED_SETTINGS: dict[str, Any] = {
+    "round_to": 1,
+    "runtime": "torch",
+    "int8": False,
+    "distill_weight": 0.0,
+    "distill_temperature": 4.0,
+    "distill_from": "prune",
+}
 
 
 def _results_part(definition: Any) -> Any:

@@ -2,10 +2,13 @@
 
 It scores each setting on the validation split carved from the training data, corrupted with
 the held-out ImageNet-C-bar / CIFAR-10-C-bar family (``cbar``) and the 4 extra corruptions, never
-on the test set or the 15 benchmark corruptions. Settings are ranked by the mean of the two
-family means (:attr:`SweepRow.score`); the ranking and the choice go to ``choice.json``. Each
-run's pruned model is kept, so :mod:`adasap.experiments.sweep_check` can evaluate the runs on
-the test set afterwards; nothing here reads what it writes.
+on the test set or the 15 benchmark corruptions. A run's corrupted score is the mean of the two
+family means (:attr:`SweepRow.corrupted_score`); the ranking (:func:`rank`) puts first the runs
+whose clean validation accuracy is at most :data:`CLEAN_TOLERANCE` below the sweep's sgd
+reference, by corrupted score, then the others (docs/tuning.md, "The selection score"). The
+ranking and the choice go to ``choice.json``. Each run's pruned model is kept, so
+:mod:`adasap.experiments.sweep_check` can evaluate the runs on the test set afterwards; nothing
+here reads what it writes.
 """
 
 from __future__ import annotations
@@ -55,14 +58,82 @@ class SweepRow(Row):
     val_cbar_accuracy: float | None = None
 
     @property
-    def score(self) -> float:
-        """What the sweep ranks by: the mean of the cbar and extra accuracies it has."""
+    def corrupted_score(self) -> float:
+        """The mean of the cbar and extra accuracies it has (the sweeps' only score before
+        issue #30; the "val score" of the tables in docs/tuning.md)."""
         scores = [s for s in (self.val_cbar_accuracy, self.val_extra_accuracy) if s is not None]
         return sum(scores) / len(scores) if scores else 0.0
 
 
 # a run's row is a line of sweep.jsonl and its sweep_runs/<run>/row.json
 SWEEP_FILES = GridFiles(SWEEP_FILE, "sweep_runs", SweepRow, key="run", what="sweep")
+
+# Issue #30's goal: clean accuracy no more than 0.3 points below plain pruning's (sgd), and
+# from there as robust as possible. The sweep holds every run to it on validation data.
+REFERENCE_METHOD = "sgd"
+CLEAN_TOLERANCE = 0.003
+# Accuracies are image counts over the split: a run exactly 0.3 points below must pass
+# although the difference of two floats can land a hair beyond it.
+_ROUNDING = 1e-9
+RANKING_RULE = (
+    f"runs whose clean validation accuracy is at most {100 * CLEAN_TOLERANCE:.1f} points below "
+    f"their {REFERENCE_METHOD} reference first, then the others; each group by corrupted score "
+    "(the mean of the cbar and the extra accuracy), then clean accuracy. A run's reference is "
+    f"the {REFERENCE_METHOD} run at its setting: one that sets only keys the run sets, to the "
+    f"same values (of those, the one setting the most), else any {REFERENCE_METHOD} run of the "
+    f"sweep; among several, the best clean accuracy. Without {REFERENCE_METHOD} runs nothing "
+    "is held to a reference and the corrupted score alone ranks"
+)
+
+
+@dataclass(frozen=True)
+class RankedRow:
+    """A run in the sweep's ranking, with the sgd run its clean accuracy is held to."""
+
+    row: SweepRow
+    reference: SweepRow | None  # None: the sweep has no sgd run
+
+    @property
+    def clean_gap(self) -> float | None:
+        """Clean validation accuracy minus the reference's (negative: below sgd)."""
+        if self.reference is None:
+            return None
+        return self.row.val_accuracy - self.reference.val_accuracy
+
+    @property
+    def passes(self) -> bool | None:
+        """Whether the clean accuracy is within :data:`CLEAN_TOLERANCE` of the reference's
+        (None: no reference)."""
+        gap = self.clean_gap
+        return None if gap is None else gap >= -CLEAN_TOLERANCE - _ROUNDING
+
+
+def sgd_reference(row: SweepRow, sgd_rows: Sequence[SweepRow]) -> SweepRow | None:
+    """The sgd run ``row``'s clean accuracy is held to (an sgd run is its own).
+
+    An sgd run matches when every key it sets, ``row`` sets to the same value: keys only
+    ``row`` sets are ones the sweep did not vary for sgd (a radius sgd has no use for), while
+    a key only the sgd run sets means ``row`` ran at the base's value, maybe not sgd's (say,
+    distillation). Of the matches the one setting the most keys, else every sgd run; among
+    several, the best clean accuracy, so the bar is the best plain pruning reached there.
+    """
+
+    def matches(sgd: SweepRow) -> bool:
+        return all(k in row.settings and row.settings[k] == v for k, v in sgd.settings.items())
+
+    alike = [sgd for sgd in sgd_rows if matches(sgd)]
+    closest = max((len(sgd.settings) for sgd in alike), default=0)
+    candidates = [sgd for sgd in alike if len(sgd.settings) == closest]
+    return max(candidates or sgd_rows, key=lambda sgd: sgd.val_accuracy, default=None)
+
+
+def rank(rows: Sequence[SweepRow]) -> list[RankedRow]:
+    """The runs best first (:data:`RANKING_RULE`); equal runs keep their order in the file."""
+    sgd_rows = [r for r in rows if r.method == REFERENCE_METHOD]
+    ranked = [RankedRow(r, sgd_reference(r, sgd_rows)) for r in rows]
+    return sorted(
+        ranked, key=lambda r: (r.passes is False, -r.row.corrupted_score, -r.row.val_accuracy)
+    )
 
 
 @dataclass
@@ -174,59 +245,99 @@ def run_sweep(
 
 
 def _describe(row: SweepRow) -> str:
-    return f"validation score {row.score:.2%}, clean {row.val_accuracy:.2%}"
+    return f"validation: corrupted score {row.corrupted_score:.2%}, clean {row.val_accuracy:.2%}"
 
 
-def ranked_rows(out_dir: str | Path) -> list[SweepRow]:
-    """The sweep's finished runs, best first: by validation score, then clean validation
-    accuracy. Validation numbers only: nothing else is read."""
+def ranked_rows(out_dir: str | Path) -> list[RankedRow]:
+    """The sweep's finished runs, best first (:func:`rank`). Validation numbers only: nothing
+    else is read."""
     out = Path(out_dir)
     rows = SWEEP_FILES.read(out)
     if not rows:
         raise UserError(f"{out / SWEEP_FILE} holds no results: run the sweep first")
-    return sorted(rows, key=lambda r: (-r.score, -r.val_accuracy))
+    return rank(rows)
+
+
+def best_by_method(ranked: Sequence[RankedRow]) -> dict[str, str]:
+    """Each method's first run in the ranking, methods in order of their first run: what the
+    sweep chooses for a method when another method (say, the sgd reference) ranks first."""
+    best: dict[str, str] = {}
+    for r in ranked:
+        best.setdefault(r.row.method, r.row.run)
+    return best
+
+
+def _summary(ranked: RankedRow) -> dict[str, Any]:
+    r = ranked.row
+    return {"run": r.run, "method": r.method, "corrupted_score": r.corrupted_score,
+            "val_accuracy": r.val_accuracy, "clean_gap": ranked.clean_gap,
+            "passes": ranked.passes,
+            "reference": None if ranked.reference is None else ranked.reference.run}  # fmt: skip
+
+
+def _points(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:+.2f}"
 
 
 def sweep_report(out_dir: str | Path) -> Path:
-    """``<out>/sweep.md``, the sweep's runs best validation score (cbar and extras) first, and
-    ``<out>/choice.json``: that ranking and the chosen (first) run."""
+    """``<out>/sweep.md``, the sweep's runs ranked (:func:`rank`) with both scores and whether
+    each passes the clean constraint, and ``<out>/choice.json``: the rule, the chosen (first)
+    run, each method's best run, and the ranking. Rewritten from ``sweep.jsonl`` alone, so a
+    finished sweep is re-ranked by rerunning its command (or ``--report-only``)."""
     out = Path(out_dir)
-    rows = ranked_rows(out)
-    best = rows[0]
+    ranked = ranked_rows(out)
+    best = ranked[0].row
+    by_method = best_by_method(ranked)
+    first = _summary(ranked[0])
     atomic_write_json(
         out / CHOICE_FILE,
-        {"chosen": best.run, "method": best.method, "settings": best.settings,
-         "score": best.score, "ranking": [r.run for r in rows]},
+        {"rule": RANKING_RULE, "clean_tolerance": CLEAN_TOLERANCE, "chosen": first.pop("run"),
+         "settings": best.settings, **first, "best_by_method": by_method,
+         "ranking": [r.row.run for r in ranked], "runs": [_summary(r) for r in ranked]},
     )  # fmt: skip
-    keys = list(dict.fromkeys(k for r in rows for k in r.settings))
-    header = ["rank", "method", *keys, "val score (%)", "val cbar acc (%)",
-              "val extra corruption acc (%)", "val clean acc (%)", "size kept",
-              "train time (min)"]  # fmt: skip
+    unreferenced = (
+        ""
+        if ranked[0].reference
+        else f" This sweep has no {REFERENCE_METHOD} run: no run is held to the clean constraint."
+    )
+    keys = list(dict.fromkeys(k for r in ranked for k in r.row.settings))
+    within = f"clean within {100 * CLEAN_TOLERANCE:.1f} of sgd"
+    header = ["rank", "method", *keys, "val corrupted score (%)", "val cbar acc (%)",
+              "val extra corruption acc (%)", "val clean acc (%)", "clean vs sgd (points)",
+              within, "size kept", "train time (min)"]  # fmt: skip
     lines = [
         "# Tuning sweep",
         "",
-        f"Scored on the validation split ({rows[0].val_images} images carved from the "
-        f"training data), corrupted with the {len(CBAR_CORRUPTIONS)} held-out ImageNet-C-bar / "
-        f"CIFAR-10-C-bar corruptions ({', '.join(CBAR_CORRUPTIONS)}) and the "
+        f"Scored on the validation split ({best.val_images} images carved from the "
+        f"training data), clean and corrupted with the {len(CBAR_CORRUPTIONS)} held-out "
+        f"ImageNet-C-bar / CIFAR-10-C-bar corruptions ({', '.join(CBAR_CORRUPTIONS)}) and the "
         f"{len(EXTRA_CORRUPTIONS)} extra corruptions ({', '.join(EXTRA_CORRUPTIONS)}) "
-        "x 5 severities each. The score, which ranks the runs, is the mean of the cbar and the "
-        "extra accuracy; the test set and the 15 benchmark corruptions are never used.",
+        "x 5 severities each; the test set and the 15 benchmark corruptions are never used. "
+        f"Ranking: {RANKING_RULE}.",
+        "",
+        f"Chosen: {best.run}. Best run of each method: "
+        + ", ".join(f"{m}: {run}" for m, run in by_method.items())
+        + "."
+        + unreferenced,
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
     ]
-    for rank, r in enumerate(rows, 1):
-        cells = [str(rank), r.method, *(str(r.settings.get(k, "-")) for k in keys)]
+    for number, ranked_row in enumerate(ranked, 1):
+        r, passes = ranked_row.row, ranked_row.passes
+        cells = [str(number), r.method, *(str(r.settings.get(k, "-")) for k in keys)]
         cells += [
-            format_number("pct", r.score),
+            format_number("pct", r.corrupted_score),
             "-" if r.val_cbar_accuracy is None else format_number("pct", r.val_cbar_accuracy),
             format_number("pct", r.val_extra_accuracy or 0),
             format_number("pct", r.val_accuracy),
+            _points(ranked_row.clean_gap),
+            "-" if passes is None else "yes" if passes else "no",
             f"{r.keep_achieved:.3f}",
             format_number("min", r.seconds),
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    failed = unfinished_failures(out, {r.run for r in rows})
+    failed = unfinished_failures(out, {r.row.run for r in ranked})
     if failed:
         lines += ["", "Failed runs:", ""] + [f"- {f['run']}: {f['error']}" for f in failed]
     return atomic_write_text(out / "sweep.md", "\n".join(lines) + "\n")

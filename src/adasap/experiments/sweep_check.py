@@ -3,10 +3,12 @@
 :func:`check_sweep` takes a finished sweep (:mod:`adasap.experiments.sweep`), whose ranking and
 choice are already in ``<out>/choice.json``, evaluates every run's saved model on the test set
 under the 15 benchmark corruptions (and clean), and writes ``<out>/check/``: one line per run
-in ``check.jsonl`` (resumable), each run's corruption report, and ``check.md`` with the Spearman
-rank correlation between the validation score (cbar + extras) and the test corruption accuracy
-over the runs. It is computed once, after the fact: the sweep module never imports this one and
-never reads ``check/``, so the choice cannot depend on test numbers (tests/test_sweep_check.py).
+in ``check.jsonl`` (resumable), each run's corruption report, and ``check.md`` with Spearman rank
+correlations over the runs: of the sweep's validation ranking (the order it chose by) with the
+test corruption accuracy and with the clean test accuracy, and of each validation number with
+its test counterpart. It is computed once, after the fact: the sweep module never imports this
+one and never reads ``check/``, so the choice cannot depend on test numbers
+(tests/test_sweep_check.py).
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ def check_sweep(out_dir: str | Path, console: Console | None = None) -> Path:
     if not isinstance(definition, dict) or not isinstance(definition.get("base"), dict):
         raise UserError(f"{out / PRESET_FILE} is not a sweep's: check a sweep folder")
     base = from_flat(definition["base"])
-    rows = {r["run"]: SweepRow(**r) for r in read_jsonl(out / SWEEP_FILE)}
+    rows = {r["run"]: SweepRow.from_dict(r) for r in read_jsonl(out / SWEEP_FILE)}
     check = out / CHECK_DIR
     done = {r["run"] for r in read_jsonl(check / CHECK_FILE)}
     data_cache: dict[tuple, Any] = {}
@@ -98,45 +100,71 @@ def check_sweep(out_dir: str | Path, console: Console | None = None) -> Path:
     return write_check_report(out, choice, rows)
 
 
+def ranking_correlations(
+    ranking: Sequence[str], rows: dict[str, SweepRow], tests: dict[str, dict[str, Any]]
+) -> dict[str, float | None]:
+    """Spearman rank correlations over the runs of ``ranking`` (the sweep's order, best first):
+    of that order with the test corruption and clean accuracies (``ranking_corrupted``,
+    ``ranking_clean``; +1: the sweep ranked the runs exactly as the test set does), and of the
+    validation corrupted score and clean accuracy with their test counterparts (``corrupted``,
+    ``clean``: whether each validation number predicts its test number)."""
+    standing = list(range(len(ranking), 0, -1))  # higher is better, as for the accuracies
+    corrupted = [tests[run]["test_corruption_accuracy"] for run in ranking]
+    clean = [tests[run]["test_clean_accuracy"] for run in ranking]
+    return {
+        "ranking_corrupted": spearman(standing, corrupted),
+        "ranking_clean": spearman(standing, clean),
+        "corrupted": spearman([rows[run].corrupted_score for run in ranking], corrupted),
+        "clean": spearman([rows[run].val_accuracy for run in ranking], clean),
+    }
+
+
+def _test_ranks(ranking: Sequence[str], accuracy: dict[str, float]) -> dict[str, int]:
+    return {run: i for i, run in enumerate(sorted(ranking, key=lambda run: -accuracy[run]), 1)}
+
+
 def write_check_report(out: Path, choice: dict[str, Any], rows: dict[str, SweepRow]) -> Path:
-    """``<out>/check/check.md``: the runs in the sweep's order, their test numbers, and the
-    rank correlations."""
+    """``<out>/check/check.md``: the runs in the sweep's order, their test numbers and ranks,
+    and the rank correlations (:func:`ranking_correlations`)."""
     tests = {r["run"]: r for r in read_jsonl(out / CHECK_DIR / CHECK_FILE)}
     ranking = [run for run in choice["ranking"] if run in tests]
-    scores = [rows[run].score for run in ranking]
-    corrupted = [tests[run]["test_corruption_accuracy"] for run in ranking]
-    rho = spearman(scores, corrupted)
-    rho_clean = spearman(
-        [rows[run].val_accuracy for run in ranking],
-        [tests[run]["test_clean_accuracy"] for run in ranking],
+    rho = ranking_correlations(ranking, rows, tests)
+    corrupted_rank = _test_ranks(
+        ranking, {run: tests[run]["test_corruption_accuracy"] for run in ranking}
     )
-    by_test = sorted(ranking, key=lambda run: -tests[run]["test_corruption_accuracy"])
-    test_rank = {run: i for i, run in enumerate(by_test, 1)}
+    clean_rank = _test_ranks(ranking, {run: tests[run]["test_clean_accuracy"] for run in ranking})
+    chosen = choice["chosen"]
 
     def shown(value: float | None) -> str:
         return "undefined (fewer than 3 runs, or no spread)" if value is None else f"{value:+.3f}"
 
     lines = [
-        "# Does the sweep's validation score rank runs as the test corruptions do?",
+        "# Does the sweep's validation ranking order runs as the test set does?",
         "",
         "Computed once, after the sweep chose (its choice and ranking were already in "
         f"`{CHOICE_FILE}`; nothing here feeds back into them). Test corruption accuracy: the "
         "15 benchmark corruptions x 5 severities on the test images.",
         "",
         f"- runs compared: {len(ranking)} of {len(choice['ranking'])}",
-        f"- Spearman rank correlation, validation score (cbar + extras) vs test corruption "
-        f"accuracy: **{shown(rho)}**",
-        f"- Spearman rank correlation, clean validation vs clean test accuracy: {shown(rho_clean)}",
-        f"- the sweep's choice: {choice['chosen']} (test rank "
-        f"{test_rank.get(choice['chosen'], '-')} of {len(ranking)})",
+        "- Spearman rank correlation, the sweep's validation ranking vs test corruption "
+        f"accuracy: **{shown(rho['ranking_corrupted'])}**",
+        "- Spearman rank correlation, the sweep's validation ranking vs clean test accuracy: "
+        f"**{shown(rho['ranking_clean'])}**",
+        "- Spearman rank correlation, validation corrupted score (cbar + extras) vs test "
+        f"corruption accuracy: {shown(rho['corrupted'])}",
+        "- Spearman rank correlation, clean validation vs clean test accuracy: "
+        f"{shown(rho['clean'])}",
+        f"- the sweep's choice: {chosen} (test rank {corrupted_rank.get(chosen, '-')} of "
+        f"{len(ranking)} on corruption accuracy, {clean_rank.get(chosen, '-')} on clean)",
         "",
-        "| val rank | test rank | run | val score (%) | test corruption acc (%) | "
-        "val clean acc (%) | test clean acc (%) |",
-        "|---|---|---|---|---|---|---|",
+        "| val rank | test corruption rank | test clean rank | run | val corrupted score (%) | "
+        "test corruption acc (%) | val clean acc (%) | test clean acc (%) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for i, run in enumerate(ranking, 1):
         r, t = rows[run], tests[run]
-        cells = [str(i), str(test_rank[run]), run, format_number("pct", r.score),
+        cells = [str(i), str(corrupted_rank[run]), str(clean_rank[run]), run,
+                 format_number("pct", r.corrupted_score),
                  format_number("pct", t["test_corruption_accuracy"]),
                  format_number("pct", r.val_accuracy),
                  format_number("pct", t["test_clean_accuracy"])]  # fmt: skip

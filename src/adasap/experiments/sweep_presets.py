@@ -48,9 +48,16 @@ class SweepPreset:
 
 KEEP_HALF = {**SMALL_BASE, "keep": 0.5, "criterion": "magnitude", "seed": 0}
 # The sweeps run before the `finetune` sweep set phase 3's default (ASAM), as they were run:
-# phase 3 perturbs as phases 1-2 (SAM at rho).
+# phase 3 perturbs as phases 1-2 (SAM at rho). The `finetune` sweeps ran on it too: their
+# adasap and sam runs set phase 3 themselves and sgd's does not perturb, so only their saved
+# definition (which a rerun re-ranking the folder must match) depends on it.
 BEFORE_ASAM = {**KEEP_HALF, "finetune_sharpness": None}
 CRITERIA = ["magnitude", "taylor"]
+# The sweeps of issue #30, ranked with the clean constraint (adasap.experiments.sweep.rank):
+# the `small` base at the defaults the sweeps above chose (Taylor scores, phase-3 ASAM 2.0,
+# set here so that a later change of default leaves these folders resumable). Each of them
+# runs its sgd reference at the base's settings: the same run in all.
+CHOSEN = {**KEEP_HALF, "criterion": "taylor", "finetune_sharpness": "asam", "finetune_rho": 2.0}
 
 SWEEP_PRESETS: dict[str, SweepPreset] = {
     "small": SweepPreset(
@@ -119,7 +126,7 @@ SWEEP_PRESETS: dict[str, SweepPreset] = {
         "and the sam baseline alike, at both criteria (planned, docs/tuning.md): the `small` "
         "sweep's base; ASAM finetune_rho 0.2/0.5/1/2 (ASAM's radius is ~10x SAM's), SAM "
         "finetune_rho 0.02/0.05/0.1; sgd at both criteria for reference.",
-        base=KEEP_HALF,
+        base=BEFORE_ASAM,
         grid=(
             {
                 "methods": [["adasap", "sam"]],
@@ -141,7 +148,7 @@ SWEEP_PRESETS: dict[str, SweepPreset] = {
         description="Phase-3 ASAM beyond the `finetune` grid's edge, whose best radius was its "
         "largest (2.0): finetune_rho 3 and 4 for adasap and the sam baseline at Taylor scores, "
         "the default criterion; the `small` sweep's base otherwise.",
-        base=KEEP_HALF,
+        base=BEFORE_ASAM,
         grid=(
             {
                 "methods": [["adasap", "sam"]],
@@ -162,6 +169,50 @@ SWEEP_PRESETS: dict[str, SweepPreset] = {
                 "methods": [["sgd", "sam", "adasap"]],
                 "criterion": CRITERIA,
                 "finetune_epochs": [5.0, 15.0],
+            },
+        ),  # fmt: skip
+    ),
+    "distill": SweepPreset(
+        name="distill",
+        description="Distillation from the dense model (phases 2-3) for adasap and the sgd "
+        "reference alike, ranked with the clean constraint (issue #30): distill_weight 0.5/0.9 "
+        "x distill_temperature 2/4, and neither distilled; Taylor scores, phase-3 ASAM 2.0, "
+        "the `small` sweep's base otherwise. A distilled adasap run is held to sgd distilled "
+        "alike, as the benchmark would run them.",
+        base=CHOSEN,
+        grid=(
+            {"methods": [["sgd", "adasap"]]},
+            {
+                "methods": [["sgd", "adasap"]],
+                "distill_weight": [0.5, 0.9],
+                "distill_temperature": [2.0, 4.0],
+            },
+        ),  # fmt: skip
+    ),
+    "finetune-clean": SweepPreset(
+        name="finetune-clean",
+        description="Phase 3's ASAM radius for adasap ranked with the clean constraint (issue "
+        "#30): finetune_rho 0.05 to 2 (the default), down to plain fine-tuning (adasap-sgd), "
+        "beside the sgd reference; Taylor scores, the `small` sweep's base otherwise.",
+        base=CHOSEN,
+        grid=(
+            {"methods": [["sgd", "adasap-sgd"]]},
+            {"methods": [["adasap"]], "finetune_rho": [0.05, 0.1, 0.2, 0.5, 1.0, 2.0]},
+        ),  # fmt: skip
+    ),
+    "neuron-scaled": SweepPreset(
+        name="neuron-scaled",
+        description="AdaSAP's per-neuron perturbation scaled to the global form's norm "
+        "(normalization neuron-scaled) beside the global form, at rho_max 0.1/0.2/0.5 "
+        "(rho_min 0.05), ranked with the clean constraint (issue #30), with the sgd "
+        "reference; Taylor scores, phase-3 ASAM 2.0, the `small` sweep's base otherwise.",
+        base=CHOSEN,
+        grid=(
+            {"methods": [["sgd"]]},
+            {
+                "methods": [["adasap"]],
+                "normalization": ["global", "neuron-scaled"],
+                "rho_max": [0.1, 0.2, 0.5],
             },
         ),  # fmt: skip
     ),

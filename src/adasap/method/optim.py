@@ -9,12 +9,22 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
 
-Normalization = Literal["global", "neuron"]
+# How AdaSAP normalises its perturbation (docs/method.md, "Perturbation normalisations").
+Normalization = Literal["global", "neuron", "neuron-scaled"]
+NORMALIZATIONS: tuple[str, ...] = get_args(Normalization)
+
+
+def _total_norm(tensors: Iterable[Tensor]) -> Tensor:
+    """The L2 norm of several tensors taken as one vector (on the first one's device)."""
+    norms = [t.norm(2) for t in tensors]
+    if not norms:
+        return torch.zeros(())
+    return torch.stack([n.to(norms[0].device) for n in norms]).norm(2)
 
 
 class SAM(torch.optim.Optimizer):
@@ -75,10 +85,7 @@ class SAM(torch.optim.Optimizer):
         return p.grad
 
     def _global_norm(self, pairs: list[tuple[dict[str, Any], Tensor]]) -> Tensor:
-        norms = [self._norm_gradient(g, p).norm(2) for g, p in pairs]
-        if not norms:
-            return torch.zeros(())
-        return torch.stack([n.to(norms[0].device) for n in norms]).norm(2)
+        return _total_norm(self._norm_gradient(g, p) for g, p in pairs)
 
     def perturbations(self) -> dict[Tensor, Tensor]:
         """The weight perturbation e(w) for every parameter that has a gradient."""
@@ -173,7 +180,9 @@ class AdaSAP(SAM):
         rho_min: the smallest radius (given to the most important neurons).
         rho_max: the largest radius (given to the least important neurons).
         normalization: ``"global"`` divides by the norm of the whole gradient (default);
-            ``"neuron"`` divides each neuron's slice by the norm of that neuron's gradient.
+            ``"neuron"`` divides each neuron's slice by the norm of that neuron's gradient;
+            ``"neuron-scaled"`` keeps the per-neuron direction and rescales all of it by one
+            factor so that its total norm equals the global form's (docs/method.md).
         Other arguments as for :class:`SAM`.
     """
 
@@ -191,8 +200,11 @@ class AdaSAP(SAM):
     ) -> None:
         if not 0 <= rho_min <= rho_max:
             raise ValueError(f"need 0 <= rho_min <= rho_max, got {rho_min}, {rho_max}")
-        if normalization not in ("global", "neuron"):
-            raise ValueError(f"normalization must be 'global' or 'neuron', got {normalization!r}")
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(
+                f"normalization must be one of {', '.join(map(repr, NORMALIZATIONS))}, "
+                f"got {normalization!r}"
+            )
         super().__init__(
             params,
             base_optimizer,
@@ -276,16 +288,24 @@ class AdaSAP(SAM):
                 unowned = unowned + squared.sum().float()
         return per_neuron, unowned
 
-    def perturbations(self) -> dict[Tensor, Tensor]:
-        pairs = self._params_with_grad()
-        if not pairs:
-            return {}
-        if self.normalization == "global" or self.ownership is None:
-            norm = self._global_norm(pairs)
-            return {
-                p: self._scaled_gradient(g, p) * self._radius_of(p) / (norm.to(p.device) + 1e-12)
-                for g, p in pairs
-            }
+    def _global_perturbations(
+        self, pairs: list[tuple[dict[str, Any], Tensor]]
+    ) -> dict[Tensor, Tensor]:
+        norm = self._global_norm(pairs)
+        return {
+            p: self._scaled_gradient(g, p) * self._radius_of(p) / (norm.to(p.device) + 1e-12)
+            for g, p in pairs
+        }
+
+    def _global_perturbation_norm(self, pairs: list[tuple[dict[str, Any], Tensor]]) -> Tensor:
+        """``||e||`` of the global form at the current radii, without keeping its tensors."""
+        numerator = _total_norm(self._scaled_gradient(g, p) * self._radius_of(p) for g, p in pairs)
+        return numerator / (self._global_norm(pairs).to(numerator.device) + 1e-12)
+
+    def _neuron_perturbations(
+        self, pairs: list[tuple[dict[str, Any], Tensor]]
+    ) -> dict[Tensor, Tensor]:
+        assert self.ownership is not None
         per_neuron, unowned = self._neuron_norms(pairs)
         per_neuron, unowned = per_neuron.sqrt(), unowned.sqrt()
         result = {}
@@ -296,4 +316,21 @@ class AdaSAP(SAM):
             else:
                 norm = unowned
             result[p] = self._scaled_gradient(g, p) * self._radius_of(p) / (norm + 1e-12)
+        return result
+
+    def perturbations(self) -> dict[Tensor, Tensor]:
+        pairs = self._params_with_grad()
+        if not pairs:
+            return {}
+        if self.normalization == "global" or self.ownership is None:
+            return self._global_perturbations(pairs)
+        result = self._neuron_perturbations(pairs)
+        if self.normalization == "neuron-scaled":
+            # One factor for every neuron keeps the per-neuron direction and the ratios of the
+            # radii; dividing by the actual norm (not sqrt(sum rho_i^2)) leaves out neurons
+            # whose gradient is zero, so the total norm matches the global form's exactly.
+            target = self._global_perturbation_norm(pairs)
+            scale = target / (_total_norm(result.values()).to(target.device) + 1e-12)
+            for e in result.values():
+                e.mul_(scale.to(e.device))
         return result

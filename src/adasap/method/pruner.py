@@ -36,6 +36,7 @@ from adasap.method.cheap_sam import (
     has_direction,
 )
 from adasap.method.data_parallel import DataParallel
+from adasap.method.distillation import Distillation, check_same_teacher
 from adasap.method.examples import Example, check_example
 from adasap.method.importance import (
     DEFAULT_CRITERION,
@@ -98,6 +99,8 @@ class Pruner:
             rebuilt with its state after each removal or phase change.
         ignored_layers: modules whose outputs are never pruned (default: the output layers).
         scaler: a ``torch.amp.GradScaler`` for float16 autocast on CUDA.
+        teacher: what ``distill_weight > 0`` distils from (default: ``model`` as given, the
+            dense model); copied and frozen (:meth:`distill_loss`). Unused at weight 0.
         settings: :class:`PrunerSettings`; keyword ``overrides`` replace single fields.
 
     ``round_to`` is the channel multiple every removal keeps (``settings.round_to``, auto
@@ -118,6 +121,7 @@ class Pruner:
         lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
         ignored_layers: Sequence[nn.Module] | None = None,
         scaler: torch.amp.GradScaler | None = None,
+        teacher: nn.Module | None = None,
         settings: PrunerSettings | None = None,
         **overrides: Any,
     ) -> None:
@@ -133,6 +137,8 @@ class Pruner:
         self.scaler, self.make_scheduler = scaler, lr_scheduler
         self.ignored = list(ignored_layers or default_ignored_layers(model, example_inputs))
         self.layout = self._trace()
+        # copied now, before any removal: the dense model as the run began (resume checks it)
+        self.distillation = Distillation.of(s, model if teacher is None else teacher)
         self.round_to = resolve_round_to(s.round_to, s.runtime, next(model.parameters()).device)
         self.importance = make_importance(criterion, taylor_form=s.taylor_form)
         self._reset_importance()
@@ -273,6 +279,22 @@ class Pruner:
         elif step % self.settings.score_refresh == 0:
             self._radii_due = True
 
+    def distill_loss(self, student_logits: Tensor, teacher_input: Any, loss: Tensor) -> Tensor:
+        """``loss`` with distillation from the dense model mixed in (``distill_weight``).
+
+        Call it in the closure with the model's logits, the whole batch's input (the teacher
+        runs on it once per step, whatever the passes) and the label loss::
+
+            def closure():
+                logits = model(images)
+                return pruner.distill_loss(logits, images, F.cross_entropy(logits, labels))
+
+        Returns ``loss`` itself at weight 0, before ``distill_from`` and outside :meth:`step`.
+        """
+        if self.distillation is None:
+            return loss
+        return self.distillation.loss(student_logits, teacher_input, loss)
+
     def step(self, closure: Callable[..., Loss]) -> Tensor:
         """One training step on the current batch; returns the first pass's loss, detached.
 
@@ -283,6 +305,12 @@ class Pruner:
         ``ascent_fraction < 1`` the closure must also accept ``fraction=f`` and then return
         the loss of the first ``ceil(f * batch)`` rows (see :func:`cheap_sam.sub_batch`).
         """
+        if self.distillation is None:
+            return self._step(closure)
+        with self.distillation.batch(self.schedule.phase_at(self.steps_done)):
+            return self._step(closure)
+
+    def _step(self, closure: Callable[..., Loss]) -> Tensor:
         s = self.settings
         if s.ascent_fraction < 1:
             check_fraction_closure(closure, s.ascent_fraction)
@@ -328,6 +356,7 @@ class Pruner:
             "radii_due": self._radii_due,
             "plan": self.plan.state_dict(),
             "round_to": self.round_to,
+            "teacher": self.distillation.fingerprint if self.distillation else None,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -335,6 +364,7 @@ class Pruner:
 
         Load this before the model's own ``state_dict``, whose shapes are the pruned ones.
         """
+        check_same_teacher(self.distillation, state.get("teacher"))  # absent: older states
         history = state["pruning_history"]
         if self.pruning_history and self.pruning_history != history[: len(self.pruning_history)]:
             raise UserError(

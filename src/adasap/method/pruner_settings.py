@@ -12,6 +12,7 @@ from adasap.method.base_optimizer import (
     check_finetune_settings,
 )
 from adasap.method.cheap_sam import check_cheap_settings
+from adasap.method.distillation import check_distillation
 from adasap.settings import check_field_types
 
 # The optimizer in phases 1-2 (warm-up and removal), then in phase 3 (fine-tuning); "sgd"
@@ -38,7 +39,7 @@ class PrunerSettings:
     rho: float = DEFAULT_RADIUS["sam"]
     rho_min: float = 0.05
     rho_max: float = 0.1
-    normalization: Literal["global", "neuron"] = "global"
+    normalization: Literal["global", "neuron", "neuron-scaled"] = "global"
     asam: bool = False
     # Phase 3 of a method whose phase 3 is sharpness-aware (adasap, sam, sgd-sam): SAM, ASAM
     # or None (as phases 1-2), and its radius (None: base_optimizer.phase_sharpness).
@@ -61,9 +62,16 @@ class PrunerSettings:
     ascent_fraction: float = 1.0  # the first (ascent) pass on this fraction of the batch
     seed: int = 0  # of the pruner's own draws (which steps are sharpness-aware)
     sync_ascent: bool = False  # under DDP: average the ascent gradient too (docs/distributed.md)
+    # Distillation from the dense model (adasap.method.distillation, docs/method.md): the
+    # teacher's share of the loss (0: off, the step as without it), its temperature, and the
+    # first phase distilled (the phases from it to the end are).
+    distill_weight: float = 0.0
+    distill_temperature: float = 4.0
+    distill_from: Literal["warmup", "prune", "finetune"] = "prune"
 
     def __post_init__(self) -> None:
         check_field_types(self)  # the Literal fields by value
         check_rounding(self.runtime, self.round_to)
         check_cheap_settings(self)
         check_finetune_settings(self)
+        check_distillation(self.distill_weight, self.distill_temperature)

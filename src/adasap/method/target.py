@@ -10,6 +10,7 @@ interface, so the pruner needs no timing code.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 from typing import Any, Literal, Protocol
 
@@ -28,6 +29,8 @@ from adasap.method.pruning import (
 )
 
 SizeKind = Literal["params", "macs"]
+# a removal that leaves more than this times its predicted size missed its target
+MISSED_BY = 1.05
 
 
 class PruningTarget(Protocol):
@@ -90,6 +93,7 @@ class SizeTarget:
         self.keep, self.kind = keep, kind
         self.dense: ModelSize | None = None
         self.current: ModelSize | None = None
+        self.step_target: int | None = None  # what the last selection predicted it reaches
 
     def bind(self, dense: ModelSize) -> None:
         """Start from the dense model's measured size."""
@@ -108,7 +112,7 @@ class SizeTarget:
         round_to: int,
     ) -> Tensor:
         dense = self.dense.of(self.kind)
-        target = round(dense - (dense - self.final) * progress)
+        target = self.step_target = round(dense - (dense - self.final) * progress)
         predict = self._predictor(layout, self.current)
         return select_neurons(layout, scores, target, predict, self.kind, min_channels, round_to)
 
@@ -118,6 +122,18 @@ class SizeTarget:
 
     def removed(self, layout: NeuronLayout, size: ModelSize) -> None:
         self.current = size
+        # The prediction follows Torch-Pruning's per-layer counts; where the measured size does
+        # not shrink as predicted (MACs of some transformer and ConvNeXt layers), say so: a
+        # missed target is never silent (the result's ``kept`` holds what was reached).
+        if self.step_target is not None and size.of(self.kind) > MISSED_BY * self.step_target:
+            dense = self.dense.of(self.kind)
+            warnings.warn(
+                f"the removal kept {size.of(self.kind) / dense:.1%} of the dense model's "
+                f"{self.kind}, not the {self.step_target / dense:.1%} predicted: its size "
+                "prediction misses for this model; prune by another keep kind (e.g. "
+                "keep_kind='params') or give a smaller keep",
+                stacklevel=2,
+            )
 
     def check(self, layout: NeuronLayout, min_channels: int, round_to: int) -> None:
         equal = torch.ones(layout.num_neurons)

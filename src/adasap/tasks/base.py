@@ -50,6 +50,9 @@ class Task(ABC):
     onnx_timing: ClassVar[bool] = True
     # the PruneSettings fields this task defaults otherwise (untuned settings stay as they were)
     defaults: ClassVar[dict[str, Any]] = {}
+    # a training step's output holds logits that a teacher's can be distilled into
+    # (``distill_weight``; :meth:`distill_inputs`)
+    distillable: ClassVar[bool] = False
 
     @abstractmethod
     def training_source(
@@ -108,6 +111,11 @@ class Task(ABC):
         """The loss of ``output`` (in float32) on the same part of ``batch``; ``check``: first
         step of an epoch, validate the targets against the output; ``count``: the step's first
         pass, whose right answers the epoch's training accuracy counts."""
+
+    def distill_inputs(self, output: Any, batch: Any) -> tuple[Tensor, Any]:
+        """The student's ``batch x classes`` logits in a training step's ``output`` and the
+        teacher's input: the whole ``batch``'s images (for a :attr:`distillable` task)."""
+        raise NotImplementedError(f"the {self.name} task has no logits to distil")
 
     @abstractmethod
     def failed(self, model: nn.Module, batch: Any, phase: str, exc: Exception) -> None:

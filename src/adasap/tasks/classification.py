@@ -33,6 +33,7 @@ class ClassificationTask(Task):
     name: ClassVar[str] = "classification"
     headline: ClassVar[str] = "accuracy"
     training_accuracy: ClassVar[bool] = True
+    distillable: ClassVar[bool] = True
 
     def training_source(
         self, data: Any, *, batch_size: int, seed: int, shard: Shard
@@ -80,6 +81,9 @@ class ClassificationTask(Task):
         )
         correct = (output.detach().argmax(1) == labels).sum() if count else None
         return StepOutput(loss, len(labels), correct)
+
+    def distill_inputs(self, output: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
+        return output, batch[0]
 
     def failed(self, model: nn.Module, batch: Batch, phase: str, exc: Exception) -> None:
         if isinstance(exc, RuntimeError | ValueError):

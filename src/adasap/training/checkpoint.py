@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from adasap.distributed import world_size
 from adasap.errors import UserError, exception_reason
 from adasap.io import atomic_write_bytes
 
@@ -63,6 +64,36 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             "delete it to start that part afresh"
         )
     return state
+
+
+def resume(checkpoint: Path, identity: dict[str, Any], pruner: Any, loop: Any) -> None:
+    """Restore ``pruner`` (and its model) and ``loop`` from an EpochLoop ``checkpoint``.
+
+    It must have been written under the same ``identity`` (the settings that must match) and
+    by as many processes (each global batch's split depends on it), else :class:`UserError`.
+    """
+    state = load_checkpoint(checkpoint)
+    if {k: state.get(k) for k in identity} != identity:
+        raise UserError(
+            f"{checkpoint} was written with other settings: resume with the run's own "
+            "config, or delete the checkpoint to start afresh"
+        )
+    written_by = state.get("world_size", 1)
+    if written_by != world_size():
+        how = "without torchrun" if written_by == 1 else f"as {written_by} torchrun processes"
+        raise UserError(
+            f"{checkpoint} was written by {written_by} process(es), not {world_size()}: "
+            f"resume {how}, or delete the checkpoint to start afresh"
+        )
+    try:
+        pruner.load_state_dict(state["pruner"])
+        pruner.model.load_state_dict(state["model"])
+        loop.restore(state["loop"])
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+        raise UserError(
+            f"checkpoint {checkpoint} is damaged ({exception_reason(exc, 120)}): delete "
+            "it to start that part afresh"
+        ) from exc
 
 
 @contextlib.contextmanager

@@ -143,6 +143,11 @@ class EpochLoop:
     _compiled: nn.Module | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.pruner.distillation is not None and not self.task.distillable:
+            raise UserError(
+                f"distillation (distill_weight > 0) is not defined for the {self.task.name} "
+                "task: set distill_weight 0"
+            )
         if self.compile:
             self.pruner.register_removal_hook(self._forget_compiled)
 
@@ -282,7 +287,10 @@ class EpochLoop:
                 checked = True
                 if not outputs:
                     outputs.append(step)
-                return step.loss
+                if self.pruner.distillation is None:
+                    return step.loss
+                with autocast_for(self.device, self.amp):  # the teacher runs as the student
+                    return self.pruner.distill_loss(*task.distill_inputs(output, batch), step.loss)
 
             try:
                 loss = self.pruner.step(compute_loss)

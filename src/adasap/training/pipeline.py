@@ -22,7 +22,7 @@ from adasap.alignment import resolve_round_to
 from adasap.data import BatchSource
 from adasap.devices import autocast_dtype, prepare_model, resolve_device, wants_channels_last
 from adasap.distributed import any_rank, is_distributed, is_main, shard, world_size
-from adasap.errors import UserError, exception_reason
+from adasap.errors import UserError
 from adasap.method.neurons import NeuronLayout
 from adasap.method.output_layers import layer_names
 from adasap.method.pruner import Pruner
@@ -30,7 +30,7 @@ from adasap.method.pruning import ModelSize
 from adasap.method.schedule import PHASES, PhaseSchedule
 from adasap.method.target import LatencyTarget, PruningTarget, SizeTarget, fitting_round_to
 from adasap.tasks import Task, make_task, task_options
-from adasap.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, stop_requests
+from adasap.training.checkpoint import CHECKPOINT_FILE, resume, stop_requests
 from adasap.training.loop import EpochLoop, cosine_lr, grad_scaler, steps_per_epoch
 from adasap.training.progress import ProgressLog
 from adasap.training.settings import PruneSettings, base_optimizer, with_overrides
@@ -206,30 +206,7 @@ class _Setup:
             },
         )
         if checkpoint is not None and checkpoint.is_file():
-            state = load_checkpoint(checkpoint)
-            if {k: state.get(k) for k in identity} != identity:
-                raise UserError(
-                    f"{checkpoint} was written with other settings: resume with the run's own "
-                    "config, or delete the checkpoint to start afresh"
-                )
-            written_by = state.get("world_size", 1)  # each global batch's split depends on it
-            if written_by != world_size():
-                how = (
-                    "without torchrun" if written_by == 1 else f"as {written_by} torchrun processes"
-                )
-                raise UserError(
-                    f"{checkpoint} was written by {written_by} process(es), not {world_size()}: "
-                    f"resume {how}, or delete the checkpoint to start afresh"
-                )
-            try:
-                pruner.load_state_dict(state["pruner"])
-                pruner.model.load_state_dict(state["model"])
-                loop.restore(state["loop"])
-            except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
-                raise UserError(
-                    f"checkpoint {checkpoint} is damaged ({exception_reason(exc, 120)}): delete "
-                    "it to start that part afresh"
-                ) from exc
+            resume(checkpoint, identity, pruner, loop)
             for record in loop.history:  # a resumed run reports its earlier epochs too
                 log(record)
         if is_distributed():
@@ -410,7 +387,10 @@ def train(
     setup = _Setup.of(model, train_data, s, task)
     schedule = PhaseSchedule(0, 0, round(epochs * len(setup.source)), removals=0)
     ignored = task.ignored_layers(model, setup.example, num_classes, None)
-    pruner = setup.pruner(model, schedule, method="sgd", keep=1.0, ignored_layers=ignored)
+    # the dense model is the teacher of the pruning that follows: nothing to distil from here
+    pruner = setup.pruner(
+        model, schedule, method="sgd", keep=1.0, ignored_layers=ignored, distill_weight=0.0
+    )
     identity = {"settings": s.to_dict(), "epochs": epochs, "task": task.name}
     phases = [("dense", schedule.total_steps)]
     loop = setup.run(pruner, val_data, phases, "", identity, checkpoint_dir, log, progress)
