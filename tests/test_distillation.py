@@ -24,6 +24,7 @@ from adasap.models.builders import build_model
 from adasap.tasks import DetectionTask
 from adasap.training.loop import EpochLoop
 from adasap.training.pipeline import prune, train
+from test_pruner import Net
 
 # --------------------------------------------------------------------------- the loss
 
@@ -49,20 +50,6 @@ def test_distillation_loss_is_hintons_term_by_hand():
 
 
 # --------------------------------------------------------------------------- the Pruner
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        )  # fmt: skip
-        self.head = nn.Linear(32, 4)
-
-    def forward(self, x):
-        return self.head(self.features(x))
 
 
 g = torch.Generator().manual_seed(0)
