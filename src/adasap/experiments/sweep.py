@@ -75,14 +75,17 @@ CLEAN_TOLERANCE = 0.003
 # Accuracies are image counts over the split: a run exactly 0.3 points below must pass
 # although the difference of two floats can land a hair beyond it.
 _ROUNDING = 1e-9
+# The keys that say which pruning is compared rather than how it is trained: a run is held to
+# plain pruning of the same network to the same size by the same scores, at its best recipe.
+COMPARED_AT = ("criterion", "keep", "keep_kind")
 RANKING_RULE = (
     f"runs whose clean validation accuracy is at most {100 * CLEAN_TOLERANCE:.1f} points below "
     f"their {REFERENCE_METHOD} reference first, then the others; each group by corrupted score "
     "(the mean of the cbar and the extra accuracy), then clean accuracy. A run's reference is "
-    f"the {REFERENCE_METHOD} run at its setting: one that sets only keys the run sets, to the "
-    f"same values (of those, the one setting the most), else any {REFERENCE_METHOD} run of the "
-    f"sweep; among several, the best clean accuracy. Without {REFERENCE_METHOD} runs nothing "
-    "is held to a reference and the corrupted score alone ranks"
+    f"the {REFERENCE_METHOD} run of the sweep with the best clean accuracy among those pruned "
+    f"alike (the same {', '.join(COMPARED_AT)} where either sets them), else among all: a "
+    "recipe that costs every method clean accuracy does not lower the bar. Without "
+    f"{REFERENCE_METHOD} runs nothing is held to a reference and the corrupted score alone ranks"
 )
 
 
@@ -109,22 +112,20 @@ class RankedRow:
 
 
 def sgd_reference(row: SweepRow, sgd_rows: Sequence[SweepRow]) -> SweepRow | None:
-    """The sgd run ``row``'s clean accuracy is held to (an sgd run is its own).
+    """The sgd run ``row``'s clean accuracy is held to: the best clean accuracy plain pruning
+    reached in the sweep at ``row``'s :data:`COMPARED_AT` keys (a key set by one run and not
+    the other counts as different), else anywhere in the sweep.
 
-    An sgd run matches when every key it sets, ``row`` sets to the same value: keys only
-    ``row`` sets are ones the sweep did not vary for sgd (a radius sgd has no use for), while
-    a key only the sgd run sets means ``row`` ran at the base's value, maybe not sgd's (say,
-    distillation). Of the matches the one setting the most keys, else every sgd run; among
-    several, the best clean accuracy, so the bar is the best plain pruning reached there.
+    Every other key (distillation, epochs, radii) is a recipe a user could give plain pruning
+    too, so the bar is sgd at its best recipe: a distilled run held to sgd distilled alike
+    would pass by a recipe that costs both of them clean accuracy.
     """
 
-    def matches(sgd: SweepRow) -> bool:
-        return all(k in row.settings and row.settings[k] == v for k, v in sgd.settings.items())
+    def pruned_alike(sgd: SweepRow) -> bool:
+        return all(row.settings.get(k) == sgd.settings.get(k) for k in COMPARED_AT)
 
-    alike = [sgd for sgd in sgd_rows if matches(sgd)]
-    closest = max((len(sgd.settings) for sgd in alike), default=0)
-    candidates = [sgd for sgd in alike if len(sgd.settings) == closest]
-    return max(candidates or sgd_rows, key=lambda sgd: sgd.val_accuracy, default=None)
+    alike = [sgd for sgd in sgd_rows if pruned_alike(sgd)]
+    return max(alike or sgd_rows, key=lambda sgd: sgd.val_accuracy, default=None)
 
 
 def rank(rows: Sequence[SweepRow]) -> list[RankedRow]:

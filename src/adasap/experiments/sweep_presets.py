@@ -177,8 +177,8 @@ SWEEP_PRESETS: dict[str, SweepPreset] = {
         description="Distillation from the dense model (phases 2-3) for adasap and the sgd "
         "reference alike, ranked with the clean constraint (issue #30): distill_weight 0.5/0.9 "
         "x distill_temperature 2/4, and neither distilled; Taylor scores, phase-3 ASAM 2.0, "
-        "the `small` sweep's base otherwise. A distilled adasap run is held to sgd distilled "
-        "alike, as the benchmark would run them.",
+        "the `small` sweep's base otherwise. Every run is held to sgd at its best recipe, "
+        "distilled or not.",
         base=CHOSEN,
         grid=(
             {"methods": [["sgd", "adasap"]]},
