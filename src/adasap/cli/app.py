@@ -25,6 +25,7 @@ from adasap.errors import UserError
 from adasap.experiments import commands
 from adasap.experiments.config import ExperimentConfig, from_flat, load_yaml
 from adasap.experiments.job import JOBS
+from adasap.experiments.pareto import write_pareto
 from adasap.experiments.run import run_experiment
 from adasap.experiments.sweep_presets import SWEEP_PRESETS
 from adasap.io import read_json_mapping
@@ -105,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="quantize to INT8 (ONNX Runtime, static; calibrated on the run's training images)",
     )
+    pareto = commands.add_parser(
+        "pareto",
+        help="clean vs corrupted validation accuracy per method over sweeps' settings, with "
+        "each method's Pareto front (a PNG and a markdown table beside it)",
+    )
+    pareto.add_argument("folders", nargs="+", metavar="SWEEP_DIR",
+                        help="sweep folders swept from the same base")  # fmt: skip
+    pareto.add_argument("--out", required=True, help="the .png file to write")
     latency = commands.add_parser(
         "latency", help="latency and throughput of a run's models beside the dense one"
     )
@@ -227,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         return _bench_or_sweep(args)
     if args.command in ("export", "latency"):
         return _deploy(args)
+    if args.command == "pareto":
+        return _pareto(args)
     try:
         config, resume = config_from_args(args)
         if _restarted_run(args, config):  # torchrun --max-restarts: continue the named run
@@ -278,6 +289,16 @@ def _report(message: str) -> None:
     """Print on stderr; under torchrun on rank 0 alone (every rank stops alike)."""
     if is_main():
         print(message, file=sys.stderr)
+
+
+def _pareto(args: argparse.Namespace) -> int:
+    try:
+        png, table = write_pareto(args.folders, args.out)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {png} and {table}")
+    return 0
 
 
 def _deploy(args: argparse.Namespace) -> int:

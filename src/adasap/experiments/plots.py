@@ -105,3 +105,29 @@ def plot_per_corruption(keep: float | None, bars: dict[str, dict[str, float]], p
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3, axis="y")
     _save_png(fig, path)
+
+
+def plot_pareto(
+    points: dict[str, list[tuple[float, float]]],
+    fronts: dict[str, list[tuple[float, float]]],
+    clean_bar: float | None,
+    path: Path,
+) -> None:
+    """Clean against corrupted accuracy (fractions), a point per setting, each method's front
+    as a line, and the clean bar (a vertical line) where there is one."""
+    fig = _figure(6.0, 4.5)
+    ax = fig.add_subplot()
+    for i, (method, xy) in enumerate(points.items()):
+        color = f"C{i}"
+        ax.scatter([100 * x for x, _ in xy], [100 * y for _, y in xy], color=color, alpha=0.5)
+        front = fronts.get(method, [])
+        ax.plot([100 * x for x, _ in front], [100 * y for _, y in front], "-o", color=color,
+                label=f"{method} ({len(xy)} settings)")  # fmt: skip
+    if clean_bar is not None:
+        ax.axvline(100 * clean_bar, color="grey", linestyle="--", label="clean bar")
+    ax.set_xlabel("clean validation accuracy (%)")
+    ax.set_ylabel("corrupted validation score (%)")
+    ax.set_title("Each method's Pareto front over the swept settings")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save_png(fig, path)
