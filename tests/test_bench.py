@@ -131,6 +131,19 @@ def test_a_reworded_description_continues_the_folder_a_changed_setting_does_not(
         prepare_out(out, preset.with_base(lr=0.5).identity(), "preset")
 
 
+def test_a_work_budget_is_no_part_of_a_folders_results(tmp_path):
+    # a folder saved before the budget settings existed, and one that raises a budget, continue
+    preset = PRESETS["smoke"]
+    saved = preset.identity()
+    for settings in ("base", "resolved"):
+        for key in ("trace_seconds", "trace_memory_gib"):
+            saved[settings].pop(key, None)
+    out = prepare_out(tmp_path / "out", saved, "preset")
+    assert prepare_out(out, preset.identity(), "preset") == out
+    raised = preset.with_base(trace_seconds=600.0, trace_memory_gib=None).identity()
+    assert prepare_out(out, raised, "preset") == out
+
+
 def test_bad_presets_fail_before_any_work(tmp_path):
     with pytest.raises(UserError, match="smoke, small, medium, paper"):
         run_bench("huge", tmp_path / "out", console=quiet())

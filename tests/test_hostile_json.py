@@ -177,7 +177,7 @@ def test_a_damaged_checkpoint_is_one_line_on_resume(tmp_path, state, match):
                         std=[0.5])  # fmt: skip
     tiny = dict(batch_size=20, warmup_epochs=1, prune_epochs=1, finetune_epochs=1, prune_steps=1)
     # the run's own identity: the checkpoint gets past the settings check to its contents
-    settings = with_overrides(PruneSettings(), tiny).validate().to_dict()
+    settings = with_overrides(PruneSettings(), tiny).validate().identity()
     identity = {"settings": settings, "task": "classification", "world_size": 1}
     torch.save({**identity, **state} if isinstance(state, dict) else state,
                tmp_path / CHECKPOINT_FILE)  # fmt: skip

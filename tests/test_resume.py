@@ -150,6 +150,8 @@ def test_checkpoint_with_other_settings_is_refused(tmp_path, monkeypatch, data, 
             prune(dense, data, checkpoint_dir=tmp_path, **FAST)
     with pytest.raises(UserError, match="other settings"):
         prune(dense, data, checkpoint_dir=tmp_path, **{**FAST, "prune_steps": 3})
+    # a work budget changes no result: a run stopped by one resumes with it raised
+    prune(dense, data, checkpoint_dir=tmp_path, **{**FAST, "trace_seconds": 600.0})
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path, data, dense):

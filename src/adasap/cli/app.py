@@ -29,6 +29,7 @@ from adasap.experiments.pareto import write_pareto
 from adasap.experiments.run import run_experiment
 from adasap.experiments.sweep_presets import SWEEP_PRESETS
 from adasap.io import read_json_mapping
+from adasap.method.pruner_settings import EFFORT_SETTINGS
 from adasap.training.checkpoint import RunInterrupted, TrainingDiverged
 
 
@@ -195,7 +196,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[ExperimentConfig, bool]:
             raise UserError(f"{run_dir} holds no config.json: pass the directory of an adasap run")
         values, source = _read_run_config(saved), str(saved)
         values.update(out_dir=str(run_dir.parent), name=run_dir.name)
-        changed = sorted(k for k in flags if k != "progress" and flags[k] != values.get(k))
+        free = ("progress", *EFFORT_SETTINGS)  # they change no result: a resume may change them
+        changed = sorted(k for k in flags if k not in free and flags[k] != values.get(k))
         if changed:
             raise UserError(
                 f"--resume continues the run as configured; drop {', '.join(changed)} "

@@ -74,6 +74,10 @@ RUN_OPTIONS: tuple[tuple[str, str, str], ...] = (
                                "what suits --runtime (16 for ort)"),
     ("--runtime", "runtime", f"where the models are deployed and timed (the speed table; what "
                              f"--round-to auto suits): {', '.join(RUNTIMES.names())}"),
+    ("--trace-seconds", "trace_seconds", "the time each trace and group search may take "
+                                         "before a one-line refusal ('none': no limit)"),
+    ("--trace-memory-gib", "trace_memory_gib", "the memory growth (GiB) each trace and group "
+                                               "search may take ('none': no limit)"),
     ("--seed", "seed", "random seed"),
     ("--device", "device", "auto, cpu or cuda[:N]"),
     ("--workers", "workers", "loader processes per training process for image folders "

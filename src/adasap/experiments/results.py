@@ -22,6 +22,7 @@ from rich.console import Console
 from adasap.deploy.latency import machine_info
 from adasap.errors import UserError
 from adasap.io import atomic_write_json, load_json, parse_json, read_json_mapping, writing
+from adasap.method.pruner_settings import EFFORT_SETTINGS
 from adasap.method.pruning import ModelSize
 
 RESULTS_FILE = "results.jsonl"
@@ -228,7 +229,8 @@ PROSE_KEYS = ("description",)
 
 # Settings added after results were saved, with the value those results ran with (timing in
 # PyTorch, exact channel counts, no INT8 rows, no distillation): a saved definition that lacks
-# one is the same as one that sets it so, and its folder continues.
+# one is the same as one that sets it so, and its folder continues. The EFFORT_SETTINGS are
+# no part of a definition at all: they bound the work, not the results.
 ADDED_SETTINGS: dict[str, Any] = {
     "round_to": 1,
     "runtime": "torch",
@@ -248,7 +250,7 @@ def _results_part(definition: Any) -> Any:
             part[settings] = {
                 k: v
                 for k, v in part[settings].items()
-                if k not in ADDED_SETTINGS or ADDED_SETTINGS[k] != v
+                if k not in EFFORT_SETTINGS and (k not in ADDED_SETTINGS or ADDED_SETTINGS[k] != v)
             }
     return part
 

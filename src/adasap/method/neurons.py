@@ -10,7 +10,7 @@ for physical removal.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -18,11 +18,13 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 from torch_pruning._helpers import to_plain_idxs
-from torch_pruning.dependency import Dependency, Node
+from torch_pruning.dependency import Node
 
 from adasap.checks import check_input
 from adasap.errors import UserError, exception_summary
+from adasap.method.effort import DEFAULT_BUDGET, Effort, EffortBudget, checked_search
 from adasap.method.examples import Example, run_example, tracing_forward
+from adasap.method.failures import layer_in_traceback
 from adasap.method.optim import NeuronOwnership
 
 NORM_TYPES = (
@@ -106,6 +108,8 @@ class NeuronLayout:
             MACs accounting needs).
         ignored_layers: modules whose output channels are never pruned (their inputs still are
             when the layer they read from is pruned). The classifier belongs here.
+        budget: how long and how much memory tracing and the group search may take
+            (:mod:`adasap.method.effort`); past it, a :class:`UserError` names the layer.
     """
 
     def __init__(
@@ -113,10 +117,12 @@ class NeuronLayout:
         model: nn.Module,
         example_inputs: Example,
         ignored_layers: Sequence[nn.Module] = (),
+        budget: EffortBudget = DEFAULT_BUDGET,
     ) -> None:
-        self.model = model
+        self.model, self.example_inputs = model, example_inputs
         self.ignored_layers = list(ignored_layers)
         names = {m: n for n, m in model.named_modules()}
+        effort = Effort(budget, type(model).__name__)
         was_training = model.training
         model.eval()  # tracing runs a forward pass: keep BatchNorm statistics untouched
         try:
@@ -138,6 +144,7 @@ class NeuronLayout:
             ) from exc
         finally:
             model.train(was_training)
+        effort.check()  # the graph's build is one call: checked once it returns
         order = {m: i for i, m in enumerate(names)}
         ignored = set(map(id, self.ignored_layers))
         untouchable = {id(m) for a in model.modules() if is_attention(a) for m in a.modules()}
@@ -149,7 +156,7 @@ class NeuronLayout:
         }
         unwrapped = {id(u.parameters): u.pruning_dim for u in self.graph.unwrapped_parameters}
         found: list[NeuronGroup] = []
-        for root, tp_group in self._dependency_groups(names):
+        for root, tp_group, size in self._dependency_groups(names, effort):
             slices = []
             exact = True
             for item in tp_group:
@@ -182,7 +189,6 @@ class NeuronLayout:
                     slices.append(ParamSlice(module, attr, dim, idxs, roots, is_output))
             if not exact or not slices:
                 continue
-            size = self.graph.get_pruner_of_module(root).get_out_channels(root)
             group = NeuronGroup(names.get(root, type(root).__name__), root, size, 0)
             group.slices = _deduplicate(slices)
             group.has_bn = any(
@@ -197,35 +203,48 @@ class NeuronLayout:
             offset += group.size
         self.num_neurons = offset
 
-    def _dependency_groups(self, names: dict[nn.Module, str]) -> Iterator[tuple[nn.Module, Any]]:
+    def _dependency_groups(
+        self, names: dict[nn.Module, str], effort: Effort
+    ) -> list[tuple[nn.Module, Any, int]]:
         """Torch-Pruning's group of each conv or linear layer not yet in one (its
-        ``get_all_groups``), without those meeting a channel-moving op, failures as UserErrors."""
+        ``get_all_groups``) and its channel count, without those meeting a channel-moving op;
+        failures and a spent ``effort`` as UserErrors naming the layer. A list, not a
+        generator: the search's checks end with it, not whenever a generator is collected."""
         graph = self.graph
         ignored = set(map(id, self.ignored_layers + graph.IGNORED_LAYERS_IN_TRACING))
         visited: set[int] = set()
-        for module, node in list(graph.module2node.items()):
-            pruner = graph.get_pruner_of_module(module)
-            if id(module) in ignored or id(module) in visited or not _consumes_channels(module):
-                continue
-            if pruner is None or pruner.get_out_channels(module) is None:
-                continue
-            if _reaches_channel_move(node):
-                continue
-            try:
-                group = graph.get_pruning_group(
-                    module, pruner.prune_out_channels, list(range(pruner.get_out_channels(module)))
-                )
-            except Exception as exc:  # Torch-Pruning mis-handles something in this group
+        groups = []
+        with checked_search(graph, effort):
+            for module, node in list(graph.module2node.items()):
+                if id(module) in ignored or id(module) in visited or not _consumes_channels(module):
+                    continue
+                if _reaches_channel_move(node):
+                    continue
                 name = names.get(module, "?")
-                raise UserError(
-                    f"Torch-Pruning cannot group the channels of {name} "
-                    f"({type(module).__name__}) ({exception_summary(exc)}): leave them unpruned "
-                    f"with ignored_layers=[model.{name}] (the module itself)"
-                ) from exc
-            for dep, _ in group:
-                if graph.is_out_channel_pruning_fn(dep.handler):
-                    visited.add(id(dep.target.module))
-            yield module, group
+                effort.part = (name, type(module).__name__)
+                effort.check()
+                try:
+                    pruner = graph.get_pruner_of_module(module)
+                    size = None if pruner is None else pruner.get_out_channels(module)
+                    if size is None:
+                        continue
+                    group = graph.get_pruning_group(module, pruner.prune_out_channels, range(size))
+                    coupled = [
+                        d.target.module
+                        for d, _ in group
+                        if graph.is_out_channel_pruning_fn(d.handler)
+                    ]
+                except UserError:  # the effort spent
+                    raise
+                except Exception as exc:  # Torch-Pruning mis-handles something in this group
+                    raise UserError(
+                        f"Torch-Pruning cannot group the channels of {name} "
+                        f"({type(module).__name__}) ({exception_summary(exc)}): leave them "
+                        f"unpruned with ignored_layers=[model.{name}] (the module itself)"
+                    ) from exc
+                visited.update(map(id, coupled))
+                groups.append((module, group, size))
+        return groups
 
     def ownership(self) -> NeuronOwnership:
         """Which neuron owns each output channel: the map AdaSAP's radii are applied through."""
@@ -317,36 +336,6 @@ def _reaches_channel_move(root: Node) -> bool:
         if not boundary:  # an element-wise op: its other inputs share the channels
             queue.extend((n, False) for n in node.inputs)
     return False
-
-
-def layer_in_traceback(exc: BaseException, names: dict[nn.Module, str]) -> str:
-    """``name (Type)`` of the model layer Torch-Pruning was handling when it raised.
-
-    Torch-Pruning's frames hold the graph node (or dependency) at hand; an operation node is
-    named by the nearest layer feeding it.
-    """
-    tb = exc.__traceback__
-    frames = []
-    while tb is not None:
-        frames.append(tb.tb_frame)
-        tb = tb.tb_next
-    for frame in reversed(frames):
-        for value in frame.f_locals.values():
-            node = value.target if isinstance(value, Dependency) else value
-            if not isinstance(node, Node):
-                continue
-            seen, queue = set(), [node]
-            while queue:
-                current = queue.pop(0)
-                if id(current) in seen:
-                    continue
-                seen.add(id(current))
-                if current.module in names:
-                    return (
-                        f"{names[current.module] or 'the model'} ({current.module_class.__name__})"
-                    )
-                queue.extend(current.inputs)
-    return "an unnamed layer"
 
 
 def _deduplicate(slices: list[ParamSlice]) -> list[ParamSlice]:

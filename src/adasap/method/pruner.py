@@ -163,7 +163,7 @@ class Pruner:
 
     def _trace(self) -> NeuronLayout:
         guard_strided_pointwise_convs(self.model)  # pruning may have made such layers
-        layout = NeuronLayout(self.model, self.example, self.ignored)
+        layout = NeuronLayout(self.model, self.example, self.ignored, self.settings.trace_budget)
         if not layout.groups:
             raise UserError(
                 "the model has no prunable layers (no conv or linear outputs outside the "

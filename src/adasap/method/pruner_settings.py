@@ -13,7 +13,17 @@ from adasap.method.base_optimizer import (
 )
 from adasap.method.cheap_sam import check_cheap_settings
 from adasap.method.distillation import check_distillation
+from adasap.method.effort import (
+    DEFAULT_MEMORY_GIB,
+    DEFAULT_SECONDS,
+    EffortBudget,
+    check_budget,
+)
 from adasap.settings import check_field_types
+
+# Settings that bound the work of pruning, never its result: what a resumed run or a results
+# folder must match leaves them out, so raising a budget continues the same run.
+EFFORT_SETTINGS = ("trace_seconds", "trace_memory_gib")
 
 # The optimizer in phases 1-2 (warm-up and removal), then in phase 3 (fine-tuning); "sgd"
 # means the base optimizer alone, whatever its class.
@@ -68,6 +78,11 @@ class PrunerSettings:
     distill_weight: float = 0.0
     distill_temperature: float = 4.0
     distill_from: Literal["warmup", "prune", "finetune"] = "prune"
+    # The effort of each trace and dependency-group search (adasap.method.effort): past this
+    # time, or this growth of the process's resident memory, a UserError names the layer whose
+    # search ran over (Torch-Pruning ran for 10+ minutes on swin_t). None: no limit.
+    trace_seconds: float | None = DEFAULT_SECONDS
+    trace_memory_gib: float | None = DEFAULT_MEMORY_GIB
 
     def __post_init__(self) -> None:
         check_field_types(self)  # the Literal fields by value
@@ -75,3 +90,8 @@ class PrunerSettings:
         check_cheap_settings(self)
         check_finetune_settings(self)
         check_distillation(self.distill_weight, self.distill_temperature)
+        check_budget(self.trace_seconds, self.trace_memory_gib)
+
+    @property
+    def trace_budget(self) -> EffortBudget:
+        return EffortBudget(self.trace_seconds, self.trace_memory_gib)

@@ -15,7 +15,8 @@ from torch import Tensor, nn
 
 from adasap.errors import UserError, exception_summary
 from adasap.method.examples import Example, first_sample, tracing_forward
-from adasap.method.neurons import NeuronLayout, layer_in_traceback
+from adasap.method.failures import check_pruned_forward, layer_in_traceback
+from adasap.method.neurons import NeuronLayout
 
 SizeKind = Literal["params", "macs"]
 
@@ -265,8 +266,10 @@ def remove_neurons(layout: NeuronLayout, neuron_ids: Tensor) -> dict[str, dict[i
     """Physically remove neurons; return, per parameter name, the kept indices per dimension.
 
     The returned map is what :func:`transfer_optimizer_state` needs to carry momentum over to
-    the new, smaller parameter tensors. A failure inside Torch-Pruning is a :class:`UserError`
-    naming the layer; the model may then be half pruned (``adasap.prune`` prunes a copy).
+    the new, smaller parameter tensors. A failure inside Torch-Pruning, or a pruned model that
+    no longer runs on the layout's example input (:func:`check_pruned_forward`), is a
+    :class:`UserError` naming the layer; the model may then be half pruned or broken
+    (``adasap.prune`` prunes a copy).
     """
     removed = torch.zeros(layout.num_neurons, dtype=torch.bool)
     removed[neuron_ids] = True
@@ -280,22 +283,26 @@ def remove_neurons(layout: NeuronLayout, neuron_ids: Tensor) -> dict[str, dict[i
                     keep[s.idxs[removed[s.roots + group.offset]]] = False
         if not keep.all() and id(p) in names:
             kept.setdefault(names[id(p)], {})[dim] = torch.nonzero(keep).flatten()
+    pruned = []
     for group in layout.groups:
         local = neuron_ids[(neuron_ids >= group.offset) & (neuron_ids < group.offset + group.size)]
         if len(local) == 0:
             continue
+        pruned.append(group)
         prune_out = layout.graph.get_pruner_of_module(group.root).prune_out_channels
         try:
             layout.graph.get_pruning_group(
                 group.root, prune_out, (local - group.offset).tolist()
             ).prune()
-        except (RuntimeError, IndexError, ValueError, KeyError) as exc:
+        except Exception as exc:  # Torch-Pruning raises whatever its code meets
             where = layer_in_traceback(exc, {m: n for n, m in layout.model.named_modules()})
             raise UserError(
                 f"Torch-Pruning failed removing channels of {group.name} at {where} "
                 f"({exception_summary(exc)}): leave that layer "
                 f"unpruned with ignored_layers=[model.{where.split(' ')[0]}]"
             ) from exc
+    if pruned:
+        check_pruned_forward(layout.model, layout.example_inputs, pruned)
     return kept
 
 

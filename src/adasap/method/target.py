@@ -29,8 +29,18 @@ from adasap.method.pruning import (
 )
 
 SizeKind = Literal["params", "macs"]
-# a removal that leaves more than this times its predicted size missed its target
+# a removal that leaves more than this times its predicted size, or a last removal that leaves
+# less than its target divided by this, missed its target
 MISSED_BY = 1.05
+
+
+class OffTarget(UserWarning):
+    """A removal that missed its target (:data:`MISSED_BY`), either way: ``kept`` is the
+    fraction of the dense size it reached, ``aimed`` the one it aimed at."""
+
+    def __init__(self, message: str, kept: float, aimed: float) -> None:
+        super().__init__(message)
+        self.kept, self.aimed = kept, aimed
 
 
 class PruningTarget(Protocol):
@@ -94,6 +104,9 @@ class SizeTarget:
         self.dense: ModelSize | None = None
         self.current: ModelSize | None = None
         self.step_target: int | None = None  # what the last selection predicted it reaches
+        self.predicted: float | None = None  # the size its removal was predicted to leave
+        self.last_step, self.round_to = False, 1  # whether it was the last, and its blocks
+        self.missed: OffTarget | None = None  # what the last removal warned, if it missed
 
     def bind(self, dense: ModelSize) -> None:
         """Start from the dense model's measured size."""
@@ -114,26 +127,61 @@ class SizeTarget:
         dense = self.dense.of(self.kind)
         target = self.step_target = round(dense - (dense - self.final) * progress)
         predict = self._predictor(layout, self.current)
-        return select_neurons(layout, scores, target, predict, self.kind, min_channels, round_to)
+        chosen = select_neurons(layout, scores, target, predict, self.kind, min_channels, round_to)
+        removed = torch.zeros(layout.num_neurons, dtype=torch.bool)
+        removed[chosen] = True
+        self.predicted, self.last_step, self.round_to = predict(removed), progress >= 1, round_to
+        return chosen
 
     def _predictor(self, layout: NeuronLayout, current: ModelSize) -> Callable[[Tensor], float]:
         """The size after removing a set of neurons, from the size ``current``."""
         return size_predictor(layout, current, self.kind)
 
     def removed(self, layout: NeuronLayout, size: ModelSize) -> None:
-        self.current = size
-        # The prediction follows Torch-Pruning's per-layer counts; where the measured size does
-        # not shrink as predicted (MACs of some transformer and ConvNeXt layers), say so: a
-        # missed target is never silent (the result's ``kept`` holds what was reached).
-        if self.step_target is not None and size.of(self.kind) > MISSED_BY * self.step_target:
-            dense = self.dense.of(self.kind)
-            warnings.warn(
-                f"the removal kept {size.of(self.kind) / dense:.1%} of the dense model's "
-                f"{self.kind}, not the {self.step_target / dense:.1%} predicted: its size "
-                "prediction misses for this model; prune by another keep kind (e.g. "
-                "keep_kind='params') or give a smaller keep",
-                stacklevel=2,
+        self.current = self._measured(size)
+        self.missed = self._missed()
+        if self.missed is not None:
+            warnings.warn(self.missed, stacklevel=2)
+
+    def _measured(self, size: ModelSize) -> ModelSize:
+        """The size the target counts after a removal, from the model's measured ``size``."""
+        return size
+
+    def _missed(self) -> OffTarget | None:
+        """A missed target is never silent (the result's ``kept`` holds what was reached). The
+        prediction follows Torch-Pruning's per-layer counts, and may not shrink as measured
+        (MACs of some transformer and ConvNeXt layers); and the last removal, in whole neurons
+        or blocks of ``round_to``, may land well under its target (0.373 for 0.5)."""
+        if self.step_target is None:  # no removal since this target was made or restored
+            return None
+        dense, reached = self.dense.of(self.kind), self.current.of(self.kind)
+        kept = reached / dense
+        if reached > MISSED_BY * self.step_target:
+            return OffTarget(
+                f"the removal kept {kept:.1%} of the dense model's {self.kind}, not the "
+                f"{self.step_target / dense:.1%} predicted: its size prediction misses for this "
+                "model; prune by another keep kind (e.g. keep_kind='params') or give a smaller "
+                "keep",
+                kept,
+                self.step_target / dense,
             )
+        if not self.last_step or reached * MISSED_BY >= self.final:
+            return None
+        if self.predicted * MISSED_BY >= self.final:  # measured under the prediction
+            cause = "its size prediction misses for this model; prune by another keep kind"
+        else:
+            blocks = f" in blocks of {self.round_to} (round_to)" if self.round_to > 1 else ""
+            rounding = ", or round_to=1 for any channel count" if blocks else ""
+            cause = (
+                f"removing whole neurons{blocks} until the target was met went past it; give a "
+                f"larger keep{rounding}"
+            )
+        return OffTarget(
+            f"the pruned model keeps {kept:.1%} of the dense model's {self.kind}, under the "
+            f"{self.keep:.1%} target: {cause}",
+            kept,
+            self.keep,
+        )
 
     def check(self, layout: NeuronLayout, min_channels: int, round_to: int) -> None:
         equal = torch.ones(layout.num_neurons)
@@ -194,8 +242,8 @@ class PartSizeTarget(SizeTarget):
 
         return predict
 
-    def removed(self, layout: NeuronLayout, size: ModelSize) -> None:
-        self.current = measure_size(self.model, self.example, self.part)
+    def _measured(self, size: ModelSize) -> ModelSize:
+        return measure_size(self.model, self.example, self.part)
 
     def describe(self) -> str:
         return f"part size {self.fraction():.2f}"

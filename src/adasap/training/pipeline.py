@@ -293,7 +293,7 @@ def prune(
     )
     dense_size = pruner.size
     phases = [(phase, schedule.phase_end(phase)) for phase in PHASES]
-    identity = {"settings": s.to_dict(), "task": task.name}
+    identity = {"settings": s.identity(), "task": task.name}
     loop = setup.run(pruner, val_data, phases, s.method, identity, checkpoint_dir, log, progress)
     history = loop.history
     latency = _final_latency(reference, pruner, setup) if s.keep_kind == "latency" else None
@@ -391,7 +391,7 @@ def train(
     pruner = setup.pruner(
         model, schedule, method="sgd", keep=1.0, ignored_layers=ignored, distill_weight=0.0
     )
-    identity = {"settings": s.to_dict(), "epochs": epochs, "task": task.name}
+    identity = {"settings": s.identity(), "epochs": epochs, "task": task.name}
     phases = [("dense", schedule.total_steps)]
     loop = setup.run(pruner, val_data, phases, "", identity, checkpoint_dir, log, progress)
     history = loop.history

@@ -12,6 +12,7 @@ from adasap.errors import UserError, quote
 from adasap.method.base_optimizer import base_optimizer_class
 from adasap.method.importance import DEFAULT_CRITERION, criteria
 from adasap.method.pruner import METHODS, PrunerSettings
+from adasap.method.pruner_settings import EFFORT_SETTINGS
 from adasap.settings import check_field_types, flat_schema, replace_flat, section, to_flat
 from adasap.training.loop import OptimizerSettings
 
@@ -101,6 +102,13 @@ class PruneSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def identity(self) -> dict[str, Any]:
+        """:meth:`to_dict` less the settings that change no result (``EFFORT_SETTINGS``): what
+        a checkpoint must have been written under to be resumed."""
+        data = self.to_dict()
+        data["pruner"] = {k: v for k, v in data["pruner"].items() if k not in EFFORT_SETTINGS}
+        return data
 
 
 def with_overrides(settings: PruneSettings, overrides: dict[str, Any]) -> PruneSettings:

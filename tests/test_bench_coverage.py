@@ -1,0 +1,60 @@
+"""The coverage benchmark: one model through its child process (rows, resume, markdown) and
+a model that adasap refuses, in this process."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+from torch import nn
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location(
+        "bench_coverage", BENCHMARKS / "bench_coverage.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_coverage"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_model_is_pruned_checked_and_resumed_in_a_child(tmp_path):
+    bench = _bench()
+    out, table = tmp_path / "rows.jsonl", tmp_path / "table.md"
+    argv = ["--models", "resnet20", "--image-size", "16", "--batches", "1", "--timeout", "120"]
+    argv += ["--out", str(out), "--markdown", str(table)]
+    [row] = bench.main(argv)
+    assert row["outcome"] == "ok", row
+    assert row["model"] == "resnet20" and row["image_size"] == 16
+    assert 0.44 <= row["kept"] <= 0.505 and row["onnx_max_diff"] < 1e-3
+    assert row["pruned"]["channels"]["conv"][0] < row["pruned"]["channels"]["conv"][1]
+    assert row["pruned"]["groups"] > 0 and 0 < row["peak_gb"] < 4 and row["seconds"] > 0
+    assert "error" not in row
+    assert [json.loads(line)["model"] for line in out.read_text().splitlines()] == ["resnet20"]
+    assert "| resnet20 | 16 | ok |" in table.read_text()
+    assert "1 reached the target" in table.read_text()
+    assert bench.main(argv) == [row]  # resumed: read back, not run again
+    assert len(out.read_text().splitlines()) == 1
+
+
+def test_a_model_without_prunable_layers_is_a_clean_refusal():
+    bench = _bench()
+    args = bench.parse_args(["--models", "flat", "--image-size", "8"])
+    row = bench.check("flat", args, build=lambda: nn.Sequential(nn.Flatten(), nn.Linear(192, 10)))
+    assert row["outcome"] == "refused" and row["stage"] == "prune", row
+    assert "no prunable layers" in row["error"] and "UNEXPECTED" not in row["error"]
+    assert row["image_size"] == 8 and row["params"] == 1930 and "kept" not in row
+
+
+def test_a_child_over_its_time_or_memory_limit_is_killed_and_recorded(tmp_path):
+    bench = _bench()
+    for limit, outcome in ((["--timeout", "1"], "timeout"), (["--memory-gb", "0.1"], "memory")):
+        argv = ["--models", "resnet20", "--out", str(tmp_path / f"{outcome}.jsonl"), *limit]
+        [row] = bench.main(argv)
+        assert row["outcome"] == outcome and row["seconds"] < 30, row
+        assert row["error"] in ("no result within 1 s", "RSS above 0.1 GB")
