@@ -189,6 +189,33 @@ def test_timm_models_by_prefix():
         make("timm:resnet10x")
 
 
+def test_timm_transformers_are_built_for_the_image_size():
+    pytest.importorskip("timm")
+    model = make("timm:vit_tiny_patch16_224", size=64).eval()
+    assert model(torch.rand(2, 3, 64, 64)).shape == (2, 10)
+    assert model.net.pos_embed.shape[1] == 1 + (64 // 16) ** 2  # class token + 4 x 4 patches
+    # sizes a model's windows or grids cannot take: one line, whether building or running fails
+    with pytest.raises(UserError, match="gcvit_xxtiny cannot be built for 28px.*default is 224"):
+        make("timm:gcvit_xxtiny", size=28)  # ZeroDivisionError in timm's constructor
+    with pytest.raises(UserError, match="maxxvitv2_nano_rw_256 cannot run on 28px"):
+        make("timm:maxxvitv2_nano_rw_256", size=28)  # ZeroDivisionError in its forward
+    with pytest.raises(UserError, match="unknown timm model 'vit_tiny_patch16_224.bogus'"):
+        make("timm:vit_tiny_patch16_224.bogus", size=64)
+
+
+def test_timm_cnns_are_built_as_timm_builds_them(monkeypatch):
+    timm = pytest.importorskip("timm")
+    calls = []
+    create = timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda *a, **kw: calls.append(kw) or create(*a, **kw))
+    model = make("timm:resnet10t", channels=1, size=32, classes=7)
+    assert "img_size" not in calls[0]  # CNNs take any size; their constructors reject img_size
+    expected = create("resnet10t", num_classes=7, in_chans=1)
+    assert {k: v.shape for k, v in model.net.state_dict().items()} == {
+        k: v.shape for k, v in expected.state_dict().items()
+    }
+
+
 def test_missing_timm_says_how_to_install(monkeypatch):
     import sys
 

@@ -10,14 +10,15 @@ and tampering.
 
 from __future__ import annotations
 
+import json
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
-from torch import nn
+from torch import Tensor, nn
 from torch_pruning import ops
 from torch_pruning.pruner.function import PrunerBox
 
@@ -36,6 +37,11 @@ _ARCHITECTURE_KEYS = ("in_channels", "image_size")
 # and an edited size or history otherwise costs gigabytes or minutes before any other check.
 _LIMITS = {"image_size": 2048, "in_channels": 64, "num_classes": 100_000}
 _MAX_HISTORY = 20_000  # entries; a run records one per pruned group per removal step
+# The weights file's metadata key for the state dict's per-module metadata (``_metadata``: each
+# module's ``_version``), which a ``.pt`` file keeps and safetensors would drop: modules that
+# convert older layouts in ``_load_from_state_dict`` (torchvision's MNASNet) refuse to load
+# without it.
+_MODULE_METADATA = "adasap.module_metadata"
 
 
 def save_model(
@@ -52,9 +58,11 @@ def save_model(
     detector's is ``detection_architecture(...)``.
     """
     directory = Path(directory)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = model.state_dict()
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    metadata = {_MODULE_METADATA: json.dumps(_module_metadata(state), sort_keys=True)}
     # bytes first: a full disk is then our OSError (one line), not a SafetensorError
-    weights = atomic_write_bytes(directory / WEIGHTS_FILE, safetensors_bytes(tensors))
+    weights = atomic_write_bytes(directory / WEIGHTS_FILE, safetensors_bytes(tensors, metadata))
     history = [
         [name, bool(is_out), [int(i) for i in idxs]]
         for name, is_out, idxs in (pruning_history or [])
@@ -69,6 +77,45 @@ def save_model(
     }
     atomic_write_json(directory / DESCRIPTION_FILE, description)
     return directory
+
+
+def _module_metadata(state: dict[str, Tensor]) -> dict[str, dict[str, Any]]:
+    """The per-module metadata of a state dict (``{"layers.0": {"version": 1}, ...}``), its
+    JSON values only (all PyTorch writes: a module's ``_version``, an int or None)."""
+    scalar = (bool, int, float, str, type(None))
+    return {
+        prefix: {k: v for k, v in meta.items() if isinstance(v, scalar)}
+        for prefix, meta in (getattr(state, "_metadata", None) or {}).items()
+    }
+
+
+def _read_weights(weights: Path, model: nn.Module) -> OrderedDict[str, Tensor]:
+    """The tensors of ``weights`` as a state dict carrying its per-module metadata, as
+    ``torch.load`` gives it; for a file written before the metadata was kept, ``model``'s own
+    (the module versions of the classes that wrote it, which are the ones rebuilt)."""
+    try:
+        with safe_open(str(weights), framework="pt") as file:
+            header = file.metadata() or {}
+            state = OrderedDict((key, file.get_tensor(key)) for key in file.keys())
+    except SafetensorError as exc:
+        raise UserError(f"{weights} is not a valid safetensors file ({exc}): re-run") from exc
+    if _MODULE_METADATA in header:
+        try:
+            metadata = json.loads(header[_MODULE_METADATA])
+        except ValueError:
+            metadata = None
+        if not isinstance(metadata, dict) or not all(
+            isinstance(meta, dict) for meta in metadata.values()
+        ):
+            raise UserError(
+                f"{weights} holds damaged module metadata ({_MODULE_METADATA}): restore it or "
+                "re-run"
+            )
+    else:
+        metadata = _module_metadata(model.state_dict())
+    # load_state_dict reads each module's entry from this attribute, as torch.load sets it
+    state._metadata = OrderedDict(metadata)  # type: ignore[attr-defined]
+    return state
 
 
 def detection_architecture(name: str, num_classes: int, image_size: int) -> dict[str, Any]:
@@ -231,13 +278,10 @@ def load_model(directory: str | Path, base_model: nn.Module | None = None) -> nn
             f"({type(exc).__name__}: {reason}): the file is damaged or was edited; restore it "
             "or re-run"
         ) from exc
-    try:
-        state = load_file(str(weights))
-    except SafetensorError as exc:
-        raise UserError(f"{weights} is not a valid safetensors file ({exc}): re-run") from exc
+    state = _read_weights(weights, model)
     try:
         model.load_state_dict(state)
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError) as exc:  # ValueError: a module refusing its metadata
         first = str(exc).strip().splitlines()[0]
         raise UserError(
             f"{weights} does not fit the described architecture ({first}): the files do not "

@@ -102,7 +102,9 @@ def _check_runs(net: nn.Module, name: str, in_channels: int, image_size: int) ->
     try:
         with torch.no_grad():
             net(torch.zeros(1, in_channels, image_size, image_size))
-    except (RuntimeError, ValueError, AssertionError) as exc:
+    # ArithmeticError: window and grid partitions of a too small map divide by zero (timm's
+    # MaxViT at 28 px)
+    except (RuntimeError, ValueError, AssertionError, ArithmeticError) as exc:
         reason = exception_reason(exc)
         raise UserError(
             f"{name} cannot run on {image_size}px images ({reason}): pick another model "
