@@ -106,6 +106,15 @@ def test_medium_preset_has_the_power_the_issue_asks_for():
     assert 10 * 3600 < estimate_seconds(medium) < 20 * 3600  # the planning figure in the docs
 
 
+def test_focused_preset_is_the_medium_setting_at_the_goals_cells():
+    focused, medium = PRESETS["focused"], PRESETS["medium"]
+    assert {k: v for k, v in focused.base.items() if k != "finetune_rho"} == medium.base
+    assert focused.base["finetune_rho"] == 0.2 and "finetune_rho" not in medium.base
+    assert set(focused.pairs) == {(m, "taylor") for m in ("sgd", "sam", "adasap")}
+    assert focused.keeps == (0.5, 0.3) and focused.seeds == medium.seeds
+    assert focused.config(focused.cells()[-1]).prune.pruner.finetune_rho == 0.2
+
+
 def test_small_preset_uses_the_tuned_radii():
     pruner = PRESETS["small"].config(PRESETS["small"].cells()[0]).prune.pruner
     tuned = PrunerSettings()
@@ -145,7 +154,7 @@ def test_a_work_budget_is_no_part_of_a_folders_results(tmp_path):
 
 
 def test_bad_presets_fail_before_any_work(tmp_path):
-    with pytest.raises(UserError, match="smoke, small, medium, paper"):
+    with pytest.raises(UserError, match="smoke, small, medium, focused, paper"):
         run_bench("huge", tmp_path / "out", console=quiet())
     # without ImageNet on disk the paper preset stops at validation
     with pytest.raises(UserError, match="data/imagenet"):

@@ -126,6 +126,8 @@ SMALL_BASE: dict[str, Any] = {
     # rho, rho_min and rho_max are PrunerSettings' defaults: the `small` sweep chose them.
 }
 
+MEDIUM_BASE = {**SMALL_BASE, "train_limit": 30000, "test_limit": None, "corruption_limit": 2000}
+
 PRESETS: dict[str, BenchPreset] = {
     "smoke": BenchPreset(
         name="smoke",
@@ -190,9 +192,24 @@ PRESETS: dict[str, BenchPreset] = {
         "50/30/20% of the parameters; sgd, sam and adasap with magnitude and with Taylor "
         "scores, so every comparison is at one criterion; 4 seeds, reported as paired "
         "differences from sgd (and adasap's from sam) with 95% intervals.",
-        base={**SMALL_BASE, "train_limit": 30000, "test_limit": None, "corruption_limit": 2000},
+        base=MEDIUM_BASE,
         pairs=tuple((m, c) for c in ("magnitude", "taylor") for m in ("sgd", "sam", "adasap")),
         keeps=(0.5, 0.3, 0.2),
+        seeds=(0, 1, 2, 3),
+        sharpness_batches=4,
+        sharpness_batch_size=64,
+    ),
+    "focused": BenchPreset(
+        name="focused",
+        description="Issue #30's focused rerun: the medium setting (same data sizes and "
+        "schedule) at Taylor scores, keep 50/30% of the parameters, sgd, sam and adasap, 4 "
+        "paired seeds, with phase 3's ASAM radius at 0.2 instead of the default 2.0: the "
+        "point of adasap's validation front nearest the clean bar (docs/tuning.md, the #30 "
+        "sweeps). The defaults themselves did not change, so `medium`'s cells are the rerun at "
+        "them; this measures the other end of the trade-off with seeds.",
+        base={**MEDIUM_BASE, "finetune_rho": 0.2},
+        pairs=(("sgd", "taylor"), ("sam", "taylor"), ("adasap", "taylor")),
+        keeps=(0.5, 0.3),
         seeds=(0, 1, 2, 3),
         sharpness_batches=4,
         sharpness_batch_size=64,
