@@ -15,12 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adasap.data import load_dataset
 from adasap.errors import UserError
 from adasap.method.distillation import Distillation, distillation_loss
 from adasap.method.pruner import Pruner, PrunerSettings
 from adasap.method.schedule import PhaseSchedule
-from adasap.models.builders import build_model
 from adasap.tasks import DetectionTask
 from adasap.training.loop import EpochLoop
 from adasap.training.pipeline import prune, train
@@ -201,19 +199,15 @@ FAST = dict(warmup_epochs=1, prune_epochs=1, finetune_epochs=1, prune_steps=2, b
 STEPS = 4  # per epoch: 80 training images, 20 for validation
 
 
+# the module's data and dense model are conftest's tiny ones
 @pytest.fixture(scope="module")
-def data():
-    return load_dataset(
-        "synthetic", num_train=100, num_test=20, image_size=10, channels=1, num_classes=3
-    )
+def data(tiny_classification):
+    return tiny_classification
 
 
 @pytest.fixture(scope="module")
-def dense(data):
-    torch.manual_seed(0)
-    s = data.spec
-    return build_model("resnet20", num_classes=3, in_channels=1, image_size=10, mean=s.mean,
-                       std=s.std)  # fmt: skip
+def dense(tiny_resnet):
+    return tiny_resnet
 
 
 @pytest.fixture

@@ -9,10 +9,8 @@ import pytest
 import torch
 
 import adasap.training.pipeline as pipeline
-from adasap.data import load_dataset
 from adasap.errors import UserError
 from adasap.method.onednn_guard import needs_guard
-from adasap.models.builders import build_model
 from adasap.training.checkpoint import CHECKPOINT_FILE, RunInterrupted, TrainingDiverged
 from adasap.training.pipeline import prune, train
 
@@ -26,25 +24,15 @@ FAST = dict(
 )
 
 
+# the module's data and dense model are conftest's tiny ones
 @pytest.fixture(scope="module")
-def data():
-    return load_dataset(
-        "synthetic", num_train=100, num_test=20, image_size=10, channels=1, num_classes=3
-    )
+def data(tiny_classification):
+    return tiny_classification
 
 
 @pytest.fixture(scope="module")
-def dense(data):
-    torch.manual_seed(0)
-    s = data.spec
-    return build_model(
-        "resnet20",
-        num_classes=s.num_classes,
-        in_channels=s.channels,
-        image_size=s.image_size,
-        mean=s.mean,
-        std=s.std,
-    )
+def dense(tiny_resnet):
+    return tiny_resnet
 
 
 def stop_after(monkeypatch, steps):
