@@ -223,35 +223,19 @@ def result_sections(
     return sections
 
 
-def results_tables(
-    rows: Sequence[ResultRow],
-    *,
-    title: str = "adasap results",
-    scores: Columns = ACCURACY_SCORES,
-    int8: Sequence[ResultRow] = (),
-    speed_title: str = "Speed, pruned/dense",
-) -> list[Table]:
-    """The tables of :func:`result_sections` for the terminal."""
-    sections = result_sections(rows, title=title, scores=scores, int8=int8, speed_title=speed_title)
-    return [section.table() for section in sections]
+def results_tables(rows: Sequence[ResultRow], **options: Any) -> list[Table]:
+    """The tables of :func:`result_sections` (``options``: its keywords) for the terminal."""
+    return [section.table() for section in result_sections(rows, **options)]
 
 
-def results_markdown(
-    rows: Sequence[ResultRow],
-    note: str | None = None,
-    *,
-    title: str = "adasap results",
-    scores: Columns = ACCURACY_SCORES,
-    int8: Sequence[ResultRow] = (),
-    speed_title: str = "Speed, pruned/dense",
-) -> str:
-    """The tables of :func:`result_sections` in Markdown (``note``: the reduced setting in
-    words, above them; the source of the corrupted images below)."""
+def results_markdown(rows: Sequence[ResultRow], note: str | None = None, **options: Any) -> str:
+    """The tables of :func:`result_sections` (``options``: its keywords) in Markdown
+    (``note``: the reduced setting in words, above them; the source of the corrupted images
+    below)."""
     lines = [note, ""] if note else []
-    sections = result_sections(rows, title=title, scores=scores, int8=int8, speed_title=speed_title)
-    for section in sections:
+    for section in result_sections(rows, **options):
         lines += section.markdown()
-    sources = {row.corruption_source for row in [*rows, *int8]} - {None}
+    sources = {row.corruption_source for row in [*rows, *options.get("int8", ())]} - {None}
     if sources:
         lines.append("Corrupted images: " + "; ".join(sorted(sources)) + ".")
     return "\n".join(lines).rstrip("\n") + "\n"
