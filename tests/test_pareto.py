@@ -41,6 +41,7 @@ def test_sweeps_of_one_base_merge_and_their_shared_sgd_run_counts_once(tmp_path)
                        record("adasap-1", "adasap", 0.88, 0.75, rho=1))  # fmt: skip
     two = sweep_folder(tmp_path / "two", {**base, "methods": ["adasap"]},
                        record("sgd", "sgd", 0.90, 0.70),
+                       record("sgd-taylor", "sgd", 0.90, 0.70, criterion="taylor"),  # the same
                        record("adasap-2", "adasap", 0.89, 0.74, rho=2))  # fmt: skip
     points = sweep_points([one, two])
     assert {m: [r.run for r in rows] for m, rows in points.items()} == {

@@ -39,8 +39,9 @@ def pareto_front(rows: Sequence[SweepRow]) -> list[SweepRow]:
 
 
 def sweep_points(folders: Sequence[str | Path]) -> dict[str, list[SweepRow]]:
-    """Every finished run of the sweeps in ``folders`` by method; a run at the same method
-    and settings in several of them (the sgd reference they share) counts once."""
+    """Every finished run of the sweeps in ``folders`` by method; runs of one method at the
+    same settings once the base fills in what they do not set (the sgd reference the sweeps
+    share, a sweep's run at the default value of the key it varies) count once."""
     if not folders:
         raise UserError("name at least one sweep folder (one that holds sweep.jsonl)")
     bases: dict[str, Path] = {}
@@ -51,16 +52,15 @@ def sweep_points(folders: Sequence[str | Path]) -> dict[str, list[SweepRow]]:
         if not definition.is_file():
             raise UserError(f"{folder} is not a sweep folder (no {PRESET_FILE}): name one")
         saved = read_json_mapping(definition, "rerun its sweep to rewrite it").get("sweep", {})
-        base = json.dumps({k: v for k, v in saved.get("base", {}).items() if k != "methods"},
-                          sort_keys=True)  # fmt: skip
-        bases.setdefault(base, folder)
+        flat = {k: v for k, v in saved.get("base", {}).items() if k != "methods"}
+        bases.setdefault(json.dumps(flat, sort_keys=True), folder)
         if len(bases) > 1:
             raise UserError(
                 f"{folder} swept from another base than {next(iter(bases.values()))}: their "
                 "points do not compare; plot them apart"
             )
         for row in SWEEP_FILES.read(folder):
-            key = json.dumps([row.method, row.settings], sort_keys=True, default=str)
+            key = json.dumps([row.method, {**flat, **row.settings}], sort_keys=True, default=str)
             if key not in seen:
                 seen.add(key)
                 by_method.setdefault(row.method, []).append(row)

@@ -122,7 +122,7 @@ def plot_pareto(
         ax.scatter([100 * x for x, _ in xy], [100 * y for _, y in xy], color=color, alpha=0.5)
         front = fronts.get(method, [])
         ax.plot([100 * x for x, _ in front], [100 * y for _, y in front], "-o", color=color,
-                label=f"{method} ({len(xy)} settings)")  # fmt: skip
+                label=f"{method} ({len(xy)} setting{'' if len(xy) == 1 else 's'})")  # fmt: skip
     if clean_bar is not None:
         ax.axvline(100 * clean_bar, color="grey", linestyle="--", label="clean bar")
     ax.set_xlabel("clean validation accuracy (%)")
