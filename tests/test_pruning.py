@@ -391,11 +391,11 @@ class TinyTransformer(nn.Module):
         return self.head(x.mean(1))
 
 
-def test_attention_is_left_whole_and_only_mlp_channels_are_neurons():
+def test_attention_heads_and_mlp_channels_are_neurons_and_the_embedding_width_whole():
     model = TinyTransformer().eval()
     tokens = torch.randn(2, 5, 6)
     layout = NeuronLayout(model, tokens, [model.head])
-    assert [(g.name, g.size) for g in layout.groups] == [("fc1", 16)]
+    assert [(g.name, g.size) for g in layout.groups] == [("attention", 2), ("fc1", 16)]
     prune_group(layout, model.fc1, [1, 2, 3])
     assert model.fc1.weight.shape == (13, 8) and model.fc1.bias.shape == (13,)
     assert model.fc2.weight.shape == (8, 13)

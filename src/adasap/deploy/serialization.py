@@ -2,9 +2,10 @@
 
 The JSON names the base architecture (as :func:`adasap.models.build_model` arguments, or for a
 detector ``task: detection`` with :func:`adasap.models.detection.build_detector`'s) and the
-pruning history; loading rebuilds the base model, replays the pruning with Torch-Pruning as
-its task traced it (:meth:`~adasap.tasks.Task.replay_inputs`: a detector's head output layers
-protected) and loads the weights. A checksum of the weights file guards against truncation
+pruning history; loading rebuilds the base model, replays the pruning (Torch-Pruning's, and
+attention heads: :mod:`adasap.method.heads`) as its task traced it
+(:meth:`~adasap.tasks.Task.replay_inputs`: a detector's head output layers protected) and
+loads the weights. A checksum of the weights file guards against truncation
 and tampering.
 """
 
@@ -24,6 +25,7 @@ from torch_pruning.pruner.function import PrunerBox
 
 from adasap.errors import UserError, quote
 from adasap.io import atomic_write_bytes, atomic_write_json, file_sha256, load_json
+from adasap.method.heads import HEADS_SUFFIX, head_count
 from adasap.method.pruning import replay_pruning
 from adasap.tasks import make_task
 
@@ -227,8 +229,10 @@ class _CheckedHistory(list):
 
 
 def _channels(model: nn.Module, name: str, is_out: bool) -> int | None:
-    """The output (or input) channels of the layer ``name`` of ``model``; None where it names
-    no layer Torch-Pruning prunes."""
+    """The output (or input) channels of the layer ``name`` of ``model``, or the heads left in
+    an attention layer (``<layer>:heads``); None where it names no layer adasap prunes."""
+    if name.endswith(HEADS_SUFFIX):
+        return head_count(model, name)
     layer: Any = model
     for part in name.split("."):
         layer = getattr(layer, part, None)

@@ -2,9 +2,9 @@
 
 A neuron is one channel index of a Torch-Pruning dependency group: an output channel of a
 prunable layer together with every coupled slice (its BatchNorm entries, its bias, the input
-columns of the layers it feeds, and the channels tied to it by residual additions). The layout
-built here is the single source of truth for scoring, for the per-neuron perturbation radii and
-for physical removal.
+columns of the layers it feeds, and the channels tied to it by residual additions), or one
+head of an attention layer (:mod:`adasap.method.heads`). The layout built here is the single
+source of truth for scoring, for the per-neuron perturbation radii and for physical removal.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from adasap.errors import UserError, exception_summary
 from adasap.method.effort import DEFAULT_BUDGET, Effort, EffortBudget, checked_search
 from adasap.method.examples import Example, run_example, tracing_forward
 from adasap.method.failures import layer_in_traceback
+from adasap.method.heads import HeadSpec, attention_heads, head_macs_hooks
 from adasap.method.optim import NeuronOwnership
 
 NORM_TYPES = (
@@ -62,6 +63,7 @@ class NeuronGroup:
     offset: int
     slices: list[ParamSlice] = field(default_factory=list)
     has_bn: bool = False
+    heads: HeadSpec | None = None  # an attention layer's heads (adasap.method.heads)
 
 
 def _param_dims(module: nn.Module, is_output: bool) -> list[tuple[str, int]]:
@@ -89,7 +91,8 @@ CHANNEL_MOVING_OPS = ("ChannelShuffle", "IndexSelect", "Gather", "PixelShuffle",
 
 
 def is_attention(module: nn.Module) -> bool:
-    """Attention layers split channels into heads: their channels are not pruned."""
+    """Attention layers split channels into heads: Torch-Pruning's groups never cut them (the
+    heads of those with an adapter are neurons of their own: :mod:`adasap.method.heads`)."""
     return isinstance(module, nn.MultiheadAttention) or "Attention" in type(module).__name__
 
 
@@ -97,9 +100,9 @@ class NeuronLayout:
     """The neurons of a model, from Torch-Pruning's dependency graph.
 
     A dependency group becomes neurons only when every slice it cuts is one we model exactly;
-    groups reaching into attention layers (heads), grouped (not depthwise) convolutions,
-    GroupNorms of more than one group, channel-moving ops (shuffles) or parameters used
-    outside standard layers are left whole.
+    groups reaching into attention layers, grouped (not depthwise) convolutions, GroupNorms
+    of more than one group, channel-moving ops (shuffles) or parameters used outside standard
+    layers are left whole. An attention layer's heads are neurons of their own (``heads``).
 
     Args:
         model: any module Torch-Pruning can trace.
@@ -133,7 +136,7 @@ class NeuronLayout:
                     example_inputs=example_inputs,
                     forward_fn=tracing_forward(self.ignored_layers),
                 )
-            self.output_pixels = _output_pixels(model, example_inputs)
+            self.output_pixels, head_macs = _output_pixels(model, example_inputs)
         except Exception as exc:  # Torch-Pruning raises anything from its tracer
             if isinstance(example_inputs, Tensor):  # the data do not fit?
                 check_input(model, example_inputs, "the example inputs")
@@ -194,6 +197,10 @@ class NeuronLayout:
             group.has_bn = any(
                 isinstance(s.module, nn.modules.batchnorm._BatchNorm) for s in group.slices
             )
+            found.append(group)
+        for module, spec in attention_heads(model, self.ignored_layers, head_macs):
+            group = NeuronGroup(names[module], module, spec.count, 0, heads=spec)
+            group.slices = [ParamSlice(*s) for s in spec.slices()]
             found.append(group)
         # Module order makes neuron ids stable and readable (first layer first).
         self.groups = sorted(found, key=lambda g: order.get(g.root, len(order)))
@@ -293,7 +300,11 @@ class NeuronLayout:
                 per_channel = 0.0
             return torch.full((p.shape[s.dim],), float(per_channel))
 
-        return self.scatter(cost)
+        costs = self.scatter(cost)
+        for g in self.groups:  # a head's MACs include its attention matrices
+            if kind == "macs" and g.heads is not None:
+                costs[g.offset : g.offset + g.size] = g.heads.macs
+        return costs
 
 
 def _grouped(module: object) -> bool:
@@ -350,15 +361,21 @@ def _deduplicate(slices: list[ParamSlice]) -> list[ParamSlice]:
     return unique
 
 
-def _output_pixels(model: nn.Module, example_inputs: Example) -> dict[nn.Module, int]:
+def _output_pixels(
+    model: nn.Module, example_inputs: Example
+) -> tuple[dict[nn.Module, int], dict[nn.Module, float]]:
     """Output positions per sample of each layer, over all its calls: a conv's spatial
-    positions; a linear layer's rows per sample (1 for a classifier, a detector's regions
-    of interest in its box head). A detector's head applied to each feature map adds up."""
+    positions; a linear layer's rows per sample (1 for a classifier, a transformer's tokens,
+    a detector's regions of interest in its box head). A detector's head applied to each
+    feature map adds up. Also each attention layer's MACs per head (:mod:`heads`)."""
     pixels: dict[nn.Module, int] = {}
+    head_macs: dict[nn.Module, float] = {}
     samples = len(example_inputs)
 
     def record(module: nn.Module, _inputs: object, output: Tensor) -> None:
-        if output.dim() > 2:
+        if isinstance(module, nn.Linear):  # channels last: every other element is a row
+            positions = max(1, round(output.numel() / output.shape[-1] / samples))
+        elif output.dim() > 2:
             positions = int(output[0, 0].numel())
         else:
             positions = max(1, round(output.shape[0] / samples))
@@ -368,7 +385,7 @@ def _output_pixels(model: nn.Module, example_inputs: Example) -> dict[nn.Module,
         m.register_forward_hook(record)
         for m in model.modules()
         if isinstance(m, nn.modules.conv._ConvNd | nn.Linear)
-    ]
+    ] + head_macs_hooks(model, samples, head_macs)
     was_training = model.training
     try:
         model.eval()
@@ -378,4 +395,4 @@ def _output_pixels(model: nn.Module, example_inputs: Example) -> dict[nn.Module,
         model.train(was_training)
         for h in hooks:
             h.remove()
-    return pixels
+    return pixels, head_macs

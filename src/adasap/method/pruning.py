@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from adasap.errors import UserError, exception_summary
 from adasap.method.examples import Example, first_sample, tracing_forward
 from adasap.method.failures import check_pruned_forward, layer_in_traceback
+from adasap.method.heads import is_head_entry, remove_heads, removed_head_macs, replay_heads
 from adasap.method.neurons import NeuronLayout
 
 SizeKind = Literal["params", "macs"]
@@ -91,7 +92,8 @@ def predict_size(
     """The size after removing the neurons where ``removed`` (a bool mask) is true.
 
     Exact for dense convolutions, linear layers and norms: a parameter keeps
-    ``numel * prod_d(kept_d / size_d)`` elements, and a weight's MACs scale the same way.
+    ``numel * prod_d(kept_d / size_d)`` elements, and a weight's MACs scale the same way. An
+    attention head's MACs are its own (``HeadSpec.macs``: projections and attention matrices).
     """
     fraction_kept: dict[int, float] = defaultdict(lambda: 1.0)
     params: dict[int, Tensor] = {}
@@ -101,12 +103,12 @@ def predict_size(
         params[id(p)] = p
     owners = {id(getattr(m, "weight", None)): m for m in layout.model.modules()}
     param_drop = 0.0
-    mac_drop = 0.0
+    mac_drop, in_heads = removed_head_macs(layout.groups, removed)
     for key, p in params.items():
         lost = p.numel() * (1.0 - fraction_kept[key])
         param_drop += lost
         module = owners.get(key)
-        if module is not None and module in layout.output_pixels:
+        if key not in in_heads and module is not None and module in layout.output_pixels:
             mac_drop += lost * layout.output_pixels[module]
     size = ModelSize(round(current.params - param_drop), round(current.macs - mac_drop))
     return size, dict(fraction_kept)
@@ -134,10 +136,10 @@ def _format_cost(value: float, unit: str) -> str:
     return f"{value:.3g} {unit}" if unit == "ms" else f"{value:,.0f} {unit}"
 
 
-def _rounded_removal(chosen: Tensor, round_to: int, group_of: Tensor, sizes: Tensor) -> Tensor:
+def _rounded_removal(chosen: Tensor, round_to: Tensor, group_of: Tensor, sizes: Tensor) -> Tensor:
     """``chosen`` less the highest-ranked of them needed to keep a multiple of ``round_to``.
 
-    ``chosen`` is ordered from the lowest rank up. A group keeps the smallest multiple of
+    ``chosen`` is ordered from the lowest rank up. A group keeps the smallest multiple of its
     ``round_to`` at or above what ``chosen`` leaves it, or all its neurons if that is fewer.
     """
     groups = group_of[chosen]
@@ -153,7 +155,7 @@ def _rounded_removal(chosen: Tensor, round_to: int, group_of: Tensor, sizes: Ten
 
 def _give_back_blocks(
     removal: Tensor,
-    round_to: int,
+    round_to: Tensor,
     group_of: Tensor,
     ranking_scores: Tensor,
     cost: Callable[[Tensor], float],
@@ -165,7 +167,7 @@ def _give_back_blocks(
     lowest-ranked completes a block), a large share of a small model: a 50% MACs target landed
     at 34% with ``round_to`` 8 on ResNet-20. Each group's highest-ranked removed block goes
     back, the best-ranked first, while ``cost`` of what stays removed is at most ``target``;
-    a group keeps a multiple of ``round_to`` (or all its neurons) throughout.
+    a group keeps a multiple of its ``round_to`` (or all its neurons) throughout.
     """
     removed = torch.zeros(len(group_of), dtype=torch.bool)
     removed[removal] = True
@@ -182,7 +184,7 @@ def _give_back_blocks(
         offer(group)
     while candidates:
         _, group = heapq.heappop(candidates)
-        block = stacks[group][-round_to:]
+        block = stacks[group][-int(round_to[group]) :]
         removed[block] = False
         if cost(removed) <= target:
             del stacks[group][-len(block) :]
@@ -210,7 +212,9 @@ def select_neurons(
     them, when it has fewer): runtimes such as onnxruntime are fastest with channel counts
     that are multiples of 8 or 16 (:func:`adasap.alignment.channel_alignment`); blocks are
     then given back while the target stays met, so the cost lands just under it. Raises
-    :class:`UnreachableTarget` when the target cannot be met under these rules.
+    :class:`UnreachableTarget` when the target cannot be met under these rules. An attention
+    layer's heads are ``head_dim`` channels each: it keeps ``ceil(min_channels / head_dim)``
+    heads (at least 1) and ignores ``round_to`` (its width stays a multiple of ``head_dim``).
     """
     if min_channels < 1 or round_to < 1:
         raise UserError(
@@ -221,18 +225,19 @@ def select_neurons(
         return torch.zeros(0, dtype=torch.long)
     protected = nothing.clone()
     for g in layout.groups:
-        keep = min(min_channels, g.size)
+        keep = min(min_channels if g.heads is None else g.heads.min_heads(min_channels), g.size)
         top = torch.topk(ranking_scores[g.offset : g.offset + g.size], keep).indices
         protected[top + g.offset] = True
     candidates = torch.nonzero(~protected).flatten()
     order = candidates[torch.argsort(ranking_scores[candidates], stable=True)]
     group_of = layout.group_index()
     sizes = torch.tensor([g.size for g in layout.groups], dtype=torch.long)
+    blocks = torch.tensor([round_to if g.heads is None else 1 for g in layout.groups])
 
     def removal(count: int) -> Tensor:
         if round_to == 1:
             return order[:count]
-        return _rounded_removal(order[:count], round_to, group_of, sizes)
+        return _rounded_removal(order[:count], blocks, group_of, sizes)
 
     def cost_after(count: int) -> float:
         removed = nothing.clone()
@@ -259,7 +264,7 @@ def select_neurons(
             low = mid + 1
     if round_to == 1:
         return removal(low)
-    return _give_back_blocks(removal(low), round_to, group_of, ranking_scores, predict, target)
+    return _give_back_blocks(removal(low), blocks, group_of, ranking_scores, predict, target)
 
 
 def remove_neurons(layout: NeuronLayout, neuron_ids: Tensor) -> dict[str, dict[int, Tensor]]:
@@ -284,11 +289,15 @@ def remove_neurons(layout: NeuronLayout, neuron_ids: Tensor) -> dict[str, dict[i
         if not keep.all() and id(p) in names:
             kept.setdefault(names[id(p)], {})[dim] = torch.nonzero(keep).flatten()
     pruned = []
+    heads = []
     for group in layout.groups:
         local = neuron_ids[(neuron_ids >= group.offset) & (neuron_ids < group.offset + group.size)]
         if len(local) == 0:
             continue
         pruned.append(group)
+        if group.heads is not None:  # Torch-Pruning's groups never touch attention layers
+            heads.append((group.name, (local - group.offset).tolist()))
+            continue
         prune_out = layout.graph.get_pruner_of_module(group.root).prune_out_channels
         try:
             layout.graph.get_pruning_group(
@@ -301,6 +310,10 @@ def remove_neurons(layout: NeuronLayout, neuron_ids: Tensor) -> dict[str, dict[i
                 f"({exception_summary(exc)}): leave that layer "
                 f"unpruned with ignored_layers=[model.{where.split(' ')[0]}]"
             ) from exc
+    for name, local in heads:
+        # recorded with Torch-Pruning's entries, so every reader of the graph's history (the
+        # Pruner, the latency budget, a saved model) has the heads too
+        layout.graph.pruning_history().append(remove_heads(layout.model, name, local))
     if pruned:
         check_pruned_forward(layout.model, layout.example_inputs, pruned)
     return kept
@@ -349,7 +362,8 @@ def replay_pruning(
     example_inputs: Example,
     ignored_layers: Sequence[nn.Module] = (),
 ) -> None:
-    """Apply a recorded Torch-Pruning history to an unpruned copy of the same model.
+    """Apply a recorded pruning history to an unpruned copy of the same model, entry by
+    entry in its order: Torch-Pruning's, and attention heads (:func:`heads.replay_heads`).
 
     ``ignored_layers`` are traced as :class:`NeuronLayout` traced them (a detector's heads).
     """
@@ -358,12 +372,19 @@ def replay_pruning(
     channels_last = is_channels_last(model)
     was_training = model.training
     model.eval()
-    with warnings.catch_warnings():  # as NeuronLayout: parameters outside layers are modelled
-        warnings.filterwarnings("ignore", "Unwrapped parameters", UserWarning)
-        graph = tp.DependencyGraph().build_dependency(
-            model, example_inputs=example_inputs, forward_fn=tracing_forward(ignored_layers)
-        )
-    graph.load_pruning_history(history)
+    graph = None
+    for entry in history:  # a history that checks its entries does so as they are applied
+        if is_head_entry(entry):
+            replay_heads(model, entry)
+            graph = None  # traced again for what follows: a layer may have been replaced
+            continue
+        if graph is None:
+            with warnings.catch_warnings():  # as NeuronLayout: parameters outside layers
+                warnings.filterwarnings("ignore", "Unwrapped parameters", UserWarning)
+                graph = tp.DependencyGraph().build_dependency(
+                    model, example_inputs=example_inputs, forward_fn=tracing_forward(ignored_layers)
+                )
+        graph.load_pruning_history([entry])
     model.train(was_training)
     if channels_last:
         model.to(memory_format=torch.channels_last)
