@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+import torch_pruning as tp
 from torch import nn
 
 import adasap
@@ -498,3 +499,126 @@ def test_multihead_attention_with_bias_kv_stays_whole():
     model.attention[0] = nn.MultiheadAttention(32, 4, batch_first=True, add_bias_kv=True)
     layout = NeuronLayout(model.eval(), TOKENS, [model.head])
     assert [g.name for g in head_groups(layout)] == ["attention.1"]
+
+
+# --- timm's WindowAttention (Swin) -----------------------------------------------------------
+
+SWIN_X = torch.rand(2, 3, 56, 56)
+
+
+def tiny_swin(**kwargs) -> nn.Module:
+    """Swin-T's layers in small: 2 blocks of 2 heads of 12 on 14 x 14 tokens in windows of 7
+    (the second shifted: masked), then 1 block of 4 heads of 12 on one window."""
+    torch.manual_seed(0)
+    options = dict(img_size=56, embed_dim=24, depths=(2, 1), num_heads=(2, 4), window_size=7)
+    return timm.create_model("swin_tiny_patch4_window7_224", num_classes=5, **options, **kwargs)
+
+
+def window_attentions(model):
+    return [m for m in model.modules() if type(m).__name__ == "WindowAttention"]
+
+
+def test_every_window_attention_is_a_group_of_heads_with_its_bias_table_columns():
+    model = tiny_swin().eval()
+    layout = NeuronLayout(model, SWIN_X, [model.head.fc])
+    groups = head_groups(layout)
+    assert [(g.name, g.size) for g in groups] == [
+        ("layers.0.blocks.0.attn", 2),
+        ("layers.0.blocks.1.attn", 2),
+        ("layers.1.blocks.0.attn", 4),
+    ]
+    attn = window_attentions(model)[0]
+    slices = {(s.module, s.attr, s.dim, s.is_output): s for s in groups[0].slices}
+    assert set(slices) == {
+        (attn.qkv, "weight", 0, True),
+        (attn.qkv, "bias", 0, True),
+        (attn.proj, "weight", 1, False),
+        (attn, "relative_position_bias_table", 1, True),
+    }
+    assert torch.equal(slices[(attn.qkv, "weight", 0, True)].roots, torch.arange(72) % 24 // 12)
+    table = slices[(attn, "relative_position_bias_table", 1, True)]
+    assert torch.equal(table.idxs, torch.arange(2)) and torch.equal(table.roots, torch.arange(2))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_removing_window_heads_leaves_exact_shapes_and_the_output_of_the_zeroed_heads(fused):
+    model = tiny_swin().eval()
+    for attn in window_attentions(model):
+        attn.fused_attn = fused
+    dense = copy.deepcopy(model)
+    layout = NeuronLayout(model, SWIN_X, [model.head.fc])
+    first, second, third = head_groups(layout)
+    neurons = torch.tensor([first.offset + 1, second.offset, third.offset, third.offset + 2])
+    removed = torch.zeros(layout.num_neurons, dtype=torch.bool)
+    removed[neurons] = True
+    predicted, _ = predict_size(layout, removed, measure_size(model, SWIN_X))
+    remove_neurons(layout, neurons)
+    assert predicted == measure_size(model, SWIN_X)
+    for attn, kept, width in zip(window_attentions(model), (1, 1, 2), (24, 24, 48), strict=True):
+        assert attn.num_heads == kept
+        assert (
+            attn.qkv.weight.shape == (3 * kept * 12, width) and attn.qkv.out_features == 36 * kept
+        )
+        assert attn.proj.weight.shape == (width, kept * 12) and attn.proj.in_features == 12 * kept
+        assert attn.relative_position_bias_table.shape == (169, kept)
+    for attn, heads in zip(window_attentions(dense), ([1], [0], [0, 2]), strict=True):
+        zero_heads(attn.qkv.weight, attn.qkv.bias, attn.proj.weight, heads, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(model(SWIN_X), dense(SWIN_X), atol=1e-5, rtol=0)
+
+
+def test_dense_window_attention_macs_are_those_torch_pruning_counts(monkeypatch):
+    """adasap counts WindowAttention with heads.count_macs, which stays right as heads go;
+    on the dense layer it counts what Torch-Pruning's own counter counts."""
+    model = tiny_swin().eval()
+    ours = measure_size(model, SWIN_X)
+    counters = tp.utils.op_counter
+    cls = type(window_attentions(model)[0])
+    monkeypatch.setitem(
+        counters.MODULES_MAPPING, cls, counters.timm_multihead_attention_counter_hook
+    )
+    assert measure_size(model, SWIN_X) == ours
+
+
+def test_a_kept_window_head_keeps_its_own_bias_table_column():
+    model = tiny_swin().eval()
+    attn = window_attentions(model)[2]
+    table = attn.relative_position_bias_table.detach().clone()
+    remove_heads(model, "layers.1.blocks.0.attn", [1, 2])
+    assert torch.equal(attn.relative_position_bias_table, table[:, [0, 3]])
+
+
+def test_swin_pruned_to_half_its_parameters_saves_reloads_and_exports(tmp_path):
+    data = load_dataset(
+        "synthetic", num_classes=4, channels=3, image_size=56, num_train=10, num_test=4,
+        val_fraction=0.2,
+    )  # fmt: skip
+    model = tiny_swin()
+    model.reset_classifier(4)
+    with warnings.catch_warnings():  # whole heads may land under the target
+        warnings.simplefilter("ignore", OffTarget)
+        result = adasap.prune(
+            model, data, keep=0.5, keep_kind="params", round_to=1, warmup_epochs=0,
+            prune_epochs=1, finetune_epochs=0, prune_steps=1, batch_size=8, method="sgd",
+            criterion="magnitude", device="cpu", amp="off", channels_last=False, progress=False,
+        )  # fmt: skip
+    pruned = result.model.eval()
+    assert 0.44 <= result.keep_fraction("params") <= 0.5
+    assert sum(p.numel() for p in pruned.parameters()) == result.size.params
+    heads = [attn.num_heads for attn in window_attentions(pruned)]
+    assert any(entry[0].endswith(":heads") for entry in result.pruning_history)
+    x = SWIN_X[:1]
+    with torch.no_grad():
+        expected = pruned(x)
+    fresh = tiny_swin()
+    fresh.reset_classifier(4)
+    save_model(
+        tmp_path / "model", pruned, {"in_channels": 3, "image_size": 56}, result.pruning_history
+    )
+    loaded = load_model(tmp_path / "model", base_model=fresh).eval()
+    assert [attn.num_heads for attn in window_attentions(loaded)] == heads
+    with torch.no_grad():
+        assert torch.equal(loaded(x), expected)
+
+    report = export_onnx(pruned, tmp_path / "model.onnx", image_size=56, tolerance=1e-4)
+    assert report.passed, str(report)

@@ -362,13 +362,16 @@ class Grouped(nn.Module):
         return self.fc(self.pw(x).mean((2, 3)))
 
 
-def test_grouped_conv_channels_stay_and_the_rest_is_pruned():
+def test_grouped_conv_channels_are_pruned_equally_in_every_group():
     model = Grouped()
     layout = NeuronLayout(model, X, [model.fc])
-    assert [g.name for g in layout.groups] == ["pw"]  # both groups touching `grouped` stay whole
+    # a neuron of a group touching `grouped` is one channel index of each of its 2 groups
+    assert [(g.name, g.size) for g in layout.groups] == [("conv", 4), ("grouped", 4), ("pw", 16)]
     prune_group(layout, model.pw, [0, 15])
-    assert model.grouped.weight.shape == (8, 4, 3, 3) and model.grouped.groups == 2
-    assert model.pw.weight.shape == (14, 8, 1, 1) and model.fc.weight.shape == (3, 14)
+    layout = NeuronLayout(model, X, [model.fc])
+    prune_group(layout, model.grouped, [1])  # channels 1 and 5
+    assert model.grouped.weight.shape == (6, 4, 3, 3) and model.grouped.groups == 2
+    assert model.pw.weight.shape == (14, 6, 1, 1) and model.fc.weight.shape == (3, 14)
     assert model(X).shape == (2, 3)
 
 

@@ -22,9 +22,11 @@ from torch_pruning.dependency import Node
 
 from adasap.checks import check_input
 from adasap.errors import UserError, exception_summary
+from adasap.method import window_heads  # noqa: F401  (registers Swin's heads adapter)
 from adasap.method.effort import DEFAULT_BUDGET, Effort, EffortBudget, checked_search
 from adasap.method.examples import Example, run_example, tracing_forward
 from adasap.method.failures import layer_in_traceback
+from adasap.method.grouped import grouped_supported, tie_grouped, tied_slices
 from adasap.method.heads import HeadSpec, attention_heads, head_macs_hooks
 from adasap.method.optim import NeuronOwnership
 
@@ -64,6 +66,7 @@ class NeuronGroup:
     slices: list[ParamSlice] = field(default_factory=list)
     has_bn: bool = False
     heads: HeadSpec | None = None  # an attention layer's heads (adasap.method.heads)
+    neuron_of_root: Tensor | None = None  # each root channel's neuron, where several share one
 
 
 def _param_dims(module: nn.Module, is_output: bool) -> list[tuple[str, int]]:
@@ -73,8 +76,7 @@ def _param_dims(module: nn.Module, is_output: bool) -> list[tuple[str, int]]:
         if is_output or depthwise:
             dims = [("weight", 1 if module.transposed else 0)]
             return dims + ([("bias", 0)] if module.bias is not None else [])
-        if module.groups != 1:
-            return []  # grouped (not depthwise) inputs: Torch-Pruning slices them per group
+        # a grouped conv's input: columns per group, tied into neurons by grouped.tie_grouped
         return [("weight", 0 if module.transposed else 1)]
     if isinstance(module, nn.Linear):
         if is_output:
@@ -100,9 +102,11 @@ class NeuronLayout:
     """The neurons of a model, from Torch-Pruning's dependency graph.
 
     A dependency group becomes neurons only when every slice it cuts is one we model exactly;
-    groups reaching into attention layers, grouped (not depthwise) convolutions, GroupNorms
+    groups reaching into attention layers, transposed grouped convolutions, GroupNorms
     of more than one group, channel-moving ops (shuffles) or parameters used outside standard
-    layers are left whole. An attention layer's heads are neurons of their own (``heads``).
+    layers are left whole. An attention layer's heads are neurons of their own (``heads``); a
+    group reaching grouped (not depthwise) convolutions ties one channel index of every
+    conv group into one neuron (:mod:`adasap.method.grouped`).
 
     Args:
         model: any module Torch-Pruning can trace.
@@ -168,7 +172,9 @@ class NeuronLayout:
                 is_output = self.graph.is_out_channel_pruning_fn(item.dep.handler)
                 if is_output and id(module) in ignored and not isinstance(module, NORM_TYPES):
                     exact = False
-                if id(module) in untouchable or _moves_channels(node) or _grouped(module):
+                if id(module) in untouchable or _moves_channels(node):
+                    exact = False
+                if not grouped_supported(module):
                     exact = False
                 if isinstance(module, nn.GroupNorm) and module.num_groups > 1:
                     exact = False  # its channel count must stay a multiple of its groups
@@ -190,10 +196,13 @@ class NeuronLayout:
                     continue
                 for attr, dim in _param_dims(module, is_output):
                     slices.append(ParamSlice(module, attr, dim, idxs, roots, is_output))
+            neuron_of_root, exact = tie_grouped(slices, size) if exact else (None, False)
             if not exact or not slices:
                 continue
+            if neuron_of_root is not None:  # grouped convs: a neuron is a channel of each group
+                slices, size = tied_slices(slices, neuron_of_root), int(neuron_of_root.max()) + 1
             group = NeuronGroup(names.get(root, type(root).__name__), root, size, 0)
-            group.slices = _deduplicate(slices)
+            group.slices, group.neuron_of_root = _deduplicate(slices), neuron_of_root
             group.has_bn = any(
                 isinstance(s.module, nn.modules.batchnorm._BatchNorm) for s in group.slices
             )
@@ -305,15 +314,6 @@ class NeuronLayout:
             if kind == "macs" and g.heads is not None:
                 costs[g.offset : g.offset + g.size] = g.heads.macs
         return costs
-
-
-def _grouped(module: object) -> bool:
-    """A grouped convolution that is not depthwise: Torch-Pruning cannot slice its groups."""
-    return (
-        isinstance(module, nn.modules.conv._ConvNd)
-        and module.groups > 1
-        and not module.groups == module.in_channels == module.out_channels
-    )
 
 
 def _moves_channels(node: object) -> bool:

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from adasap.errors import UserError, exception_summary
 from adasap.method.examples import Example, first_sample, tracing_forward
 from adasap.method.failures import check_pruned_forward, layer_in_traceback
+from adasap.method.grouped import root_channels
 from adasap.method.heads import is_head_entry, remove_heads, removed_head_macs, replay_heads
 from adasap.method.neurons import NeuronLayout
 
@@ -91,7 +92,7 @@ def predict_size(
 ) -> tuple[ModelSize, dict[int, float]]:
     """The size after removing the neurons where ``removed`` (a bool mask) is true.
 
-    Exact for dense convolutions, linear layers and norms: a parameter keeps
+    Exact for convolutions (grouped too), linear layers and norms: a parameter keeps
     ``numel * prod_d(kept_d / size_d)`` elements, and a weight's MACs scale the same way. An
     attention head's MACs are its own (``HeadSpec.macs``: projections and attention matrices).
     """
@@ -299,10 +300,9 @@ def remove_neurons(layout: NeuronLayout, neuron_ids: Tensor) -> dict[str, dict[i
             heads.append((group.name, (local - group.offset).tolist()))
             continue
         prune_out = layout.graph.get_pruner_of_module(group.root).prune_out_channels
+        channels = root_channels(group.neuron_of_root, local - group.offset)  # grouped convs
         try:
-            layout.graph.get_pruning_group(
-                group.root, prune_out, (local - group.offset).tolist()
-            ).prune()
+            layout.graph.get_pruning_group(group.root, prune_out, channels).prune()
         except Exception as exc:  # Torch-Pruning raises whatever its code meets
             where = layer_in_traceback(exc, {m: n for n, m in layout.model.named_modules()})
             raise UserError(
