@@ -276,3 +276,27 @@ def test_regnet_x_400mf_prunes_its_grouped_convs_to_half_its_parameters(tmp_path
     scale = max(1.0, float(expected.abs().max()))
     report = export_onnx(pruned, tmp_path / "model.onnx", image_size=32, tolerance=1e-4 * scale)
     assert report.passed, str(report)
+
+
+def test_a_grouped_convs_block_counts_its_channels_not_its_neurons():
+    torch.manual_seed(0)
+    data = load_dataset(
+        "synthetic", num_classes=4, channels=3, image_size=32, num_train=10, num_test=4,
+        val_fraction=0.2,
+    )  # fmt: skip
+    model = build_model(name="regnet_x_400mf", num_classes=4, in_channels=3, image_size=32,
+                        mean=[0.5] * 3, std=[0.25] * 3).eval()  # fmt: skip
+    dense = {n: m.out_channels for n, m in model.named_modules() if is_grouped_conv(m)}
+    # blocks of 16 channels: a 2-group conv's block is 8 neurons, a 10-group conv's 8
+    result = adasap.prune(
+        model, data, keep=0.5, warmup_epochs=0, prune_epochs=1, finetune_epochs=0, prune_steps=1,
+        batch_size=8, method="sgd", criterion="magnitude", device="cpu", amp="off",
+        channels_last=False, progress=False, keep_kind="params", round_to=16,
+    )  # fmt: skip
+    convs = {n: m for n, m in result.model.named_modules() if n in dense}
+    # blocks of 16 neurons (16 G channels) left every one of them whole; a 25-group conv of
+    # 400 channels still is (its 16 channels per group are one block)
+    assert sum(m.out_channels < dense[n] for n, m in convs.items()) >= 5
+    for name, conv in convs.items():
+        assert conv.out_channels % 16 == 0 or conv.out_channels == dense[name], name
+        assert conv.out_channels % conv.groups == 0

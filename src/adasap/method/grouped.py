@@ -16,6 +16,7 @@ same local ones in every group: it cuts output rows (``groups`` stays) and keeps
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -116,6 +117,17 @@ def tied_slices(slices: Sequence[Slice], neuron_of_root: Tensor) -> list[Slice]:
             idxs, roots = local_input_slice(one.module, idxs, roots)
         tied.append(dataclasses.replace(one, idxs=idxs, roots=roots))
     return tied
+
+
+def neuron_block(round_to: int, group: Any) -> int:
+    """How many of ``group``'s neurons make a block of ``round_to`` channels: a grouped conv's
+    neuron holds a channel of each of its ``G`` groups, so ``round_to / gcd(G, round_to)`` of
+    them keep the channel count a multiple of ``round_to``; a head is a block of its own."""
+    if group.heads is not None:
+        return 1
+    if group.neuron_of_root is None:
+        return round_to
+    return round_to // math.gcd(len(group.neuron_of_root) // group.size, round_to)
 
 
 def root_channels(neuron_of_root: Tensor | None, neurons: Tensor) -> list[int]:

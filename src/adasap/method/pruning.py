@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from adasap.errors import UserError, exception_summary
 from adasap.method.examples import Example, first_sample, tracing_forward
 from adasap.method.failures import check_pruned_forward, layer_in_traceback
-from adasap.method.grouped import root_channels
+from adasap.method.grouped import neuron_block, root_channels
 from adasap.method.heads import is_head_entry, remove_heads, removed_head_macs, replay_heads
 from adasap.method.neurons import NeuronLayout
 
@@ -215,7 +215,8 @@ def select_neurons(
     then given back while the target stays met, so the cost lands just under it. Raises
     :class:`UnreachableTarget` when the target cannot be met under these rules. An attention
     layer's heads are ``head_dim`` channels each: it keeps ``ceil(min_channels / head_dim)``
-    heads (at least 1) and ignores ``round_to`` (its width stays a multiple of ``head_dim``).
+    heads (at least 1) and ignores ``round_to``; a grouped conv's neuron is a channel per group
+    (its block: :func:`~adasap.method.grouped.neuron_block`).
     """
     if min_channels < 1 or round_to < 1:
         raise UserError(
@@ -233,7 +234,7 @@ def select_neurons(
     order = candidates[torch.argsort(ranking_scores[candidates], stable=True)]
     group_of = layout.group_index()
     sizes = torch.tensor([g.size for g in layout.groups], dtype=torch.long)
-    blocks = torch.tensor([round_to if g.heads is None else 1 for g in layout.groups])
+    blocks = torch.tensor([neuron_block(round_to, g) for g in layout.groups])
 
     def removal(count: int) -> Tensor:
         if round_to == 1:
