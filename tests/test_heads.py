@@ -277,12 +277,15 @@ def test_momentum_of_the_kept_heads_carries_over():
     assert torch.equal(new.state[attn.qkv.weight]["momentum_buffer"], old[rows])
 
 
-def test_prune_to_half_the_parameters_removes_heads_saves_reloads_and_exports(tmp_path):
+def pruned_saved_reloaded_exported(make, size, x, heads_of, tmp_path):
+    """``make()`` pruned to half its parameters, whole heads removed; its reload from
+    safetensors is identical and its ONNX export passes. Returns the heads each attention
+    layer kept."""
     data = load_dataset(
-        "synthetic", num_classes=4, channels=3, image_size=32, num_train=10, num_test=4,
+        "synthetic", num_classes=4, channels=3, image_size=size, num_train=10, num_test=4,
         val_fraction=0.2,
     )  # fmt: skip
-    model = tiny_vit()
+    model = make()
     model.reset_classifier(4)
     with warnings.catch_warnings():  # whole heads (5% each here) may land under the target
         warnings.simplefilter("ignore", OffTarget)
@@ -292,27 +295,32 @@ def test_prune_to_half_the_parameters_removes_heads_saves_reloads_and_exports(tm
             criterion="magnitude", device="cpu", amp="off", channels_last=False, progress=False,
         )  # fmt: skip
     pruned = result.model.eval()
-    # one head is 5% of this model: whole heads land within one of the target
+    # one head is 5% of these models: whole heads land within one of the target
     assert 0.44 <= result.keep_fraction("params") <= 0.5
     assert sum(p.numel() for p in pruned.parameters()) == result.size.params
-    heads = [block.attn.num_heads for block in pruned.blocks]
-    assert min(heads) >= 1 and sum(heads) < 6
     assert any(entry[0].endswith(":heads") for entry in result.pruning_history)
+    heads = heads_of(pruned)
     with torch.no_grad():
-        expected = pruned(X)
-
-    fresh = tiny_vit()
+        expected = pruned(x)
+    fresh = make()
     fresh.reset_classifier(4)
-    save_model(
-        tmp_path / "model", pruned, {"in_channels": 3, "image_size": 32}, result.pruning_history
-    )
+    architecture = {"in_channels": 3, "image_size": size}
+    save_model(tmp_path / "model", pruned, architecture, result.pruning_history)
     loaded = load_model(tmp_path / "model", base_model=fresh).eval()
-    assert [block.attn.num_heads for block in loaded.blocks] == heads
+    assert heads_of(loaded) == heads
     with torch.no_grad():
-        assert torch.equal(loaded(X), expected)
-
-    report = export_onnx(pruned, tmp_path / "model.onnx", image_size=32, tolerance=1e-4)
+        assert torch.equal(loaded(x), expected)
+    report = export_onnx(pruned, tmp_path / "model.onnx", image_size=size, tolerance=1e-4)
     assert report.passed, str(report)
+    return heads
+
+
+def test_prune_to_half_the_parameters_removes_heads_saves_reloads_and_exports(tmp_path):
+    def heads_of(model):
+        return [block.attn.num_heads for block in model.blocks]
+
+    heads = pruned_saved_reloaded_exported(tiny_vit, 32, X, heads_of, tmp_path)
+    assert min(heads) >= 1 and sum(heads) < 6
 
 
 def test_a_damaged_head_entry_is_a_user_error_on_load(tmp_path):
@@ -589,36 +597,8 @@ def test_a_kept_window_head_keeps_its_own_bias_table_column():
 
 
 def test_swin_pruned_to_half_its_parameters_saves_reloads_and_exports(tmp_path):
-    data = load_dataset(
-        "synthetic", num_classes=4, channels=3, image_size=56, num_train=10, num_test=4,
-        val_fraction=0.2,
-    )  # fmt: skip
-    model = tiny_swin()
-    model.reset_classifier(4)
-    with warnings.catch_warnings():  # whole heads may land under the target
-        warnings.simplefilter("ignore", OffTarget)
-        result = adasap.prune(
-            model, data, keep=0.5, keep_kind="params", round_to=1, warmup_epochs=0,
-            prune_epochs=1, finetune_epochs=0, prune_steps=1, batch_size=8, method="sgd",
-            criterion="magnitude", device="cpu", amp="off", channels_last=False, progress=False,
-        )  # fmt: skip
-    pruned = result.model.eval()
-    assert 0.44 <= result.keep_fraction("params") <= 0.5
-    assert sum(p.numel() for p in pruned.parameters()) == result.size.params
-    heads = [attn.num_heads for attn in window_attentions(pruned)]
-    assert any(entry[0].endswith(":heads") for entry in result.pruning_history)
-    x = SWIN_X[:1]
-    with torch.no_grad():
-        expected = pruned(x)
-    fresh = tiny_swin()
-    fresh.reset_classifier(4)
-    save_model(
-        tmp_path / "model", pruned, {"in_channels": 3, "image_size": 56}, result.pruning_history
-    )
-    loaded = load_model(tmp_path / "model", base_model=fresh).eval()
-    assert [attn.num_heads for attn in window_attentions(loaded)] == heads
-    with torch.no_grad():
-        assert torch.equal(loaded(x), expected)
+    def heads_of(model):
+        return [attn.num_heads for attn in window_attentions(model)]
 
-    report = export_onnx(pruned, tmp_path / "model.onnx", image_size=56, tolerance=1e-4)
-    assert report.passed, str(report)
+    heads = pruned_saved_reloaded_exported(tiny_swin, 56, SWIN_X[:1], heads_of, tmp_path)
+    assert sum(heads) < sum(heads_of(tiny_swin()))
