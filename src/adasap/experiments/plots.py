@@ -28,6 +28,16 @@ def _save_png(fig, path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def _finish(fig, ax, xlabel: str, ylabel: str, title: str, path: Path) -> None:
+    """Label a scatter or line plot, grid and legend it, and save it."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save_png(fig, path)
+
+
 def run_label(method: str, criterion: str | None) -> str:
     """A legend entry: the method, with its criterion when it has one."""
     return method if criterion is None else f"{method} ({criterion})"
@@ -52,12 +62,14 @@ def plot_size(summary: list[dict[str, Any]], path: Path) -> None:
             capsize=3,
             label=run_label(method, criterion),
         )
-    ax.set_xlabel("parameters (millions)")
-    ax.set_ylabel("corruption accuracy (%)")
-    ax.set_title("Corruption accuracy vs model size (mean ± std over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    _save_png(fig, path)
+    _finish(
+        fig,
+        ax,
+        "parameters (millions)",
+        "corruption accuracy (%)",
+        "Corruption accuracy vs model size (mean ± std over seeds)",
+        path,
+    )
 
 
 def plot_scatter(rows: Sequence[BenchRow], path: Path) -> None:
@@ -78,12 +90,14 @@ def plot_scatter(rows: Sequence[BenchRow], path: Path) -> None:
             label=label,
             alpha=0.8,
         )
-    ax.set_xlabel("clean accuracy (%)")
-    ax.set_ylabel("corruption accuracy (%)")
-    ax.set_title("Clean vs corrupted accuracy (one point per run)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    _save_png(fig, path)
+    _finish(
+        fig,
+        ax,
+        "clean accuracy (%)",
+        "corruption accuracy (%)",
+        "Clean vs corrupted accuracy (one point per run)",
+        path,
+    )
 
 
 def plot_per_corruption(keep: float | None, bars: dict[str, dict[str, float]], path: Path) -> None:
@@ -125,9 +139,11 @@ def plot_pareto(
                 label=f"{method} ({len(xy)} setting{'' if len(xy) == 1 else 's'})")  # fmt: skip
     if clean_bar is not None:
         ax.axvline(100 * clean_bar, color="grey", linestyle="--", label="clean bar")
-    ax.set_xlabel("clean validation accuracy (%)")
-    ax.set_ylabel("corrupted validation score (%)")
-    ax.set_title("Each method's Pareto front over the swept settings")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    _save_png(fig, path)
+    _finish(
+        fig,
+        ax,
+        "clean validation accuracy (%)",
+        "corrupted validation score (%)",
+        "Each method's Pareto front over the swept settings",
+        path,
+    )
