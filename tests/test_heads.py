@@ -418,24 +418,23 @@ def test_multihead_attention_heads_are_removed_through_an_equivalent_module(batc
     # the replacement is traced and pruned again like the stock module
     layout = NeuronLayout(model, TOKENS, [model.head])
     assert [g.size for g in head_groups(layout)] == [2, 3]
-    size = measure_size(model, TOKENS)
+    assert_removal_as_predicted(layout, model, head_groups(layout)[1].offset)
+    assert model.attention[1].num_heads == 2
+
+
+def assert_removal_as_predicted(layout, model, neuron):
+    """Removing ``neuron`` leaves the size :func:`predict_size` said, parameters and MACs."""
     removed = torch.zeros(layout.num_neurons, dtype=torch.bool)
-    removed[head_groups(layout)[1].offset] = True
-    predicted, _ = predict_size(layout, removed, size)
+    removed[neuron] = True
+    predicted, _ = predict_size(layout, removed, measure_size(model, TOKENS))
     remove_neurons(layout, torch.nonzero(removed).flatten())
     assert predicted == measure_size(model, TOKENS)
-    assert model.attention[1].num_heads == 2
 
 
 def test_multihead_attention_macs_are_predicted_before_its_replacement():
     model = TorchEncoder().eval()
     layout = NeuronLayout(model, TOKENS, [model.head])
-    dense = measure_size(model, TOKENS)
-    removed = torch.zeros(layout.num_neurons, dtype=torch.bool)
-    removed[head_groups(layout)[0].offset] = True
-    predicted, _ = predict_size(layout, removed, dense)
-    remove_neurons(layout, torch.nonzero(removed).flatten())
-    assert predicted == measure_size(model, TOKENS)
+    assert_removal_as_predicted(layout, model, head_groups(layout)[0].offset)
 
 
 def mha_cases():
