@@ -145,8 +145,34 @@ def _builders(name: str, size: int) -> list[tuple[int, bool, Any]]:
     return tries + ([(native, True, standard(native))] if native != size else [])
 
 
+def _run_exportably(model: Any, size: int) -> None:
+    """A forward pass at ``size``; AssertionError unless it gives 10 logits and every adaptive
+    pooling divides its input's grid (ONNX cannot express the others: AlexNet at 64 px)."""
+    import torch
+    from torch import nn
+
+    grids: list[tuple[Any, Any]] = []
+    pools = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+    hooks = [
+        m.register_forward_hook(lambda _, i, o: grids.append((i[0].shape[-2:], o.shape[-2:])))
+        for m in model.modules()
+        if isinstance(m, pools)
+    ]
+    try:
+        with torch.no_grad():
+            assert model(torch.rand(2, 3, size, size)).shape == (2, 10), "not 10 logits"
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for grid, pooled in grids:
+        assert all(g % p == 0 for g, p in zip(grid, pooled, strict=True)), (
+            f"pools {tuple(grid)} to {tuple(pooled)}"
+        )
+
+
 def _dense(name: str, size: int, build: Any = None) -> tuple[Any, int, bool, Any]:
-    """The first dense model that runs: (model, image size, built by build_model, builder)."""
+    """The first dense model that runs and exports: (model, image size, built by build_model,
+    builder)."""
     import torch
 
     error: BaseException | None = None
@@ -154,8 +180,7 @@ def _dense(name: str, size: int, build: Any = None) -> tuple[Any, int, bool, Any
         try:
             torch.manual_seed(0)
             model = builder().eval()
-            with torch.no_grad():
-                assert model(torch.rand(2, 3, s, s)).shape == (2, 10), "not 10 logits"
+            _run_exportably(model, s)
             return model, s, standard, builder
         except Exception as exc:  # the next size, or unbuildable
             error = exc

@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 from torch import nn
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -58,3 +59,12 @@ def test_a_child_over_its_time_or_memory_limit_is_killed_and_recorded(tmp_path):
         [row] = bench.main(argv)
         assert row["outcome"] == outcome and row["seconds"] < 30, row
         assert row["error"] in ("no result within 1 s", "RSS above 0.1 GB")
+
+
+def test_a_size_whose_adaptive_pooling_cannot_export_is_not_chosen():
+    bench = _bench()
+    pooled_up = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+    model = nn.Sequential(pooled_up, nn.Linear(16, 10))
+    with pytest.raises(AssertionError, match=r"pools \(3, 3\) to \(2, 2\)"):
+        bench._run_exportably(model, 5)
+    bench._run_exportably(model, 6)  # a 4x4 grid pools to 2x2

@@ -3,6 +3,7 @@ import math
 import onnx
 import pytest
 import torch
+from torch import nn
 
 from adasap.deploy import int8
 from adasap.deploy.onnx import (
@@ -66,6 +67,17 @@ def test_export_of_a_module_needs_the_image_size(run_dir, tmp_path):
     report = export_onnx(model, tmp_path / "m.onnx", image_size=32, check=False)
     assert report.input_shape == (3, 32, 32) and not report.checked and not report.passed
     assert "not checked" in str(report)
+
+
+def test_a_classifier_the_tracer_refuses_gets_a_classifier_fix_and_no_file(tmp_path):
+    # AlexNet at 64 px: a 1x1 feature map pooled up to 6x6, which ONNX cannot express
+    upsampling = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(6), nn.Flatten())
+    with pytest.raises(
+        UserError, match=r"adaptive pooling must divide .*\(224 for AlexNet"
+    ) as info:
+        export_onnx(upsampling, tmp_path / "m.onnx", image_size=4, check=False)
+    assert "detection.md" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_nan_output_fails_the_check(run_dir, tmp_path):

@@ -179,8 +179,22 @@ def write_onnx(
     except (RuntimeError, TypeError, ValueError, NotImplementedError) as exc:
         raise UserError(
             f"ONNX export of {type(model).__name__} is not supported ({exception_summary(exc)}): "
-            "PyTorch's exporter cannot trace it (docs/detection.md lists the detectors that export)"
+            f"PyTorch's exporter cannot trace it; {_export_fix(exc, task)}"
         ) from exc
+
+
+def _export_fix(exc: BaseException, task: Task) -> str:
+    """What the user can change when the tracer refuses ``exc``."""
+    if "adaptive_avg_pool2d" in str(exc) or "adaptive_max_pool2d" in str(exc):
+        # ONNX has no adaptive pooling; the tracer turns it into a fixed pool, which exists
+        # only when the output grid divides the input's
+        return (
+            "its adaptive pooling must divide its input's grid: use images of the size the "
+            "model was designed for (224 for AlexNet or VGG)"
+        )
+    if task.name == "detection":
+        return "docs/detection.md lists the detectors that export"
+    return "replace the layer it names with one PyTorch's TorchScript-based exporter supports"
 
 
 @dataclass(frozen=True)
