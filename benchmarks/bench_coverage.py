@@ -5,7 +5,8 @@ built from scratch for 10 classes (``adasap.models.build_model``) at ``--image-s
 or, where the dense model cannot run at that size, with timm's ``img_size`` at it, else at its
 native size (timm's config; 224 for torchvision). ``adasap.prune`` prunes it to keep half its
 **parameters** (``keep_kind="params"``, ``round_to=1``, one removal after a few batches of
-random images: this checks structures, not speed), then: the measured kept fraction, a
+random images: this checks structures, not speed), then, with batch-norm statistics
+re-estimated on random images (see ``_calibrated``): the measured kept fraction, a
 forward pass, a safetensors reload with identical outputs and an ONNX export checked with
 onnxruntime. A row holds the outcome (``ok``; ``missed``: kept fraction off the target;
 ``check-failed``; ``refused``: adasap's one-line ``UserError``; ``unexpected``: any other
@@ -284,7 +285,7 @@ def _check(name: str, args: argparse.Namespace, build: Any, row: dict[str, Any])
         method="sgd", criterion=args.criterion, device="cpu", amp="off", channels_last=False,
         progress=False,
     )  # fmt: skip
-    pruned = result.model.eval()
+    pruned = _calibrated(result.model, size)
     row["kept"] = sum(p.numel() for p in pruned.parameters()) / row["params"]
     row["kept_macs"] = result.keep_fraction("macs")
     row["pruned"] = what_was_pruned(dense, pruned, result.pruning_history)
@@ -314,6 +315,31 @@ def _check(name: str, args: argparse.Namespace, build: Any, row: dict[str, Any])
     row["outcome"] = "check-failed" if problems else "ok" if on_target else "missed"
     if problems:
         row["error"] = "; ".join(problems)
+
+
+def _calibrated(model: Any, size: int) -> Any:
+    """``model`` in eval mode with its batch-norm statistics those of random images.
+
+    Two training steps leave a random model's running statistics far from its activations, and
+    in deep networks (EfficientNet-B3 and up) the logits grow to 1e4 or more, where float32
+    rounding alone separates PyTorch from onnxruntime: the export check would then measure the
+    random model's conditioning, not the export.
+    """
+    import torch
+    from torch import nn
+
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches below
+    model.train()
+    with torch.no_grad():
+        for seed in range(4):
+            model(torch.rand(8, 3, size, size, generator=torch.Generator().manual_seed(seed)))
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    return model.eval()
 
 
 def _memory_kb(pid: int) -> tuple[int, int]:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from torch import nn
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -68,3 +69,14 @@ def test_a_size_whose_adaptive_pooling_cannot_export_is_not_chosen():
     with pytest.raises(AssertionError, match=r"pools \(3, 3\) to \(2, 2\)"):
         bench._run_exportably(model, 5)
     bench._run_exportably(model, 6)  # a 4x4 grid pools to 2x2
+
+
+def test_batch_norm_statistics_are_re_estimated_and_the_momentum_kept():
+    bench = _bench()
+    conv, norm = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, momentum=0.3)
+    model = bench._calibrated(nn.Sequential(conv, norm), 5)
+    images = [torch.rand(8, 3, 5, 5, generator=torch.Generator().manual_seed(s)) for s in range(4)]
+    with torch.no_grad():
+        means = torch.stack([conv(x).mean(dim=(0, 2, 3)) for x in images])
+    assert torch.allclose(norm.running_mean, means.mean(0), atol=1e-6)
+    assert norm.momentum == 0.3 and not model.training
