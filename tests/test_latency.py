@@ -12,8 +12,8 @@ from rich.console import Console
 from torch import nn
 
 import adasap
+from adasap.deploy import budget, timing
 from adasap.deploy import table as latency_table
-from adasap.deploy import timing
 from adasap.deploy.latency import (
     LatencyTable,
     LayerGrid,
@@ -212,6 +212,39 @@ def test_layer_specs_follow_the_model():
     dw = specs["dw"]
     assert dw.depthwise and not dw.prune_in and dw.input_size == (16, 24)
     assert dw.build(5, 5)(torch.rand(1, *dw.input_shape(8, 5))).shape == (1, 5, 8, 12)
+
+
+def test_a_grouped_conv_is_tabled_per_group_in_and_on_whole_groups_out():
+    class Grouped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 24, 1)
+            self.grouped = nn.Conv2d(24, 36, 3, padding=1, groups=4)
+            self.fc = nn.Linear(36, 5)
+
+        def forward(self, x):
+            return self.fc(self.grouped(torch.relu(self.conv(x))).mean((2, 3)))
+
+    model = Grouped()
+    layout = NeuronLayout(model, torch.rand(1, 3, 8, 8), [model.fc])
+    spec = layer_specs(layout, (3, 8, 8))["grouped"]
+    assert (spec.groups, spec.in_channels, spec.out_channels) == (4, 6, 36)
+    assert spec.prune_in and spec.prune_out and not spec.depthwise
+    # blocks of 6 channels: 3 per group in (6 / gcd(4, 6)), lcm(4, 6) = 12 out
+    assert spec.grid(4, round_to=6) == ([1, 3, 6], [4, 12, 24, 36])
+    layer = spec.build(3, 12)
+    assert (layer.in_channels, layer.out_channels, layer.groups) == (12, 12, 4)
+    assert layer(torch.rand(1, *spec.input_shape(3, 12))).shape == (1, 12, 8, 8)
+    # the budget reads the same axes: one neuron of the layer before is one input per group
+    removed = torch.zeros(layout.num_neurons, dtype=torch.bool)
+    removed[0] = True
+    [tabled] = [t for t in budget._tabled_layers(layout, _one_grid(spec)) if t.name == "grouped"]
+    assert (tabled.in_size, tabled.out_size, int(removed[tabled.in_ids].sum())) == (6, 36, 1)
+
+
+def _one_grid(spec) -> LatencyTable:
+    grid = LayerGrid([spec.in_channels], [spec.out_channels], [[1.0]])
+    return LatencyTable({"k": grid}, {"grouped": "k"}, {}, 1, "torch", 1)
 
 
 def test_predictor_is_anchored_and_monotone(table):

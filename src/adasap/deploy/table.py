@@ -39,7 +39,9 @@ class LayerSpec:
     """A prunable layer as the table times it: a conv (with its BatchNorm) or a linear layer.
 
     ``prune_in`` / ``prune_out`` say which channel counts the layout can change; a depthwise
-    conv has one count (its input follows its output).
+    conv has one count (its input follows its output). A grouped conv's ``in_channels`` are
+    those of one group (its weight's second axis, what a neuron of the layer it reads takes one
+    of), its ``out_channels`` all of them (a neuron takes one from each of its ``groups``).
     """
 
     kind: str
@@ -55,6 +57,7 @@ class LayerSpec:
     dilation: tuple[int, ...] = (1, 1)
     depthwise: bool = False
     input_size: tuple[int, int] = (1, 1)
+    groups: int = 1
 
     def key(self, points: int, round_to: int) -> str:
         return json.dumps({**asdict(self), "points": points, "round_to": round_to}, sort_keys=True)
@@ -65,13 +68,13 @@ class LayerSpec:
             norm: nn.Module = nn.BatchNorm1d(cout)
         else:
             layer = nn.Conv2d(
-                cout if self.depthwise else cin,
+                self.input_shape(cin, cout)[0],
                 cout,
                 self.kernel_size,
                 self.stride,
                 self.padding,
                 self.dilation,
-                groups=cout if self.depthwise else 1,
+                groups=cout if self.depthwise else self.groups,
                 bias=self.bias,
             )
             norm = nn.BatchNorm2d(cout)
@@ -81,7 +84,7 @@ class LayerSpec:
         """The per-sample input of the layer with ``cin`` inputs and ``cout`` outputs."""
         if self.kind == "linear":
             return (cin,)
-        return (cout if self.depthwise else cin, *self.input_size)
+        return (cout if self.depthwise else cin * self.groups, *self.input_size)
 
     def grid(self, points: int, round_to: int = 1) -> tuple[list[int], list[int]]:
         """Channel counts to time on each prunable axis: 1, the full width, and between them
@@ -90,16 +93,25 @@ class LayerSpec:
         A runtime's kernels work in blocks of channels, so latency steps up at each multiple
         of the block and the counts between are slow (benchmarks/bench_channels.py). Pruning
         with ``round_to`` keeps counts on the multiples: the grid times those, where a smooth
-        fit through odd counts would take the slow steps for the trend.
+        fit through odd counts would take the slow steps for the trend. A grouped conv keeps
+        its groups equal, its width a multiple of ``round_to`` (``adasap.method.grouped``): its
+        outputs on multiples of both, from one per group up; its inputs per group on
+        multiples of ``round_to / gcd(groups, round_to)``.
         """
 
-        def spread(size: int, pruned: bool) -> list[int]:
+        def spread(size: int, pruned: bool, step: int, least: int) -> list[int]:
             if not pruned:
                 return [size]
-            steps = (round(size * k / (points - 1) / round_to) for k in range(1, points - 1))
-            return sorted({1, size, *(n * round_to for n in steps if 0 < n * round_to < size)})
+            steps = (round(size * k / (points - 1) / step) for k in range(1, points - 1))
+            return sorted({least, size, *(n * step for n in steps if least < n * step < size)})
 
-        return spread(self.in_channels, self.prune_in), spread(self.out_channels, self.prune_out)
+        ins = spread(
+            self.in_channels, self.prune_in, round_to // math.gcd(self.groups, round_to), 1
+        )
+        outs = spread(
+            self.out_channels, self.prune_out, math.lcm(self.groups, round_to), self.groups
+        )
+        return ins, outs
 
 
 def _bracket(grid: Sequence[int], x: float) -> tuple[int, int, float]:
@@ -142,8 +154,8 @@ def _map_size(pixels: int, height: int, width: int) -> tuple[int, int]:
 def layer_specs(layout: NeuronLayout, input_shape: Sequence[int]) -> dict[str, LayerSpec]:
     """The conv and linear layers whose channels the layout prunes, by module name.
 
-    A conv's input size is its output size (``layout.output_pixels``) times its stride. Grouped
-    (not depthwise) and transposed convs are left to the constant part of the prediction.
+    A conv's input size is its output size (``layout.output_pixels``) times its stride.
+    Transposed convs are left to the constant part of the prediction.
     """
     pruned = {(id(p), dim) for p, dim, _ in sliced_axes(layout).values()}
     _, height, width = input_shape
@@ -166,12 +178,13 @@ def layer_specs(layout: NeuronLayout, input_shape: Sequence[int]) -> dict[str, L
                 )
             continue
         depthwise = module.groups == module.in_channels == module.out_channels > 1
-        if (module.groups > 1 and not depthwise) or not (prune_in or prune_out):
+        if not (prune_in or prune_out):
             continue
+        groups = 1 if depthwise else module.groups
         out_h, out_w = _map_size(layout.output_pixels[module], height, width)
         specs[name] = LayerSpec(
             "conv",
-            module.in_channels,
+            module.in_channels // groups,
             module.out_channels,
             prune_in and not depthwise,
             prune_out,
@@ -181,6 +194,7 @@ def layer_specs(layout: NeuronLayout, input_shape: Sequence[int]) -> dict[str, L
             dilation=tuple(module.dilation),
             depthwise=depthwise,
             input_size=(out_h * module.stride[0], out_w * module.stride[1]),
+            groups=groups,
             **common,
         )
     return specs
