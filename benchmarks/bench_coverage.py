@@ -4,7 +4,7 @@ Each model runs in its own child process (a hang or a memory blow-up costs that 
 built from scratch for 10 classes (``adasap.models.build_model``) at ``--image-size`` px (64)
 or, where the dense model cannot run at that size, with timm's ``img_size`` at it, else at its
 native size (timm's config; 224 for torchvision). ``adasap.prune`` prunes it to keep half its
-**parameters** (``keep_kind="params"``, ``round_to=1``, one removal after a few batches of
+**parameters** (``--keep-kind params``, ``--round-to 1``, one removal after a few batches of
 random images: this checks structures, not speed), then, with batch-norm statistics
 re-estimated on random images (see ``_calibrated``): the measured kept fraction, a
 forward pass, a safetensors reload with identical outputs and an ONNX export checked with
@@ -280,10 +280,10 @@ def _check(name: str, args: argparse.Namespace, build: Any, row: dict[str, Any])
     )  # fmt: skip
     _stage(row, "prune")
     result = adasap.prune(
-        copy.deepcopy(dense), data, keep=args.keep, keep_kind="params", round_to=1,
-        warmup_epochs=0, prune_epochs=1, finetune_epochs=0, prune_steps=1, batch_size=8,
-        method="sgd", criterion=args.criterion, device="cpu", amp="off", channels_last=False,
-        progress=False,
+        copy.deepcopy(dense), data, keep=args.keep, keep_kind=args.keep_kind,
+        round_to=args.round_to, warmup_epochs=0, prune_epochs=1, finetune_epochs=0, prune_steps=1,
+        batch_size=8, method="sgd", criterion=args.criterion, device="cpu", amp="off",
+        channels_last=False, progress=False,
     )  # fmt: skip
     pruned = _calibrated(result.model, size)
     row["kept"] = sum(p.numel() for p in pruned.parameters()) / row["params"]
@@ -311,7 +311,9 @@ def _check(name: str, args: argparse.Namespace, build: Any, row: dict[str, Any])
         if not report.passed:
             problems.append(f"onnx: max diff {report.max_abs_diff:.3g} >= {tolerance:.3g}")
     del row["stage"]
-    on_target = args.keep - args.tolerance <= row["kept"] <= args.keep + 0.005
+    row["keep_kind"] = args.keep_kind
+    kept = row["kept_macs"] if args.keep_kind == "macs" else row["kept"]
+    on_target = args.keep - args.tolerance <= kept <= args.keep + 0.005
     row["outcome"] = "check-failed" if problems else "ok" if on_target else "missed"
     if problems:
         row["error"] = "; ".join(problems)
@@ -406,9 +408,14 @@ def cells(row: dict[str, Any]) -> list[str]:
         error = f"[{row['stage']}] {error}"
     return [
         row["model"], str(row.get("image_size", "")), row["outcome"],
-        f"{row['kept']:.3f}" if "kept" in row else "", what, f"{row['seconds']:.0f}",
+        f"{_kept(row):.3f}" if "kept" in row else "", what, f"{row['seconds']:.0f}",
         f"{row['peak_gb']:.2f}" if row.get("peak_gb") else "", error.replace("|", "/"),
     ]  # fmt: skip
+
+
+def _kept(row: dict[str, Any]) -> float:
+    """The kept fraction of what the row was pruned by."""
+    return row["kept_macs"] if row.get("keep_kind") == "macs" else row["kept"]
 
 
 def summary(rows: list[dict[str, Any]]) -> str:
@@ -419,7 +426,8 @@ def summary(rows: list[dict[str, Any]]) -> str:
 
 def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [
-        f"Pruned to keep {args.keep:g} of the parameters (round to 1, {args.criterion} scores, "
+        f"Pruned to keep {args.keep:g} of the {args.keep_kind} (round to {args.round_to}, "
+        f"{args.criterion} scores, "
         f"one removal), from scratch, {args.threads} thread(s); limits {args.timeout:g} s, "
         f"{args.memory_gb:g} GB. What was pruned: output channels kept/dense per layer kind.",
         "",
@@ -437,7 +445,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, help="only the first N models")
     parser.add_argument("--list-only", action="store_true", help="print the models, run none")
     parser.add_argument("--image-size", type=int, default=64, help="tried first (px)")
-    parser.add_argument("--keep", type=float, default=0.5, help="fraction of parameters")
+    parser.add_argument("--keep", type=float, default=0.5, help="fraction to keep")
+    parser.add_argument("--keep-kind", choices=("params", "macs"), default="params")
+    parser.add_argument("--round-to", type=int, default=1, help="channels in blocks of N")
     parser.add_argument("--tolerance", type=float, default=0.06, help="'ok' down to keep - this")
     parser.add_argument("--criterion", default="magnitude")
     parser.add_argument("--batches", type=int, default=2, help="training batches of 8 images")
@@ -489,7 +499,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     todo = [name for name, _ in models if name not in done]
     console.print(f"{len(models)} models, {len(models) - len(todo)} already in {args.out}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    table = Table(title=f"keep {args.keep:g} of the parameters")
+    table = Table(title=f"keep {args.keep:g} of the {args.keep_kind}")
     for column in COLUMNS:
         table.add_column(column, justify="right" if column in ("kept", "s", "peak GB") else "left")
     with Live(table, console=console, auto_refresh=False, vertical_overflow="visible") as live:

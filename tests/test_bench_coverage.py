@@ -80,3 +80,15 @@ def test_batch_norm_statistics_are_re_estimated_and_the_momentum_kept():
         means = torch.stack([conv(x).mean(dim=(0, 2, 3)) for x in images])
     assert torch.allclose(norm.running_mean, means.mean(0), atol=1e-6)
     assert norm.momentum == 0.3 and not model.training
+
+
+def test_a_macs_target_is_checked_against_the_measured_macs():
+    bench = _bench()
+    argv = ["--models", "resnet20", "--image-size", "16", "--batches", "1"]
+    argv += ["--keep-kind", "macs", "--round-to", "4"]
+    args = bench.parse_args(argv)
+    row = bench.check("resnet20", args)
+    assert row["outcome"] == "ok" and row["keep_kind"] == "macs", row
+    row["seconds"] = row["check_seconds"]  # the parent adds the child's wall time
+    assert 0.44 <= row["kept_macs"] <= 0.505 and bench.cells(row)[3] == f"{row['kept_macs']:.3f}"
+    assert "keep 0.5 of the macs (round to 4" in bench.markdown([row], args)
