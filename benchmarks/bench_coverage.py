@@ -192,7 +192,7 @@ def _channels(model: Any) -> dict[str, tuple[str, int]]:
     """Output width and kind of every conv and linear layer, by name."""
     from torch import nn
 
-    from adasap.method.neurons import is_attention
+    from adasap.method.whole import is_attention
 
     attention = [n + "." for n, m in model.named_modules() if is_attention(m)]
     out = {}

@@ -199,17 +199,6 @@ FAST = dict(warmup_epochs=1, prune_epochs=1, finetune_epochs=1, prune_steps=2, b
 STEPS = 4  # per epoch: 80 training images, 20 for validation
 
 
-# the module's data and dense model are conftest's tiny ones
-@pytest.fixture(scope="module")
-def data(tiny_classification):
-    return tiny_classification
-
-
-@pytest.fixture(scope="module")
-def dense(tiny_resnet):
-    return tiny_resnet
-
-
 @pytest.fixture
 def teachers(monkeypatch):
     """The distillations the pipeline makes, each with its teacher's forward passes counted."""
@@ -227,30 +216,43 @@ def teachers(monkeypatch):
     return made
 
 
-def test_the_pipeline_with_weight_0_is_the_pipeline_without(data, dense, teachers):
-    plain = prune(dense, data, method="sgd", **FAST)
-    unused = prune(dense, data, method="sgd", distill_weight=0.0, distill_temperature=2.0,
-                   distill_from="warmup", **FAST)  # fmt: skip
+def test_the_pipeline_with_weight_0_is_the_pipeline_without(
+    tiny_classification, tiny_resnet, teachers
+):
+    plain = prune(tiny_resnet, tiny_classification, method="sgd", **FAST)
+    unused = prune(
+        tiny_resnet,
+        tiny_classification,
+        method="sgd",
+        distill_weight=0.0,
+        distill_temperature=2.0,
+        distill_from="warmup",
+        **FAST,
+    )
     assert teachers == [] and same_weights(plain.model, unused.model)
 
 
 @pytest.mark.parametrize("method", ["sgd", "sam", "adasap", "adasap-sgd", "sgd-sam"])
-def test_every_method_distils_phases_2_and_3_from_the_dense_model(data, dense, teachers, method):
-    plain = prune(dense, data, method=method, **FAST)
-    distilled = prune(dense, data, method=method, distill_weight=0.5, **FAST)
+def test_every_method_distils_phases_2_and_3_from_the_dense_model(
+    tiny_classification, tiny_resnet, teachers, method
+):
+    plain = prune(tiny_resnet, tiny_classification, method=method, **FAST)
+    distilled = prune(tiny_resnet, tiny_classification, method=method, distill_weight=0.5, **FAST)
     ((distillation, calls, at_start),) = teachers
     assert calls == [2 * STEPS]  # once per batch of phases 2 and 3, whatever the passes
     after = distillation.teacher.state_dict()
     assert all(torch.equal(after[k], at_start[k]) for k in at_start)  # never trained
-    assert same_weights(distillation.teacher, dense)  # the dense model the run began from
+    assert same_weights(distillation.teacher, tiny_resnet)  # the dense model the run began from
     assert not same_weights(plain.model, distilled.model)
     # phase 1 is not distilled: its record is the undistilled run's
     assert plain.history[0]["train_loss"] == distilled.history[0]["train_loss"]
 
 
-def test_dense_training_ignores_distillation(data, dense, teachers):
-    plain = train(copy.deepcopy(dense), data, epochs=1, **FAST)
-    distilled = train(copy.deepcopy(dense), data, epochs=1, distill_weight=0.5, **FAST)
+def test_dense_training_ignores_distillation(tiny_classification, tiny_resnet, teachers):
+    plain = train(copy.deepcopy(tiny_resnet), tiny_classification, epochs=1, **FAST)
+    distilled = train(
+        copy.deepcopy(tiny_resnet), tiny_classification, epochs=1, distill_weight=0.5, **FAST
+    )
     assert teachers == [] and same_weights(plain.model, distilled.model)
 
 

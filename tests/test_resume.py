@@ -24,17 +24,6 @@ FAST = dict(
 )
 
 
-# the module's data and dense model are conftest's tiny ones
-@pytest.fixture(scope="module")
-def data(tiny_classification):
-    return tiny_classification
-
-
-@pytest.fixture(scope="module")
-def dense(tiny_resnet):
-    return tiny_resnet
-
-
 def stop_after(monkeypatch, steps):
     """Make the training loop see a stop request (as from SIGTERM) after ``steps`` steps."""
     calls = {"n": 0}
@@ -65,92 +54,129 @@ def assert_same_weights(a, b):
 @pytest.mark.parametrize("stop_at", [2, 5, 10])
 @pytest.mark.parametrize("method,criterion", [("adasap", "taylor"), ("sgd", "magnitude")])
 def test_resumed_prune_equals_uninterrupted(
-    tmp_path, monkeypatch, data, dense, stop_at, method, criterion
+    tmp_path, monkeypatch, tiny_classification, tiny_resnet, stop_at, method, criterion
 ):
-    reference = prune(dense, data, method=method, criterion=criterion, **FAST)
+    reference = prune(tiny_resnet, tiny_classification, method=method, criterion=criterion, **FAST)
     with monkeypatch.context() as patch:
         stop_after(patch, stop_at)
         with pytest.raises(RunInterrupted):
-            prune(dense, data, method=method, criterion=criterion, checkpoint_dir=tmp_path,
-                  **FAST)  # fmt: skip
+            prune(
+                tiny_resnet,
+                tiny_classification,
+                method=method,
+                criterion=criterion,
+                checkpoint_dir=tmp_path,
+                **FAST,
+            )
     assert (tmp_path / CHECKPOINT_FILE).is_file()
     logged = []
-    resumed = prune(dense, data, method=method, criterion=criterion, checkpoint_dir=tmp_path,
-                    log=logged.append, **FAST)  # fmt: skip
+    resumed = prune(
+        tiny_resnet,
+        tiny_classification,
+        method=method,
+        criterion=criterion,
+        checkpoint_dir=tmp_path,
+        log=logged.append,
+        **FAST,
+    )
     assert_same_weights(resumed.model, reference.model)
     assert comparable(resumed.history) == comparable(reference.history)
     assert comparable(logged) == comparable(reference.history)
     assert resumed.pruning_history == reference.pruning_history
 
 
-def test_resume_is_exact_through_a_layer_computed_contiguously(tmp_path, monkeypatch, data, dense):
+def test_resume_is_exact_through_a_layer_computed_contiguously(
+    tmp_path, monkeypatch, tiny_classification, tiny_resnet
+):
     """channels_last and bfloat16 (where native) as by default, but any channel counts: a
     shortcut keeps fewer than 16 input channels, so the oneDNN guard computes it contiguously
     and returns its output in channels_last, before and after the resume alike."""
     settings = dict(FAST, method="sgd", criterion="magnitude", round_to=1, channels_last=True)
-    reference = prune(dense, data, **settings)
+    reference = prune(tiny_resnet, tiny_classification, **settings)
     assert any(needs_guard(module) for module in reference.model.modules())
     with monkeypatch.context() as patch:
         stop_after(patch, 5)  # after the first removal
         with pytest.raises(RunInterrupted):
-            prune(dense, data, checkpoint_dir=tmp_path, **settings)
-    resumed = prune(dense, data, checkpoint_dir=tmp_path, **settings)
+            prune(tiny_resnet, tiny_classification, checkpoint_dir=tmp_path, **settings)
+    resumed = prune(tiny_resnet, tiny_classification, checkpoint_dir=tmp_path, **settings)
     assert_same_weights(resumed.model, reference.model)
     assert comparable(resumed.history) == comparable(reference.history)
 
 
-def test_resume_is_exact_with_distillation_from_the_dense_model(tmp_path, monkeypatch, data, dense):
+def test_resume_is_exact_with_distillation_from_the_dense_model(
+    tmp_path, monkeypatch, tiny_classification, tiny_resnet
+):
     """Stopped after the first removal, in a distilled phase: the teacher (the dense model it
     resumes on) gives the same weights, byte for byte; another dense model is refused."""
     settings = dict(FAST, method="adasap", criterion="taylor", distill_weight=0.5)
-    reference = prune(dense, data, **settings)
-    undistilled = prune(dense, data, **{**settings, "distill_weight": 0.0})
+    reference = prune(tiny_resnet, tiny_classification, **settings)
+    undistilled = prune(tiny_resnet, tiny_classification, **{**settings, "distill_weight": 0.0})
     assert not torch.equal(reference.model[-1].fc.weight, undistilled.model[-1].fc.weight)
     with monkeypatch.context() as patch:
         stop_after(patch, 5)
         with pytest.raises(RunInterrupted):
-            prune(dense, data, checkpoint_dir=tmp_path, **settings)
-    other = copy.deepcopy(dense)
+            prune(tiny_resnet, tiny_classification, checkpoint_dir=tmp_path, **settings)
+    other = copy.deepcopy(tiny_resnet)
     with torch.no_grad():
         other[-1].fc.weight.add_(1.0)
     with pytest.raises(UserError, match="distilled from another teacher"):
-        prune(other, data, checkpoint_dir=tmp_path, **settings)
-    resumed = prune(dense, data, checkpoint_dir=tmp_path, **settings)
+        prune(other, tiny_classification, checkpoint_dir=tmp_path, **settings)
+    resumed = prune(tiny_resnet, tiny_classification, checkpoint_dir=tmp_path, **settings)
     assert_same_weights(resumed.model, reference.model)
     assert comparable(resumed.history) == comparable(reference.history)
 
 
-def test_resumed_dense_training_equals_uninterrupted(tmp_path, monkeypatch, data, dense):
-    reference = train(copy.deepcopy(dense), data, epochs=2, **FAST)
+def test_resumed_dense_training_equals_uninterrupted(
+    tmp_path, monkeypatch, tiny_classification, tiny_resnet
+):
+    reference = train(copy.deepcopy(tiny_resnet), tiny_classification, epochs=2, **FAST)
     with monkeypatch.context() as patch:
         stop_after(patch, 6)
         with pytest.raises(RunInterrupted):
-            train(copy.deepcopy(dense), data, epochs=2, checkpoint_dir=tmp_path, **FAST)
-    resumed = train(copy.deepcopy(dense), data, epochs=2, checkpoint_dir=tmp_path,
-                    **FAST)  # fmt: skip
+            train(
+                copy.deepcopy(tiny_resnet),
+                tiny_classification,
+                epochs=2,
+                checkpoint_dir=tmp_path,
+                **FAST,
+            )
+    resumed = train(
+        copy.deepcopy(tiny_resnet), tiny_classification, epochs=2, checkpoint_dir=tmp_path, **FAST
+    )
     assert_same_weights(resumed.model, reference.model)
 
 
-def test_checkpoint_with_other_settings_is_refused(tmp_path, monkeypatch, data, dense):
+def test_checkpoint_with_other_settings_is_refused(
+    tmp_path, monkeypatch, tiny_classification, tiny_resnet
+):
     with monkeypatch.context() as patch:
         stop_after(patch, 3)
         with pytest.raises(RunInterrupted):
-            prune(dense, data, checkpoint_dir=tmp_path, **FAST)
+            prune(tiny_resnet, tiny_classification, checkpoint_dir=tmp_path, **FAST)
     with pytest.raises(UserError, match="other settings"):
-        prune(dense, data, checkpoint_dir=tmp_path, **{**FAST, "prune_steps": 3})
+        prune(
+            tiny_resnet, tiny_classification, checkpoint_dir=tmp_path, **{**FAST, "prune_steps": 3}
+        )
     # a work budget changes no result: a run stopped by one resumes with it raised
-    prune(dense, data, checkpoint_dir=tmp_path, **{**FAST, "trace_seconds": 600.0})
+    prune(
+        tiny_resnet,
+        tiny_classification,
+        checkpoint_dir=tmp_path,
+        **{**FAST, "trace_seconds": 600.0},
+    )
 
 
-def test_corrupt_checkpoint_is_a_clear_error(tmp_path, data, dense):
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path, tiny_classification, tiny_resnet):
     (tmp_path / CHECKPOINT_FILE).write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="cannot be read"):
-        prune(dense, data, checkpoint_dir=tmp_path, **FAST)
+        prune(tiny_resnet, tiny_classification, checkpoint_dir=tmp_path, **FAST)
 
 
-def test_divergence_stops_with_step_phase_and_cause(tmp_path, data, dense):
+def test_divergence_stops_with_step_phase_and_cause(tmp_path, tiny_classification, tiny_resnet):
     with pytest.raises(TrainingDiverged) as info:
-        prune(dense, data, method="sgd", lr=1e6, checkpoint_dir=tmp_path, **FAST)
+        prune(
+            tiny_resnet, tiny_classification, method="sgd", lr=1e6, checkpoint_dir=tmp_path, **FAST
+        )
     message = str(info.value)
     assert "diverged in phase warmup" in message and "at step" in message
     assert "learning rate (--lr) is probably too large" in message

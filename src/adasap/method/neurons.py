@@ -18,17 +18,25 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 from torch_pruning._helpers import to_plain_idxs
-from torch_pruning.dependency import Node
 
 from adasap.checks import check_input
 from adasap.errors import UserError, exception_summary
-from adasap.method import window_heads  # noqa: F401  (registers Swin's heads adapter)
+from adasap.method import (
+    maxvit_heads,  # noqa: F401  (registers MaxViT's heads adapter)
+    window_heads,  # noqa: F401  (registers Swin's heads adapter)
+)
 from adasap.method.effort import DEFAULT_BUDGET, Effort, EffortBudget, checked_search
 from adasap.method.examples import Example, run_example, tracing_forward
 from adasap.method.failures import layer_in_traceback
 from adasap.method.grouped import grouped_supported, tie_grouped, tied_slices
 from adasap.method.heads import HeadSpec, attention_heads, head_macs_hooks
 from adasap.method.optim import NeuronOwnership
+from adasap.method.whole import (
+    consumes_channels,
+    is_attention,
+    moves_channels,
+    reaches_channel_move,
+)
 
 NORM_TYPES = (
     nn.modules.batchnorm._BatchNorm,
@@ -89,15 +97,6 @@ def _param_dims(module: nn.Module, is_output: bool) -> list[tuple[str, int]]:
 
 # Autograd ops that move channels to other positions: a neuron's slices on either side would
 # not line up, so channels flowing through them are not pruned.
-CHANNEL_MOVING_OPS = ("ChannelShuffle", "IndexSelect", "Gather", "PixelShuffle", "PixelUnshuffle")
-
-
-def is_attention(module: nn.Module) -> bool:
-    """Attention layers split channels into heads: Torch-Pruning's groups never cut them (the
-    heads of those with an adapter are neurons of their own: :mod:`adasap.method.heads`)."""
-    return isinstance(module, nn.MultiheadAttention) or "Attention" in type(module).__name__
-
-
 class NeuronLayout:
     """The neurons of a model, from Torch-Pruning's dependency graph.
 
@@ -172,7 +171,7 @@ class NeuronLayout:
                 is_output = self.graph.is_out_channel_pruning_fn(item.dep.handler)
                 if is_output and id(module) in ignored and not isinstance(module, NORM_TYPES):
                     exact = False
-                if id(module) in untouchable or _moves_channels(node):
+                if id(module) in untouchable or moves_channels(node):
                     exact = False
                 if not grouped_supported(module):
                     exact = False
@@ -228,13 +227,16 @@ class NeuronLayout:
         generator: the search's checks end with it, not whenever a generator is collected."""
         graph = self.graph
         ignored = set(map(id, self.ignored_layers + graph.IGNORED_LAYERS_IN_TRACING))
+        # a group from a layer inside attention holds that layer's own channels, which stay
+        # whole, and the search through the heads' reshapes may not end (MaxViT's to_qkv)
+        ignored |= {id(m) for a in self.model.modules() if is_attention(a) for m in a.modules()}
         visited: set[int] = set()
         groups = []
         with checked_search(graph, effort):
             for module, node in list(graph.module2node.items()):
-                if id(module) in ignored or id(module) in visited or not _consumes_channels(module):
+                if id(module) in ignored or id(module) in visited or not consumes_channels(module):
                     continue
-                if _reaches_channel_move(node):
+                if reaches_channel_move(node):
                     continue
                 name = names.get(module, "?")
                 effort.part = (name, type(module).__name__)
@@ -314,39 +316,6 @@ class NeuronLayout:
             if kind == "macs" and g.heads is not None:
                 costs[g.offset : g.offset + g.size] = g.heads.macs
         return costs
-
-
-def _moves_channels(node: object) -> bool:
-    grad_fn = getattr(node, "grad_fn", None)
-    return grad_fn is not None and grad_fn.name().startswith(CHANNEL_MOVING_OPS)
-
-
-def _consumes_channels(module: object) -> bool:
-    """A layer mixing its input channels into new ones: coupled channels end at its input."""
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return not module.groups == module.in_channels == module.out_channels > 1
-    return isinstance(module, nn.Linear)
-
-
-def _reaches_channel_move(root: Node) -> bool:
-    """Whether a layer's output channels, or channels coupled to them (residual additions,
-    concatenations), meet a channel-moving op, which Torch-Pruning takes for element-wise."""
-    seen: set[tuple[int, bool]] = set()
-    queue = [(n, True) for n in root.outputs]  # (node, reached going forward)
-    while queue:
-        node, forward = queue.pop()
-        if (id(node), forward) in seen:
-            continue
-        seen.add((id(node), forward))
-        if _moves_channels(node):
-            return True
-        boundary = _consumes_channels(node.module)
-        if forward and boundary:
-            continue  # a consumer: the channels end at its input
-        queue.extend((n, True) for n in node.outputs)
-        if not boundary:  # an element-wise op: its other inputs share the channels
-            queue.extend((n, False) for n in node.inputs)
-    return False
 
 
 def _deduplicate(slices: list[ParamSlice]) -> list[ParamSlice]:
