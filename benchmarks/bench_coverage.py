@@ -48,7 +48,10 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-COLUMNS = ("model", "image size", "outcome", "kept", "what was pruned", "s", "peak GB", "error")
+COLUMNS = (
+    "model", "image size", "outcome", "kept", "what was pruned", "s (pruning)",
+    "peak GB (pruning)", "error",
+)  # fmt: skip
 OUTCOMES = {
     "ok": "reached the target", "missed": "missed it", "check-failed": "failed a check",
     "refused": "refused cleanly", "unexpected": "failed unexpectedly", "timeout": "timed out",
@@ -269,6 +272,7 @@ def _check(name: str, args: argparse.Namespace, build: Any, row: dict[str, Any])
     from adasap.data import load_dataset
     from adasap.deploy.onnx import export_onnx
 
+    start = time.perf_counter()
     dense, size, standard, builder = _dense(name, args.image_size, build)
     row.update(image_size=size, params=sum(p.numel() for p in dense.parameters()))
     if not standard and build is None:
@@ -285,6 +289,9 @@ def _check(name: str, args: argparse.Namespace, build: Any, row: dict[str, Any])
         batch_size=8, method="sgd", criterion=args.criterion, device="cpu", amp="off",
         channels_last=False, progress=False,
     )  # fmt: skip
+    # the pruning alone: what a user's adasap.prune costs, before this check's copies
+    row["prune_seconds"] = round(time.perf_counter() - start, 2)
+    row["prune_peak_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
     pruned = _calibrated(result.model, size)
     row["kept"] = sum(p.numel() for p in pruned.parameters()) / row["params"]
     row["kept_macs"] = result.keep_fraction("macs")
@@ -408,9 +415,17 @@ def cells(row: dict[str, Any]) -> list[str]:
         error = f"[{row['stage']}] {error}"
     return [
         row["model"], str(row.get("image_size", "")), row["outcome"],
-        f"{_kept(row):.3f}" if "kept" in row else "", what, f"{row['seconds']:.0f}",
-        f"{row['peak_gb']:.2f}" if row.get("peak_gb") else "", error.replace("|", "/"),
+        f"{_kept(row):.3f}" if "kept" in row else "", what,
+        _with_pruning(row, "seconds", "prune_seconds", "{:.0f}"),
+        _with_pruning(row, "peak_gb", "prune_peak_gb", "{:.2f}"),
+        error.replace("|", "/"),
     ]  # fmt: skip
+
+
+def _with_pruning(row: dict[str, Any], whole: str, pruning: str, form: str) -> str:
+    """``whole (pruning)``: the check's figure and the pruning's part of it, where known."""
+    text = form.format(row[whole]) if row.get(whole) else ""
+    return text + (f" ({form.format(row[pruning])})" if pruning in row else "")
 
 
 def _kept(row: dict[str, Any]) -> float:

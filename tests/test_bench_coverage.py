@@ -36,6 +36,7 @@ def test_a_model_is_pruned_checked_and_resumed_in_a_child(tmp_path):
     assert 0.44 <= row["kept"] <= 0.505 and row["onnx_max_diff"] < 1e-3
     assert row["pruned"]["channels"]["conv"][0] < row["pruned"]["channels"]["conv"][1]
     assert row["pruned"]["groups"] > 0 and 0 < row["peak_gb"] < 4 and row["seconds"] > 0
+    assert 0 < row["prune_seconds"] < row["seconds"] and 0 < row["prune_peak_gb"] <= row["peak_gb"]
     assert "error" not in row
     assert [json.loads(line)["model"] for line in out.read_text().splitlines()] == ["resnet20"]
     assert "| resnet20 | 16 | ok |" in table.read_text()
