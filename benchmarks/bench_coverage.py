@@ -149,9 +149,9 @@ def _builders(name: str, size: int) -> list[tuple[int, bool, Any]]:
     return tries + ([(native, True, standard(native))] if native != size else [])
 
 
-def _run_exportably(model: Any, size: int) -> None:
-    """A forward pass at ``size``; AssertionError unless it gives 10 logits and every adaptive
-    pooling divides its input's grid (ONNX cannot express the others: AlexNet at 64 px)."""
+def _runs_exportably(model: Any, size: int) -> bool:
+    """Whether every adaptive pooling divides its input's grid at ``size`` (ONNX cannot express
+    the others: AlexNet at 64 px), after a forward pass (AssertionError unless 10 logits)."""
     import torch
     from torch import nn
 
@@ -168,26 +168,27 @@ def _run_exportably(model: Any, size: int) -> None:
     finally:
         for hook in hooks:
             hook.remove()
-    for grid, pooled in grids:
-        assert all(g % p == 0 for g, p in zip(grid, pooled, strict=True)), (
-            f"pools {tuple(grid)} to {tuple(pooled)}"
-        )
+    return all(g % p == 0 for grid, pooled in grids for g, p in zip(grid, pooled, strict=True))
 
 
 def _dense(name: str, size: int, build: Any = None) -> tuple[Any, int, bool, Any]:
-    """The first dense model that runs and exports: (model, image size, built by build_model,
-    builder)."""
+    """The first dense model that runs and can export, else the first that runs: (model,
+    image size, built by build_model, builder)."""
     import torch
 
     error: BaseException | None = None
+    runs = None
     for s, standard, builder in [(size, False, build)] if build else _builders(name, size):
         try:
             torch.manual_seed(0)
             model = builder().eval()
-            _run_exportably(model, s)
-            return model, s, standard, builder
+            if _runs_exportably(model, s):
+                return model, s, standard, builder
+            runs = runs or (model, s, standard, builder)
         except Exception as exc:  # the next size, or unbuildable
             error = exc
+    if runs is not None:  # the export will refuse, in adasap's words
+        return runs
     raise _Unbuildable(f"{type(error).__name__}: {' '.join(str(error).split())[:200]}")
 
 
@@ -209,15 +210,24 @@ def _channels(model: Any) -> dict[str, tuple[str, int]]:
     return out
 
 
+def _heads(model: Any) -> int:
+    """Attention heads in the layers adasap removes heads from."""
+    from adasap.method.heads import adapter_of
+
+    adapters = ((m, adapter_of(m)) for m in model.modules())
+    return sum(adapter.heads(m).count for m, adapter in adapters if adapter is not None)
+
+
 def what_was_pruned(dense: Any, pruned: Any, history: list[list[Any]]) -> dict[str, Any]:
-    """Output channels kept and dense per layer kind (the kinds that lost some) and the
-    number of dependency groups that lost neurons (their root layers)."""
+    """Output channels kept and dense per layer kind, attention heads kept and dense (the kinds
+    that lost some) and the number of dependency groups that lost neurons (their roots)."""
     before, after = _channels(dense), _channels(pruned)
     kinds: dict[str, list[int]] = {}
     for name, (kind, width) in before.items():
         counts = kinds.setdefault(kind, [0, 0])
         counts[0] += after.get(name, (kind, 0))[1]
         counts[1] += width
+    kinds["heads"] = [_heads(pruned), _heads(dense)]
     changed = {k: v for k, v in kinds.items() if v[0] != v[1]}
     return {"channels": changed, "groups": len({entry[0] for entry in history})}
 

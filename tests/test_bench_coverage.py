@@ -67,9 +67,13 @@ def test_a_size_whose_adaptive_pooling_cannot_export_is_not_chosen():
     bench = _bench()
     pooled_up = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(2), nn.Flatten())
     model = nn.Sequential(pooled_up, nn.Linear(16, 10))
-    with pytest.raises(AssertionError, match=r"pools \(3, 3\) to \(2, 2\)"):
-        bench._run_exportably(model, 5)
-    bench._run_exportably(model, 6)  # a 4x4 grid pools to 2x2
+    assert not bench._runs_exportably(model, 5)  # a 3x3 grid pooled to 2x2
+    assert bench._runs_exportably(model, 6)
+    with pytest.raises(AssertionError, match="not 10 logits"):
+        bench._runs_exportably(nn.Sequential(pooled_up, nn.Linear(16, 3)), 6)
+    # no size exports: the first that runs, where the export then refuses in one line
+    dense, size, _, _ = bench._dense("pooled", 5, build=lambda: model)
+    assert size == 5 and dense is not None
 
 
 def test_batch_norm_statistics_are_re_estimated_and_the_momentum_kept():
@@ -93,3 +97,11 @@ def test_a_macs_target_is_checked_against_the_measured_macs():
     row["seconds"] = row["check_seconds"]  # the parent adds the child's wall time
     assert 0.44 <= row["kept_macs"] <= 0.505 and bench.cells(row)[3] == f"{row['kept_macs']:.3f}"
     assert "keep 0.5 of the macs (round to 4" in bench.markdown([row], args)
+
+
+def test_what_was_pruned_counts_attention_heads_beside_channels():
+    bench = _bench()
+    dense = nn.ModuleDict({"attn": nn.MultiheadAttention(8, 4), "fc": nn.Linear(8, 6)})
+    pruned = nn.ModuleDict({"attn": nn.MultiheadAttention(8, 2), "fc": nn.Linear(8, 3)})
+    summary = bench.what_was_pruned(dense, pruned, [["fc", False, [0]], ["attn:heads", True, [1]]])
+    assert summary == {"channels": {"linear": [3, 6], "heads": [2, 4]}, "groups": 2}

@@ -9,13 +9,11 @@ source of truth for scoring, for the per-neuron perturbation radii and for physi
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-import torch_pruning as tp
 from torch import Tensor, nn
 from torch_pruning._helpers import to_plain_idxs
 
@@ -26,13 +24,14 @@ from adasap.method import (
     window_heads,  # noqa: F401  (registers Swin's heads adapter)
 )
 from adasap.method.effort import DEFAULT_BUDGET, Effort, EffortBudget, checked_search
-from adasap.method.examples import Example, run_example, tracing_forward
+from adasap.method.examples import Example, run_example
 from adasap.method.failures import layer_in_traceback
 from adasap.method.grouped import grouped_supported, tie_grouped, tied_slices
 from adasap.method.heads import HeadSpec, attention_heads, head_macs_hooks
 from adasap.method.optim import NeuronOwnership
 from adasap.method.whole import (
     consumes_channels,
+    dependency_graph,
     is_attention,
     moves_channels,
     reaches_channel_move,
@@ -132,13 +131,7 @@ class NeuronLayout:
         was_training = model.training
         model.eval()  # tracing runs a forward pass: keep BatchNorm statistics untouched
         try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", "Unwrapped parameters", UserWarning)
-                self.graph = tp.DependencyGraph().build_dependency(
-                    model,
-                    example_inputs=example_inputs,
-                    forward_fn=tracing_forward(self.ignored_layers),
-                )
+            self.graph = dependency_graph(model, example_inputs, self.ignored_layers)
             self.output_pixels, head_macs = _output_pixels(model, example_inputs)
         except Exception as exc:  # Torch-Pruning raises anything from its tracer
             if isinstance(example_inputs, Tensor):  # the data do not fit?

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import heapq
-import warnings
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -14,11 +13,12 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from adasap.errors import UserError, exception_summary
-from adasap.method.examples import Example, first_sample, tracing_forward
+from adasap.method.examples import Example, first_sample
 from adasap.method.failures import check_pruned_forward, layer_in_traceback
 from adasap.method.grouped import neuron_block, root_channels
 from adasap.method.heads import is_head_entry, remove_heads, removed_head_macs, replay_heads
 from adasap.method.neurons import NeuronLayout
+from adasap.method.whole import dependency_graph
 
 SizeKind = Literal["params", "macs"]
 
@@ -380,11 +380,7 @@ def replay_pruning(
             graph = None  # traced again for what follows: a layer may have been replaced
             continue
         if graph is None:
-            with warnings.catch_warnings():  # as NeuronLayout: parameters outside layers
-                warnings.filterwarnings("ignore", "Unwrapped parameters", UserWarning)
-                graph = tp.DependencyGraph().build_dependency(
-                    model, example_inputs=example_inputs, forward_fn=tracing_forward(ignored_layers)
-                )
+            graph = dependency_graph(model, example_inputs, ignored_layers)
         graph.load_pruning_history([entry])
     model.train(was_training)
     if channels_last:

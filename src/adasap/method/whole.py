@@ -7,9 +7,19 @@ channels stay).
 
 from __future__ import annotations
 
-from torch import nn
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import Tensor, nn
 from torch_pruning.dependency import Node
 
+from adasap.method.examples import Example, run_example, tracing_forward
+
+# Torch-Pruning has its own pruner for these (their groups stay whole all the same)
+TORCH_PRUNING_ATTENTION = (nn.MultiheadAttention,)
 CHANNEL_MOVING_OPS = ("ChannelShuffle", "IndexSelect", "Gather", "PixelShuffle", "PixelUnshuffle")
 
 
@@ -60,3 +70,94 @@ def reaches_channel_move(root: Node) -> bool:
         if not boundary:  # an element-wise op: its other inputs share the channels
             queue.extend((n, False) for n in node.inputs)
     return False
+
+
+class _OpaqueAttention(tp.pruner.function.BasePruningFunc):
+    """Torch-Pruning's view of an attention layer while tracing: one layer reading and writing
+    ``widths[layer]`` channels. Never asked to prune: every group reaching it stays whole."""
+
+    def __init__(self, widths: dict[nn.Module, int]) -> None:
+        super().__init__()
+        self.widths = widths
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        raise RuntimeError(f"{type(layer).__name__} is attention: its channels stay whole")
+
+    prune_in_channels = prune_out_channels
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return self.widths[layer]
+
+    get_in_channels = get_out_channels
+
+
+def _width(module: nn.Module, tensor: Tensor) -> int | None:
+    """The channels ``module`` reads from ``tensor``: its first projection's inputs."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear | nn.modules.conv._ConvNd):
+            width = m.in_features if isinstance(m, nn.Linear) else m.in_channels
+            return width if width in tensor.shape[1:] else None
+    return None
+
+
+def _opaque_widths(model: nn.Module, example: Example) -> dict[nn.Module, int]:
+    """The width of each attention layer that maps a tensor to one of its own shape on the
+    example, in classes all of whose layers do (Torch-Pruning registers layers by class)."""
+    attention = [
+        m for m in model.modules() if is_attention(m) and not isinstance(m, TORCH_PRUNING_ATTENTION)
+    ]
+    widths: dict[nn.Module, int | None] = {}
+
+    def record(module: nn.Module, inputs: Any, output: Any) -> None:
+        x = inputs[0] if inputs else None
+        same = isinstance(x, Tensor) and isinstance(output, Tensor) and output.shape == x.shape
+        width = _width(module, x) if same else None
+        widths[module] = width if widths.get(module, width) == width else None
+
+    hooks = [m.register_forward_hook(record) for m in attention]
+    try:
+        with torch.no_grad():
+            run_example(model, example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    refused = {type(m) for m in attention if widths.get(m) is None}
+    return {m: w for m, w in widths.items() if w is not None and type(m) not in refused}
+
+
+def _stand_in(_module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
+    # the same values, reached from the input through one element-wise op: the tracer sees
+    # a layer on the input and nothing inside it
+    return output.detach() + inputs[0] * 0
+
+
+def dependency_graph(
+    model: nn.Module, example: Example, ignored_layers: Sequence[nn.Module]
+) -> tp.DependencyGraph:
+    """Torch-Pruning's dependency graph of ``model``, each attention layer traced as one layer.
+
+    Torch-Pruning maps channel indices through every reshape inside an attention layer one
+    Python object at a time: from a layer writing torchvision Swin's residual stream one search
+    ran over ten minutes and 12 GB. No group may cut attention (its heads are neurons of their
+    own), so the graph needs only know that the layer reads and writes those channels: while
+    tracing, the layer's output is its own values plus 0 x its input, and its class is a
+    Torch-Pruning customized layer (whose insides it leaves alone). Layers of classes that
+    change the shape of what they read (or that Torch-Pruning prunes itself) are traced whole.
+    """
+    widths = _opaque_widths(model, example)
+    hooks = [m.register_forward_hook(_stand_in) for m in widths]
+    opaque = _OpaqueAttention(widths)
+    try:
+        with warnings.catch_warnings():
+            # parameters outside layers (a position embedding) are handled as Torch-Pruning's
+            # "unwrapped" ones; the warning says so
+            warnings.filterwarnings("ignore", "Unwrapped parameters", UserWarning)
+            return tp.DependencyGraph().build_dependency(
+                model,
+                example_inputs=example,
+                forward_fn=tracing_forward(ignored_layers),
+                customized_pruners=dict.fromkeys({type(m) for m in widths}, opaque),
+            )
+    finally:
+        for hook in hooks:
+            hook.remove()

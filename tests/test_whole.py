@@ -1,0 +1,85 @@
+"""What dependency groups must not cut: attention found by its innermost class name, and
+traced as one opaque layer (``adasap.method.whole``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch_pruning import ops
+
+from adasap.method.neurons import NeuronLayout
+from adasap.method.whole import dependency_graph, is_attention
+
+
+class ToyAttention(nn.Module):
+    """Heads split by reshapes, as torchvision's Swin does in a function."""
+
+    def __init__(self, width: int, heads: int, shrink: bool = False) -> None:
+        super().__init__()
+        self.heads, self.shrink = heads, shrink
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width // 2 if shrink else width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        attention = (q @ k.transpose(-2, -1)).softmax(-1)
+        return self.proj((attention @ v).transpose(1, 2).reshape(b, n, c))
+
+
+class ToyAttentionBlock(nn.Module):
+    """Named after the attention it holds; its MLP is no attention."""
+
+    def __init__(self, width: int, shrink: bool = False) -> None:
+        super().__init__()
+        self.attn = ToyAttention(width, 2, shrink)
+        self.fc1, self.fc2 = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(x) if not self.attn.shrink else self.attn(x).repeat(1, 1, 2)
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+class Toy(nn.Module):
+    def __init__(self, shrink: bool = False) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, 8)
+        self.blocks = nn.Sequential(ToyAttentionBlock(8), ToyAttentionBlock(8, shrink))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.embed(x)).mean(1))
+
+
+X = torch.rand(2, 5, 6)
+
+
+def test_attention_is_the_innermost_layer_named_so():
+    model = Toy()
+    assert [n for n, m in model.named_modules() if is_attention(m)] == [
+        "blocks.0.attn",
+        "blocks.1.attn",
+    ]
+    assert is_attention(nn.MultiheadAttention(8, 2))
+
+
+def test_attention_is_traced_as_one_layer_and_its_stream_stays_whole():
+    torch.manual_seed(0)
+    model = Toy().eval()
+    expected = model(X)
+    graph = dependency_graph(model, X, [model.head])
+    attn = model.blocks[0].attn
+    assert graph.module2node[attn].type == ops.OPTYPE.CUSTOMIZED
+    assert attn.qkv not in graph.module2node and attn.proj not in graph.module2node
+    assert torch.equal(model(X), expected)  # the stand-in is gone
+    layout = NeuronLayout(model, X, [model.head])
+    # the MLPs' hidden units only: the stream (embed, fc2) meets attention and stays whole
+    assert [(g.name, g.size) for g in layout.groups] == [("blocks.0.fc1", 32), ("blocks.1.fc1", 32)]
+
+
+def test_a_class_with_a_layer_changing_its_input_shape_is_traced_whole():
+    model = Toy(shrink=True).eval()
+    graph = dependency_graph(model, X, [model.head])
+    attn = model.blocks[0].attn
+    assert graph.module2node[attn.qkv].module is attn.qkv  # traced inside, as Torch-Pruning does
+    assert attn not in graph.module2node
