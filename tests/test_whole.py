@@ -3,10 +3,15 @@ traced as one opaque layer (``adasap.method.whole``)."""
 
 from __future__ import annotations
 
+import re
+
+import pytest
 import torch
 from torch import nn
 from torch_pruning import ops
 
+from adasap.method import whole
+from adasap.method.importance import magnitude_scores
 from adasap.method.neurons import NeuronLayout
 from adasap.method.whole import dependency_graph, is_attention
 
@@ -83,3 +88,22 @@ def test_a_class_with_a_layer_changing_its_input_shape_is_traced_whole():
     attn = model.blocks[0].attn
     assert graph.module2node[attn.qkv].module is attn.qkv  # traced inside, as Torch-Pruning does
     assert attn not in graph.module2node
+
+
+@pytest.mark.parametrize("name", ["Attention", "ClassAttn", "TalkingHeadAttn", "GPSA", "MHSA"])
+def test_attention_class_names_of_timm_and_torchvision(name):
+    assert is_attention(type(name, (nn.Module,), {})())
+    assert not is_attention(type("Attentive", (nn.Module,), {})())
+
+
+def test_a_group_torch_pruning_maps_past_a_parameters_end_stays_whole(monkeypatch):
+    timm = pytest.importorskip("timm")
+    # ConViT's GPSA taken for no attention: Torch-Pruning maps indices past a parameter's end
+    # (scoring it raised IndexError)
+    monkeypatch.setattr(whole, "ATTENTION_NAME", re.compile("Attention"))
+    model = timm.create_model("convit_tiny", num_classes=3, img_size=32).eval()
+    layout = NeuronLayout(model, torch.rand(1, 3, 32, 32), [model.head])
+    assert layout.groups and all(
+        int(s.idxs.max()) < s.param.shape[s.dim] for g in layout.groups for s in g.slices
+    )
+    assert magnitude_scores(layout).shape == (layout.num_neurons,)

@@ -193,6 +193,8 @@ class NeuronLayout:
                 continue
             if neuron_of_root is not None:  # grouped convs: a neuron is a channel of each group
                 slices, size = tied_slices(slices, neuron_of_root), int(neuron_of_root.max()) + 1
+            if any(s.idxs.numel() and int(s.idxs.max()) >= s.param.shape[s.dim] for s in slices):
+                continue  # Torch-Pruning misread an op (a per-head parameter for a channel's)
             group = NeuronGroup(names.get(root, type(root).__name__), root, size, 0)
             group.slices, group.neuron_of_root = _deduplicate(slices), neuron_of_root
             group.has_bn = any(

@@ -7,6 +7,7 @@ channels stay).
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -23,8 +24,15 @@ TORCH_PRUNING_ATTENTION = (nn.MultiheadAttention,)
 CHANNEL_MOVING_OPS = ("ChannelShuffle", "IndexSelect", "Gather", "PixelShuffle", "PixelUnshuffle")
 
 
+# class names of attention layers: timm's Attention, ClassAttn, TalkingHeadAttn, ConViT's
+# GPSA and MHSA, torchvision's ShiftedWindowAttention, ...
+ATTENTION_NAME = re.compile(r"Attention|Attn|MHSA|GPSA")
+
+
 def _named_attention(module: nn.Module) -> bool:
-    return isinstance(module, nn.MultiheadAttention) or "Attention" in type(module).__name__
+    return isinstance(module, nn.MultiheadAttention) or bool(
+        ATTENTION_NAME.search(type(module).__name__)
+    )
 
 
 def is_attention(module: nn.Module) -> bool:
