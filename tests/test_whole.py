@@ -4,6 +4,7 @@ traced as one opaque layer (``adasap.method.whole``)."""
 from __future__ import annotations
 
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -107,3 +108,23 @@ def test_a_group_torch_pruning_maps_past_a_parameters_end_stays_whole(monkeypatc
         int(s.idxs.max()) < s.param.shape[s.dim] for g in layout.groups for s in g.slices
     )
     assert magnitude_scores(layout).shape == (layout.num_neurons,)
+
+
+def test_a_concatenation_of_parts_of_unknown_width_is_traced_and_kept_whole():
+    timm = pytest.importorskip("timm")
+    # Torch-Pruning 1.6 raised TypeError summing the parts' widths on this model
+    model = timm.create_model("cs3darknet_focus_s", num_classes=3).eval()
+    layout = NeuronLayout(model, torch.rand(1, 3, 32, 32), [model.head.fc])
+    unmapped = [n for n in layout.graph.module2node.values() if whole.moves_channels(n)]
+    assert unmapped and all(isinstance(n.module, ops._ConcatOp) for n in unmapped)
+    assert layout.groups  # the groups not reaching them are pruned
+
+
+def test_a_channel_concatenation_moves_channels_only_while_unmapped():
+    cat = SimpleNamespace(name=lambda: "CatBackward0", _saved_dim=1)
+    node = SimpleNamespace(grad_fn=cat, module=ops._ConcatOp(0))
+    assert whole.moves_channels(node)
+    node.module.offsets = [0, 4, 8]
+    assert not whole.moves_channels(node)
+    node.module.offsets, cat._saved_dim = None, 2  # along another dim: not channels
+    assert not whole.moves_channels(node)

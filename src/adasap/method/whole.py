@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch_pruning as tp
 from torch import Tensor, nn
-from torch_pruning.dependency import Node
+from torch_pruning.dependency import Node, index_mapping
 
 from adasap.method.examples import Example, run_example, tracing_forward
 
@@ -48,8 +48,34 @@ def is_attention(module: nn.Module) -> bool:
 
 
 def moves_channels(node: object) -> bool:
+    """An op moving channels, or a channel concatenation Torch-Pruning left unmapped (a part of
+    unknown width): Torch-Pruning maps both as if element-wise."""
     grad_fn = getattr(node, "grad_fn", None)
-    return grad_fn is not None and grad_fn.name().startswith(CHANNEL_MOVING_OPS)
+    if grad_fn is not None and grad_fn.name().startswith(CHANNEL_MOVING_OPS):
+        return True
+    concat = getattr(node, "module", None)
+    return (
+        isinstance(concat, tp.ops._ConcatOp)
+        and concat.offsets is None
+        and getattr(grad_fn, "_saved_dim", None) == 1
+    )
+
+
+_map_concat = index_mapping.update_concat_index_mapping
+
+
+def _map_concat_of_unknown_widths(graph: tp.DependencyGraph, cat_node: Node) -> None:
+    # Torch-Pruning 1.6 sums the concatenated parts' widths before it checks them for an
+    # unknown one (None), where its answer is to leave the concat unmapped: a TypeError
+    # instead (timm's CoaT, CSPDarknet). Unmapped, its groups stay whole (moves_channels).
+    try:
+        _map_concat(graph, cat_node)
+    except TypeError:
+        if None not in (cat_node.module.concat_sizes or ()):
+            raise
+
+
+index_mapping.update_concat_index_mapping = _map_concat_of_unknown_widths
 
 
 def consumes_channels(module: object) -> bool:
