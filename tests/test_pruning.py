@@ -505,3 +505,35 @@ def test_failure_grouping_channels_names_the_layer(monkeypatch):
         UserError, match=r"channels of conv\d \(Conv2d\).*ignored_layers=\[model\.conv\d\]"
     ):
         NeuronLayout(model, X, [model.fc])
+
+
+class ConcatGate(nn.Module):
+    """Two layers concatenated, then gated per channel (timm's CSPNeXt): one group whose
+    neurons are split between the two layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
+        self.gate = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = torch.cat([self.a(x), self.b(x)], 1)
+        x = x * self.gate(x.mean((2, 3), keepdim=True)).sigmoid()
+        return self.fc(x.mean((2, 3)))
+
+
+def test_each_layer_of_a_concatenated_group_keeps_min_channels():
+    model = ConcatGate()
+    layout = NeuronLayout(model, X, [model.fc])
+    [group] = [g for g in layout.groups if g.name == "gate"]
+    scores = torch.ones(layout.num_neurons)
+    # b's channels (the group's last four) rank below all of a's
+    scores[group.offset : group.offset + 8] = torch.tensor([8.0, 7, 6, 5, 0.4, 0.3, 0.2, 0.1])
+    predict = size_predictor(layout, measure_size(model, X), "params")
+    with pytest.raises(UnreachableTarget) as unreachable:
+        select_neurons(layout, scores, 0, predict)
+    remove_neurons(layout, select_neurons(layout, scores, unreachable.value.smallest, predict))
+    # the group's top-ranked neuron is one of a's; b keeps its own best
+    assert (model.a.out_channels, model.b.out_channels, model.gate.out_channels) == (1, 1, 2)
+    assert model(X).shape == (X.shape[0], 5)

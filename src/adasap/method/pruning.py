@@ -208,11 +208,12 @@ def select_neurons(
 
     ``predict`` maps a bool mask of removed neurons to the cost after removal (parameters,
     MACs, latency, ...; see :func:`size_predictor`) and must not grow as more are removed.
-    Each group keeps at least ``min_channels`` of its highest-ranked neurons, so no layer is
-    ever emptied, and, with ``round_to`` > 1, a multiple of ``round_to`` neurons (or all of
-    them, when it has fewer): runtimes such as onnxruntime are fastest with channel counts
-    that are multiples of 8 or 16 (:func:`adasap.alignment.channel_alignment`); blocks are
-    then given back while the target stays met, so the cost lands just under it. Raises
+    Each layer keeps at least ``min_channels`` of the highest-ranked neurons of its group, so
+    no layer is ever emptied, and, with ``round_to`` > 1, each group a multiple of
+    ``round_to`` neurons (or all of them, when it has fewer): runtimes such as onnxruntime
+    are fastest with channel counts that are multiples of 8 or 16
+    (:func:`adasap.alignment.channel_alignment`); blocks are then given back while the target
+    stays met, so the cost lands just under it. Raises
     :class:`UnreachableTarget` when the target cannot be met under these rules. An attention
     layer's heads are ``head_dim`` channels each: it keeps ``ceil(min_channels / head_dim)``
     heads (at least 1) and ignores ``round_to``; a grouped conv's neuron is a channel per group
@@ -227,9 +228,13 @@ def select_neurons(
         return torch.zeros(0, dtype=torch.long)
     protected = nothing.clone()
     for g in layout.groups:
-        keep = min(min_channels if g.heads is None else g.heads.min_heads(min_channels), g.size)
-        top = torch.topk(ranking_scores[g.offset : g.offset + g.size], keep).indices
-        protected[top + g.offset] = True
+        least = min_channels if g.heads is None else g.heads.min_heads(min_channels)
+        # each layer of a group keeps some: one concatenated into a wider tensor owns only
+        # part of the group's neurons (timm's CSPNeXt)
+        for part in {tuple(s.roots.unique().tolist()) for s in g.slices if s.is_output}:
+            neurons = torch.tensor(part, dtype=torch.long) + g.offset
+            top = torch.topk(ranking_scores[neurons], min(least, len(part))).indices
+            protected[neurons[top]] = True
     candidates = torch.nonzero(~protected).flatten()
     order = candidates[torch.argsort(ranking_scores[candidates], stable=True)]
     group_of = layout.group_index()
