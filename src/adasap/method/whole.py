@@ -126,11 +126,14 @@ class _OpaqueAttention(tp.pruner.function.BasePruningFunc):
 
 
 def _width(module: nn.Module, tensor: Tensor) -> int | None:
-    """The channels ``module`` reads from ``tensor``: its first projection's inputs."""
+    """The channels ``module`` reads from ``tensor``: along dim 1 where its first projection
+    is a convolution (``N x C x H x W``), else along the last (tokens, or Swin's ``N x H x W x
+    C``); None without a projection."""
     for m in module.modules():
-        if isinstance(m, nn.Linear | nn.modules.conv._ConvNd):
-            width = m.in_features if isinstance(m, nn.Linear) else m.in_channels
-            return width if width in tensor.shape[1:] else None
+        if isinstance(m, nn.modules.conv._ConvNd):
+            return tensor.shape[1] if tensor.dim() > 2 else None
+        if isinstance(m, nn.Linear):
+            return tensor.shape[-1]
     return None
 
 
