@@ -128,3 +128,37 @@ def test_a_channel_concatenation_moves_channels_only_while_unmapped():
     assert not whole.moves_channels(node)
     node.module.offsets, cat._saved_dim = None, 2  # along another dim: not channels
     assert not whole.moves_channels(node)
+
+
+class ToyConvAttention(nn.Module):
+    """Attention on ``N x C x H x W`` maps with 1x1 convolutions (EfficientViT-M, LeViT)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.qkv, self.proj = nn.Conv2d(width, 3 * width, 1), nn.Conv2d(width, width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(x).reshape(b, 3, 2, c // 2, h * w).unbind(1)
+        out = v @ (q.transpose(-2, -1) @ k).softmax(-1)
+        return self.proj(out.reshape(b, c, h, w))
+
+
+def test_a_convolutional_attention_reads_its_channels_along_dim_1():
+    stem, attn, head = nn.Conv2d(3, 6, 1), ToyConvAttention(6), nn.Linear(6, 3)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem, self.attn, self.head = stem, attn, head
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.stem(x)
+            return self.head((x + self.attn(x)).mean((2, 3)))
+
+    model = Net().eval()
+    images = torch.rand(1, 3, 4, 5)
+    graph = dependency_graph(model, images, [head])
+    assert graph.module2node[attn].type == ops.OPTYPE.CUSTOMIZED
+    assert graph.get_out_channels(attn) == 6
+    assert NeuronLayout(model, images, [head]).groups == []  # the stream meets attention
