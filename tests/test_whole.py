@@ -91,7 +91,9 @@ def test_a_class_with_a_layer_changing_its_input_shape_is_traced_whole():
     assert attn not in graph.module2node
 
 
-@pytest.mark.parametrize("name", ["Attention", "ClassAttn", "TalkingHeadAttn", "GPSA", "MHSA"])
+@pytest.mark.parametrize(
+    "name", ["Attention", "ClassAttn", "TalkingHeadAttn", "GPSA", "MHSA", "FocalModulation"]
+)
 def test_attention_class_names_of_timm_and_torchvision(name):
     assert is_attention(type(name, (nn.Module,), {})())
     assert not is_attention(type("Attentive", (nn.Module,), {})())

@@ -25,8 +25,9 @@ CHANNEL_MOVING_OPS = ("ChannelShuffle", "IndexSelect", "Gather", "PixelShuffle",
 
 
 # class names of attention layers: timm's Attention, ClassAttn, TalkingHeadAttn, ConViT's
-# GPSA and MHSA, torchvision's ShiftedWindowAttention, ...
-ATTENTION_NAME = re.compile(r"Attention|Attn|MHSA|GPSA")
+# GPSA and MHSA, FocalNet's FocalModulation (attention's stand-in), torchvision's
+# ShiftedWindowAttention, ...
+ATTENTION_NAME = re.compile(r"Attention|Attn|MHSA|GPSA|FocalModulation")
 
 
 def _named_attention(module: nn.Module) -> bool:
