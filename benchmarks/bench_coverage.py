@@ -371,13 +371,26 @@ def _memory_kb(pid: int) -> tuple[int, int]:
     return int(fields.get("VmRSS", "0 kB").split()[0]), int(fields.get("VmHWM", "0 kB").split()[0])
 
 
+# the options a worker checks a model with (the others concern the parent)
+WORKER_OPTIONS = (
+    "image_size", "keep", "keep_kind", "round_to", "tolerance", "criterion", "batches",
+    "threads",
+)  # fmt: skip
+
+
+def worker_argv(name: str, args: argparse.Namespace, out: Path) -> list[str]:
+    """The arguments of the worker checking ``name`` as ``args`` say, its row to ``out``."""
+    argv = ["--worker", name, "--row-file", str(out)]
+    for option in WORKER_OPTIONS:
+        argv += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
+    return argv
+
+
 def run_child(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """``check`` of ``name`` in a child process, under the time and memory limits."""
     with tempfile.TemporaryDirectory() as scratch:
         out, log = Path(scratch) / "row.json", Path(scratch) / "log.txt"
-        command = [sys.executable, __file__, "--worker", name, "--row-file", str(out)]
-        for option in ("image_size", "keep", "tolerance", "criterion", "batches", "threads"):
-            command += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
+        command = [sys.executable, __file__, *worker_argv(name, args, out)]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         start, peak, outcome = time.perf_counter(), 0, None
         with log.open("w") as sink:

@@ -105,3 +105,16 @@ def test_what_was_pruned_counts_attention_heads_beside_channels():
     pruned = nn.ModuleDict({"attn": nn.MultiheadAttention(8, 2), "fc": nn.Linear(8, 3)})
     summary = bench.what_was_pruned(dense, pruned, [["fc", False, [0]], ["attn:heads", True, [1]]])
     assert summary == {"channels": {"linear": [3, 6], "heads": [2, 4]}, "groups": 2}
+
+
+def test_the_worker_checks_with_every_option_of_the_check():
+    bench = _bench()
+    argv = ["--models", "m", "--image-size", "16", "--keep", "0.3", "--keep-kind", "macs"]
+    argv += ["--round-to", "4", "--tolerance", "0.1", "--criterion", "taylor", "--threads", "2"]
+    args = bench.parse_args(argv)
+    worker = bench.parse_args(bench.worker_argv("m", args, Path("row.json")))
+    assert worker.worker == "m" and worker.row_file == Path("row.json")
+    for option in bench.WORKER_OPTIONS:
+        assert getattr(worker, option) == getattr(args, option), option
+    # every option check() reads reaches the worker
+    assert set(bench.WORKER_OPTIONS) >= {"keep_kind", "round_to", "criterion", "image_size"}
