@@ -5,16 +5,12 @@ and predict their size."""
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
 import torch_pruning as tp
 from torch import nn
 
-import adasap
-from adasap.data import load_dataset
-from adasap.deploy.onnx import export_onnx
 from adasap.deploy.serialization import load_model, save_model
 from adasap.errors import UserError
 from adasap.method.heads import HeadPrunedMultiheadAttention, remove_heads
@@ -32,7 +28,7 @@ from adasap.method.pruning import (
     transfer_optimizer_state,
 )
 from adasap.method.schedule import PhaseSchedule
-from adasap.method.target import OffTarget
+from head_checks import pruned_saved_reloaded_exported, removed_as_predicted
 
 timm = pytest.importorskip("timm")
 
@@ -277,49 +273,20 @@ def test_momentum_of_the_kept_heads_carries_over():
     assert torch.equal(new.state[attn.qkv.weight]["momentum_buffer"], old[rows])
 
 
-def pruned_saved_reloaded_exported(make, size, x, heads_of, tmp_path):
-    """``make()`` pruned to half its parameters, whole heads removed; its reload from
-    safetensors is identical and its ONNX export passes. Returns the heads each attention
-    layer kept."""
-    data = load_dataset(
-        "synthetic", num_classes=4, channels=3, image_size=size, num_train=10, num_test=4,
-        val_fraction=0.2,
-    )  # fmt: skip
-    model = make()
-    model.reset_classifier(4)
-    with warnings.catch_warnings():  # whole heads (5% each here) may land under the target
-        warnings.simplefilter("ignore", OffTarget)
-        result = adasap.prune(
-            model, data, keep=0.5, keep_kind="params", round_to=1, warmup_epochs=0,
-            prune_epochs=1, finetune_epochs=0, prune_steps=1, batch_size=8, method="sgd",
-            criterion="magnitude", device="cpu", amp="off", channels_last=False, progress=False,
-        )  # fmt: skip
-    pruned = result.model.eval()
-    # one head is 5% of these models: whole heads land within one of the target
-    assert 0.44 <= result.keep_fraction("params") <= 0.5
-    assert sum(p.numel() for p in pruned.parameters()) == result.size.params
-    assert any(entry[0].endswith(":heads") for entry in result.pruning_history)
-    heads = heads_of(pruned)
-    with torch.no_grad():
-        expected = pruned(x)
-    fresh = make()
-    fresh.reset_classifier(4)
-    architecture = {"in_channels": 3, "image_size": size}
-    save_model(tmp_path / "model", pruned, architecture, result.pruning_history)
-    loaded = load_model(tmp_path / "model", base_model=fresh).eval()
-    assert heads_of(loaded) == heads
-    with torch.no_grad():
-        assert torch.equal(loaded(x), expected)
-    report = export_onnx(pruned, tmp_path / "model.onnx", image_size=size, tolerance=1e-4)
-    assert report.passed, str(report)
-    return heads
+def four_classes(make):
+    def build():
+        model = make()
+        model.reset_classifier(4)
+        return model
+
+    return build
 
 
 def test_prune_to_half_the_parameters_removes_heads_saves_reloads_and_exports(tmp_path):
     def heads_of(model):
         return [block.attn.num_heads for block in model.blocks]
 
-    heads = pruned_saved_reloaded_exported(tiny_vit, 32, X, heads_of, tmp_path)
+    heads, _ = pruned_saved_reloaded_exported(four_classes(tiny_vit), 32, X, heads_of, tmp_path)
     assert min(heads) >= 1 and sum(heads) < 6
 
 
@@ -556,11 +523,7 @@ def test_removing_window_heads_leaves_exact_shapes_and_the_output_of_the_zeroed_
     layout = NeuronLayout(model, SWIN_X, [model.head.fc])
     first, second, third = head_groups(layout)
     neurons = torch.tensor([first.offset + 1, second.offset, third.offset, third.offset + 2])
-    removed = torch.zeros(layout.num_neurons, dtype=torch.bool)
-    removed[neurons] = True
-    predicted, _ = predict_size(layout, removed, measure_size(model, SWIN_X))
-    remove_neurons(layout, neurons)
-    assert predicted == measure_size(model, SWIN_X)
+    removed_as_predicted(layout, neurons, SWIN_X)
     for attn, kept, width in zip(window_attentions(model), (1, 1, 2), (24, 24, 48), strict=True):
         assert attn.num_heads == kept
         assert (
@@ -599,5 +562,7 @@ def test_swin_pruned_to_half_its_parameters_saves_reloads_and_exports(tmp_path):
     def heads_of(model):
         return [attn.num_heads for attn in window_attentions(model)]
 
-    heads = pruned_saved_reloaded_exported(tiny_swin, 56, SWIN_X[:1], heads_of, tmp_path)
+    heads, _ = pruned_saved_reloaded_exported(
+        four_classes(tiny_swin), 56, SWIN_X[:1], heads_of, tmp_path
+    )
     assert sum(heads) < sum(heads_of(tiny_swin()))

@@ -12,13 +12,11 @@ from torch import nn
 from torchvision.models import MaxVit
 from torchvision.models.maxvit import RelativePositionalMultiHeadAttention
 
-import adasap
-from adasap.data import load_dataset
-from adasap.deploy.onnx import export_onnx
 from adasap.method.heads import remove_heads, replay_heads
 from adasap.method.maxvit_heads import HeadPrunedRelativePositionalMultiHeadAttention
 from adasap.method.neurons import NeuronLayout
 from adasap.method.pruning import measure_size, predict_size, remove_neurons
+from head_checks import pruned_saved_reloaded_exported
 
 X = torch.rand(2, 3, 32, 32)
 NAMES = [
@@ -157,35 +155,20 @@ def test_dense_maxvit_attention_macs_add_what_torch_pruning_leaves_out(monkeypat
 
 
 def test_maxvit_pruned_to_half_its_parameters_saves_reloads_and_exports(tmp_path):
-    data = load_dataset(
-        "synthetic", num_classes=4, channels=3, image_size=32, num_train=10, num_test=4,
-        val_fraction=0.2,
-    )  # fmt: skip
-    result = adasap.prune(
-        tiny_maxvit(4), data, keep=0.5, keep_kind="params", round_to=1, warmup_epochs=0,
-        prune_epochs=1, finetune_epochs=0, prune_steps=1, batch_size=8, method="sgd",
-        criterion="magnitude", device="cpu", amp="off", channels_last=False, progress=False,
-    )  # fmt: skip
-    pruned = result.model.eval()
-    assert 0.49 <= result.keep_fraction("params") <= 0.5
-    assert sum(p.numel() for p in pruned.parameters()) == result.size.params
+    def heads_of(model):
+        return [attn.n_heads for attn in attentions(model)]
+
+    heads, result = pruned_saved_reloaded_exported(
+        lambda: tiny_maxvit(4), 32, X[:1], heads_of, tmp_path
+    )
+    assert result.keep_fraction("params") >= 0.49
     # heads and the MLP hidden units inside each PartitionAttentionLayer go together
     entries = [e for e in result.pruning_history if e[0].endswith(":heads")]
     assert [e[0].removesuffix(":heads") for e in entries] == NAMES
-    heads = [attn.n_heads for attn in attentions(pruned)]
     assert heads == [2, 2, 3, 5]
-    hidden = [m.mlp_layer[1].out_features for m in pruned.modules() if hasattr(m, "mlp_layer")]
-    dense_hidden = [
-        m.mlp_layer[1].out_features for m in tiny_maxvit(4).modules() if hasattr(m, "mlp_layer")
-    ]
-    assert all(h < d for h, d in zip(hidden, dense_hidden, strict=True)), (hidden, dense_hidden)
-    with torch.no_grad():
-        expected = pruned(X[:1])
-    architecture = {"in_channels": 3, "image_size": 32}
-    adasap.save_model(tmp_path / "model", pruned, architecture, result.pruning_history)
-    loaded = adasap.load_model(tmp_path / "model", base_model=tiny_maxvit(4)).eval()
-    assert [attn.n_heads for attn in attentions(loaded)] == heads
-    with torch.no_grad():
-        assert torch.equal(loaded(X[:1]), expected)
-    report = export_onnx(pruned, tmp_path / "model.onnx", image_size=32, tolerance=1e-4)
-    assert report.passed, str(report)
+
+    def hidden(model):
+        return [m.mlp_layer[1].out_features for m in model.modules() if hasattr(m, "mlp_layer")]
+
+    pruned, dense = hidden(result.model), hidden(tiny_maxvit(4))
+    assert all(p < d for p, d in zip(pruned, dense, strict=True)), (pruned, dense)

@@ -5,7 +5,6 @@ models save, reload and export."""
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -20,18 +19,14 @@ from torchvision.models.swin_transformer import (
     SwinTransformerBlockV2,
 )
 
-import adasap
-from adasap.data import load_dataset
-from adasap.deploy.onnx import export_onnx
-from adasap.deploy.serialization import load_model, save_model
 from adasap.method.heads import ADAPTERS, count_macs, qualified_name, remove_heads
 from adasap.method.neurons import NeuronLayout
 from adasap.method.pruning import measure_size, predict_size, remove_neurons
-from adasap.method.target import OffTarget
 from adasap.method.window_heads import (
     HeadPrunedShiftedWindowAttention,
     HeadPrunedShiftedWindowAttentionV2,
 )
+from head_checks import pruned_saved_reloaded_exported, removed_as_predicted
 
 X = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 PADDED = torch.rand(2, 3, 36, 36, generator=torch.Generator().manual_seed(1))
@@ -48,6 +43,10 @@ def tiny_swin(version: str, num_classes: int = 10) -> SwinTransformer:
         patch_size=[4, 4], embed_dim=16, depths=[2, 1], num_heads=[2, 4], window_size=[4, 4],
         num_classes=num_classes, **(v2 if version == "v2" else {}),
     ).eval()  # fmt: skip
+
+
+def num_heads(model: nn.Module) -> list[int]:
+    return [attn.num_heads for attn in attentions(model)]
 
 
 def attentions(model: nn.Module) -> list[nn.Module]:
@@ -108,11 +107,7 @@ def test_removing_torchvision_window_heads_replaces_the_layers_with_exact_shapes
     layout = NeuronLayout(model, X, [model.head])
     first, second, third = head_groups(layout)
     neurons = torch.tensor([first.offset + 1, second.offset, third.offset, third.offset + 2])
-    removed = torch.zeros(layout.num_neurons, dtype=torch.bool)
-    removed[neurons] = True
-    predicted, _ = predict_size(layout, removed, measure_size(model, X))
-    remove_neurons(layout, neurons)
-    assert predicted == measure_size(model, X)
+    removed_as_predicted(layout, neurons, X)
     pruned = (
         HeadPrunedShiftedWindowAttentionV2 if version == "v2" else HeadPrunedShiftedWindowAttention
     )
@@ -259,34 +254,7 @@ def test_a_pruned_torchvision_swin_traces_with_torch_fx():
 def test_torchvision_swin_pruned_to_half_its_parameters_saves_reloads_and_exports(
     version, tmp_path
 ):
-    data = load_dataset(
-        "synthetic", num_classes=4, channels=3, image_size=32, num_train=10, num_test=4,
-        val_fraction=0.2,
-    )  # fmt: skip
-    model = tiny_swin(version, num_classes=4)
-    with warnings.catch_warnings():  # whole heads may land under the target
-        warnings.simplefilter("ignore", OffTarget)
-        result = adasap.prune(
-            model, data, keep=0.5, keep_kind="params", round_to=1, warmup_epochs=0,
-            prune_epochs=1, finetune_epochs=0, prune_steps=1, batch_size=8, method="sgd",
-            criterion="magnitude", device="cpu", amp="off", channels_last=False, progress=False,
-        )  # fmt: skip
-    pruned = result.model.eval()
-    assert 0.44 <= result.keep_fraction("params") <= 0.5
-    assert sum(p.numel() for p in pruned.parameters()) == result.size.params
-    assert any(entry[0].endswith(":heads") for entry in result.pruning_history)
-    heads = [attn.num_heads for attn in attentions(pruned)]
-    assert min(heads) >= 1 and sum(heads) < 8
-    x = X[:1]
-    with torch.no_grad():
-        expected = pruned(x)
-    save_model(
-        tmp_path / "model", pruned, {"in_channels": 3, "image_size": 32}, result.pruning_history
+    heads, _ = pruned_saved_reloaded_exported(
+        lambda: tiny_swin(version, num_classes=4), 32, X[:1], num_heads, tmp_path
     )
-    loaded = load_model(tmp_path / "model", base_model=tiny_swin(version, num_classes=4)).eval()
-    assert [attn.num_heads for attn in attentions(loaded)] == heads
-    assert [type(a) for a in attentions(loaded)] == [type(a) for a in attentions(pruned)]
-    with torch.no_grad():
-        assert torch.equal(loaded(x), expected)
-    report = export_onnx(pruned, tmp_path / "model.onnx", image_size=32, tolerance=1e-4)
-    assert report.passed, str(report)
+    assert min(heads) >= 1 and sum(heads) < 8
