@@ -32,7 +32,7 @@ from adasap.method.optim import NeuronOwnership
 from adasap.method.whole import (
     consumes_channels,
     dependency_graph,
-    is_attention,
+    inside_attention,
     moves_channels,
     reaches_channel_move,
 )
@@ -146,8 +146,7 @@ class NeuronLayout:
         effort.check()  # the graph's build is one call: checked once it returns
         order = {m: i for i, m in enumerate(names)}
         ignored = set(map(id, self.ignored_layers))
-        untouchable = {id(m) for a in model.modules() if is_attention(a) for m in a.modules()}
-        untouchable |= {id(p) for m in model.modules() if is_attention(m) for p in m.parameters()}
+        untouchable = inside_attention(model)
         owners = {
             id(p): (m, attr)
             for m in model.modules()
@@ -155,7 +154,7 @@ class NeuronLayout:
         }
         unwrapped = {id(u.parameters): u.pruning_dim for u in self.graph.unwrapped_parameters}
         found: list[NeuronGroup] = []
-        for root, tp_group, size in self._dependency_groups(names, effort):
+        for root, tp_group, size in self._dependency_groups(names, effort, untouchable):
             slices = []
             exact = True
             for item in tp_group:
@@ -214,17 +213,17 @@ class NeuronLayout:
         self.num_neurons = offset
 
     def _dependency_groups(
-        self, names: dict[nn.Module, str], effort: Effort
+        self, names: dict[nn.Module, str], effort: Effort, untouchable: set[int]
     ) -> list[tuple[nn.Module, Any, int]]:
         """Torch-Pruning's group of each conv or linear layer not yet in one (its
         ``get_all_groups``) and its channel count, without those meeting a channel-moving op;
         failures and a spent ``effort`` as UserErrors naming the layer. A list, not a
         generator: the search's checks end with it, not whenever a generator is collected."""
         graph = self.graph
+        # a group from a layer inside attention (``untouchable``) holds that layer's own
+        # channels, which stay whole, and the search through the heads' reshapes may not end
         ignored = set(map(id, self.ignored_layers + graph.IGNORED_LAYERS_IN_TRACING))
-        # a group from a layer inside attention holds that layer's own channels, which stay
-        # whole, and the search through the heads' reshapes may not end (MaxViT's to_qkv)
-        ignored |= {id(m) for a in self.model.modules() if is_attention(a) for m in a.modules()}
+        ignored |= untouchable
         visited: set[int] = set()
         groups = []
         with checked_search(graph, effort):

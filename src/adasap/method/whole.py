@@ -48,6 +48,15 @@ def is_attention(module: nn.Module) -> bool:
     return not any(_named_attention(m) for m in module.modules() if m is not module)
 
 
+def inside_attention(model: nn.Module) -> set[int]:
+    """The ids of every attention layer of ``model``, the modules inside it and their
+    parameters: what no dependency group may cut."""
+    attention = [a for a in model.modules() if is_attention(a)]
+    return {id(m) for a in attention for m in a.modules()} | {
+        id(p) for a in attention for p in a.parameters()
+    }
+
+
 def moves_channels(node: object) -> bool:
     """An op moving channels, or a channel concatenation Torch-Pruning left unmapped (a part of
     unknown width): Torch-Pruning maps both as if element-wise."""
