@@ -80,6 +80,27 @@ def test_a_classifier_the_tracer_refuses_gets_a_classifier_fix_and_no_file(tmp_p
     assert list(tmp_path.iterdir()) == []
 
 
+class _Fold(nn.Module):
+    """``F.fold`` (ONNX's Col2Im, opset 18), as in VOLO's outlook attention."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        patches = nn.functional.unfold(self.conv(x), kernel_size=2, stride=2)
+        return nn.functional.fold(patches, output_size=(4, 4), kernel_size=2, stride=2).flatten(1)
+
+
+def test_an_operator_of_a_newer_opset_names_that_opset(tmp_path):
+    with pytest.raises(UserError, match=r"export with opset 18 \(--opset 18;") as info:
+        export_onnx(_Fold(), tmp_path / "m.onnx", image_size=4)
+    assert "replace the layer" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+    report = export_onnx(_Fold(), tmp_path / "m.onnx", image_size=4, opset=18)
+    assert report.passed and report.opset == 18
+
+
 def test_a_nan_output_fails_the_check(run_dir, tmp_path):
     model = load_model(run_dir / "adasap")
     with torch.no_grad():

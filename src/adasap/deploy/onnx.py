@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -183,8 +184,17 @@ def write_onnx(
         ) from exc
 
 
+def required_opset(exc: BaseException) -> int | None:
+    """The newer opset the exporter names in ``exc`` as one that has the missing operator."""
+    found = re.search(r"added in (?:opset )?version (\d+)", str(exc))
+    return int(found.group(1)) if found and int(found.group(1)) <= MAX_OPSET else None
+
+
 def _export_fix(exc: BaseException, task: Task) -> str:
     """What the user can change when the tracer refuses ``exc``."""
+    opset = required_opset(exc)
+    if opset is not None:
+        return f"export with opset {opset} (--opset {opset}; opset={opset} in Python)"
     if "adaptive_avg_pool2d" in str(exc) or "adaptive_max_pool2d" in str(exc):
         # ONNX has no adaptive pooling; the tracer turns it into a fixed pool, which exists
         # only when the output grid divides the input's
