@@ -17,7 +17,7 @@ from adasap.errors import UserError
 from adasap.method.importance import magnitude_scores
 from adasap.method.neurons import NeuronLayout
 from adasap.method.pruning import measure_size, remove_neurons, select_neurons, size_predictor
-from adasap.models.builders import build_model, find_classifier
+from adasap.models.builders import Normalize, build_model, find_classifier
 
 ARCHITECTURE = dict(
     name="resnet20", num_classes=10, in_channels=3, image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3
@@ -78,6 +78,15 @@ def test_a_classifier_the_tracer_refuses_gets_a_classifier_fix_and_no_file(tmp_p
         export_onnx(upsampling, tmp_path / "m.onnx", image_size=4, check=False)
     assert "detection.md" not in str(info.value)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_module_input_channels_come_from_its_normalisation_before_a_reshaping_stem(tmp_path):
+    # TResNet's space-to-depth stem: its first convolution reads 4 x 3 channels here
+    model = nn.Sequential(
+        Normalize([0.5] * 3, [0.25] * 3), nn.PixelUnshuffle(2), nn.Conv2d(12, 4, 1), nn.Flatten()
+    )
+    report = export_onnx(model, tmp_path / "m.onnx", image_size=4)
+    assert report.input_shape == (3, 4, 4) and report.passed
 
 
 class _Fold(nn.Module):

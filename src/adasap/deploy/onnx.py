@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from adasap.deploy.serialization import DESCRIPTION_FILE, load_model, read_description, saved_task
 from adasap.errors import UserError, exception_summary
 from adasap.io import RUN_MARKER, atomic_write
+from adasap.models.builders import Normalize
 from adasap.tasks import Task, make_task
 
 if TYPE_CHECKING:
@@ -91,17 +92,20 @@ def resolve_model(
 
     A directory (a model's, or a run's holding one model) is loaded with :func:`load_model`;
     its description gives the shape and the task, ``image_size`` (one side or ``(H, W)``)
-    overrides the shape. A module needs ``image_size``, its first convolution tells the
-    number of channels, and ``task`` is its task.
+    overrides the shape. A module needs ``image_size``, its normalisation
+    (:class:`~adasap.models.builders.Normalize`) or else its first convolution tells the number of
+    channels, and ``task`` is its task.
     """
     if isinstance(model_or_dir, nn.Module):
         model = model_or_dir
-        first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        # build_model's normalisation, else the first convolution (not where a stem reshapes
+        # first: TResNet's space-to-depth feeds its convolution 16 x 3 channels)
+        first = next((m for m in model.modules() if isinstance(m, (Normalize, nn.Conv2d))), None)
         if first is None:
             raise UserError("cannot tell the input channels of a model without a Conv2d")
         if image_size is None:
             raise UserError("cannot tell the input size of a module: pass image_size")
-        channels = first.in_channels
+        channels = first.mean.shape[1] if isinstance(first, Normalize) else first.in_channels
     else:
         directory = select_model(model_or_dir)
         description = read_description(directory)
@@ -184,17 +188,11 @@ def write_onnx(
         ) from exc
 
 
-def required_opset(exc: BaseException) -> int | None:
-    """The newer opset the exporter names in ``exc`` as one that has the missing operator."""
-    found = re.search(r"added in (?:opset )?version (\d+)", str(exc))
-    return int(found.group(1)) if found and int(found.group(1)) <= MAX_OPSET else None
-
-
 def _export_fix(exc: BaseException, task: Task) -> str:
     """What the user can change when the tracer refuses ``exc``."""
-    opset = required_opset(exc)
-    if opset is not None:
-        return f"export with opset {opset} (--opset {opset}; opset={opset} in Python)"
+    newer = re.search(r"added in (?:opset )?version (\d+)", str(exc))  # an operator's opset
+    if newer and int(newer.group(1)) <= MAX_OPSET:
+        return f"export with opset {newer.group(1)} (--opset {newer.group(1)}; opset= in Python)"
     if "adaptive_avg_pool2d" in str(exc) or "adaptive_max_pool2d" in str(exc):
         # ONNX has no adaptive pooling; the tracer turns it into a fixed pool, which exists
         # only when the output grid divides the input's

@@ -28,6 +28,7 @@ from adasap.method.examples import Example, run_example
 from adasap.method.failures import layer_in_traceback
 from adasap.method.grouped import grouped_supported, tie_grouped, tied_slices
 from adasap.method.heads import HeadSpec, attention_heads, head_macs_hooks
+from adasap.method.layer_pruners import is_channel_scale, output_parameters
 from adasap.method.optim import NeuronOwnership
 from adasap.method.whole import (
     consumes_channels,
@@ -82,20 +83,18 @@ def _param_dims(module: nn.Module, is_output: bool) -> list[tuple[str, int]]:
         depthwise = module.groups == module.in_channels == module.out_channels and module.groups > 1
         if is_output or depthwise:
             dims = [("weight", 1 if module.transposed else 0)]
-            return dims + ([("bias", 0)] if module.bias is not None else [])
+            return dims + [(name, 0) for name in output_parameters(module)]
         # a grouped conv's input: columns per group, tied into neurons by grouped.tie_grouped
         return [("weight", 0 if module.transposed else 1)]
     if isinstance(module, nn.Linear):
         if is_output:
             return [("weight", 0)] + ([("bias", 0)] if module.bias is not None else [])
         return [("weight", 1)]
-    if isinstance(module, NORM_TYPES):
-        return [(name, 0) for name in ("weight", "bias") if getattr(module, name, None) is not None]
+    if isinstance(module, NORM_TYPES) or is_channel_scale(module):
+        return [(name, 0) for name, _ in module.named_parameters(recurse=False)]
     return []
 
 
-# Autograd ops that move channels to other positions: a neuron's slices on either side would
-# not line up, so channels flowing through them are not pruned.
 class NeuronLayout:
     """The neurons of a model, from Torch-Pruning's dependency graph.
 

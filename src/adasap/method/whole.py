@@ -15,9 +15,10 @@ from typing import Any
 import torch
 import torch_pruning as tp
 from torch import Tensor, nn
-from torch_pruning.dependency import Node, index_mapping
+from torch_pruning.dependency import Node
 
 from adasap.method.examples import Example, run_example, tracing_forward
+from adasap.method.layer_pruners import customized_pruners
 
 # Torch-Pruning has its own pruner for these (their groups stay whole all the same)
 TORCH_PRUNING_ATTENTION = (nn.MultiheadAttention,)
@@ -69,23 +70,6 @@ def moves_channels(node: object) -> bool:
         and concat.offsets is None
         and getattr(grad_fn, "_saved_dim", None) == 1
     )
-
-
-_map_concat = index_mapping.update_concat_index_mapping
-
-
-def _map_concat_of_unknown_widths(graph: tp.DependencyGraph, cat_node: Node) -> None:
-    # Torch-Pruning 1.6 sums the concatenated parts' widths before it checks them for an
-    # unknown one (None), where its answer is to leave the concat unmapped: a TypeError
-    # instead (timm's CoaT, CSPDarknet). Unmapped, its groups stay whole (moves_channels).
-    try:
-        _map_concat(graph, cat_node)
-    except TypeError:
-        if None not in (cat_node.module.concat_sizes or ()):
-            raise
-
-
-index_mapping.update_concat_index_mapping = _map_concat_of_unknown_widths
 
 
 def consumes_channels(module: object) -> bool:
@@ -203,7 +187,10 @@ def dependency_graph(
                 model,
                 example_inputs=example,
                 forward_fn=tracing_forward(ignored_layers),
-                customized_pruners=dict.fromkeys({type(m) for m in widths}, opaque),
+                customized_pruners={
+                    **customized_pruners(model),
+                    **dict.fromkeys({type(m) for m in widths}, opaque),
+                },
             )
     finally:
         for hook in hooks:

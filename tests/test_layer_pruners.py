@@ -1,0 +1,93 @@
+"""Layers Torch-Pruning prunes incompletely or does not know (``adasap.method.layer_pruners``):
+exact shapes after removal, the size predicted, and the pruned model equal to the dense one
+with the removed channels zeroed."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from adasap.method.neurons import NeuronLayout
+from adasap.method.pruning import measure_size, predict_size, remove_neurons
+
+X = torch.rand(2, 3, 8, 8)
+
+
+class GainConv(nn.Conv2d):
+    """A convolution with a per-output-channel gain, as timm's ``ScaledStdConv2d``."""
+
+    def __init__(self, *args: int) -> None:
+        super().__init__(*args, padding=1)
+        self.gain = nn.Parameter(torch.rand(self.out_channels, 1, 1, 1) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.weight * self.gain, self.bias)
+
+
+class Net(nn.Module):
+    """conv1 -> ``middle`` -> conv2: conv1's output channels are the neurons tested."""
+
+    def __init__(self, middle: nn.Module, conv1: nn.Module | None = None) -> None:
+        super().__init__()
+        self.conv1 = conv1 or nn.Conv2d(3, 8, 3, padding=1)
+        self.middle = middle
+        self.conv2 = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.middle(self.conv1(x)))
+
+
+def pruned_and_zeroed(model: nn.Module, removed: list[int]) -> tuple[nn.Module, nn.Module]:
+    """``model`` with conv1's ``removed`` channels removed, and a copy with them zeroed."""
+    zeroed = copy.deepcopy(model)
+    with torch.no_grad():
+        for parameter in zeroed.conv1.parameters(recurse=False):
+            parameter[removed] = 0
+    layout = NeuronLayout(model, X, [model.conv2])
+    [group] = [g for g in layout.groups if g.root is model.conv1]
+    neurons = torch.zeros(layout.num_neurons, dtype=torch.bool)
+    neurons[torch.tensor(removed) + group.offset] = True
+    # parameters only: Torch-Pruning's MACs counter skips a convolution's subclass and counts
+    # a GroupNorm's MACs, which the prediction (of the layers whose MACs pruning removes) omits
+    predicted, _ = predict_size(layout, neurons, measure_size(model, X))
+    remove_neurons(layout, neurons.nonzero().flatten())
+    assert predicted.params == measure_size(model, X).params
+    return model.eval(), zeroed.eval()
+
+
+def test_a_norm_without_bias_is_pruned():
+    norm = nn.GroupNorm(1, 8)
+    norm.bias = None  # timm's GroupNorm1NoBias (PoolFormerV2)
+    model, _ = pruned_and_zeroed(Net(norm), [1, 4, 6])
+    assert model.middle.weight.shape == (5,) and model.middle.bias is None
+    assert model.conv1.weight.shape == (5, 3, 3, 3) and model(X).shape == (2, 4, 8, 8)
+
+
+def test_a_convolution_gain_is_cut_with_its_channels():
+    model = Net(nn.ReLU(), GainConv(3, 8, 3))
+    gain = model.conv1.gain.detach().clone()
+    model, zeroed = pruned_and_zeroed(model, [0, 5])
+    assert model.conv1.gain.shape == (6, 1, 1, 1)
+    assert torch.equal(model.conv1.gain.detach(), gain[[1, 2, 3, 4, 6, 7]])
+    assert torch.allclose(model(X), zeroed(X), atol=1e-6)
+
+
+def test_timm_blur_pool_and_metaformer_scale_are_pruned_exactly():
+    timm = pytest.importorskip("timm")
+    from timm.models.metaformer import Scale
+
+    blur = timm.layers.BlurPool2d(channels=8, stride=1)
+    model, zeroed = pruned_and_zeroed(Net(blur), [2, 3, 7])
+    assert model.middle.filt.shape == (5, 1, 3, 3) and model.middle.channels == 5
+    assert torch.allclose(model(X), zeroed(X), atol=1e-6)
+
+    scale = Scale(8)
+    with torch.no_grad():
+        scale.scale.uniform_(0.5, 1.5)
+    kept = scale.scale.detach()[[0, 2, 3, 4, 5, 6]]
+    model, zeroed = pruned_and_zeroed(Net(scale), [1, 7])
+    assert model.middle.shape == (6, 1, 1) and torch.equal(model.middle.scale.detach(), kept)
+    assert torch.allclose(model(X), zeroed(X), atol=1e-6)
