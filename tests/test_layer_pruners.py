@@ -40,21 +40,23 @@ class Net(nn.Module):
         return self.conv2(self.middle(self.conv1(x)))
 
 
-def pruned_and_zeroed(model: nn.Module, removed: list[int]) -> tuple[nn.Module, nn.Module]:
+def pruned_and_zeroed(
+    model: nn.Module, removed: list[int], x: torch.Tensor = X
+) -> tuple[nn.Module, nn.Module]:
     """``model`` with conv1's ``removed`` channels removed, and a copy with them zeroed."""
     zeroed = copy.deepcopy(model)
     with torch.no_grad():
         for parameter in zeroed.conv1.parameters(recurse=False):
             parameter[removed] = 0
-    layout = NeuronLayout(model, X, [model.conv2])
+    layout = NeuronLayout(model, x, [model.conv2])
     [group] = [g for g in layout.groups if g.root is model.conv1]
     neurons = torch.zeros(layout.num_neurons, dtype=torch.bool)
     neurons[torch.tensor(removed) + group.offset] = True
     # parameters only: Torch-Pruning's MACs counter skips a convolution's subclass and counts
     # a GroupNorm's MACs, which the prediction (of the layers whose MACs pruning removes) omits
-    predicted, _ = predict_size(layout, neurons, measure_size(model, X))
+    predicted, _ = predict_size(layout, neurons, measure_size(model, x))
     remove_neurons(layout, neurons.nonzero().flatten())
-    assert predicted.params == measure_size(model, X).params
+    assert predicted.params == measure_size(model, x).params
     return model.eval(), zeroed.eval()
 
 
@@ -91,3 +93,25 @@ def test_timm_blur_pool_and_metaformer_scale_are_pruned_exactly():
     model, zeroed = pruned_and_zeroed(Net(scale), [1, 7])
     assert model.middle.shape == (6, 1, 1) and torch.equal(model.middle.scale.detach(), kept)
     assert torch.allclose(model(X), zeroed(X), atol=1e-6)
+
+
+class Recurrent(nn.Module):
+    """Channels into a bidirectional LSTM over tokens, as timm's Sequencer mixes them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Linear(6, 8)
+        self.rnn = nn.LSTM(8, 5, batch_first=True, bidirectional=True)
+        self.conv2 = nn.Linear(10, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.rnn(self.conv1(x))[0])
+
+
+def test_an_lstm_loses_the_input_columns_of_every_gate_and_keeps_its_hidden_size():
+    tokens = torch.rand(2, 4, 6)
+    model, zeroed = pruned_and_zeroed(Recurrent(), [0, 3, 4], tokens)
+    assert model.rnn.weight_ih_l0.shape == model.rnn.weight_ih_l0_reverse.shape == (20, 5)
+    assert model.rnn.input_size == 5 and model.rnn.hidden_size == 5
+    assert model.rnn.weight_hh_l0.shape == (20, 5)
+    assert torch.allclose(model(tokens), zeroed(tokens), atol=1e-6)

@@ -69,6 +69,13 @@ def test_attention_is_the_innermost_layer_named_so():
     assert is_attention(nn.MultiheadAttention(8, 2))
 
 
+@pytest.mark.parametrize(
+    "name", ["SHSA", "SHMA", "HSMSSD", "ClassAttn", "FocalModulation", "GPSA"]
+)  # SHViT, iFormer, EfficientViM, CaiT, FocalNet, ConViT
+def test_token_mixers_with_heads_or_state_count_as_attention(name):
+    assert is_attention(type(name, (nn.Module,), {})())
+
+
 def test_attention_is_traced_as_one_layer_and_its_stream_stays_whole():
     torch.manual_seed(0)
     model = Toy().eval()

@@ -90,6 +90,8 @@ def _param_dims(module: nn.Module, is_output: bool) -> list[tuple[str, int]]:
         if is_output:
             return [("weight", 0)] + ([("bias", 0)] if module.bias is not None else [])
         return [("weight", 1)]
+    if isinstance(module, nn.LSTM) and not is_output:  # an input: a column of every gate
+        return [(f"weight_ih_l0{d}", 1) for d in ("", "_reverse")[: 1 + module.bidirectional]]
     if isinstance(module, NORM_TYPES) or is_channel_scale(module):
         return [(name, 0) for name, _ in module.named_parameters(recurse=False)]
     return []
@@ -168,6 +170,10 @@ class NeuronLayout:
                     exact = False
                 if isinstance(module, nn.GroupNorm) and module.num_groups > 1:
                     exact = False  # its channel count must stay a multiple of its groups
+                if isinstance(module, nn.RNNBase) and (
+                    is_output or not isinstance(module, nn.LSTM) or module.num_layers > 1
+                ):
+                    exact = False  # Torch-Pruning cuts an LSTM's first input only
                 if not exact:
                     break
                 if item.root_idxs is None:

@@ -25,10 +25,11 @@ TORCH_PRUNING_ATTENTION = (nn.MultiheadAttention,)
 CHANNEL_MOVING_OPS = ("ChannelShuffle", "IndexSelect", "Gather", "PixelShuffle", "PixelUnshuffle")
 
 
-# class names of attention layers: timm's Attention, ClassAttn, TalkingHeadAttn, ConViT's
-# GPSA and MHSA, FocalNet's FocalModulation (attention's stand-in), torchvision's
+# class names of attention layers and token mixers like them: timm's Attention, ClassAttn,
+# TalkingHeadAttn, ConViT's GPSA and MHSA, SHViT's SHSA and iFormer's SHMA (single-head),
+# EfficientViM's HSMSSD (a state-space mixer), FocalNet's FocalModulation, torchvision's
 # ShiftedWindowAttention, ...
-ATTENTION_NAME = re.compile(r"Attention|Attn|MHSA|GPSA|FocalModulation")
+ATTENTION_NAME = re.compile(r"Attention|Attn|MHSA|SHSA|SHMA|GPSA|HSMSSD|FocalModulation")
 
 
 def _named_attention(module: nn.Module) -> bool:
