@@ -14,6 +14,7 @@ from torch_pruning import ops
 from adasap.method import whole
 from adasap.method.importance import magnitude_scores
 from adasap.method.neurons import NeuronLayout
+from adasap.method.pruning import remove_neurons
 from adasap.method.whole import dependency_graph, is_attention
 
 
@@ -69,13 +70,6 @@ def test_attention_is_the_innermost_layer_named_so():
     assert is_attention(nn.MultiheadAttention(8, 2))
 
 
-@pytest.mark.parametrize(
-    "name", ["SHSA", "SHMA", "HSMSSD", "ClassAttn", "FocalModulation", "GPSA"]
-)  # SHViT, iFormer, EfficientViM, CaiT, FocalNet, ConViT
-def test_token_mixers_with_heads_or_state_count_as_attention(name):
-    assert is_attention(type(name, (nn.Module,), {})())
-
-
 def test_attention_is_traced_as_one_layer_and_its_stream_stays_whole():
     torch.manual_seed(0)
     model = Toy().eval()
@@ -99,8 +93,11 @@ def test_a_class_with_a_layer_changing_its_input_shape_is_traced_whole():
 
 
 @pytest.mark.parametrize(
-    "name", ["Attention", "ClassAttn", "TalkingHeadAttn", "GPSA", "MHSA", "FocalModulation"]
-)
+    "name",
+    # SHViT's, iFormer's and EfficientViM's token mixers with them
+    ["Attention", "ClassAttn", "TalkingHeadAttn", "GPSA", "MHSA", "FocalModulation", "SHSA",
+     "SHMA", "HSMSSD"],
+)  # fmt: skip
 def test_attention_class_names_of_timm_and_torchvision(name):
     assert is_attention(type(name, (nn.Module,), {})())
     assert not is_attention(type("Attentive", (nn.Module,), {})())
@@ -171,3 +168,33 @@ def test_a_convolutional_attention_reads_its_channels_along_dim_1():
     assert graph.module2node[attn].type == ops.OPTYPE.CUSTOMIZED
     assert graph.get_out_channels(attn) == 6
     assert NeuronLayout(model, images, [head]).groups == []  # the stream meets attention
+
+
+class ToyStateAttention(ToyAttention):
+    """A mixer returning its own state besides its output (EfficientViM's HSMSSD)."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return super().forward(x), self.qkv(x)
+
+
+class ToyStateNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.mixer = nn.Linear(6, 8), ToyStateAttention(8, 2)
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.head, self.state_head = nn.Linear(8, 3), nn.Linear(24, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, state = self.mixer(self.embed(x))
+        y = y + self.fc2(torch.relu(self.fc1(y)))
+        return self.head(y.mean(1)) + self.state_head(state.mean(1))
+
+
+def test_a_mixer_returning_its_state_is_traced_as_one_layer_and_pruned_around():
+    model = ToyStateNet().eval()
+    graph = dependency_graph(model, X, [model.head, model.state_head])
+    assert graph.module2node[model.mixer].type == ops.OPTYPE.CUSTOMIZED
+    layout = NeuronLayout(model, X, [model.head, model.state_head])
+    assert [(g.name, g.size) for g in layout.groups] == [("fc1", 16)]
+    remove_neurons(layout, torch.arange(8))
+    assert model.fc1.out_features == 8 and model(X).shape == (2, 3)

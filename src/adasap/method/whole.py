@@ -142,6 +142,7 @@ def _opaque_widths(model: nn.Module, example: Example) -> dict[nn.Module, int]:
 
     def record(module: nn.Module, inputs: Any, output: Any) -> None:
         x = inputs[0] if inputs else None
+        output = output[0] if isinstance(output, tuple) and output else output
         same = isinstance(x, Tensor) and isinstance(output, Tensor) and output.shape == x.shape
         width = _width(module, x) if same else None
         widths[module] = width if widths.get(module, width) == width else None
@@ -157,9 +158,13 @@ def _opaque_widths(model: nn.Module, example: Example) -> dict[nn.Module, int]:
     return {m: w for m, w in widths.items() if w is not None and type(m) not in refused}
 
 
-def _stand_in(_module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
+def _stand_in(_module: nn.Module, inputs: Any, output: Tensor | tuple) -> Tensor | tuple:
     # the same values, reached from the input through one element-wise op: the tracer sees
-    # a layer on the input and nothing inside it
+    # a layer on the input and nothing inside it. More outputs (EfficientViM's hidden state)
+    # hold the layer's own channels, which stay whole: they are cut from the trace.
+    if isinstance(output, tuple):
+        rest = (o.detach() if isinstance(o, Tensor) else o for o in output[1:])
+        return (_stand_in(_module, inputs, output[0]), *rest)
     return output.detach() + inputs[0] * 0
 
 
