@@ -193,7 +193,7 @@ def _export_fix(exc: BaseException, task: Task) -> str:
     newer = re.search(r"added in (?:opset )?version (\d+)", str(exc))  # an operator's opset
     if newer and int(newer.group(1)) <= MAX_OPSET:
         return f"export with opset {newer.group(1)} (--opset {newer.group(1)}; opset= in Python)"
-    if "adaptive_avg_pool2d" in str(exc) or "adaptive_max_pool2d" in str(exc):
+    if "not factor of input size" in str(exc):
         # ONNX has no adaptive pooling; the tracer turns it into a fixed pool, which exists
         # only when the output grid divides the input's
         return (
