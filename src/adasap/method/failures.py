@@ -70,6 +70,14 @@ def _described(module: nn.Module | None, names: dict[nn.Module, str]) -> str:
     return f"{names[module] or 'the model'} ({type(module).__name__})"
 
 
+def uncopyable(purpose: str, exc: BaseException) -> UserError:
+    """The error for a model ``copy.deepcopy`` refuses (``purpose``: what the copy is for)."""
+    return UserError(
+        f"cannot copy the model {purpose} ({exception_summary(exc)}): keep objects that cannot "
+        "be copied (such as the Pruner itself) outside the pruned module"
+    )
+
+
 def check_pruned_forward(
     model: nn.Module, example_inputs: Example, pruned: Sequence[NeuronGroup]
 ) -> None:

@@ -1,19 +1,22 @@
-"""Torch-Pruning 1.6's pruning functions, mended where they break a layer they prune, and
-pruners for layers they do not know.
+"""Torch-Pruning 1.6's pruners, mended where they break a layer they prune, and pruners for
+layers it does not know: used by adasap's dependency graphs only (:func:`mended_graph`,
+:func:`customized_pruners`; :mod:`adasap.method.whole` builds every graph).
 
-Each mend is found by the coverage benchmark (docs/models.md) and tested in
-tests/test_layer_pruners.py; the module is imported by :mod:`adasap.method.whole`, which
-builds every dependency graph, so the mends are in place before any graph exists.
+Each mend was found by the coverage benchmark (docs/models.md) and is tested in
+tests/test_layer_pruners.py. One mend is Torch-Pruning's own: a concatenation of parts of
+unknown width is left unmapped instead of raising a TypeError, in any graph.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch_pruning import ops
 from torch_pruning.dependency import Node, index_mapping
 from torch_pruning.pruner import function
 
@@ -34,21 +37,6 @@ def _map_concat_of_unknown_widths(graph: tp.DependencyGraph, cat_node: Node) -> 
 
 index_mapping.update_concat_index_mapping = _map_concat_of_unknown_widths
 
-_prune_parameter = function.BasePruningFunc._prune_parameter_and_grad
-
-
-def _prune_present_parameter(
-    self: function.BasePruningFunc, weight: nn.Parameter | None, keep: Sequence[int], dim: int
-) -> nn.Parameter | None:
-    # a norm without a bias (timm's GroupNorm1NoBias, PoolFormerV2) has bias None, which
-    # Torch-Pruning's GroupNorm pruner slices all the same
-    return None if weight is None else _prune_parameter(self, weight, keep, dim)
-
-
-function.BasePruningFunc._prune_parameter_and_grad = _prune_present_parameter
-
-ConvPruning = Callable[[function.BasePruningFunc, nn.Module, Sequence[int]], nn.Module]
-
 
 def output_parameters(conv: nn.modules.conv._ConvNd) -> list[str]:
     """The names of ``conv``'s parameters besides its weight with one entry per output
@@ -60,27 +48,66 @@ def output_parameters(conv: nn.modules.conv._ConvNd) -> list[str]:
     ]
 
 
-def _with_output_gains(prune_out_channels: ConvPruning) -> ConvPruning:
-    """``prune_out_channels`` of a convolution that also cuts the convolution's own other
-    per-output-channel parameters (the gain of timm's ``ScaledStdConv2d``, NF-Nets), which
-    Torch-Pruning leaves at their old size."""
+class _AbsentStaysAbsent:
+    """A pruner whose layer may lack a parameter: a norm without a bias (timm's
+    ``GroupNorm1NoBias``, PoolFormerV2) has bias None, which Torch-Pruning slices all the
+    same."""
 
-    def prune(self: function.BasePruningFunc, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-        gains = [name for name in output_parameters(layer) if name != "bias"]
-        keep = sorted(set(range(layer.out_channels)) - set(idxs))
-        layer = prune_out_channels(self, layer, idxs)
-        for name in gains:
-            setattr(layer, name, _prune_parameter(self, getattr(layer, name), keep, 0))
-        return layer
-
-    return prune
+    def _prune_parameter_and_grad(
+        self, weight: nn.Parameter | None, keep_idxs: Sequence[int], pruning_dim: int
+    ) -> nn.Parameter | None:
+        if weight is None:
+            return None
+        return super()._prune_parameter_and_grad(weight, keep_idxs, pruning_dim)  # type: ignore[misc]
 
 
-function.ConvPruner.prune_out_channels = _with_output_gains(function.ConvPruner.prune_out_channels)
-function.DepthwiseConvPruner.prune_out_channels = _with_output_gains(
-    function.DepthwiseConvPruner.prune_out_channels
-)
-function.DepthwiseConvPruner.prune_in_channels = function.DepthwiseConvPruner.prune_out_channels
+def _without_gains(
+    self: function.BasePruningFunc, layer: nn.Module, idxs: Sequence[int], prune: Any
+) -> nn.Module:
+    """``prune(layer, idxs)`` (Torch-Pruning's), then the layer's own other per-output-channel
+    parameters cut too (the gain of timm's ``ScaledStdConv2d``, NF-Nets), which it leaves at
+    their old size."""
+    gains = [name for name in output_parameters(layer) if name != "bias"]
+    keep = sorted(set(range(layer.out_channels)) - set(idxs))
+    layer = prune(layer, idxs)
+    for name in gains:
+        setattr(layer, name, self._prune_parameter_and_grad(getattr(layer, name), keep, 0))
+    return layer
+
+
+class ConvPruner(_AbsentStaysAbsent, function.ConvPruner):
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        return _without_gains(self, layer, idxs, super().prune_out_channels)
+
+
+class DepthwiseConvPruner(_AbsentStaysAbsent, function.DepthwiseConvPruner):
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        return _without_gains(self, layer, idxs, super().prune_out_channels)
+
+    prune_in_channels = prune_out_channels  # its input and output channels are one
+
+
+class GroupNormPruner(_AbsentStaysAbsent, function.GroupNormPruner):
+    pass
+
+
+def mended_graph() -> tp.DependencyGraph:
+    """A Torch-Pruning dependency graph using the pruners above for its convolutions and
+    GroupNorms. Only adasap's graphs use them: Torch-Pruning's own functions stay as they are
+    for anyone else using it in the same process."""
+    graph = tp.DependencyGraph()
+    graph.REGISTERED_PRUNERS.update(
+        {
+            ops.OPTYPE.CONV: ConvPruner(),
+            ops.OPTYPE.DEPTHWISE_CONV: DepthwiseConvPruner(),
+            ops.OPTYPE.GN: GroupNormPruner(),
+        }
+    )
+    # the graph tells input from output pruning by these sets, made when it was created
+    pruners = [p for p in graph.REGISTERED_PRUNERS.values() if p is not None]
+    graph._in_channel_pruning_fn = {p.prune_in_channels for p in pruners}
+    graph._out_channel_pruning_fn = {p.prune_out_channels for p in pruners}
+    return graph
 
 
 class BlurPoolPruner(function.BasePruningFunc):

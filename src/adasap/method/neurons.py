@@ -30,6 +30,7 @@ from adasap.method.grouped import grouped_supported, tie_grouped, tied_slices
 from adasap.method.heads import HeadSpec, attention_heads, head_macs_hooks
 from adasap.method.layer_pruners import is_channel_scale, output_parameters
 from adasap.method.optim import NeuronOwnership
+from adasap.method.probe import breaking_groups
 from adasap.method.whole import (
     consumes_channels,
     dependency_graph,
@@ -103,7 +104,9 @@ class NeuronLayout:
     A dependency group becomes neurons only when every slice it cuts is one we model exactly;
     groups reaching into attention layers, transposed grouped convolutions, GroupNorms
     of more than one group, channel-moving ops (shuffles) or parameters used outside standard
-    layers are left whole. An attention layer's heads are neurons of their own (``heads``); a
+    layers are left whole, and so are the groups whose removal Torch-Pruning completes but
+    leaves the model unable to run (found on a copy, :mod:`adasap.method.probe`; their roots
+    in ``left_whole``). An attention layer's heads are neurons of their own (``heads``); a
     group reaching grouped (not depthwise) convolutions ties one channel index of every
     conv group into one neuron (:mod:`adasap.method.grouped`).
 
@@ -205,6 +208,9 @@ class NeuronLayout:
                 isinstance(s.module, nn.modules.batchnorm._BatchNorm) for s in group.slices
             )
             found.append(group)
+        broken = breaking_groups(model, self.graph, found, example_inputs, effort)
+        self.left_whole = [g.name for g in broken]  # removals Torch-Pruning gets wrong
+        found = [g for g in found if all(g is not b for b in broken)]
         for module, spec in attention_heads(model, self.ignored_layers, head_macs):
             group = NeuronGroup(names[module], module, spec.count, 0, heads=spec)
             group.slices = [ParamSlice(*s) for s in spec.slices()]

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from adasap.errors import UserError, exception_summary
 from adasap.method.examples import Example, first_sample
-from adasap.method.failures import check_pruned_forward, layer_in_traceback
+from adasap.method.failures import check_pruned_forward, layer_in_traceback, uncopyable
 from adasap.method.grouped import neuron_block, root_channels
 from adasap.method.heads import is_head_entry, remove_heads, removed_head_macs, replay_heads
 from adasap.method.neurons import NeuronLayout
@@ -56,10 +56,7 @@ def measure_size(
             model, args, layer_wise=True
         )
     except TypeError as exc:  # counting works on a deep copy of the model
-        raise UserError(
-            f"cannot copy the model to count its size ({exception_summary(exc)}): keep objects "
-            "that cannot be copied (such as the Pruner itself) outside the pruned module"
-        ) from exc
+        raise uncopyable("to count its size", exc) from exc
     finally:
         model.train(was_training)
     if part is not None:

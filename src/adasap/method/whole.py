@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch_pruning.dependency import Node
 
 from adasap.method.examples import Example, run_example, tracing_forward
-from adasap.method.layer_pruners import customized_pruners
+from adasap.method.layer_pruners import customized_pruners, mended_graph
 
 # Torch-Pruning has its own pruner for these (their groups stay whole all the same)
 TORCH_PRUNING_ATTENTION = (nn.MultiheadAttention,)
@@ -189,7 +189,7 @@ def dependency_graph(
             # parameters outside layers (a position embedding) are handled as Torch-Pruning's
             # "unwrapped" ones; the warning says so
             warnings.filterwarnings("ignore", "Unwrapped parameters", UserWarning)
-            return tp.DependencyGraph().build_dependency(
+            return mended_graph().build_dependency(
                 model,
                 example_inputs=example,
                 forward_fn=tracing_forward(ignored_layers),

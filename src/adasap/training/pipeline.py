@@ -278,6 +278,11 @@ def prune(
     given = None
     if ignored_layers is not None:  # the user's layers, followed into the copy
         by_id = dict(zip(map(id, reference.modules()), model.modules(), strict=True))
+        if any(id(m) not in by_id for m in ignored_layers):
+            raise UserError(
+                "ignored_layers holds a module that is not part of the model: give the model's "
+                "own layers (model.fc, not those of a copy of it)"
+            )
         given = [by_id[id(m)] for m in ignored_layers]
     ignored = task.ignored_layers(model, setup.example, num_classes, given)
     schedule = PhaseSchedule.from_epochs(
