@@ -183,3 +183,9 @@ def test_the_compile_setting_reaches_the_training_loop(monkeypatch, data, dense,
     monkeypatch.setattr(pipeline.EpochLoop, "run", lambda loop, *a, **k: seen.append(loop.compile))
     prune(dense, data, **{**FAST, "compile": compile})
     assert seen == [compile] * 3  # one call per phase
+
+
+def test_ignored_layers_of_another_model_are_a_clear_error(data, dense):
+    other = build_model(**architecture(data))
+    with pytest.raises(UserError, match="ignored_layers holds a module that is not part of the"):
+        prune(dense, data, **{**FAST, "ignored_layers": [other.net.fc]})
