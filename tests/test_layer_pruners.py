@@ -5,10 +5,13 @@ with the removed channels zeroed."""
 from __future__ import annotations
 
 import copy
+import importlib.util
 
 import pytest
 import torch
 from torch import nn
+from torch_pruning._helpers import to_plain_idxs
+from torch_pruning.dependency import index_mapping
 
 from adasap.method.neurons import NeuronLayout
 from adasap.method.pruning import measure_size, predict_size, remove_neurons
@@ -115,3 +118,52 @@ def test_an_lstm_loses_the_input_columns_of_every_gate_and_keeps_its_hidden_size
     assert model.rnn.input_size == 5 and model.rnn.hidden_size == 5
     assert model.rnn.weight_hh_l0.shape == (20, 5)
     assert torch.allclose(model(tokens), zeroed(tokens), atol=1e-6)
+
+
+class DenseConcat(nn.Module):
+    """Concatenations of earlier outputs, one part twice (DenseNet's, and a repeated input)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c0, self.c1 = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1)
+        self.c2, self.c3 = nn.Conv2d(8, 4, 1), nn.Conv2d(16, 4, 1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x0 = self.c0(x)
+        x1 = self.c1(x0)
+        x2 = self.c2(torch.cat([x0, x1], 1))
+        return self.fc(self.c3(torch.cat([x0, x1, x2, x1], 1)).mean((2, 3)))
+
+
+def _groups(model: nn.Module) -> list[list[tuple[str, list[int]]]]:
+    graph = NeuronLayout(model, X, [model.fc]).graph
+    names = {m: n for n, m in model.named_modules()}
+    found = []
+    for conv in (model.c0, model.c1, model.c2):
+        group = graph.get_pruning_group(
+            conv, graph.get_pruner_of_module(conv).prune_out_channels, [0, 3]
+        )
+        found.append(
+            sorted(
+                (
+                    names.get(item.dep.target.module, str(item.dep.target.type)),
+                    to_plain_idxs(item.idxs),
+                )
+                for item in group
+            )
+        )
+    return found
+
+
+def test_concatenations_map_as_torch_pruning_maps_them(monkeypatch):
+    # Torch-Pruning's own function, from a fresh copy of its module: adasap's replaces it
+    spec = importlib.util.find_spec("torch_pruning.dependency.index_mapping")
+    original = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(original)
+    ours = _groups(DenseConcat())
+    monkeypatch.setattr(
+        index_mapping, "update_concat_index_mapping", original.update_concat_index_mapping
+    )
+    assert ours == _groups(DenseConcat())
+    assert any(idxs == [4, 7] for _, idxs in ours[1])  # c1's channels as concat parts 2 and 4
