@@ -3,8 +3,9 @@ layers it does not know: used by adasap's dependency graphs only (:func:`mended_
 :func:`customized_pruners`; :mod:`adasap.method.whole` builds every graph).
 
 Each mend was found by the coverage benchmark (docs/models.md) and is tested in
-tests/test_layer_pruners.py. One mend is Torch-Pruning's own: a concatenation of parts of
-unknown width is left unmapped instead of raising a TypeError, in any graph.
+tests/test_layer_pruners.py. One replaces a function of Torch-Pruning's in every graph, so
+for anyone using it in the process: its concatenation mapping (:func:`map_concat`), which
+maps as Torch-Pruning's does, in linear time and without its TypeError.
 """
 
 from __future__ import annotations

@@ -4,13 +4,14 @@ copy before any real removal.
 Some models keep a channel count where Torch-Pruning cannot see it: a ``torch.split`` whose
 sizes a block computes from its own attribute (Res2Net's ``width``), a ``chunk`` into halves of
 which Torch-Pruning cuts one (gMLP's gate). Removing any neuron of such a group breaks the
-model. So the layout removes the first half of every group's neurons from a copy of the model
-(copied with its dependency graph: nothing is traced again) and runs the copy on the example;
-only if that fails, it does so again group by group, running the copy after each, and every
-group whose removal breaks it stays whole; then the same with the second halves. A model
-Torch-Pruning handles costs two copies, two removals per group and two forward passes. A
-removal that breaks the model only with other neurons removed is still caught after the real
-one (:mod:`adasap.method.failures`).
+model. So the layout removes every other neuron of each group (the even ones) from a copy of
+the model (copied with its dependency graph: nothing is traced again) and runs the copy on the
+example; only if that fails, it does so again group by group, running the copy after each,
+and every group whose removal breaks it stays whole; then the same with the odd ones (a
+split's parts cut unevenly may fit one way and not the other). A model Torch-Pruning handles
+costs two copies, two removals per group and two forward passes (DenseNet-201 at 64 px: 9 s
+on a busy 2-core CPU). A removal that breaks the model only with more neurons removed is still
+caught after the real one (:mod:`adasap.method.failures`).
 """
 
 from __future__ import annotations
@@ -75,7 +76,9 @@ def _first_breaking(
         return _first_failure(copied, copied_graph, memo, groups, example, effort, second, run_each)
     finally:  # the graph's nodes refer to each other: unlinked, the copy is freed right away
         for node in memo[id(graph)].module2node.values():
-            node.inputs.clear(), node.outputs.clear(), node.dependencies.clear()
+            node.inputs.clear()
+            node.outputs.clear()
+            node.dependencies.clear()
 
 
 def _first_failure(
@@ -120,7 +123,6 @@ def breaking_groups(
     ``model`` (in eval mode): those to leave whole."""
     pending = [g for g in groups if g.heads is None and g.size > 1]
     broken: list[NeuronGroup] = []
-    # both halves: where a split's parts are cut unevenly, one half may happen to fit
     for second in (False, True):
         if (
             not pending
