@@ -11,10 +11,13 @@ import torch
 from torch import nn
 from torch_pruning import ops
 
+from adasap.errors import UserError
 from adasap.method import whole
 from adasap.method.importance import magnitude_scores
 from adasap.method.neurons import NeuronLayout
+from adasap.method.pruner import Pruner
 from adasap.method.pruning import remove_neurons
+from adasap.method.schedule import PhaseSchedule
 from adasap.method.whole import dependency_graph, is_attention
 
 
@@ -198,3 +201,9 @@ def test_a_mixer_returning_its_state_is_traced_as_one_layer_and_pruned_around():
     assert [(g.name, g.size) for g in layout.groups] == [("fc1", 16)]
     remove_neurons(layout, torch.arange(8))
     assert model.fc1.out_features == 8 and model(X).shape == (2, 3)
+
+
+def test_a_model_whose_every_group_stays_whole_is_refused_saying_so():
+    model = nn.Sequential(nn.Linear(6, 8), ToyAttention(8, 2), nn.Linear(8, 3))
+    with pytest.raises(UserError, match=r"^the model has no prunable layers: every group .*whole"):
+        Pruner(model, X, PhaseSchedule(0, 1, 1, removals=1), ignored_layers=[model[2]], keep=0.5)
