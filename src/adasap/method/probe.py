@@ -71,45 +71,31 @@ def _first_breaking(
     the index of the group whose removal raised or (``run_each``) after whose removal the copy
     no longer runs, ``len(groups)`` if only the run after the last fails; None if it runs."""
     memo, copied = _copied(model, graph)
+    copied_graph = memo[id(graph)]
     try:
-        copied_graph = memo[id(graph)]
-        return _first_failure(copied, copied_graph, memo, groups, example, effort, second, run_each)
+        with torch.no_grad():
+            for index, group in enumerate(groups):
+                effort.check()
+                root = memo[id(group.root)]
+                prune_out = copied_graph.get_pruner_of_module(root).prune_out_channels
+                channels = root_channels(group.neuron_of_root, _half(group.size, second))
+                try:
+                    pruning = copied_graph.get_pruning_group(root, prune_out, channels)
+                    pruning.prune(record_history=False)
+                    if run_each:
+                        run_example(copied, example)
+                except Exception:  # whatever Torch-Pruning or the broken model raises
+                    return index
+            try:
+                run_example(copied, example)
+            except Exception:  # the removals together broke it
+                return len(groups)
+        return None
     finally:  # the graph's nodes refer to each other: unlinked, the copy is freed right away
-        for node in memo[id(graph)].module2node.values():
+        for node in copied_graph.module2node.values():
             node.inputs.clear()
             node.outputs.clear()
             node.dependencies.clear()
-
-
-def _first_failure(
-    copied: nn.Module,
-    graph: tp.DependencyGraph,
-    memo: dict[int, Any],
-    groups: Sequence[NeuronGroup],
-    example: Example,
-    effort: Effort,
-    second: bool,
-    run_each: bool,
-) -> int | None:
-    """:func:`_first_breaking` on ``copied`` and its ``graph`` (``memo``: the original
-    layers' copies)."""
-    with torch.no_grad():
-        for index, group in enumerate(groups):
-            effort.check()
-            root = memo[id(group.root)]
-            prune_out = graph.get_pruner_of_module(root).prune_out_channels
-            channels = root_channels(group.neuron_of_root, _half(group.size, second))
-            try:
-                graph.get_pruning_group(root, prune_out, channels).prune(record_history=False)
-                if run_each:
-                    run_example(copied, example)
-            except Exception:  # whatever Torch-Pruning or the broken model raises
-                return index
-        try:
-            run_example(copied, example)
-        except Exception:  # the removals together broke it
-            return len(groups)
-    return None
 
 
 def breaking_groups(
