@@ -9,9 +9,9 @@ the model (copied with its dependency graph: nothing is traced again) and runs t
 example; only if that fails, it does so again group by group, running the copy after each,
 and every group whose removal breaks it stays whole; then the same with the odd ones (a
 split's parts cut unevenly may fit one way and not the other). A model Torch-Pruning handles
-costs two copies, two removals per group and two forward passes (DenseNet-201 at 64 px: 9 s
-on a busy 2-core CPU). A removal that breaks the model only with more neurons removed is still
-caught after the real one (:mod:`adasap.method.failures`).
+costs two copies, two removals per group and two forward passes (DenseNet-201 at 64 px: 5 s
+of its 6.6 s layout, ``benchmarks/bench_layout.py``). A removal that breaks the model only
+with more neurons removed is still caught after the real one (:mod:`adasap.method.failures`).
 """
 
 from __future__ import annotations
