@@ -52,10 +52,10 @@ def _copied(model: nn.Module, graph: tp.DependencyGraph) -> tuple[dict[int, Any]
     return memo, copied_model.eval()
 
 
-def _half(size: int, second: bool) -> torch.Tensor:
-    """Every other of ``size`` neurons, from the first (or the second): no layer of a group
+def _every_other(size: int, odd: bool) -> torch.Tensor:
+    """Every other of ``size`` neurons, the even ones (or the odd): no layer of a group
     with two channels or more in it is emptied, and a split's parts each lose about half."""
-    return torch.arange(int(second), size, 2)
+    return torch.arange(int(odd), size, 2)
 
 
 def _first_breaking(
@@ -64,12 +64,13 @@ def _first_breaking(
     groups: Sequence[NeuronGroup],
     example: Example,
     effort: Effort,
-    second: bool,
+    odd: bool,
     run_each: bool,
 ) -> int | None:
-    """Remove half of each group's neurons (:func:`_half`) in turn from a copy of ``model``:
-    the index of the group whose removal raised or (``run_each``) after whose removal the copy
-    no longer runs, ``len(groups)`` if only the run after the last fails; None if it runs."""
+    """Remove every other neuron of each group (:func:`_every_other`) in turn from a copy of
+    ``model``: the index of the group whose removal raised or (``run_each``) after whose removal
+    the copy no longer runs, ``len(groups)`` if only the run after the last fails; None if it
+    runs."""
     memo, copied = _copied(model, graph)
     copied_graph = memo[id(graph)]
     try:
@@ -78,7 +79,7 @@ def _first_breaking(
                 effort.check()
                 root = memo[id(group.root)]
                 prune_out = copied_graph.get_pruner_of_module(root).prune_out_channels
-                channels = root_channels(group.neuron_of_root, _half(group.size, second))
+                channels = root_channels(group.neuron_of_root, _every_other(group.size, odd))
                 try:
                     pruning = copied_graph.get_pruning_group(root, prune_out, channels)
                     pruning.prune(record_history=False)
@@ -109,15 +110,15 @@ def breaking_groups(
     ``model`` (in eval mode): those to leave whole."""
     pending = [g for g in groups if g.heads is None and g.size > 1]
     broken: list[NeuronGroup] = []
-    for second in (False, True):
+    for odd in (False, True):
         if (
             not pending
-            or _first_breaking(model, graph, pending, example, effort, second, False) is None
+            or _first_breaking(model, graph, pending, example, effort, odd, False) is None
         ):
             continue
         rest = pending
         while rest:
-            index = _first_breaking(model, graph, rest, example, effort, second, True)
+            index = _first_breaking(model, graph, rest, example, effort, odd, True)
             if index is None or index == len(rest):
                 break
             broken.append(rest[index])

@@ -164,22 +164,24 @@ class Pruner:
     def _trace(self) -> NeuronLayout:
         guard_strided_pointwise_convs(self.model)  # pruning may have made such layers
         layout = NeuronLayout(self.model, self.example, self.ignored, self.settings.trace_budget)
-        ignored = set(map(id, self.ignored))
-        if not layout.groups and any(
-            isinstance(m, nn.Conv2d | nn.Linear) and id(m) not in ignored
-            for m in self.model.modules()
-        ):
-            raise UserError(
-                "the model has no prunable layers: every group of channels of its conv and "
-                "linear layers stays whole (attention, channel moves, or removals "
-                "Torch-Pruning leaves broken: docs/models.md, 'What is not pruned'); prune "
-                "another model"
-            )
         if not layout.groups:
-            raise UserError(
-                "the model has no prunable layers (no conv or linear outputs outside the "
-                "ignored layers): pass a model with convolutions or fewer ignored layers"
-            )
+            ignored = set(map(id, self.ignored))
+            if any(
+                isinstance(m, nn.Conv2d | nn.Linear) and id(m) not in ignored
+                for m in self.model.modules()
+            ):
+                why, fix = (
+                    "every group of channels of its conv and linear layers stays whole "
+                    "(attention, channel moves, or removals Torch-Pruning leaves broken: "
+                    "docs/models.md, 'What is not pruned')",
+                    "prune another model",
+                )
+            else:
+                why, fix = (
+                    "no conv or linear outputs outside the ignored layers",
+                    "pass a model with convolutions or fewer ignored layers",
+                )
+            raise UserError(f"the model has no prunable layers: {why}; {fix}")
         return layout
 
     def _reset_importance(self) -> None:
