@@ -13,6 +13,11 @@ from torch import nn
 from torch_pruning._helpers import to_plain_idxs
 from torch_pruning.dependency import index_mapping
 
+from adasap.method.layer_pruners import (
+    ConvPruner,
+    ScalePruner,
+    layer_pruner,
+)
 from adasap.method.neurons import NeuronLayout
 from adasap.method.pruning import measure_size, predict_size, remove_neurons
 
@@ -96,6 +101,15 @@ def test_timm_blur_pool_and_metaformer_scale_are_pruned_exactly():
     model, zeroed = pruned_and_zeroed(Net(scale), [1, 7])
     assert model.middle.shape == (6, 1, 1) and torch.equal(model.middle.scale.detach(), kept)
     assert torch.allclose(model(X), zeroed(X), atol=1e-6)
+    # what a saved model's history is checked against when it is loaded
+    assert isinstance(layer_pruner(model.middle), ScalePruner)
+    assert layer_pruner(model.middle).get_out_channels(model.middle) == 6
+
+
+def test_the_pruner_of_a_layer_is_the_one_adasaps_graphs_use():
+    assert isinstance(layer_pruner(GainConv(3, 8, 3)), ConvPruner)
+    assert layer_pruner(nn.Linear(4, 6)).get_in_channels(nn.Linear(4, 6)) == 4
+    assert layer_pruner(nn.Sequential()) is None
 
 
 class Recurrent(nn.Module):

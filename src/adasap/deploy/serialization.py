@@ -20,12 +20,11 @@ from typing import Any
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
-from torch_pruning import ops
-from torch_pruning.pruner.function import PrunerBox
 
 from adasap.errors import UserError, quote
 from adasap.io import atomic_write_bytes, atomic_write_json, file_sha256, load_json
 from adasap.method.heads import HEADS_SUFFIX, head_count
+from adasap.method.layer_pruners import layer_pruner
 from adasap.method.pruning import replay_pruning
 from adasap.tasks import make_task
 
@@ -238,7 +237,7 @@ def _channels(model: nn.Module, name: str, is_out: bool) -> int | None:
         layer = getattr(layer, part, None)
     if isinstance(layer, nn.Parameter):  # an unwrapped parameter: pruned along one of its dims
         return max(layer.shape, default=0)
-    pruner = PrunerBox.get(ops.module2type(layer)) if isinstance(layer, nn.Module) else None
+    pruner = layer_pruner(layer) if isinstance(layer, nn.Module) else None
     if pruner is None:
         return None
     return pruner.get_out_channels(layer) if is_out else pruner.get_in_channels(layer)

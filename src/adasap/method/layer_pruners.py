@@ -124,18 +124,20 @@ class GroupNormPruner(_AbsentStaysAbsent, function.GroupNormPruner):
     pass
 
 
+# stateless, as Torch-Pruning's own (one instance per kind in its ``PrunerBox``)
+MENDED_PRUNERS: dict[ops.OPTYPE, function.BasePruningFunc] = {
+    ops.OPTYPE.CONV: ConvPruner(),
+    ops.OPTYPE.DEPTHWISE_CONV: DepthwiseConvPruner(),
+    ops.OPTYPE.GN: GroupNormPruner(),
+}
+
+
 def mended_graph() -> tp.DependencyGraph:
     """A Torch-Pruning dependency graph using the pruners above for its convolutions and
     GroupNorms. Only adasap's graphs use them: Torch-Pruning's own functions stay as they are
     for anyone else using it in the same process."""
     graph = tp.DependencyGraph()
-    graph.REGISTERED_PRUNERS.update(
-        {
-            ops.OPTYPE.CONV: ConvPruner(),
-            ops.OPTYPE.DEPTHWISE_CONV: DepthwiseConvPruner(),
-            ops.OPTYPE.GN: GroupNormPruner(),
-        }
-    )
+    graph.REGISTERED_PRUNERS.update(MENDED_PRUNERS)
     # the graph tells input from output pruning by these sets, made when it was created
     pruners = [p for p in graph.REGISTERED_PRUNERS.values() if p is not None]
     graph._in_channel_pruning_fn = {p.prune_in_channels for p in pruners}
@@ -197,3 +199,11 @@ def customized_pruners(model: nn.Module) -> dict[type, function.BasePruningFunc]
     if blurs and all(m.channels is not None for m in blurs):
         pruners[blur] = BlurPoolPruner()
     return pruners
+
+
+def layer_pruner(layer: nn.Module) -> function.BasePruningFunc | None:
+    """The pruner adasap's graphs use for ``layer`` (its channel counts and removal), or None
+    for a layer none prunes."""
+    custom = customized_pruners(layer).get(type(layer))
+    kind = ops.module2type(layer)
+    return custom or MENDED_PRUNERS.get(kind) or function.PrunerBox.get(kind)
