@@ -106,6 +106,28 @@ def test_attention_class_names_of_timm_and_torchvision(name):
     assert not is_attention(type("Attentive", (nn.Module,), {})())
 
 
+class TokenMixer(ToyAttention):
+    """A user's mixer whose class name says nothing of attention."""
+
+
+@pytest.mark.parametrize("registered", [TokenMixer, "TokenMixer"])
+def test_a_registered_token_mixer_is_attention(monkeypatch, registered):
+    monkeypatch.setattr(whole, "TOKEN_MIXERS", set(whole.TOKEN_MIXERS))
+    model = nn.Sequential(
+        nn.Linear(6, 8), TokenMixer(8, 2), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)
+    ).eval()
+    assert not is_attention(model[1])
+    whole.register_token_mixer(registered)
+    assert is_attention(model[1])
+    assert (
+        dependency_graph(model, X, [model[4]]).module2node[model[1]].type == ops.OPTYPE.CUSTOMIZED
+    )
+    layout = NeuronLayout(model, X, [model[4]])
+    assert [(g.name, g.size) for g in layout.groups] == [("2", 16)]  # not the mixer's own
+    with pytest.raises(TypeError, match="takes an nn.Module class or its name"):
+        whole.register_token_mixer(nn.Linear(2, 2))
+
+
 def test_a_group_torch_pruning_maps_past_a_parameters_end_stays_whole(monkeypatch):
     timm = pytest.importorskip("timm")
     # ConViT's GPSA taken for no attention: Torch-Pruning maps indices past a parameter's end

@@ -6,6 +6,7 @@ from adasap.method.optim import SAM, AdaSAP
 from adasap.method.pruner import Pruner, PrunerSettings
 from adasap.method.schedule import PhaseSchedule
 from adasap.method.step import sharpness_aware_step
+from adasap.method.whole import register_token_mixer
 from adasap.robustness.detection_report import DetectionCorruptionReport
 from adasap.robustness.evaluation import CorruptionReport, evaluate_corruptions
 from adasap.tasks import TASKS, ClassificationTask, DetectionTask, Task
@@ -36,6 +37,7 @@ __all__ = [
     "load",
     "load_model",
     "prune",
+    "register_token_mixer",
     "save_model",
     "sharpness_aware_step",
     "train",

@@ -25,16 +25,33 @@ TORCH_PRUNING_ATTENTION = (nn.MultiheadAttention,)
 CHANNEL_MOVING_OPS = ("ChannelShuffle", "IndexSelect", "Gather", "PixelShuffle", "PixelUnshuffle")
 
 
-# class names of attention layers and token mixers like them: timm's Attention, ClassAttn,
-# TalkingHeadAttn, ConViT's GPSA and MHSA, SHViT's SHSA and iFormer's SHMA (single-head),
-# EfficientViM's HSMSSD (a state-space mixer), FocalNet's FocalModulation, torchvision's
+# attention layers by class name: timm's Attention, ClassAttn, TalkingHeadAttn, torchvision's
 # ShiftedWindowAttention, ...
-ATTENTION_NAME = re.compile(r"Attention|Attn|MHSA|SHSA|SHMA|GPSA|HSMSSD|FocalModulation")
+ATTENTION_NAME = re.compile(r"Attention|Attn")
+# token mixers that mix channels as attention does, by class name (or class) where the name
+# does not say so: ConViT's GPSA and MHSA, SHViT's SHSA and iFormer's SHMA (single-head),
+# EfficientViM's HSMSSD (a state-space mixer), FocalNet's FocalModulation
+TOKEN_MIXERS: set[str | type[nn.Module]] = {
+    "GPSA", "MHSA", "SHSA", "SHMA", "HSMSSD", "FocalModulation",
+}  # fmt: skip
+
+
+def register_token_mixer(layer: str | type[nn.Module]) -> None:
+    """Treat the layers of class ``layer`` (a class, or a class name) as attention: their
+    channels stay whole and tracing sees each as one layer. For a token mixer of your own
+    whose removals break the model or whose trace is slow."""
+    if not (isinstance(layer, str) or (isinstance(layer, type) and issubclass(layer, nn.Module))):
+        raise TypeError(f"register_token_mixer takes an nn.Module class or its name, not {layer!r}")
+    TOKEN_MIXERS.add(layer)
 
 
 def _named_attention(module: nn.Module) -> bool:
-    return isinstance(module, nn.MultiheadAttention) or bool(
-        ATTENTION_NAME.search(type(module).__name__)
+    kind = type(module)
+    return (
+        isinstance(module, nn.MultiheadAttention)
+        or bool(ATTENTION_NAME.search(kind.__name__))
+        or kind.__name__ in TOKEN_MIXERS
+        or kind in TOKEN_MIXERS
     )
 
 
