@@ -153,12 +153,48 @@ def test_a_concatenation_of_parts_of_unknown_width_is_traced_and_kept_whole():
 
 def test_a_channel_concatenation_moves_channels_only_while_unmapped():
     cat = SimpleNamespace(name=lambda: "CatBackward0", _saved_dim=1)
-    node = SimpleNamespace(grad_fn=cat, module=ops._ConcatOp(0))
+    node = SimpleNamespace(grad_fn=cat, module=ops._ConcatOp(0), inputs=[])
     assert whole.moves_channels(node)
     node.module.offsets = [0, 4, 8]
     assert not whole.moves_channels(node)
     node.module.offsets, cat._saved_dim = None, 2  # along another dim: not channels
     assert not whole.moves_channels(node)
+
+
+class Ghost(nn.Module):
+    """GhostNet's module: a conv's output concatenated with a depthwise conv of it, beside a
+    squeeze layer's two expansions concatenated (SqueezeNet's Fire)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.primary = nn.Conv2d(8, 4, 1)
+        self.cheap = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.expand1, self.expand3 = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 3, padding=1)
+        self.heads = nn.ModuleList([nn.Conv2d(8, 3, 1), nn.Conv2d(8, 3, 1)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        ghost = torch.cat([self.primary(x), self.cheap(self.primary(x))], 1)
+        fire = torch.cat([self.expand1(x), self.expand3(x)], 1)
+        return (self.heads[0](ghost) + self.heads[1](fire)).mean((2, 3))
+
+
+def test_a_concatenation_repeating_a_layers_channels_stays_whole():
+    model = Ghost().eval()
+    images = torch.rand(2, 3, 6, 6)
+    layout = NeuronLayout(model, images, list(model.heads))
+    # Torch-Pruning maps the ghost's parts as channels of their own: removing one part's
+    # channel would remove its twin unseen. The Fire's parts are two layers' own channels.
+    assert [(g.name, g.size) for g in layout.groups] == [
+        ("stem", 8),
+        ("expand1", 4),
+        ("expand3", 4),
+    ]
+    remove_neurons(layout, torch.tensor([0, 1, 2, 8, 12]))
+    assert model.stem.out_channels == 5 and model.primary.out_channels == 4
+    assert model.expand1.out_channels == model.expand3.out_channels == 3
+    assert model(images).shape == (2, 3)
 
 
 class ToyConvAttention(nn.Module):

@@ -7,6 +7,7 @@ channels stay).
 
 from __future__ import annotations
 
+import itertools
 import re
 import warnings
 from collections.abc import Sequence
@@ -78,16 +79,46 @@ def inside_attention(model: nn.Module) -> set[int]:
 
 def moves_channels(node: object) -> bool:
     """An op moving channels, or a channel concatenation Torch-Pruning left unmapped (a part of
-    unknown width): Torch-Pruning maps both as if element-wise."""
+    unknown width; Torch-Pruning maps both as if element-wise) or maps wrongly (parts carrying
+    the same channels)."""
     grad_fn = getattr(node, "grad_fn", None)
     if grad_fn is not None and grad_fn.name().startswith(CHANNEL_MOVING_OPS):
         return True
     concat = getattr(node, "module", None)
-    return (
-        isinstance(concat, tp.ops._ConcatOp)
-        and concat.offsets is None
-        and getattr(grad_fn, "_saved_dim", None) == 1
-    )
+    if not isinstance(concat, tp.ops._ConcatOp) or getattr(grad_fn, "_saved_dim", None) != 1:
+        return False
+    return concat.offsets is None or _repeats_a_part(node)
+
+
+def _repeats_a_part(cat_node: Node) -> bool:
+    """Whether two parts of a channel concatenation carry the same layer's channels (GhostNet
+    concatenates a conv's output with a depthwise conv of it): Torch-Pruning maps each part as
+    channels of their own, so removing a channel of one part removes its twin in the other
+    unseen, and can empty the layer."""
+    concat = cat_node.module
+    if not hasattr(concat, "repeats_a_part"):  # decided once per concatenation
+        sources = [_channel_sources(part) for part in cat_node.inputs]
+        concat.repeats_a_part = any(a & b for a, b in itertools.combinations(sources, 2))
+    return concat.repeats_a_part
+
+
+def _channel_sources(node: Node) -> set[int]:
+    """The layers whose output channels reach ``node`` as they are: back through element-wise
+    ops, norms, depthwise convs and concatenations to the layers mixing channels. A split or a
+    slice ends the way: its parts are different channels of one layer."""
+    sources: set[int] = set()
+    seen: set[int] = set()
+    queue = [node]
+    while queue:
+        current = queue.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if consumes_channels(current.module):
+            sources.add(id(current.module))
+        elif not isinstance(current.module, tp.ops._SplitOp | tp.ops._SliceOp):
+            queue.extend(current.inputs)
+    return sources
 
 
 def consumes_channels(module: object) -> bool:
