@@ -3,6 +3,7 @@ traced as one opaque layer (``adasap.method.whole``)."""
 
 from __future__ import annotations
 
+import copy
 import re
 from types import SimpleNamespace
 
@@ -162,39 +163,57 @@ def test_a_channel_concatenation_moves_channels_only_while_unmapped():
 
 
 class Ghost(nn.Module):
-    """GhostNet's module: a conv's output concatenated with a depthwise conv of it, beside a
-    squeeze layer's two expansions concatenated (SqueezeNet's Fire)."""
+    """GhostNet's module (a conv's output concatenated with a depthwise conv of it) gated by
+    a squeeze-excite conv, beside SqueezeNet's Fire (two expansions concatenated)."""
 
-    def __init__(self) -> None:
+    def __init__(self, gate_first: bool = False) -> None:
         super().__init__()
+        if gate_first:  # the gate is then the first layer of the ghost's group
+            self.gate = nn.Conv2d(8, 8, 1)
         self.stem = nn.Conv2d(3, 8, 3, padding=1)
         self.primary = nn.Conv2d(8, 4, 1)
         self.cheap = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        if not gate_first:
+            self.gate = nn.Conv2d(8, 8, 1)
         self.expand1, self.expand3 = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 3, padding=1)
         self.heads = nn.ModuleList([nn.Conv2d(8, 3, 1), nn.Conv2d(8, 3, 1)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.stem(x))
         ghost = torch.cat([self.primary(x), self.cheap(self.primary(x))], 1)
+        ghost = ghost * torch.sigmoid(self.gate(ghost.mean((2, 3), keepdim=True)))
         fire = torch.cat([self.expand1(x), self.expand3(x)], 1)
         return (self.heads[0](ghost) + self.heads[1](fire)).mean((2, 3))
 
 
-def test_a_concatenation_repeating_a_layers_channels_stays_whole():
+def test_a_channel_and_its_copy_concatenated_are_one_neuron():
+    torch.manual_seed(0)
     model = Ghost().eval()
     images = torch.rand(2, 3, 6, 6)
     layout = NeuronLayout(model, images, list(model.heads))
-    # Torch-Pruning maps the ghost's parts as channels of their own: removing one part's
-    # channel would remove its twin unseen. The Fire's parts are two layers' own channels.
+    groups = [(g.name, g.size) for g in layout.groups]
+    assert groups == [("stem", 8), ("primary", 4), ("expand1", 4), ("expand3", 4)]
+    zeroed = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in (zeroed.primary, zeroed.cheap):
+            layer.weight[1], layer.bias[1] = 0, 0
+    remove_neurons(layout, torch.tensor([8 + 1]))  # the primary's channel 1 and its copy
+    assert model.primary.out_channels == model.cheap.out_channels == 3
+    assert model.gate.out_channels == model.gate.in_channels == model.heads[0].in_channels == 6
+    assert torch.allclose(model(images), zeroed(images), atol=1e-6)
+
+
+def test_a_group_mapping_a_channel_and_its_copy_apart_stays_whole():
+    # from the gate, Torch-Pruning maps the ghost's parts as channels of their own: removing
+    # one part's channel would remove its copy unseen and could empty the primary conv
+    model = Ghost(gate_first=True).eval()
+    images = torch.rand(2, 3, 6, 6)
+    layout = NeuronLayout(model, images, list(model.heads))
     assert [(g.name, g.size) for g in layout.groups] == [
-        ("stem", 8),
-        ("expand1", 4),
-        ("expand3", 4),
-    ]
+        ("stem", 8), ("expand1", 4), ("expand3", 4),
+    ]  # fmt: skip
     remove_neurons(layout, torch.tensor([0, 1, 2, 8, 12]))
-    assert model.stem.out_channels == 5 and model.primary.out_channels == 4
-    assert model.expand1.out_channels == model.expand3.out_channels == 3
-    assert model(images).shape == (2, 3)
+    assert model.primary.out_channels == 4 and model(images).shape == (2, 3)
 
 
 class ToyConvAttention(nn.Module):

@@ -35,6 +35,7 @@ from adasap.method.whole import (
     consumes_channels,
     dependency_graph,
     inside_attention,
+    maps_copies_apart,
     moves_channels,
     reaches_channel_move,
 )
@@ -169,6 +170,8 @@ class NeuronLayout:
                     exact = False
                 if id(module) in untouchable or moves_channels(node):
                     exact = False
+                if item.root_idxs is not None and maps_copies_apart(node, item):
+                    exact = False
                 if not grouped_supported(module):
                     exact = False
                 if isinstance(module, nn.GroupNorm) and module.num_groups > 1:
@@ -238,7 +241,11 @@ class NeuronLayout:
         visited: set[int] = set()
         groups = []
         with checked_search(graph, effort):
-            for module, node in list(graph.module2node.items()):
+            # the model's order: a layer roots its group before the layers fed by it, where
+            # Torch-Pruning maps a channel and its copies (GhostNet's concatenation) as one
+            order = {m: i for i, m in enumerate(names)}
+            nodes = sorted(graph.module2node.items(), key=lambda i: order.get(i[0], len(order)))
+            for module, node in nodes:
                 if id(module) in ignored or id(module) in visited or not consumes_channels(module):
                     continue
                 if reaches_channel_move(node):

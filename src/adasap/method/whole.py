@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch_pruning as tp
 from torch import Tensor, nn
+from torch_pruning._helpers import to_plain_idxs
 from torch_pruning.dependency import Node
 
 from adasap.method.examples import Example, run_example, tracing_forward
@@ -79,27 +80,50 @@ def inside_attention(model: nn.Module) -> set[int]:
 
 def moves_channels(node: object) -> bool:
     """An op moving channels, or a channel concatenation Torch-Pruning left unmapped (a part of
-    unknown width; Torch-Pruning maps both as if element-wise) or maps wrongly (parts carrying
-    the same channels)."""
+    unknown width): Torch-Pruning maps both as if element-wise."""
     grad_fn = getattr(node, "grad_fn", None)
     if grad_fn is not None and grad_fn.name().startswith(CHANNEL_MOVING_OPS):
         return True
     concat = getattr(node, "module", None)
-    if not isinstance(concat, tp.ops._ConcatOp) or getattr(grad_fn, "_saved_dim", None) != 1:
-        return False
-    return concat.offsets is None or _repeats_a_part(node)
+    return (
+        isinstance(concat, tp.ops._ConcatOp)
+        and concat.offsets is None
+        and getattr(grad_fn, "_saved_dim", None) == 1
+    )
 
 
-def _repeats_a_part(cat_node: Node) -> bool:
-    """Whether two parts of a channel concatenation carry the same layer's channels (GhostNet
-    concatenates a conv's output with a depthwise conv of it): Torch-Pruning maps each part as
-    channels of their own, so removing a channel of one part removes its twin in the other
-    unseen, and can empty the layer."""
+def _repeated_parts(cat_node: Node) -> list[tuple[int, int]]:
+    """The pairs of parts of a concatenation carrying the same layer's channels (GhostNet
+    concatenates a conv's output with a depthwise conv of it), decided once per concat."""
     concat = cat_node.module
-    if not hasattr(concat, "repeats_a_part"):  # decided once per concatenation
+    if not hasattr(concat, "repeated_parts"):
         sources = [_channel_sources(part) for part in cat_node.inputs]
-        concat.repeats_a_part = any(a & b for a, b in itertools.combinations(sources, 2))
-    return concat.repeats_a_part
+        concat.repeated_parts = [
+            (a, b) for a, b in itertools.combinations(range(len(sources)), 2)
+            if sources[a] & sources[b]
+        ]  # fmt: skip
+    return concat.repeated_parts
+
+
+def maps_copies_apart(node: Node, item: Any) -> bool:
+    """Whether a group's ``item`` maps a concatenation's output as if parts carrying the same
+    channels held channels of their own.
+
+    From the layer whose channels are copied, Torch-Pruning ties each channel to its copy
+    (both positions from one root); from a layer past the concatenation it maps the parts
+    apart and removes a channel's copy unseen: the layer can be emptied."""
+    concat = node.module
+    if not isinstance(concat, tp.ops._ConcatOp) or concat.offsets is None:
+        return False
+    offsets = concat.offsets
+    root_at = dict(zip(to_plain_idxs(item.idxs), item.root_idxs, strict=True))
+    for a, b in _repeated_parts(node):
+        width = offsets[a + 1] - offsets[a]
+        if offsets[b + 1] - offsets[b] != width:
+            return True
+        if any(root_at.get(offsets[a] + j) != root_at.get(offsets[b] + j) for j in range(width)):
+            return True
+    return False
 
 
 def _channel_sources(node: Node) -> set[int]:
