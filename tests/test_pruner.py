@@ -144,6 +144,18 @@ def test_state_dict_resumes_exactly_on_a_fresh_dense_model():
         assert torch.equal(a, b), name
 
 
+def test_a_state_numbering_neurons_otherwise_is_refused():
+    schedule = PhaseSchedule(2, 4, 3, removals=2)
+    first = make(schedule, criterion="taylor", keep=0.5)
+    for i in range(3):
+        step(first, i)
+    state = first.state_dict()
+    assert state["neurons"] == [["features.0", 13], ["features.3", 28]]  # after a removal
+    state["neurons"] = state["neurons"][::-1]  # another version ordering the groups otherwise
+    with pytest.raises(UserError, match="numbers the model's neurons differently"):
+        make(schedule, criterion="taylor", keep=0.5).load_state_dict(state)
+
+
 def test_the_sam_baseline_takes_taylor_scores():
     pruner = make(
         PhaseSchedule(1, 2, 1, removals=2), method="sam", criterion="taylor", keep=0.6,

@@ -138,3 +138,22 @@ def _nearest_roots(
 
 def _within(name: str, prefix: str) -> bool:
     return not prefix or name == prefix or name.startswith(prefix + ".")
+
+
+def no_prunable_layers(model: nn.Module, ignored_layers: Sequence[nn.Module]) -> UserError:
+    """The error for a layout without groups, saying why: every group stays whole, or no
+    conv or linear layer lies outside the ignored ones."""
+    ignored = set(map(id, ignored_layers))
+    if any(isinstance(m, nn.Conv2d | nn.Linear) and id(m) not in ignored for m in model.modules()):
+        why, fix = (
+            "every group of channels of its conv and linear layers stays whole (attention, "
+            "channel moves, or removals Torch-Pruning leaves broken: docs/models.md, 'What is "
+            "not pruned')",
+            "prune another model",
+        )
+    else:
+        why, fix = (
+            "no conv or linear outputs outside the ignored layers",
+            "pass a model with convolutions or fewer ignored layers",
+        )
+    return UserError(f"the model has no prunable layers: {why}; {fix}")

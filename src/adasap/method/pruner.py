@@ -38,6 +38,7 @@ from adasap.method.cheap_sam import (
 from adasap.method.data_parallel import DataParallel
 from adasap.method.distillation import Distillation, check_same_teacher
 from adasap.method.examples import Example, check_example
+from adasap.method.failures import no_prunable_layers
 from adasap.method.importance import (
     DEFAULT_CRITERION,
     Importance,
@@ -165,23 +166,7 @@ class Pruner:
         guard_strided_pointwise_convs(self.model)  # pruning may have made such layers
         layout = NeuronLayout(self.model, self.example, self.ignored, self.settings.trace_budget)
         if not layout.groups:
-            ignored = set(map(id, self.ignored))
-            if any(
-                isinstance(m, nn.Conv2d | nn.Linear) and id(m) not in ignored
-                for m in self.model.modules()
-            ):
-                why, fix = (
-                    "every group of channels of its conv and linear layers stays whole "
-                    "(attention, channel moves, or removals Torch-Pruning leaves broken: "
-                    "docs/models.md, 'What is not pruned')",
-                    "prune another model",
-                )
-            else:
-                why, fix = (
-                    "no conv or linear outputs outside the ignored layers",
-                    "pass a model with convolutions or fewer ignored layers",
-                )
-            raise UserError(f"the model has no prunable layers: {why}; {fix}")
+            raise no_prunable_layers(self.model, self.ignored)
         return layout
 
     def _reset_importance(self) -> None:
@@ -370,7 +355,13 @@ class Pruner:
             "plan": self.plan.state_dict(),
             "round_to": self.round_to,
             "teacher": self.distillation.fingerprint if self.distillation else None,
+            "neurons": self._numbering(),
         }
+
+    def _numbering(self) -> list[list[Any]]:
+        """The groups in neuron order, each its root's name and size: per-neuron state
+        (scores, radii) means the same neurons only under the same numbering."""
+        return [[g.name, g.size] for g in self.layout.groups]
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a pruner on a fresh copy of the dense model: the removals are re-applied.
@@ -390,6 +381,11 @@ class Pruner:
             self.size = measure_size(self.model, self.example)
             if self.ddp is not None:
                 self.ddp.rebuild()
+        if state.get("neurons", self._numbering()) != self._numbering():  # absent: older states
+            raise UserError(
+                "the saved state numbers the model's neurons differently (saved by another "
+                "adasap version, or for another model): delete the checkpoint to start over"
+            )
         self.pruning_history = list(history)
         self.target.load_state_dict(state["target"])
         self.target.removed(self.layout, self.size)
