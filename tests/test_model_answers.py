@@ -231,8 +231,8 @@ def test_a_search_past_its_time_budget_names_the_layer_inside_the_search(monkeyp
     with pytest.raises(UserError) as info:
         NeuronLayout(model, X, [model.fc], EffortBudget(60.0, None))
     assert str(info.value) == (
-        "Torch-Pruning's dependency search from conv2 (Conv2d) ran 100 s, past its budget of "
-        "60 s: leave that layer unpruned with ignored_layers=[model.conv2], or raise the budget "
+        "Torch-Pruning's dependency search from conv1 (Conv2d) ran 100 s, past its budget of "
+        "60 s: leave that layer unpruned with ignored_layers=[model.conv1], or raise the budget "
         "(trace_seconds=120, a Pruner or prune() keyword; None: no limit)"
     )
     # raised inside Torch-Pruning's one search call, whose nodes got their own lists back
@@ -252,7 +252,7 @@ def test_a_search_past_its_memory_budget_names_the_layer(monkeypatch):
     model = Chain()
     with pytest.raises(
         UserError,
-        match=r"^Torch-Pruning's dependency search from conv2 \(Conv2d\) grew the process by 5 "
+        match=r"^Torch-Pruning's dependency search from conv1 \(Conv2d\) grew the process by 5 "
         r"GiB, past its budget of 4 GiB: .*\(trace_memory_gib=8, a Pruner",
     ):
         NeuronLayout(model, X, [model.fc], EffortBudget(None, 4.0))
@@ -306,7 +306,7 @@ def test_off_the_main_thread_the_cooperative_checks_still_stop_the_search(monkey
     worker = threading.Thread(target=build)
     worker.start()
     worker.join()
-    assert caught and caught[0].startswith("Torch-Pruning's dependency search from conv2 (Conv2d)")
+    assert caught and caught[0].startswith("Torch-Pruning's dependency search from conv1 (Conv2d)")
 
 
 def test_missing_memory_readings_disable_only_the_memory_budget(monkeypatch):
