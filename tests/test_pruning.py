@@ -508,13 +508,13 @@ def test_failure_grouping_channels_names_the_layer(monkeypatch):
 
 
 class ConcatGate(nn.Module):
-    """Two layers concatenated, then gated per channel (timm's CSPNeXt): one group whose
-    neurons are split between the two layers."""
+    """Two layers concatenated, then gated per channel (timm's CSPNeXt). The gate, declared
+    first, roots one group whose neurons are split between the two layers."""
 
     def __init__(self):
         super().__init__()
-        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
         self.gate = nn.Conv2d(8, 8, 1)
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
         self.fc = nn.Linear(8, 5)
 
     def forward(self, x):

@@ -1,6 +1,7 @@
-"""What Torch-Pruning's dependency groups must not cut: attention layers and channel moves.
+"""What Torch-Pruning's dependency groups must not cut: attention layers, channel moves, and
+concatenations of a channel and its copy where Torch-Pruning maps the two apart.
 
-A group reaching either is left whole by :class:`~adasap.method.neurons.NeuronLayout` (heads
+A group reaching any of them is left whole by :class:`~adasap.method.neurons.NeuronLayout` (heads
 are neurons of their own: :mod:`adasap.method.heads`; docs/models.md says why shuffled
 channels stay).
 """
