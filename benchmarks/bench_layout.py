@@ -54,7 +54,7 @@ def _way(way: str) -> Iterator[None]:
         index_mapping.update_concat_index_mapping, neurons.breaking_groups = saved
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="densenet201", help="a name build_model knows")
     parser.add_argument("--image-size", type=int, default=64)
@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--ways", nargs="+", choices=WAYS, default=list(WAYS))
     parser.add_argument("--json", help="write the rows and the machine here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = build_model(
@@ -95,6 +95,7 @@ def main() -> None:
     Console().print(table)
     if args.json:
         atomic_write_json(args.json, dict(vars(args), rows=rows, machine=machine_info()))
+    return rows
 
 
 if __name__ == "__main__":

@@ -127,3 +127,19 @@ def test_bench_deploy_sets_int8_against_the_fp32_runtime():
     bench.add_int8_speed(rows)
     assert rows[1]["int8_speedup_dense"] == 4.0 and rows[1]["int8_speedup_pruned"] == 2.5
     assert "int8_speedup_dense" not in rows[0] and "int8_speedup_dense" not in rows[2]
+
+
+def test_bench_layout_times_each_way_and_puts_torch_prunings_mapping_back(tmp_path):
+    from torch_pruning.dependency import index_mapping
+
+    from adasap.method.layer_pruners import map_concat
+
+    bench = _script("bench_layout")
+    out = tmp_path / "layout.json"
+    rows = bench.main(["--model", "densenet121", "--image-size", "32", "--batch", "1",
+                       "--repeats", "1", "--json", str(out)])  # fmt: skip
+    assert [r["way"] for r in rows] == ["adasap", "tp-concat", "no-check"]
+    assert len({(r["neurons"], r["groups"], r["left_whole"]) for r in rows}) == 1  # same layout
+    assert rows[0]["groups"] == 120 and all(r["seconds"] > 0 for r in rows)
+    assert index_mapping.update_concat_index_mapping is map_concat
+    assert json.loads(out.read_text())["rows"] == rows
