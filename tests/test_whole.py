@@ -154,7 +154,7 @@ def test_a_concatenation_of_parts_of_unknown_width_is_traced_and_kept_whole():
 
 def test_a_channel_concatenation_moves_channels_only_while_unmapped():
     cat = SimpleNamespace(name=lambda: "CatBackward0", _saved_dim=1)
-    node = SimpleNamespace(grad_fn=cat, module=ops._ConcatOp(0), inputs=[])
+    node = SimpleNamespace(grad_fn=cat, module=ops._ConcatOp(0))
     assert whole.moves_channels(node)
     node.module.offsets = [0, 4, 8]
     assert not whole.moves_channels(node)

@@ -94,6 +94,11 @@ class _AbsentStaysAbsent:
         return super()._prune_parameter_and_grad(weight, keep_idxs, pruning_dim)  # type: ignore[misc]
 
 
+def _kept(size: int, idxs: Sequence[int]) -> list[int]:
+    """The channels of ``size`` left after removing ``idxs``, in order."""
+    return sorted(set(range(size)) - set(idxs))
+
+
 def _without_gains(
     self: function.BasePruningFunc, layer: nn.Module, idxs: Sequence[int], prune: Any
 ) -> nn.Module:
@@ -101,7 +106,7 @@ def _without_gains(
     parameters cut too (the gain of timm's ``ScaledStdConv2d``, NF-Nets), which it leaves at
     their old size."""
     gains = [name for name in output_parameters(layer) if name != "bias"]
-    keep = sorted(set(range(layer.out_channels)) - set(idxs))
+    keep = _kept(layer.out_channels, idxs)
     layer = prune(layer, idxs)
     for name in gains:
         setattr(layer, name, self._prune_parameter_and_grad(getattr(layer, name), keep, 0))
@@ -150,7 +155,7 @@ class BlurPoolPruner(function.BasePruningFunc):
     a buffer, one per channel, which Torch-Pruning would take for an element-wise op."""
 
     def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-        keep = sorted(set(range(layer.channels)) - set(idxs))
+        keep = _kept(layer.channels, idxs)
         layer.filt = torch.index_select(layer.filt, 0, torch.tensor(keep, device=layer.filt.device))
         layer.channels = len(keep)
         return layer
@@ -168,7 +173,7 @@ class ScalePruner(function.BasePruningFunc):
     viewed to its ``shape``, which Torch-Pruning cuts but leaves at its old size."""
 
     def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-        keep = sorted(set(range(layer.scale.numel())) - set(idxs))
+        keep = _kept(layer.scale.numel(), idxs)
         layer.scale = self._prune_parameter_and_grad(layer.scale, keep, 0)
         layer.shape = (len(keep), *layer.shape[1:])
         return layer

@@ -243,10 +243,11 @@ class NeuronLayout:
         with checked_search(graph, effort):
             # the model's order: a layer roots its group before the layers fed by it, where
             # Torch-Pruning maps a channel and its copies (GhostNet's concatenation) as one
-            order = {m: i for i, m in enumerate(names)}
-            nodes = sorted(graph.module2node.items(), key=lambda i: order.get(i[0], len(order)))
-            for module, node in nodes:
-                if id(module) in ignored or id(module) in visited or not consumes_channels(module):
+            for module in names:
+                node = graph.module2node.get(module)
+                if node is None or id(module) in ignored or id(module) in visited:
+                    continue
+                if not consumes_channels(module):
                     continue
                 if reaches_channel_move(node):
                     continue

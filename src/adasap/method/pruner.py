@@ -381,7 +381,8 @@ class Pruner:
             self.size = measure_size(self.model, self.example)
             if self.ddp is not None:
                 self.ddp.rebuild()
-        if state.get("neurons", self._numbering()) != self._numbering():  # absent: older states
+        numbering = self._numbering()
+        if state.get("neurons", numbering) != numbering:  # absent: states saved before it
             raise UserError(
                 "the saved state numbers the model's neurons differently (saved by another "
                 "adasap version, or for another model): delete the checkpoint to start over"
